@@ -1,0 +1,5 @@
+"""Declaration: what a network is (layers, shapes, parameters), from Python or from TOML.
+
+Nothing here differentiates anything; :mod:`symbp.derive` does that from the forward
+definitions declared here.
+"""

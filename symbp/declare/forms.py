@@ -1,0 +1,113 @@
+"""The forward pass of a layer in index notation: the one thing a layer type declares.
+
+A :class:`Forward` lists the layer's arrays (differentiable inputs, parameters, auxiliary data
+such as random slopes or labels) with symbolic sizes, and a sequence of named :class:`Stage`
+definitions, each ``name[indices] = expression`` in terms of earlier arrays. The last stage is the
+layer's output. Nothing here says how to differentiate: :mod:`symbp.derive` works that out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import sympy as sp
+
+# Symbolic sizes shared by every layer: the batch and the usual feature axes.
+N = sp.Symbol("N", integer=True, positive=True)
+
+
+def size(name: str) -> sp.Symbol:
+    """A symbolic size (a width, a channel count)."""
+    return sp.Symbol(name, integer=True, positive=True)
+
+
+def index(name: str) -> sp.Symbol:
+    """An index symbol."""
+    return sp.Symbol(name, integer=True)
+
+
+@dataclass(frozen=True)
+class Array:
+    """An array of the layer, with a symbolic size for each axis (no axes: a scalar)."""
+
+    name: str
+    dims: tuple[sp.Symbol, ...]
+    positive: bool = False
+
+    @cached_property
+    def base(self) -> sp.IndexedBase | sp.Symbol:
+        if not self.dims:
+            return sp.Symbol(self.name, real=True, positive=self.positive or None)
+        return sp.IndexedBase(self.name, real=True, positive=self.positive or None)
+
+    def __getitem__(self, indices) -> sp.Expr:
+        if not isinstance(indices, tuple):
+            indices = (indices,)
+        if len(indices) != len(self.dims):
+            raise ValueError(f"{self.name} has {len(self.dims)} axes, got {len(indices)} indices")
+        return self.base if not indices else self.base[indices]
+
+    @property
+    def rank(self) -> int:
+        return len(self.dims)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """``array[indices] = expr``: one named step of the forward pass."""
+
+    array: Array
+    indices: tuple[sp.Symbol, ...]
+    expr: sp.Expr
+
+    @property
+    def name(self) -> str:
+        return self.array.name
+
+
+@dataclass
+class Forward:
+    """A layer's forward computation in index notation, with symbolic sizes.
+
+    ``keep`` names what the backward pass may read from the forward pass besides the inputs and
+    parameters it needs anyway; ``None`` lets the engine choose (for element-wise layers it
+    prefers the output when the derivative is cheaper in terms of it, as for sigmoid).
+    ``constants`` are hyper-parameter symbols (``epsilon``, a leaky slope) with their values.
+    ``letters`` names the index used for each size, for readable formulas.
+    """
+
+    inputs: tuple[Array, ...]
+    params: tuple[Array, ...]
+    stages: tuple[Stage, ...]
+    aux: tuple[Array, ...] = ()
+    constants: dict[sp.Symbol, sp.Expr] = field(default_factory=dict)
+    keep: tuple[str, ...] | None = None
+    letters: dict[sp.Symbol, str] = field(default_factory=dict)
+    elementwise: bool = False
+
+    @property
+    def output(self) -> Stage:
+        return self.stages[-1]
+
+    @property
+    def arrays(self) -> dict[str, Array]:
+        arrays = {a.name: a for a in self.inputs + self.params + self.aux}
+        arrays.update({s.name: s.array for s in self.stages})
+        return arrays
+
+    @property
+    def differentiable(self) -> tuple[Array, ...]:
+        return self.inputs + self.params
+
+    def indices_for(self, array: Array) -> tuple[sp.Symbol, ...]:
+        """Canonical index names for an array's axes (``x[n, i]``, ``W[i, j]``)."""
+        used: list[str] = []
+        result = []
+        for dim in array.dims:
+            name = self.letters.get(dim, dim.name.lower())
+            while name in used:
+                name += "'"
+            used.append(name)
+            result.append(index(name))
+        return tuple(result)

@@ -1,0 +1,382 @@
+"""Derive one layer's vector-Jacobian products from its forward definition.
+
+Given ``Forward`` (index notation, symbolic sizes) the engine computes, for every differentiable
+input and parameter ``v`` and upstream gradient ``dy``::
+
+    dv[idx] = sum over stages s that read v, sum over s's indices I of  ds[I] * d s[I] / d v[idx]
+
+in reverse stage order (the *staged* chain rule: each stage's adjoint is computed once and reused,
+backprop as dynamic programming). Then it produces the *compact* form: every intermediate adjoint
+inlined, the result rewritten in terms of what the layer keeps from the forward pass (batch norm's
+``xhat`` and ``invstd``, sigmoid's output ``y``), simplified with the sum identities that follow
+from the forward definitions themselves (``Sum_m xhat[m, j] = 0``), and tidied.
+
+Nothing here knows any particular layer: no derivative is written down anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy as sp
+
+from ..declare.forms import Array, Forward, Stage
+from ..errors import DerivationError
+from .indexing import freshen_bound, fresh_index, simplify_indexed, sums_in
+from .kinks import apply_kink_convention
+
+
+@dataclass
+class Adjoint:
+    """``d<name>[indices] = expr``: the gradient of the loss with respect to an array."""
+
+    array: Array
+    indices: tuple[sp.Symbol, ...]
+    expr: sp.Expr
+
+    @property
+    def name(self) -> str:
+        return "d" + self.array.name
+
+    @property
+    def lhs(self) -> sp.Expr:
+        base = adjoint_array(self.array)
+        return base[self.indices]
+
+
+@dataclass
+class Rule:
+    """A rewrite ``lhs -> rhs`` that the engine proved from a forward definition."""
+
+    lhs: sp.Expr
+    rhs: sp.Expr
+    source: str  # the stage it came from
+
+
+@dataclass
+class LayerDerivation:
+    """Everything the engine derived for one layer type."""
+
+    form: Forward
+    staged: list[Adjoint]
+    vjp: dict[str, Adjoint]
+    stored: tuple[str, ...]
+    rules: list[Rule] = field(default_factory=list)
+    identities: list[Rule] = field(default_factory=list)
+    steps: dict[str, list[tuple[str, sp.Expr]]] = field(default_factory=dict)
+
+    @property
+    def upstream(self) -> Array:
+        return adjoint_array(self.form.output.array)
+
+
+def adjoint_array(array: Array) -> Array:
+    return Array("d" + array.name, array.dims)
+
+
+def derive_layer(form: Forward) -> LayerDerivation:
+    """Staged and compact vector-Jacobian products of one layer."""
+    names = bound_names(form)
+    scalar_output = not form.output.array.dims
+    staged = _staged_adjoints(form, names, unit_upstream=scalar_output)
+    by_name = {adj.array.name: adj for adj in staged}
+
+    best = None
+    for keep in _keep_candidates(form):
+        rules = _rules_towards(form, keep)
+        identities = _sum_identities(form, rules, names)
+        vjp, steps = {}, {}
+        for array in form.differentiable:
+            compact, trail = _compact(by_name[array.name], by_name, rules, identities, names, form)
+            vjp[array.name] = compact
+            steps[array.name] = trail
+        stored = _stored(form, vjp)
+        derivation = LayerDerivation(form, staged, vjp, stored, rules, identities, steps)
+        if best is None:
+            best = derivation
+        if _acceptable(form, derivation, keep):
+            return derivation
+    assert best is not None
+    return best
+
+
+def bound_names(form: Forward) -> dict[sp.Expr, str]:
+    """Letters for bound indices: a sum over the batch runs over ``m``, over features ``k``."""
+    names: dict[sp.Expr, str] = {}
+    for dim, letter in form.letters.items():
+        names[dim - 1] = {"n": "m", "j": "k", "i": "k", "c": "k"}.get(letter, letter + "'")
+    return names
+
+
+# -- the staged chain rule ----------------------------------------------------------------------
+def _staged_adjoints(form: Forward, names, *, unit_upstream: bool) -> list[Adjoint]:
+    output = form.output
+    adjoints: list[Adjoint] = []
+    known: dict[str, sp.Expr] = {}
+    targets = [s.array for s in reversed(form.stages[:-1])] + list(form.differentiable)
+    for target in targets:
+        free = tuple(fresh_index(i) for i in form.indices_for(target))
+        element = target[free]
+        total = sp.Integer(0)
+        for stage in form.stages:
+            if not stage.expr.has(target.base):
+                continue
+            upstream = adjoint_array(stage.array)[stage.indices]
+            if stage is output and unit_upstream:
+                upstream = sp.Integer(1)
+            derivative = sp.diff(stage.expr, element)
+            contribution = upstream * derivative
+            # Sum over the stage's own indices (they are bound in the chain rule).
+            if stage.indices:
+                limits = [(i, 0, d - 1) for i, d in zip(stage.indices, stage.array.dims)]
+                contribution = sp.Sum(contribution, *limits)
+            total += contribution
+        canonical = form.indices_for(target)
+        expr = simplify_indexed(total, names).xreplace(dict(zip(free, canonical)))
+        expr = apply_kink_convention(expr)
+        adjoint = Adjoint(target, canonical, expr)
+        adjoints.append(adjoint)
+        known[target.name] = expr
+    return adjoints
+
+
+# -- rewriting in terms of what the forward pass keeps -----------------------------------------
+def _keep_candidates(form: Forward) -> list[tuple[str, ...]]:
+    if form.keep is not None:
+        return [form.keep]
+    # Element-wise layers: prefer the output when the derivative is cheaper in terms of it.
+    return [(form.output.name,), ()]
+
+
+def _acceptable(form: Forward, derivation: LayerDerivation, keep: tuple[str, ...]) -> bool:
+    if form.keep is not None or not keep:
+        return True
+    read = set(derivation.stored)
+    if read & {a.name for a in form.inputs}:
+        return False
+    # Only worth it when the derivative of the output is cheap: no transcendental functions.
+    for adjoint in derivation.vjp.values():
+        if adjoint.expr.atoms(sp.exp, sp.log, sp.tanh, sp.erf, sp.sin, sp.cos, sp.Pow) - {
+            p for p in adjoint.expr.atoms(sp.Pow) if p.exp.is_Integer
+        }:
+            return False
+    return True
+
+
+def _solve_unique(equation: sp.Expr, unknown: sp.Symbol) -> sp.Expr | None:
+    """The one real solution of ``equation = 0`` for ``unknown``, or None."""
+    try:
+        solutions = sp.solveset(equation, unknown, domain=sp.S.Reals)
+    except (NotImplementedError, ValueError, TypeError):
+        return None
+    if isinstance(solutions, sp.Intersection):
+        finite = [a for a in solutions.args if isinstance(a, sp.FiniteSet)]
+        solutions = finite[0] if len(finite) == 1 else solutions
+    if not isinstance(solutions, sp.FiniteSet) or len(solutions) != 1:
+        return None
+    return sp.simplify(next(iter(solutions)))
+
+
+def _rules_towards(form: Forward, keep: tuple[str, ...]) -> list[Rule]:
+    """Rewrite rules that replace raw quantities by the kept intermediates.
+
+    For a kept stage ``K[I] = E`` and a quantity ``U`` in ``E`` (an array with the same indices,
+    or a sum), solve ``K[I] = E`` for ``U``. Batch norm: ``x[n, j] -> mu[j] + xhat[n, j] /
+    invstd[j]`` and ``var[j] -> invstd[j]**-2 - epsilon``; sigmoid: ``x -> log(y / (1 - y))``.
+    """
+    rules: list[Rule] = []
+    arrays = form.arrays
+    for stage in form.stages:
+        if stage.name not in keep:
+            continue
+        candidates: list[sp.Expr] = []
+        for element in stage.expr.atoms(sp.Indexed, sp.Symbol):
+            name = element.base.name if isinstance(element, sp.Indexed) else element.name
+            if name in keep or name not in arrays or any(p.name == name for p in form.params):
+                continue
+            indices = element.indices if isinstance(element, sp.Indexed) else ()
+            if tuple(indices) == stage.indices:
+                candidates.append(element)
+        candidates += [s for s in sums_in(stage.expr) if not s.has(*_kept_bases(form, keep))]
+        for candidate in candidates:
+            unknown = sp.Dummy("u", real=True)
+            equation = stage.array[stage.indices] - stage.expr.xreplace({candidate: unknown})
+            if not equation.has(unknown) or _others_depend(equation, candidate, unknown):
+                continue
+            solution = _solve_unique(equation, unknown)
+            if solution is None:
+                continue
+            rules.append(Rule(candidate, solution, stage.name))
+    return rules
+
+
+def _kept_bases(form: Forward, keep) -> list:
+    return [form.arrays[name].base for name in keep if name in form.arrays]
+
+
+def _others_depend(equation: sp.Expr, candidate: sp.Expr, unknown) -> bool:
+    """True when the candidate still occurs after being replaced (it hides in a larger term)."""
+    if isinstance(candidate, sp.Indexed):
+        return equation.has(candidate.base)
+    return False
+
+
+def apply_rules(expr: sp.Expr, rules: list[Rule]) -> sp.Expr:
+    """Apply index rewrite rules to every matching element or sum."""
+    for rule in rules:
+        if isinstance(rule.lhs, sp.Indexed):
+            pattern_indices = rule.lhs.indices
+
+            def rewrite(element, rule=rule, pattern_indices=pattern_indices):
+                mapping = dict(zip(pattern_indices, element.indices))
+                return freshen_bound(rule.rhs).xreplace(mapping)
+
+            expr = expr.replace(
+                lambda e, rule=rule: isinstance(e, sp.Indexed) and e.base == rule.lhs.base,
+                rewrite,
+            )
+        elif isinstance(rule.lhs, sp.Sum):
+            expr = _replace_sums(expr, rule)
+        else:
+            expr = expr.xreplace({rule.lhs: rule.rhs})
+    return expr
+
+
+def _replace_sums(expr: sp.Expr, rule: Rule) -> sp.Expr:
+    pattern: sp.Sum = rule.lhs
+    free = sorted(pattern.free_symbols - {s for s in pattern.free_symbols if not s.is_integer},
+                  key=sp.default_sort_key)
+    free = [s for s in free if _is_index(s, pattern)]
+    wilds = {s: sp.Wild(f"w_{s.name}") for s in free}
+    pattern_body = pattern.function.xreplace(wilds)
+
+    def matches(node):
+        if not isinstance(node, sp.Sum) or len(node.limits) != len(pattern.limits):
+            return None
+        renames = {}
+        for (a, lo_a, hi_a), (b, lo_b, hi_b) in zip(node.limits, pattern.limits):
+            if lo_a != lo_b or hi_a != hi_b:
+                return None
+            renames[a] = b
+        found = node.function.xreplace(renames).match(pattern_body)
+        if found is None or set(found) != set(wilds.values()):
+            return None
+        return {s: found[w] for s, w in wilds.items()}
+
+    def rewrite(node):
+        mapping = matches(node)
+        return rule.rhs.xreplace(mapping) if mapping is not None else node
+
+    return expr.replace(lambda node: matches(node) is not None, rewrite)
+
+
+def _is_index(symbol: sp.Symbol, expr: sp.Expr) -> bool:
+    return any(symbol in e.indices for e in expr.atoms(sp.Indexed))
+
+
+def _sum_identities(form: Forward, rules: list[Rule], names) -> list[Rule]:
+    """Identities for sums that follow from the forward definitions.
+
+    For a reduction stage ``R[I] = E`` (batch norm's mean and variance), rewrite both sides with
+    the rules and solve for each sum that appears: ``mu[j] = mu[j] + Sum_m xhat[m, j] /
+    (N invstd[j])`` gives ``Sum_m xhat[m, j] = 0``.
+    """
+    identities: list[Rule] = []
+    if not rules:
+        return identities
+    for stage in form.stages:
+        if not sums_in(stage.expr) or stage is form.output:
+            continue
+        lhs = apply_rules(stage.array[stage.indices], rules)
+        rhs = simplify_indexed(apply_rules(stage.expr, rules), names)
+        for total in sums_in(rhs):
+            if total.has(*[r.lhs.base for r in rules if isinstance(r.lhs, sp.Indexed)]):
+                continue
+            unknown = sp.Dummy("s", real=True)
+            solution = _solve_unique(lhs - rhs.xreplace({total: unknown}), unknown)
+            if solution is not None and not solution.has(sp.Sum):
+                identities.append(Rule(total, solution, stage.name))
+    return identities
+
+
+# -- the compact form ---------------------------------------------------------------------------
+def _compact(adjoint, by_name, rules, identities, names, form):
+    steps: list[tuple[str, sp.Expr]] = [("chain rule through the stages", adjoint.expr)]
+    expr = _inline(adjoint.expr, by_name, form)
+    expr = simplify_indexed(expr, names)
+    if expr != adjoint.expr:
+        steps.append(("intermediate gradients substituted", expr))
+    if rules:
+        rewritten = simplify_indexed(sp.expand(apply_rules(expr, rules)), names)
+        rewritten = simplify_indexed(apply_rules(rewritten, identities), names)
+        if rewritten != expr:
+            expr = rewritten
+            steps.append(("in terms of the kept forward values", expr))
+    tidy = tidy_expression(expr)
+    if tidy != expr:
+        steps.append(("collected", tidy))
+    return Adjoint(adjoint.array, adjoint.indices, tidy), steps
+
+
+def _inline(expr: sp.Expr, by_name: dict[str, Adjoint], form: Forward) -> sp.Expr:
+    """Substitute every intermediate adjoint ``dS[..]`` by its formula, repeatedly."""
+    intermediate = {s.name for s in form.stages[:-1]}
+    formulas = {"d" + name: by_name[name] for name in intermediate}
+
+    def is_pending(element) -> bool:
+        if isinstance(element, sp.Indexed):
+            return element.base.name in formulas
+        return (
+            isinstance(element, sp.Symbol)
+            and element.name in formulas
+            and not formulas[element.name].array.dims
+        )
+
+    def substitute(element):
+        adjoint = formulas[_name(element)]
+        indices = element.indices if isinstance(element, sp.Indexed) else ()
+        return freshen_bound(adjoint.expr).xreplace(dict(zip(adjoint.indices, indices)))
+
+    for _ in range(len(formulas) + 1):
+        if not any(is_pending(e) for e in _elements(expr)):
+            return expr
+        expr = expr.replace(is_pending, substitute)
+    raise DerivationError("intermediate adjoints do not resolve (cyclic stages?)")
+
+
+def _elements(expr: sp.Expr) -> set[sp.Expr]:
+    """Array elements and scalar arrays in ``expr`` (not the labels inside ``Indexed``)."""
+    indexed = expr.atoms(sp.Indexed)
+    labels = {e.base.label for e in indexed}
+    return indexed | {s for s in expr.atoms(sp.Symbol) if s not in labels}
+
+
+def _name(element) -> str:
+    return element.base.name if isinstance(element, sp.Indexed) else element.name
+
+
+def tidy_expression(expr: sp.Expr) -> sp.Expr:
+    """Combine exponentials and pull common factors out, without touching the sums' insides."""
+    expr = sp.powsimp(expr, combine="exp")
+    if isinstance(expr, sp.Piecewise):
+        return expr
+    return sp.factor_terms(sp.together(expr))
+
+
+def _stored(form: Forward, vjp: dict[str, Adjoint]) -> tuple[str, ...]:
+    arrays = form.arrays
+    read: set[str] = set()
+    for adjoint in vjp.values():
+        for element in _elements(adjoint.expr):
+            name = _name(element)
+            if name in arrays:
+                read.add(name)
+    order = list(arrays)
+    return tuple(sorted(read, key=order.index))
+
+
+def stage_named(form: Forward, name: str) -> Stage:
+    for stage in form.stages:
+        if stage.name == name:
+            return stage
+    raise KeyError(name)
