@@ -94,7 +94,8 @@ def numpy_bn_backward(
       (faster than a product into scratch followed by a GEMV);
     * ``dx`` in four passes over the output buffer and no other big array:
       ``dx = xhat * (dgamma/n)``, ``dx = dy - dx``, ``dx -= dbeta/n``,
-      ``dx *= gamma * invstd``.  Row-blocking these passes to stay in L2 did not pay;
+      ``dx *= gamma * invstd``.  Row-blocking these passes to keep them in L2 gained
+      under 10% at (4096, 256) and lost at (256, 1024), so it is not done;
     * the three broadcast vectors are computed one after the other into ``vec``, a
       buffer at a page offset where broadcasting over rows is never slow (a plain
       temporary was 5-8x slower per pass in 20-40% of placements on that machine).
@@ -197,7 +198,8 @@ def benchmark_bn(
     warmup: int = 5,
     include_torch: bool = True,
 ) -> dict:
-    """Median times (seconds) of the numpy and torch backward at one shape."""
+    """Median times (seconds) of the numpy and (if available) torch native backward at
+    one shape, each timed in a group of its own."""
     mlp = _sibling("reference_mlp")
     inp = make_bn_inputs(shape)
     dx = mlp.aligned_empty(shape, np.float64)
@@ -207,12 +209,15 @@ def benchmark_bn(
             inp.dy, inp.xhat, inp.gamma, inp.invstd, out=dx, vec=vec
         ),
     }
-    if include_torch:
-        native = torch_bn_backward_factory(inp, threads, "native")
-        if native is not None:
-            fns["torch_native"] = native
+    native = torch_bn_backward_factory(inp, threads, "native") if include_torch else None
+    if native is not None:
+        fns["torch_native"] = native
+    # One group per implementation: interleaved with numpy, torch's per-call 2-8 MB
+    # output allocations and its thread pool were measured to slow it down 2-4x.
+    times: dict[str, float] = {}
     with mlp.blas_threads(threads):
-        times = mlp.time_alternating(fns, repeats=repeats, warmup=warmup)
+        for name, fn in fns.items():
+            times.update(mlp.time_alternating({name: fn}, repeats=repeats, warmup=warmup))
     result = {"shape": list(shape), "threads": threads, "times_s": times}
     if "torch_native" in times:
         result["ratio_numpy_over_torch"] = times["numpy"] / times["torch_native"]

@@ -337,14 +337,16 @@ def make_gemm_operands(
     rng = np.random.default_rng(seed)
     hidden = widths[1:-1]
 
-    def rand(shape):
-        return rng.standard_normal(shape).astype(dtype)
+    def rand(shape):  # page-aligned like the workspace of the hand-written pass
+        a = aligned_empty(shape, dtype)
+        a[...] = rng.standard_normal(shape)
+        return a
 
     return GemmOperands(
         acts=[rand((n, h)) for h in hidden],
         deltas=[rand((n, h)) for h in hidden],
-        z_out=[np.empty((n, h), dtype) for h in hidden],
-        dh_out=[np.empty((n, h), dtype) for h in hidden],
+        z_out=[aligned_empty((n, h), dtype) for h in hidden],
+        dh_out=[aligned_empty((n, h), dtype) for h in hidden],
         dlogits=rand((n, widths[-1])),
         logits_out=np.empty((n, widths[-1]), dtype),
         grads_out={
@@ -573,8 +575,9 @@ def benchmark_mlp(
     include_torch: bool = True,
     widths: tuple[int, ...] = DEFAULT_WIDTHS,
 ) -> dict:
-    """Median times (seconds) of the hand-written pass, the GEMMs alone and (if available)
-    torch eager, measured alternately at the given dtype and thread count."""
+    """Median times (seconds) at one dtype and thread count: the hand-written pass and the
+    GEMMs alone (measured alternately), then, if torch is available, torch eager and
+    torch's GEMMs alone (alternately, as a second group)."""
     params = make_params(0, dtype, widths)
     x, y = make_batch(0, dtype, batch, widths)
     ws = MLPWorkspace.for_inputs(params, x)
@@ -583,13 +586,15 @@ def benchmark_mlp(
         "handwritten": lambda: handwritten_loss_and_grads(params, x, y, ws),
         "gemm_only": lambda: gemm_only(params, x, ops),
     }
-    if include_torch:
-        step = torch_loss_and_grads(params, x, y, threads)
-        if step is not None:
-            fns["torch"] = step
-            fns["torch_gemm_only"] = torch_gemm_only(params, x, threads)
     with blas_threads(threads):
         times = time_alternating(fns, repeats=repeats, warmup=warmup)
+    # Torch is timed in a group of its own: interleaving its OpenMP/MKL thread pool with
+    # OpenBLAS's makes the two pools fight over the cores when threads > 1.
+    step = torch_loss_and_grads(params, x, y, threads) if include_torch else None
+    if step is not None:
+        torch_fns = {"torch": step, "torch_gemm_only": torch_gemm_only(params, x, threads)}
+        with blas_threads(threads):
+            times.update(time_alternating(torch_fns, repeats=repeats, warmup=warmup))
     result = {
         "dtype": np.dtype(dtype).name,
         "threads": threads,

@@ -356,11 +356,22 @@ def _name(element) -> str:
 
 
 def tidy_expression(expr: sp.Expr) -> sp.Expr:
-    """Combine exponentials and pull common factors out, without touching the sums' insides."""
+    """Combine exponentials and pull common factors out, without touching the sums' insides.
+
+    With sums (batch norm), everything goes over one denominator: the compact closed form.
+    Otherwise, of the candidate forms, the one with the fewest operations wins; a form that brings in an
+    exponential the expression did not have (``together`` can turn ``exp(-u)`` into
+    ``1/exp(u)``-style factors) is never taken.
+    """
     expr = sp.powsimp(expr, combine="exp")
     if isinstance(expr, sp.Piecewise):
         return expr
-    return sp.factor_terms(sp.together(expr))
+    known = expr.atoms(sp.exp)
+    candidates = [expr, sp.factor_terms(expr), sp.factor_terms(sp.together(expr))]
+    candidates = [c for c in candidates if c.atoms(sp.exp) <= known]
+    if expr.has(sp.Sum):  # one fraction over the batch size: N*dy - sum(dy) - ...
+        return candidates[-1]
+    return min(candidates, key=lambda c: (sp.count_ops(c), candidates.index(c)))
 
 
 def _stored(form: Forward, vjp: dict[str, Adjoint]) -> tuple[str, ...]:

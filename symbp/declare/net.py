@@ -1,0 +1,161 @@
+"""A network: an ordered list of layers, an input shape and a loss, checked at declaration.
+
+``Net`` names unnamed layers (type + position, ``relu3``; inside a residual block
+``res1_linear1``), infers every shape, and refuses duplicate names, width mismatches and losses
+that do not fit the output -- all as :class:`~symbp.errors.SpecError` naming the layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from ..errors import SpecError
+from ..naming import check_identifier, default_layer_name, param_key
+from .layers import REGISTRY, BatchNorm, Layer, Loss, Residual
+
+DTYPES = ("float64", "float32")
+
+
+@dataclass
+class Placed:
+    """A layer in its place: its name, shapes (per sample) and, for a residual, its body."""
+
+    layer: Layer
+    name: str
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    body: list[Placed] = field(default_factory=list)
+
+    @property
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {
+            param_key(self.name, p): s for p, s in self.layer.param_shapes(self.in_shape).items()
+        }
+
+
+class Net:
+    """A declared network.
+
+    >>> import symbp
+    >>> net = symbp.Net([symbp.linear(3), symbp.relu(), symbp.linear(2)],
+    ...                 input_features=4, loss="softmax_cross_entropy")
+    >>> list(net.param_shapes)
+    ['linear1.W', 'linear1.b', 'linear3.W', 'linear3.b']
+    """
+
+    def __init__(
+        self,
+        layers: list[Layer],
+        *,
+        input_features: int | None = None,
+        input_shape: tuple[int, ...] | None = None,
+        loss: str | Loss | None = None,
+        name: str = "net",
+        dtype: str = "float64",
+    ) -> None:
+        self.name = check_identifier(name, what="network name")
+        if (input_features is None) == (input_shape is None):
+            raise SpecError("give exactly one of input features or input shape", field="input")
+        if input_features is not None:
+            input_shape = (input_features,)
+        assert input_shape is not None
+        if not input_shape or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape
+        ):
+            raise SpecError(f"must be positive integers, got {input_shape!r}", field="input")
+        self.input_shape = tuple(input_shape)
+        if dtype not in DTYPES:
+            raise SpecError(f"must be one of {', '.join(DTYPES)}, got {dtype!r}", field="dtype")
+        self.dtype = dtype
+        if not isinstance(layers, list | tuple) or not layers:
+            raise SpecError("a network needs at least one layer", field="layers")
+        self.loss = _make_loss(loss)
+        self.placed = self._place(list(layers))
+        self.output_shape = self.placed[-1].out_shape if self.placed else self.input_shape
+        if self.loss is not None:
+            try:
+                self.loss.check_output(self.output_shape)
+            except SpecError as err:
+                raise err.located(field="loss") from None
+
+    def _place(self, layers: list[Layer]) -> list[Placed]:
+        seen: set[str] = set()
+
+        def place(items, shape, prefix, start):
+            placed = []
+            for position, layer in enumerate(items, start=start):
+                if not isinstance(layer, Layer) or isinstance(layer, Loss):
+                    raise SpecError(f"{layer!r} is not a layer", field="layers")
+                name = layer.name or prefix + default_layer_name(layer.kind, position)
+                if name in seen:
+                    raise SpecError("duplicate layer name", layer=name, field="name")
+                seen.add(name)
+                try:
+                    if isinstance(layer, Residual):
+                        body = place(layer.layers, shape, name + "_", 1)
+                        if body[-1].out_shape != shape:
+                            raise SpecError(
+                                f"residual body maps width {list(shape)} to "
+                                f"{list(body[-1].out_shape)}; y = x + F(x) needs them equal",
+                                field="layers",
+                            )
+                        placed.append(Placed(layer, name, shape, shape, body))
+                        continue
+                    out = layer.output_shape(shape)
+                    layer.forward_form(shape)  # declaration errors surface now, not later
+                except SpecError as err:
+                    raise err.located(layer=name) from None
+                placed.append(Placed(layer, name, shape, out))
+                shape = out
+            return placed
+
+        return place(layers, self.input_shape, "", 1)
+
+    # -- views --------------------------------------------------------------------------------
+    def walk(self) -> Iterator[Placed]:
+        """Every layer, depth first, residual blocks before their bodies."""
+
+        def visit(items):
+            for item in items:
+                yield item
+                yield from visit(item.body)
+
+        yield from visit(self.placed)
+
+    def find(self, name: str) -> Placed:
+        for item in self.walk():
+            if item.name == name:
+                return item
+        raise SpecError(f"no layer named {name!r}", field="layer")
+
+    @property
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for item in self.walk():
+            shapes.update(item.param_shapes)
+        return shapes
+
+    @property
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        shapes = {}
+        for item in self.walk():
+            if isinstance(item.layer, BatchNorm):
+                for key, shape in item.layer.state_shapes(item.in_shape).items():
+                    shapes[param_key(item.name, key)] = shape
+        return shapes
+
+    def __repr__(self) -> str:
+        return f"Net({self.name!r}, {len(self.placed)} layers, loss={self.loss and self.loss.kind})"
+
+
+def _make_loss(loss) -> Loss | None:
+    if loss is None or isinstance(loss, Loss):
+        return loss
+    if not isinstance(loss, str):
+        raise SpecError(f"must be a loss name, got {loss!r}", field="loss")
+    cls = REGISTRY.get(loss)
+    if cls is None or not issubclass(cls, Loss):
+        names = ", ".join(k for k, c in REGISTRY.items() if issubclass(c, Loss))
+        raise SpecError(f"unknown loss {loss!r} (known: {names})", field="loss")
+    return cls()

@@ -1,0 +1,136 @@
+"""Load a network from a TOML spec file (stdlib ``tomllib``).
+
+```toml
+name = "mlp_bn"
+input = { features = 784 }
+loss = "softmax_cross_entropy"
+
+[[layers]]
+type = "linear"
+name = "fc1"
+out = 256
+```
+
+Every problem comes out as one :class:`~symbp.errors.SpecError` naming the file, the layer and
+the field. A layer table's keys are ``type``, ``name`` and the layer constructor's arguments.
+"""
+
+from __future__ import annotations
+
+import inspect
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from ..errors import SpecError
+from .layers import REGISTRY, Layer, Loss, Residual
+from .net import Net
+
+TOP_LEVEL = {"name", "input", "loss", "layers", "dtype"}
+
+
+def load_spec(path: str | Path) -> Net:
+    """Read and check a spec file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError("no such file", file=str(path)) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(f"cannot read: {err}", file=str(path)) from None
+    try:
+        return parse_spec(text)
+    except SpecError as err:
+        raise err.located(file=str(path)) from None
+
+
+def parse_spec(text: str) -> Net:
+    """Build a :class:`Net` from TOML text."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise SpecError(f"invalid TOML: {err}") from None
+    unknown = set(data) - TOP_LEVEL
+    if unknown:
+        raise SpecError(
+            f"unknown top-level key(s) {', '.join(sorted(unknown))} "
+            f"(known: {', '.join(sorted(TOP_LEVEL))})"
+        )
+    name = data.get("name", "net")
+    loss = data.get("loss")
+    if loss is not None and not isinstance(loss, str):
+        raise SpecError(f"must be a string, got {loss!r}", field="loss")
+    input_features, input_shape = _input(data.get("input"))
+    layers = data.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise SpecError("a spec needs a non-empty [[layers]] list", field="layers")
+    built = [_layer(table, position) for position, table in enumerate(layers, start=1)]
+    return Net(
+        built,
+        input_features=input_features,
+        input_shape=input_shape,
+        loss=loss,
+        name=name,
+        dtype=data.get("dtype", "float64"),
+    )
+
+
+def _input(value: Any) -> tuple[int | None, tuple[int, ...] | None]:
+    if not isinstance(value, dict):
+        raise SpecError(
+            "must be a table: input = { features = 784 } or input = { shape = [C, H, W] }",
+            field="input",
+        )
+    if set(value) - {"features", "shape"} or len(value) != 1:
+        raise SpecError("takes exactly one of 'features' or 'shape'", field="input")
+    if "features" in value:
+        features = value["features"]
+        if isinstance(features, bool) or not isinstance(features, int) or features < 1:
+            raise SpecError(f"must be a positive integer, got {features!r}", field="input")
+        return features, None
+    shape = value["shape"]
+    if not isinstance(shape, list) or not shape:
+        raise SpecError(f"must be a list of positive integers, got {shape!r}", field="input")
+    return None, tuple(shape)
+
+
+def _layer(table: Any, position: int, prefix: str = "") -> Layer:
+    where = f"{prefix}layers[{position}]"
+    if not isinstance(table, dict):
+        raise SpecError(f"{where} must be a table, got {table!r}")
+    name = table.get("name")
+    label = name if isinstance(name, str) else where
+    kind = table.get("type")
+    if kind is None:
+        raise SpecError("missing field", layer=label, field="type")
+    cls = REGISTRY.get(kind) if isinstance(kind, str) else None
+    if cls is None or issubclass(cls, Loss):
+        known = ", ".join(sorted(k for k, c in REGISTRY.items() if not issubclass(c, Loss)))
+        raise SpecError(f"unknown layer type {kind!r} (known: {known})", layer=label, field="type")
+    arguments = {k: v for k, v in table.items() if k != "type"}
+    allowed = _fields(cls)
+    for key in arguments:
+        if key not in allowed:
+            raise SpecError(
+                f"unknown field for {kind} (allowed: {', '.join(sorted(allowed))})",
+                layer=label,
+                field=key,
+            )
+    for key, param in inspect.signature(cls.__init__).parameters.items():
+        if key != "self" and param.default is inspect.Parameter.empty and key not in arguments:
+            raise SpecError(f"missing field for {kind}", layer=label, field=key)
+    if cls is Residual:
+        body = arguments.get("layers")
+        if not isinstance(body, list) or not body:
+            raise SpecError("must be a non-empty list of layers", layer=label, field="layers")
+        arguments["layers"] = [
+            _layer(item, i, prefix=f"{label}.") for i, item in enumerate(body, start=1)
+        ]
+    try:
+        return cls(**arguments)
+    except SpecError as err:
+        raise err.located(layer=label) from None
+
+
+def _fields(cls: type[Layer]) -> set[str]:
+    return {k for k in inspect.signature(cls.__init__).parameters if k != "self"}

@@ -1,0 +1,91 @@
+"""The network's backward pass: each layer's derived VJP, chained in reverse order.
+
+Backprop is the chain rule evaluated as dynamic programming: the gradient arriving at a layer's
+output is computed once and reused for every quantity below it. Each layer type is derived once
+(its sizes are symbolic), so deriving a network costs one derivation per distinct layer type plus
+one step per layer: linear in depth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..declare.forms import Forward
+from ..declare.layers import Layer, Residual
+from ..declare.net import Net, Placed
+from .layer import LayerDerivation, derive_layer
+
+_CACHE: dict[tuple, LayerDerivation] = {}
+
+
+def derive_cached(layer: Layer, in_shape: tuple[int, ...]) -> LayerDerivation:
+    """Derive a layer type once per math key (sizes are symbolic, so widths don't matter)."""
+    key = layer.math_key(in_shape)
+    if key not in _CACHE:
+        _CACHE[key] = derive_layer(layer.forward_form(in_shape))
+    return _CACHE[key]
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+@dataclass
+class DerivedLayer:
+    """A placed layer with its derivation (a residual block's is the derivation of ``x + f``)."""
+
+    placed: Placed
+    derivation: LayerDerivation
+    eval_form: Forward | None
+
+    @property
+    def name(self) -> str:
+        return self.placed.name
+
+    @property
+    def layer(self) -> Layer:
+        return self.placed.layer
+
+
+@dataclass
+class NetworkDerivation:
+    net: Net
+    layers: list[DerivedLayer]  # depth first, as Net.walk()
+    loss: LayerDerivation | None
+
+    def layer(self, name: str) -> DerivedLayer:
+        for item in self.layers:
+            if item.name == name:
+                return item
+        raise KeyError(name)
+
+    def backward_chain(self) -> list[tuple[str, str, str]]:
+        """(layer, upstream gradient name, what it produces), in the order backward runs."""
+        chain: list[tuple[str, str, str]] = []
+
+        def visit(items: list[Placed], upstream: str) -> str:
+            for item in reversed(items):
+                if isinstance(item.layer, Residual):
+                    body_out = visit(item.body, upstream)
+                    chain.append((item.name, upstream, f"d{item.name}_in = {upstream} + {body_out}"))
+                    upstream = f"d{item.name}_in"
+                    continue
+                produced = f"d{item.name}_in"
+                chain.append((item.name, upstream, produced))
+                upstream = produced
+            return upstream
+
+        visit(self.net.placed, "dout")
+        return chain
+
+
+def derive_network(net: Net) -> NetworkDerivation:
+    """Derive every layer of ``net`` (and its loss)."""
+    layers = [
+        DerivedLayer(
+            item, derive_cached(item.layer, item.in_shape), item.layer.eval_form(item.in_shape)
+        )
+        for item in net.walk()
+    ]
+    loss = derive_cached(net.loss, net.output_shape) if net.loss is not None else None
+    return NetworkDerivation(net, layers, loss)
