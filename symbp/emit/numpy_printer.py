@@ -149,7 +149,7 @@ def float_constants(expr: sp.Expr) -> sp.Expr:
     irrational = {
         a for a in expr.atoms(sp.Pow, sp.NumberSymbol) if a.is_number and not a.is_Rational
     }
-    return expr.xreplace({a: sp.Float(a, 17) for a in irrational})
+    return expr.xreplace({a: a.evalf(17) for a in irrational})
 
 
 def numpy_code(expr: sp.Expr, printer: SymbpNumPyPrinter | None = None) -> str:
