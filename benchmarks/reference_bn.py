@@ -12,7 +12,11 @@ its compact form (``n`` rows)::
 machine (see its docstring); :func:`torch_bn_backward_factory` wraps torch's native
 kernel.  Shapes benchmarked: :data:`SHAPES`.  Nothing here imports ``symbp``.
 
-Run ``python benchmarks/reference_bn.py --help`` for the command-line benchmark.
+Run ``python benchmarks/reference_bn.py --help`` for the command-line benchmark.  Torch's
+times depend heavily on whether its freshly allocated outputs page-fault, see
+``reference_mlp.KEEP_FREED_MEMORY_ENV``; for kernel-to-kernel numbers run e.g.
+``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 python
+benchmarks/reference_bn.py``.
 """
 
 from __future__ import annotations

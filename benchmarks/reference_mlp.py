@@ -25,6 +25,12 @@ What this module provides (none of it imports ``symbp``):
 * :func:`time_alternating`, :func:`blas_threads`, :func:`run_in_subprocess`: timing helpers.
 
 Run ``python benchmarks/reference_mlp.py --help`` for the command-line benchmark.
+
+Measurement notes (2-core VM, AMD EPYC, numpy 2.4 with OpenBLAS 0.3.31, torch 2.13 CPU
+with MKL): times vary by 10-20% between runs when anything else uses a core, so compare
+ratios from one run.  Timing torch and numpy in one round-robin group with 2 threads made
+the two thread pools fight (torch is timed as a separate group).  Torch's numbers depend
+on the allocator state, see :data:`KEEP_FREED_MEMORY_ENV`.
 """
 
 from __future__ import annotations
@@ -50,6 +56,17 @@ BN_EPS = 1e-5
 N_GEMMS = 11
 
 _THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+#: glibc settings that keep freed memory in the process instead of returning it to the
+#: kernel.  Eager torch allocates its outputs on every call; with glibc's defaults each
+#: fresh multi-MB buffer can come back as new pages, costing one page fault per 4 KiB
+#: (measured: ~2,000 faults and several ms per call for an 8 MB output), depending on
+#: the allocator's history.  Set these in the environment of a fresh process (they are
+#: read at start-up) to time the kernels rather than the page faults.
+KEEP_FREED_MEMORY_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 1024 * 1024),
+    "MALLOC_TRIM_THRESHOLD_": str(1024 * 1024 * 1024),
+}
 
 
 # --------------------------------------------------------------------------- set-up
@@ -456,9 +473,7 @@ def torch_gemm_only(
     ops = make_gemm_operands(params, x, seed)
     tparams = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in params.items()}
     xt = torch.from_numpy(np.ascontiguousarray(x))
-    products = []
-    for a, b, out in gemm_products(tparams, xt, _torch_operands(torch, ops)):
-        products.append((a, b, out))
+    products = gemm_products(tparams, xt, _torch_operands(torch, ops))
 
     def step() -> None:
         if torch.get_num_threads() != threads:
@@ -550,12 +565,17 @@ def blas_threads(n: int) -> Iterator[None]:
         yield
 
 
-def run_in_subprocess(threads: int, args: list[str] | tuple[str, ...] = ()) -> list[dict]:
+def run_in_subprocess(
+    threads: int,
+    args: list[str] | tuple[str, ...] = (),
+    env: Mapping[str, str] | None = None,
+) -> list[dict]:
     """Run this file's benchmark in a fresh interpreter whose BLAS/OpenMP/MKL thread
     environment variables say ``threads`` (works without threadpoolctl).  ``args`` are
-    extra command-line arguments (e.g. ``["--dtypes", "float32"]``).  Returns the parsed
+    extra command-line arguments (e.g. ``["--dtypes", "float32"]``); ``env`` adds
+    environment variables (e.g. :data:`KEEP_FREED_MEMORY_ENV`).  Returns the parsed
     ``--json`` output."""
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     for var in _THREAD_ENV_VARS:
         env[var] = str(threads)
     cmd = [sys.executable, os.path.abspath(__file__), "--json", "--threads", str(threads)]
@@ -621,8 +641,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="one fresh interpreter per thread count, threads set by env vars",
     )
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="with --subprocess: set KEEP_FREED_MEMORY_ENV in the child processes",
+    )
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args(argv)
+    if args.keep_freed_memory and not args.subprocess:
+        parser.error("--keep-freed-memory needs --subprocess (glibc reads it at start-up)")
 
     results: list[dict] = []
     for threads in args.threads:
@@ -639,7 +666,8 @@ def main(argv: list[str] | None = None) -> int:
             ]
             if args.no_torch:
                 extra.append("--no-torch")
-            results.extend(run_in_subprocess(threads, extra))
+            env = KEEP_FREED_MEMORY_ENV if args.keep_freed_memory else None
+            results.extend(run_in_subprocess(threads, extra, env))
             continue
         for dtype in args.dtypes:
             results.append(

@@ -124,6 +124,11 @@ class Lowering:
             lse = self._log_sum_exp(expr.args[0])
             if lse is not None:
                 return lse
+        if isinstance(expr, sp.Mul):
+            coefficient, rest = expr.as_coeff_Mul()
+            if coefficient != 1 and rest != 1:
+                array, have = self._lower(rest)
+                return coefficient * array, have
         if isinstance(expr, sp.Piecewise):
             return self._elementwise(
                 expr, [a for pair in expr.args for a in pair], lambda *a: _piecewise(a)

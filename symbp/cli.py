@@ -1,0 +1,148 @@
+"""The ``symbp`` command line: derive, codegen, check, latex.
+
+Exit codes: 0 success, 1 a check or proof failed, 2 bad input (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import SymbpError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="symbp", description="Derive backpropagation exactly, generate numpy, export notes."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    derive = commands.add_parser("derive", help="print forward and derived backward formulas")
+    derive.add_argument("spec", nargs="?", help="a TOML network spec")
+    derive.add_argument("--layer", help="only this layer")
+    derive.add_argument("--expr", help="derive one activation given as an expression in x")
+    derive.add_argument(
+        "--verify", action="store_true", help="prove each formula by scalar expansion"
+    )
+    derive.add_argument("--ascii", action="store_true", help="ASCII instead of Unicode output")
+
+    codegen = commands.add_parser("codegen", help="write a numpy module for a spec")
+    codegen.add_argument("spec")
+    codegen.add_argument("-o", "--output", required=True, help="the .py file to write ('-': stdout)")
+
+    check = commands.add_parser("check", help="check generated gradients by finite differences")
+    check.add_argument("spec")
+    check.add_argument("--batch", type=int, default=4)
+    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--full", action="store_true", help="every entry, not a sample")
+
+    latex = commands.add_parser("latex", help="export the derivation as LaTeX or Markdown notes")
+    latex.add_argument("spec")
+    latex.add_argument("-o", "--output", required=True, help=".tex or .md file ('-': stdout)")
+    latex.add_argument("--format", choices=("tex", "md"))
+    latex.add_argument("--steps", action="store_true", help="include intermediate steps")
+    latex.add_argument("--notation", choices=("d2l", "cs231n"), default="d2l")
+    latex.add_argument("--fragment", action="store_true", help="equations only (tex)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "derive":
+            return _derive(args)
+        if args.command == "codegen":
+            return _codegen(args)
+        if args.command == "check":
+            return _check(args)
+        if args.command == "latex":
+            return _latex(args)
+    except SymbpError as err:
+        print(f"symbp: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # pragma: no cover
+        return 130
+    parser.error(f"unknown command {args.command}")  # pragma: no cover
+    return 2
+
+
+def _derive(args) -> int:
+    from .declare.layers import Activation
+    from .declare.spec import load_spec
+    from .errors import SpecError
+    from .emit.pretty import derivation_report, expression_report
+
+    if args.expr is not None:
+        if args.spec:
+            raise SpecError("give either a spec or --expr, not both")
+        try:
+            layer = Activation(args.expr)
+        except SpecError as err:
+            raise err.located(field="--expr") from None
+        text, ok = expression_report(layer, verify=args.verify, unicode=not args.ascii)
+        print(text)
+        return 0 if ok else 1
+    if not args.spec:
+        raise SpecError("give a spec file or --expr")
+    net = load_spec(args.spec)
+    text, ok = derivation_report(net, layer=args.layer, verify=args.verify, unicode=not args.ascii)
+    print(text)
+    return 0 if ok else 1
+
+
+def _codegen(args) -> int:
+    from .declare.spec import load_spec
+    from .emit.module import generate_module
+
+    source = generate_module(load_spec(args.spec))
+    if args.output == "-":
+        sys.stdout.write(source)
+    else:
+        Path(args.output).write_text(source, encoding="utf-8")
+        print(f"wrote {args.output}")
+    return 0
+
+
+def _check(args) -> int:
+    from .check.gradcheck import check_spec
+    from .declare.spec import load_spec
+    from .errors import SpecError
+
+    if args.batch < 2:
+        raise SpecError(f"must be at least 2 (batch norm needs a batch), got {args.batch}",
+                        field="--batch")
+    report = check_spec(load_spec(args.spec), batch=args.batch, seed=args.seed, full=args.full)
+    print(report.table())
+    return 0 if report.passed else 1
+
+
+def _latex(args) -> int:
+    from .declare.spec import load_spec
+    from .derive.network import derive_network
+    from .emit.notes import render_notes
+    from .errors import SpecError
+
+    fmt = args.format
+    if fmt is None:
+        suffix = Path(args.output).suffix.lower()
+        fmt = {".tex": "tex", ".md": "md", ".markdown": "md"}.get(suffix)
+        if fmt is None:
+            raise SpecError("cannot tell the format from the file name; use --format tex|md",
+                            field="-o")
+    derivation = derive_network(load_spec(args.spec))
+    text = render_notes(
+        derivation, fmt=fmt, steps=args.steps, notation=args.notation, fragment=args.fragment
+    )
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,522 @@
+"""Print the engine's sympy expressions as LaTeX for study notes (KaTeX- and pdflatex-safe).
+
+A :class:`~sympy.printing.latex.LatexPrinter` subclass. Two modes, chosen by the ``whole``
+setting:
+
+* index form (``whole=False``): ``Indexed`` elements as ``x_{nj}``, full-range sums as
+  ``\\sum_{m}``, products by juxtaposition, a scalar factor as a leading fraction:
+  ``\\frac{\\gamma_{j} \\tilde{\\sigma}^{-1}_{j}}{N} \\left(N \\frac{\\partial J}{\\partial
+  y_{nj}} - \\dots\\right)``;
+* whole-array form (``whole=True``, the output of :class:`symbp.derive.arrays.Lowering`): arrays
+  bold (``\\mathbf{W}``, ``\\boldsymbol{\\gamma}``), ``Dot`` as juxtaposition, ``Permute`` as
+  ``^{\\top}``, a sum over the batch as ``\\mathbf{1}^{\\top}``, element-wise products as
+  ``\\odot`` and element-wise powers as ``^{\\odot 2}``.
+
+Names follow the problem (``xhat`` is :math:`\\hat{x}`, ``var`` :math:`\\sigma^2`, ``invstd``
+:math:`\\tilde{\\sigma}^{-1}` with :math:`\\tilde{\\sigma} = \\sqrt{\\sigma^2 + \\epsilon}`, Greek
+names as Greek letters). The gradient of the loss with respect to an array ``v`` (the array
+``dv``) prints per ``notation``: ``"d2l"`` gives :math:`\\frac{\\partial J}{\\partial v}` (Dive
+into Deep Learning), ``"cs231n"`` gives :math:`\\mathrm{d}v` (the code names of CS231n).
+
+The step function (``Heaviside(u, 0)``, ``Step(u)``) prints as an indicator ``indicator[u > 0]``;
+KaTeX has ``\\mathbb{1}``, but amssymb's blackboard font has no digits, so LaTeX output uses
+``\\mathbb{I}`` (the ``indicator`` setting).
+
+The network-level nodes below (:class:`AtLayer`, :class:`Delta`, :class:`Grad`,
+:class:`Jacobian`, :class:`Apply`, :class:`Compose`, :class:`Shape`, :class:`InSpace`) exist
+only to be printed: the notes build the network's equations from them and from the engine's
+expressions, never from strings.
+"""
+
+from __future__ import annotations
+
+import re
+
+import sympy as sp
+from sympy.printing.latex import LatexPrinter, translate
+from sympy.printing.precedence import PRECEDENCE
+
+from ..derive.arrays import ArrayOp, Dot, MaxOver, NewAxis, Permute, Step, SumOver
+
+NOTATIONS = ("d2l", "cs231n")
+
+#: Names with a conventional symbol: (accent, letter, power). ``invstd`` is the inverse of
+#: ``\tilde{\sigma} = \sqrt{\sigma^2 + \epsilon}``, so its powers combine: ``invstd**2`` prints
+#: as ``\tilde{\sigma}^{-2}``.
+SYMBOLS: dict[str, tuple[str | None, str, int]] = {
+    "xhat": ("hat", "x", 1),
+    "var": (None, "sigma", 2),
+    "invstd": ("tilde", "sigma", -1),
+    "running_mean": ("bar", "mu", 1),
+    "running_var": ("bar", "sigma", 2),
+}
+
+#: Multi-letter names printed as an operator name.
+OPERATOR_NAMES = {"lse"}
+
+
+# -- printing-only nodes for the network-level equations ------------------------------------
+class NotesNode(sp.Function):
+    """Base of the nodes that only the notes print; never differentiated or evaluated."""
+
+    is_real = True
+
+
+class AtLayer(NotesNode):
+    """``AtLayer(Symbol(name), Symbol(label))``: the array ``name`` of layer ``label``,
+    printed with the layer as a superscript: ``\\mathbf{W}^{(2)}``."""
+
+    nargs = 2
+
+
+class Delta(NotesNode):
+    """``Delta(Symbol(label))``: the gradient of the loss with respect to ``h^{(label)}``."""
+
+    nargs = 1
+
+
+class Grad(NotesNode):
+    """``Grad(v)``: the gradient of the loss with respect to ``v``, in the chosen notation."""
+
+    nargs = 1
+
+
+class Jacobian(NotesNode):
+    """``Jacobian(y, x)``: the Jacobian of ``y`` with respect to ``x``."""
+
+    nargs = 2
+
+
+class Apply(NotesNode):
+    """``Apply(Symbol(label), x)``: the function ``f_label`` applied to ``x``."""
+
+    nargs = 2
+
+
+class Compose(NotesNode):
+    """``Compose(Symbol(last), Symbol(first), x)``: ``f_last o ... o f_first (x)``."""
+
+    nargs = 3
+
+
+class Shape(NotesNode):
+    """``Shape(N, 784)``: an array shape, printed ``N \\times 784``."""
+
+
+class InSpace(NotesNode):
+    """``InSpace(v, Shape(...))``: ``v`` is a real array of that shape."""
+
+    nargs = 2
+
+
+class Identity(NotesNode):
+    """The identity matrix (the Jacobian of a skip connection)."""
+
+    nargs = 0
+
+
+def _letter(name: str) -> str:
+    if name in OPERATOR_NAMES:
+        return rf"\operatorname{{{name}}}"
+    return translate(name)
+
+
+def _bold(letter: str) -> str:
+    if letter.startswith(r"\operatorname"):
+        return letter
+    return rf"\boldsymbol{{{letter}}}" if letter.startswith("\\") else rf"\mathbf{{{letter}}}"
+
+
+class NotesLatexPrinter(LatexPrinter):
+    """LaTeX for the notes; see the module docstring for the settings."""
+
+    printmethod = "_symbp_latex"
+    _default_settings = {
+        **LatexPrinter._default_settings,
+        "notation": "d2l",
+        "whole": False,
+        "arrays": frozenset(),
+        "indicator": r"\mathbb{1}",
+        "loss_symbol": "J",
+    }
+
+    def __init__(self, settings=None):
+        super().__init__(settings)
+        if self._settings["notation"] not in NOTATIONS:
+            raise ValueError(f"notation must be one of {NOTATIONS}")
+        self._settings["arrays"] = frozenset(self._settings["arrays"])
+
+    # -- public helpers -------------------------------------------------------------------------
+    def doprint(self, expr) -> str:
+        # Broadcasting is implied in the notes: a[:, None] prints as a.
+        expr = sp.sympify(expr).replace(lambda e: isinstance(e, NewAxis), lambda e: e.args[0])
+        return super().doprint(expr)
+
+    def equation(self, lhs, rhs) -> str:
+        """``lhs = rhs`` on one line."""
+        return f"{self.doprint(lhs)} = {self.doprint(rhs)}"
+
+    def rows(self, pairs, *, width: int = 150) -> str:
+        """The body of an ``aligned`` block: one ``lhs &= rhs`` row per pair, sums that are too
+        long (by their LaTeX length) broken after a term and continued on an indented line."""
+        lines = []
+        for lhs, rhs in pairs:
+            left = self.doprint(lhs)
+            parts = self._broken(rhs, width)
+            lines.append(f"{left} &= {parts[0]}")
+            lines += [rf"&\quad {part}" for part in parts[1:]]
+        return " \\\\\n".join(lines)
+
+    def _broken(self, expr, width: int) -> list[str]:
+        text = self.doprint(expr)
+        if not isinstance(expr, sp.Add) or _visible_length(text) <= width:
+            return [text]
+        terms = self._add_terms(expr)
+        lines: list[str] = []
+        current = ""
+        for sign, term in terms:
+            piece = f"{sign} {term}" if (current or lines or sign == "-") else term
+            if current and _visible_length(current + piece) > width:
+                lines.append(current)
+                current = piece if sign == "-" or not lines else f"{sign} {term}"
+            else:
+                current = f"{current} {piece}".strip()
+        lines.append(current)
+        return lines
+
+    def _add_terms(self, expr: sp.Add) -> list[tuple[str, str]]:
+        terms = []
+        for term in self._as_ordered_terms(expr, order=None):
+            if term.could_extract_minus_sign():
+                terms.append(("-", self._print(-term)))
+            else:
+                terms.append(("+", self._print(term)))
+        return terms
+
+    # -- names ----------------------------------------------------------------------------------
+    def _is_array(self, name: str) -> bool:
+        arrays = self._settings["arrays"]
+        return name in arrays or (name.startswith("d") and name[1:] in arrays)
+
+    def _is_adjoint(self, name: str) -> bool:
+        return name.startswith("d") and name[1:] in self._settings["arrays"]
+
+    def name_tex(
+        self, name: str, *, sub: str = "", layer: str = "", power: int = 1, bold: bool = False
+    ) -> str:
+        """An array's symbol with its subscript, layer superscript and power."""
+        accent, letter, own_power = SYMBOLS.get(name, (None, name, 1))
+        if name == "L":
+            letter = self._settings["loss_symbol"]
+        tex = _letter(letter)
+        if bold:
+            tex = _bold(tex)
+        if accent:
+            tex = rf"\{accent}{{{tex}}}"
+        total = own_power * power
+        if layer:
+            tex = f"{tex}^{{({layer})}}"
+            if sub:
+                tex = f"{tex}_{{{sub}}}"
+            if total != 1:
+                tex = rf"\left({tex}\right)^{{{self._power(total, bold)}}}"
+            return tex
+        if total != 1:
+            tex = f"{tex}^{{{self._power(total, bold)}}}"
+        if sub:
+            tex = f"{tex}_{{{sub}}}"
+        return tex
+
+    def _power(self, power: int, elementwise: bool) -> str:
+        if elementwise and power > 0:
+            return rf"\odot {power}"
+        return str(power)
+
+    def grad_tex(self, target: str) -> str:
+        """The gradient of the loss with respect to ``target`` (already printed)."""
+        if self._settings["notation"] == "d2l":
+            return rf"\frac{{\partial {self._settings['loss_symbol']}}}{{\partial {target}}}"
+        return rf"\mathrm{{d}}{target}"
+
+    def _array_tex(self, name: str, *, sub: str = "", layer: str = "", power: int = 1) -> str:
+        bold = self._settings["whole"] and not sub
+        if self._is_adjoint(name):
+            inner = self.name_tex(name[1:], sub=sub, layer=layer, bold=bold)
+            tex = self.grad_tex(inner)
+            return rf"\left({tex}\right)^{{{power}}}" if power != 1 else tex
+        return self.name_tex(name, sub=sub, layer=layer, power=power, bold=bold)
+
+    def _indices_tex(self, indices) -> str:
+        printed = [self._print(i) for i in indices]
+        if all(len(p) == 1 for p in printed):
+            return "".join(printed)
+        return ",".join(printed)
+
+    def _print_Symbol(self, expr, style="plain"):
+        if self._is_array(expr.name) or expr.name in SYMBOLS or expr.name == "L":
+            return self._array_tex(expr.name)
+        return super()._print_Symbol(expr, style=style)
+
+    def _print_Indexed(self, expr):
+        return self._array_tex(expr.base.name, sub=self._indices_tex(expr.indices))
+
+    def _print_IndexedBase(self, expr):
+        return self._array_tex(expr.name)
+
+    def _print_Pow(self, expr, rational=False):
+        base, exponent = expr.args
+        name = _array_name(base)
+        if name is not None and exponent.is_Integer:
+            if isinstance(base, sp.Indexed):
+                return self._array_tex(
+                    name, sub=self._indices_tex(base.indices), power=int(exponent)
+                )
+            if isinstance(base, AtLayer):
+                return self._array_tex(name, layer=_label(base.args[1]), power=int(exponent))
+            return self._array_tex(name, power=int(exponent))
+        if (
+            self._settings["whole"]
+            and exponent.is_Integer
+            and exponent > 0
+            and self._has_array(base)
+        ):
+            inner = self.parenthesize(base, PRECEDENCE["Pow"], strict=True)
+            return rf"{inner}^{{\odot {exponent}}}"
+        return super()._print_Pow(expr)
+
+    # -- products and sums ------------------------------------------------------------------------
+    def _has_array(self, expr) -> bool:
+        if isinstance(expr, sp.Indexed | AtLayer | Delta | ArrayOp):
+            return True
+        if isinstance(expr, sp.Symbol):
+            return self._is_array(expr.name) or expr.name in SYMBOLS
+        return any(self._has_array(a) for a in expr.args)
+
+    def _print_Mul(self, expr):
+        if expr.could_extract_minus_sign() and not expr.is_number:
+            inner = self._print_Mul(-expr)
+            return f"- {inner}"
+        numerator, denominator = [], []
+        for factor in expr.as_ordered_factors():
+            if (
+                isinstance(factor, sp.Pow)
+                and factor.exp.is_negative
+                and _array_name(factor.base) is None
+            ):
+                denominator.append(factor.base ** (-factor.exp))
+            elif factor.is_Rational and factor.q != 1:
+                if factor.p != 1:
+                    numerator.append(sp.Integer(factor.p))
+                denominator.append(sp.Integer(factor.q))
+            else:
+                numerator.append(factor)
+        whole = self._settings["whole"]
+        simple = [f for f in numerator if not isinstance(f, sp.Add | sp.Sum)]
+        groups = [f for f in numerator if isinstance(f, sp.Add | sp.Sum)]
+        groups.sort(key=lambda f: isinstance(f, sp.Sum))  # a sum last: it extends to the right
+        if whole:
+            scalars = [f for f in simple if not self._has_array(f)]
+            arrays = [f for f in simple if self._has_array(f)]
+        else:
+            scalars, arrays = simple, []
+        if denominator and any(self._has_array(d) for d in denominator):
+            # element-wise division: one fraction
+            top = self._product(numerator) if numerator else "1"
+            return rf"\frac{{{top}}}{{{self._product(denominator)}}}"
+        lead = self._product(scalars) if scalars else ""
+        if denominator:
+            lead = rf"\frac{{{lead or '1'}}}{{{self._product(denominator)}}}"
+        rest = arrays + groups
+        if not rest:
+            return lead or "1"
+        body = self._product(rest)
+        return f"{lead} {body}" if lead else body
+
+    def _product(self, factors) -> str:
+        whole = self._settings["whole"]
+        texts = []
+        for position, factor in enumerate(factors):
+            last = position == len(factors) - 1
+            if isinstance(factor, sp.Add) and len(factors) > 1:
+                texts.append(rf"\left({self._print(factor)}\right)")
+            elif isinstance(factor, sp.Sum | sp.Piecewise) and not last:
+                texts.append(rf"\left({self._print(factor)}\right)")
+            elif isinstance(factor, sp.Mul) and len(factors) > 1:
+                texts.append(rf"\left({self._print(factor)}\right)")
+            else:
+                texts.append(self._print(factor))
+        if not whole:
+            return " ".join(texts)
+        # scalars by juxtaposition, arrays joined by the element-wise product
+        out = ""
+        for factor, text in zip(factors, texts, strict=True):
+            if not out:
+                out = text
+            elif self._has_array(factor) and self._has_array_before(factors, factor):
+                out = rf"{out} \odot {text}"
+            else:
+                out = f"{out} {text}"
+        return out
+
+    def _has_array_before(self, factors, factor) -> bool:
+        index = next(i for i, f in enumerate(factors) if f is factor)
+        return any(self._has_array(f) for f in factors[:index])
+
+    def _print_Sum(self, expr):
+        below = []
+        plain = True
+        for index, low, high in expr.limits:
+            full = low == 0 and isinstance(high + 1, sp.Symbol)
+            plain = plain and full
+            below.append((index, low, high, full))
+        if plain:
+            indices = ",".join(self._print(i) for i, *_ in below)
+            head = rf"\sum_{{{indices}}}"
+        else:
+            head = "".join(
+                rf"\sum_{{{self._print(i)}={self._print(lo)}}}^{{{self._print(hi)}}}"
+                for i, lo, hi, _ in below
+            )
+        body = expr.function
+        text = self._print(body)
+        if isinstance(body, sp.Add):
+            text = rf"\left({text}\right)"
+        return f"{head} {text}"
+
+    # -- functions ------------------------------------------------------------------------------
+    def _indicator(self, argument) -> str:
+        return rf"{self._settings['indicator']}\left[{self._print(argument)} > 0\right]"
+
+    def _print_Heaviside(self, expr, exp=None):
+        return self._indicator(expr.args[0])
+
+    def _print_Step(self, expr):
+        return self._indicator(expr.args[0])
+
+    def _print_Sigmoid(self, expr):
+        return rf"\operatorname{{sigmoid}}\left({self._print(expr.args[0])}\right)"
+
+    def _print_Softplus(self, expr):
+        return rf"\operatorname{{softplus}}\left({self._print(expr.args[0])}\right)"
+
+    def _print_Dot(self, expr):
+        left, right = expr.args
+        return f"{self._operand(left)} {self._operand(right)}"
+
+    def _operand(self, expr) -> str:
+        text = self._print(expr)
+XX
+        perm = ",".join(str(int(p)) for p in expr.args[1])
+        return rf"\operatorname{{transpose}}_{{({perm})}}\left({self._print(expr.args[0])}\right)"
+
+    def _print_SumOver(self, expr):
+        array, axes = expr.args
+        axes = tuple(int(a) for a in axes)
+        ones = r"\mathbf{1}"
+        inner = self._print(array)
+        if isinstance(array, sp.Add | sp.Mul):
+            inner = rf"\left({inner}\right)"
+        if axes == (0,):
+            return rf"{ones}^{{\top}} {inner}"
+        if axes == (0, 1):
+            return rf"{ones}^{{\top}} {inner} {ones}"
+        if axes == (1,):
+            return rf"{inner} {ones}"
+        listed = ",".join(map(str, axes))
+        return rf"\operatorname{{sum}}_{{({listed})}}\left({self._print(array)}\right)"
+
+    def _print_MaxOver(self, expr):
+        array, axes = expr.args
+        listed = ",".join(str(int(a)) for a in axes)
+        return rf"\operatorname{{max}}_{{({listed})}}\left({self._print(array)}\right)"
+
+    # -- network-level nodes --------------------------------------------------------------------
+    def _print_AtLayer(self, expr):
+        name, label = expr.args
+        return self._array_tex(name.name, layer=_label(label))
+
+    def _print_Delta(self, expr):
+        return rf"\boldsymbol{{\delta}}^{{({_label(expr.args[0])})}}"
+
+    def _print_Grad(self, expr):
+        return self.grad_tex(self._print(expr.args[0]))
+
+    def _print_Jacobian(self, expr):
+        top, bottom = (self._print(a) for a in expr.args)
+        return rf"\frac{{\partial {top}}}{{\partial {bottom}}}"
+
+    def _print_Apply(self, expr):
+        label, argument = expr.args
+        return rf"f_{{{_label(label)}}}\left({self._print(argument)}\right)"
+
+    def _print_Compose(self, expr):
+        last, first, argument = expr.args
+        return (
+            rf"f_{{{_label(last)}}} \circ \cdots \circ f_{{{_label(first)}}}"
+            rf"\left({self._print(argument)}\right)"
+        )
+
+    def _print_Shape(self, expr):
+        return r" \times ".join(self._print(d) for d in expr.args) or "1"
+
+    def _print_InSpace(self, expr):
+        value, shape = expr.args
+        space = r"\mathbb{R}" if not shape.args else rf"\mathbb{{R}}^{{{self._print(shape)}}}"
+        return rf"{self._print(value)} \in {space}"
+
+    def _print_Identity(self, expr):
+        return r"\mathbf{I}"
+
+
+def _label(symbol) -> str:
+    return symbol.name if isinstance(symbol, sp.Symbol) else str(symbol)
+
+
+def _array_name(expr) -> str | None:
+    if isinstance(expr, sp.Indexed):
+        return expr.base.name
+    if isinstance(expr, AtLayer):
+        return expr.args[0].name
+    if isinstance(expr, sp.Symbol) and expr.name in SYMBOLS:
+        return expr.name
+    return None
+
+
+def _is_adjoint_node(expr, printer: NotesLatexPrinter) -> bool:
+    if isinstance(expr, Delta):
+        return False
+    name = _array_name(expr) or (expr.name if isinstance(expr, sp.Symbol) else None)
+    return name is not None and printer._is_adjoint(name)
+
+
+_COMMAND = re.compile(r"\\[A-Za-z]+|[{}^_]")
+
+
+def _visible_length(text: str) -> int:
+    """A rough width of printed LaTeX: commands and braces count as little as they show."""
+    return len(_COMMAND.sub("", text)) + text.count(r"\frac") * 2
+
+
+def latex(expr, **settings) -> str:
+    """Print ``expr`` with :class:`NotesLatexPrinter` and the given settings."""
+    return NotesLatexPrinter(settings).doprint(expr)
+
+
+__all__ = [
+    "AtLayer",
+    "Apply",
+    "Compose",
+    "Delta",
+    "Dot",
+    "Grad",
+    "Identity",
+    "InSpace",
+    "Jacobian",
+    "MaxOver",
+    "NotesLatexPrinter",
+    "Permute",
+    "Shape",
+    "Step",
+    "SumOver",
+    "latex",
+]
