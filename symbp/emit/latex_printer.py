@@ -185,12 +185,14 @@ class NotesLatexPrinter(LatexPrinter):
         return lines
 
     def _add_terms(self, expr: sp.Add) -> list[tuple[str, str]]:
+        """Signed printed terms, positive ones first (``x - \\mu``, ``1 - y``)."""
         terms = []
         for term in self._as_ordered_terms(expr, order=None):
             if term.could_extract_minus_sign():
                 terms.append(("-", self._print(-term)))
             else:
                 terms.append(("+", self._print(term)))
+        terms.sort(key=lambda pair: pair[0] == "-")
         return terms
 
     # -- names ----------------------------------------------------------------------------------
@@ -311,33 +313,43 @@ class NotesLatexPrinter(LatexPrinter):
             else:
                 numerator.append(factor)
         whole = self._settings["whole"]
-        simple = [f for f in numerator if not isinstance(f, sp.Add | sp.Sum)]
-        groups = [f for f in numerator if isinstance(f, sp.Add | sp.Sum)]
-        groups.sort(key=lambda f: isinstance(f, sp.Sum))  # a sum last: it extends to the right
-        if whole:
-            scalars = [f for f in simple if not self._has_array(f)]
-            arrays = [f for f in simple if self._has_array(f)]
-        else:
-            scalars, arrays = simple, []
-        if denominator and any(self._has_array(d) for d in denominator):
+        if denominator and any(self._has_array(d) for d in denominator if whole):
             # element-wise division: one fraction
             top = self._product(numerator) if numerator else "1"
             return rf"\frac{{{top}}}{{{self._product(denominator)}}}"
-        lead = self._product(scalars) if scalars else ""
+        # The lead is a plain coefficient (a fraction when there is a denominator); tall or
+        # long factors (gradients, sums, parenthesized sums) follow it.
+        lead_factors, rest = [], []
+        for factor in numerator:
+            tall = isinstance(factor, sp.Add | sp.Sum) or _is_adjoint_node(factor, self)
+            if whole:
+                tall = tall or self._has_array(factor)
+            (rest if tall else lead_factors).append(factor)
+        rest.sort(key=lambda f: (isinstance(f, sp.Add), isinstance(f, sp.Sum)))
+        lead = self._product(lead_factors) if lead_factors else ""
         if denominator:
             lead = rf"\frac{{{lead or '1'}}}{{{self._product(denominator)}}}"
-        rest = arrays + groups
         if not rest:
             return lead or "1"
-        body = self._product(rest)
+        body = self._product(rest, alone=not lead)
         return f"{lead} {body}" if lead else body
 
-    def _product(self, factors) -> str:
+    def _print_Add(self, expr, order=None):
+        terms = self._add_terms(expr)
+        text = ""
+        for position, (sign, term) in enumerate(terms):
+            if position == 0:
+                text = f"- {term}" if sign == "-" else term
+            else:
+                text = f"{text} {sign} {term}"
+        return text
+
+    def _product(self, factors, *, alone: bool = True) -> str:
         whole = self._settings["whole"]
         texts = []
         for position, factor in enumerate(factors):
             last = position == len(factors) - 1
-            if isinstance(factor, sp.Add) and len(factors) > 1:
+            if isinstance(factor, sp.Add) and (len(factors) > 1 or not alone):
                 texts.append(rf"\left({self._print(factor)}\right)")
             elif isinstance(factor, sp.Sum | sp.Piecewise) and not last:
                 texts.append(rf"\left({self._print(factor)}\right)")
@@ -405,7 +417,17 @@ class NotesLatexPrinter(LatexPrinter):
 
     def _operand(self, expr) -> str:
         text = self._print(expr)
-XX
+        if isinstance(expr, sp.Add | sp.Mul):
+            return rf"\left({text}\right)"
+        return text
+
+    def _print_Permute(self, expr):
+        if len(expr.args) == 1:
+            operand = expr.args[0]
+            text = self._operand(operand)
+            if self._settings["notation"] == "d2l" and _is_adjoint_node(operand, self):
+                text = rf"\left({text}\right)"
+            return rf"{text}^{{\top}}"
         perm = ",".join(str(int(p)) for p in expr.args[1])
         return rf"\operatorname{{transpose}}_{{({perm})}}\left({self._print(expr.args[0])}\right)"
 
