@@ -15,18 +15,44 @@ __version__ = "0.1.0"
 
 from .declare.layers import (  # noqa: E402 - the version is defined first for the generator
     Activation as activation,
+)
+from .declare.layers import (
     BatchNorm as batchnorm,
+)
+from .declare.layers import (
     Elu as elu,
+)
+from .declare.layers import (
     Gelu as gelu,
+)
+from .declare.layers import (
     LeakyRelu as leaky_relu,
+)
+from .declare.layers import (
     Linear as linear,
+)
+from .declare.layers import (
     Prelu as prelu,
+)
+from .declare.layers import (
     Relu as relu,
+)
+from .declare.layers import (
     Residual as residual,
+)
+from .declare.layers import (
     Rrelu as rrelu,
+)
+from .declare.layers import (
     Sigmoid as sigmoid,
+)
+from .declare.layers import (
     Silu as silu,
+)
+from .declare.layers import (
     Softplus as softplus,
+)
+from .declare.layers import (
     Tanh as tanh,
 )
 from .declare.net import Net  # noqa: E402
@@ -44,7 +70,27 @@ def check(net: Net, *, batch: int = 4, seed: int = 0, full: bool = False):
 
 
 __all__ = [
-    "Net", "activation", "batchnorm", "check", "codegen", "derive", "elu", "gelu", "leaky_relu",
-    "linear", "load_spec", "parse_spec", "prelu", "relu", "residual", "rrelu", "sigmoid", "silu",
-    "softplus", "tanh", "DerivationError", "SpecError", "SymbpError",
+    "Net",
+    "activation",
+    "batchnorm",
+    "check",
+    "codegen",
+    "derive",
+    "elu",
+    "gelu",
+    "leaky_relu",
+    "linear",
+    "load_spec",
+    "parse_spec",
+    "prelu",
+    "relu",
+    "residual",
+    "rrelu",
+    "sigmoid",
+    "silu",
+    "softplus",
+    "tanh",
+    "DerivationError",
+    "SpecError",
+    "SymbpError",
 ]

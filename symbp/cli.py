@@ -30,7 +30,9 @@ def _parser() -> argparse.ArgumentParser:
 
     codegen = commands.add_parser("codegen", help="write a numpy module for a spec")
     codegen.add_argument("spec")
-    codegen.add_argument("-o", "--output", required=True, help="the .py file to write ('-': stdout)")
+    codegen.add_argument(
+        "-o", "--output", required=True, help="the .py file to write ('-': stdout)"
+    )
 
     check = commands.add_parser("check", help="check generated gradients by finite differences")
     check.add_argument("spec")
@@ -72,8 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _derive(args) -> int:
     from .declare.layers import Activation
     from .declare.spec import load_spec
-    from .errors import SpecError
     from .emit.pretty import derivation_report, expression_report
+    from .errors import SpecError
 
     if args.expr is not None:
         if args.spec:
@@ -112,8 +114,9 @@ def _check(args) -> int:
     from .errors import SpecError
 
     if args.batch < 2:
-        raise SpecError(f"must be at least 2 (batch norm needs a batch), got {args.batch}",
-                        field="--batch")
+        raise SpecError(
+            f"must be at least 2 (batch norm needs a batch), got {args.batch}", field="--batch"
+        )
     report = check_spec(load_spec(args.spec), batch=args.batch, seed=args.seed, full=args.full)
     print(report.table())
     return 0 if report.passed else 1
@@ -130,8 +133,9 @@ def _latex(args) -> int:
         suffix = Path(args.output).suffix.lower()
         fmt = {".tex": "tex", ".md": "md", ".markdown": "md"}.get(suffix)
         if fmt is None:
-            raise SpecError("cannot tell the format from the file name; use --format tex|md",
-                            field="-o")
+            raise SpecError(
+                "cannot tell the format from the file name; use --format tex|md", field="-o"
+            )
     derivation = derive_network(load_spec(args.spec))
     text = render_notes(
         derivation, fmt=fmt, steps=args.steps, notation=args.notation, fragment=args.fragment

@@ -16,9 +16,26 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 #: Names the generated module defines itself; a layer may not take them.
 RESERVED = frozenset(
     {
-        "np", "numpy", "forward", "backward", "predict", "init_params", "init_state",
-        "loss_and_grads", "sgd_step", "PARAM_SHAPES", "params", "cache", "state", "grads",
-        "x", "y", "rng", "train", "dout", "loss",
+        "np",
+        "numpy",
+        "forward",
+        "backward",
+        "predict",
+        "init_params",
+        "init_state",
+        "loss_and_grads",
+        "sgd_step",
+        "PARAM_SHAPES",
+        "params",
+        "cache",
+        "state",
+        "grads",
+        "x",
+        "y",
+        "rng",
+        "train",
+        "dout",
+        "loss",
     }
 )
 

@@ -16,7 +16,7 @@ import sympy as sp
 from ..errors import SpecError
 from ..naming import check_identifier
 from .expr import parse_expression
-from .forms import N, Array, Forward, Stage, index, size
+from .forms import Array, Forward, N, Stage, index, size
 
 REGISTRY: dict[str, type[Layer]] = {}
 
@@ -459,9 +459,7 @@ class Activation(Elementwise):
         return f"activation({self.text})"
 
 
-ACTIVATIONS = tuple(
-    kind for kind, cls in REGISTRY.items() if issubclass(cls, Elementwise)
-)
+ACTIVATIONS = tuple(kind for kind, cls in REGISTRY.items() if issubclass(cls, Elementwise))
 
 
 @register
@@ -522,8 +520,12 @@ class Mse(Loss):
         n, j = index("n"), index("j")
         loss = sp.Sum((z[n, j] - t[n, j]) ** 2, (n, 0, N - 1), (j, 0, F - 1)) / (N * F)
         return Forward(
-            inputs=(z,), params=(), aux=(t,), stages=(Stage(Array("L", ()), (), loss),),
-            keep=(), letters=LETTERS,
+            inputs=(z,),
+            params=(),
+            aux=(t,),
+            stages=(Stage(Array("L", ()), (), loss),),
+            keep=(),
+            letters=LETTERS,
         )
 
 
@@ -556,7 +558,11 @@ class SoftmaxCrossEntropy(Loss):
             ),
         )
         return Forward(
-            inputs=(z,), params=(), aux=(Y,), stages=stages, keep=("lse",),
+            inputs=(z,),
+            params=(),
+            aux=(Y,),
+            stages=stages,
+            keep=("lse",),
             letters={N: "n", C: "c"},
         )
 
@@ -574,8 +580,12 @@ class BceWithLogits(Loss):
         per_element = sp.log(1 + sp.exp(z[n, j])) - t[n, j] * z[n, j]
         loss = sp.Sum(per_element, (n, 0, N - 1), (j, 0, F - 1)) / (N * F)
         return Forward(
-            inputs=(z,), params=(), aux=(t,), stages=(Stage(Array("L", ()), (), loss),),
-            keep=(), letters=LETTERS,
+            inputs=(z,),
+            params=(),
+            aux=(t,),
+            stages=(Stage(Array("L", ()), (), loss),),
+            keep=(),
+            letters=LETTERS,
         )
 
 

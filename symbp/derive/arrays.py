@@ -285,8 +285,11 @@ def _sigmoid_form(expr: sp.Expr) -> sp.Expr:
         numerator, denominator = sp.fraction(sp.together(candidate))
         if denominator.has(s) or candidate.has(sp.exp(argument)):
             continue
-        if any(node.has(s) for node in sp.preorder_traversal(candidate)
-               if isinstance(node, sp.Function)):
+        if any(
+            node.has(s)
+            for node in sp.preorder_traversal(candidate)
+            if isinstance(node, sp.Function)
+        ):
             continue
         expr = candidate.xreplace({s: Sigmoid(argument)})
     return expr

@@ -83,9 +83,7 @@ def _lift_deltas(piecewise: sp.Piecewise) -> sp.Expr:
     if not branches:
         return piecewise
     common = {
-        factor
-        for factor in set.intersection(*branches)
-        if isinstance(factor, sp.KroneckerDelta)
+        factor for factor in set.intersection(*branches) if isinstance(factor, sp.KroneckerDelta)
     }
     if not common:
         return piecewise

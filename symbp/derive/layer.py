@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from ..declare.forms import Array, Forward, Stage
+from ..declare.forms import Array, Forward
 from ..errors import DerivationError
-from .indexing import freshen_bound, fresh_index, simplify_indexed, sums_in
+from .indexing import fresh_index, freshen_bound, simplify_indexed, sums_in
 from .kinks import apply_kink_convention
 
 
@@ -128,11 +128,13 @@ def _staged_adjoints(form: Forward, names, *, unit_upstream: bool) -> list[Adjoi
             contribution = upstream * derivative
             # Sum over the stage's own indices (they are bound in the chain rule).
             if stage.indices:
-                limits = [(i, 0, d - 1) for i, d in zip(stage.indices, stage.array.dims)]
+                limits = [
+                    (i, 0, d - 1) for i, d in zip(stage.indices, stage.array.dims, strict=True)
+                ]
                 contribution = sp.Sum(contribution, *limits)
             total += contribution
         canonical = form.indices_for(target)
-        expr = simplify_indexed(total, names).xreplace(dict(zip(free, canonical)))
+        expr = simplify_indexed(total, names).xreplace(dict(zip(free, canonical, strict=True)))
         expr = apply_kink_convention(expr)
         adjoint = Adjoint(target, canonical, expr)
         adjoints.append(adjoint)
@@ -228,7 +230,7 @@ def apply_rules(expr: sp.Expr, rules: list[Rule]) -> sp.Expr:
             pattern_indices = rule.lhs.indices
 
             def rewrite(element, rule=rule, pattern_indices=pattern_indices):
-                mapping = dict(zip(pattern_indices, element.indices))
+                mapping = dict(zip(pattern_indices, element.indices, strict=True))
                 return freshen_bound(rule.rhs).xreplace(mapping)
 
             expr = expr.replace(
@@ -244,8 +246,10 @@ def apply_rules(expr: sp.Expr, rules: list[Rule]) -> sp.Expr:
 
 def _replace_sums(expr: sp.Expr, rule: Rule) -> sp.Expr:
     pattern: sp.Sum = rule.lhs
-    free = sorted(pattern.free_symbols - {s for s in pattern.free_symbols if not s.is_integer},
-                  key=sp.default_sort_key)
+    free = sorted(
+        pattern.free_symbols - {s for s in pattern.free_symbols if not s.is_integer},
+        key=sp.default_sort_key,
+    )
     free = [s for s in free if _is_index(s, pattern)]
     wilds = {s: sp.Wild(f"w_{s.name}") for s in free}
     pattern_body = pattern.function.xreplace(wilds)
@@ -254,7 +258,7 @@ def _replace_sums(expr: sp.Expr, rule: Rule) -> sp.Expr:
         if not isinstance(node, sp.Sum) or len(node.limits) != len(pattern.limits):
             return None
         renames = {}
-        for (a, lo_a, hi_a), (b, lo_b, hi_b) in zip(node.limits, pattern.limits):
+        for (a, lo_a, hi_a), (b, lo_b, hi_b) in zip(node.limits, pattern.limits, strict=True):
             if lo_a != lo_b or hi_a != hi_b:
                 return None
             renames[a] = b
@@ -335,7 +339,9 @@ def _inline(expr: sp.Expr, by_name: dict[str, Adjoint], form: Forward) -> sp.Exp
     def substitute(element):
         adjoint = formulas[_name(element)]
         indices = element.indices if isinstance(element, sp.Indexed) else ()
-        return freshen_bound(adjoint.expr).xreplace(dict(zip(adjoint.indices, indices)))
+        return freshen_bound(adjoint.expr).xreplace(
+            dict(zip(adjoint.indices, indices, strict=True))
+        )
 
     for _ in range(len(formulas) + 1):
         if not any(is_pending(e) for e in _elements(expr)):
@@ -359,9 +365,9 @@ def tidy_expression(expr: sp.Expr) -> sp.Expr:
     """Combine exponentials and pull common factors out, without touching the sums' insides.
 
     With sums (batch norm), everything goes over one denominator: the compact closed form.
-    Otherwise, of the candidate forms, the one with the fewest operations wins; a form that brings in an
-    exponential the expression did not have (``together`` can turn ``exp(-u)`` into
-    ``1/exp(u)``-style factors) is never taken.
+    Otherwise, of the candidate forms, the one with the fewest operations wins. A form that
+    brings in an exponential the expression did not have (``together`` can turn ``exp(-u)``
+    into ``1/exp(u)``-style factors) is never taken.
     """
     expr = sp.powsimp(expr, combine="exp")
     if isinstance(expr, sp.Piecewise):
@@ -384,10 +390,3 @@ def _stored(form: Forward, vjp: dict[str, Adjoint]) -> tuple[str, ...]:
                 read.add(name)
     order = list(arrays)
     return tuple(sorted(read, key=order.index))
-
-
-def stage_named(form: Forward, name: str) -> Stage:
-    for stage in form.stages:
-        if stage.name == name:
-            return stage
-    raise KeyError(name)

@@ -67,7 +67,9 @@ class NetworkDerivation:
             for item in reversed(items):
                 if isinstance(item.layer, Residual):
                     body_out = visit(item.body, upstream)
-                    chain.append((item.name, upstream, f"d{item.name}_in = {upstream} + {body_out}"))
+                    chain.append(
+                        (item.name, upstream, f"d{item.name}_in = {upstream} + {body_out}")
+                    )
                     upstream = f"d{item.name}_in"
                     continue
                 produced = f"d{item.name}_in"

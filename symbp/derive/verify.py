@@ -162,9 +162,7 @@ def is_zero(expr: sp.Expr) -> bool:
                 if sign == 0:
                     cases[symbol] = sp.Integer(0)
                 else:
-                    cases[symbol] = sp.Symbol(
-                        symbol.name, positive=sign > 0, negative=sign < 0
-                    )
+                    cases[symbol] = sp.Symbol(symbol.name, positive=sign > 0, negative=sign < 0)
             if not _smooth_zero(expr.xreplace(cases)):
                 return False
         return True
@@ -201,9 +199,13 @@ def _numerically_nonzero(expr: sp.Expr, trials: int = 3) -> bool:
         values = {}
         for s in symbols:
             magnitude = rng.uniform(0.3, 1.7)
-            values[s] = -magnitude if s.is_negative else magnitude if (
-                s.is_positive or rng.random() < 0.5
-            ) else -magnitude
+            values[s] = (
+                -magnitude
+                if s.is_negative
+                else magnitude
+                if (s.is_positive or rng.random() < 0.5)
+                else -magnitude
+            )
         try:
             value = complex(expr.xreplace(values).evalf(30))
         except (TypeError, ValueError):

@@ -20,7 +20,7 @@ import sympy as sp
 
 from .. import __version__
 from ..declare.forms import Forward
-from ..declare.layers import BatchNorm, Elementwise, Layer, Linear, Rrelu
+from ..declare.layers import BatchNorm, Elementwise, Layer, Rrelu
 from ..declare.net import Net, Placed
 from ..derive.arrays import Lowering, stabilize
 from ..derive.layer import LayerDerivation
@@ -58,8 +58,9 @@ def formula(lhs: sp.Expr, rhs: sp.Expr) -> str:
     """``lhs = rhs`` on one line, or wrapped with a hanging indent when longer than a line."""
     printer = _FormulaPrinter()
     text = f"{printer.doprint(lhs)} = {printer.doprint(rhs)}"
-    return "\n    ".join(textwrap.wrap(text, width=MAX_LINE - 8, subsequent_indent="    ",
-                                       break_on_hyphens=False))
+    return "\n    ".join(
+        textwrap.wrap(text, width=MAX_LINE - 8, subsequent_indent="    ", break_on_hyphens=False)
+    )
 
 
 @dataclass
@@ -156,9 +157,7 @@ class ModuleBuilder:
             return (", *, " + ", ".join(names)) if names else ""
 
         # forward
-        outputs = [
-            (s.name, lowering.lower(stabilize(s.expr), s.indices)) for s in form.stages
-        ]
+        outputs = [(s.name, lowering.lower(stabilize(s.expr), s.indices)) for s in form.stages]
         cached = [n for n in derivation.stored if n not in {p.name for p in form.params}]
         args = [a.name for a in form.inputs + form.params + form.aux]
         kw = keywords([e for _, e in outputs])
@@ -280,15 +279,20 @@ class ModuleBuilder:
             forward.append(f"{indent}if train:")
             inner = indent + "    "
             forward.append(
-                _wrap_call(f"h, {key}, stats = ", f"{stem}_forward", ["h", *params, *constants],
-                           inner)
+                _wrap_call(
+                    f"h, {key}, stats = ", f"{stem}_forward", ["h", *params, *constants], inner
+                )
             )
             forward.append(f"{inner}if state is not None:")
             deeper = inner + "    "
             forward.append(f"{deeper}mean, var = {state[0]}, {state[1]}")
             forward.append(
-                _wrap_call("mean[...], var[...] = ", "batchnorm_running_stats",
-                           ["mean", "var", "*stats", "h.shape[0]", momentum], deeper)
+                _wrap_call(
+                    "mean[...], var[...] = ",
+                    "batchnorm_running_stats",
+                    ["mean", "var", "*stats", "h.shape[0]", momentum],
+                    deeper,
+                )
             )
             forward.append(f"{indent}else:")
             forward.append(
@@ -303,23 +307,23 @@ class ModuleBuilder:
                 f"{inner}r = rng.uniform({layer.lower!r}, {layer.upper!r}, size=h.shape)"
                 ".astype(h.dtype)"
             )
-            forward.append(_wrap_call(f"h, {key} = ", f"{stem}_forward", ["h", "r", *constants],
-                                      inner))
+            forward.append(
+                _wrap_call(f"h, {key} = ", f"{stem}_forward", ["h", "r", *constants], inner)
+            )
             forward.append(f"{indent}else:")
             eval_constants = self._constants(layer, eval_form)
             forward.append(_wrap_call("h = ", f"{stem}_predict", ["h", *eval_constants], inner))
             return
-        forward.append(_wrap_call(f"h, {key} = ", f"{stem}_forward", ["h", *params, *constants],
-                                  indent))
+        forward.append(
+            _wrap_call(f"h, {key} = ", f"{stem}_forward", ["h", *params, *constants], indent)
+        )
 
     def backward_for(self, items: list[Placed], guard_bottom: bool) -> None:
         """Backward lines for ``items`` in reverse; ``guard_bottom``: the input grad is optional."""
         for position in range(len(items) - 1, -1, -1):
             item = items[position]
             layer = item.layer
-            below_has_params = any(
-                p.param_shapes or p.body for p in items[:position]
-            )
+            below_has_params = any(p.param_shapes or p.body for p in items[:position])
             optional = guard_bottom and not below_has_params
             derivation = derive_cached(layer, item.in_shape)
             self._backward_one(item, derivation, optional)
@@ -362,15 +366,19 @@ class ModuleBuilder:
                     if rule == "fan":
                         fan_in, fan_out = shape[0], shape[-1]
                         relu_next = _next_activation(items, position) in RELU_LIKE
-                        std = math.sqrt(2 / fan_in) if relu_next else math.sqrt(
-                            2 / (fan_in + fan_out)
+                        std = (
+                            math.sqrt(2 / fan_in)
+                            if relu_next
+                            else math.sqrt(2 / (fan_in + fan_out))
                         )
-                        result.append(dict(key=key, kind="normal", std=repr(std),
-                                           shape=tuple(shape)))
+                        result.append(
+                            dict(key=key, kind="normal", std=repr(std), shape=tuple(shape))
+                        )
                     else:
                         value = {"zeros": 0.0, "ones": 1.0}.get(rule, rule)
-                        result.append(dict(key=key, kind="full", value=repr(float(value)),
-                                           shape=tuple(shape)))
+                        result.append(
+                            dict(key=key, kind="full", value=repr(float(value)), shape=tuple(shape))
+                        )
 
         visit(self.net.placed)
         return result
@@ -401,7 +409,7 @@ def _dependency_order(items, defined: set[str]):
 
 def _next_activation(items: list[Placed], position: int) -> str | None:
     """The kind of the first element-wise layer after ``position`` (skipping batch norm)."""
-    for item in items[position + 1:]:
+    for item in items[position + 1 :]:
         if isinstance(item.layer, BatchNorm):
             continue
         return item.layer.kind if isinstance(item.layer, Elementwise) else None
@@ -423,8 +431,12 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
         target = (
             "np.eye(out.shape[1], dtype=out.dtype)[y]" if net.loss.target_kind == "labels" else "y"
         )
-        loss = dict(kind=net.loss.kind, forward=f"{stem}_forward", backward=f"{stem}_backward",
-                    target=target)
+        loss = dict(
+            kind=net.loss.kind,
+            forward=f"{stem}_forward",
+            backward=f"{stem}_backward",
+            target=target,
+        )
     summary = [f"{item.name}: {item.layer.describe()}" for item in net.walk()]
     if net.loss is not None:
         summary.append(f"loss: {net.loss.kind}")
@@ -450,7 +462,3 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
 
 def _helper_source(env: jinja2.Environment, name: str) -> str:
     return env.get_template("helpers.py.j2").module.__getattribute__(name)().rstrip("\n")
-
-
-def linear_param_kinds() -> tuple[type[Layer], ...]:  # pragma: no cover - re-export for tests
-    return (Linear,)

@@ -29,7 +29,7 @@ class SymbpNumPyPrinter(NumPyPrinter):
 
     def _module_format(self, fqn, register=True):
         text = super()._module_format(fqn, register)
-        return "np." + text[len("numpy."):] if text.startswith("numpy.") else text
+        return "np." + text[len("numpy.") :] if text.startswith("numpy.") else text
 
     # -- numbers --------------------------------------------------------------------------------
     def _print_constant(self, expr):
@@ -107,13 +107,17 @@ class SymbpNumPyPrinter(NumPyPrinter):
         if len(expr.args) != 2:
             return super()._print_Max(expr)
         first, second = sorted(expr.args, key=lambda a: a.is_number)
-        return f"{self._module_format('numpy.maximum')}({self._print(first)}, {self._print(second)})"
+        return (
+            f"{self._module_format('numpy.maximum')}({self._print(first)}, {self._print(second)})"
+        )
 
     def _print_Min(self, expr):
         if len(expr.args) != 2:
             return super()._print_Min(expr)
         first, second = sorted(expr.args, key=lambda a: a.is_number)
-        return f"{self._module_format('numpy.minimum')}({self._print(first)}, {self._print(second)})"
+        return (
+            f"{self._module_format('numpy.minimum')}({self._print(first)}, {self._print(second)})"
+        )
 
     def _print_Piecewise(self, expr):
         pairs = list(expr.args)

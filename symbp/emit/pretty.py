@@ -87,8 +87,9 @@ def _heading(item: DerivedLayer) -> str:
     return text
 
 
-def derivation_report(net: Net, *, layer: str | None = None, verify: bool = False,
-                      unicode: bool = True) -> tuple[str, bool]:
+def derivation_report(
+    net: Net, *, layer: str | None = None, verify: bool = False, unicode: bool = True
+) -> tuple[str, bool]:
     """The text of ``symbp derive`` and whether every requested proof succeeded."""
     derivation = derive_network(net)
     items = derivation.layers
@@ -98,7 +99,9 @@ def derivation_report(net: Net, *, layer: str | None = None, verify: bool = Fals
     lines = []
     if layer is None:
         shape = list(net.input_shape)
-        lines.append(f"network {net.name}: input {shape} per sample, loss {net.loss and net.loss.kind}")
+        lines.append(
+            f"network {net.name}: input {shape} per sample, loss {net.loss and net.loss.kind}"
+        )
     ok, verified = True, set()
     for item in items:
         lines.append(_heading(item))
@@ -124,8 +127,9 @@ def derivation_report(net: Net, *, layer: str | None = None, verify: bool = Fals
     return "\n".join(lines), ok
 
 
-def expression_report(layer: Elementwise, *, verify: bool = False,
-                      unicode: bool = True) -> tuple[str, bool]:
+def expression_report(
+    layer: Elementwise, *, verify: bool = False, unicode: bool = True
+) -> tuple[str, bool]:
     derivation = derive_layer(layer.forward_form((1,)))
     lines = [f"== activation {layer.text}"] + layer_report(derivation, unicode)
     ok = True
