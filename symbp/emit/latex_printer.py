@@ -109,6 +109,15 @@ class InSpace(NotesNode):
     nargs = 2
 
 
+class Chain(NotesNode):
+    """A product of Jacobians, printed in the given order (matrix products do not commute);
+    the symbol :data:`Ellipsis_` stands for the factors left out of a long chain."""
+
+
+#: The factors left out of a long :class:`Chain`, printed ``\cdots``.
+Ellipsis_ = sp.Symbol("...")
+
+
 class Identity(NotesNode):
     """The identity matrix (the Jacobian of a skip connection)."""
 
@@ -130,7 +139,7 @@ def _bold(letter: str) -> str:
 class NotesLatexPrinter(LatexPrinter):
     """LaTeX for the notes; see the module docstring for the settings."""
 
-    printmethod = "_symbp_latex"
+    printmethod = "_latex"  # sympy classes (pi, E) print themselves
     _default_settings = {
         **LatexPrinter._default_settings,
         "notation": "d2l",
@@ -156,7 +165,7 @@ class NotesLatexPrinter(LatexPrinter):
         """``lhs = rhs`` on one line."""
         return f"{self.doprint(lhs)} = {self.doprint(rhs)}"
 
-    def rows(self, pairs, *, width: int = 150) -> str:
+    def rows(self, pairs, *, width: int = 90) -> str:
         """The body of an ``aligned`` block: one ``lhs &= rhs`` row per pair, sums that are too
         long (by their LaTeX length) broken after a term and continued on an indented line."""
         lines = []
@@ -169,7 +178,22 @@ class NotesLatexPrinter(LatexPrinter):
 
     def _broken(self, expr, width: int) -> list[str]:
         text = self.doprint(expr)
-        if not isinstance(expr, sp.Add) or _visible_length(text) <= width:
+        if _visible_length(text) <= width:
+            return [text]
+        if isinstance(expr, sp.Mul):
+            groups = [f for f in expr.args if isinstance(f, sp.Add)]
+            if len(groups) == 1:  # a coefficient times a long sum: break inside the sum
+                (group,) = groups
+                lead = self.doprint(expr / group)
+                if self._settings["whole"] and self._has_array(expr / group):
+                    lead = rf"{lead} \odot"
+                parts = self._broken(group, width - _visible_length(lead))
+                if len(parts) > 1:
+                    parts[0] = rf"{lead} \left({parts[0]}\right."
+                    parts[1:-1] = [rf"\left.{p}\right." for p in parts[1:-1]]
+                    parts[-1] = rf"\left.{parts[-1]}\right)"
+                    return parts
+        if not isinstance(expr, sp.Add):
             return [text]
         terms = self._add_terms(expr)
         lines: list[str] = []
@@ -192,7 +216,8 @@ class NotesLatexPrinter(LatexPrinter):
                 terms.append(("-", self._print(-term)))
             else:
                 terms.append(("+", self._print(term)))
-        terms.sort(key=lambda pair: pair[0] == "-")
+        # positive terms first; among them the longer ones (x W + b, gamma xhat + beta)
+        terms.sort(key=lambda pair: (pair[0] == "-", pair[0] == "+" and -len(pair[1])))
         return terms
 
     # -- names ----------------------------------------------------------------------------------
@@ -216,15 +241,16 @@ class NotesLatexPrinter(LatexPrinter):
         if accent:
             tex = rf"\{accent}{{{tex}}}"
         total = own_power * power
+        elementwise = bold and power != 1
         if layer:
             tex = f"{tex}^{{({layer})}}"
             if sub:
                 tex = f"{tex}_{{{sub}}}"
             if total != 1:
-                tex = rf"\left({tex}\right)^{{{self._power(total, bold)}}}"
+                tex = rf"\left({tex}\right)^{{{self._power(total, elementwise)}}}"
             return tex
         if total != 1:
-            tex = f"{tex}^{{{self._power(total, bold)}}}"
+            tex = f"{tex}^{{{self._power(total, elementwise)}}}"
         if sub:
             tex = f"{tex}_{{{sub}}}"
         return tex
@@ -425,7 +451,11 @@ class NotesLatexPrinter(LatexPrinter):
         if len(expr.args) == 1:
             operand = expr.args[0]
             text = self._operand(operand)
-            if self._settings["notation"] == "d2l" and _is_adjoint_node(operand, self):
+            if isinstance(operand, AtLayer) and text.endswith(")}"):
+                return text[:-1] + r"\top}"  # one superscript: h^{(3)\top}
+            if "^" in text and not text.startswith(r"\left("):
+                text = rf"\left({text}\right)"
+            elif self._settings["notation"] == "d2l" and _is_adjoint_node(operand, self):
                 text = rf"\left({text}\right)"
             return rf"{text}^{{\top}}"
         perm = ",".join(str(int(p)) for p in expr.args[1])
@@ -436,7 +466,7 @@ class NotesLatexPrinter(LatexPrinter):
         axes = tuple(int(a) for a in axes)
         ones = r"\mathbf{1}"
         inner = self._print(array)
-        if isinstance(array, sp.Add | sp.Mul):
+        if isinstance(array, sp.Add | sp.Mul | sp.Piecewise):
             inner = rf"\left({inner}\right)"
         if axes == (0,):
             return rf"{ones}^{{\top}} {inner}"
@@ -486,6 +516,9 @@ class NotesLatexPrinter(LatexPrinter):
         space = r"\mathbb{R}" if not shape.args else rf"\mathbb{{R}}^{{{self._print(shape)}}}"
         return rf"{self._print(value)} \in {space}"
 
+    def _print_Chain(self, expr):
+        return " ".join(r"\cdots" if a == Ellipsis_ else self._print(a) for a in expr.args)
+
     def _print_Identity(self, expr):
         return r"\mathbf{I}"
 
@@ -527,6 +560,8 @@ def latex(expr, **settings) -> str:
 __all__ = [
     "AtLayer",
     "Apply",
+    "Chain",
+    "Ellipsis_",
     "Compose",
     "Delta",
     "Dot",
