@@ -1,0 +1,185 @@
+"""``symbp derive``: what it prints for a spec, one layer and one expression, its exit codes, and
+``python -m symbp``."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from symbp import cli
+from symbp.derive.verify import Verdict
+from symbp.emit import pretty
+
+ROOT = Path(__file__).resolve().parent.parent
+MLP_BN = str(ROOT / "examples" / "mlp_bn.toml")
+MISH = "x*tanh(log(1 + exp(x)))"
+MLP_BN_LAYERS = ["fc1", "bn1", "relu3", "res1", "res1_linear1", "mish", "out"]
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def sections(text: str) -> dict[str, str]:
+    """The output split at its ``== NAME: ...`` headings, keyed by NAME."""
+    parts = re.split(r"^== ", text, flags=re.MULTILINE)
+    return {re.split(r"[:\s]", part, maxsplit=1)[0]: part for part in parts[1:]}
+
+
+def test_derive_spec_prints_every_layer(capsys):
+    code, out, err = run(capsys, "derive", MLP_BN)
+    assert code == 0 and err == ""
+    assert out.startswith("network mlp_bn: input [784] per sample, loss softmax_cross_entropy")
+    found = sections(out)
+    assert [name for name in found if name not in ("loss", "backward")] == MLP_BN_LAYERS
+    for name in MLP_BN_LAYERS:
+        section = found[name]
+        assert "  forward:" in section, name
+        assert re.search(r"^  backward \(given d\w+\):", section, re.MULTILINE), name
+        assert "  backward reads from the forward pass: " in section, name
+    assert "  backward (the loss is the output):" in found["loss"]
+
+
+def test_derive_spec_shows_whole_array_formulas(capsys):
+    _, out, _ = run(capsys, "derive", MLP_BN)
+    fc1 = sections(out)["fc1"]
+    for line in ("z = b + x @ W", "dx = dz @ W.T", "dW = x.T @ dz", "db = dz.sum(axis=0)"):
+        assert f"\n    {line}\n" in fc1
+    assert "backward reads from the forward pass: x, W" in fc1
+    relu = sections(out)["relu3"]
+    assert "backward reads from the forward pass: y" in relu
+
+
+def test_derive_spec_shows_the_backward_order(capsys):
+    """Reverse order of the forward pass; a residual block's body before the block's sum."""
+    _, out, _ = run(capsys, "derive", MLP_BN)
+    order = out.split("== backward order", 1)[1].splitlines()[1:]
+    names = [line.split(":")[0].strip() for line in order]
+    assert names == ["out", "mish", "res1_linear1", "res1", "relu3", "bn1", "fc1"]
+
+
+def test_derive_one_layer(capsys):
+    code, out, err = run(capsys, "derive", MLP_BN, "--layer", "bn1")
+    assert code == 0 and err == ""
+    assert list(sections(out)) == ["bn1"]
+    assert not out.startswith("network")
+    assert "backward, staged chain rule" in out  # staged
+    assert "backward (given dy):" in out  # compact
+    compact = out.split("backward (given dy):", 1)[1]
+    dx_line = next(line for line in compact.splitlines() if line.strip().startswith("dx = "))
+    for piece in ("gamma*invstd", "N*dy", "dy.sum(axis=0)", "xhat*(dy*xhat).sum(axis=0)"):
+        assert piece in dx_line
+    assert "backward reads from the forward pass: gamma, invstd, xhat" in out
+
+
+def test_derive_one_layer_inside_a_residual_block(capsys):
+    code, out, _ = run(capsys, "derive", MLP_BN, "--layer", "mish")
+    assert code == 0
+    assert list(sections(out)) == ["mish"]
+
+
+def test_derive_expression_with_verify(capsys):
+    code, out, err = run(capsys, "derive", "--expr", MISH, "--verify")
+    assert code == 0 and err == ""
+    assert out.startswith(f"== activation {MISH}")
+    verdicts = [line for line in out.splitlines() if line.strip().startswith("verify ")]
+    assert verdicts
+    assert all("proven equal to direct differentiation" in line for line in verdicts)
+    assert "FAILED" not in out
+
+
+def test_ascii_output_is_ascii(capsys):
+    code, out, _ = run(capsys, "derive", MLP_BN, "--layer", "bn1", "--ascii")
+    assert code == 0
+    assert out.isascii()
+
+
+SMALL_SPEC = """
+name = "small"
+input = { features = 3 }
+loss = "mse"
+
+[[layers]]
+type = "linear"
+name = "fc1"
+out = 2
+
+[[layers]]
+type = "batchnorm"
+name = "bn1"
+
+[[layers]]
+type = "sigmoid"
+name = "act1"
+
+[[layers]]
+type = "residual"
+name = "res1"
+layers = [
+    { type = "linear", out = 2 },
+    { type = "activation", name = "swish", expr = "x/(1 + exp(-x))" },
+]
+"""
+
+
+def test_verify_on_a_small_spec_passes(tmp_path, capsys):
+    path = tmp_path / "small.toml"
+    path.write_text(SMALL_SPEC, encoding="utf-8")
+    code, out, err = run(capsys, "derive", str(path), "--verify")
+    assert code == 0, out
+    assert err == ""
+    verdicts = [line for line in out.splitlines() if line.strip().startswith("verify ")]
+    proven = [line for line in verdicts if "proven equal to direct differentiation" in line]
+    assert verdicts and proven == verdicts
+    for name in ("dW", "db", "dgamma", "dbeta", "dx", "dz"):
+        assert any(line.strip().startswith(f"verify {name} ") for line in verdicts), name
+    assert any("(staged," in line for line in verdicts)  # batch norm's staged chain too
+
+
+def test_failed_proof_exits_1(monkeypatch, capsys):
+    """Exit code 1 means a proof failed (here: a verifier that refutes everything)."""
+
+    def refute(derivation, sizes, *, staged=False):
+        return [Verdict("d" + a.name, {}, False, "refuted") for a in derivation.form.differentiable]
+
+    monkeypatch.setattr(pretty, "verify_layer", refute)
+    code, out, _ = run(capsys, "derive", "--expr", "tanh(x)", "--verify")
+    assert code == 1
+    assert "FAILED" in out
+
+
+def test_python_dash_m_symbp():
+    result = subprocess.run(
+        [sys.executable, "-m", "symbp", "derive", "--expr", "tanh(x)", "--ascii"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("== activation tanh(x)")
+    assert "\n    dx = " in result.stdout
+    assert "backward reads from the forward pass: y" in result.stdout
+    assert result.stderr == ""
+
+
+def test_python_dash_m_symbp_on_a_spec():
+    result = subprocess.run(
+        [sys.executable, "-m", "symbp", "derive", MLP_BN, "--layer", "fc1"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "dx = dz @ W.T" in result.stdout
+
+
+@pytest.mark.skipif(shutil.which("symbp") is None, reason="the symbp script is not installed")
+def test_console_script():
+    result = subprocess.run(
+        ["symbp", "derive", "--expr", "max(0, x)"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "== activation max(0, x)" in result.stdout

@@ -1,0 +1,886 @@
+"""Generated NumPy modules, each proved right against a truth that is not symbp's own output.
+
+* ``symbp check`` (central finite differences) passes for every example spec and for a small
+  network around every layer type, with every loss;
+* an independent oracle: the same networks written here in ``autograd.numpy`` straight from the
+  layers' definitions, differentiated by HIPS autograd, agree with the generated loss, output and
+  every gradient to 1e-10 in float64 (training mode with rrelu slopes drawn from the same seed,
+  and evaluation mode through ``predict``);
+* hypothesis draws random architectures: every draw agrees with autograd and passes check
+  (the check draws are fixed for now: check fails about 1 correct module in 20, see the xfail);
+* the module imports and runs with NumPy alone, keeps float32, stays finite at magnitude 1000,
+  moves batch-norm running statistics as PyTorch's BatchNorm1d does, is byte-for-byte
+  reproducible and ruff-clean; the command line writes it and reports bad specs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, note, settings
+from hypothesis import strategies as st
+
+import symbp
+from symbp.check.gradcheck import check_spec, load_module, make_inputs
+from symbp.cli import main as cli_main
+from symbp.declare.layers import LOSSES, REGISTRY, Loss
+from symbp.declare.net import Net, Placed
+from symbp.emit.module import generate_module
+from symbp.errors import SymbpError
+
+autograd = pytest.importorskip("autograd")
+anp = pytest.importorskip("autograd.numpy")
+from autograd.extend import defvjp, primitive  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
+ORACLE_TOLERANCE = 1e-10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_blas_thread():
+    """Tiny matrices: BLAS threads only add overhead (ten times slower on a 2-core machine)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+# --------------------------------------------------------------------------- the oracle
+
+
+@primitive
+def erf(a):
+    return np.vectorize(math.erf, otypes=[float])(a)
+
+
+# d/dx erf(x) = 2/sqrt(pi) exp(-x^2), the textbook derivative.
+defvjp(erf, lambda ans, a: lambda g: g * 2 / math.sqrt(math.pi) * anp.exp(-(a**2)))
+
+
+def _sigmoid(h):
+    return 1 / (1 + anp.exp(-h))
+
+
+#: Custom activations used in the tests and examples, by their text, written out by hand.
+CUSTOM = {
+    "x*tanh(log(1 + exp(x)))": lambda h: h * anp.tanh(anp.log(1 + anp.exp(h))),
+    "x/(1 + exp(-1.5*x))": lambda h: h / (1 + anp.exp(-1.5 * h)),
+    "sin(x) + x**2/4": lambda h: anp.sin(h) + h**2 / 4,
+    "x*atan(x) - log(cosh(x))": lambda h: h * anp.arctan(h) - anp.log(anp.cosh(h)),
+    "sqrt(1 + x**2) - 1 + x": lambda h: anp.sqrt(1 + h**2) - 1 + h,
+}
+
+#: Built-in element-wise layers, from their definitions (issue #3 and the layer docstrings).
+ELEMENTWISE: dict[str, Callable] = {
+    "sigmoid": lambda layer, h: _sigmoid(h),
+    "tanh": lambda layer, h: anp.tanh(h),
+    "relu": lambda layer, h: anp.where(h > 0, h, 0.0),
+    "softplus": lambda layer, h: anp.log(1 + anp.exp(h)),
+    "silu": lambda layer, h: h * _sigmoid(h),
+    "gelu": lambda layer, h: h * (1 + erf(h / math.sqrt(2))) / 2,
+    "leaky_relu": lambda layer, h: anp.where(h > 0, h, layer.slope * h),
+    "elu": lambda layer, h: anp.where(h > 0, h, layer.alpha * (anp.exp(anp.minimum(h, 0)) - 1)),
+    "activation": lambda layer, h: CUSTOM[layer.text](h),
+}
+
+
+#: Activations whose generated derivative is computed from the stored output, ``1 - y**2`` and
+#: ``y*(1 - y)`` (as PyTorch does): near saturation that cancels, and at |x| = 9 a tanh's
+#: derivative carries a relative error of about 4e-9 (autograd's ``1/cosh(x)**2`` does not).
+SATURATING = ("tanh", "sigmoid")
+
+
+def oracle_forward(items: list[Placed], params, h, *, train: bool, state, rng, peaks=None):
+    """The network's forward pass in autograd.numpy, layer by layer. ``peaks`` (a list), when
+    given, receives the largest input magnitude of each :data:`SATURATING` layer."""
+    for item in items:
+        layer, kind = item.layer, item.layer.kind
+        if peaks is not None and kind in SATURATING:
+            peaks.append(float(np.max(np.abs(getattr(h, "_value", h)))))
+
+        def p(name, item=item):
+            return params[f"{item.name}.{name}"]
+
+        if kind == "linear":
+            h = h @ p("W") + p("b") if layer.bias else h @ p("W")
+        elif kind == "batchnorm":
+            if train:
+                mean = anp.mean(h, axis=0)
+                var = anp.mean((h - mean) ** 2, axis=0)  # biased, as in the normalisation
+            else:
+                mean, var = state[f"{item.name}.running_mean"], state[f"{item.name}.running_var"]
+            h = p("gamma") * (h - mean) / anp.sqrt(var + layer.eps) + p("beta")
+        elif kind == "residual":
+            h = h + oracle_forward(item.body, params, h, train=train, state=state, rng=rng,
+                                   peaks=peaks)
+        elif kind == "prelu":
+            h = anp.where(h > 0, h, p("alpha") * h)
+        elif kind == "rrelu":
+            if train:  # the same draw, from a generator seeded alike, as the generated module's
+                slope = rng.uniform(layer.lower, layer.upper, size=h.shape)
+            else:
+                slope = (layer.lower + layer.upper) / 2
+            h = anp.where(h > 0, h, slope * h)
+        else:
+            h = ELEMENTWISE[kind](layer, h)
+    return h
+
+
+def oracle_loss(kind: str, z, y):
+    if kind == "mse":
+        return anp.mean((z - y) ** 2)
+    if kind == "softmax_cross_entropy":
+        shifted = z - anp.max(z, axis=1, keepdims=True)  # cancels exactly; keeps exp finite
+        log_probs = shifted - anp.log(anp.sum(anp.exp(shifted), axis=1, keepdims=True))
+        return -anp.mean(log_probs[np.arange(len(y)), y])
+    if kind == "bce_with_logits":
+        # -(t log s(z) + (1 - t) log(1 - s(z))), with log s(z) = -log(1 + exp(-z)) and
+        # 1 - s(z) = s(-z).
+        return anp.mean(y * anp.logaddexp(0, -z) + (1 - y) * anp.logaddexp(0, z))
+    raise AssertionError(f"no oracle for the loss {kind}")
+
+
+def oracle_loss_and_grads(net: Net, params, x, y, *, seed: int):
+    def loss(values):
+        rng = np.random.default_rng(seed)
+        p = {k: v for k, v in values.items() if k != "x"}
+        z = oracle_forward(net.placed, p, values["x"], train=True, state=None, rng=rng)
+        return oracle_loss(net.loss.kind, z, y)
+
+    values = {**params, "x": x}
+    return loss(values), autograd.grad(loss)(values)
+
+
+# --------------------------------------------------------------------------- problems
+
+
+def random_problem(net: Net, *, batch: int = 4, seed: int = 0, dtype=np.float64):
+    """Parameters (generic values, nothing special like zero biases), input, targets, state."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for key, shape in net.param_shapes.items():
+        if key.endswith(".gamma"):
+            value = 1 + 0.2 * rng.standard_normal(shape)
+        elif key.endswith(".alpha"):
+            value = 0.25 + 0.1 * rng.standard_normal(shape)
+        elif key.endswith(".W"):  # activations stay of order one however deep the net
+            value = rng.standard_normal(shape) * 1.5 / math.sqrt(shape[0])
+        else:
+            value = 0.3 * rng.standard_normal(shape)
+        params[key] = np.asarray(value, dtype=dtype)
+    x = rng.standard_normal((batch, *net.input_shape)).astype(dtype)
+    width = net.output_shape[0]
+    if net.loss.kind == "softmax_cross_entropy":
+        y = rng.integers(0, width, size=batch)
+    elif net.loss.kind == "bce_with_logits":
+        y = rng.uniform(0, 1, size=(batch, width)).astype(dtype)
+    else:
+        y = rng.standard_normal((batch, width)).astype(dtype)
+    state = {}
+    for key, shape in net.state_shapes.items():
+        if key.endswith("running_var"):
+            state[key] = rng.uniform(0.5, 2.0, shape).astype(dtype)
+        else:
+            state[key] = (0.3 * rng.standard_normal(shape)).astype(dtype)
+    return params, x, y, state
+
+
+def relative_error(actual, expected, scale: float) -> float:
+    """Max abs difference over the tensor's max abs value, that value guarded from below by
+    1e-2 of ``scale`` (the largest gradient): a gradient that is zero in exact arithmetic (a bias
+    or a batch norm's shift right before a batch norm) is rounding noise in both implementations,
+    so such a tensor is held to an absolute 1e-12 of the largest gradient instead."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape
+    if not expected.size:
+        return 0.0
+    floor = max(1e-2 * scale, 1e-300)
+    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), floor))
+
+
+def assert_agrees_with_oracle(net: Net, module, params, x, y, state, *, rng_seed: int) -> None:
+    """Loss, every gradient, the training output and ``predict`` against autograd."""
+    loss, grads = module.loss_and_grads(params, x, y, rng=np.random.default_rng(rng_seed))
+    expected_loss, expected = oracle_loss_and_grads(net, params, x, y, seed=rng_seed)
+    assert set(grads) == set(expected) == {*params, "x"}
+    assert relative_error(loss, expected_loss, abs(expected_loss)) < ORACLE_TOLERANCE
+    scale = max(float(np.max(np.abs(g))) for g in expected.values())
+    errors = {name: relative_error(grads[name], g, scale) for name, g in expected.items()}
+    bad = {name: e for name, e in errors.items() if not e < ORACLE_TOLERANCE}
+    assert not bad, f"gradients disagree with autograd: {bad}"
+
+    # Training-mode output, then evaluation mode (running statistics, mean rrelu slope).
+    out, _ = module.forward(params, x, train=True, rng=np.random.default_rng(rng_seed))
+    rng = np.random.default_rng(rng_seed)
+    expected_out = oracle_forward(net.placed, params, x, train=True, state=None, rng=rng)
+    assert relative_error(out, expected_out, 1.0) < ORACLE_TOLERANCE
+    predicted = module.predict(params, x, state)
+    expected_eval = oracle_forward(net.placed, params, x, train=False, state=state, rng=None)
+    assert relative_error(predicted, expected_eval, 1.0) < ORACLE_TOLERANCE
+
+
+def compare_with_oracle(net: Net, module=None, *, batch: int = 4, seed: int = 0) -> None:
+    module = module or load_module(generate_module(net))
+    params, x, y, state = random_problem(net, batch=batch, seed=seed)
+    assert_agrees_with_oracle(net, module, params, x, y, state, rng_seed=seed + 100)
+
+
+def saturation(net: Net, *, batch: int, seed: int) -> float:
+    """The largest input magnitude of a tanh or sigmoid on :func:`compare_with_oracle`'s data."""
+    params, x, _, _ = random_problem(net, batch=batch, seed=seed)
+    peaks = [0.0]
+    rng = np.random.default_rng(seed + 100)
+    oracle_forward(net.placed, params, x, train=True, state=None, rng=rng, peaks=peaks)
+    return max(peaks)
+
+
+# --------------------------------------------------------------------------- every layer type
+
+#: One small network body per layer type (a new layer type adds one row here).
+LAYER_ROWS: dict[str, Callable[[], list]] = {
+    "linear": lambda: [symbp.linear(5), symbp.linear(4, bias=False)],
+    "batchnorm": lambda: [symbp.linear(5), symbp.batchnorm(eps=1e-3, momentum=0.2)],
+    "sigmoid": lambda: [symbp.linear(5), symbp.sigmoid()],
+    "tanh": lambda: [symbp.linear(5), symbp.tanh()],
+    "relu": lambda: [symbp.linear(5), symbp.relu()],
+    "softplus": lambda: [symbp.linear(5), symbp.softplus()],
+    "silu": lambda: [symbp.linear(5), symbp.silu()],
+    "gelu": lambda: [symbp.linear(5), symbp.gelu()],
+    "leaky_relu": lambda: [symbp.linear(5), symbp.leaky_relu(slope=0.2)],
+    "elu": lambda: [symbp.linear(5), symbp.elu(alpha=0.7)],
+    "prelu": lambda: [
+        symbp.linear(5), symbp.prelu(), symbp.linear(5), symbp.prelu(shared=False, init=0.1)
+    ],
+    "rrelu": lambda: [symbp.linear(5), symbp.rrelu(lower=0.1, upper=0.4)],
+    "activation": lambda: [
+        symbp.linear(5),
+        symbp.activation("x*tanh(log(1 + exp(x)))", name="mish"),
+        symbp.linear(5),
+        symbp.activation("sin(x) + x**2/4", name="wave"),
+    ],
+    "residual": lambda: [
+        symbp.linear(5),
+        symbp.residual([symbp.linear(5), symbp.batchnorm(), symbp.relu()]),
+        symbp.residual([symbp.linear(5, bias=False), symbp.rrelu(), symbp.linear(5)]),
+    ],
+}
+LAYER_KINDS = sorted(LAYER_ROWS)
+
+
+def small_net(kind: str, loss: str) -> Net:
+    return Net([*LAYER_ROWS[kind](), symbp.linear(3)], input_features=4, loss=loss, name=kind)
+
+
+def test_the_table_covers_every_registered_layer_type():
+    layer_types = {kind for kind, cls in REGISTRY.items() if not issubclass(cls, Loss)}
+    assert set(LAYER_ROWS) == layer_types
+    assert set(LOSSES) == {"mse", "softmax_cross_entropy", "bce_with_logits"}
+
+
+@pytest.mark.parametrize("spec", EXAMPLES, ids=lambda p: p.stem)
+def test_every_example_passes_check(spec):
+    report = check_spec(symbp.load_spec(spec), batch=4, seed=0)
+    assert report.passed, report.table()
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_every_layer_type_passes_check(kind, loss):
+    report = check_spec(small_net(kind, loss), batch=4, seed=1)
+    assert report.passed, report.table()
+
+
+@pytest.mark.parametrize("spec", EXAMPLES, ids=lambda p: p.stem)
+def test_every_example_agrees_with_autograd(spec):
+    compare_with_oracle(symbp.load_spec(spec))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_every_layer_type_agrees_with_autograd(kind, loss):
+    compare_with_oracle(small_net(kind, loss), seed=2)
+
+
+def test_batchnorm_with_a_batch_of_two_agrees_with_autograd():
+    net = Net([symbp.linear(3), symbp.batchnorm(), symbp.tanh(), symbp.linear(2)],
+              input_features=3, loss="softmax_cross_entropy")
+    compare_with_oracle(net, batch=2, seed=3)
+
+
+def test_without_the_input_gradient_the_others_are_unchanged():
+    net = small_net("residual", "mse")
+    module = load_module(generate_module(net))
+    params, x, y, _ = random_problem(net)
+    _, full = module.loss_and_grads(params, x, y, rng=np.random.default_rng(0))
+    _, partial = module.loss_and_grads(params, x, y, rng=np.random.default_rng(0), wrt_input=False)
+    assert set(partial) == set(params)
+    for name in params:
+        np.testing.assert_array_equal(partial[name], full[name])
+
+
+# Known bug: see the reason. check_spec passes here (the module is consistent with itself); only
+# an independent oracle sees that the second activation computes the first one's expression.
+@pytest.mark.xfail(
+    strict=True,
+    reason="unnamed custom activations share the function stem 'activation': the second "
+    "layer's activation_forward is never emitted and it runs the first one's expression",
+)
+def test_two_unnamed_custom_activations_keep_their_own_expressions():
+    net = Net([symbp.linear(3), symbp.activation("sin(x) + x**2/4"), symbp.linear(3),
+               symbp.activation("x/(1 + exp(-1.5*x))")], input_features=2, loss="mse")
+    compare_with_oracle(net)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a layer named like another layer type's function stem ('linear') collides with "
+    "that type's generated functions: linear_forward() takes 1 positional argument",
+)
+def test_a_custom_activation_may_be_named_like_a_layer_type():
+    net = Net([symbp.activation("sin(x) + x**2/4", name="linear"), symbp.linear(3)],
+              input_features=2, loss="mse")
+    compare_with_oracle(net)
+
+
+def test_a_complex_valued_activation_is_refused_not_printed_as_1j():
+    net = Net([symbp.linear(3), symbp.activation("x*sqrt(-1)")], input_features=2, loss="mse")
+    with pytest.raises(SymbpError):
+        generate_module(net)
+
+
+# --------------------------------------------------------------------------- property
+
+
+def _activation_layer(draw, name: str):
+    kind = draw(st.sampled_from(
+        ["sigmoid", "tanh", "relu", "softplus", "silu", "gelu", "leaky_relu", "elu", "prelu",
+         "rrelu", "activation"]
+    ))
+    if kind == "activation":  # named: unnamed custom activations collide (xfail above)
+        return symbp.activation(draw(st.sampled_from(sorted(CUSTOM))), name=name)
+    if kind == "prelu":
+        return symbp.prelu(shared=draw(st.booleans()))
+    if kind == "leaky_relu":
+        return symbp.leaky_relu(slope=draw(st.sampled_from([0.01, 0.1, 0.3])))
+    return REGISTRY[kind]()
+
+
+@st.composite
+def architectures(draw, batchnorm: bool = True, losses: tuple[str, ...] = LOSSES):
+    """Depth 1-6 (a residual block counts once), widths 1-16, any layer mix, any loss; a batch
+    of 2 to 6 (batch norm needs 2 or more)."""
+    loss = draw(st.sampled_from(losses))
+    width = draw(st.integers(1, 16))
+    in_features, layers = width, []
+    blocks = ["linear", "activation", "residual"] + (["batchnorm"] if batchnorm else [])
+    for position in range(draw(st.integers(1, 6))):
+        block = draw(st.sampled_from(blocks))
+        if block == "linear":
+            width = draw(st.integers(1, 16))
+            layers.append(symbp.linear(width, bias=draw(st.booleans())))
+        elif block == "batchnorm":
+            layers.append(symbp.batchnorm())
+        elif block == "activation":
+            layers.append(_activation_layer(draw, f"custom{position}"))
+        else:
+            body = [symbp.linear(width)]
+            for inner in range(draw(st.integers(0, 2))):
+                if batchnorm and draw(st.booleans()):
+                    body.append(symbp.batchnorm())
+                else:
+                    body.append(_activation_layer(draw, f"custom{position}_{inner}"))
+            layers.append(symbp.residual(body))
+    if loss == "softmax_cross_entropy" and width < 2:
+        layers.append(symbp.linear(draw(st.integers(2, 16))))
+    batch = draw(st.integers(2, 6))
+    return Net(layers, input_features=in_features, loss=loss), batch
+
+
+def layer_code(layer) -> str:
+    """A layer as the Python that declares it."""
+    kind = layer.kind
+    if kind == "linear":
+        return f"symbp.linear({layer.out}, bias={layer.bias})"
+    if kind == "residual":
+        return f"symbp.residual([{', '.join(layer_code(inner) for inner in layer.layers)}])"
+    if kind == "activation":
+        return f"symbp.activation({layer.text!r}, name={layer.name!r})"
+    if kind == "prelu":
+        return f"symbp.prelu(shared={layer.shared})"
+    if kind == "leaky_relu":
+        return f"symbp.leaky_relu(slope={layer.slope})"
+    return f"symbp.{kind}()"
+
+
+def describe(net: Net, batch: int) -> str:
+    """The drawn network as Python, to paste into a reproducer."""
+    layers = ", ".join(layer_code(item.layer) for item in net.placed)
+    return (f"Net([{layers}], input_features={net.input_shape[0]}, loss={net.loss.kind!r}); "
+            f"batch={batch}")
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(architectures(), st.integers(0, 2**16))
+def test_random_architectures_agree_with_autograd(drawn, seed):
+    net, batch = drawn
+    note(describe(net, batch))
+    assume(saturation(net, batch=batch, seed=seed) < 6)  # see SATURATING; rarely rejects
+    compare_with_oracle(net, batch=batch, seed=seed)
+
+
+# symbp check fails some correct modules (about 1 random draw in 20: the xfail below), so
+# these draws are fixed (derandomize) rather than new on every run; once check is reliable,
+# drop derandomize and let hypothesis explore.
+@settings(max_examples=15, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(architectures(), st.integers(0, 2**16))
+def test_random_architectures_pass_check(drawn, seed):
+    net, batch = drawn
+    note(describe(net, batch))
+    report = check_spec(net, batch=batch, seed=seed)
+    assert report.passed, report.table()
+
+
+#: (layers, input features, loss, batch, seed): correct modules (autograd agrees on check's
+#: own inputs) that check fails, found by the property tests above.
+CHECK_FALSE_FAILURES = {
+    # The loss is strongly curved in a weight (a batch-norm input feature of variance 0.0015):
+    # the central difference's error shrinks as step**2 and is 3.8e-5 at the fixed step 1e-5.
+    "curvature": ([symbp.linear(2, bias=False), symbp.linear(5, bias=False),
+                   symbp.linear(5, bias=False), symbp.batchnorm()], 2, "softmax_cross_entropy",
+                  6, 4017),
+    # Gradient entries far below the largest one (zero in exact arithmetic after a batch norm,
+    # a batch of two, a leaky slope under a mean over N*F elements): the difference is rounding
+    # noise of the loss (~1e-11) and the error floor, 1e-4 * the largest gradient, is below it.
+    "bn_after_bn": ([symbp.batchnorm(), symbp.batchnorm()], 16, "softmax_cross_entropy", 6, 326),
+    "batch_of_two": ([symbp.batchnorm()], 14, "mse", 2, 0),
+    "small_entries": ([symbp.leaky_relu(slope=0.01)], 5, "bce_with_logits", 6, 159),
+    # A kink 7.8e-6 from the point: the step 1e-5 crosses it, the finer step 1e-6 of the kink
+    # test does not, so the entry is neither skipped nor re-estimated (relative error 0.2).
+    "kink_within_step": ([symbp.linear(9, bias=False), symbp.residual([symbp.linear(9)]),
+                          symbp.rrelu(), symbp.residual([symbp.linear(9)]),
+                          symbp.linear(1, bias=False), symbp.linear(9)], 2,
+                         "softmax_cross_entropy", 2, 373),
+}
+
+
+@pytest.mark.xfail(strict=True, reason="check_spec: one fixed step (1e-5), an error floor of "
+                   "1e-4 * the largest gradient, and a kink test that cannot see a kink between "
+                   "step/10 and step")
+@pytest.mark.parametrize("case", CHECK_FALSE_FAILURES.values(), ids=CHECK_FALSE_FAILURES.keys())
+def test_check_passes_these_correct_modules(case):
+    layers, features, loss, batch, seed = case
+    net = Net(layers, input_features=features, loss=loss)
+    module = load_module(generate_module(net))
+    params, x, y = make_inputs(net, module, batch=batch, seed=seed)
+    state = module.init_state()
+    assert_agrees_with_oracle(net, module, params, x, y, state, rng_seed=seed + 1)  # right ...
+    report = check_spec(net, batch=batch, seed=seed)
+    assert report.passed, report.table()  # ... and check should say so
+
+
+# --------------------------------------------------------------------------- the module itself
+
+#: A network with every layer type; written as a spec file where a test needs one.
+EVERYTHING = textwrap.dedent(
+    """\
+    name = "everything"
+    input = { features = 6 }
+    loss = "softmax_cross_entropy"
+
+    [[layers]]
+    type = "linear"
+    name = "fc1"
+    out = 8
+
+    [[layers]]
+    type = "batchnorm"
+    name = "bn1"
+
+    [[layers]]
+    type = "gelu"
+
+    [[layers]]
+    type = "residual"
+    name = "res1"
+    layers = [ { type = "linear", out = 8, bias = false }, { type = "batchnorm" },
+               { type = "rrelu" }, { type = "linear", out = 8 } ]
+
+    [[layers]]
+    type = "activation"
+    name = "mish"
+    expr = "x*tanh(log(1 + exp(x)))"
+
+    [[layers]]
+    type = "linear"
+    out = 8
+
+    [[layers]]
+    type = "prelu"
+
+    [[layers]]
+    type = "linear"
+    out = 8
+
+    [[layers]]
+    type = "prelu"
+    name = "pf"
+    shared = false
+
+    [[layers]]
+    type = "elu"
+
+    [[layers]]
+    type = "leaky_relu"
+
+    [[layers]]
+    type = "silu"
+
+    [[layers]]
+    type = "softplus"
+
+    [[layers]]
+    type = "sigmoid"
+
+    [[layers]]
+    type = "tanh"
+
+    [[layers]]
+    type = "relu"
+
+    [[layers]]
+    type = "linear"
+    name = "out"
+    out = 4
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def everything_spec(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("spec") / "everything.toml"
+    path.write_text(EVERYTHING, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def everything_source(everything_spec) -> str:
+    return generate_module(symbp.load_spec(everything_spec))
+
+
+def test_the_everything_network_covers_every_layer_type(everything_spec):
+    net = symbp.load_spec(everything_spec)
+    assert {item.layer.kind for item in net.walk()} == set(LAYER_ROWS)
+    compare_with_oracle(net)
+
+
+FRESH_INTERPRETER = r"""
+import importlib.abc
+import sys
+
+BLOCKED = {"sympy", "mpmath", "jinja2", "markupsafe", "symbp", "autograd", "hypothesis"}
+already = set(sys.modules)
+
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is not available in this test")
+        return None
+
+
+sys.meta_path.insert(0, Block())
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+
+import generated
+
+params = generated.init_params(seed=1)
+state = generated.init_state()
+x = np.random.default_rng(0).standard_normal((5, 6))
+y = np.array([0, 1, 2, 3, 0])
+loss, grads = generated.loss_and_grads(params, x, y, state=state, rng=np.random.default_rng(0))
+assert np.isfinite(loss) and set(grads) == {*params, "x"}
+assert all(np.all(np.isfinite(g)) for g in grads.values())
+assert generated.predict(params, x, state).shape == (5, 4)
+new = {name.partition(".")[0] for name in set(sys.modules) - already}
+print(sorted(new - set(sys.stdlib_module_names)))
+"""
+
+
+def test_the_module_runs_in_a_fresh_interpreter_with_numpy_alone(tmp_path, everything_source):
+    (tmp_path / "generated.py").write_text(everything_source, encoding="utf-8")
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", FRESH_INTERPRETER, str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['generated', 'numpy']"
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_float32_in_float32_out(loss, everything_spec):
+    body = symbp.load_spec(everything_spec).placed
+    net = Net([item.layer for item in body], input_features=6, loss=loss)
+    module = load_module(generate_module(net))
+    params, x, y, state = random_problem(net, batch=5, seed=4, dtype=np.float32)
+    assert all(p.dtype == np.float32 for p in module.init_params(dtype=np.float32).values())
+    assert all(s.dtype == np.float32 for s in module.init_state(dtype=np.float32).values())
+    loss32, grads32 = module.loss_and_grads(params, x, y, state=state, rng=np.random.default_rng(0))
+    assert np.asarray(loss32).dtype == np.float32
+    assert {name: g.dtype for name, g in grads32.items()} == dict.fromkeys(grads32, np.float32)
+    out, _ = module.forward(params, x, rng=np.random.default_rng(0))
+    assert out.dtype == np.float32
+    assert module.predict(params, x, state).dtype == np.float32
+    assert all(s.dtype == np.float32 for s in state.values())
+    # And float32 computes the same thing as float64, to float32 accuracy.
+    wide = {k: v.astype(np.float64) for k, v in params.items()}
+    y64 = y if loss == "softmax_cross_entropy" else y.astype(np.float64)
+    loss64, grads64 = module.loss_and_grads(wide, x.astype(np.float64), y64,
+                                            rng=np.random.default_rng(0))
+    assert float(loss32) == pytest.approx(float(loss64), rel=1e-4)
+    scale = max(float(np.max(np.abs(g))) for g in grads64.values())
+    for name, g in grads64.items():
+        assert np.max(np.abs(grads32[name] - g)) < 1e-3 * scale, name
+
+
+# --------------------------------------------------------------------------- stability
+
+BIG = np.array([[1000.0, -1000.0, 0.5], [-1000.0, 1000.0, -3.0]])
+
+
+def _identity_params(module, dtype):
+    params = module.init_params(dtype=dtype)
+    params["head.W"] = np.eye(3, dtype=dtype)
+    params["head.b"] = np.zeros(3, dtype=dtype)
+    return params
+
+
+def _quietly(function, *args, **kwargs):
+    """Run with overflow, invalid and divide-by-zero as errors. Underflow (exp(-1000) -> 0)
+    is the correctly rounded result and allowed."""
+    with np.errstate(over="raise", invalid="raise", divide="raise"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return function(*args, **kwargs)
+
+
+def _assert_finite(loss, grads, dtype):
+    assert np.isfinite(loss) and np.asarray(loss).dtype == dtype
+    for name, g in grads.items():
+        assert g.dtype == dtype and np.all(np.isfinite(g)), name
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("kind", ["sigmoid", "softplus", "silu"])
+def test_activations_are_stable_at_magnitude_1000(kind, dtype):
+    net = Net([REGISTRY[kind]()], input_features=3, loss="mse")
+    module = load_module(generate_module(net))
+    x, target = BIG.astype(dtype), np.zeros_like(BIG, dtype=dtype)
+    loss, grads = _quietly(module.loss_and_grads, {}, x, target)
+    _assert_finite(loss, grads, dtype)
+    value = {
+        "sigmoid": lambda a: np.where(a > 0, 1.0, 0.0) if abs(a) > 100 else 1 / (1 + np.exp(-a)),
+        "softplus": lambda a: max(a, 0.0) + math.log1p(math.exp(-abs(a))),
+        "silu": lambda a: a * (1.0 if a > 100 else 0.0 if a < -100 else 1 / (1 + math.exp(-a))),
+    }[kind]
+    expected = np.mean([value(a) ** 2 for a in BIG.ravel()])
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_softmax_cross_entropy_is_stable_at_magnitude_1000(dtype):
+    net = Net([symbp.linear(3, name="head")], input_features=3, loss="softmax_cross_entropy")
+    module = load_module(generate_module(net))
+    labels = np.array([1, 1])
+    loss, grads = _quietly(module.loss_and_grads, _identity_params(module, dtype),
+                           BIG.astype(dtype), labels)
+    _assert_finite(loss, grads, dtype)
+    # Row 1: logit 1000 on class 0, label 1 -> 2000; row 2: the label's logit is the max -> 0.
+    assert float(loss) == pytest.approx(1000.0, rel=1e-6)
+    expected_dz = np.array([[1.0, -1.0, 0.0], [0.0, 0.0, 0.0]]) / 2
+    np.testing.assert_allclose(grads["head.b"], expected_dz.sum(axis=0), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_bce_with_logits_is_stable_at_magnitude_1000(dtype):
+    net = Net([symbp.linear(3, name="head")], input_features=3, loss="bce_with_logits")
+    module = load_module(generate_module(net))
+    targets = np.array([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]], dtype=dtype)
+    loss, grads = _quietly(module.loss_and_grads, _identity_params(module, dtype),
+                           BIG.astype(dtype), targets)
+    _assert_finite(loss, grads, dtype)
+    # -(t log s(z) + (1 - t) log(1 - s(z))) = softplus(z) - t z: 1000 where the sign is wrong.
+    per_element = [max(z, 0) + math.log1p(math.exp(-abs(z))) - t * z
+                   for z, t in zip(BIG.ravel(), targets.ravel().astype(float), strict=True)]
+    assert float(loss) == pytest.approx(np.mean(per_element), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- state
+
+
+@pytest.mark.parametrize("batch", [2, 5])
+def test_training_moves_running_statistics_like_pytorch(batch):
+    momentum = 0.3
+    net = Net([symbp.linear(4, name="fc"), symbp.batchnorm(name="bn", momentum=momentum),
+               symbp.relu(), symbp.linear(2, name="head")], input_features=3, loss="mse")
+    module = load_module(generate_module(net))
+    params, _, _, _ = random_problem(net, seed=5)
+    state = module.init_state()
+    mean, var = state["bn.running_mean"], state["bn.running_var"]
+    assert np.array_equal(mean, np.zeros(4)) and np.array_equal(var, np.ones(4))
+    expected_mean, expected_var = np.zeros(4), np.ones(4)
+    rng = np.random.default_rng(6)
+    for _ in range(3):
+        x, y = rng.standard_normal((batch, 3)), rng.standard_normal((batch, 2))
+        module.loss_and_grads(params, x, y, state=state)
+        h = x @ params["fc.W"] + params["fc.b"]
+        # torch.nn.BatchNorm1d: new = (1 - momentum) * old + momentum * batch statistic, the
+        # variance unbiased (divided by N - 1).
+        expected_mean = (1 - momentum) * expected_mean + momentum * h.mean(axis=0)
+        expected_var = (1 - momentum) * expected_var + momentum * h.var(axis=0, ddof=1)
+        assert state["bn.running_mean"] is mean and state["bn.running_var"] is var  # in place
+        np.testing.assert_allclose(mean, expected_mean, rtol=1e-13, atol=1e-15)
+        np.testing.assert_allclose(var, expected_var, rtol=1e-13)
+    before = {k: v.copy() for k, v in state.items()}
+    module.predict(params, x, state)
+    module.forward(params, x, train=True)  # no state given: nothing to update
+    assert all(np.array_equal(state[k], before[k]) for k in state)
+
+
+def test_evaluation_mode_needs_the_running_statistics():
+    module = load_module(generate_module(small_net("batchnorm", "mse")))
+    with pytest.raises(ValueError, match="running statistics"):
+        module.predict(module.init_params(), np.ones((2, 4)), None)
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def test_generating_twice_gives_the_same_bytes(everything_spec, everything_source):
+    assert generate_module(symbp.load_spec(everything_spec)) == everything_source
+    for spec in EXAMPLES:
+        net = symbp.load_spec(spec)
+        assert generate_module(net) == generate_module(symbp.load_spec(spec))
+
+
+def test_other_processes_and_hash_seeds_give_the_same_bytes(tmp_path, everything_spec,
+                                                            everything_source):
+    """Set and dict order can depend on PYTHONHASHSEED: generate under two seeds via the CLI."""
+    outputs = []
+    for hash_seed in ("1", "2"):
+        target = tmp_path / f"module{hash_seed}.py"
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        subprocess.run([sys.executable, "-m", "symbp", "codegen", str(everything_spec), "-o",
+                        str(target)], check=True, capture_output=True, env=env, timeout=300)
+        outputs.append(target.read_bytes())
+    assert outputs[0] == outputs[1] == everything_source.encode("utf-8")
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")
+def test_generated_modules_are_ruff_clean(tmp_path, everything_source):
+    paths = [tmp_path / "everything.py"]
+    paths[0].write_text(everything_source, encoding="utf-8")
+    for spec in EXAMPLES:
+        path = tmp_path / f"{spec.stem}.py"
+        path.write_text(generate_module(symbp.load_spec(spec)), encoding="utf-8")
+        paths.append(path)
+    result = subprocess.run(
+        ["ruff", "check", "--no-cache", "--config", str(ROOT / "pyproject.toml"),
+         *map(str, paths)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_printed_expression_is_complex_or_a_dot_method(everything_source):
+    """The printer pitfalls (sympy #17006, #15827) never show up in a whole module."""
+    sources = [everything_source]
+    sources += [generate_module(small_net(kind, "mse")) for kind in LAYER_KINDS]
+    for source in sources:
+        assert "1j" not in source and ".dot(" not in source and "np.float64(" not in source
+        compile(source, "<generated>", "exec")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_codegen_writes_a_module(tmp_path, everything_spec, everything_source, capsys):
+    target = tmp_path / "out.py"
+    assert cli_main(["codegen", str(everything_spec), "-o", str(target)]) == 0
+    assert target.read_text(encoding="utf-8") == everything_source
+    assert "wrote" in capsys.readouterr().out
+    assert cli_main(["codegen", str(everything_spec), "-o", "-"]) == 0
+    assert capsys.readouterr().out == everything_source
+
+
+def test_check_exits_0_and_prints_the_table(capsys):
+    assert cli_main(["check", str(ROOT / "examples" / "bce.toml"), "--batch", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "fc1.W" in out and "vjp direction 1" in out and "0 failed" in out
+
+
+BAD_SPECS = {
+    "unknown layer type": 'input = { features = 3 }\nloss = "mse"\n[[layers]]\ntype = "conv9"\n',
+    "invalid TOML": "input = { features = \n",
+    "width mismatch": textwrap.dedent(
+        """\
+        input = { features = 3 }
+        loss = "mse"
+        [[layers]]
+        type = "residual"
+        layers = [ { type = "linear", out = 5 } ]
+        """
+    ),
+    "too few classes": textwrap.dedent(
+        """\
+        input = { features = 3 }
+        loss = "softmax_cross_entropy"
+        [[layers]]
+        type = "linear"
+        out = 1
+        """
+    ),
+}
+
+
+@pytest.mark.parametrize("text", BAD_SPECS.values(), ids=BAD_SPECS.keys())
+@pytest.mark.parametrize("command", ["check", "codegen"])
+def test_bad_specs_exit_2_with_one_line(tmp_path, capsys, command, text):
+    spec = tmp_path / "bad.toml"
+    spec.write_text(text, encoding="utf-8")
+    extra = ["-o", str(tmp_path / "never.py")] if command == "codegen" else []
+    assert cli_main([command, str(spec), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("symbp: error:") and err.count("\n") == 1
+    assert not (tmp_path / "never.py").exists()
+
+
+def test_check_exits_2_for_a_missing_file_or_a_batch_of_one(tmp_path, capsys):
+    assert cli_main(["check", str(tmp_path / "missing.toml")]) == 2
+    assert cli_main(["check", str(ROOT / "examples" / "bce.toml"), "--batch", "1"]) == 2
+    assert capsys.readouterr().err.count("symbp: error:") == 2
+
+
+def test_check_exits_1_when_a_gradient_fails(monkeypatch, capsys):
+    from symbp.check import gradcheck
+
+    def failing(net, **kwargs):
+        return gradcheck.Report([gradcheck.Row("fc1.W", (2, 2), 4, 1.0)])
+
+    monkeypatch.setattr(gradcheck, "check_spec", failing)
+    assert cli_main(["check", str(ROOT / "examples" / "bce.toml")]) == 1
+    assert "FAIL" in capsys.readouterr().out
