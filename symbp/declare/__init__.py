@@ -3,3 +3,5 @@
 Nothing here differentiates anything; :mod:`symbp.derive` does that from the forward
 definitions declared here.
 """
+
+from . import conv, layers  # noqa: E402,F401 - registering every layer type

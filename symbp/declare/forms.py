@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import sympy as sp
+from sympy.concrete.expr_with_limits import ExprWithLimits
 
 # Symbolic sizes shared by every layer: the batch and the usual feature axes.
 N = sp.Symbol("N", integer=True, positive=True)
@@ -85,6 +86,10 @@ class Forward:
     keep: tuple[str, ...] | None = None
     letters: dict[sp.Symbol, str] = field(default_factory=dict)
     elementwise: bool = False
+    #: sizes computed from others (a convolution's output height), for concrete checks
+    size_rules: dict[sp.Symbol, sp.Expr] = field(default_factory=dict)
+    #: sizes that are window lengths (kernel extents) for compound indices
+    window_dims: frozenset = frozenset()
 
     @property
     def output(self) -> Stage:
@@ -105,9 +110,34 @@ class Forward:
         used: list[str] = []
         result = []
         for dim in array.dims:
-            name = self.letters.get(dim, dim.name.lower())
+            name = self.letters.get(dim) or getattr(dim, "name", "k").lower()
             while name in used:
                 name += "'"
             used.append(name)
             result.append(index(name))
         return tuple(result)
+
+
+class WindowMax(ExprWithLimits):
+    """``max`` of ``function`` over its limits, e.g. a max-pooling window.
+
+    Its derivative is sympy-style calculus on the primitive, as ``Max`` has in sympy: the
+    derivative of a maximum is the derivative of the term that attains it, so
+    ``d max_k f(k) = Sum_k [k is the first arg-max] * d f(k)`` (ties go to the first, as
+    PyTorch's max pooling routes them).
+    """
+
+    is_real = True
+
+    def _eval_derivative(self, symbol):
+        indicator = FirstArgmax(self, *self.variables)
+        return sp.Sum(indicator * sp.diff(self.function, symbol), *self.limits)
+
+
+class FirstArgmax(sp.Function):
+    """1 where the point ``(i, j, ...)`` is the first arg-max of the ``WindowMax``, else 0."""
+
+    is_real = True
+
+    def fdiff(self, argindex=1):
+        return sp.Integer(0)  # piecewise constant

@@ -183,53 +183,84 @@ class BatchNorm(Layer):
             raise SpecError(f"must be in (0, 1], got {momentum!r}", field="momentum")
 
     def output_shape(self, in_shape):
-        if len(in_shape) != 1:
-            raise SpecError(f"batchnorm expects feature vectors, got shape {list(in_shape)}")
+        if len(in_shape) not in (1, 3):
+            raise SpecError(
+                f"batchnorm expects feature vectors or images (C, H, W), got {list(in_shape)}"
+            )
         return in_shape
 
     def param_shapes(self, in_shape):
-        return {"gamma": in_shape, "beta": in_shape}
+        return {"gamma": in_shape[:1], "beta": in_shape[:1]}
 
     def state_shapes(self, in_shape) -> dict[str, tuple[int, ...]]:
-        return {"running_mean": in_shape, "running_var": in_shape}
+        return {"running_mean": in_shape[:1], "running_var": in_shape[:1]}
 
     def constant_values(self):
         return {"epsilon": self.eps, "momentum": self.momentum}
 
+    @staticmethod
+    def _layout(in_shape):
+        """(dims, per-element indices, feature position, batch-like indices to reduce over)."""
+        if len(in_shape) == 1:
+            return (N, F), (index("n"), index("j")), 1
+        C, H, W = size("C"), size("H"), size("W")
+        return (N, C, H, W), (index("n"), index("c"), index("h"), index("w")), 1
+
     def forward_form(self, in_shape):
-        x, gamma, beta = Array("x", (N, F)), Array("gamma", (F,)), Array("beta", (F,))
-        mu, var = Array("mu", (F,)), Array("var", (F,))
-        invstd, xhat = Array("invstd", (F,), positive=True), Array("xhat", (N, F))
-        n, j, m = index("n"), index("j"), index("m")
+        dims, idx, feature = self._layout(in_shape)
+        channel, channels = idx[feature], dims[feature]
+        x, gamma, beta = Array("x", dims), Array("gamma", (channels,)), Array("beta", (channels,))
+        mu, var = Array("mu", (channels,)), Array("var", (channels,))
+        invstd, xhat = Array("invstd", (channels,), positive=True), Array("xhat", dims)
+        # The statistics run over every axis but the feature (channel) axis.
+        bound = [index({"n": "m", "h": "r", "w": "s"}[i.name]) for i in idx if i != channel]
+        reduced = [i for i in idx if i != channel]
+        at = dict(zip(reduced, bound, strict=True))
+        element = x[tuple(at.get(i, i) for i in idx)]
+        limits = [(b, 0, d - 1) for b, d in zip(bound, [d for d in dims if d != channels],
+                                                strict=True)]
+        count = sp.Mul(*[d for d in dims if d != channels])
         eps = self.EPS
         stages = (
-            Stage(mu, (j,), sp.Sum(x[m, j], (m, 0, N - 1)) / N),
-            Stage(var, (j,), sp.Sum((x[m, j] - mu[j]) ** 2, (m, 0, N - 1)) / N),
-            Stage(invstd, (j,), 1 / sp.sqrt(var[j] + eps)),
-            Stage(xhat, (n, j), (x[n, j] - mu[j]) * invstd[j]),
-            Stage(Array("y", (N, F)), (n, j), gamma[j] * xhat[n, j] + beta[j]),
+            Stage(mu, (channel,), sp.Sum(element, *limits) / count),
+            Stage(var, (channel,), sp.Sum((element - mu[channel]) ** 2, *limits) / count),
+            Stage(invstd, (channel,), 1 / sp.sqrt(var[channel] + eps)),
+            Stage(xhat, idx, (x[idx] - mu[channel]) * invstd[channel]),
+            Stage(Array("y", dims), idx, gamma[channel] * xhat[idx] + beta[channel]),
         )
+        letters = {N: "n", F: "j", size("C"): "c", size("H"): "h", size("W"): "w"}
         return Forward(
             inputs=(x,),
             params=(gamma, beta),
             stages=stages,
             constants={eps: exact(self.eps)},
             keep=("xhat", "invstd"),
-            letters={N: "n", F: "j"},
+            letters=letters,
         )
 
+    def math_key(self, in_shape):
+        return (self.kind, len(in_shape))
+
+    @property
+    def function_stem(self):
+        return "batchnorm"
+
     def eval_form(self, in_shape):
-        x, gamma, beta = Array("x", (N, F)), Array("gamma", (F,)), Array("beta", (F,))
-        mean, var = Array("running_mean", (F,)), Array("running_var", (F,))
-        n, j = index("n"), index("j")
-        y = gamma[j] * (x[n, j] - mean[j]) / sp.sqrt(var[j] + self.EPS) + beta[j]
+        dims, idx, feature = self._layout(in_shape)
+        channel, channels = idx[feature], dims[feature]
+        x, gamma, beta = Array("x", dims), Array("gamma", (channels,)), Array("beta", (channels,))
+        mean, var = Array("running_mean", (channels,)), Array("running_var", (channels,))
+        y = (
+            gamma[channel] * (x[idx] - mean[channel]) / sp.sqrt(var[channel] + self.EPS)
+            + beta[channel]
+        )
         return Forward(
             inputs=(x,),
             params=(gamma, beta),
             aux=(mean, var),
-            stages=(Stage(Array("y", (N, F)), (n, j), y),),
+            stages=(Stage(Array("y", dims), idx, y),),
             constants={self.EPS: exact(self.eps)},
-            letters={N: "n", F: "j"},
+            letters={N: "n", F: "j", size("C"): "c", size("H"): "h", size("W"): "w"},
         )
 
     def state_updates(self) -> dict[str, sp.Expr]:

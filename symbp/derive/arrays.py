@@ -76,15 +76,58 @@ class Step(ArrayOp):
     nargs = 1
 
 
+class Einsum(ArrayOp):
+    """``np.einsum(spec, a, b)``: a contraction over several indices (convolutions)."""
+
+
+class Windows(ArrayOp):
+    """Sliding windows: ``(a, kernel sizes, stride, dilation)`` over the last two axes.
+
+    Axes ``(..., H, W)`` become ``(..., P, Q, K_h, K_w)`` with element
+    ``[..., p, q, i, j] = a[..., p*stride + i*dilation, q*stride + j*dilation]``.
+    """
+
+
+class Col2Im(ArrayOp):
+    """The adjoint of :class:`Windows`: ``(cols, kernel sizes, stride, dilation)``.
+
+    Adds ``cols[..., p, q, i, j]`` onto position ``(p*stride + i*dilation, q*stride +
+    j*dilation)`` of a zero array (a scatter-add over windows).
+    """
+
+
+class Shifted(ArrayOp):
+    """``(a, offsets, sizes)``: ``out[..., u, v] = a[..., u + du, v + dv]``, 0 outside ``a``.
+
+    Zero padding (negative offsets) and cropping (positive offsets) over the last axes.
+    """
+
+
+class FirstArgmaxMask(ArrayOp):
+    """1 at the first maximum of each window ``(windows)`` over its last two axes, else 0."""
+
+
 Axes = tuple[sp.Symbol, ...]
+
+
+def _is_index(symbol) -> bool:
+    return isinstance(symbol, sp.Symbol) and symbol.is_integer and symbol.is_positive is not True
 
 
 class Lowering:
     """Lower index expressions; ``scalars`` are symbols that stay scalars (sizes, constants)."""
 
-    def __init__(self, array_names: set[str]):
+    def __init__(self, array_names: set[str], form=None):
         self.array_names = array_names
         self.preferred: Axes = ()
+        self.sizes: dict[sp.Symbol, sp.Expr] = {}
+        self.window_dims = frozenset()
+        if form is not None:
+            self.window_dims = form.window_dims
+            for stage in form.stages:
+                self.sizes.update(zip(stage.indices, stage.array.dims, strict=True))
+            for array in form.arrays.values():
+                self.sizes.update(zip(form.indices_for(array), array.dims, strict=True))
         self.symbols: dict[str, sp.Symbol] = {}
 
     def symbol(self, name: str) -> sp.Symbol:
@@ -104,9 +147,21 @@ class Lowering:
     def _lower(self, expr: sp.Expr) -> tuple[sp.Expr, Axes]:
         if isinstance(expr, sp.Indexed):
             indices = tuple(expr.indices)
-            if len(set(indices)) != len(indices) or not all(i.is_Symbol for i in indices):
-                raise DerivationError(f"cannot lower the element {expr} to a whole array")
-            return self.symbol(expr.base.name), indices
+            if len(set(indices)) == len(indices) and all(i.is_Symbol for i in indices):
+                return self.symbol(expr.base.name), indices
+            return self._lower_compound(expr)
+        if type(expr).__name__ == "WindowMax":
+            self._record(expr.limits)
+            array, have = self._lower(expr.function)
+            bound = [v for v in expr.variables]
+            positions = tuple(have.index(b) for b in bound)
+            return MaxOver(array, sp.Tuple(*positions)), tuple(a for a in have if a not in bound)
+        if type(expr).__name__ == "FirstArgmax":
+            window_max = expr.args[0]
+            self._record(window_max.limits)
+            array, have = self._lower(window_max.function)
+            renames = dict(zip(window_max.variables, expr.args[1:], strict=True))
+            return FirstArgmaxMask(array), tuple(renames.get(a, a) for a in have)
         if isinstance(expr, sp.Symbol):
             if expr.name in self.array_names:
                 return self.symbol(expr.name), ()
@@ -145,8 +200,100 @@ class Lowering:
         aligned = [align(array, have, target) for array, have in lowered]
         return build(*aligned), target
 
+    def _record(self, limits) -> None:
+        for index, low, high in limits:
+            self.sizes[index] = high - low + 1
+
+    def _lower_compound(self, expr: sp.Indexed) -> tuple[sp.Expr, Axes]:
+        """Elements with shifted (``u - P``) or windowed (``p*S + i*D``) indices."""
+        array = self.symbol(expr.base.name)
+        axes: list[sp.Symbol] = []
+        offsets, shifted_sizes, windows = [], [], []
+        for position, index in enumerate(expr.indices):
+            index = sp.expand(index)
+            symbols = sorted((s for s in index.free_symbols if _is_index(s)), key=str)
+            if len(symbols) == 1 and index.coeff(symbols[0]) == 1:
+                symbol = symbols[0]
+                offsets.append(index - symbol)
+                shifted_sizes.append(self.sizes[symbol])
+                axes.append(symbol)
+            elif len(symbols) == 2 and not (index - sum(index.coeff(s) * s for s in symbols)):
+                kernel = [s for s in symbols if self.sizes.get(s) in self.window_dims]
+                if len(kernel) != 1:
+                    raise DerivationError(f"cannot tell the window in {expr}")
+                (inner,) = kernel
+                (outer,) = [s for s in symbols if s != inner]
+                windows.append((position, outer, inner, index.coeff(outer), index.coeff(inner)))
+                axes.append(outer)
+            else:
+                raise DerivationError(f"cannot lower the element {expr} to a whole array")
+        if any(offset != 0 for offset in offsets):
+            if windows:
+                raise DerivationError(f"an element both shifted and windowed: {expr}")
+            first = next(k for k, offset in enumerate(offsets) if offset != 0)
+            array = Shifted(array, sp.Tuple(*offsets[first:]), sp.Tuple(*shifted_sizes[first:]))
+        if windows:
+            if [w[0] for w in windows] != list(range(len(expr.indices) - 2, len(expr.indices))):
+                raise DerivationError(f"windows must be over the last two axes: {expr}")
+            strides = {w[3] for w in windows}
+            dilations = {w[4] for w in windows}
+            if len(strides) != 1 or len(dilations) != 1:
+                raise DerivationError(f"one stride and dilation per window: {expr}")
+            kernel = sp.Tuple(*[self.sizes[w[2]] for w in windows])
+            array = Windows(array, kernel, strides.pop(), dilations.pop())
+            axes += [w[2] for w in windows]
+        return array, tuple(axes)
+
+    def _lower_scatter(self, expr: sp.Sum):
+        """``Sum cols * delta(u + off, p*S + i*D) ...`` as a scatter-add over windows."""
+        bound = {limit[0] for limit in expr.limits}
+        for index, low, high in expr.limits:
+            self.sizes[index] = high - low + 1
+        factors = sp.Mul.make_args(expr.function)
+        deltas = [f for f in factors if isinstance(f, sp.KroneckerDelta)]
+        rest = sp.Mul(*[f for f in factors if not isinstance(f, sp.KroneckerDelta)])
+        pairs = []
+        for delta in deltas:
+            sides = [sp.expand(side) for side in delta.args]
+            combined = [side for side in sides if len(side.free_symbols & bound) == 2]
+            target = [side for side in sides if not side.free_symbols & bound]
+            if len(combined) != 1 or len(target) != 1:
+                raise DerivationError(f"cannot lower {delta} as a scatter")
+            (comb,), (tgt,) = combined, target
+            symbols = sorted(comb.free_symbols & bound, key=str)
+            inner = [s for s in symbols if self.sizes.get(s) in self.window_dims]
+            if len(inner) != 1:
+                raise DerivationError(f"cannot tell the window in {delta}")
+            (outer,) = [s for s in symbols if s != inner[0]]
+            free = [s for s in tgt.free_symbols if _is_index(s)]
+            if len(free) != 1:
+                raise DerivationError(f"cannot lower {delta} as a scatter")
+            pairs.append((outer, inner[0], comb.coeff(outer), comb.coeff(inner[0]), free[0],
+                          tgt - free[0]))
+        used = {p[0] for p in pairs} | {p[1] for p in pairs}
+        others = [limit for limit in expr.limits if limit[0] not in used]
+        cols_expr = sp.Sum(rest, *others) if others else rest
+        outer_preferred = self.preferred
+        free = {s for s in cols_expr.free_symbols if _is_index(s)} - used
+        lead = tuple(a for a in outer_preferred if a in free)
+        lead += tuple(sorted(free - set(lead), key=str))
+        self.preferred = lead + tuple(p[0] for p in pairs) + tuple(p[1] for p in pairs)
+        array, have = self._lower(cols_expr)
+        self.preferred = outer_preferred
+        target = lead + tuple(p[0] for p in pairs) + tuple(p[1] for p in pairs)
+        array = align(array, have, target, full=True)
+        kernel = sp.Tuple(*[self.sizes[p[1]] for p in pairs])
+        scattered = Col2Im(array, kernel, pairs[0][2], pairs[0][3])
+        offsets = sp.Tuple(*[p[5] for p in pairs])
+        sizes = sp.Tuple(*[self.sizes[p[4]] for p in pairs])
+        return Shifted(scattered, offsets, sizes), lead + tuple(p[4] for p in pairs)
+
     def _lower_sum(self, expr: sp.Sum) -> tuple[sp.Expr, Axes]:
         bound = [limit[0] for limit in expr.limits]
+        for index, low, high in expr.limits:
+            self.sizes[index] = high - low + 1
+        if any(isinstance(f, sp.KroneckerDelta) for f in sp.Mul.make_args(expr.function)):
+            return self._lower_scatter(expr)
         contraction = self._contraction(expr.function, bound)
         if contraction is not None:
             return contraction
@@ -159,15 +306,15 @@ class Lowering:
 
     def _contraction(self, body: sp.Expr, bound: list[sp.Symbol]):
         """``Sum_k A[i, k] B[k, j]`` (either operand 1-D or 2-D, any orientation) as ``@``."""
-        if len(bound) != 1:
-            return None
-        (k,) = bound
         outside, inside = [], []
         for factor in sp.Mul.make_args(body):
-            (inside if k in factor.free_symbols else outside).append(factor)
+            (inside if set(bound) & factor.free_symbols else outside).append(factor)
         if len(inside) != 2 or not all(isinstance(f, sp.Indexed) for f in inside):
             return None
         lowered = [self._lower(f) for f in inside]
+        if len(bound) != 1 or any(len(have) > 2 for _, have in lowered):
+            return self._einsum(lowered, bound, outside)
+        (k,) = bound
         if any(len(have) > 2 for _, have in lowered):
             return None
         options = [self._oriented(k, *lowered), self._oriented(k, *reversed(lowered))]
@@ -175,6 +322,30 @@ class Lowering:
         if not options:
             return None
         _, product, axes = min(options, key=lambda option: option[0])
+        if outside:
+            rest, rest_axes = self._lower(sp.Mul(*outside))
+            target = union_axes([axes, rest_axes])
+            product = align(product, axes, target) * align(rest, rest_axes, target)
+            axes = target
+        return product, axes
+
+    def _einsum(self, lowered, bound, outside):
+        (a, axes_a), (b, axes_b) = lowered
+        if not set(bound) <= set(axes_a) | set(axes_b):
+            return None
+        free = [i for i in union_axes([axes_a, axes_b]) if i not in bound]
+        wanted = [i for i in self.preferred if i in free]
+        if len(wanted) == len(free):
+            free = wanted
+        letters = {}
+        for axis in list(axes_a) + list(axes_b):
+            letters.setdefault(axis, "abcdefghijklmnopqrstuvwxyz"[len(letters)])
+        spec = (
+            "".join(letters[i] for i in axes_a) + "," + "".join(letters[i] for i in axes_b)
+            + "->" + "".join(letters[i] for i in free)
+        )
+        product: sp.Expr = Einsum(sp.Symbol(spec), a, b)
+        axes = tuple(free)
         if outside:
             rest, rest_axes = self._lower(sp.Mul(*outside))
             target = union_axes([axes, rest_axes])

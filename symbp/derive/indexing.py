@@ -91,17 +91,27 @@ def _lift_deltas(piecewise: sp.Piecewise) -> sp.Expr:
     return scale * sp.Piecewise(*[(value / scale, cond) for value, cond in piecewise.args])
 
 
-def _solve_for_bound(delta: sp.KroneckerDelta, bound: set[sp.Symbol]):
-    """If ``delta`` reads ``k == expr`` for a bound index k (coefficient +-1), return (k, expr)."""
+def _solve_for_bound(delta: sp.KroneckerDelta, bound: set[sp.Symbol], scatter: bool):
+    """If ``delta`` reads ``k == expr`` for a bound index k (coefficient +-1), return (k, expr).
+
+    With ``scatter`` kept (the default), a delta that ties a free index to a combination of
+    several bound ones (``u == p*S + i``, a strided convolution's input gradient) stays: it is
+    a scatter over windows, which is how the array code computes it. ``scatter=False`` solves it
+    anyway (``i = u - p*S``: the "full convolution with the flipped kernel" reading).
+    """
     difference = sp.expand(delta.args[0] - delta.args[1])
     for index in sorted(difference.free_symbols & bound, key=sp.default_sort_key):
         coefficient = difference.coeff(index)
-        if coefficient in (1, -1) and index not in (difference - coefficient * index).free_symbols:
-            return index, sp.expand(-(difference - coefficient * index) / coefficient)
+        rest = difference - coefficient * index
+        if coefficient not in (1, -1) or index in rest.free_symbols:
+            continue
+        if scatter and rest.free_symbols & (bound - {index}):
+            continue
+        return index, sp.expand(-rest / coefficient)
     return None
 
 
-def eliminate_deltas(term: Term) -> Term:
+def eliminate_deltas(term: Term, *, scatter: bool = True) -> Term:
     """Use each ``KroneckerDelta`` that involves a bound index to remove that sum."""
     limits = list(term.limits)
     factor = term.factor
@@ -112,7 +122,7 @@ def eliminate_deltas(term: Term) -> Term:
         for delta in sp.Mul.make_args(factor):
             if not isinstance(delta, sp.KroneckerDelta):
                 continue
-            solved = _solve_for_bound(delta, bound)
+            solved = _solve_for_bound(delta, bound, scatter)
             if solved is None:
                 continue
             index, value = solved
@@ -186,9 +196,11 @@ def _canonical_sum(body: sp.Expr, limits: list[Limit], names: Mapping[sp.Expr, s
     return sp.Sum(body.xreplace(renames), *ordered)
 
 
-def simplify_indexed(expr: sp.Expr, names: Mapping[sp.Expr, str] | None = None) -> sp.Expr:
+def simplify_indexed(
+    expr: sp.Expr, names: Mapping[sp.Expr, str] | None = None, *, scatter: bool = True
+) -> sp.Expr:
     """Flatten, eliminate deltas and rebuild: the normal form the engine works with."""
-    return rebuild((eliminate_deltas(term) for term in terms_of(expr)), names)
+    return rebuild((eliminate_deltas(t, scatter=scatter) for t in terms_of(expr)), names)
 
 
 def freshen_bound(expr: sp.Expr) -> sp.Expr:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from ..declare.forms import Array, Forward
+from ..declare.forms import Array, FirstArgmax, Forward, WindowMax
 from .kinks import apply_kink_convention
 from .layer import Adjoint, LayerDerivation, adjoint_array
 
@@ -41,13 +41,21 @@ class _Expander:
     def __init__(self, sizes: dict[sp.Symbol, int]):
         self.sizes = sizes
         self.tables: dict[str, dict[tuple[int, ...], sp.Expr]] = {}
+        self.ordering: dict[sp.Symbol, sp.Expr] = {}
 
-    def symbols_for(self, array: Array, prefix: str = "") -> None:
+    def symbols_for(self, array: Array, prefix: str = "", ordered: bool = False) -> None:
+        """A symbol per element; ``ordered``: ``t + k`` with distinct integers k, so that
+        comparisons between elements (a max-pooling window's arg-max) are decided."""
         table = {}
-        shape = [self.sizes[d] for d in array.dims]
-        for position in itertools.product(*[range(s) for s in shape]):
+        positions = list(_positions(array, self.sizes))
+        ranks = list(range(len(positions)))
+        random.Random(len(positions)).shuffle(ranks)
+        base = sp.Symbol("t", real=True)
+        for rank, position in zip(ranks, positions, strict=True):
             label = "_".join([prefix + array.name, *map(str, position)])
             table[position] = sp.Symbol(label, real=True, positive=array.positive or None)
+            if ordered:  # compared (and finally evaluated) at t + rank
+                self.ordering[table[position]] = base + rank
         self.tables[prefix + array.name] = table
 
     def expand(self, expr: sp.Expr, binding: dict[sp.Symbol, int]) -> sp.Expr:
@@ -55,9 +63,9 @@ class _Expander:
             body, limits = expr.function, expr.limits
             ranges = []
             for index, low, high in limits:
-                low = int(low.xreplace(self.sizes).xreplace(binding))
-                high = int(high.xreplace(self.sizes).xreplace(binding))
-                ranges.append((index, range(low, high + 1)))
+                ranges.append(
+                    (index, range(self._integer(low, binding), self._integer(high, binding) + 1))
+                )
             total = sp.Integer(0)
             for values in itertools.product(*[r for _, r in ranges]):
                 inner = dict(binding)
@@ -65,8 +73,18 @@ class _Expander:
                 total += self.expand(body, inner)
             return total
         if isinstance(expr, sp.Indexed):
-            position = tuple(int(sp.sympify(i).xreplace(binding)) for i in expr.indices)
-            return self.tables[expr.base.name][position]
+            position = tuple(self._integer(i, binding) for i in expr.indices)
+            # Outside its range an array reads 0 (zero padding, windows at the border).
+            return self.tables[expr.base.name].get(position, sp.Integer(0))
+        if isinstance(expr, WindowMax):
+            return sp.Max(*self._window_values(expr, binding))
+        if isinstance(expr, FirstArgmax):
+            window, point = expr.args[0], expr.args[1:]
+            values = [v.xreplace(self.ordering) for v in self._window_values(window, binding)]
+            best = max(range(len(values)), key=lambda k: (values[k] - values[0], -k))
+            offsets = list(itertools.product(*[range(r) for r in self._ranges(window, binding)]))
+            here = tuple(self._integer(p, binding) for p in point)
+            return sp.Integer(1 if offsets[best] == here else 0)
         if isinstance(expr, sp.Symbol):
             if expr in binding:
                 return sp.Integer(binding[expr])
@@ -80,15 +98,34 @@ class _Expander:
         return expr.func(*[self.expand(arg, binding) for arg in expr.args])
 
 
+    def _integer(self, expr, binding) -> int:
+        values = {**{k: sp.Integer(v) for k, v in binding.items()},
+                  **{k: sp.Integer(v) for k, v in self.sizes.items()}}
+        return int(sp.sympify(expr).xreplace(values))
+
+    def _ranges(self, window, binding):
+        return [self._integer(high - low + 1, binding) for _, low, high in window.limits]
+
+    def _window_values(self, window, binding):
+        values = []
+        for offsets in itertools.product(*[range(r) for r in self._ranges(window, binding)]):
+            inner = dict(binding)
+            inner.update(zip(window.variables, offsets, strict=True))
+            values.append(self.expand(window.function, inner))
+        return values
+
+
 def _positions(array: Array, sizes: dict[sp.Symbol, int]):
-    return itertools.product(*[range(sizes[d]) for d in array.dims])
+    shape = [int(sp.sympify(d).xreplace(sizes)) for d in array.dims]
+    return itertools.product(*[range(s) for s in shape])
 
 
 def expand_forward(form: Forward, sizes: dict[sp.Symbol, int]) -> _Expander:
     """Symbols for the inputs, parameters and auxiliaries; stage values as their expressions."""
     expander = _Expander(sizes)
+    ordered = any(stage.expr.has(WindowMax) for stage in form.stages)
     for array in form.inputs + form.params + form.aux:
-        expander.symbols_for(array)
+        expander.symbols_for(array, ordered=ordered and array in form.inputs)
     for stage in form.stages:
         table = {}
         for position in _positions(stage.array, sizes):
@@ -131,7 +168,7 @@ def verify_layer(
             element = expander.tables[array.name][position]
             # The value at a kink is a convention, the same one the engine applies.
             expected = apply_kink_convention(sp.diff(contraction, element))
-            if not is_zero(expected - value):
+            if not is_zero((expected - value).xreplace(expander.ordering)):
                 failures.append(position)
         detail = "" if not failures else f"differs at {failures[:3]}"
         verdicts.append(Verdict(adjoint.name, named_sizes, not failures, detail))
@@ -216,10 +253,26 @@ def _numerically_nonzero(expr: sp.Expr, trials: int = 3) -> bool:
 
 
 def default_sizes(form: Forward, batch: int = 2, width: int = 2) -> dict[sp.Symbol, int]:
-    """Small concrete sizes for every symbolic size the form uses."""
+    """Small concrete sizes for every symbolic size (and structural constant) the form uses."""
     sizes: dict[sp.Symbol, int] = {}
+    for symbol in form.constants:
+        if symbol.is_integer:  # stride, padding, dilation: structure, so concrete here
+            sizes[symbol] = {"stride": 2, "padding": 1}.get(symbol.name, 1)
+    for symbol in form.window_dims:
+        sizes[symbol] = 2
     for array in form.arrays.values():
         for dim in array.dims:
-            if dim not in sizes:
-                sizes[dim] = batch if dim.name == "N" else width + (len(sizes) + 1) % 2
+            for symbol in sp.sympify(dim).free_symbols:
+                if symbol in sizes or symbol in form.size_rules:
+                    continue
+                if symbol.name == "N":
+                    sizes[symbol] = batch
+                elif symbol in form.window_dims:
+                    sizes[symbol] = 2
+                elif symbol.name in ("H", "W"):
+                    sizes[symbol] = 4
+                else:
+                    sizes[symbol] = width + (len(sizes) + 1) % 2
+    for symbol, rule in form.size_rules.items():
+        sizes[symbol] = int(rule.xreplace(sizes))
     return sizes

@@ -15,7 +15,13 @@ from sympy.printing.numpy import NumPyPrinter
 from sympy.printing.precedence import PRECEDENCE, precedence
 
 #: Functions NumPy lacks: the name printed for them, and the helper the module must define.
-HELPERS = {"erf": "_erf", "erfc": "_erfc"}
+HELPERS = {
+    "erf": "_erf",
+    "erfc": "_erfc",
+    "col2im": "_col2im",
+    "shifted": "_shifted",
+    "first_argmax_mask": "_first_argmax_mask",
+}
 
 
 class SymbpNumPyPrinter(NumPyPrinter):
@@ -138,6 +144,40 @@ class SymbpNumPyPrinter(NumPyPrinter):
         return (
             f"{self.parenthesize(expr.lhs, level)} {operator} {self.parenthesize(expr.rhs, level)}"
         )
+
+    def _print_Einsum(self, expr):
+        spec, *operands = expr.args
+        arguments = ", ".join(self._print(o) for o in operands)
+        return f'{self._module_format("numpy.einsum")}("{spec}", {arguments}, optimize=True)'
+
+    def _print_Windows(self, expr):
+        array, kernel, stride, dilation = expr.args
+        extent = ", ".join(self._print(dilation * (k - 1) + 1) for k in kernel)
+        view = self._module_format("numpy.lib.stride_tricks.sliding_window_view")
+        text = f"{view}({self._print(array)}, ({extent}), axis=(-2, -1))"
+        stride_text, dilation_text = self._print(stride), self._print(dilation)
+        steps = [f"::{stride_text}"] * 2 + [f"::{dilation_text}"] * 2
+        return f"{text}[..., {', '.join(steps)}]"
+
+    def _print_Col2Im(self, expr):
+        self.helpers_used.add("col2im")
+        cols, kernel, stride, dilation = expr.args
+        kernel_text = f"({', '.join(self._print(k) for k in kernel)})"
+        return (
+            f"{HELPERS['col2im']}({self._print(cols)}, {kernel_text}, {self._print(stride)}, "
+            f"{self._print(dilation)})"
+        )
+
+    def _print_Shifted(self, expr):
+        self.helpers_used.add("shifted")
+        array, offsets, sizes = expr.args
+        offsets_text = "(" + ", ".join(self._print(o) for o in offsets) + ("," if len(offsets) == 1 else "") + ")"
+        sizes_text = "(" + ", ".join(self._print(s) for s in sizes) + ("," if len(sizes) == 1 else "") + ")"
+        return f"{HELPERS['shifted']}({self._print(array)}, {offsets_text}, {sizes_text})"
+
+    def _print_FirstArgmaxMask(self, expr):
+        self.helpers_used.add("first_argmax_mask")
+        return f"{HELPERS['first_argmax_mask']}({self._print(expr.args[0])})"
 
     def _print_erf(self, expr):
         self.helpers_used.add("erf")

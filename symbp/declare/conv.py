@@ -1,0 +1,298 @@
+"""Layers for images (NCHW, batch first): conv2d, max/avg pooling, flatten.
+
+Like every layer, each declares only its forward pass in index notation. Two conventions make
+these definitions short and exact:
+
+* an array element whose index falls outside the array's range is 0 (so zero padding is the
+  stage ``xp[n, c, u, v] = x[n, c, u - P, v - P]``), and
+* a window is read with a compound index: ``xp[n, c, p*S + i*D, q*S + j*D]`` for output position
+  ``(p, q)``, kernel offset ``(i, j)``, stride ``S`` and dilation ``D``.
+
+Shapes are per sample: ``(C, H, W)``. Batch norm on such inputs normalizes per channel over
+``(N, H, W)`` (PyTorch's BatchNorm2d); it lives in :mod:`.layers`.
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+
+from ..errors import SpecError
+from .forms import N, Array, Forward, Stage, WindowMax, index, size
+from .layers import Layer, _integer, register
+
+C, H, W = size("C"), size("H"), size("W")
+O, KH, KW = size("O"), size("K_h"), size("K_w")
+HO, WO = size("H_o"), size("W_o")
+STRIDE = sp.Symbol("stride", integer=True, positive=True)
+PADDING = sp.Symbol("padding", integer=True, positive=True)
+DILATION = sp.Symbol("dilation", integer=True, positive=True)
+LETTERS = {N: "n", C: "c", H: "h", W: "w", O: "o", KH: "i", KW: "j", HO: "p", WO: "q"}
+#: sizes that are window lengths (a compound index's kernel part runs over them)
+WINDOW_DIMS = frozenset({KH, KW})
+#: how the output size follows from the others (for checks at concrete sizes)
+SIZE_RULES = {
+    HO: sp.floor((H + 2 * PADDING - DILATION * (KH - 1) - 1) / STRIDE) + 1,
+    WO: sp.floor((W + 2 * PADDING - DILATION * (KW - 1) - 1) / STRIDE) + 1,
+}
+
+
+def _pair(value, field: str) -> tuple[int, int]:
+    if isinstance(value, list | tuple):
+        if len(value) != 2:
+            raise SpecError(f"must be one integer or two, got {value!r}", field=field)
+        return (_integer(value[0], field=field), _integer(value[1], field=field))
+    number = _integer(value, field=field)
+    return (number, number)
+
+
+def _image(in_shape, kind: str) -> tuple[int, int, int]:
+    if len(in_shape) != 3:
+        raise SpecError(f"{kind} expects images (C, H, W), got per-sample shape {list(in_shape)}")
+    return in_shape
+
+
+def output_size(length: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """PyTorch's output size: floor((L + 2P - D*(K - 1) - 1) / S) + 1."""
+    return (length + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+class _Windowed(Layer):
+    """Shared by layers that read windows: kernel, stride, padding, dilation."""
+
+    def _window_init(self, kernel, stride, padding, dilation):
+        self.kernel = _pair(kernel, "kernel")
+        self.stride = _pair(stride if stride is not None else self.kernel, "stride")
+        if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+            raise SpecError(f"must be a non-negative integer, got {padding!r}", field="padding")
+        self.padding = padding
+        self.dilation = _pair(dilation, "dilation")
+        if len(set(self.stride)) != 1 or len(set(self.dilation)) != 1:
+            raise SpecError("different strides or dilations per axis are not supported",
+                            field="stride")
+
+    def output_shape(self, in_shape):
+        channels, height, width = _image(in_shape, self.kind)
+        out = []
+        for length, kernel, axis in ((height, self.kernel[0], "height"),
+                                     (width, self.kernel[1], "width")):
+            effective = self.dilation[0] * (kernel - 1) + 1
+            if effective > length + 2 * self.padding:
+                raise SpecError(
+                    f"kernel {kernel} (dilated {effective}) is larger than the padded input "
+                    f"{axis} {length + 2 * self.padding}",
+                    field="kernel",
+                )
+            out.append(output_size(length, kernel, self.stride[0], self.padding, self.dilation[0]))
+        return (self._out_channels(channels), *out)
+
+    def _out_channels(self, channels: int) -> int:
+        return channels
+
+    def constant_values(self):
+        values = {"stride": self.stride[0], "dilation": self.dilation[0]}
+        if self.padding:
+            values["padding"] = self.padding
+        return values
+
+    def _size_rules(self) -> dict:
+        if self.padding:
+            return SIZE_RULES
+        return {k: v.xreplace({PADDING: 0}) for k, v in SIZE_RULES.items()}
+
+    def _constants(self) -> dict:
+        constants = {STRIDE: sp.Integer(self.stride[0]), DILATION: sp.Integer(self.dilation[0])}
+        if self.padding:
+            constants[PADDING] = sp.Integer(self.padding)
+        return constants
+
+    def _padded(self, x: Array) -> tuple[Array, list[Stage]]:
+        """The zero-padded input as a stage (none without padding)."""
+        if not self.padding:
+            return x, []
+        n, c, u, v = index("n"), index("c"), index("u"), index("v")
+        xp = Array("xp", (N, C, H + 2 * PADDING, W + 2 * PADDING))
+        return xp, [Stage(xp, (n, c, u, v), x[n, c, u - PADDING, v - PADDING])]
+
+    def _window(self, xp: Array, channel):
+        p, q, i, j = index("p"), index("q"), index("i"), index("j")
+        return xp[index("n"), channel, p * STRIDE + i * DILATION, q * STRIDE + j * DILATION]
+
+    def _letters(self):
+        letters = dict(LETTERS)
+        letters[H + 2 * PADDING] = "u"
+        letters[W + 2 * PADDING] = "v"
+        return letters
+
+    def math_key(self, in_shape):
+        return (self.kind, bool(self.padding))
+
+    def describe(self):
+        text = f"{self.kind}(kernel={list(self.kernel)}, stride={self.stride[0]}"
+        if self.padding:
+            text += f", padding={self.padding}"
+        if self.dilation[0] != 1:
+            text += f", dilation={self.dilation[0]}"
+        return text + ")"
+
+
+@register
+class Conv2d(_Windowed):
+    """2-D cross-correlation, as PyTorch's Conv2d: ``W`` (out, in, kh, kw), ``b`` (out,)."""
+
+    kind = "conv2d"
+    init = {"W": "fan", "b": "zeros"}
+
+    def __init__(
+        self,
+        out_channels: int,
+        kernel,
+        *,
+        stride=1,
+        padding: int = 0,
+        dilation=1,
+        bias: bool = True,
+        in_channels: int | None = None,
+        name: str | None = None,
+    ):
+        super().__init__(name=name)
+        self.out_channels = _integer(out_channels, field="out_channels")
+        self.in_channels = None if in_channels is None else _integer(in_channels, "in_channels")
+        if not isinstance(bias, bool):
+            raise SpecError(f"must be true or false, got {bias!r}", field="bias")
+        self.bias = bias
+        self._window_init(kernel, stride, padding, dilation)
+
+    def output_shape(self, in_shape):
+        shape = super().output_shape(in_shape)
+        if self.in_channels is not None and self.in_channels != in_shape[0]:
+            raise SpecError(
+                f"declares {self.in_channels} input channels but receives {in_shape[0]}",
+                field="in_channels",
+            )
+        return shape
+
+    def _out_channels(self, channels):
+        return self.out_channels
+
+    def param_shapes(self, in_shape):
+        shapes = {"W": (self.out_channels, in_shape[0], *self.kernel)}
+        if self.bias:
+            shapes["b"] = (self.out_channels,)
+        return shapes
+
+    def forward_form(self, in_shape):
+        _image(in_shape, self.kind)
+        x, weight, bias = Array("x", (N, C, H, W)), Array("W", (O, C, KH, KW)), Array("b", (O,))
+        xp, stages = self._padded(x)
+        n, o, p, q, c, i, j = (index(s) for s in "nopqcij")
+        y = sp.Sum(weight[o, c, i, j] * self._window(xp, c), (c, 0, C - 1), (i, 0, KH - 1),
+                   (j, 0, KW - 1))
+        if self.bias:
+            y = y + bias[o]
+        stages.append(Stage(Array("y", (N, O, HO, WO)), (n, o, p, q), y))
+        return Forward(
+            inputs=(x,),
+            params=(weight, bias) if self.bias else (weight,),
+            stages=tuple(stages),
+            keep=(xp.name,),
+            letters=self._letters(),
+            constants=self._constants(),
+            size_rules=self._size_rules(),
+            window_dims=WINDOW_DIMS,
+        )
+
+    def math_key(self, in_shape):
+        return (self.kind, bool(self.padding), self.bias)
+
+    @property
+    def function_stem(self):
+        return "conv2d" + ("_padded" if self.padding else "") + ("" if self.bias else "_nobias")
+
+    def describe(self):
+        return super().describe().replace("conv2d(", f"conv2d(out_channels={self.out_channels}, ")
+
+
+class _Pool(_Windowed):
+    def __init__(self, kernel, *, stride=None, padding: int = 0, name: str | None = None):
+        super().__init__(name=name)
+        self._window_init(kernel, stride, padding, 1)
+
+    def _pool_form(self, in_shape, reduce) -> Forward:
+        _image(in_shape, self.kind)
+        x = Array("x", (N, C, H, W))
+        xp, stages = self._padded(x)
+        n, c, p, q = (index(s) for s in "ncpq")
+        stages.append(Stage(Array("y", (N, C, HO, WO)), (n, c, p, q), reduce(self._window(xp, c))))
+        return Forward(
+            inputs=(x,),
+            params=(),
+            stages=tuple(stages),
+            keep=(xp.name,) if reduce is _maximum else (),
+            letters=self._letters(),
+            constants=self._constants(),
+            size_rules=self._size_rules(),
+            window_dims=WINDOW_DIMS,
+        )
+
+
+def _average(element):
+    i, j = index("i"), index("j")
+    return sp.Sum(element, (i, 0, KH - 1), (j, 0, KW - 1)) / (KH * KW)
+
+
+def _maximum(element):
+    i, j = index("i"), index("j")
+    return WindowMax(element, (i, 0, KH - 1), (j, 0, KW - 1))
+
+
+@register
+class MaxPool2d(_Pool):
+    """Max over each window; the gradient goes to the window's (first) arg-max."""
+
+    kind = "maxpool2d"
+
+    def __init__(self, kernel, *, stride=None, name: str | None = None):
+        # No padding: PyTorch pads max pooling with -inf, and outside an array symbp reads 0.
+        super().__init__(kernel, stride=stride, padding=0, name=name)
+
+    def forward_form(self, in_shape):
+        return self._pool_form(in_shape, _maximum)
+
+
+@register
+class AvgPool2d(_Pool):
+    """Mean over each window (zero padding counted, as PyTorch's default)."""
+
+    kind = "avgpool2d"
+
+    def forward_form(self, in_shape):
+        return self._pool_form(in_shape, _average)
+
+
+@register
+class Flatten(Layer):
+    """``(C, H, W)`` per sample to ``C*H*W`` features, in C order (NumPy's reshape)."""
+
+    kind = "flatten"
+
+    def output_shape(self, in_shape):
+        total = 1
+        for length in in_shape:
+            total *= length
+        return (total,)
+
+    def forward_form(self, in_shape):
+        dims = (N, C, H, W)[: len(in_shape) + 1]
+        idx = tuple(index(LETTERS[d]) for d in dims)
+        x = Array("x", dims)
+        return Forward(
+            inputs=(x,),
+            params=(),
+            stages=(Stage(Array("y", dims), idx, x[idx]),),
+            keep=(),
+            letters=LETTERS,
+            elementwise=True,
+        )
+
+    def math_key(self, in_shape):
+        return (self.kind, len(in_shape))
