@@ -1,0 +1,150 @@
+"""Bounds on the products of Jacobians down a network: how far a gradient can grow or shrink.
+
+The gradient with respect to the input of layer ``l`` is ``J_l^T ... J_L^T dout`` (chain rule),
+so ``||dL/dh_l|| <= (prod_{k >= l} ||J_k||_2) ||dL/dout||``. Each factor is the bound that
+:func:`~symbp.flow.bounds.local_jacobian` proved; a residual block contributes
+``skip + body_scale * prod(body)``. The product is symbolic: sigmoid layers give exact powers of
+1/4, linear layers their ``||W||_2``, batch norm ``max_j |gamma_j| invstd_j``.
+
+:func:`flow_bounds` is the entry point for printing and for the notes exporter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import sympy as sp
+
+from ..declare.layers import Layer, Residual
+from ..declare.net import Placed
+from ..derive.layer import LayerDerivation
+from ..derive.network import NetworkDerivation
+from .bounds import LocalJacobian, local_jacobian
+
+_PLACEHOLDER = sp.Symbol("_layer")
+_CACHE: dict[tuple, LocalJacobian] = {}
+
+
+@dataclass
+class FlowBound:
+    """One layer's row of the symbolic gradient-flow analysis.
+
+    ``jacobian`` is ``(lhs, rhs)``, ``d out[...] / d in[...] = value`` from the derived VJP;
+    ``derivative`` is ``f'(x)`` for element-wise layers (else ``None``); ``bound`` bounds
+    ``||J_layer||_2`` (``None``: no bound found), ``bound_general`` the same with
+    hyper-parameters as symbols; ``product`` bounds ``||d out / d input||_2`` from this layer to
+    the network's output; ``reason`` says in one line how the bound was proved; ``depth`` is 1
+    inside a residual body. Values that depend on parameters or data appear as
+    :class:`~symbp.flow.bounds.OperatorNorm` and :class:`~symbp.flow.bounds.LayerMax`, which
+    print as ``||fc1.W||_2`` and ``max_bn1(...)`` (and in LaTeX as norms and maxima).
+    """
+
+    layer: str
+    kind: str
+    structure: str
+    jacobian: tuple[sp.Expr, sp.Expr]
+    derivative: sp.Expr | None
+    bound: sp.Expr | None
+    bound_general: sp.Expr | None
+    product: sp.Expr | None
+    reason: str
+    depth: int = 0
+
+
+def layer_jacobian(layer: Layer, derivation: LayerDerivation, name: str) -> LocalJacobian:
+    """:func:`~symbp.flow.bounds.local_jacobian`, computed once per layer math and constants."""
+    key = (layer.kind, repr(derivation.form.stages), tuple(sorted(layer.constant_values().items())))
+    if key not in _CACHE:
+        _CACHE[key] = local_jacobian(layer, derivation, _PLACEHOLDER.name)
+    found = _CACHE[key]
+    rename = {_PLACEHOLDER: sp.Symbol(name)}
+
+    def named(expr):
+        return None if expr is None else expr.xreplace(rename)
+
+    return dataclasses.replace(
+        found, bound=named(found.bound), bound_general=named(found.bound_general)
+    )
+
+
+def flow_bounds(derivation: NetworkDerivation) -> list[FlowBound]:
+    """The symbolic flow analysis of a network: one :class:`FlowBound` per layer.
+
+    Rows come in the order of ``derivation.layers`` (forward order, a residual block before
+    its body). ``product`` of the first row bounds how much the whole network can amplify a
+    gradient on its way to the input. Example::
+
+        rows = flow_bounds(symbp.derive(net))
+        rows[1].bound      # 1/4 for a sigmoid
+        rows[0].product    # (1/4)**8 * ||fc1.W||_2 * ... for eight sigmoid blocks
+    """
+    jacobians = {
+        item.name: layer_jacobian(item.layer, item.derivation, item.name)
+        for item in derivation.layers
+    }
+    products: dict[str, sp.Expr | None] = {}
+    _down(derivation.net.placed, sp.Integer(1), jacobians, products)
+    rows = []
+    depths = _depths(derivation.net.placed)
+    for item in derivation.layers:
+        jac = jacobians[item.name]
+        rows.append(
+            FlowBound(
+                layer=item.name,
+                kind=item.layer.kind,
+                structure=jac.structure,
+                jacobian=jac.entry,
+                derivative=jac.derivative_x,
+                bound=_block_bound(item.placed, jacobians),
+                bound_general=jac.bound_general
+                if jac.structure != "sum"
+                else _block_bound(item.placed, jacobians, general=True),
+                product=products.get(item.name),
+                reason=jac.reason,
+                depth=depths[item.name],
+            )
+        )
+    return rows
+
+
+def _down(items: list[Placed], above, jacobians, products) -> sp.Expr | None:
+    """Fill ``products`` for ``items`` given the bound ``above`` past the last of them."""
+    current = above
+    for item in reversed(items):
+        if isinstance(item.layer, Residual):
+            jac = jacobians[item.name]
+            if current is None or jac.bound is None:
+                body = _down(item.body, None, jacobians, products)
+                current = None
+            else:
+                body = _down(item.body, current * jac.body_scale, jacobians, products)
+                current = None if body is None else current * jac.bound + body
+        else:
+            bound = jacobians[item.name].bound
+            current = None if current is None or bound is None else current * bound
+        products[item.name] = current
+    return current
+
+
+def _block_bound(placed: Placed, jacobians, *, general: bool = False) -> sp.Expr | None:
+    """A layer's own bound; for a residual block ``skip + body_scale * prod(body bounds)``."""
+    jac = jacobians[placed.name]
+    own = jac.bound_general if general else jac.bound
+    if not isinstance(placed.layer, Residual):
+        return own
+    body = sp.Integer(1)
+    for item in placed.body:
+        factor = _block_bound(item, jacobians, general=general)
+        if factor is None or own is None:
+            return None
+        body *= factor
+    return own + jac.body_scale * body
+
+
+def _depths(items: list[Placed], depth: int = 0) -> dict[str, int]:
+    result = {}
+    for item in items:
+        result[item.name] = depth
+        result.update(_depths(item.body, depth + 1))
+    return result

@@ -1,0 +1,294 @@
+"""``symbp flow SPEC``: the gradient-flow report on the command line, and its figure.
+
+:func:`add_flow_parser` adds the subcommand to the CLI's subparsers; :func:`run_flow` runs it
+and returns the exit status. The report has three tables: the symbolic one (local Jacobians,
+proved bounds, the bound on the whole chain), the numerical one (gradient norms at
+initialization, the bounds evaluated there, Jacobian singular values for small widths) and the
+memory one (what backward keeps, as a formula in N, against the measured cache, for each
+``--batch``). ``--plot FILE`` draws the gradient norm per layer (log scale) with matplotlib, the
+optional ``plot`` extra, imported only then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import textwrap
+from pathlib import Path
+
+import sympy as sp
+
+from ..errors import SpecError, SymbpError
+
+
+def add_flow_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``flow`` to the CLI's subparsers (the object ``add_subparsers`` returned)."""
+    flow = subparsers.add_parser(
+        "flow", help="gradient flow: Jacobian bounds, gradient norms, activation memory"
+    )
+    flow.add_argument("spec", help="a TOML network spec")
+    flow.add_argument(
+        "--batch",
+        default="1,32,256",
+        help="batch sizes for the memory table, comma-separated (default 1,32,256)",
+    )
+    flow.add_argument("--seed", type=int, default=0, help="seed of the parameters and the batch")
+    flow.add_argument(
+        "--grad-batch", type=int, default=32, help="batch size for the gradient norms (32)"
+    )
+    flow.add_argument(
+        "--jacobian-batch",
+        type=int,
+        default=4,
+        help="batch size for the Jacobian singular values (4; 0 skips them)",
+    )
+    flow.add_argument("--dtype", choices=("float32", "float64"), help="for the memory table")
+    flow.add_argument("--plot", metavar="FILE", help="write the gradient-norm figure (PNG, PDF)")
+    flow.set_defaults(handler=run_flow)
+    return flow
+
+
+def parse_batches(text: str) -> list[int]:
+    try:
+        batches = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SpecError(f"must be integers separated by commas, got {text!r}", field="--batch")
+    if not batches or min(batches) < 1:
+        raise SpecError(f"must be positive integers, got {text!r}", field="--batch")
+    return batches
+
+
+def run_flow(args: argparse.Namespace) -> int:
+    """Print the three tables for ``args.spec``; write the figure when ``--plot`` is given."""
+    from ..declare.spec import load_spec
+    from ..derive.network import derive_network
+    from .chain import flow_bounds
+    from .memory import memory_model
+    from .numeric import measure
+
+    batches = parse_batches(args.batch)
+    if args.grad_batch < 2:
+        raise SpecError(f"must be at least 2, got {args.grad_batch}", field="--grad-batch")
+    if args.jacobian_batch < 0:
+        raise SpecError(f"must be 0 or more, got {args.jacobian_batch}", field="--jacobian-batch")
+    if args.plot:
+        _require_matplotlib()
+    net = load_spec(args.spec)
+    dtype = args.dtype or net.dtype
+    rows = flow_bounds(derive_network(net))
+    measured = measure(
+        net, rows, batch=args.grad_batch, seed=args.seed, jacobian_batch=args.jacobian_batch
+    )
+    print(symbolic_table(rows))
+    print()
+    print(numeric_table(measured, seed=args.seed))
+    print()
+    print(memory_table(net, memory_model(net), batches, dtype, seed=args.seed))
+    if args.plot:
+        plot_flow(measured, args.plot, title=f"{net.name}: gradient norms at initialization")
+        print(f"\nwrote {args.plot}")
+    return 0
+
+
+# -- tables -------------------------------------------------------------------------------------
+class _FormulaPrinter(sp.printing.str.StrPrinter):
+    """One-line formulas: ``sum_k(...)``, ``step(u)``, ``delta(n, n')``."""
+
+    def _print_Sum(self, expr):
+        indices = ", ".join(self._print(limit[0]) for limit in expr.limits)
+        return f"sum_{indices}({self._print(expr.function)})"
+
+    def _print_Heaviside(self, expr):
+        return f"step({self._print(expr.args[0])})"
+
+    def _print_KroneckerDelta(self, expr):
+        return f"delta({self._print(expr.args[0])}, {self._print(expr.args[1])})"
+
+
+def _text(expr) -> str:
+    return "no bound found" if expr is None else sp.sstr(expr)
+
+
+def _entry_text(entry) -> str:
+    """``dy[n', j']/dx[n, j] = f' * delta(n, n')*delta(j, j')``: the deltas last."""
+    lhs, rhs = entry
+    printer = _FormulaPrinter()
+    factors = sp.Mul.make_args(rhs)
+    deltas = [f for f in factors if isinstance(f, sp.KroneckerDelta)]
+    rest = sp.Mul(*[f for f in factors if not isinstance(f, sp.KroneckerDelta)])
+    text = printer.doprint(rest)
+    if isinstance(rest, sp.Add | sp.Piecewise) and deltas:
+        text = f"({text})"
+    value = " ".join(([text] if rest != 1 or not deltas else []) + [printer.doprint(d) for d in deltas])
+    of, wrt = lhs.expr, lhs.variables[0]
+    return f"d{printer.doprint(of)}/d{printer.doprint(wrt)} = {value}"
+
+
+def symbolic_table(rows) -> str:
+    """Each distinct layer math once (Jacobian, f'(x), how the bound is proved), then per layer
+    its bound and the bound on the whole chain."""
+    lines = ["Local Jacobians, read off the derived VJPs, and the bounds sympy proves on ||J||_2"]
+    seen = set()
+    for row in rows:
+        key = (row.kind, _entry_text(row.jacobian), row.reason)
+        if key in seen:
+            continue
+        seen.add(key)
+        lines.append(f"  {row.kind} ({row.structure}), e.g. {row.layer}")
+        wrap = dict(width=100, initial_indent="      ", subsequent_indent="          ")
+        lines += textwrap.wrap("J: " + _entry_text(row.jacobian), **wrap)
+        if row.derivative is not None:
+            lines += textwrap.wrap(f"f'(x) = {_text(row.derivative)}", **wrap)
+        if row.bound_general is not None and row.structure != "sum":
+            lines += textwrap.wrap(f"bound: {_text(row.bound_general)}", **wrap)
+        lines += textwrap.wrap(f"why: {row.reason}", **wrap)
+    lines.append("")
+    header = f"{'layer':<22} {'kind':<12} bound on ||J||_2"
+    lines += [header, "-" * 60]
+    for row in rows:
+        name = "  " * row.depth + row.layer
+        lines.append(f"{name:<22} {row.kind:<12} {_text(row.bound)}")
+    lines.append("")
+    lines.append("Bound on ||d out / d input|| of the whole network (product down the chain):")
+    lines += textwrap.wrap(
+        _text(rows[0].product),
+        width=100,
+        initial_indent="  ",
+        subsequent_indent="    ",
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+    return "\n".join(lines)
+
+
+def _number(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.3g}"
+
+
+def numeric_table(measured, *, seed: int) -> str:
+    """Gradient norms at initialization with the proved bound; Jacobian singular values."""
+    lines = [
+        f"At initialization (seed {seed}, batch {measured.batch}, float64): loss "
+        f"{measured.loss:.4g}, ||dL/d out|| = {measured.dout:.3g}"
+    ]
+    columns = (
+        f"{'layer':<22} {'|dL/d output|':>13} {'|dL/d input|':>12} {'proved bound':>12} "
+        f"{'|dL/d params|':>13}"
+    )
+    lines += [columns, "-" * len(columns)]
+    for row in measured.rows:
+        params = math.sqrt(sum(v**2 for v in row.param_grads.values())) if row.param_grads else None
+        lines.append(
+            f"{row.layer:<22} {_number(row.grad_out):>13} {_number(row.grad_in):>12} "
+            f"{_number(row.product * measured.dout):>12} {_number(params):>13}"
+        )
+    lines.append(
+        "proved bound: on |dL/d input|, the product of the bounds down the chain times "
+        "|dL/d out|, at these weights and batch statistics."
+    )
+    lines.append("")
+    if not measured.jacobian_batch:
+        lines.append("Jacobian singular values skipped: the widths are too large.")
+        return "\n".join(lines)
+    lines.append(
+        f"Jacobians from VJPs with basis vectors (batch {measured.jacobian_batch}): the layer's "
+        "own (J) and d out / d input (chain)"
+    )
+    columns = (
+        f"{'layer':<22} {'bound J':>9} {'s_max J':>9} {'s_min J':>9} "
+        f"{'bound chain':>11} {'s_max chain':>11} {'s_min chain':>11}"
+    )
+    lines += [columns, "-" * len(columns)]
+    for row in measured.rows:
+        jac, chain = row.jacobian, row.chain
+        lines.append(
+            f"{row.layer:<22} {_number(row.jacobian_bound):>9} {_number(jac[0]):>9} "
+            f"{_number(jac[1]):>9} {_number(row.chain_bound):>11} {_number(chain[0]):>11} "
+            f"{_number(chain[1]):>11}"
+        )
+    return "\n".join(lines)
+
+
+def _bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.2f} {unit}"
+        count /= 1024
+    return str(count)  # pragma: no cover
+
+
+def memory_table(net, model, batches, dtype, *, seed: int) -> str:
+    """What backward keeps, per layer, as a formula; totals predicted and measured per batch."""
+    from ..check.gradcheck import load_module
+    from ..emit.module import generate_module
+    from .memory import measure_cache, predicted_bytes, total_elements
+
+    lines = [f"Kept for backward (the generated cache), {dtype}"]
+    header = f"{'layer':<20} {'array':<16} {'size':<10} {'elements':<12} note"
+    lines += [header, "-" * len(header)]
+    for layer in model:
+        for entry in layer.entries:
+            dims = ", ".join(str(d) for d in entry.dims)
+            note = f"same array as {entry.shared_with}" if entry.shared_with else ""
+            lines.append(
+                f"{layer.layer:<20} {entry.name + '[' + dims + ']':<16} "
+                f"{sp.sstr(sp.Mul(*entry.dims)):<10} {sp.sstr(entry.elements):<12} {note}"
+            )
+    lines.append(f"total: {sp.sstr(total_elements(model))} elements")
+    module = load_module(generate_module(net))
+    for batch in batches:
+        predicted = predicted_bytes(model, batch, dtype)
+        measured = measure_cache(net, module, batch=batch, dtype=dtype, seed=seed)
+        check = "matches" if predicted == measured else "DIFFERS"
+        lines.append(
+            f"  N = {batch:<6} {_bytes(predicted):>12} predicted, {_bytes(measured):>12} "
+            f"measured ({check})"
+        )
+    return "\n".join(lines)
+
+
+# -- figure -------------------------------------------------------------------------------------
+def _require_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SymbpError(
+            "--plot needs matplotlib: pip install 'symbp[plot]' (or pip install matplotlib)"
+        ) from None
+
+
+def plot_flow(measured, path: str | Path, *, title: str = "") -> None:
+    """Gradient norm per layer, log scale: activations, parameters, and the proved bound."""
+    _require_matplotlib()
+    from matplotlib.figure import Figure
+
+    names = [row.layer for row in measured.rows]
+    positions = list(range(len(names)))
+    figure = Figure(figsize=(max(6.0, 0.45 * len(names) + 2), 4.2), layout="constrained")
+    axes = figure.subplots()
+    axes.plot(positions, [r.grad_in for r in measured.rows], "o-", label="|dL/d input|")
+    with_params = [(p, r) for p, r in zip(positions, measured.rows, strict=True) if r.param_grads]
+    axes.plot(
+        [p for p, _ in with_params],
+        [math.sqrt(sum(v**2 for v in r.param_grads.values())) for _, r in with_params],
+        "s--",
+        label="|dL/d parameters|",
+    )
+    bounds = [
+        (p, r.product * measured.dout)
+        for p, r in zip(positions, measured.rows, strict=True)
+        if math.isfinite(r.product)
+    ]
+    if bounds:
+        axes.plot(
+            [p for p, _ in bounds], [b for _, b in bounds], ":", color="gray", label="proved bound on |dL/d input|"
+        )
+    axes.set_yscale("log")
+    axes.set_xticks(positions, names, rotation=60, ha="right", fontsize=8)
+    axes.set_ylabel("Frobenius norm")
+    axes.set_title(title, fontsize=10)
+    axes.legend(fontsize=8)
+    axes.grid(True, which="major", alpha=0.3)
+    figure.savefig(path, dpi=110)

@@ -1,0 +1,300 @@
+"""Gradient flow measured with the generated code: norms, Jacobians, bounds evaluated.
+
+The generated module's ``backward`` returns parameter gradients only. To see the gradient at
+every activation, :func:`backward_trace` walks the network in reverse itself and calls the
+module's own per-layer ``<stem>_backward`` functions, with the same arguments the generated
+``backward`` passes (upstream gradient, ``*cache[name]``, the parameters the VJP reads, the
+hyper-parameters it uses); the tests check that its parameter gradients equal ``backward``'s.
+
+``cache[name]`` holds, in order, the arrays of ``derivation.stored`` that are not parameters
+(:func:`cached_names`): that is how the generator builds it.
+
+Jacobians are assembled from VJPs with basis vectors (one backward pass per output entry), so
+they are only computed for small batches and widths (:data:`JACOBIAN_LIMIT`).
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import dataclass, field
+
+import numpy as np
+import sympy as sp
+
+from ..check.gradcheck import load_module, make_inputs
+from ..declare.layers import Residual
+from ..declare.net import Net, Placed
+from ..derive.layer import LayerDerivation
+from ..derive.network import derive_cached
+from ..emit.module import generate_module
+from .bounds import LayerMax, OperatorNorm
+
+#: Jacobians are built only when every layer's input and output has at most this many entries.
+JACOBIAN_LIMIT = 1024
+
+
+def cached_names(derivation: LayerDerivation) -> list[str]:
+    """The names of the arrays in the generated ``cache[layer]`` tuple, in order."""
+    params = {p.name for p in derivation.form.params}
+    return [name for name in derivation.stored if name not in params]
+
+
+@dataclass
+class Trace:
+    """Gradients at every layer from one backward pass.
+
+    ``grad_in[name]`` is dL/d(input of the layer), ``grad_out[name]`` dL/d(its output),
+    ``grads`` the parameter gradients keyed like the module's (``fc1.W``).
+    """
+
+    grad_in: dict[str, np.ndarray] = field(default_factory=dict)
+    grad_out: dict[str, np.ndarray] = field(default_factory=dict)
+    grads: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def backward_trace(
+    net: Net, module: types.ModuleType, params, cache, dout, items: list[Placed] | None = None
+) -> Trace:
+    """Run the backward pass layer by layer with the module's functions, recording gradients."""
+    trace = Trace()
+    _backward(items if items is not None else net.placed, module, params, cache, dout, trace)
+    return trace
+
+
+def _backward(items, module, params, cache, upstream, trace: Trace):
+    for item in reversed(items):
+        trace.grad_out[item.name] = upstream
+        layer = item.layer
+        derivation = derive_cached(layer, item.in_shape)
+        backward = getattr(module, f"{layer.function_stem}_backward")
+        if isinstance(layer, Residual):
+            skip, body = backward(upstream)
+            upstream = skip + _backward(item.body, module, params, cache, body, trace)
+            trace.grad_in[item.name] = upstream
+            continue
+        form = derivation.form
+        read = [params[f"{item.name}.{p.name}"] for p in form.params if p.name in derivation.stored]
+        used = set().union(*[a.expr.free_symbols for a in derivation.vjp.values()])
+        values = layer.constant_values()
+        keywords = {s.name: values[s.name] for s in form.constants if s in used}
+        result = backward(upstream, *cache[item.name], *read, **keywords)
+        if len(form.differentiable) == 1:
+            result = (result,)
+        for array, grad in zip(form.differentiable, result, strict=True):
+            if array in form.params:
+                trace.grads[f"{item.name}.{array.name}"] = grad
+        upstream = result[0]
+        trace.grad_in[item.name] = upstream
+    return upstream
+
+
+def loss_gradient(net: Net, module: types.ModuleType, out: np.ndarray, y) -> tuple[float, object]:
+    """The loss and dL/d(out) with the module's loss functions (as ``loss_and_grads`` does)."""
+    stem = net.loss.function_stem
+    target = np.eye(out.shape[1], dtype=out.dtype)[y] if net.loss.target_kind == "labels" else y
+    loss, loss_cache = getattr(module, f"{stem}_forward")(out, target)
+    return float(loss), getattr(module, f"{stem}_backward")(*loss_cache)
+
+
+# -- bounds at given values ---------------------------------------------------------------------
+def layer_arrays(net: Net, name: str, params, cache) -> dict[str, np.ndarray]:
+    """A layer's parameters and cached arrays by their names in its formulas."""
+    item = net.find(name)
+    prefix = f"{name}."
+    arrays = {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
+    if name in cache:
+        derivation = derive_cached(item.layer, item.in_shape)
+        arrays.update(zip(cached_names(derivation), cache[name], strict=True))
+    return arrays
+
+
+def evaluate_bound(expr: sp.Expr | None, net: Net, params, cache) -> float:
+    """A symbolic bound as a number, at the given parameters and forward cache (nan: none)."""
+    if expr is None:
+        return float("nan")
+    values = {}
+    for node in expr.atoms(OperatorNorm):
+        param, layer = node.args
+        values[node] = sp.Float(
+            np.linalg.norm(params[f"{layer.name}.{param.name}"], 2), 17
+        )
+    for node in expr.atoms(LayerMax):
+        inner, layer = node.args
+        arrays = layer_arrays(net, layer.name, params, cache)
+        values[node] = sp.Float(_max_over_entries(inner, arrays), 17)
+    number = expr.xreplace(values)
+    return float(number) if number.is_number else float("nan")
+
+
+def _maximum(*args):
+    return functools.reduce(np.maximum, args)
+
+
+def _max_over_entries(expr: sp.Expr, arrays: dict[str, np.ndarray]) -> float:
+    """``max`` of an index expression over all entries, arrays broadcast along shared indices."""
+    elements = sorted(expr.atoms(sp.Indexed), key=sp.default_sort_key)
+    order: list[sp.Symbol] = []
+    for element in elements:
+        order += [i for i in element.indices if i not in order]
+    symbols, inputs = [], []
+    for position, element in enumerate(elements):
+        value = np.asarray(arrays[element.base.name], dtype=np.float64)
+        axes = [order.index(i) for i in element.indices]
+        value = np.transpose(value, np.argsort(axes))
+        shape = [1] * len(order)
+        for axis, size in zip(sorted(axes), value.shape, strict=True):
+            shape[axis] = size
+        symbols.append(sp.Symbol(f"_a{position}"))
+        inputs.append(value.reshape(shape))
+    replaced = expr.xreplace(dict(zip(elements, symbols, strict=True)))
+    for symbol in sorted(replaced.free_symbols, key=sp.default_sort_key):
+        if symbol.name in arrays and symbol not in symbols:
+            symbols.append(symbol)
+            inputs.append(np.asarray(arrays[symbol.name], dtype=np.float64))
+    function = sp.lambdify(symbols, replaced, modules=[{"Max": _maximum}, "numpy"])
+    return float(np.max(function(*inputs)))
+
+
+# -- Jacobians from VJPs with basis vectors ------------------------------------------------------
+def _basis_rows(shape, compute) -> np.ndarray:
+    """Rows ``compute(e)`` for every basis vector ``e`` of ``shape``, flattened."""
+    count = int(np.prod(shape))
+    rows = []
+    for entry in range(count):
+        basis = np.zeros(count)
+        basis[entry] = 1.0
+        rows.append(np.ravel(compute(basis.reshape(shape))))
+    return np.array(rows)
+
+
+def singular_extremes(matrix: np.ndarray) -> tuple[float, float]:
+    """The largest and smallest singular values."""
+    values = np.linalg.svd(matrix, compute_uv=False)
+    return float(values[0]), float(values[-1])
+
+
+def layer_jacobian_matrix(net, module, params, cache, item: Placed, batch: int) -> np.ndarray:
+    """``d out / d in`` of one layer (a residual block with its body) at the cached point."""
+    shape = (batch, *item.out_shape)
+
+    def vjp(upstream):
+        return backward_trace(net, module, params, cache, upstream, [item]).grad_in[item.name]
+
+    return _basis_rows(shape, vjp)
+
+
+def product_jacobians(net, module, params, cache, batch: int) -> dict[str, np.ndarray]:
+    """``d out / d(input of layer)`` for every layer, one backward pass per output entry."""
+    rows: dict[str, list[np.ndarray]] = {item.name: [] for item in net.walk()}
+    count = int(np.prod((batch, *net.output_shape)))
+    for entry in range(count):
+        basis = np.zeros(count)
+        basis[entry] = 1.0
+        trace = backward_trace(net, module, params, cache, basis.reshape(batch, -1))
+        for name in rows:
+            rows[name].append(np.ravel(trace.grad_in[name]))
+    return {name: np.array(value) for name, value in rows.items()}
+
+
+def jacobians_fit(net: Net, batch: int) -> bool:
+    sizes = [int(np.prod(s)) for item in net.walk() for s in (item.in_shape, item.out_shape)]
+    return batch * max(sizes) <= JACOBIAN_LIMIT
+
+
+# -- one measurement ----------------------------------------------------------------------------
+@dataclass
+class Measured:
+    """Numbers for one layer at initialization (float64, one random batch)."""
+
+    layer: str
+    grad_out: float  # ||dL/d output||_F
+    grad_in: float  # ||dL/d input||_F
+    param_grads: dict[str, float]  # ||dL/dP||_F per parameter
+    bound: float  # the proved bound on ||J_layer||_2 at these values
+    product: float  # the proved bound on ||d out / d input||_2 at these values
+    # On the (smaller) Jacobian batch: (sigma_max, sigma_min) of J_layer and of d out / d input,
+    # and the proved bounds evaluated at that batch's values.
+    jacobian: tuple[float, float] | None = None
+    chain: tuple[float, float] | None = None
+    jacobian_bound: float | None = None
+    chain_bound: float | None = None
+
+
+@dataclass
+class Measurement:
+    loss: float
+    dout: float  # ||dL/d out||_F
+    rows: list[Measured]
+    batch: int
+    jacobian_batch: int | None  # None: skipped (too wide)
+
+
+def setup(net: Net, *, batch: int, seed: int, module=None):
+    """The generated module, its initial parameters and a seeded random batch (float64)."""
+    module = module or load_module(generate_module(net))
+    _, x, y = make_inputs(net, module, batch=batch, seed=seed)
+    params = module.init_params(seed=seed, dtype=np.float64)
+    return module, params, x, y
+
+
+def measure(
+    net: Net,
+    bounds,
+    *,
+    batch: int = 32,
+    seed: int = 0,
+    jacobian_batch: int = 4,
+    module=None,
+    params=None,
+    inputs=None,
+) -> Measurement:
+    """Gradient norms at initialization, the bounds at those values, and Jacobian extremes.
+
+    ``bounds`` is :func:`~symbp.flow.chain.flow_bounds`'s list. ``params`` overrides the
+    initial parameters (the experiments scale them), ``inputs`` the random ``(x, y)`` batch.
+    Without a loss, ``dL/d out`` is a random normal array (the gradient of ``sum(out * y)``).
+    """
+    module, initial, x, y = setup(net, batch=batch, seed=seed, module=module)
+    params = initial if params is None else params
+    if inputs is not None:
+        x, y = inputs
+        batch = len(x)
+    out, cache = module.forward(params, x, train=True, rng=np.random.default_rng(seed))
+    if net.loss is None:
+        loss, dout = float(np.sum(out * y)), y
+    else:
+        loss, dout = loss_gradient(net, module, out, y)
+    trace = backward_trace(net, module, params, cache, dout)
+    by_name = {row.layer: row for row in bounds}
+    rows = []
+    for item in net.walk():
+        row = by_name[item.name]
+        rows.append(
+            Measured(
+                layer=item.name,
+                grad_out=float(np.linalg.norm(trace.grad_out[item.name])),
+                grad_in=float(np.linalg.norm(trace.grad_in[item.name])),
+                param_grads={
+                    key: float(np.linalg.norm(value))
+                    for key, value in trace.grads.items()
+                    if key.rsplit(".", 1)[0] == item.name
+                },
+                bound=evaluate_bound(row.bound, net, params, cache),
+                product=evaluate_bound(row.product, net, params, cache),
+            )
+        )
+    used_batch = None
+    if jacobian_batch and jacobians_fit(net, jacobian_batch):
+        used_batch = jacobian_batch
+        _, _, xj, _ = setup(net, batch=jacobian_batch, seed=seed + 1, module=module)
+        _, jcache = module.forward(params, xj, train=True, rng=np.random.default_rng(seed))
+        chains = product_jacobians(net, module, params, jcache, jacobian_batch)
+        for measured, item in zip(rows, net.walk(), strict=True):
+            matrix = layer_jacobian_matrix(net, module, params, jcache, item, jacobian_batch)
+            measured.jacobian = singular_extremes(matrix)
+            measured.chain = singular_extremes(chains[item.name])
+            row = by_name[item.name]
+            measured.jacobian_bound = evaluate_bound(row.bound, net, params, jcache)
+            measured.chain_bound = evaluate_bound(row.product, net, params, jcache)
+    return Measurement(loss, float(np.linalg.norm(dout)), rows, batch, used_batch)
