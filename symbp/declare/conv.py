@@ -20,9 +20,9 @@ from ..errors import SpecError
 from .forms import N, Array, Forward, Stage, WindowMax, index, size
 from .layers import Layer, _integer, register
 
-C, H, W = size("C"), size("H"), size("W")
+C, H, W = size("C"), size("H_in"), size("W_in")
 O, KH, KW = size("O"), size("K_h"), size("K_w")
-HO, WO = size("H_o"), size("W_o")
+HO, WO = size("H_out"), size("W_out")
 STRIDE = sp.Symbol("stride", integer=True, positive=True)
 PADDING = sp.Symbol("padding", integer=True, positive=True)
 DILATION = sp.Symbol("dilation", integer=True, positive=True)
@@ -89,21 +89,29 @@ class _Windowed(Layer):
         return channels
 
     def constant_values(self):
-        values = {"stride": self.stride[0], "dilation": self.dilation[0]}
+        # A stride or dilation of 1 is written into the formulas (p + i, not p*stride + i).
+        values = {}
+        if self.stride[0] != 1:
+            values["stride"] = self.stride[0]
+        if self.dilation[0] != 1:
+            values["dilation"] = self.dilation[0]
         if self.padding:
             values["padding"] = self.padding
         return values
 
+    def _step(self, symbol, value: int):
+        return symbol if value != 1 else sp.Integer(1)
+
     def _size_rules(self) -> dict:
-        if self.padding:
-            return SIZE_RULES
-        return {k: v.xreplace({PADDING: 0}) for k, v in SIZE_RULES.items()}
+        fixed = {PADDING: PADDING if self.padding else 0,
+                 STRIDE: self._step(STRIDE, self.stride[0]),
+                 DILATION: self._step(DILATION, self.dilation[0])}
+        return {k: v.xreplace(fixed) for k, v in SIZE_RULES.items()}
 
     def _constants(self) -> dict:
-        constants = {STRIDE: sp.Integer(self.stride[0]), DILATION: sp.Integer(self.dilation[0])}
-        if self.padding:
-            constants[PADDING] = sp.Integer(self.padding)
-        return constants
+        values = {"stride": STRIDE, "dilation": DILATION, "padding": PADDING}
+        return {values[k]: sp.Integer(v) for k, v in self.constant_values().items()
+                if k in values}
 
     def _padded(self, x: Array) -> tuple[Array, list[Stage]]:
         """The zero-padded input as a stage (none without padding)."""
@@ -115,7 +123,9 @@ class _Windowed(Layer):
 
     def _window(self, xp: Array, channel):
         p, q, i, j = index("p"), index("q"), index("i"), index("j")
-        return xp[index("n"), channel, p * STRIDE + i * DILATION, q * STRIDE + j * DILATION]
+        stride = self._step(STRIDE, self.stride[0])
+        dilation = self._step(DILATION, self.dilation[0])
+        return xp[index("n"), channel, p * stride + i * dilation, q * stride + j * dilation]
 
     def _letters(self):
         letters = dict(LETTERS)
@@ -124,7 +134,13 @@ class _Windowed(Layer):
         return letters
 
     def math_key(self, in_shape):
-        return (self.kind, bool(self.padding))
+        return (self.kind, bool(self.padding), self.stride[0] != 1, self.dilation[0] != 1)
+
+    @property
+    def function_stem(self):
+        parts = [self.kind, "padded" if self.padding else "", "strided" if self.stride[0] != 1
+                 else "", "dilated" if self.dilation[0] != 1 else ""]
+        return "_".join(part for part in parts if part)
 
     def describe(self):
         text = f"{self.kind}(kernel={list(self.kernel)}, stride={self.stride[0]}"
@@ -202,11 +218,11 @@ class Conv2d(_Windowed):
         )
 
     def math_key(self, in_shape):
-        return (self.kind, bool(self.padding), self.bias)
+        return (*super().math_key(in_shape), self.bias)
 
     @property
     def function_stem(self):
-        return "conv2d" + ("_padded" if self.padding else "") + ("" if self.bias else "_nobias")
+        return super().function_stem + ("" if self.bias else "_nobias")
 
     def describe(self):
         return super().describe().replace("conv2d(", f"conv2d(out_channels={self.out_channels}, ")
@@ -216,6 +232,14 @@ class _Pool(_Windowed):
     def __init__(self, kernel, *, stride=None, padding: int = 0, name: str | None = None):
         super().__init__(name=name)
         self._window_init(kernel, stride, padding, 1)
+
+    def constant_values(self):
+        # The window size is a keyword of the generated functions (no kernel array carries it).
+        return {"K_h": self.kernel[0], "K_w": self.kernel[1], **super().constant_values()}
+
+    def _constants(self) -> dict:
+        return {KH: sp.Integer(self.kernel[0]), KW: sp.Integer(self.kernel[1]),
+                **super()._constants()}
 
     def _pool_form(self, in_shape, reduce) -> Forward:
         _image(in_shape, self.kind)

@@ -9,6 +9,7 @@ Shapes here are per sample (batch excluded): ``(features,)`` for the dense layer
 
 from __future__ import annotations
 
+import sys
 from typing import Any, ClassVar
 
 import sympy as sp
@@ -38,6 +39,8 @@ def register(cls: type[Layer]) -> type[Layer]:
 def _number(value: Any, *, field: str, positive: bool = False, minimum=None) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise SpecError(f"must be a number, got {value!r}", field=field)
+    if not abs(value) <= sys.float_info.max:  # nan, inf, or an integer beyond float64
+        raise SpecError(f"must be a finite number, got {value!r}", field=field)
     if positive and not value > 0:
         raise SpecError(f"must be positive, got {value!r}", field=field)
     if minimum is not None and value < minimum:
@@ -203,7 +206,7 @@ class BatchNorm(Layer):
         """(dims, per-element indices, feature position, batch-like indices to reduce over)."""
         if len(in_shape) == 1:
             return (N, F), (index("n"), index("j")), 1
-        C, H, W = size("C"), size("H"), size("W")
+        C, H, W = size("C"), size("H_in"), size("W_in")
         return (N, C, H, W), (index("n"), index("c"), index("h"), index("w")), 1
 
     def forward_form(self, in_shape):
@@ -228,7 +231,7 @@ class BatchNorm(Layer):
             Stage(xhat, idx, (x[idx] - mu[channel]) * invstd[channel]),
             Stage(Array("y", dims), idx, gamma[channel] * xhat[idx] + beta[channel]),
         )
-        letters = {N: "n", F: "j", size("C"): "c", size("H"): "h", size("W"): "w"}
+        letters = {N: "n", F: "j", size("C"): "c", size("H_in"): "h", size("W_in"): "w"}
         return Forward(
             inputs=(x,),
             params=(gamma, beta),
@@ -260,7 +263,7 @@ class BatchNorm(Layer):
             aux=(mean, var),
             stages=(Stage(Array("y", dims), idx, y),),
             constants={self.EPS: exact(self.eps)},
-            letters={N: "n", F: "j", size("C"): "c", size("H"): "h", size("W"): "w"},
+            letters={N: "n", F: "j", size("C"): "c", size("H_in"): "h", size("W_in"): "w"},
         )
 
     def state_updates(self) -> dict[str, sp.Expr]:

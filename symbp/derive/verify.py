@@ -269,7 +269,7 @@ def default_sizes(form: Forward, batch: int = 2, width: int = 2) -> dict[sp.Symb
                     sizes[symbol] = batch
                 elif symbol in form.window_dims:
                     sizes[symbol] = 2
-                elif symbol.name in ("H", "W"):
+                elif symbol.name in ("H_in", "W_in"):
                     sizes[symbol] = 4
                 else:
                     sizes[symbol] = width + (len(sizes) + 1) % 2
