@@ -13,6 +13,7 @@ from ..declare.net import Net
 from ..derive.arrays import Lowering
 from ..derive.layer import LayerDerivation, derive_layer
 from ..derive.network import DerivedLayer, derive_network
+from ..derive.readings import gather_form, reading
 from ..derive.verify import default_sizes, verify_layer
 from .numpy_printer import numpy_code
 
@@ -28,7 +29,7 @@ def _pretty(lhs: sp.Expr, rhs: sp.Expr, unicode: bool) -> str:
 def _array_line(derivation: LayerDerivation, name: str, expr: sp.Expr, indices) -> str:
     names = set(derivation.form.arrays) | {derivation.upstream.name}
     try:
-        code = numpy_code(Lowering(names).lower(expr, indices))
+        code = numpy_code(Lowering(names, derivation.form).lower(expr, indices))
     except Exception as err:  # noqa: BLE001 - a lowering gap is shown, not fatal here
         code = f"(no whole-array form: {err})"
     return f"{INDENT}{name} = {code}"
@@ -50,6 +51,13 @@ def layer_report(derivation: LayerDerivation, unicode: bool = True) -> list[str]
     lines.append(f"  backward ({given}):")
     for adjoint in derivation.vjp.values():
         lines.append(_pretty(adjoint.lhs, adjoint.expr, unicode))
+        said = reading(adjoint.expr, upstream)
+        if said:
+            gathered = gather_form(adjoint.expr, upstream)
+            if gathered != adjoint.expr:
+                lines.append(f"{INDENT}that is, with the deltas solved:")
+                lines.append(_pretty(adjoint.lhs, gathered, unicode))
+            lines.append(f"{INDENT}({said})")
         lines.append(_array_line(derivation, adjoint.name, adjoint.expr, adjoint.indices))
     if derivation.identities:
         lines.append("  identities the engine proved from the forward definitions:")
