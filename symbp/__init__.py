@@ -13,6 +13,18 @@ exact formulas, generate a NumPy module, check it against finite differences, ex
 
 __version__ = "0.1.0"
 
+from .declare.conv import (  # noqa: E402
+    AvgPool2d as avgpool2d,
+)
+from .declare.conv import (  # noqa: E402
+    Conv2d as conv2d,
+)
+from .declare.conv import (  # noqa: E402
+    Flatten as flatten,
+)
+from .declare.conv import (  # noqa: E402
+    MaxPool2d as maxpool2d,
+)
 from .declare.layers import (  # noqa: E402 - the version is defined first for the generator
     Activation as activation,
 )
@@ -62,6 +74,37 @@ from .emit.module import generate_module as codegen  # noqa: E402
 from .errors import DerivationError, SpecError, SymbpError  # noqa: E402
 
 
+def notes(
+    net,
+    fmt: str = "md",
+    *,
+    steps: bool = False,
+    notation: str = "d2l",
+    fragment: bool = False,
+    flow: bool = False,
+):
+    """Study notes for ``net`` (a :class:`Net` or the path of a TOML spec): a ``Notes`` object
+    whose ``str()`` is the text in ``fmt`` (``"md"`` or ``"tex"``) and which Jupyter displays
+    rendered; ``flow=True`` adds the gradient-flow bounds."""
+    from .emit.notes import FORMATS, NOTATIONS, make_notes
+
+    if fmt not in FORMATS:
+        raise SpecError(f"fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if notation not in NOTATIONS:
+        raise SpecError(f"notation must be one of {', '.join(NOTATIONS)}, got {notation!r}")
+    if not isinstance(net, Net):
+        net = load_spec(net)
+    derivation = derive(net)
+    rows = None
+    if flow:
+        from .flow.chain import flow_bounds
+
+        rows = flow_bounds(derivation)
+    return make_notes(
+        derivation, steps=steps, notation=notation, fragment=fragment, flow=rows, fmt=fmt
+    )
+
+
 def check(net: Net, *, batch: int = 4, seed: int = 0, full: bool = False):
     """Generate ``net``'s module and compare its gradients with finite differences."""
     from .check.gradcheck import check_spec
@@ -72,15 +115,20 @@ def check(net: Net, *, batch: int = 4, seed: int = 0, full: bool = False):
 __all__ = [
     "Net",
     "activation",
+    "avgpool2d",
     "batchnorm",
     "check",
     "codegen",
+    "conv2d",
     "derive",
     "elu",
+    "flatten",
     "gelu",
     "leaky_relu",
     "linear",
     "load_spec",
+    "maxpool2d",
+    "notes",
     "parse_spec",
     "prelu",
     "relu",

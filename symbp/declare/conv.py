@@ -172,7 +172,7 @@ class Conv2d(_Windowed):
     ):
         super().__init__(name=name)
         self.out_channels = _integer(out_channels, field="out_channels")
-        self.in_channels = None if in_channels is None else _integer(in_channels, "in_channels")
+        self.in_channels = None if in_channels is None else _integer(in_channels, field="in_channels")
         if not isinstance(bias, bool):
             raise SpecError(f"must be true or false, got {bias!r}", field="bias")
         self.bias = bias
