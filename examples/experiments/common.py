@@ -7,22 +7,30 @@ training loop is plain minibatch SGD on the generated ``loss_and_grads``.
 
 from __future__ import annotations
 
-import csv
-import json
-import math
-from pathlib import Path
+import os
 
-import numpy as np
+# One BLAS thread, set before NumPy loads: matrix products then add up in a fixed order and a run
+# repeats bit for bit. (Deep-net SGD amplifies rounding differences into visibly different
+# curves: with several threads, the same script gave two different ReLU runs.)
+for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
 
-import symbp
-from symbp.check.gradcheck import load_module
+import csv  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import symbp  # noqa: E402
+from symbp.check.gradcheck import load_module  # noqa: E402
 
 WIDTH = 32
 CLASSES = 2
 
 
 def two_spirals(count: int, *, noise: float = 0.3, seed: int = 0):
-    """``count`` points on two interleaved spirals (1.5 turns each), labels 0 and 1, standardised."""
+    """``count`` points on two interleaved spirals (1.5 turns each), labels 0, 1; standardised."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, CLASSES, size=count)
     t = np.sqrt(rng.uniform(0.0, 1.0, size=count)) * 3 * np.pi

@@ -17,10 +17,12 @@ Writes ``exploding.png``, ``exploding_profiles.csv`` (one row per network, scale
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 from common import compile_net, figure, mlp, sgd, two_spirals, write_csv, write_json
+
 from symbp.derive.network import derive_network
 from symbp.flow.chain import flow_bounds
 from symbp.flow.numeric import measure
@@ -37,6 +39,8 @@ TRAINING = [
     ("relu + batchnorm", dict(activation="relu", batchnorm=True), 2.0),
 ]
 FULL = dict(depth=12, batch=128, train=2000, epochs=30, sgd_batch=64, lr=0.05)
+#: losses above this are drawn on it in the figure
+CEILING = 10.0
 QUICK = dict(depth=4, batch=64, train=256, epochs=2, sgd_batch=64, lr=0.05)
 
 
@@ -126,10 +130,27 @@ def _plot(path: Path, profiles, training) -> None:
         axes_.grid(True, alpha=0.3)
     for run_label in dict.fromkeys(r["run"] for r in training):
         mine = [r for r in training if r["run"] == run_label]
-        axes[2].plot([r["epoch"] for r in mine], [r["loss"] for r in mine], ".-", label=run_label)
+        epochs = [r["epoch"] for r in mine]
+        losses = [r["loss"] for r in mine]
+        # Losses above the ceiling (or non-finite) are drawn on it, with their value written.
+        shown = [min(v, CEILING) if math.isfinite(v) else CEILING for v in losses]
+        line = axes[2].plot(epochs, shown, ".-", label=run_label)[0]
+        for epoch, value in zip(epochs, losses, strict=True):
+            if not math.isfinite(value) or value > CEILING:
+                text = f"{value:.0e}" if math.isfinite(value) else "nan"
+                axes[2].plot([epoch], [CEILING], "^", color=line.get_color())
+                axes[2].annotate(
+                    text,
+                    (epoch, CEILING),
+                    xytext=(4, -10),
+                    textcoords="offset points",
+                    fontsize=7,
+                    color=line.get_color(),
+                )
     axes[2].set_yscale("log")
+    axes[2].set_ylim(top=CEILING * 1.6)
     axes[2].set_xlabel("epoch")
-    axes[2].set_ylabel("training loss (non-finite: stopped)")
+    axes[2].set_ylabel(f"training loss (drawn at {CEILING:g} if above or nan)")
     axes[2].set_title("plain SGD, lr 0.05", fontsize=10)
     axes[2].legend(fontsize=7)
     axes[2].grid(True, alpha=0.3)

@@ -20,7 +20,7 @@ geometrically with depth. This package shows it three ways, on any declared netw
 from .bounds import LayerMax, LocalJacobian, OperatorNorm, local_jacobian
 from .chain import FlowBound, flow_bounds
 from .command import add_flow_parser, run_flow
-from .memory import memory_model, measured_bytes, predicted_bytes, total_elements
+from .memory import measured_bytes, memory_model, predicted_bytes, total_elements
 from .numeric import Measurement, backward_trace, evaluate_bound, measure
 from .supremum import Supremum, supremum_abs
 

@@ -33,7 +33,7 @@ import numpy as np
 import sympy as sp
 
 from ..declare.forms import Forward
-from ..declare.layers import X, Layer, exact
+from ..declare.layers import Layer, X, exact
 from ..derive.indexing import simplify_indexed
 from ..derive.layer import LayerDerivation, adjoint_array, apply_rules, bound_names
 from .supremum import Supremum, supremum_abs
@@ -77,9 +77,7 @@ class LayerMax(sp.Function):
 
     def _latex(self, printer, *args):
         expr, layer = self.args
-        indices = sorted(
-            {str(i) for e in expr.atoms(sp.Indexed) for i in e.indices}, key=str
-        )
+        indices = sorted({str(i) for e in expr.atoms(sp.Indexed) for i in e.indices}, key=str)
         under = ",".join(indices)
         return (
             rf"\max_{{{under}}}^{{{_latex_name(layer.name)}}} \left({printer._print(expr)}\right)"
@@ -114,10 +112,37 @@ class LocalJacobian:
     body_scale: sp.Expr | None = None
 
 
+#: what a layer shape this analysis does not know can raise while being classified
+_UNSUPPORTED = (
+    ArithmeticError,
+    AttributeError,
+    IndexError,
+    KeyError,
+    NotImplementedError,
+    TypeError,
+    ValueError,
+)
+
+
 def local_jacobian(layer: Layer, derivation: LayerDerivation, name: str) -> LocalJacobian:
-    """Classify ``layer``'s derived Jacobian and bound its spectral norm (see module doc)."""
+    """Classify ``layer``'s derived Jacobian and bound its spectral norm (see module doc).
+
+    A layer whose Jacobian has none of the recognised shapes gets no bound (``structure``
+    ``other``), never an exception; ``entry`` is ``None`` if it cannot even be read off.
+    """
+    try:
+        entry = jacobian_entry(derivation)
+    except _UNSUPPORTED:
+        entry = None
+    try:
+        return _classify(layer, derivation, entry, name)
+    except _UNSUPPORTED as err:
+        reason = f"no bound found (not a shape this analysis knows: {type(err).__name__})"
+        return LocalJacobian(layer.kind, "other", entry, None, None, reason)
+
+
+def _classify(layer: Layer, derivation: LayerDerivation, entry, name: str) -> LocalJacobian:
     form = derivation.form
-    entry = jacobian_entry(derivation)
     if layer.kind == "residual":
         return _residual(derivation, entry)
     if len(form.inputs) != 1:
@@ -288,9 +313,7 @@ def _projection(layer, derivation: LayerDerivation, entry, name: str) -> LocalJa
     dy = upstream[vjp.indices]
     expr = sp.expand(vjp.expr)
     scale = expr.coeff(dy)
-    sums = sorted(
-        {s for s in expr.atoms(sp.Sum) if s.has(upstream.base)}, key=sp.default_sort_key
-    )
+    sums = sorted({s for s in expr.atoms(sp.Sum) if s.has(upstream.base)}, key=sp.default_sort_key)
     if not sums or scale == 0 or scale.has(upstream.base):
         return None
     directions: list[tuple[sp.Expr, sp.Symbol, sp.Expr]] = []  # (g[m], m, size)

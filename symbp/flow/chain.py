@@ -2,7 +2,7 @@
 
 The gradient with respect to the input of layer ``l`` is ``J_l^T ... J_L^T dout`` (chain rule),
 so ``||dL/dh_l|| <= (prod_{k >= l} ||J_k||_2) ||dL/dout||``. Each factor is the bound that
-:func:`~symbp.flow.bounds.local_jacobian` proved; a residual block contributes
+:func:`~symbp.flow.bounds.local_jacobian` proved; a residual block contributes the factor
 ``skip + body_scale * prod(body)``. The product is symbolic: sigmoid layers give exact powers of
 1/4, linear layers their ``||W||_2``, batch norm ``max_j |gamma_j| invstd_j``.
 
@@ -113,13 +113,14 @@ def _down(items: list[Placed], above, jacobians, products) -> sp.Expr | None:
     current = above
     for item in reversed(items):
         if isinstance(item.layer, Residual):
+            # Past the block the bound is ``current * (skip + body_scale * prod(body))``: one
+            # factor per block, so the expression grows linearly with depth (the expanded sum
+            # ``current * skip + [body's chain]`` repeats ``current`` and doubles per block).
             jac = jacobians[item.name]
-            if current is None or jac.bound is None:
-                body = _down(item.body, None, jacobians, products)
-                current = None
-            else:
-                body = _down(item.body, current * jac.body_scale, jacobians, products)
-                current = None if body is None else current * jac.bound + body
+            known = current is not None and jac.bound is not None
+            _down(item.body, current * jac.body_scale if known else None, jacobians, products)
+            block = _block_bound(item, jacobians)
+            current = None if current is None or block is None else current * block
         else:
             bound = jacobians[item.name].bound
             current = None if current is None or bound is None else current * bound

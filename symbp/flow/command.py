@@ -52,14 +52,20 @@ def parse_batches(text: str) -> list[int]:
     try:
         batches = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise SpecError(f"must be integers separated by commas, got {text!r}", field="--batch")
+        raise SpecError(
+            f"must be integers separated by commas, got {text!r}", field="--batch"
+        ) from None
     if not batches or min(batches) < 1:
         raise SpecError(f"must be positive integers, got {text!r}", field="--batch")
     return batches
 
 
 def run_flow(args: argparse.Namespace) -> int:
-    """Print the three tables for ``args.spec``; write the figure when ``--plot`` is given."""
+    """Print the three tables for ``args.spec``; write the figure when ``--plot`` is given.
+
+    Returns 0; 1 when the generated module cannot be built for the network (the symbolic table
+    and the memory formula are still printed) or a measured cache differs from the formula.
+    """
     from ..declare.spec import load_spec
     from ..derive.network import derive_network
     from .chain import flow_bounds
@@ -72,22 +78,57 @@ def run_flow(args: argparse.Namespace) -> int:
     if args.jacobian_batch < 0:
         raise SpecError(f"must be 0 or more, got {args.jacobian_batch}", field="--jacobian-batch")
     if args.plot:
+        _check_plot_path(args.plot)
         _require_matplotlib()
     net = load_spec(args.spec)
     dtype = args.dtype or net.dtype
     rows = flow_bounds(derive_network(net))
-    measured = measure(
-        net, rows, batch=args.grad_batch, seed=args.seed, jacobian_batch=args.jacobian_batch
-    )
     print(symbolic_table(rows))
     print()
+    model = memory_model(net)
+    module, failure = _generated_module(net)
+    if module is None:
+        print(f"Numerical table skipped: no generated module for this network ({failure}).")
+        print()
+        print(memory_table(net, model, batches, dtype, seed=args.seed, module=None))
+        return 1
+    measured = measure(
+        net,
+        rows,
+        batch=args.grad_batch,
+        seed=args.seed,
+        jacobian_batch=args.jacobian_batch,
+        module=module,
+    )
     print(numeric_table(measured, seed=args.seed))
     print()
-    print(memory_table(net, memory_model(net), batches, dtype, seed=args.seed))
+    text = memory_table(net, model, batches, dtype, seed=args.seed, module=module)
+    print(text)
     if args.plot:
         plot_flow(measured, args.plot, title=f"{net.name}: gradient norms at initialization")
         print(f"\nwrote {args.plot}")
-    return 0
+    return 1 if "DIFFERS" in text else 0
+
+
+def _check_plot_path(path: str) -> None:
+    target = Path(path)
+    if target.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise SpecError(f"must end in .png, .pdf or .svg, got {path!r}", field="--plot")
+    if not target.parent.is_dir():
+        raise SpecError(f"folder {str(target.parent)!r} does not exist", field="--plot")
+
+
+def _generated_module(net):
+    """The network's generated module, or ``(None, why)`` when code generation fails."""
+    from ..check.gradcheck import load_module
+    from ..emit.module import generate_module
+
+    try:
+        return load_module(generate_module(net)), None
+    except SymbpError as err:
+        return None, str(err)
+    except Exception as err:  # noqa: BLE001 - a layer the generator does not support yet
+        return None, f"code generation failed: {type(err).__name__}: {err}"
 
 
 # -- tables -------------------------------------------------------------------------------------
@@ -111,6 +152,8 @@ def _text(expr) -> str:
 
 def _entry_text(entry) -> str:
     """``dy[n', j']/dx[n, j] = f' * delta(n, n')*delta(j, j')``: the deltas last."""
+    if entry is None:
+        return "not read off the derived VJP"
     lhs, rhs = entry
     printer = _FormulaPrinter()
     factors = sp.Mul.make_args(rhs)
@@ -119,7 +162,9 @@ def _entry_text(entry) -> str:
     text = printer.doprint(rest)
     if isinstance(rest, sp.Add | sp.Piecewise) and deltas:
         text = f"({text})"
-    value = " ".join(([text] if rest != 1 or not deltas else []) + [printer.doprint(d) for d in deltas])
+    value = " ".join(
+        ([text] if rest != 1 or not deltas else []) + [printer.doprint(d) for d in deltas]
+    )
     of, wrt = lhs.expr, lhs.variables[0]
     return f"d{printer.doprint(of)}/d{printer.doprint(wrt)} = {value}"
 
@@ -219,10 +264,9 @@ def _bytes(count: int) -> str:
     return str(count)  # pragma: no cover
 
 
-def memory_table(net, model, batches, dtype, *, seed: int) -> str:
-    """What backward keeps, per layer, as a formula; totals predicted and measured per batch."""
-    from ..check.gradcheck import load_module
-    from ..emit.module import generate_module
+def memory_table(net, model, batches, dtype, *, seed: int, module=None) -> str:
+    """What backward keeps, per layer, as a formula; totals predicted (and, given the generated
+    ``module``, measured on a random batch) for each batch size."""
     from .memory import measure_cache, predicted_bytes, total_elements
 
     lines = [f"Kept for backward (the generated cache), {dtype}"]
@@ -230,16 +274,18 @@ def memory_table(net, model, batches, dtype, *, seed: int) -> str:
     lines += [header, "-" * len(header)]
     for layer in model:
         for entry in layer.entries:
-            dims = ", ".join(str(d) for d in entry.dims)
+            dims = ", ".join(sp.sstr(d) for d in entry.dims)
             note = f"same array as {entry.shared_with}" if entry.shared_with else ""
             lines.append(
                 f"{layer.layer:<20} {entry.name + '[' + dims + ']':<16} "
                 f"{sp.sstr(sp.Mul(*entry.dims)):<10} {sp.sstr(entry.elements):<12} {note}"
             )
     lines.append(f"total: {sp.sstr(total_elements(model))} elements")
-    module = load_module(generate_module(net))
     for batch in batches:
         predicted = predicted_bytes(model, batch, dtype)
+        if module is None:
+            lines.append(f"  N = {batch:<6} {_bytes(predicted):>12} predicted")
+            continue
         measured = measure_cache(net, module, batch=batch, dtype=dtype, seed=seed)
         check = "matches" if predicted == measured else "DIFFERS"
         lines.append(
@@ -283,7 +329,11 @@ def plot_flow(measured, path: str | Path, *, title: str = "") -> None:
     ]
     if bounds:
         axes.plot(
-            [p for p, _ in bounds], [b for _, b in bounds], ":", color="gray", label="proved bound on |dL/d input|"
+            [p for p, _ in bounds],
+            [b for _, b in bounds],
+            ":",
+            color="gray",
+            label="proved bound on |dL/d input|",
         )
     axes.set_yscale("log")
     axes.set_xticks(positions, names, rotation=60, ha="right", fontsize=8)

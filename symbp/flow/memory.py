@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import sympy as sp
 
-from ..declare.forms import N, Array, Forward
+from ..declare.forms import Array, Forward, N
 from ..declare.layers import Residual
 from ..declare.net import Net, Placed
 from ..derive.network import derive_cached
@@ -100,19 +100,30 @@ def _place_layer(item: Placed, current: int, counter, origin, result) -> int:
     return output
 
 
-def _sizes(item: Placed, form: Forward) -> dict[sp.Symbol, int]:
-    """The layer's size symbols (``I``, ``O``, ``F``) matched to its placed shapes."""
+def _sizes(item: Placed, form: Forward) -> dict[sp.Symbol, sp.Expr]:
+    """The layer's size symbols (``I``, ``O``, ``F``) matched to its placed shapes.
+
+    Arrays whose rank differs from the placed shape (flatten's output) are skipped; the
+    hyper-parameters (a convolution's padding) and the size rules (its output height) fill in
+    sizes that no placed shape names.
+    """
     known: list[tuple[Array, tuple[int, ...]]] = [
         (form.inputs[0], item.in_shape),
         (form.output.array, item.out_shape),
     ]
     shapes = item.layer.param_shapes(item.in_shape)
     known += [(p, shapes[p.name]) for p in form.params if p.name in shapes]
-    sizes: dict[sp.Symbol, int] = {}
+    sizes: dict[sp.Symbol, sp.Expr] = {}
     for array, shape in known:
         dims = array.dims[1:] if array.dims[:1] == (N,) else array.dims  # per sample
+        if len(dims) != len(shape):
+            continue
         for dim, value in zip(dims, shape, strict=True):
-            sizes[dim] = value
+            if isinstance(dim, sp.Symbol):
+                sizes[dim] = sp.Integer(value)
+    sizes.update(form.constants)
+    for dim, rule in form.size_rules.items():
+        sizes.setdefault(dim, rule.xreplace(sizes))
     return sizes
 
 

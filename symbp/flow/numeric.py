@@ -16,6 +16,7 @@ they are only computed for small batches and widths (:data:`JACOBIAN_LIMIT`).
 from __future__ import annotations
 
 import functools
+import inspect
 import types
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ from ..declare.layers import Residual
 from ..declare.net import Net, Placed
 from ..derive.layer import LayerDerivation
 from ..derive.network import derive_cached
-from ..emit.module import generate_module
+from ..emit.module import function_stems, generate_module, size_values
 from .bounds import LayerMax, OperatorNorm
 
 #: Jacobians are built only when every layer's input and output has at most this many entries.
@@ -58,19 +59,24 @@ def backward_trace(
 ) -> Trace:
     """Run the backward pass layer by layer with the module's functions, recording gradients."""
     trace = Trace()
-    _backward(items if items is not None else net.placed, module, params, cache, dout, trace)
+    stems = function_stems(net)
+    _backward(items if items is not None else net.placed, module, params, cache, dout, trace, stems)
     return trace
 
 
-def _backward(items, module, params, cache, upstream, trace: Trace):
+def _backward(items, module, params, cache, upstream, trace: Trace, stems):
     for item in reversed(items):
         trace.grad_out[item.name] = upstream
         layer = item.layer
+        if layer.kind == "flatten":  # a reshape in the generated code, no function of its own
+            upstream = upstream.reshape(len(upstream), *item.in_shape)
+            trace.grad_in[item.name] = upstream
+            continue
         derivation = derive_cached(layer, item.in_shape)
-        backward = getattr(module, f"{layer.function_stem}_backward")
+        backward = getattr(module, f"{stems[item.name]}_backward")
         if isinstance(layer, Residual):
             skip, body = backward(upstream)
-            upstream = skip + _backward(item.body, module, params, cache, body, trace)
+            upstream = skip + _backward(item.body, module, params, cache, body, trace, stems)
             trace.grad_in[item.name] = upstream
             continue
         form = derivation.form
@@ -78,6 +84,9 @@ def _backward(items, module, params, cache, upstream, trace: Trace):
         used = set().union(*[a.expr.free_symbols for a in derivation.vjp.values()])
         values = layer.constant_values()
         keywords = {s.name: values[s.name] for s in form.constants if s in used}
+        # sizes that no argument's shape tells (e.g. a padded pooling's input height)
+        accepted = inspect.signature(backward).parameters
+        keywords.update({k: v for k, v in size_values(item, form).items() if k in accepted})
         result = backward(upstream, *cache[item.name], *read, **keywords)
         if len(form.differentiable) == 1:
             result = (result,)
@@ -91,7 +100,7 @@ def _backward(items, module, params, cache, upstream, trace: Trace):
 
 def loss_gradient(net: Net, module: types.ModuleType, out: np.ndarray, y) -> tuple[float, object]:
     """The loss and dL/d(out) with the module's loss functions (as ``loss_and_grads`` does)."""
-    stem = net.loss.function_stem
+    stem = function_stems(net)[None]
     target = np.eye(out.shape[1], dtype=out.dtype)[y] if net.loss.target_kind == "labels" else y
     loss, loss_cache = getattr(module, f"{stem}_forward")(out, target)
     return float(loss), getattr(module, f"{stem}_backward")(*loss_cache)
@@ -116,9 +125,7 @@ def evaluate_bound(expr: sp.Expr | None, net: Net, params, cache) -> float:
     values = {}
     for node in expr.atoms(OperatorNorm):
         param, layer = node.args
-        values[node] = sp.Float(
-            np.linalg.norm(params[f"{layer.name}.{param.name}"], 2), 17
-        )
+        values[node] = sp.Float(np.linalg.norm(params[f"{layer.name}.{param.name}"], 2), 17)
     for node in expr.atoms(LayerMax):
         inner, layer = node.args
         arrays = layer_arrays(net, layer.name, params, cache)
