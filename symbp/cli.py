@@ -47,6 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     latex.add_argument("--steps", action="store_true", help="include intermediate steps")
     latex.add_argument("--notation", choices=("d2l", "cs231n"), default="d2l")
     latex.add_argument("--fragment", action="store_true", help="equations only (tex)")
+    latex.add_argument(
+        "--flow", action="store_true", help="add the gradient-flow bounds (symbp flow)"
+    )
+
+    from .flow.command import add_flow_parser
+
+    add_flow_parser(commands)
     return parser
 
 
@@ -62,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args)
         if args.command == "latex":
             return _latex(args)
+        if args.command == "flow":
+            from .flow.command import run_flow
+
+            return run_flow(args)
     except SymbpError as err:
         print(f"symbp: error: {err}", file=sys.stderr)
         return 2
@@ -137,8 +148,18 @@ def _latex(args) -> int:
                 "cannot tell the format from the file name; use --format tex|md", field="-o"
             )
     derivation = derive_network(load_spec(args.spec))
+    flow = None
+    if args.flow:
+        from .flow.chain import flow_bounds
+
+        flow = flow_bounds(derivation)
     text = render_notes(
-        derivation, fmt=fmt, steps=args.steps, notation=args.notation, fragment=args.fragment
+        derivation,
+        fmt=fmt,
+        steps=args.steps,
+        notation=args.notation,
+        fragment=args.fragment,
+        flow=flow,
     )
     if args.output == "-":
         sys.stdout.write(text)

@@ -184,7 +184,7 @@ def test_steps_add_the_engines_intermediate_steps(bn_derivation):
 def test_fragment_has_no_preamble(bn_derivation):
     fragment = render_notes(bn_derivation, fmt="tex", fragment=True)
     assert r"\documentclass" not in fragment and r"\end{document}" not in fragment
-    assert r"\begin{aligned}" in fragment
+    assert r"\begin{align*}" in fragment
 
 
 def test_notes_object_for_jupyter(bn_derivation):
@@ -232,3 +232,148 @@ def test_markdown_math_parses_with_katex(example, notation):
     blocks = extract_markdown_math(md)
     assert len(blocks) > 10
     assert katex_errors(blocks) == []
+
+
+# -- the Python API, the CLI flag, gradient flow, convolutions -------------------------------------
+SIGMOID_SPEC = """
+name = "sigmoid_net"
+input = { features = 3 }
+loss = "mse"
+
+[[layers]]
+type = "linear"
+name = "fc1"
+out = 3
+
+[[layers]]
+type = "sigmoid"
+name = "s1"
+
+[[layers]]
+type = "linear"
+name = "fc2"
+out = 3
+
+[[layers]]
+type = "sigmoid"
+name = "s2"
+"""
+
+CONV_SPEC = """
+name = "small_conv"
+input = { shape = [1, 6, 6] }
+loss = "mse"
+
+[[layers]]
+type = "conv2d"
+name = "conv1"
+out_channels = 2
+kernel = 3
+
+[[layers]]
+type = "maxpool2d"
+name = "pool1"
+kernel = 2
+
+[[layers]]
+type = "flatten"
+
+[[layers]]
+type = "linear"
+name = "fc"
+out = 3
+"""
+
+
+def test_symbp_notes_api(tmp_path):
+    import symbp
+
+    spec = tmp_path / "sigmoid_net.toml"
+    spec.write_text(SIGMOID_SPEC, encoding="utf-8")
+    from_path = symbp.notes(str(spec))
+    from_net = symbp.notes(parse_spec(SIGMOID_SPEC), fmt="tex", notation="cs231n")
+    assert isinstance(from_path, Notes)
+    assert str(from_path) == from_path.markdown and str(from_path).startswith("# Backprop")
+    assert str(from_net) == from_net.tex and r"\documentclass" in str(from_net)
+    assert r"\mathrm{d}" in from_net.tex  # cs231n names
+    assert from_path._repr_markdown_() == from_path.markdown
+    assert "Gradient flow" not in from_path.markdown
+    with pytest.raises(symbp.SpecError):
+        symbp.notes(str(spec), fmt="html")
+    with pytest.raises(symbp.SpecError):
+        symbp.notes(str(spec), notation="bishop")
+
+
+@pytest.fixture(scope="module")
+def sigmoid_flow_notes():
+    from symbp.flow import flow_bounds
+
+    derivation = derive_network(parse_spec(SIGMOID_SPEC))
+    rows = flow_bounds(derivation)
+    return {fmt: render_notes(derivation, fmt=fmt, flow=rows) for fmt in ("md", "tex")}
+
+
+def test_flow_section_shows_sigmoids_quarter(sigmoid_flow_notes):
+    md = sigmoid_flow_notes["md"]
+    section = md.split("## Gradient flow", 1)[1]
+    # sup |sigmoid'| = 1/4 (at 0): the textbook bound, proved by sympy in symbp.flow
+    assert section.count(r"\lVert J \rVert_2 \le \frac{1}{4}$") == 2
+    assert "Same local Jacobian as layer 2." in section
+    # two sigmoids between the output and the input: the product carries (1/4)^2 = 1/16
+    assert r"\lVert W_{\mathrm{fc1}} \rVert_2 \lVert W_{\mathrm{fc2}} \rVert_2}{16}" in section
+
+
+@pytest.mark.skipif(not have_node(), reason="node missing: .ci/install_render_tools.sh")
+def test_flow_section_parses_with_katex(sigmoid_flow_notes):
+    assert katex_errors(extract_markdown_math(sigmoid_flow_notes["md"])) == []
+
+
+@pytest.mark.skipif(not have_pdflatex(), reason="pdflatex missing: .ci/install_render_tools.sh")
+def test_flow_section_compiles(sigmoid_flow_notes, tmp_path):
+    assert r"\section*{Gradient flow}" in sigmoid_flow_notes["tex"]
+    ok, log, _ = compile_latex(sigmoid_flow_notes["tex"], tmp_path)
+    assert ok, log[-3000:]
+    assert overfull_boxes(log, min_pt=1.0) == []
+
+
+def test_cli_latex_flow_flag(tmp_path, capsys):
+    from symbp.cli import main
+
+    spec = tmp_path / "sigmoid_net.toml"
+    spec.write_text(SIGMOID_SPEC, encoding="utf-8")
+    assert main(["latex", str(spec), "-o", "-", "--format", "md", "--flow"]) == 0
+    assert "## Gradient flow" in capsys.readouterr().out
+    assert main(["latex", str(spec), "-o", "-", "--format", "md"]) == 0
+    assert "## Gradient flow" not in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def conv_derivation():
+    return derive_network(parse_spec(CONV_SPEC))
+
+
+def test_conv_notes_say_full_convolution_with_flipped_kernel(conv_derivation):
+    md = render_notes(conv_derivation, fmt="md")
+    conv = md.split("### Layer 1:", 1)[1].split("### Layer 2:", 1)[0]
+    assert "*full convolution*" in conv and "*flipped* kernel" in conv
+    # stride 1: dx[n, c, h, w] = sum_{o, p, q} W[o, c, h - p, w - q] dy[n, o, p, q], the
+    # textbook input gradient of a convolution (kernel index = input position - output position)
+    assert r"W_{o',c,h - p',w - q'} \frac{\partial J}{\partial y_{n,o',p',q'}}" in conv
+    # max pooling (stride 2) is a scatter to the window's arg-max, not a convolution
+    pool = md.split("### Layer 2:", 1)[1].split("### Layer 3:", 1)[0]
+    assert "full convolution" not in pool and r"\operatorname{argmax}_{k,k'}" in pool
+    # the network's forward pass keeps index form for the windowed layers
+    assert r"h^{(1)}_{nopq} &= \sum_{c,i,j} W^{(1)}_{ocij}" in md
+
+
+@pytest.mark.skipif(not have_node(), reason="node missing: .ci/install_render_tools.sh")
+def test_conv_notes_parse_with_katex(conv_derivation):
+    md = render_notes(conv_derivation, fmt="md", notation="cs231n")
+    assert katex_errors(extract_markdown_math(md)) == []
+
+
+@pytest.mark.skipif(not have_pdflatex(), reason="pdflatex missing: .ci/install_render_tools.sh")
+def test_conv_notes_compile(conv_derivation, tmp_path):
+    ok, log, _ = compile_latex(render_notes(conv_derivation, fmt="tex"), tmp_path)
+    assert ok, log[-3000:]
+    assert overfull_boxes(log, min_pt=1.0) == []

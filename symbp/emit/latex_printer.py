@@ -124,6 +124,21 @@ class Identity(NotesNode):
     nargs = 0
 
 
+class Norm(NotesNode):
+    """``Norm(A)``: the spectral norm of ``A``, printed ``\\lVert A \\rVert_2``."""
+
+    nargs = 1
+
+
+class Element(NotesNode):
+    """``Element(node, *indices)``: one element of a network-level array (an :class:`AtLayer`
+    or a :class:`Delta`), for layers written in index form: ``h^{(2)}_{ncpq}``."""
+
+
+#: Separator of the rows of an ``aligned`` block (what :meth:`NotesLatexPrinter.rows` joins with).
+ROW_SEPARATOR = " \\\\\n"
+
+
 def _letter(name: str) -> str:
     if name in OPERATOR_NAMES:
         return rf"\operatorname{{{name}}}"
@@ -165,16 +180,18 @@ class NotesLatexPrinter(LatexPrinter):
         """``lhs = rhs`` on one line."""
         return f"{self.doprint(lhs)} = {self.doprint(rhs)}"
 
-    def rows(self, pairs, *, width: int = 90) -> str:
+    def rows(self, pairs, *, width: int = 80, relation: str = "=") -> str:
         """The body of an ``aligned`` block: one ``lhs &= rhs`` row per pair, sums that are too
-        long (by their LaTeX length) broken after a term and continued on an indented line."""
+        long (by their LaTeX length) broken after a term and continued on an indented line.
+        ``relation`` is ``"="`` or ``"<="`` (printed ``\\le``)."""
+        symbol = {"=": "=", "<=": r"\le"}[relation]
         lines = []
         for lhs, rhs in pairs:
             left = self.doprint(lhs)
             parts = self._broken(rhs, width)
-            lines.append(f"{left} &= {parts[0]}")
+            lines.append(f"{left} &{symbol} {parts[0]}")
             lines += [rf"&\quad {part}" for part in parts[1:]]
-        return " \\\\\n".join(lines)
+        return ROW_SEPARATOR.join(lines)
 
     def _broken(self, expr, width: int) -> list[str]:
         text = self.doprint(expr)
@@ -194,7 +211,7 @@ class NotesLatexPrinter(LatexPrinter):
                     parts[-1] = rf"\left.{parts[-1]}\right)"
                     return parts
         if not isinstance(expr, sp.Add):
-            return [text]
+            return _split_top_level(text, width)
         terms = self._add_terms(expr)
         lines: list[str] = []
         current = ""
@@ -206,7 +223,7 @@ class NotesLatexPrinter(LatexPrinter):
             else:
                 current = f"{current} {piece}".strip()
         lines.append(current)
-        return lines
+        return [piece for line in lines for piece in _split_top_level(line, width)]
 
     def _add_terms(self, expr: sp.Add) -> list[tuple[str, str]]:
         """Signed printed terms, positive ones first (``x - \\mu``, ``1 - y``)."""
@@ -283,6 +300,9 @@ class NotesLatexPrinter(LatexPrinter):
     def _print_Symbol(self, expr, style="plain"):
         if self._is_array(expr.name) or expr.name in SYMBOLS or expr.name == "L":
             return self._array_tex(expr.name)
+        name = expr.name
+        if len(name) > 1 and name.isalpha() and translate(name) == name:
+            return rf"\mathrm{{{name}}}"  # a word (stride, dilation), not a product of letters
         return super()._print_Symbol(expr, style=style)
 
     def _print_Indexed(self, expr):
@@ -522,6 +542,34 @@ class NotesLatexPrinter(LatexPrinter):
     def _print_Identity(self, expr):
         return r"\mathbf{I}"
 
+    def _print_Norm(self, expr):
+        return rf"\left\lVert {self._print(expr.args[0])} \right\rVert_2"
+
+    def _print_Element(self, expr):
+        node, *indices = expr.args
+        sub = self._indices_tex(indices)
+        if isinstance(node, Delta):
+            return rf"\delta^{{({_label(node.args[0])})}}_{{{sub}}}"
+        name, label = node.args
+        return self.name_tex(name.name, sub=sub, layer=_label(label))
+
+    # -- windows (pooling, convolution) ---------------------------------------------------------
+    def _print_WindowMax(self, expr):
+        indices = ",".join(self._print(v) for v in expr.variables)
+        return rf"\max_{{{indices}}} {self._print(expr.function)}"
+
+    def _print_FirstArgmax(self, expr):
+        window, *point = expr.args
+        indices = ",".join(self._print(v) for v in window.variables)
+        at = ",".join(self._print(v) for v in point)
+        where = rf"\operatorname{{argmax}}_{{{indices}}} {self._print(window.function)}"
+        return rf"{self._settings['indicator']}\left[({at}) = {where}\right]"
+
+    def _print_KroneckerDelta(self, expr, exp=None):
+        # An indicator, not delta: the notes' delta is the backpropagated gradient.
+        first, second = (self._print(a) for a in expr.args)
+        return rf"{self._settings['indicator']}\left[{first} = {second}\right]"
+
 
 def _label(symbol) -> str:
     return symbol.name if isinstance(symbol, sp.Symbol) else str(symbol)
@@ -545,6 +593,59 @@ def _is_adjoint_node(expr, printer: NotesLatexPrinter) -> bool:
 
 
 _COMMAND = re.compile(r"\\[A-Za-z]+|[{}^_]")
+#: Tokens that bind to what follows them when a long line is broken.
+_OPERATORS = {"+", "-", r"\odot", "="}
+
+
+def _split_top_level(text: str, width: int) -> list[str]:
+    """Break printed math that is wider than ``width`` at spaces outside braces and
+    ``\\left...\\right`` groups (between factors of a product), never inside a group, and never
+    right after an operator. A line-breaking pass over the printer's own output: it chooses
+    where lines end, it does not change the math."""
+    if _visible_length(text) <= width:
+        return [text]
+    tokens, depth, start, k = [], 0, 0, 0
+    while k < len(text):
+        if text.startswith(r"\left", k) and not text[k + 5 : k + 6].isalpha():
+            depth += 1
+            k += 5
+            continue
+        if text.startswith(r"\right", k) and not text[k + 6 : k + 7].isalpha():
+            depth -= 1
+            k += 6
+            continue
+        char = text[k]
+        if char == "\\":
+            k += 2
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+        elif char == " " and depth == 0:
+            tokens.append(text[start:k])
+            start = k + 1
+        k += 1
+    tokens.append(text[start:])
+    words: list[str] = []
+    for token in tokens:
+        if words and words[-1].split(" ")[-1] in _OPERATORS | {r"\sum"} | {""}:
+            words[-1] = f"{words[-1]} {token}"
+        elif words and words[-1].startswith(r"\sum") and " " not in words[-1]:
+            words[-1] = f"{words[-1]} {token}"  # a sum keeps its first factor
+        elif token in _OPERATORS and words:
+            words.append(token)
+        else:
+            words.append(token)
+    lines, current = [], ""
+    for word in words:
+        if current and _visible_length(f"{current} {word}") > width:
+            lines.append(current)
+            current = word
+        else:
+            current = f"{current} {word}".strip()
+    lines.append(current)
+    return lines
 
 
 def _visible_length(text: str) -> int:
@@ -566,8 +667,11 @@ __all__ = [
     "Delta",
     "Dot",
     "Grad",
+    "Element",
     "Identity",
     "InSpace",
+    "Norm",
+    "ROW_SEPARATOR",
     "Jacobian",
     "MaxOver",
     "NotesLatexPrinter",

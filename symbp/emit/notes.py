@@ -25,21 +25,35 @@ import sympy as sp
 
 from ..declare.layers import Elementwise, Residual
 from ..declare.net import Placed
-from ..derive.arrays import Lowering
-from ..derive.layer import LayerDerivation
+from ..derive.arrays import (
+    Col2Im,
+    Einsum,
+    FirstArgmaxMask,
+    Lowering,
+    MaxOver,
+    Shifted,
+    SumOver,
+    Windows,
+)
+from ..derive.indexing import simplify_indexed
+from ..derive.layer import LayerDerivation, bound_names
 from ..derive.network import DerivedLayer, NetworkDerivation
 from ..derive.verify import default_sizes, verify_layer
+from ..errors import DerivationError
 from .latex_printer import (
+    ROW_SEPARATOR,
     Apply,
     AtLayer,
     Chain,
     Compose,
     Delta,
+    Element,
     Ellipsis_,
     Grad,
     Identity,
     InSpace,
     Jacobian,
+    Norm,
     NotesLatexPrinter,
     Shape,
 )
@@ -62,6 +76,8 @@ class Notes:
 
     tex: str
     markdown: str
+    #: what ``str()`` gives: ``"md"`` (the Markdown) or ``"tex"`` (the LaTeX)
+    fmt: str = "md"
 
     def _repr_latex_(self) -> str:
         return render_fragment_for_jupyter(self.tex)
@@ -70,7 +86,7 @@ class Notes:
         return self.markdown
 
     def __str__(self) -> str:
-        return self.markdown
+        return self.tex if self.fmt == "tex" else self.markdown
 
 
 def render_fragment_for_jupyter(tex: str) -> str:
@@ -82,12 +98,20 @@ def render_fragment_for_jupyter(tex: str) -> str:
 
 
 def make_notes(
-    derivation: NetworkDerivation, *, steps: bool = False, notation: str = "d2l"
+    derivation: NetworkDerivation,
+    *,
+    steps: bool = False,
+    notation: str = "d2l",
+    fragment: bool = False,
+    flow: list | None = None,
+    fmt: str = "md",
 ) -> Notes:
-    """Both formats at once (what ``symbp.notes`` returns)."""
+    """Both formats at once (what ``symbp.notes`` returns); ``str()`` gives ``fmt``."""
+    options = {"steps": steps, "notation": notation, "fragment": fragment, "flow": flow}
     return Notes(
-        tex=render_notes(derivation, fmt="tex", steps=steps, notation=notation),
-        markdown=render_notes(derivation, fmt="md", steps=steps, notation=notation),
+        tex=render_notes(derivation, fmt="tex", **options),
+        markdown=render_notes(derivation, fmt="md", **options),
+        fmt=fmt,
     )
 
 
@@ -98,19 +122,25 @@ def render_notes(
     steps: bool = False,
     notation: str = "d2l",
     fragment: bool = False,
+    flow: list | None = None,
 ) -> str:
     """The notes for one network as a LaTeX document (``fmt="tex"``) or Markdown (``"md"``).
 
     ``steps`` adds what the engine did for each formula; ``notation`` is ``"d2l"``
     (:math:`\\partial J/\\partial W`) or ``"cs231n"`` (``dW``); ``fragment`` leaves out the
     document preamble (LaTeX) or the title (Markdown), for pasting into an existing document.
+    ``flow`` adds a section "Gradient flow" from the rows of ``symbp.flow.flow_bounds`` (any
+    objects with the attributes ``layer``, ``kind``, ``jacobian``, ``derivative``, ``bound``,
+    ``product`` and ``reason``; this module does not import :mod:`symbp.flow`, which imports it).
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     if notation not in NOTATIONS:
         raise ValueError(f"notation must be one of {NOTATIONS}, got {notation!r}")
-    context = _Builder(derivation, fmt=fmt, steps=steps, notation=notation).context()
+    builder = _Builder(derivation, fmt=fmt, steps=steps, notation=notation)
+    context = builder.context()
     context["fragment"] = fragment
+    context["flow"] = _Builder.flow_section(builder, flow) if flow is not None else None
     return _environment().get_template(f"notes.{fmt}.j2").render(**context)
 
 
@@ -146,6 +176,11 @@ def _environment() -> jinja2.Environment:
     )
 
 
+def _code(value: str, fmt: str) -> str:
+    """Plain text for a code span: ``\\texttt`` in LaTeX, backticks in Markdown."""
+    return _text(value, fmt) if fmt == "tex" else value.replace("`", "'")
+
+
 # -- building the context -----------------------------------------------------------------------
 _TEX_SPECIAL = {
     "\\": r"\textbackslash{}",
@@ -173,12 +208,30 @@ def _text(value: str, fmt: str) -> str:
 _VERIFIED: dict[tuple[int, bool, int], tuple[LayerDerivation, bool]] = {}
 
 
+def proof_sizes(derivation: LayerDerivation, batch: int) -> dict[sp.Symbol, int]:
+    """The sizes of the notes' proof: the verifier's defaults, with a layer that reads no
+    windows (batch norm on images) proven on 1 x 1 images: its per-channel reductions then run
+    over the batch as in the 2-D case, and the scalar expansion stays small enough to prove in
+    seconds."""
+    sizes = default_sizes(derivation.form, batch=batch)
+    if not derivation.form.window_dims:
+        for symbol in sizes:
+            if _spatial(symbol):
+                sizes[symbol] = 1
+    return sizes
+
+
+def _spatial(symbol: sp.Symbol) -> bool:
+    """An image height or width (``H``, ``W_in``, ``H_out``)."""
+    return symbol.name.split("_")[0] in ("H", "W")
+
+
 def _proven(derivation: LayerDerivation, *, staged: bool) -> bool:
     """Both forms equal direct differentiation at the batch sizes of :data:`VERIFY_BATCHES`."""
     for batch in VERIFY_BATCHES:
         key = (id(derivation), staged, batch)
         if key not in _VERIFIED or _VERIFIED[key][0] is not derivation:
-            sizes = default_sizes(derivation.form, batch=batch)
+            sizes = proof_sizes(derivation, batch)
             verdicts = verify_layer(derivation, sizes, staged=staged)
             _VERIFIED[key] = (derivation, all(v.proven for v in verdicts))
         if not _VERIFIED[key][1]:
@@ -205,6 +258,10 @@ class _Builder:
     # printers
     def index_printer(self, derivation: LayerDerivation) -> NotesLatexPrinter:
         return NotesLatexPrinter({**self.settings, "arrays": set(derivation.form.arrays)})
+
+    def network_index_printer(self) -> NotesLatexPrinter:
+        """Index form in network names (:class:`Element`), for layers without a matrix form."""
+        return NotesLatexPrinter({**self.settings, "arrays": set()})
 
     def whole_printer(self, arrays=()) -> NotesLatexPrinter:
         known = set(arrays) | {"x", "o"}
@@ -294,13 +351,35 @@ class _Builder:
         return {sp.Symbol(k, real=True): v for k, v in mapping.items()}
 
     def _lowered(self, derivation: LayerDerivation, expr, indices):
+        """The whole-array form, or ``None`` where matrix notation has none that reads well
+        (sliding windows of convolution and pooling: those layers are written in index form)."""
         names = set(derivation.form.arrays) | {derivation.upstream.name}
-        return Lowering(names).lower(expr, indices)
+        try:
+            lowered = Lowering(names, derivation.form).lower(expr, indices)
+        except DerivationError:
+            return None
+        return _readable(lowered)
+
+    def _index_form(self, derived: DerivedLayer, expr):
+        """An index-form expression of a layer in network names: ``x_{ncpq}`` of layer 2 is
+        ``h^{(1)}_{ncpq}``, its ``dy_{ncpq}`` is ``\\delta^{(2)}_{ncpq}``."""
+        names = {k.name: v for k, v in self._network_names(derived).items()}
+
+        def element(e):
+            node = names[e.base.name]
+            if isinstance(node, Grad):
+                return Grad(Element(node.args[0], *e.indices))
+            return Element(node, *e.indices)
+
+        return expr.replace(
+            lambda e: isinstance(e, sp.Indexed) and e.base.name in names, element
+        )
 
     # -- forward pass ---------------------------------------------------------------------------
     def _forward(self) -> dict[str, Any]:
         whole = self.whole_printer()
-        pairs: list[tuple[sp.Expr, sp.Expr]] = [(AtLayer(H, sp.Symbol("0")), sp.Symbol("x"))]
+        index = self.network_index_printer()
+        rows = [whole.rows([(AtLayer(H, sp.Symbol("0")), sp.Symbol("x"))])]
         by_name = {d.name: d for d in self.derivation.layers}
 
         def forward(items: list[Placed]) -> None:
@@ -309,11 +388,21 @@ class _Builder:
                 names = self._network_names(derived)
                 if item.body:
                     first = AtLayer(H, sp.Symbol(f"{self.labels[item.name]}.0"))
-                    pairs.append((first, AtLayer(H, sp.Symbol(self.inputs[item.name]))))
+                    rows.append(
+                        whole.rows([(first, AtLayer(H, sp.Symbol(self.inputs[item.name])))])
+                    )
                     forward(item.body)
                 for stage in derived.derivation.form.stages:
                     rhs = self._lowered(derived.derivation, stage.expr, stage.indices)
-                    pairs.append((names[sp.Symbol(stage.name, real=True)], rhs.xreplace(names)))
+                    if rhs is None:  # index form
+                        lhs = self._index_form(derived, stage.array[stage.indices])
+                        rows.append(index.rows([(lhs, self._index_form(derived, stage.expr))]))
+                        continue
+                    rows.append(
+                        whole.rows(
+                            [(names[sp.Symbol(stage.name, real=True)], rhs.xreplace(names))]
+                        )
+                    )
 
         forward(self.net.placed)
         generic = whole.equation(
@@ -322,7 +411,7 @@ class _Builder:
         composition = whole.equation(
             sp.Symbol("o"), Compose(sp.Symbol("L"), sp.Symbol("1"), sp.Symbol("x"))
         )
-        return {"generic": generic, "composition": composition, "rows": whole.rows(pairs)}
+        return {"generic": generic, "composition": composition, "rows": ROW_SEPARATOR.join(rows)}
 
     # -- per layer ------------------------------------------------------------------------------
     def _layers(self) -> list[dict[str, Any]]:
@@ -379,7 +468,8 @@ class _Builder:
         for name, adjoint in derivation.vjp.items():
             lowered = self._lowered(derivation, adjoint.expr, adjoint.indices)
             index_rows.append((adjoint.lhs, adjoint.expr))
-            whole_rows.append((sp.Symbol(adjoint.name, real=True), lowered))
+            if lowered is not None:
+                whole_rows.append((sp.Symbol(adjoint.name, real=True), lowered))
             trail = derivation.steps.get(name, [])
             if self.steps and len(trail) > 1:
                 steps.append(
@@ -389,7 +479,14 @@ class _Builder:
                     ]
                 )
         math["vjp"] = index.rows(index_rows)
-        math["vjp_whole"] = whole.rows(whole_rows)
+        math["vjp_whole"] = whole.rows(whole_rows) if whole_rows else None
+        math["index_only"] = len(whole_rows) < len(index_rows)
+        convolution = _full_convolution(derivation)
+        math["full_convolution"] = (
+            index.rows([(derivation.vjp[form.inputs[0].name].lhs, convolution)])
+            if convolution is not None
+            else None
+        )
         math["steps"] = steps
         math["stored"] = ", ".join(
             whole.doprint(sp.Symbol(name, real=True)) for name in derivation.stored
@@ -397,8 +494,13 @@ class _Builder:
         compact = _proven(derivation, staged=False)
         staged = _proven(derivation, staged=True) if multi else compact
         math["proven"] = compact and staged
+        shown = [
+            (symbol, value)
+            for symbol, value in proof_sizes(derivation, VERIFY_BATCHES[0]).items()
+            if symbol.name == "N" or _spatial(symbol)
+        ]
         math["proof_sizes"] = ", ".join(
-            index.equation(sp.Symbol("N"), sp.Integer(b)) for b in VERIFY_BATCHES
+            index.equation(symbol, sp.Integer(value)) for symbol, value in shown
         )
         return math
 
@@ -419,7 +521,9 @@ class _Builder:
             "kind": _text(self.net.loss.kind, self.fmt),
             "forward": index.rows([(s.array[s.indices], s.expr) for s in form.stages]),
             "index": index.rows([(adjoint.lhs, adjoint.expr)]),
-            "whole": whole.rows([(sp.Symbol(adjoint.name, real=True), lowered)]),
+            "whole": whole.rows([(sp.Symbol(adjoint.name, real=True), lowered)])
+            if lowered is not None
+            else None,
             "output": whole.equation(
                 sp.Symbol(form.inputs[0].name, real=True), AtLayer(H, sp.Symbol(self.depth))
             ),
@@ -440,7 +544,7 @@ class _Builder:
             ]
         return path
 
-    def _chains(self) -> list[str]:
+    def _chains(self) -> str:
         whole = self.whole_printer()
         loss = sp.Symbol(self.settings["loss_symbol"])
         chains = []
@@ -458,10 +562,8 @@ class _Builder:
                 factors.append(Jacobian(AtLayer(H, label), param))
                 if len(factors) > MAX_CHAIN:
                     factors = factors[:3] + [Ellipsis] + factors[-3:]
-                chains.append(
-                    whole.doprint(sp.Eq(Grad(param), Chain(*_chain_args(factors)), evaluate=False))
-                )
-        return chains
+                chains.append((Grad(param), Chain(*_chain_args(factors))))
+        return whole.rows(chains)
 
     def _residual_jacobians(self) -> list[str]:
         whole = self.whole_printer()
@@ -486,7 +588,9 @@ class _Builder:
 
     def _deltas(self) -> dict[str, Any]:
         whole = self.whole_printer()
-        pairs = []
+        index = self.network_index_printer()
+        rows: list[str] = []
+        pairs = _RowList(rows, whole)
         loss = self.derivation.loss
         if loss is not None:
             form = loss.form
@@ -522,6 +626,9 @@ class _Builder:
                 for param in form.params:
                     adjoint = derivation.vjp[param.name]
                     lowered = self._lowered(derivation, adjoint.expr, adjoint.indices)
+                    if lowered is None:
+                        rows.append(self._index_row(index, derived, adjoint))
+                        continue
                     pairs.append(
                         (names[sp.Symbol("d" + param.name, real=True)], lowered.xreplace(names))
                     )
@@ -530,10 +637,61 @@ class _Builder:
                 target = Delta(sp.Symbol(self.inputs[item.name]))
                 if item is _first_in_body(self.net.placed, item):
                     target = Delta(sp.Symbol(self.labels[item.name].rsplit(".", 1)[0] + ".0"))
+                if lowered is None:
+                    row = self._index_row(index, derived, adjoint, target=target)
+                    rows.append(row)
+                    continue
                 pairs.append((target, lowered.xreplace(names)))
 
         backward(self.net.placed)
-        return {"rows": whole.rows(pairs)}
+        return {"rows": ROW_SEPARATOR.join(rows)}
+
+    def _index_row(self, printer, derived: DerivedLayer, adjoint, *, target=None) -> str:
+        """One backward row in index form and network names."""
+        lhs = self._index_form(derived, adjoint.lhs)
+        if target is not None:
+            lhs = Element(target, *adjoint.indices)
+        return printer.rows([(lhs, self._index_form(derived, adjoint.expr))])
+
+    # -- gradient flow (rows computed by symbp.flow) ---------------------------------------------
+    def flow_section(self, rows: list) -> dict[str, Any]:
+        """Each distinct local Jacobian once, with its proven bound; the bound on the product
+        of the Jacobians from the output down to each layer."""
+        index = NotesLatexPrinter({**self.settings, "arrays": set()})
+        whole = self.whole_printer()
+        output = AtLayer(H, sp.Symbol(self.depth))
+        entries, products = [], []
+        first: dict[tuple, str] = {}
+        for row in rows:
+            label = self.labels[row.layer]
+            lhs, rhs = row.jacobian
+            key = (row.kind, sp.srepr(rhs), row.reason)
+            entry: dict[str, Any] = {
+                "label": label,
+                "name": _text(row.layer, self.fmt),
+                "kind": _text(row.kind, self.fmt),
+                "same_as": first.get(key),
+                "bound": index.doprint(row.bound) if row.bound is not None else None,
+                "reason": _code(row.reason, self.fmt),
+            }
+            if entry["same_as"] is None:
+                first[key] = label
+                entry["jacobian"] = index.rows([(Jacobian(lhs.expr, lhs.variables[0]), rhs)])
+                derivative = getattr(row, "derivative", None)
+                entry["derivative"] = (
+                    index.rows([(sp.Derivative(sp.Function("f")(X_SCALAR), X_SCALAR), derivative)])
+                    if derivative is not None
+                    else None
+                )
+            entries.append(entry)
+            if row.product is not None:
+                below = AtLayer(H, sp.Symbol(self.inputs[row.layer]))
+                products.append((Norm(Jacobian(output, below)), row.product))
+        return {
+            "entries": entries,
+            "products": index.rows(products, relation="<=") if products else None,
+            "output": whole.doprint(output),
+        }
 
     # -- activations ----------------------------------------------------------------------------
     def _activations(self) -> list[dict[str, Any]]:
@@ -589,6 +747,75 @@ class _Builder:
                 "product": printer.doprint(sp.Pow(bound, count, evaluate=False)),
             }
         return entry
+
+
+class _RowList:
+    """Collects ``(lhs, rhs)`` pairs as printed rows, in order with rows printed otherwise."""
+
+    def __init__(self, rows: list[str], printer: NotesLatexPrinter):
+        self.rows, self.printer = rows, printer
+
+    def append(self, pair) -> None:
+        self.rows.append(self.printer.rows([pair]))
+
+
+def _readable(lowered: sp.Expr) -> sp.Expr | None:
+    """A whole-array form that reads as matrix notation, or ``None``.
+
+    ``einsum`` of two arrays with the same subscripts summed over some axes is the sum of their
+    element-wise product over those axes; sliding windows (convolution, pooling) have no
+    notation that reads better than the index form, so those layers keep the index form.
+    """
+    if lowered.has(Windows, Col2Im, Shifted, FirstArgmaxMask, MaxOver):
+        return None
+
+    def as_sum(einsum):
+        spec, *operands = einsum.args
+        inputs, output = str(spec.name if isinstance(spec, sp.Symbol) else spec).split("->")
+        parts = inputs.split(",")
+        if len(parts) == len(operands) and len(set(parts)) == 1 and set(output) <= set(parts[0]):
+            axes = [k for k, letter in enumerate(parts[0]) if letter not in output]
+            return SumOver(sp.Mul(*operands), sp.Tuple(*axes))
+        return einsum
+
+    lowered = lowered.replace(lambda e: isinstance(e, Einsum), as_sum)
+    return None if lowered.has(Einsum) else lowered
+
+
+def _full_convolution(derivation: LayerDerivation) -> sp.Expr | None:
+    """The input gradient read as a full convolution, where it is one.
+
+    With the layer's constants (stride, dilation) substituted, solving the Kronecker deltas of
+    the input gradient for the summation indices (``scatter=False``) leaves a parameter read
+    at ``free index - summation index`` (``W_{o,c,h-p,w-q}``): a convolution of the upstream
+    gradient with the kernel, i.e. a cross-correlation with the flipped kernel. ``None`` if the
+    derived formula does not have that shape.
+    """
+    form = derivation.form
+    if not form.params:
+        return None
+    adjoint = derivation.vjp[form.inputs[0].name]
+    if not adjoint.expr.has(sp.KroneckerDelta):
+        return None
+    expr = adjoint.expr.xreplace(form.constants)
+    solved = simplify_indexed(expr, bound_names(form), scatter=False)
+    if solved.has(sp.KroneckerDelta) or not isinstance(solved, sp.Sum):
+        return None
+    free, bound = set(adjoint.indices), set(solved.variables)
+    params = {p.name for p in form.params}
+    flipped = 0
+    for element in solved.atoms(sp.Indexed):
+        if element.base.name not in params:
+            continue
+        for position in element.indices:
+            terms = sp.Add.make_args(sp.expand(position))
+            if (
+                len(terms) == 2
+                and any(t in free for t in terms)
+                and any(-t in bound for t in terms)
+            ):
+                flipped += 1
+    return solved if flipped else None
 
 
 def _chain_args(factors) -> list:
