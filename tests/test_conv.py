@@ -228,6 +228,11 @@ CONV_NETS = {
 }
 
 
+def test_the_nets_cover_every_image_layer_type():
+    covered = {item.layer.kind for build in CONV_NETS.values() for item in build().placed}
+    assert {"conv2d", "maxpool2d", "avgpool2d", "flatten", "batchnorm"} <= covered
+
+
 @pytest.mark.parametrize("name", sorted(CONV_NETS))
 def test_generated_conv_nets_agree_with_autograd(name):
     assert_agrees_with_oracle(CONV_NETS[name]())
