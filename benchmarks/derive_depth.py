@@ -12,7 +12,10 @@ sympy's own), it times:
   :func:`~symbp.emit.numpy_printer.numpy_code`), done per layer, as code generation does.
 
 The goal (issue 2): linear growth, ratio 64/8 at most 10, and under 2 s for 64 blocks.
-Each figure is the median of ``--repeats`` runs. Run: ``python benchmarks/derive_depth.py``.
+Each figure is the median of ``--repeats`` runs, as wall-clock time and as this process's CPU
+time (on a shared machine other people's jobs inflate the wall clock, not the CPU time). For
+comparison, ``warm``: ``derive_network`` again with the per-layer-type cache kept, as a second
+derivation in the same process sees it. Run: ``python benchmarks/derive_depth.py``.
 """
 
 from __future__ import annotations
@@ -69,13 +72,21 @@ def cold() -> None:
     sympy.core.cache.clear_cache()
 
 
-def time_once(net: Net, arrays: bool) -> float:
-    cold()
-    start = time.perf_counter()
+def time_once(net: Net, arrays: bool, warm: bool = False) -> tuple[float, float]:
+    """(wall, CPU) seconds to derive ``net`` (and lower every formula if ``arrays``)."""
+    if not warm:
+        cold()
+    start, start_cpu = time.perf_counter(), time.process_time()
     derivation = derive_network(net)
     if arrays:
         whole_array_forms(derivation)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+def median_of(repeats: int, run) -> tuple[float, float]:
+    """Median wall and median CPU time of ``repeats`` runs."""
+    runs = [run() for _ in range(repeats)]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
 def main(argv=None) -> None:
@@ -86,22 +97,26 @@ def main(argv=None) -> None:
 
     time_once(mlp(1), arrays=True)  # imports and first-call set-up, not measured
     print(f"blocks of linear({WIDTH}) + batchnorm + activation (sigmoid/tanh/relu/mish), "
-          f"median of {args.repeats}, cold caches")
-    print(f"{'blocks':>6} {'layers':>6} {'formulas':>8} {'derive s':>9} {'+ arrays s':>10}")
+          f"median of {args.repeats}; seconds, wall / CPU; cold: caches cleared first")
+    print(f"{'blocks':>6} {'layers':>6} {'formulas':>8}  {'derive, cold':>13}  "
+          f"{'+ arrays, cold':>14}  {'derive, warm':>13}")
     results = {}
     for depth in args.depths:
         net = mlp(depth)
-        derive = statistics.median(time_once(net, False) for _ in range(args.repeats))
-        total = statistics.median(time_once(net, True) for _ in range(args.repeats))
+        derive = median_of(args.repeats, lambda net=net: time_once(net, False))
+        total = median_of(args.repeats, lambda net=net: time_once(net, True))
+        warm = median_of(args.repeats, lambda net=net: time_once(net, False, warm=True))
         formulas = whole_array_forms(derive_network(net))
         results[depth] = (derive, total)
-        print(f"{depth:>6} {len(list(net.walk())):>6} {formulas:>8} {derive:>9.3f} {total:>10.3f}")
+        print(f"{depth:>6} {len(list(net.walk())):>6} {formulas:>8}  "
+              + "  ".join(f"{w:>6.3f}/{c:<6.3f}" for w, c in (derive, total, warm)))
     low, high = min(results), max(results)
     if low != high:
-        derive_ratio = results[high][0] / results[low][0]
-        total_ratio = results[high][1] / results[low][1]
-        print(f"ratio {high}/{low}: derive {derive_ratio:.2f}, with whole-array forms "
-              f"{total_ratio:.2f} (depth ratio {high / low:.0f}; goal <= 10)")
+        for clock, which in (("wall", 0), ("CPU", 1)):
+            derive_ratio = results[high][0][which] / results[low][0][which]
+            total_ratio = results[high][1][which] / results[low][1][which]
+            print(f"ratio {high}/{low} ({clock}): derive {derive_ratio:.2f}, with whole-array "
+                  f"forms {total_ratio:.2f} (depth ratio {high / low:.0f}; goal <= 10)")
 
 
 if __name__ == "__main__":

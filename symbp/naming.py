@@ -43,14 +43,15 @@ RESERVED = frozenset(
 def check_identifier(name: object, *, what: str = "name") -> str:
     """Return ``name`` if it can be a Python identifier used in generated code, else raise."""
     if not isinstance(name, str):
-        raise SpecError(f"{what} must be a string, got {type(name).__name__}")
+        raise SpecError(f"{what} must be a string, got {type(name).__name__}", field="name")
     if not _IDENTIFIER.match(name):
         raise SpecError(
             f"{what} {name!r} is not a valid identifier "
-            "(letters, digits and '_', not starting with a digit)"
+            "(letters, digits and '_', not starting with a digit)",
+            field="name",
         )
     if keyword.iskeyword(name) or name in RESERVED:
-        raise SpecError(f"{what} {name!r} is reserved")
+        raise SpecError(f"{what} {name!r} is reserved", field="name")
     return name
 
 

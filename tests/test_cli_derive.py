@@ -183,3 +183,46 @@ def test_console_script():
     )
     assert result.returncode == 0, result.stderr
     assert "== activation max(0, x)" in result.stdout
+
+
+# -- bad input: exit 2, one line on stderr naming the field, nothing on stdout ----------------
+BAD_EXPRESSIONS = {
+    "code": ("__import__('os').system('echo pwned')", "is not allowed"),
+    "attribute": ("x.__class__", "Attribute is not allowed"),
+    "unknown_name": ("y*x", "unknown name 'y'"),
+    "overflow": ("1e400*x", "beyond the float64 range"),
+    "huge_power": ("9**9**9*x", "beyond the float64 range"),
+    "constant": ("2 + 3", "does not depend on x"),
+    "empty": ("", "empty"),
+}
+
+
+@pytest.mark.parametrize(("text", "words"), BAD_EXPRESSIONS.values(), ids=BAD_EXPRESSIONS.keys())
+def test_bad_expression_exits_2_with_one_line(capsys, text, words):
+    code, out, err = run(capsys, "derive", "--expr", text)
+    assert code == 2 and out == ""
+    assert err.startswith("symbp: error: field 'expr': ") and err.count("\n") == 1
+    assert words in err
+
+
+def test_bad_expression_in_a_real_process_is_refused_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    result = subprocess.run(
+        [sys.executable, "-m", "symbp", "derive", "--expr",
+         f"__import__('os').system('touch {marker}')"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("symbp: error: field 'expr': function ")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not marker.exists()
+
+
+def test_layer_and_spec_errors_name_the_file(tmp_path, capsys):
+    spec = tmp_path / "net.toml"
+    spec.write_text(SMALL_SPEC.replace('name = "act1"', 'name = "act1"\nslope = 2'),
+                    encoding="utf-8")
+    code, out, err = run(capsys, "derive", str(spec))
+    assert (code, out) == (2, "")
+    assert err == (f"symbp: error: {spec}: layer 'act1', field 'slope': unknown field for "
+                   "sigmoid (allowed: name)\n")

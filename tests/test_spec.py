@@ -62,20 +62,12 @@ def test_mlp_bn_example_shapes():
 
 
 # -- bad input: the table -----------------------------------------------------------------------
-NAME_FIELD_BUG = (
-    "BUG: a name refused by naming.check_identifier (not an identifier, a keyword, reserved, "
-    "not a string) comes out without field 'name': check_identifier raises SpecError with no "
-    "field and Layer.__init__ / Net.__init__ do not add one"
-)
-
-
 @dataclass(frozen=True)
 class Bad:
     text: str  # the spec file's contents
     layer: str | None  # the layer the error must name (None: not about a layer)
     field: str | None  # the field it must name
     words: str  # a fragment of the message
-    name_bug: bool = False  # expected to fail until NAME_FIELD_BUG is fixed
 
 
 def _layer(body: str, header: str = HEADER) -> str:
@@ -104,6 +96,9 @@ BAD = {
         _layer('type = "leaky_relu"\nname = "a1"\nslope = "a"'), "a1", "slope", "number"
     ),
     "eps_negative": Bad(_layer('type = "batchnorm"\nname = "bn"\neps = -1'), "bn", "eps", "-1"),
+    "alpha_infinite": Bad(_layer('type = "elu"\nname = "e1"\nalpha = inf'), "e1", "alpha",
+                          "finite"),
+    "init_nan": Bad(_layer('type = "prelu"\nname = "p1"\ninit = nan'), "p1", "init", "finite"),
     "momentum_above_one": Bad(
         _layer('type = "batchnorm"\nname = "bn"\nmomentum = 2'), "bn", "momentum", "(0, 1]"
     ),
@@ -121,27 +116,36 @@ BAD = {
         "relu2", "name", "duplicate",
     ),
     "name_with_dash": Bad(
-        _layer('type = "linear"\nname = "fc-1"\nout = 4'), "fc-1", "name", "identifier", True
+        _layer('type = "linear"\nname = "fc-1"\nout = 4'), "fc-1", "name", "identifier"
     ),
     "name_keyword": Bad(
-        _layer('type = "linear"\nname = "class"\nout = 4'), "class", "name", "reserved", True
+        _layer('type = "linear"\nname = "class"\nout = 4'), "class", "name", "reserved"
     ),
     "name_leading_digit": Bad(
-        _layer('type = "linear"\nname = "1x"\nout = 4'), "1x", "name", "identifier", True
+        _layer('type = "linear"\nname = "1x"\nout = 4'), "1x", "name", "identifier"
     ),
     "name_reserved": Bad(
-        _layer('type = "relu"\nname = "forward"'), "forward", "name", "reserved", True
+        _layer('type = "relu"\nname = "forward"'), "forward", "name", "reserved"
     ),
     "name_not_a_string": Bad(
-        _layer('type = "relu"\nname = 3'), "layers[1]", "name", "string", True
+        _layer('type = "relu"\nname = 3'), "layers[1]", "name", "string"
     ),
+    "name_empty": Bad(_layer('type = "relu"\nname = ""'), "layers[1]", "name", "identifier"),
     "network_name": Bad(
         _layer('type = "relu"', header='name = "my-net"\ninput = { features = 4 }\n'),
-        None, "name", "identifier", True,
+        None, "name", "identifier",
     ),
     "residual_width_mismatch": Bad(
         _layer('type = "residual"\nname = "res1"\nlayers = [ { type = "linear", out = 3 } ]'),
         "res1", "layers", "width",
+    ),
+    "residual_width_mismatch_nested": Bad(
+        _layer(
+            'type = "residual"\nname = "res1"\n'
+            'layers = [ { type = "residual", name = "inner", layers = [ { type = "linear", '
+            'out = 2 } ] } ]'
+        ),
+        "inner", "layers", "width",
     ),
     "residual_body_not_a_list": Bad(
         _layer('type = "residual"\nname = "res1"\nlayers = "abc"'), "res1", "layers", "list"
@@ -151,7 +155,13 @@ BAD = {
             'type = "linear"\nname = "out"\nout = 1',
             header='input = { features = 4 }\nloss = "softmax_cross_entropy"\n',
         ),
-        None, "loss", "at least 2 outputs",
+        None, "loss", "at least 2 outputs (one per class); for one output use bce_with_logits "
+        "(the output of layer 'out')",
+    ),
+    "loss_on_an_image_output": Bad(
+        _layer('type = "relu"\nname = "act"',
+               header='input = { shape = [2, 4, 4] }\nloss = "softmax_cross_entropy"\n'),
+        None, "loss", "feature-vector output, got [2, 4, 4] (the output of layer 'act')",
     ),
     "unknown_loss": Bad(
         _layer('type = "linear"\nname = "out"\nout = 2',
@@ -172,6 +182,12 @@ BAD = {
         ),
         "evil", "expr", "Attribute",
     ),
+    "overflowing_number_in_expression": Bad(
+        _layer('type = "activation"\nname = "a1"\nexpr = "1e400*x"'), "a1", "expr", "float64"
+    ),
+    "huge_power_in_expression": Bad(
+        _layer('type = "activation"\nname = "a1"\nexpr = "9**9**9*x"'), "a1", "expr", "float64"
+    ),
     "unknown_name_in_expression": Bad(
         _layer('type = "activation"\nname = "a1"\nexpr = "y*x"'), "a1", "expr", "'y'"
     ),
@@ -182,12 +198,6 @@ BAD = {
     "no_layers": Bad(HEADER, None, "layers", "layers"),
     "invalid_toml": Bad('name = "t"\ninput = { features = 4\n', None, None, "invalid TOML"),
 }
-
-
-def _location_params():
-    for key, bad in BAD.items():
-        marks = [pytest.mark.xfail(strict=True, reason=NAME_FIELD_BUG)] if bad.name_bug else []
-        yield pytest.param(bad, id=key, marks=marks)
 
 
 @pytest.fixture
@@ -206,7 +216,7 @@ def _error(path: Path) -> SpecError:
     return info.value
 
 
-@pytest.mark.parametrize("bad", list(_location_params()))
+@pytest.mark.parametrize("bad", list(BAD.values()), ids=list(BAD))
 def test_bad_spec_error_names_file_layer_and_field(bad, write):
     path = write(bad.text)
     error = _error(path)
@@ -232,6 +242,10 @@ def test_cli_reports_bad_spec_in_one_line_with_exit_2(bad, write, capsys):
     assert len(lines) == 1, captured.err
     assert lines[0].startswith(f"symbp: error: {path}: ")
     assert bad.words in lines[0]
+    if bad.layer is not None:
+        assert f"layer '{bad.layer}'" in lines[0]
+    if bad.field is not None:
+        assert f"field '{bad.field}'" in lines[0]
     assert "Traceback" not in captured.err
 
 
@@ -293,16 +307,19 @@ def test_bad_spec_in_a_real_subprocess(write):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: expr = \"1e400*x\" escapes as TypeError from sp.Rational('inf') "
-    "(see tests/test_expr.py::test_overflowing_number_is_refused); symbp derive prints a "
-    "traceback instead of one line with exit 2",
-)
-def test_overflowing_number_in_a_spec_is_one_line(write, capsys):
-    path = write(_layer('type = "activation"\nname = "a1"\nexpr = "1e400*x"'))
-    assert cli.main(["derive", str(path)]) == 2
-    assert len(capsys.readouterr().err.splitlines()) == 1
+@pytest.mark.parametrize("command", ["derive", "codegen", "check", "latex"])
+def test_every_command_reports_a_bad_spec_in_one_line(write, tmp_path, capsys, command):
+    path = write(BAD["malicious_expression"].text)
+    target = tmp_path / ("never.py" if command == "codegen" else "never.md")
+    output = ["-o", str(target)] if command in ("codegen", "latex") else []
+    assert cli.main([command, str(path), *output]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and not target.exists()
+    assert captured.err == (
+        f"symbp: error: {path}: layer 'evil', field 'expr': function \"__import__('os').system\""
+        " is not allowed (allowed: abs, asinh, atan, cos, cosh, erf, erfc, exp, log, max, min,"
+        " sin, sinh, sqrt, tanh)\n"
+    )
 
 
 # -- the same rules from the Python API --------------------------------------------------------

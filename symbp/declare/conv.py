@@ -17,16 +17,16 @@ from __future__ import annotations
 import sympy as sp
 
 from ..errors import SpecError
-from .forms import N, Array, Forward, Stage, WindowMax, index, size
+from .forms import Array, Forward, N, Stage, WindowMax, index, size
 from .layers import Layer, _integer, register
 
 C, H, W = size("C"), size("H_in"), size("W_in")
-O, KH, KW = size("O"), size("K_h"), size("K_w")
+CO, KH, KW = size("O"), size("K_h"), size("K_w")
 HO, WO = size("H_out"), size("W_out")
 STRIDE = sp.Symbol("stride", integer=True, positive=True)
 PADDING = sp.Symbol("padding", integer=True, positive=True)
 DILATION = sp.Symbol("dilation", integer=True, positive=True)
-LETTERS = {N: "n", C: "c", H: "h", W: "w", O: "o", KH: "i", KW: "j", HO: "p", WO: "q"}
+LETTERS = {N: "n", C: "c", H: "h", W: "w", CO: "o", KH: "i", KW: "j", HO: "p", WO: "q"}
 #: sizes that are window lengths (a compound index's kernel part runs over them)
 WINDOW_DIMS = frozenset({KH, KW})
 #: how the output size follows from the others (for checks at concrete sizes)
@@ -172,7 +172,9 @@ class Conv2d(_Windowed):
     ):
         super().__init__(name=name)
         self.out_channels = _integer(out_channels, field="out_channels")
-        self.in_channels = None if in_channels is None else _integer(in_channels, field="in_channels")
+        self.in_channels = (
+            None if in_channels is None else _integer(in_channels, field="in_channels")
+        )
         if not isinstance(bias, bool):
             raise SpecError(f"must be true or false, got {bias!r}", field="bias")
         self.bias = bias
@@ -198,14 +200,14 @@ class Conv2d(_Windowed):
 
     def forward_form(self, in_shape):
         _image(in_shape, self.kind)
-        x, weight, bias = Array("x", (N, C, H, W)), Array("W", (O, C, KH, KW)), Array("b", (O,))
+        x, weight, bias = Array("x", (N, C, H, W)), Array("W", (CO, C, KH, KW)), Array("b", (CO,))
         xp, stages = self._padded(x)
         n, o, p, q, c, i, j = (index(s) for s in "nopqcij")
         y = sp.Sum(weight[o, c, i, j] * self._window(xp, c), (c, 0, C - 1), (i, 0, KH - 1),
                    (j, 0, KW - 1))
         if self.bias:
             y = y + bias[o]
-        stages.append(Stage(Array("y", (N, O, HO, WO)), (n, o, p, q), y))
+        stages.append(Stage(Array("y", (N, CO, HO, WO)), (n, o, p, q), y))
         return Forward(
             inputs=(x,),
             params=(weight, bias) if self.bias else (weight,),

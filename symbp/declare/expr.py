@@ -9,6 +9,7 @@ the functions in :data:`FUNCTIONS`.
 from __future__ import annotations
 
 import ast
+import math
 from collections.abc import Callable
 
 import sympy as sp
@@ -35,6 +36,9 @@ FUNCTIONS: dict[str, Callable[..., sp.Expr]] = {
 }
 CONSTANTS: dict[str, sp.Expr] = {"pi": sp.pi, "e": sp.E}
 MAX_LENGTH = 2000
+#: Numbers must stay within float64: the largest power of ten a constant may reach.
+MAX_DIGITS = 308
+FLOAT64_LIMIT = sp.Integer(2) ** 1024
 
 _BINARY = {
     ast.Add: lambda a, b: a + b,
@@ -67,6 +71,8 @@ def parse_expression(text: object, *, variable: sp.Symbol) -> sp.Expr:
         raise SpecError(f"expression {text!r} is nested too deeply") from None
     if not isinstance(result, sp.Expr) or result.free_symbols - {variable}:
         raise SpecError(f"expression {text!r} must be a number-valued expression in x")
+    if any(abs(number) > FLOAT64_LIMIT for number in result.atoms(sp.Number)):
+        raise SpecError(f"expression {text!r} has a number beyond the float64 range")
     if variable not in result.free_symbols:
         raise SpecError(f"expression {text!r} does not depend on x")
     if result.has(sp.zoo, sp.nan, sp.oo, -sp.oo):
@@ -79,6 +85,8 @@ def _convert(node: ast.AST, names: dict[str, sp.Expr]) -> sp.Expr:
         value = node.value
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise SpecError(f"only numbers are allowed as constants, not {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SpecError("a number in the expression is beyond the float64 range")
         return sp.Integer(value) if isinstance(value, int) else sp.Rational(repr(value))
     if isinstance(node, ast.Name):
         if node.id not in names:
@@ -97,6 +105,8 @@ def _convert(node: ast.AST, names: dict[str, sp.Expr]) -> sp.Expr:
         left, right = _convert(node.left, names), _convert(node.right, names)
         if isinstance(node.op, ast.Div) and right == 0:
             raise SpecError("division by zero")
+        if isinstance(node.op, ast.Pow):
+            _check_power(left, right)
         return operation(left, right)
     if isinstance(node, ast.Call):
         if not isinstance(node.func, ast.Name) or node.func.id not in FUNCTIONS:
@@ -111,3 +121,13 @@ def _convert(node: ast.AST, names: dict[str, sp.Expr]) -> sp.Expr:
         except (TypeError, ValueError) as err:
             raise SpecError(f"bad call {ast.unparse(node)}: {err}") from None
     raise SpecError(f"{type(node).__name__} is not allowed in an expression")
+
+
+def _check_power(base: sp.Expr, exponent: sp.Expr) -> None:
+    """Refuse a constant power beyond the float64 range before sympy computes it exactly
+    (``9**9**9`` has 370 million digits: sympy would take minutes)."""
+    if base.free_symbols or not exponent.is_Number or exponent == 0 or base.is_zero:
+        return
+    digits = abs(float(exponent)) * abs(float(sp.log(sp.Abs(base), 10).evalf(15)))
+    if not digits <= MAX_DIGITS:
+        raise SpecError("a number in the expression is beyond the float64 range")

@@ -77,7 +77,8 @@ class Net:
             try:
                 self.loss.check_output(self.output_shape)
             except SpecError as err:
-                raise err.located(field="loss") from None
+                last = f"the output of layer '{self.placed[-1].name}'" if self.placed else "input"
+                raise SpecError(f"{err.message} ({last})", field="loss") from None
 
     def _place(self, layers: list[Layer]) -> list[Placed]:
         seen: set[str] = set()

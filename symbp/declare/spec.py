@@ -99,7 +99,7 @@ def _layer(table: Any, position: int, prefix: str = "") -> Layer:
     if not isinstance(table, dict):
         raise SpecError(f"{where} must be a table, got {table!r}")
     name = table.get("name")
-    label = name if isinstance(name, str) else where
+    label = name if isinstance(name, str) and name else where
     kind = table.get("type")
     if kind is None:
         raise SpecError("missing field", layer=label, field="type")

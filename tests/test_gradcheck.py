@@ -1,0 +1,291 @@
+"""``symbp check``'s finite-difference machinery: it passes what is right and fails what is wrong.
+
+The truths here are not the checker's own output:
+
+* functions of one variable whose derivative is known from calculus: strongly curved ones
+  (a plain central difference at a fixed step is off by far more than the tolerance), kinks at
+  chosen distances from the point, and added noise of a known size;
+* generated modules made subtly wrong on purpose: one gradient scaled by ``1 + 1e-4``, one
+  entry shifted, the input gradient scaled in the generated source itself. Right modules are
+  covered by tests/test_codegen.py (every example and layer type, and the autograd oracle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import symbp
+from symbp.check import gradcheck
+from symbp.check.gradcheck import (
+    SAMPLE,
+    TOLERANCE,
+    check_module,
+    estimate,
+    load_module,
+    make_inputs,
+    rounding_noise,
+)
+from symbp.cli import main as cli_main
+from symbp.declare.net import Net
+from symbp.emit.module import generate_module
+
+ROOT = Path(__file__).resolve().parent.parent
+EPS = float(np.finfo(np.float64).eps)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_blas_thread():
+    """Tiny matrices: BLAS threads only add overhead."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def exact_steps(f):
+    """``phi`` for :func:`estimate`: the function and the step taken (exact: no array)."""
+    return lambda t: (f(t), t)
+
+
+def check_1d(f, derivative, noise=None):
+    center = f(0.0)
+    if noise is None:
+        noise = 5 * EPS * max(abs(center), 1.0)
+    return estimate(exact_steps(f), center, derivative, noise)
+
+
+# --------------------------------------------------------------------------- one variable
+
+
+@pytest.mark.parametrize("length", [1e-1, 1e-2, 1e-3, 3e-4])
+def test_strong_curvature_passes_and_a_relative_error_of_1e_4_fails(length):
+    # f(t) = sin(t/L + 0.3): f'(0) = cos(0.3)/L. A central difference at the fixed step 1e-5
+    # is off by (1e-5/L)**2/6, 1.1e-4 at L = 3e-4: far above the tolerance.
+    def f(t):
+        return math.sin(t / length + 0.3)
+
+    derivative = math.cos(0.3) / length
+    right = check_1d(f, derivative)
+    assert right.error < TOLERANCE and not right.kink
+    assert abs(right.numeric - derivative) < TOLERANCE * abs(derivative)
+    wrong = check_1d(f, derivative * (1 + 1e-4))
+    assert wrong.error > 5e-5 and not wrong.kink
+
+
+@pytest.mark.parametrize("distance", [3e-4, 2e-5, 7.8e-6, 1.5e-6])
+@pytest.mark.parametrize("side", [1, -1])
+def test_a_kink_near_the_point_is_stepped_around(distance, side):
+    # Slope 0.7 left of the kink at t = side * distance, 2.0 right of it, plus curvature.
+    kink = side * distance
+
+    def f(t):
+        return 0.7 * t + 1.3 * max(t - kink, 0.0) + 0.4 * t * t
+
+    derivative = 0.7 if kink > 0 else 2.0
+    result = check_1d(f, derivative)
+    assert result.error < TOLERANCE and not result.kink and result.refined
+    # ... and near a kink a wrong derivative still fails: the smaller steps converge.
+    assert check_1d(f, derivative * (1 + 1e-4)).error > 5e-5
+
+
+@pytest.mark.parametrize("distance", [0.0, 1e-7, -2e-7, 7e-7])
+def test_a_kink_within_the_smallest_step_is_reported_not_failed(distance):
+    # At the kink itself the convention (ReLU'(0) = 0: the left slope) is no limit of
+    # difference quotients; so close to it no step on the ladder resolves the two sides.
+    def f(t):
+        return 0.5 * t + 1.5 * max(t - distance, 0.0)
+
+    derivative = 0.5 if distance >= 0 else 2.0
+    result = check_1d(f, derivative)
+    assert result.kink
+
+
+def test_the_denominator_guard_is_the_measured_rounding_noise():
+    # A loss of size 2 with a tiny slope (1e-9) and an added noise of known size (1e-13 per
+    # value, 500 times the loss's rounding): the difference quotients are noise-dominated.
+    sigma = 1e-13
+
+    def noise(t):
+        digest = hashlib.sha256(np.float64(t).tobytes()).digest()
+        return sigma * (int.from_bytes(digest[:8], "little") / 2**64 - 0.5) * math.sqrt(12)
+
+    def f(t):
+        return 2.0 + 1e-9 * t + noise(t)
+
+    measured = rounding_noise(f, f(0.0))
+    assert 2 * sigma < measured < 15 * sigma  # a bound of about 5 standard deviations
+    assert check_1d(f, 1e-9, noise=measured).error < TOLERANCE
+    # The guard is the noise and no more: a slope off by 50 times the noise's effect fails.
+    assert check_1d(f, 1e-9 + 5e-8, noise=measured).error > TOLERANCE
+
+
+def test_a_non_finite_loss_fails():
+    result = check_1d(lambda t: math.inf if t > 0 else t, 1.0)
+    assert result.error == math.inf
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def wrong(module, change):
+    """``module`` with ``loss_and_grads``/``backward`` returning ``change(grads)``."""
+    proxy = types.SimpleNamespace(**vars(module))
+
+    def loss_and_grads(*args, **kwargs):
+        loss, grads = module.loss_and_grads(*args, **kwargs)
+        return loss, change(dict(grads))
+
+    proxy.loss_and_grads = loss_and_grads
+    return proxy
+
+
+def scaled(name, factor):
+    def change(grads):
+        grads[name] = grads[name] * factor
+        return grads
+
+    return change
+
+
+#: Right modules on which check once failed (tests/test_codegen.py's CHECK_FALSE_FAILURES):
+#: strong curvature, and a kink 7.8e-6 from the point. The ladder of steps must not make the
+#: check blind there. (layers, input features, loss, batch, seed)
+HARD = {
+    "curvature": ([symbp.linear(2, bias=False), symbp.linear(5, bias=False),
+                   symbp.linear(5, bias=False), symbp.batchnorm()], 2, "softmax_cross_entropy",
+                  6, 4017),
+    "kink_within_step": ([symbp.linear(9, bias=False), symbp.residual([symbp.linear(9)]),
+                          symbp.rrelu(), symbp.residual([symbp.linear(9)]),
+                          symbp.linear(1, bias=False), symbp.linear(9)], 2,
+                         "softmax_cross_entropy", 2, 373),
+    "mlp_bn_gelu": ([symbp.linear(6), symbp.batchnorm(), symbp.gelu(), symbp.linear(4),
+                     symbp.relu(), symbp.linear(3)], 5, "mse", 4, 0),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(HARD))
+def hard(request):
+    layers, features, loss, batch, seed = HARD[request.param]
+    net = Net(layers, input_features=features, loss=loss)
+    return net, load_module(generate_module(net)), batch, seed
+
+
+def test_the_hard_modules_pass(hard):
+    net, module, batch, seed = hard
+    report = check_module(net, module, batch=batch, seed=seed)
+    assert report.passed, report.table()
+
+
+def test_any_gradient_scaled_by_1_plus_1e_4_fails(hard):
+    net, module, batch, seed = hard
+    params, x, y = make_inputs(net, module, batch=batch, seed=seed)
+    loss, grads = module.loss_and_grads(params, x, y, rng=np.random.default_rng(seed + 1))
+    # Scale each gradient whose entries are not all rounding noise of the loss (a batch norm
+    # makes the gradient of the bias before it zero in exact arithmetic).
+    names = [n for n, g in grads.items() if np.max(np.abs(g)) > 1e-8 * abs(loss)]
+    assert len(names) >= 4
+    for name in names:
+        report = check_module(net, wrong(module, scaled(name, 1 + 1e-4)), batch=batch, seed=seed)
+        failed = {row.name for row in report.rows if not row.passed}
+        assert name in failed, report.table()
+        assert failed <= {name} | {row.name for row in report.rows if row.name.startswith("vjp")}
+
+
+def test_one_wrong_entry_fails_in_full_and_is_named():
+    net = Net([symbp.linear(12), symbp.tanh(), symbp.linear(3)], input_features=10,
+              loss="softmax_cross_entropy")
+    module = load_module(generate_module(net))
+
+    def change(grads):
+        grads["linear1.W"] = grads["linear1.W"].copy()
+        grads["linear1.W"][7, 5] *= 1 + 1e-4
+        return grads
+
+    report = check_module(net, wrong(module, change), full=True)
+    (row,) = [r for r in report.rows if not r.passed and not r.name.startswith("vjp")]
+    assert row.name == "linear1.W" and row.checked == 120 and row.worst.startswith("[7, 5]:")
+    assert "worst linear1.W[7, 5]" in report.table()
+
+
+def test_the_vjp_directions_see_a_wrong_entry_that_sampling_may_miss():
+    net = Net([symbp.linear(40), symbp.sigmoid(), symbp.linear(2)], input_features=30,
+              loss="bce_with_logits")
+    module = load_module(generate_module(net))
+    params, x, y = make_inputs(net, module, batch=4, seed=0)
+    _, grads = module.loss_and_grads(params, x, y)
+    largest = float(np.max(np.abs(grads["linear1.W"])))
+
+    def change(grads):
+        grads["linear1.W"] = grads["linear1.W"] + 0.01 * largest * (
+            np.arange(1200).reshape(30, 40) == 517
+        )
+        return grads
+
+    report = check_module(net, wrong(module, change))
+    assert next(r for r in report.rows if r.name == "linear1.W").checked == SAMPLE
+    directions = [row for row in report.rows if row.name.startswith("vjp")]
+    assert directions and not any(row.passed for row in directions)
+
+
+def test_samples_by_default_and_checks_every_entry_with_full():
+    net = Net([symbp.linear(100), symbp.softplus(), symbp.linear(2)], input_features=10,
+              loss="mse")
+    module = load_module(generate_module(net))
+    sampled = {row.name: row.checked for row in check_module(net, module).rows}
+    full = {row.name: row.checked for row in check_module(net, module, full=True).rows}
+    assert sampled["linear1.W"] == SAMPLE and full["linear1.W"] == 1000
+    assert sampled["linear1.b"] == SAMPLE and full["linear1.b"] == 100
+    assert sampled["linear3.b"] == full["linear3.b"] == 2
+
+
+def test_relu_inputs_at_and_near_the_kink(monkeypatch):
+    # ReLU straight on the input: entries of x at chosen distances from the kink at 0.
+    net = Net([symbp.relu(), symbp.linear(3)], input_features=6, loss="mse")
+    module = load_module(generate_module(net))
+    original = gradcheck.make_inputs
+    distances = np.array([0.0, 0.0, 7.8e-6, -7.8e-6, 3e-4, -3e-4])
+
+    def inputs(net, module, *, batch, seed):
+        params, x, y = original(net, module, batch=batch, seed=seed)
+        x[0] = distances
+        return params, x, y
+
+    monkeypatch.setattr(gradcheck, "make_inputs", inputs)
+    report = check_module(net, module, batch=3, seed=0)
+    assert report.passed, report.table()
+    row = next(row for row in report.rows if row.name == "x")
+    assert row.kinks == 2  # exactly at 0: reported, not failed; the others are stepped around
+    assert "2 at a kink, skipped" in report.table()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_check_fails_a_subtly_wrong_generated_module(monkeypatch, capsys):
+    source = generate_module(symbp.load_spec(ROOT / "examples" / "mlp_bn.toml"))
+    assert source.count('grads["x"] = dh\n') == 1
+    corrupted = source.replace('grads["x"] = dh\n', 'grads["x"] = dh * (1 + 1e-4)\n')
+    monkeypatch.setattr(gradcheck, "generate_module", lambda net: corrupted)
+    assert cli_main(["check", str(ROOT / "examples" / "mlp_bn.toml")]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "worst x[" in out
+    rows = {line.split()[0]: line for line in out.splitlines() if line[:1].isalnum()}
+    assert "FAIL" in rows["x"] and "FAIL" not in rows["fc1.W"]
+
+
+def test_the_same_check_gives_the_same_table():
+    net = Net([symbp.linear(5), symbp.batchnorm(), symbp.rrelu(), symbp.linear(3)],
+              input_features=4, loss="softmax_cross_entropy")
+    module = load_module(generate_module(net))
+    first = check_module(net, module, batch=3, seed=7)
+    assert first.passed, first.table()
+    assert check_module(net, module, batch=3, seed=7).table() == first.table()
