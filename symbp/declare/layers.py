@@ -28,7 +28,9 @@ X = sp.Symbol("x", real=True)
 F = size("F")
 F_IN = size("I")
 F_OUT = size("O")
-LETTERS = {N: "n", F: "j", F_IN: "i", F_OUT: "j"}
+#: per-sample sizes of images (channels, height, width), as the image layers name them
+IMAGE_DIMS = (size("C"), size("H_in"), size("W_in"))
+LETTERS = {N: "n", F: "j", F_IN: "i", F_OUT: "j", **dict(zip(IMAGE_DIMS, "chw", strict=True))}
 
 
 def register(cls: type[Layer]) -> type[Layer]:
@@ -302,8 +304,8 @@ class Elementwise(Layer):
 
     def forward_form(self, in_shape):
         rank = len(in_shape) + 1
-        dims = (N, F) if rank == 2 else (N,) + tuple(size(d) for d in "CHW"[: rank - 1])
-        idx = tuple(index(LETTERS.get(d, d.name.lower())) for d in dims)
+        dims = (N, F) if rank == 2 else (N, *IMAGE_DIMS[: rank - 1])
+        idx = tuple(index(LETTERS[d]) for d in dims)
         x = Array("x", dims)
         params, param_subs = self.params_form()
         aux, aux_subs = self.aux_form()
@@ -512,8 +514,8 @@ class Residual(Layer):
         self.layers = list(layers)
 
     def forward_form(self, in_shape):
-        dims = (N, F) if len(in_shape) == 1 else (N,) + tuple(size(d) for d in "CHW")
-        idx = tuple(index(LETTERS.get(d, d.name.lower())) for d in dims)
+        dims = (N, F) if len(in_shape) == 1 else (N, *IMAGE_DIMS)
+        idx = tuple(index(LETTERS[d]) for d in dims)
         x, f = Array("x", dims), Array("f", dims)
         return Forward(
             inputs=(x, f),
