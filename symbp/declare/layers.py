@@ -431,7 +431,10 @@ class Rrelu(Elementwise):
 
     kind = "rrelu"
     SLOPE = sp.Symbol("r", positive=True)
-    constants = {"lower": sp.Symbol("l", positive=True), "upper": sp.Symbol("u", positive=True)}
+    constants = {
+        "lower": sp.Symbol("lower", positive=True),
+        "upper": sp.Symbol("upper", positive=True),
+    }
 
     def __init__(self, lower: float = 1 / 8, upper: float = 1 / 3, *, name: str | None = None):
         super().__init__(name=name)
