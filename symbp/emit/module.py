@@ -11,6 +11,7 @@ calls ``linear_forward``), and the network's ``forward``/``backward`` call them 
 from __future__ import annotations
 
 import math
+import re
 import textwrap
 from dataclasses import dataclass, field
 from importlib import resources
@@ -22,12 +23,20 @@ from .. import __version__
 from ..declare.forms import Forward
 from ..declare.layers import BatchNorm, Elementwise, Layer, Rrelu
 from ..declare.net import Net, Placed
-from ..derive.arrays import Lowering, stabilize
+from ..derive.arrays import Col2Im, Lowering, Windows, stabilize
 from ..derive.layer import LayerDerivation
 from ..derive.network import NetworkDerivation, derive_cached, derive_network
-from .numpy_printer import SymbpNumPyPrinter, float_constants
+from .numpy_printer import (
+    SymbpNumPyPrinter,
+    array_shape,
+    float_constants,
+    is_smaller,
+    numpy_code,
+)
 
 RELU_LIKE = ("relu", "leaky_relu", "prelu", "rrelu", "elu")
+OVERWRITE_NOTE = "overwrite=True: {name} may be overwritten (the caller no longer needs it)."
+OUT_NOTE = "an array to write that gradient into (else a new one is made)."
 MAX_LINE = 99
 
 
@@ -72,6 +81,217 @@ class _Function:
     helpers: set[str] = field(default_factory=set)
 
 
+@dataclass
+class _Statement:
+    """``target = code``, then ``extra`` lines updating ``target`` in place."""
+
+    target: str
+    code: str
+    extra: list[str] = field(default_factory=list)
+    overwrites: bool = False  # writes into the argument the caller lets it overwrite
+    fresh: bool = True  # the value is a new array (or the memory of a dead one), not a view
+    call: tuple[str, list[str]] | None = None  # (function, arguments) when ``code`` is a call
+    into: bool = False  # written into the array the keyword ``<target>_out`` gives
+
+    def lines(self, optional: bool = False) -> list[str]:
+        """The statement's lines; ``optional``: computed only ``if input_grad``."""
+        if not optional:
+            return [*self._first(4), *self.extra]
+        if not self.extra and self.call is None:
+            return [f"{self.target} = {self.code} if input_grad else None"]
+        body = [*self._first(8), *self.extra]
+        return [f"{self.target} = None", "if input_grad:", *["    " + line for line in body]]
+
+    def _first(self, indent: int) -> list[str]:
+        line = f"{self.target} = {self.code}"
+        if self.call is None or indent + len(line) <= MAX_LINE + 1:
+            return [line]
+        function, args = self.call
+        return [f"{self.target} = {function}(", *[f"    {a}," for a in args], ")"]
+
+
+#: Node types whose NumPy result is a new array of numbers (not a view, not booleans).
+_FRESH = (sp.Add, sp.Mul, sp.Pow, sp.Function, sp.Max, sp.Min, sp.Piecewise)
+
+
+def _is_fresh(value: sp.Expr) -> bool:
+    from ..derive.arrays import NewAxis, Permute, Shifted, Step, Windows
+
+    if isinstance(value, Permute | NewAxis | Windows | Shifted | Step):
+        return False
+    return isinstance(value, _FRESH) and not isinstance(value, sp.Rel)
+
+
+def _reuse_memory(
+    ordered, shapes, returned: set[str], writable: str | None, printer, into: set[str] = frozenset()
+):
+    """Print ``ordered`` assignments, computing element-wise results into dead arrays.
+
+    A donor is a big array of the result's shape that no later statement reads and the
+    function does not return: a temporary computed earlier in the function, or ``writable``
+    (an argument; used only when the caller passes ``overwrite=True``). The result is computed
+    by a NumPy ufunc with ``out=`` the donor, and the remaining terms of a sum are added in
+    place (``dx -= ...``): the same operations, in the same order, without new memory.
+    A matrix product assigned to a name in ``into`` goes to ``<name>_out`` (a keyword argument:
+    an array the caller lets the function overwrite, or None for a new one).
+    """
+    from ..derive.arrays import Dot
+
+    statements = []
+    local: set[str] = set()
+    for position, (target, value) in enumerate(ordered):
+        later = set().union(*[v.free_symbols for _, v in ordered[position + 1 :]])
+        later_names = {s.name for s in later} | returned
+        shape = shapes.get(target)
+        donors = []
+        for symbol in sorted(value.free_symbols, key=lambda s: s.name):
+            name = symbol.name
+            if name in later_names or shape is None or shapes.get(name) != shape:
+                continue
+            if name in local or name == writable:
+                donors.append(symbol)
+        donors.sort(key=lambda s: s.name == writable)  # temporaries first: no flag needed
+        statement = None
+        if target in into and isinstance(value, Dot):
+            matmul = printer._module_format("numpy.matmul")
+            args = [*(printer.doprint(a) for a in value.args), f"out={target}_out"]
+            code = f"{matmul}({', '.join(args)})"
+            statement = _Statement(target, code, call=(matmul, args), into=True)
+        for donor in donors if statement is None else []:
+            statement = _into(target, value, donor, donor.name == writable, printer)
+            if statement is not None:
+                break
+        if statement is None and shape is not None and sum(d != 1 for d in shape) >= 2:
+            statement = _accumulate(target, value, shape, shapes, printer)
+        if statement is None:
+            statement = _Statement(target, printer.doprint(value))
+        statement.fresh = _is_fresh(value)
+        statements.append(statement)
+        if _is_fresh(value):
+            local.add(target)
+    return statements
+
+
+def _into(target: str, value: sp.Expr, donor: sp.Symbol, flagged: bool, printer):
+    """``target = value`` computed in the memory of ``donor``, or None if it does not fit."""
+    out = f"{donor.name} if overwrite else None" if flagged else donor.name
+
+    def ufunc(name, first, second):
+        function = printer._module_format("numpy." + name)
+        args = [printer.doprint(first), printer.doprint(second), f"out={out}"]
+        return f"{function}({', '.join(args)})", (function, args)
+
+    def product(term):  # ``donor * rest`` if the donor is a direct factor of ``term``
+        factors = list(sp.Mul.make_args(term))
+        if factors.count(donor) != 1 or any(f.has(donor) for f in factors if f != donor):
+            return None
+        factors.remove(donor)
+        return sp.Mul(*factors)
+
+    if isinstance(value, sp.Mul):
+        rest = product(value)
+        if rest is None:
+            return None
+        code, call = ufunc("multiply", donor, rest)
+        return _Statement(target, code, overwrites=flagged, call=call)
+    if isinstance(value, sp.Max | sp.Min) and len(value.args) == 2 and donor in value.args:
+        other = value.args[1] if value.args[0] == donor else value.args[0]
+        if other.has(donor):
+            return None
+        name = "maximum" if isinstance(value, sp.Max) else "minimum"
+        code, call = ufunc(name, donor, other)
+        return _Statement(target, code, overwrites=flagged, call=call)
+    if not isinstance(value, sp.Add):
+        return None
+    terms = list(printer._as_ordered_terms(value))
+    carrying = [t for t in terms if t.has(donor)]
+    if len(carrying) != 1:
+        return None
+    (term,) = carrying
+    others = [t for t in terms if t is not term]
+    if term == donor:
+        second = others.pop(0)
+        if second.could_extract_minus_sign():
+            code, call = ufunc("subtract", donor, -second)
+        else:
+            code, call = ufunc("add", donor, second)
+    else:
+        rest = product(term)
+        if rest is None:
+            return None
+        code, call = ufunc("multiply", donor, rest)
+    extra = [
+        f"{target} -= {printer.doprint(-t)}"
+        if t.could_extract_minus_sign()
+        else f"{target} += {printer.doprint(t)}"
+        for t in others
+    ]
+    return _Statement(target, code, extra, overwrites=flagged, call=call)
+
+
+def _accumulate(target: str, value: sp.Expr, shape, shapes, printer):
+    """``k*(A + B + ...)`` (or a plain sum) built up in one new array, or None.
+
+    The array starts as one product term of the sum (the only new memory); the other terms are
+    added in place, a bare array ``A`` by ``np.subtract(A, target, out=target)`` when the
+    array holds a negated partial sum, and the small factor ``k`` multiplies last, in place.
+    NumPy evaluating the one-line form needs a second array for ``A - B*C`` (it cannot reuse
+    the right operand of a subtraction).
+    """
+    factor, body = sp.S.One, value
+    if isinstance(value, sp.Mul):
+        small = [f for f in value.args if is_smaller(f, shape, shapes)]
+        big = [f for f in value.args if f not in small]
+        if len(big) != 1 or not isinstance(big[0], sp.Add):
+            return None
+        factor, body = sp.Mul(*small), big[0]
+    if not isinstance(body, sp.Add):
+        return None
+
+    def bare(term):
+        return magnitude(term).is_Symbol
+
+    def magnitude(term):
+        return -term if term.could_extract_minus_sign() else term
+
+    terms = list(printer._as_ordered_terms(body))
+    # The start must print as a new array (``A.T`` is a view of ``A``: never start there).
+    products = [
+        t
+        for t in terms
+        if not is_smaller(t, shape, shapes) and not bare(t) and _is_fresh(magnitude(t))
+    ]
+    bares = [t for t in terms if not is_smaller(t, shape, shapes) and bare(t)]
+    if not products or (not bares and factor == 1):
+        return None  # NumPy's own reuse of temporaries does as well on one line
+    start = next((t for t in products if not t.could_extract_minus_sign()), products[0])
+    negated = start.could_extract_minus_sign()  # the array holds minus the partial sum
+    code = printer.doprint(-start if negated else start)
+    extra = []
+    ufunc = printer._module_format
+
+    for term in bares:
+        array = magnitude(term)
+        positive = not term.could_extract_minus_sign()
+        if negated and positive:  # -(partial) + A
+            extra.append(f"{ufunc('numpy.subtract')}({array}, {target}, out={target})")
+            negated = False
+        elif negated:  # -(partial) - A = -(partial + A)
+            extra.append(f"{target} += {array}")
+        else:
+            extra.append(f"{target} {'+' if positive else '-'}= {array}")
+    for term in [t for t in terms if t is not start and t not in bares]:
+        subtract = term.could_extract_minus_sign() != negated
+        extra.append(f"{target} {'-' if subtract else '+'}= {printer.doprint(magnitude(term))}")
+    if negated:
+        if factor == 1:
+            extra.append(f"{ufunc('numpy.negative')}({target}, out={target})")
+        factor = -factor
+    if factor != 1:
+        extra.append(f"{target} *= {printer.doprint(factor)}")
+    return _Statement(target, code, extra)
+
+
 def _wrap_call(prefix: str, call: str, args: list[str], indent: str = "") -> str:
     """``prefix + call(args)``, split one argument per line when it would be too long."""
     line = f"{indent}{prefix}{call}({', '.join(args)})"
@@ -80,6 +300,74 @@ def _wrap_call(prefix: str, call: str, args: list[str], indent: str = "") -> str
     inner = indent + "    "
     body = "".join(f"{inner}{arg},\n" for arg in args)
     return f"{indent}{prefix}{call}(\n{body}{indent})"
+
+
+def _outer_brackets(code: str) -> list[tuple[int, int]]:
+    """``(open, close)`` positions of the outermost bracket pairs, string literals skipped."""
+    pairs, depth, start, quote = [], 0, 0, None
+    for position, char in enumerate(code):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "([{":
+            depth += 1
+            if depth == 1:
+                start = position
+        elif char in ")]}":
+            depth -= 1
+            if depth == 0:
+                pairs.append((start, position))
+    return pairs
+
+
+def _top_level_split(code: str, separators: tuple[str, ...]) -> list[tuple[str, str]]:
+    """``code`` split at separators outside brackets and strings: ``(separator, part)`` pairs."""
+    parts, depth, quote, last, position, before = [], 0, None, 0, 0, ""
+    while position < len(code):
+        char = code[position]
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif depth == 0:
+            found = next((s for s in separators if code.startswith(s, position)), None)
+            if found:
+                parts.append((before, code[last:position].strip()))
+                before, last = found.strip(), position + len(found)
+                position += len(found)
+                continue
+        position += 1
+    parts.append((before, code[last:].strip()))
+    return parts
+
+
+def wrap_line(line: str, width: int = MAX_LINE) -> list[str]:
+    """A long line of generated code split inside its longest bracket pair, as black would."""
+    if len(line) <= width:
+        return [line]
+    indent = line[: len(line) - len(line.lstrip())]
+    pairs = _outer_brackets(line)
+    if not pairs:
+        return [line]
+    start, end = max(pairs, key=lambda pair: pair[1] - pair[0])
+    content = line[start + 1 : end]
+    inner = indent + "    "
+    args = _top_level_split(content, (", ",))
+    if len(args) > 1:
+        body = [f"{inner}{arg}," for _, arg in args]
+    else:
+        terms = _top_level_split(content, (" + ", " - "))
+        body = [f"{inner}{sign} {term}" if sign else inner + term for sign, term in terms]
+    head, tail = line[: start + 1], indent + line[end:]
+    wrapped = [head]
+    for part in body:
+        wrapped += wrap_line(part, width)
+    return [*wrapped, tail]
 
 
 class ModuleBuilder:
@@ -95,23 +383,62 @@ class ModuleBuilder:
         self.backward_lines: list[str] = []
         self.uses_rng = False
         self.uses_state = False
+        #: function name -> whether it takes ``overwrite=`` (may compute in its first argument)
+        self.overwrites: dict[str, bool] = {}
+        self.size_keywords: dict[str, list[str]] = {}  # sizes a function takes as keywords
+        self.unbound: list[str] = []
+        #: stem -> whether the forward output / the input gradient is a new array nobody else
+        #: holds (the caller may then let the next function overwrite it)
+        self.owned_output: dict[str, bool] = {}
+        self.owned_grad: dict[str, bool] = {}
+        #: backward function -> parameters whose gradient it can write into ``d<param>_out``
+        self.outs: dict[str, list[str]] = {}
+        self.stems = function_stems(self.net)
+        self.h_owned = False  # h is a new array that nothing else holds (forward lines)
+        self.dh_owned = False  # the same for dh (backward lines)
 
     # -- layer functions ----------------------------------------------------------------------
-    def _render_function(self, name, signature, summary, formulas, assignments, returns):
+    def _render_function(
+        self, name, signature, summary, formulas, statements, returns, optional=(), notes=()
+    ):
+        """One function; ``optional``: targets computed only ``if input_grad``."""
         template = self.env.get_template("function.py.j2")
+        lines = [
+            wrapped
+            for st in statements
+            for line in st.lines(st.target in optional)
+            for wrapped in wrap_line(line, MAX_LINE - 4)  # the template indents the body
+        ]
         return template.render(
             name=name,
             signature=signature,
             summary=summary,
             formulas=formulas,
-            assignments=assignments,
+            notes=notes,
+            lines=lines,
             returns=returns,
         ).rstrip("\n")
 
-    def _printed(self, outputs: list[tuple[str, sp.Expr]], form: Forward, available: list[str]):
-        """Assignments for named outputs, repeated sub-expressions computed once, in order."""
-        printer = SymbpNumPyPrinter()
-        exprs = [float_constants(e) for _, e in outputs]
+    def _printed(
+        self,
+        outputs: list[tuple[str, sp.Expr]],
+        form: Forward,
+        available: list[str],
+        returned: set[str] | None = None,
+        writable: str | None = None,
+        into: set[str] = frozenset(),
+    ) -> list[_Statement]:
+        """Statements for named outputs, repeated sub-expressions computed once, in order.
+
+        With ``returned`` (the names the function returns), a big array that nothing reads
+        afterwards lends its memory to the next element-wise result computed from it (NumPy's
+        ``out=``); so does the argument ``writable`` when the caller passes ``overwrite=True``.
+        """
+        shapes = _array_shapes(form)
+        exprs = [spread_factors(float_constants(e), shapes) for _, e in outputs]
+        named, exprs = _name_windows(exprs)
+        outputs = [*named, *outputs]
+        exprs = [value for _, value in named] + exprs
         replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("common"), order="none")
         # Trivial "common" values (1/N) read better inline.
         trivial = {s: v for s, v in replacements if sp.count_ops(v) <= 1 and not _has_array(v)}
@@ -122,10 +449,16 @@ class ModuleBuilder:
         items = [(str(renames[s]), v.xreplace(renames)) for s, v in kept]
         items += [(t, v.xreplace(renames)) for (t, _), v in zip(outputs, reduced, strict=True)]
         ordered = _dependency_order(items, set(available))
-        assignments = [(target, printer.doprint(value)) for target, value in ordered]
+        for target, value in ordered:
+            shapes.setdefault(target, array_shape(value, shapes))
+        printer = SymbpNumPyPrinter(shapes=shapes)
+        if returned is None:
+            statements = [_Statement(t, printer.doprint(v), fresh=_is_fresh(v)) for t, v in ordered]
+        else:
+            statements = _reuse_memory(ordered, shapes, returned, writable, printer, into)
         self.helpers |= printer.helpers_used
-        sizes = self._size_bindings([v for _, v in ordered], form, available)
-        return sizes + assignments
+        sizes, self.unbound = self._size_bindings([v for _, v in ordered], form, available)
+        return [_Statement(t, code) for t, code in sizes] + statements
 
     @staticmethod
     def _size_bindings(exprs, form: Forward, available: list[str]) -> list[tuple[str, str]]:
@@ -134,22 +467,38 @@ class ModuleBuilder:
         free = set().union(*[e.free_symbols for e in exprs]) if exprs else set()
         arrays = {a.name: a for a in form.arrays.values()}
         arrays.update({"d" + s.name: s.array for s in form.stages})
+        unbound = []
         for symbol in sorted(free, key=lambda s: s.name):
-            if not (symbol.is_integer and symbol.is_positive):
+            if not (symbol.is_integer and symbol.is_positive) or symbol in form.constants:
                 continue
+            binding = None
             for name in available:
                 array = arrays.get(name)
-                if array is not None and symbol in array.dims:
-                    bindings.append((symbol.name, f"{name}.shape[{array.dims.index(symbol)}]"))
+                if array is None:
+                    continue
+                if symbol in array.dims:
+                    binding = f"{name}.shape[{array.dims.index(symbol)}]"
                     break
-        return bindings
+                # A padded length such as H_in + 2*padding: solve for H_in.
+                for axis, dim in enumerate(array.dims):
+                    rest = sp.sympify(dim) - symbol
+                    if symbol not in rest.free_symbols and rest.free_symbols <= set(form.constants):
+                        binding = numpy_code(sp.Symbol(f"{name}.shape[{axis}]") - rest)
+                        break
+                if binding:
+                    break
+            if binding:
+                bindings.append((symbol.name, binding))
+            else:
+                unbound.append(symbol.name)
+        return bindings, unbound
 
     def layer_functions(self, stem: str, layer: Layer, derivation: LayerDerivation, eval_form):
         if f"{stem}_forward" in self.functions:
             return
         form = derivation.form
         names = set(form.arrays) | {derivation.upstream.name}
-        lowering = Lowering(names)
+        lowering = Lowering(names, form)
 
         def keywords(exprs):
             used = set().union(*[e.free_symbols for e in exprs]) if exprs else set()
@@ -162,8 +511,21 @@ class ModuleBuilder:
         args = [a.name for a in form.inputs + form.params + form.aux]
         kw = keywords([e for _, e in outputs])
         returns = f"{form.output.name}, ({', '.join(cached)}{',' if len(cached) == 1 else ''})"
+        returned = {form.output.name, *cached}
         if isinstance(layer, BatchNorm):
             returns += ", (mu, var)"
+            returned |= {"mu", "var"}
+        writable = form.inputs[0].name if len(form.inputs) == 1 else None
+        writable = writable if writable not in cached else None
+        statements = self._printed(outputs, form, args, returned, writable)
+        kw = _with_sizes(kw, self.unbound)
+        self.size_keywords[f"{stem}_forward"] = self.unbound
+        overwrites = any(st.overwrites for st in statements)
+        if overwrites:
+            kw += (", " if kw else ", *, ") + "overwrite=False"
+        self.overwrites[f"{stem}_forward"] = overwrites
+        output = next(st for st in statements if st.target == form.output.name)
+        self.owned_output[stem] = output.fresh and form.output.name not in cached
         self.functions[f"{stem}_forward"] = _Function(
             f"{stem}_forward",
             self._render_function(
@@ -171,8 +533,9 @@ class ModuleBuilder:
                 ", ".join(args) + kw,
                 f"Forward pass of {layer.kind}; returns the output and what backward needs.",
                 [formula(s.array[s.indices], s.expr) for s in form.stages],
-                self._printed(outputs, form, args),
+                statements,
                 returns,
+                notes=[OVERWRITE_NOTE.format(name=writable)] if overwrites else [],
             ),
         )
 
@@ -184,13 +547,34 @@ class ModuleBuilder:
         kw = keywords([e for _, e in outputs])
         # A loss is the last node: its upstream gradient is 1 and not an argument.
         given = [upstream] if form.output.array.dims else []
+        statements = self._printed(
+            outputs,
+            form,
+            [*given, *cached, *params_read],
+            {t for t, _ in grads},
+            upstream if given else None,
+            {f"d{p.name}" for p in form.params},
+        )
+        kw = _with_sizes(kw, self.unbound)
+        self.size_keywords[f"{stem}_backward"] = self.unbound
         signature = ", ".join([*given, *cached, *params_read]) + kw
-        assignments = self._printed(outputs, form, [*given, *cached, *params_read])
+        optional = ()
         if form.params:
             signature += (", " if kw else ", *, ") + "input_grad=True"
-            for position, (target, code) in enumerate(assignments):
-                if target in {f"d{a.name}" for a in form.inputs}:
-                    assignments[position] = (target, f"{code} if input_grad else None")
+            optional = _only_for({f"d{a.name}" for a in form.inputs}, statements)
+        overwrites = any(st.overwrites for st in statements)
+        if overwrites:
+            signature += (", " if "*" in signature else ", *, ") + "overwrite=False"
+        self.overwrites[f"{stem}_backward"] = overwrites
+        outs = [st.target for st in statements if st.into]
+        for target in outs:
+            signature += (", " if "*" in signature else ", *, ") + f"{target}_out=None"
+        self.outs[f"{stem}_backward"] = [t[1:] for t in outs]
+        notes = [OVERWRITE_NOTE.format(name=upstream)] if overwrites else []
+        if outs:
+            notes.append(f"{', '.join(t + '_out' for t in outs)}: {OUT_NOTE}")
+        first = f"d{form.differentiable[0].name}"
+        self.owned_grad[stem] = any(st.target == first and st.fresh for st in statements)
         self.functions[f"{stem}_backward"] = _Function(
             f"{stem}_backward",
             self._render_function(
@@ -199,14 +583,16 @@ class ModuleBuilder:
                 f"Backward pass of {layer.kind}, derived by symbp"
                 + (f": gradients from {upstream}." if given else ": gradient of the loss."),
                 [formula(a.lhs, a.expr) for _, a in grads],
-                assignments,
+                statements,
                 ", ".join(t for t, _ in grads),
+                optional,
+                notes,
             ),
         )
 
         # evaluation mode
         if eval_form is not None:
-            low = Lowering(set(eval_form.arrays))
+            low = Lowering(set(eval_form.arrays), eval_form)
             stage = eval_form.output
             outputs = [(stage.name, low.lower(stabilize(stage.expr), stage.indices))]
             eval_constants = [s.name for s in eval_form.constants]
@@ -230,7 +616,7 @@ class ModuleBuilder:
     def _running_stats_function(self, layer: BatchNorm):
         updates = layer.state_updates()
         printer = SymbpNumPyPrinter()
-        assignments = [(f"new_{k}", printer.doprint(v)) for k, v in updates.items()]
+        assignments = [_Statement(f"new_{k}", printer.doprint(v)) for k, v in updates.items()]
         self.functions["batchnorm_running_stats"] = _Function(
             "batchnorm_running_stats",
             self._render_function(
@@ -239,7 +625,7 @@ class ModuleBuilder:
                 "Move the running statistics towards the batch's (unbiased variance).",
                 [f"{k} <- {v}" for k, v in updates.items()],
                 assignments,
-                ", ".join(t for t, _ in assignments),
+                ", ".join(st.target for st in assignments),
             ),
         )
 
@@ -257,25 +643,39 @@ class ModuleBuilder:
 
     def _place_one(self, item: Placed, indent: str) -> None:
         layer = item.layer
+        if layer.kind == "flatten":
+            # A reshape, not arithmetic: the same numbers, one row per sample (C order).
+            shape = " x ".join(str(length) for length in item.in_shape)
+            self.forward_lines.append(f"{indent}h = h.reshape(len(h), -1)  # {item.name}: {shape}")
+            self.h_owned = False  # a view of the input
+            return
         derivation = derive_cached(layer, item.in_shape)
         eval_form = layer.eval_form(item.in_shape)
-        stem = layer.function_stem
+        stem = self.stems[item.name]
         self.layer_functions(stem, layer, derivation, eval_form)
         form = derivation.form
         params = [f'params["{item.name}.{p.name}"]' for p in form.params]
-        constants = self._constants(layer, form)
+        constants = self._constants(layer, form) + _size_arguments(
+            item, form, self.size_keywords.get(f"{stem}_forward", [])
+        )
         key = f'cache["{item.name}"]'
         forward = self.forward_lines
+        owned, self.h_owned = self.h_owned, False
+        if self.overwrites.get(f"{stem}_forward") and owned:
+            constants = [*constants, "overwrite=True"]
         if layer.kind == "residual":
             skip = f"skip_{item.name}"
             forward.append(f"{indent}{skip} = h")
             self.place(item.body, indent)
             forward.append(f"{indent}h, {key} = {stem}_forward({skip}, h)")
+            self.h_owned = self.owned_output[stem]
             return
         if isinstance(layer, BatchNorm):
             self.uses_state = True
             state = [f'state["{item.name}.running_mean"]', f'state["{item.name}.running_var"]']
             momentum = f"momentum={layer.momentum!r}"
+            # the number of values each statistic averages: N, or N*H*W per channel
+            count = "h.shape[0]" if len(item.in_shape) == 1 else "h.size // h.shape[1]"
             forward.append(f"{indent}if train:")
             inner = indent + "    "
             forward.append(
@@ -290,14 +690,18 @@ class ModuleBuilder:
                 _wrap_call(
                     "mean[...], var[...] = ",
                     "batchnorm_running_stats",
-                    ["mean", "var", "*stats", "h.shape[0]", momentum],
+                    ["mean", "var", "*stats", count, momentum],
                     deeper,
                 )
             )
             forward.append(f"{indent}else:")
+            predict_constants = [c for c in constants if not c.startswith("overwrite=")]
             forward.append(
-                _wrap_call("h = ", f"{stem}_predict", ["h", *params, *state, *constants], inner)
+                _wrap_call(
+                    "h = ", f"{stem}_predict", ["h", *params, *state, *predict_constants], inner
+                )
             )
+            self.h_owned = self.owned_output[stem]  # the prediction is a new array as well
             return
         if isinstance(layer, Rrelu):
             self.uses_rng = True
@@ -317,6 +721,7 @@ class ModuleBuilder:
         forward.append(
             _wrap_call(f"h, {key} = ", f"{stem}_forward", ["h", *params, *constants], indent)
         )
+        self.h_owned = self.owned_output[stem]
 
     def backward_for(self, items: list[Placed], guard_bottom: bool) -> None:
         """Backward lines for ``items`` in reverse; ``guard_bottom``: the input grad is optional."""
@@ -329,23 +734,36 @@ class ModuleBuilder:
             self._backward_one(item, derivation, optional)
 
     def _backward_one(self, item: Placed, derivation: LayerDerivation, optional: bool) -> None:
-        layer, stem = item.layer, item.layer.function_stem
+        layer, stem = item.layer, self.stems[item.name]
         form = derivation.form
         lines = self.backward_lines
+        if layer.kind == "flatten":
+            shape = ", ".join(str(length) for length in item.in_shape)
+            line = f"dh = dh.reshape(len(dh), {shape})  # {item.name}"
+            lines.extend(["if wrt_input:", "    " + line] if optional else [line])
+            return
         if layer.kind == "residual":
             skip = f"dskip_{item.name}"
             lines.append(f"{skip}, dh = {stem}_backward(dh)")
+            self.dh_owned = False  # dh and the skip's gradient are one array
             self.backward_for(item.body, guard_bottom=False)
             lines.append(f"dh = {skip} + dh")
+            self.dh_owned = True
             return
         params_read = [
             f'params["{item.name}.{p.name}"]' for p in form.params if p.name in derivation.stored
         ]
         constants = self._constants(layer, form, [a.expr for a in derivation.vjp.values()])
+        constants += _size_arguments(item, form, self.size_keywords.get(f"{stem}_backward", []))
         args = ["dh", f'*cache["{item.name}"]', *params_read, *constants]
         targets = ["dh"] + [f'grads["{item.name}.{p.name}"]' for p in form.params]
         if form.params and optional:
             args.append("input_grad=wrt_input")
+        if self.dh_owned and self.overwrites.get(f"{stem}_backward"):
+            args.append("overwrite=True")
+        for param in self.outs.get(f"{stem}_backward", []):
+            args.append(f'd{param}_out=reuse.get("{item.name}.{param}")')
+        self.dh_owned = self.owned_grad[stem]
         call = _wrap_call(f"{', '.join(targets)} = ", f"{stem}_backward", args)
         if not form.params and optional:
             lines.append("if wrt_input:")
@@ -364,7 +782,11 @@ class ModuleBuilder:
                     key = f"{item.name}.{param}"
                     rule = item.layer.init.get(param, "zeros")
                     if rule == "fan":
-                        fan_in, fan_out = shape[0], shape[-1]
+                        if len(shape) == 4:  # a kernel (out, in, kh, kw), as PyTorch counts
+                            field = shape[2] * shape[3]
+                            fan_in, fan_out = shape[1] * field, shape[0] * field
+                        else:
+                            fan_in, fan_out = shape[0], shape[-1]
                         relu_next = _next_activation(items, position) in RELU_LIKE
                         std = (
                             math.sqrt(2 / fan_in)
@@ -382,6 +804,169 @@ class ModuleBuilder:
 
         visit(self.net.placed)
         return result
+
+
+def _array_shapes(form: Forward) -> dict[str, tuple | None]:
+    """Shapes of the arrays a layer's formulas name: its arrays and their gradients."""
+    shapes: dict[str, tuple | None] = {}
+    for name, array in form.arrays.items():
+        shapes[name] = tuple(array.dims)
+        shapes["d" + name] = tuple(array.dims)
+    return shapes
+
+
+def spread_factors(expr: sp.Expr, shapes: dict[str, tuple | None]) -> sp.Expr:
+    """Multiply small factors into the terms of a big sum when that saves passes over memory.
+
+    ``k*(N*dy - c*xhat - s)`` with per-feature ``k``, ``c``, ``s`` costs five passes over the
+    batch (``N*dy``, ``c*xhat``, two subtractions, the product with ``k``); written as
+    ``(k*N)*dy - (k*c)*xhat - k*s`` it costs four, and the small products are cheap. It is
+    done only when every big term already carries a factor (so no new pass appears); the value
+    is the same, exactly.
+    """
+    if expr.is_Atom or not isinstance(expr, sp.Add | sp.Mul | sp.Pow | sp.Function):
+        return expr
+    args = [spread_factors(a, shapes) for a in expr.args]
+    if args != list(expr.args):
+        expr = expr.func(*args)
+    if not isinstance(expr, sp.Mul):
+        return expr
+    shape = array_shape(expr, shapes)
+    if shape is None:
+        return expr
+    small = [f for f in expr.args if is_smaller(f, shape, shapes)]
+    big = [f for f in expr.args if f not in small]
+    if not small or len(big) != 1 or not isinstance(big[0], sp.Add):
+        return expr
+    factor, total = sp.Mul(*small), big[0]
+    coefficients = [
+        sp.Mul(*[f for f in sp.Mul.make_args(term) if is_smaller(f, shape, shapes)])
+        for term in total.args
+        if not is_smaller(term, shape, shapes)
+    ]
+    if any(c in (sp.S.One, sp.S.NegativeOne) for c in coefficients):
+        return expr  # a bare big term: built up in place from the others (_accumulate)
+    for coefficient in coefficients:
+        # A coefficient that cannot be zero (a number, a size) is divided out instead:
+        # k*(N*dy - c*xhat) = (k*N)*(dy - (c/N)*xhat), which builds up in one array.
+        if coefficient.is_number or all(
+            f.is_Number or (f.is_Symbol and f.is_integer and f.is_positive)
+            for f in sp.Mul.make_args(coefficient)
+        ):
+            normalized = sp.Add(*[term / coefficient for term in total.args])
+            scale = factor * coefficient
+            return normalized if scale == 1 else sp.Mul(scale, normalized, evaluate=False)
+    return sp.Add(*[factor * term for term in total.args])
+
+
+def function_stems(net: Net) -> dict[str | None, str]:
+    """The stem of each layer's generated functions, by layer name (``None``: the loss).
+
+    One stem per distinct layer math (layers with the same math share their functions). A
+    type's own stem (``linear``, ``batchnorm``) goes to that type first; a layer named by the
+    user (a custom activation) is called by its name, or ``<name>_<kind>`` when that name is
+    another type's stem; two different maths that would share a stem (two unnamed custom
+    activations, a layer type on inputs of two ranks) get ``_2``, ``_3``, ... in order.
+    """
+    entries: list[tuple[str | None, tuple, str, bool]] = []
+    for item in net.walk():
+        layer = item.layer
+        identity = (type(layer), layer.math_key(item.in_shape), layer.function_stem)
+        named = layer.name is not None and layer.function_stem == layer.name != layer.kind
+        entries.append((item.name, identity, layer.function_stem, named))
+    if net.loss is not None:
+        loss = net.loss
+        entries.append((None, (type(loss), loss.kind), loss.function_stem, False))
+    by_identity: dict[tuple, str] = {}
+    taken: set[str] = set()
+    for want_named in (False, True):  # the types' own stems first
+        for _, identity, preferred, named in entries:
+            if named != want_named or identity in by_identity:
+                continue
+            stem = preferred
+            if stem in taken and named:
+                stem = f"{preferred}_{identity[0].kind}"
+            count = 1
+            base = stem
+            while stem in taken:
+                count += 1
+                stem = f"{base}_{count}"
+            by_identity[identity] = stem
+            taken.add(stem)
+    return {name: by_identity[identity] for name, identity, _, _ in entries}
+
+
+def size_values(item: Placed, form: Forward) -> dict[str, int]:
+    """The per-sample sizes of a placed layer by name (``{"H_in": 28, ...}``)."""
+    values = {}
+    for array, shape in ((form.inputs[0], item.in_shape), (form.output.array, item.out_shape)):
+        for dim, length in zip(array.dims[1:], shape, strict=True):
+            if isinstance(dim, sp.Symbol):
+                values[dim.name] = length
+    return values
+
+
+def _size_arguments(item: Placed, form: Forward, names: list[str]) -> list[str]:
+    """``H_in=28``: the sizes a layer function takes as keywords, from the declared shapes."""
+    values = size_values(item, form)
+    return [f"{name}={values[name]}" for name in names]
+
+
+def _with_sizes(keywords: str, sizes: list[str]) -> str:
+    """Keyword-only arguments ``keywords`` plus sizes no argument's shape tells."""
+    if not sizes:
+        return keywords
+    return keywords + (", " if keywords else ", *, ") + ", ".join(sizes)
+
+
+def _only_for(targets: set[str], statements) -> set[str]:
+    """``targets`` and the intermediates that only they read (computed ``if input_grad``)."""
+    optional = set(targets)
+    changed = True
+    while changed:
+        changed = False
+        for statement in statements:
+            if statement.target in optional or re.fullmatch(r"\w+\.shape\[\d+\]", statement.code):
+                continue  # sizes are free to read
+            word = re.compile(rf"\b{re.escape(statement.target)}\b")
+            readers = [other.target for other in statements if word.search(other.code)
+                       and other.target != statement.target]
+            if readers and all(reader in optional for reader in readers):
+                optional.add(statement.target)
+                changed = True
+    return optional
+
+
+def _name_windows(exprs: list[sp.Expr]) -> tuple[list[tuple[str, sp.Expr]], list[sp.Expr]]:
+    """Name each window view (``x_windows``) and each scattered array (``cols``).
+
+    They are the big intermediates of convolutions and pooling; named, each is computed once and
+    the lines that use them stay short enough to read.
+    """
+    named: dict[sp.Expr, sp.Symbol] = {}
+
+    def name(node: sp.Expr, base: str) -> sp.Symbol:
+        if node not in named:
+            taken = {str(symbol) for symbol in named.values()}
+            text, number = base, 1
+            while text in taken:
+                number += 1
+                text = f"{base}{number}"
+            named[node] = sp.Symbol(text, real=True)
+        return named[node]
+
+    def visit(expr: sp.Expr) -> sp.Expr:
+        if not isinstance(expr, sp.Basic) or not expr.has(Windows, Col2Im):
+            return expr
+        expr = expr.func(*[visit(arg) for arg in expr.args])
+        if isinstance(expr, Windows) and expr.args[0].is_Symbol:
+            return name(expr, f"{expr.args[0]}_windows")
+        if isinstance(expr, Col2Im) and not expr.args[0].is_Symbol:
+            return expr.func(name(expr.args[0], "cols"), *expr.args[1:])
+        return expr
+
+    exprs = [visit(e) for e in exprs]
+    return [(str(symbol), node) for node, symbol in named.items()], exprs
 
 
 def _has_array(expr: sp.Expr) -> bool:
@@ -426,7 +1011,7 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
     if net.loss is not None:
         loss_derivation = derivation.loss
         assert loss_derivation is not None
-        stem = net.loss.function_stem
+        stem = builder.stems[None]
         builder.layer_functions(stem, net.loss, loss_derivation, None)
         target = (
             "np.eye(out.shape[1], dtype=out.dtype)[y]" if net.loss.target_kind == "labels" else "y"
@@ -445,7 +1030,7 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
         net=net,
         version=__version__,
         summary=summary,
-        imports=sorted({"math"} if builder.helpers else set()),
+        imports=sorted({"math"} if builder.helpers & {"erf", "erfc"} else set()),
         param_shapes={k: tuple(v) for k, v in net.param_shapes.items()},
         state_shapes={k: tuple(v) for k, v in net.state_shapes.items()},
         helpers=[_helper_source(builder.env, name) for name in sorted(builder.helpers)],

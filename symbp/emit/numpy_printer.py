@@ -29,9 +29,13 @@ class SymbpNumPyPrinter(NumPyPrinter):
 
     printmethod = "_symbp_numpycode"
 
-    def __init__(self, settings=None):
+    def __init__(self, settings=None, shapes: dict[str, tuple] | None = None):
         super().__init__({"fully_qualified_modules": True, **(settings or {})})
         self.helpers_used: set[str] = set()
+        #: Optional shapes (tuples of sympy sizes) of the array symbols, by name. With them the
+        #: printer chooses cheaper NumPy for the same value (see :meth:`_print_Mul` and
+        #: :meth:`_print_SumOver`); without them it prints the plain form.
+        self.shapes = shapes
 
     def _module_format(self, fqn, register=True):
         text = super()._module_format(fqn, register)
@@ -53,7 +57,48 @@ class SymbpNumPyPrinter(NumPyPrinter):
     def _print_Mul(self, expr):
         if expr.is_number and not expr.is_Rational:
             return self._print_constant(expr)
+        split = self._small_and_big(expr)
+        if split is not None:
+            # Small factors (scalars, per-feature vectors) first, multiplied together, then one
+            # pass over the big array: ``gamma*invstd/N*xhat`` rather than a pass per factor.
+            small, big = split
+            level = PRECEDENCE["Mul"]
+            # A printed product reads left to right (``g*k/N*X`` is ``((g*k)/N)*X``), so the
+            # small product needs no parentheses; anything else does.
+            head = self._print(small) if small.is_Mul else self.parenthesize(small, level)
+            return f"{head}*{self.parenthesize(big, level)}"
         return super()._print_Mul(expr)
+
+    def _as_ordered_terms(self, expr, order=None):
+        terms = super()._as_ordered_terms(expr, order=order)
+        if self.shapes is None or not isinstance(expr, sp.Add):
+            return terms
+        shape = array_shape(expr, self.shapes)
+        if shape is None:
+            return terms
+        # Big terms first: ``big - small`` updates the big temporary in place, whereas
+        # ``small - big`` needs a new array.
+        return sorted(terms, key=lambda term: is_smaller(term, shape, self.shapes))
+
+    def _small_and_big(self, expr: sp.Mul):
+        """``(small, big)`` factors of a product whose shape is known, or None."""
+        if self.shapes is None:
+            return None
+        shape = array_shape(expr, self.shapes)
+        if shape is None or sum(d != 1 for d in shape) < 2:
+            return None  # a pass over a vector costs little: keep sympy's order
+        small, big = [], []
+        for factor in expr.args:
+            (small if is_smaller(factor, shape, self.shapes) else big).append(factor)
+        if not big or not small or small == [sp.S.NegativeOne]:
+            return None
+        if len(small) == 1 and small[0].is_Number:
+            return None
+        return sp.Mul(*small), sp.Mul(*big)
+
+    def _print_Float(self, expr):
+        # The double nearest the value, in the shortest form that reads back as that double.
+        return repr(float(expr))
 
     def _print_NumberSymbol(self, expr):
         return self._print_constant(expr)
@@ -64,6 +109,15 @@ class SymbpNumPyPrinter(NumPyPrinter):
         if expr.is_number:
             return self._print_constant(expr)
         return super()._print_Function(expr)
+
+    def parenthesize(self, item, level, strict=False):
+        # Python gives ``@`` the precedence of ``*``: a matrix product inside a product or a
+        # power needs its parentheses (``C*(A @ B)``, not ``C*A @ B`` = ``(C*A) @ B``).
+        from ..derive.arrays import Dot
+
+        if isinstance(item, Dot) and level >= PRECEDENCE["Mul"]:
+            return f"({self._print(item)})"
+        return super().parenthesize(item, level, strict)
 
     # -- array operations ---------------------------------------------------------------------
     def _print_Dot(self, expr):
@@ -84,7 +138,46 @@ class SymbpNumPyPrinter(NumPyPrinter):
         return f"{self.parenthesize(array, PRECEDENCE['Atom'], strict=True)}.{method}(axis={axis})"
 
     def _print_SumOver(self, expr):
-        return self._reduction(expr, "sum")
+        fused = self._fused_sum(expr)
+        return fused if fused is not None else self._reduction(expr, "sum")
+
+    def _fused_sum(self, expr):
+        """Sums that NumPy computes faster another way, when the operands' shapes are known.
+
+        ``sum(a*b)`` of two arrays of one shape is ``np.einsum`` (no product array in memory);
+        the sum over the first axis of one 2-D array is a BLAS matrix-vector product with ones.
+        """
+        if self.shapes is None:
+            return None
+        array, axes = expr.args
+        axes = tuple(int(a) for a in axes)
+        coefficient, rest = array.as_coeff_Mul()
+        factors = list(sp.Mul.make_args(rest))
+        if len(factors) == 1 and factors[0].is_Pow and factors[0].exp == 2:
+            factors = [factors[0].base] * 2
+        if not all(
+            isinstance(f, sp.Symbol) and self.shapes.get(f.name) is not None for f in factors
+        ):
+            return None
+        shapes = {self.shapes[f.name] for f in factors}
+        if len(shapes) != 1:
+            return None
+        (shape,) = shapes
+        if len(factors) == 1 and coefficient == 1 and len(shape) == 2 and axes == (0,):
+            (a,) = factors
+            ones, matmul = self._module_format("numpy.ones"), self._module_format("numpy.matmul")
+            return f"{matmul}({ones}({a}.shape[0], {a}.dtype), {a})"
+        if len(factors) != 2 or not 0 < len(shape) <= 26:
+            return None
+        letters = "ijklmnopqrstuvwxyzabcdefgh"[: len(shape)]
+        kept = "".join(letter for k, letter in enumerate(letters) if k not in axes)
+        call = (
+            f'{self._module_format("numpy.einsum")}("{letters},{letters}->{kept}", '
+            f"{factors[0]}, {factors[1]})"
+        )
+        if coefficient != 1:
+            return f"{self._print(coefficient)}*{call}"
+        return call
 
     def _print_MaxOver(self, expr):
         return self._reduction(expr, "max")
@@ -155,8 +248,13 @@ class SymbpNumPyPrinter(NumPyPrinter):
         extent = ", ".join(self._print(dilation * (k - 1) + 1) for k in kernel)
         view = self._module_format("numpy.lib.stride_tricks.sliding_window_view")
         text = f"{view}({self._print(array)}, ({extent}), axis=(-2, -1))"
-        stride_text, dilation_text = self._print(stride), self._print(dilation)
-        steps = [f"::{stride_text}"] * 2 + [f"::{dilation_text}"] * 2
+        if stride == 1 and dilation == 1:
+            return text
+        steps = [f"::{self._print(stride)}" if stride != 1 else ":"] * 2
+        if dilation != 1:
+            steps += [f"::{self._print(dilation)}"] * 2
+        else:
+            steps += [":"] * 2  # the window axes are last
         return f"{text}[..., {', '.join(steps)}]"
 
     def _print_Col2Im(self, expr):
@@ -171,9 +269,10 @@ class SymbpNumPyPrinter(NumPyPrinter):
     def _print_Shifted(self, expr):
         self.helpers_used.add("shifted")
         array, offsets, sizes = expr.args
-        offsets_text = "(" + ", ".join(self._print(o) for o in offsets) + ("," if len(offsets) == 1 else "") + ")"
-        sizes_text = "(" + ", ".join(self._print(s) for s in sizes) + ("," if len(sizes) == 1 else "") + ")"
-        return f"{HELPERS['shifted']}({self._print(array)}, {offsets_text}, {sizes_text})"
+        return (
+            f"{HELPERS['shifted']}({self._print(array)}, {self._print_tuple(tuple(offsets))}, "
+            f"{self._print_tuple(tuple(sizes))})"
+        )
 
     def _print_FirstArgmaxMask(self, expr):
         self.helpers_used.add("first_argmax_mask")
@@ -188,12 +287,86 @@ class SymbpNumPyPrinter(NumPyPrinter):
         return f"{HELPERS['erfc']}({self._print(expr.args[0])})"
 
 
+def _broadcast(shapes: list[tuple]) -> tuple | None:
+    rank = max((len(s) for s in shapes), default=0)
+    result = []
+    for position in range(rank):
+        sizes = {s[position - rank + len(s)] for s in shapes if position - rank + len(s) >= 0}
+        sizes.discard(sp.S.One)
+        if len(sizes) > 1:
+            return None
+        result.append(sizes.pop() if sizes else sp.S.One)
+    return tuple(result)
+
+
+#: Array nodes whose value is computed element by element from their arguments.
+_ELEMENTWISE = (sp.Add, sp.Mul, sp.Pow, sp.Function, sp.Rel, sp.Piecewise, sp.Max, sp.Min)
+
+
+def array_shape(expr: sp.Expr, shapes: dict[str, tuple]) -> tuple | None:
+    """The shape of a whole-array expression (sympy sizes, 1 for inserted axes), or None when
+    it cannot be told. ``shapes`` gives the array symbols' shapes; other symbols are scalars."""
+    from ..derive.arrays import Dot, MaxOver, NewAxis, Permute, SumOver
+
+    if isinstance(expr, sp.Symbol):
+        if expr.name not in shapes:
+            return ()
+        known = shapes[expr.name]
+        return None if known is None else tuple(known)
+    if expr.is_Number or isinstance(expr, sp.NumberSymbol) or expr in (sp.true, sp.false):
+        return ()
+    if isinstance(expr, SumOver | MaxOver):
+        inner = array_shape(expr.args[0], shapes)
+        dropped = {int(a) for a in expr.args[1]}
+        return None if inner is None else tuple(
+            d for k, d in enumerate(inner) if k not in dropped
+        )
+    if isinstance(expr, NewAxis):
+        inner = array_shape(expr.args[0], shapes)
+        if inner is None:
+            return None
+        positions = {int(p) for p in expr.args[1]}
+        rest = iter(inner)
+        head = [sp.S.One if p in positions else next(rest, None) for p in range(max(positions) + 1)]
+        return None if None in head else (*head, *rest)
+    if isinstance(expr, Permute):
+        inner = array_shape(expr.args[0], shapes)
+        if inner is None:
+            return None
+        if len(expr.args) == 1:
+            return tuple(reversed(inner))
+        return tuple(inner[int(p)] for p in expr.args[1])
+    if isinstance(expr, Dot):
+        a, b = (array_shape(arg, shapes) for arg in expr.args)
+        if a is None or b is None or not a or not b:
+            return None
+        return (*a[:-1], *b[1:])
+    if type(expr).__module__.endswith("arrays") and type(expr).__name__ not in (
+        "Sigmoid",
+        "Softplus",
+        "Step",
+    ):
+        return None  # windows, einsum, scatters: not needed here
+    if isinstance(expr, _ELEMENTWISE):
+        parts = [array_shape(arg, shapes) for arg in expr.args]
+        return None if None in parts else _broadcast(parts)
+    return None
+
+
+def is_smaller(expr: sp.Expr, shape: tuple, shapes: dict[str, tuple]) -> bool:
+    """Whether ``expr`` has fewer elements than an array of ``shape`` (fewer non-1 sizes)."""
+    own = array_shape(expr, shapes)
+    if own is None:
+        return False
+    return sum(d != 1 for d in own) < sum(d != 1 for d in shape)
+
+
 def float_constants(expr: sp.Expr) -> sp.Expr:
     """Irrational constants (``sqrt(2)/2``, ``pi``) as floats, folded into their coefficients."""
     irrational = {
         a for a in expr.atoms(sp.Pow, sp.NumberSymbol) if a.is_number and not a.is_Rational
     }
-    return expr.xreplace({a: a.evalf(17) for a in irrational})
+    return expr.xreplace({a: a.evalf(40) for a in irrational})
 
 
 def numpy_code(expr: sp.Expr, printer: SymbpNumPyPrinter | None = None) -> str:

@@ -1,0 +1,156 @@
+"""Batch-norm backward alone: the generated function vs PyTorch's native kernel (float64).
+
+The generated side is ``batchnorm_backward(dy, invstd, xhat, gamma)`` from the module that
+``symbp.emit.module.generate_module`` writes for a network with one batch-norm layer (its
+formulas are derived by symbp, nothing is hand-written).  PyTorch's side is
+``torch.ops.aten.native_batch_norm_backward`` on the same saved statistics (see
+``reference_bn.torch_bn_backward_factory``), and the hand-written compact numpy of
+``reference_bn.numpy_bn_backward`` is timed for context.  Both the generated function and
+torch return new arrays (the generated one is called without ``overwrite=True``); the
+hand-written one writes into a preallocated buffer.
+
+Before timing, the generated gradients are compared with torch's (or, without torch, with the
+hand-written ones).  Shapes: ``reference_bn.SHAPES`` = (256, 1024) and (4096, 256).  Each
+implementation is timed in a group of its own (median of ``--repeats``; interleaving torch's
+allocations and thread pool with numpy slowed it down, see ``reference_bn``).  The goal of
+issue 3: generated <= 1.5x torch.
+
+Run ``python benchmarks/bn_backward.py --help``.  Torch's times depend on whether its fresh
+outputs page-fault; ``--keep-freed-memory`` reruns the benchmark in a child process with
+``reference_mlp.KEEP_FREED_MEMORY_ENV`` (glibc keeps freed memory: no page faults for anyone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import symbp
+from symbp.check.gradcheck import load_module
+from symbp.emit.module import generate_module
+
+GOAL = 1.5
+
+
+def _sibling(name: str):
+    """Import a module that sits next to this file (benchmarks/ is not a package)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bn = _sibling("reference_bn")
+mlp = _sibling("reference_mlp")
+
+
+def generated_bn_backward():
+    """The generated ``batchnorm_backward`` (from a network with one batch-norm layer)."""
+    net = symbp.Net(
+        [symbp.batchnorm(name="bn", eps=bn.BN_EPS)], input_features=4, loss="mse"
+    )
+    module = load_module(generate_module(net), "symbp_generated_bn")
+    return module.batchnorm_backward
+
+
+def check(backward, inputs, torch_step) -> float:
+    """Largest relative difference of the generated gradients from torch's (or from the
+    hand-written numpy ones without torch); raises above float64 rounding level."""
+    got = backward(inputs.dy, inputs.invstd, inputs.xhat, inputs.gamma)
+    if torch_step is not None:
+        expected = [t.numpy() for t in torch_step()]
+    else:
+        expected = bn.numpy_bn_backward(inputs.dy, inputs.xhat, inputs.gamma, inputs.invstd)
+    worst = 0.0
+    for g, e in zip(got, expected, strict=True):
+        worst = max(worst, float(np.abs(g - e).max() / max(np.abs(e).max(), 1e-300)))
+    if worst > 1e-10:
+        raise AssertionError(f"generated batch-norm backward disagrees: {worst:.3g}")
+    return worst
+
+
+def benchmark(shape, threads=1, repeats=50, warmup=5, include_torch=True) -> dict:
+    backward = generated_bn_backward()
+    inp = bn.make_bn_inputs(shape)
+    torch_step = (
+        bn.torch_bn_backward_factory(inp, threads, "native") if include_torch else None
+    )
+    agreement = check(backward, inp, torch_step)
+    dx = mlp.aligned_empty(shape, np.float64)
+    vec = bn.bn_vector(shape[1])
+    fns = {
+        "generated": lambda: backward(inp.dy, inp.invstd, inp.xhat, inp.gamma),
+        "handwritten": lambda: bn.numpy_bn_backward(
+            inp.dy, inp.xhat, inp.gamma, inp.invstd, out=dx, vec=vec
+        ),
+    }
+    if torch_step is not None:
+        fns["torch_native"] = torch_step
+    times: dict[str, float] = {}
+    with mlp.blas_threads(threads):
+        for name, fn in fns.items():
+            times.update(mlp.time_alternating({name: fn}, repeats=repeats, warmup=warmup))
+    result = {"shape": list(shape), "threads": threads, "agreement": agreement, "times_s": times}
+    result["ratio_generated_over_handwritten"] = times["generated"] / times["handwritten"]
+    if "torch_native" in times:
+        result["ratio_generated_over_torch"] = times["generated"] / times["torch_native"]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="run in a child process with reference_mlp.KEEP_FREED_MEMORY_ENV set",
+    )
+    args = parser.parse_args(argv)
+    if args.keep_freed_memory:
+        given = argv if argv is not None else sys.argv[1:]
+        rest = [a for a in given if a != "--keep-freed-memory"]
+        env = {**os.environ, **mlp.KEEP_FREED_MEMORY_ENV}
+        return subprocess.run([sys.executable, __file__, *rest], env=env).returncode
+    results = [
+        benchmark(tuple(shape), threads, args.repeats, args.warmup, not args.no_torch)
+        for threads in args.threads
+        for shape in bn.SHAPES
+    ]
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return 0
+    for r in results:
+        t = r["times_s"]
+        line = (
+            f"shape={tuple(r['shape'])} threads={r['threads']}: "
+            f"generated {t['generated'] * 1e6:8.1f} us  "
+            f"handwritten {t['handwritten'] * 1e6:8.1f} us"
+        )
+        if "torch_native" in t:
+            ratio = r["ratio_generated_over_torch"]
+            verdict = "ok" if ratio <= GOAL else "MISSED"
+            line += (
+                f"  torch native {t['torch_native'] * 1e6:8.1f} us  "
+                f"generated/torch {ratio:.2f} (goal <= {GOAL}: {verdict})"
+            )
+        line += f"  generated/handwritten {r['ratio_generated_over_handwritten']:.2f}"
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,268 @@
+"""Generated module vs careful hand-written numpy vs the GEMMs alone vs PyTorch eager (CPU).
+
+The network is the reference MLP of ``benchmarks/reference_mlp.py``::
+
+    x (784) -> [Linear 1024 -> BatchNorm1d (train) -> ReLU] x 3 -> Linear 10
+            -> softmax cross-entropy (integer labels, mean over the batch)
+
+The generated side is ``symbp.emit.module.generate_module(net)`` for the same network declared
+as a :class:`symbp.Net`, loaded with :func:`symbp.check.gradcheck.load_module` and run through
+its ``loss_and_grads(params, x, y, wrt_input=False, reuse=previous)`` (the hand-written pass
+does not compute the input's gradient either, and it overwrites the gradient arrays it
+returned the call before; ``reuse`` does the same).  ``generated_fresh`` is the same call
+without ``reuse`` (new gradient arrays every call).  Both sides get the very same parameter
+dict (the generated module names its parameters ``fc1.W, ..., bn1.gamma, ..., out.b`` like
+the reference) and must agree on the loss and every gradient before anything is timed.
+
+Per dtype (float32, float64) and BLAS thread count (1, 2; set with ``threadpoolctl``), in one
+process: generated, hand-written and the 11 GEMMs alone are timed round-robin (median of
+``--repeats``); PyTorch eager and torch's GEMMs alone are timed as a second round-robin group
+(interleaving the two thread pools makes them fight, see ``reference_mlp``).  Printed: the
+median times and the ratios generated/hand-written, generated/GEMM-only and generated/torch,
+against the goals of issue 3 (<= 1.0, <= 1.10, <= 1.0).
+
+Run ``python benchmarks/generated_vs_numpy.py --help``.  The machine is noisy when shared:
+compare ratios from one run, and run it twice.  The median CPU time of the process is printed
+next to the wall time (more robust with one BLAS thread when other jobs share the cores).
+The generated module, like torch, returns new arrays on every call; with glibc's default
+settings their pages are returned to the kernel and fault in again on the next call (several
+thousand page faults, ~10 ms of system time per call here), which the hand-written pass avoids
+by reusing its buffers: ``--keep-freed-memory`` measures without that effect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+import symbp
+from symbp.check.gradcheck import load_module
+from symbp.emit.module import generate_module
+
+GOALS = {"handwritten": 1.0, "gemm_only": 1.10, "torch": 1.0}
+
+
+def _sibling(name: str):
+    """Import a module that sits next to this file (benchmarks/ is not a package)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+ref = _sibling("reference_mlp")
+
+
+def reference_net(widths: tuple[int, ...] = ref.DEFAULT_WIDTHS) -> symbp.Net:
+    """The benchmark network as a symbp declaration (parameter names as in the reference)."""
+    layers = []
+    for i, width in enumerate(widths[1:-1], start=1):
+        layers += [
+            symbp.linear(width, name=f"fc{i}"),
+            symbp.batchnorm(name=f"bn{i}", eps=ref.BN_EPS),
+            symbp.relu(name=f"relu{i}"),
+        ]
+    layers.append(symbp.linear(widths[-1], name="out"))
+    return symbp.Net(layers, input_features=widths[0], loss="softmax_cross_entropy")
+
+
+def generated_module(widths: tuple[int, ...] = ref.DEFAULT_WIDTHS):
+    """The generated module for :func:`reference_net` (source and loaded module)."""
+    source = generate_module(reference_net(widths))
+    return source, load_module(source, "symbp_generated_mlp")
+
+
+def check_agreement(module, params, x, y) -> float:
+    """Largest relative difference between the generated and hand-written loss/gradients
+    (raises if it is above what the dtype's rounding explains)."""
+    loss_h, grads_h = ref.handwritten_loss_and_grads(params, x, y)
+    _, reused = module.loss_and_grads(params, x, y, wrt_input=False)
+    reused = {name: np.full_like(g, np.nan) for name, g in reused.items()}
+    loss_g, grads_g = module.loss_and_grads(params, x, y, wrt_input=False, reuse=reused)
+    tol = 1e-4 if x.dtype == np.float32 else 1e-10
+    worst = abs(float(loss_g) - loss_h) / max(1.0, abs(loss_h))
+    # The linear biases before a batch norm have a gradient that is 0 in exact arithmetic
+    # (rounding noise on both sides): every tensor is compared on the scale of the largest
+    # gradient of the network.
+    scale = max(float(np.abs(g).max()) for g in grads_h.values())
+    for name, g in grads_h.items():
+        got = grads_g[name]
+        if got.dtype != x.dtype or got.shape != g.shape:
+            raise AssertionError(f"{name}: {got.dtype}{got.shape} vs {g.dtype}{g.shape}")
+        worst = max(worst, float(np.abs(got - g).max()) / scale)
+    if worst > tol:
+        raise AssertionError(f"generated and hand-written disagree: {worst:.3g} > {tol}")
+    return worst
+
+
+def time_alternating(
+    fns: Mapping[str, Callable[[], object]], repeats: int = 20, warmup: int = 3
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall time and median CPU time of this process (seconds) per callable, measured
+    round-robin as ``reference_mlp.time_alternating`` does (each round starts one further
+    along the list; the garbage collector is paused).  With one BLAS thread the CPU time is
+    the more robust figure on a machine shared with other jobs: waiting for a core does not
+    count; with two threads it adds up both threads' work."""
+    names = list(fns)
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(warmup):
+            for name in names:
+                fns[name]()
+        for r in range(repeats):
+            k = r % len(names)
+            for name in names[k:] + names[:k]:
+                c0, t0 = time.process_time(), time.perf_counter()
+                fns[name]()
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+    finally:
+        if enabled:
+            gc.enable()
+    return (
+        {name: statistics.median(v) for name, v in wall.items()},
+        {name: statistics.median(v) for name, v in cpu.items()},
+    )
+
+
+def benchmark(
+    module,
+    dtype,
+    threads: int,
+    batch: int = 256,
+    repeats: int = 20,
+    warmup: int = 3,
+    include_torch: bool = True,
+) -> dict:
+    """Median times at one dtype and thread count, and the ratios."""
+    params = ref.make_params(0, dtype)
+    x, y = ref.make_batch(0, dtype, batch)
+    agreement = check_agreement(module, params, x, y)
+    ws = ref.MLPWorkspace.for_inputs(params, x)
+    ops = ref.make_gemm_operands(params, x)
+    previous: dict[str, dict] = {"grads": module.loss_and_grads(params, x, y, wrt_input=False)[1]}
+
+    def generated():  # overwrites the previous call's gradients, as the hand-written pass does
+        previous["grads"] = module.loss_and_grads(
+            params, x, y, wrt_input=False, reuse=previous["grads"]
+        )[1]
+
+    fns: dict[str, Callable[[], object]] = {
+        "generated": generated,
+        "generated_fresh": lambda: module.loss_and_grads(params, x, y, wrt_input=False),
+        "handwritten": lambda: ref.handwritten_loss_and_grads(params, x, y, ws),
+        "gemm_only": lambda: ref.gemm_only(params, x, ops),
+    }
+    with ref.blas_threads(threads):
+        times, cpu = time_alternating(fns, repeats=repeats, warmup=warmup)
+    step = ref.torch_loss_and_grads(params, x, y, threads) if include_torch else None
+    if step is not None:
+        torch_fns = {"torch": step, "torch_gemm_only": ref.torch_gemm_only(params, x, threads)}
+        with ref.blas_threads(threads):
+            more, more_cpu = time_alternating(torch_fns, repeats=repeats, warmup=warmup)
+        times.update(more)
+        cpu.update(more_cpu)
+    others = [o for o in ("handwritten", "gemm_only", "torch", "generated_fresh") if o in times]
+    return {
+        "dtype": np.dtype(dtype).name,
+        "threads": threads,
+        "batch": batch,
+        "agreement": agreement,
+        "times_s": times,
+        "cpu_times_s": cpu,
+        "ratios": {o: times["generated"] / times[o] for o in others},
+        "cpu_ratios": {o: cpu["generated"] / cpu[o] for o in others},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
+    parser.add_argument("--show-source", action="store_true", help="print the generated module")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="run in a child process with reference_mlp.KEEP_FREED_MEMORY_ENV (glibc keeps "
+        "freed memory, so fresh arrays do not page-fault; the hand-written pass reuses its "
+        "buffers and never does)",
+    )
+    args = parser.parse_args(argv)
+    if args.keep_freed_memory:
+        given = argv if argv is not None else sys.argv[1:]
+        env = {**os.environ, **ref.KEEP_FREED_MEMORY_ENV}
+        rest = [a for a in given if a != "--keep-freed-memory"]
+        return subprocess.run([sys.executable, __file__, *rest], env=env).returncode
+
+    source, module = generated_module()
+    if args.show_source:
+        print(source)
+        return 0
+    results = [
+        benchmark(
+            module,
+            np.dtype(dtype),
+            threads,
+            args.batch,
+            args.repeats,
+            args.warmup,
+            include_torch=not args.no_torch,
+        )
+        for threads in args.threads
+        for dtype in args.dtypes
+    ]
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return 0
+    for r in results:
+        t, ratios = r["times_s"], r["ratios"]
+        line = (
+            f"{r['dtype']:>8} threads={r['threads']} batch={r['batch']}: "
+            f"generated {t['generated'] * 1e3:7.2f} ms (fresh arrays "
+            f"{t['generated_fresh'] * 1e3:7.2f} ms)  handwritten {t['handwritten'] * 1e3:7.2f}"
+            f" ms  gemm_only {t['gemm_only'] * 1e3:7.2f} ms"
+        )
+        if "torch" in t:
+            line += f"  torch {t['torch'] * 1e3:7.2f} ms"
+        print(line)
+        marks = []
+        for other, ratio in ratios.items():
+            if other not in GOALS:
+                continue
+            verdict = "ok" if ratio <= GOALS[other] else "MISSED"
+            marks.append(f"generated/{other} {ratio:.3f} (goal <= {GOALS[other]:.2f}: {verdict})")
+        print("    wall: " + "  ".join(marks))
+        cpu = "  ".join(
+            f"generated/{o} {v:.3f}" for o, v in r["cpu_ratios"].items() if o in GOALS
+        )
+        fresh = ratios["generated_fresh"]
+        print(f"    cpu:  {cpu}")
+        print(f"    generated (reusing the last gradients) / generated (new arrays) {fresh:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
