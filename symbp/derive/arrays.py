@@ -80,6 +80,14 @@ class Einsum(ArrayOp):
     """``np.einsum(spec, a, b)``: a contraction over several indices (convolutions)."""
 
 
+class TensorDot(ArrayOp):
+    """``np.tensordot(a, b, axes=(axes_a, axes_b)).transpose(order)``: one BLAS product.
+
+    Used for a window view contracted over its kernel axes (a convolution's forward pass):
+    there NumPy's einsum can miss the GEMM (one input channel), tensordot does not.
+    """
+
+
 class Windows(ArrayOp):
     """Sliding windows: ``(a, kernel sizes, stride, dilation)`` over the last two axes.
 
@@ -101,6 +109,10 @@ class Shifted(ArrayOp):
 
     Zero padding (negative offsets) and cropping (positive offsets) over the last axes.
     """
+
+
+class WindowMaximum(ArrayOp):
+    """The maximum of each window ``(windows)`` over its last two (kernel) axes."""
 
 
 class FirstArgmaxMask(ArrayOp):
@@ -155,7 +167,10 @@ class Lowering:
             array, have = self._lower(expr.function)
             bound = [v for v in expr.variables]
             positions = tuple(have.index(b) for b in bound)
-            return MaxOver(array, sp.Tuple(*positions)), tuple(a for a in have if a not in bound)
+            kept = tuple(a for a in have if a not in bound)
+            if isinstance(array, Windows) and positions == (len(have) - 2, len(have) - 1):
+                return WindowMaximum(array), kept
+            return MaxOver(array, sp.Tuple(*positions)), kept
         if type(expr).__name__ == "FirstArgmax":
             window_max = expr.args[0]
             self._record(window_max.limits)
@@ -345,6 +360,18 @@ class Lowering:
             + "->" + "".join(letters[i] for i in free)
         )
         product: sp.Expr = Einsum(sp.Symbol(spec), a, b)
+        shared = set(axes_a) & set(axes_b) - set(bound)
+        windowed = [(x, ax) for x, ax in ((a, axes_a), (b, axes_b)) if isinstance(x, Windows)]
+        paired = all(i in axes_a and i in axes_b for i in bound)
+        if paired and not shared and any(set(ax[-2:]) <= set(bound) for _, ax in windowed):
+            rest = [i for i in axes_a if i not in bound] + [i for i in axes_b if i not in bound]
+            product = TensorDot(
+                a,
+                b,
+                sp.Tuple(*[axes_a.index(i) for i in bound]),
+                sp.Tuple(*[axes_b.index(i) for i in bound]),
+                sp.Tuple(*[rest.index(i) for i in free]),
+            )
         axes = tuple(free)
         if outside:
             rest, rest_axes = self._lower(sp.Mul(*outside))

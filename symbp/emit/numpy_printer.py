@@ -21,6 +21,7 @@ HELPERS = {
     "col2im": "_col2im",
     "shifted": "_shifted",
     "first_argmax_mask": "_first_argmax_mask",
+    "window_max": "_window_max",
 }
 
 
@@ -243,6 +244,16 @@ class SymbpNumPyPrinter(NumPyPrinter):
         arguments = ", ".join(self._print(o) for o in operands)
         return f'{self._module_format("numpy.einsum")}("{spec}", {arguments}, optimize=True)'
 
+    def _print_TensorDot(self, expr):
+        a, b, axes_a, axes_b, order = expr.args
+        text = (
+            f"{self._module_format('numpy.tensordot')}({self._print(a)}, {self._print(b)}, "
+            f"axes=({self._print_tuple(tuple(axes_a))}, {self._print_tuple(tuple(axes_b))}))"
+        )
+        if list(order) != list(range(len(order))):
+            text += f".transpose({', '.join(str(k) for k in order)})"
+        return text
+
     def _print_Windows(self, expr):
         array, kernel, stride, dilation = expr.args
         extent = ", ".join(self._print(dilation * (k - 1) + 1) for k in kernel)
@@ -274,8 +285,12 @@ class SymbpNumPyPrinter(NumPyPrinter):
             f"{self._print_tuple(tuple(sizes))})"
         )
 
+    def _print_WindowMaximum(self, expr):
+        self.helpers_used.add("window_max")
+        return f"{HELPERS['window_max']}({self._print(expr.args[0])})"
+
     def _print_FirstArgmaxMask(self, expr):
-        self.helpers_used.add("first_argmax_mask")
+        self.helpers_used |= {"first_argmax_mask", "window_max"}
         return f"{HELPERS['first_argmax_mask']}({self._print(expr.args[0])})"
 
     def _print_erf(self, expr):
