@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import textwrap
 from pathlib import Path
 
@@ -419,3 +421,17 @@ def test_generated_conv_module_has_no_python_loop_over_pixels_or_batch():
                       "for i in range(windows.shape[-2]):", "for j in range(windows.shape[-1]):"}
     assert data_loops and set(data_loops) <= kernel_offsets
     assert "sliding_window_view" in source
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")
+def test_generated_conv_modules_are_ruff_clean(tmp_path):
+    """Long window expressions are wrapped (inside brackets) to the project's line length."""
+    for name in ("padded_strided_dilated", "pools", "batchnorm2d"):
+        (tmp_path / f"{name}.py").write_text(generate_module(CONV_NETS[name]()), encoding="utf-8")
+    (tmp_path / "cnn_bn.py").write_text(generate_module(load_spec(CONV_EXAMPLES[1])),
+                                        encoding="utf-8")
+    result = subprocess.run(
+        ["ruff", "check", "--no-cache", "--config", str(ROOT / "pyproject.toml"), str(tmp_path)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout

@@ -337,6 +337,10 @@ class Lowering:
         if not options:
             return None
         _, product, axes = min(options, key=lambda option: option[0])
+        return self._times_outside(product, axes, outside)
+
+    def _times_outside(self, product, axes, outside):
+        """``product`` (over ``axes``) times the factors that stayed outside the contraction."""
         if outside:
             rest, rest_axes = self._lower(sp.Mul(*outside))
             target = union_axes([axes, rest_axes])
@@ -373,12 +377,7 @@ class Lowering:
                 sp.Tuple(*[rest.index(i) for i in free]),
             )
         axes = tuple(free)
-        if outside:
-            rest, rest_axes = self._lower(sp.Mul(*outside))
-            target = union_axes([axes, rest_axes])
-            product = align(product, axes, target) * align(rest, rest_axes, target)
-            axes = target
-        return product, axes
+        return self._times_outside(product, axes, outside)
 
     def _oriented(self, k, first, second):
         """``first @ second`` contracting ``k``, with its cost in transposes (or None)."""

@@ -52,8 +52,9 @@ def environment() -> jinja2.Environment:
     )
 
 
-class _FormulaPrinter(sp.printing.str.StrPrinter):
-    """One-line index formulas for docstrings: ``z[n, j] = sum_i(W[i, j]*x[n, i]) + b[j]``."""
+class FormulaPrinter(sp.printing.str.StrPrinter):
+    """One-line index formulas: ``z[n, j] = sum_i(W[i, j]*x[n, i]) + b[j]``, ``step(u)``,
+    ``delta(h, k + p)``."""
 
     def _print_Sum(self, expr):
         indices = ", ".join(self._print(limit[0]) for limit in expr.limits)
@@ -62,10 +63,13 @@ class _FormulaPrinter(sp.printing.str.StrPrinter):
     def _print_Heaviside(self, expr):
         return f"step({self._print(expr.args[0])})"
 
+    def _print_KroneckerDelta(self, expr):
+        return f"delta({self._print(expr.args[0])}, {self._print(expr.args[1])})"
+
 
 def formula(lhs: sp.Expr, rhs: sp.Expr) -> str:
     """``lhs = rhs`` on one line, or wrapped with a hanging indent when longer than a line."""
-    printer = _FormulaPrinter()
+    printer = FormulaPrinter()
     text = f"{printer.doprint(lhs)} = {printer.doprint(rhs)}"
     return "\n    ".join(
         textwrap.wrap(text, width=MAX_LINE - 8, subsequent_indent="    ", break_on_hyphens=False)
@@ -302,46 +306,46 @@ def _wrap_call(prefix: str, call: str, args: list[str], indent: str = "") -> str
     return f"{indent}{prefix}{call}(\n{body}{indent})"
 
 
-def _outer_brackets(code: str) -> list[tuple[int, int]]:
-    """``(open, close)`` positions of the outermost bracket pairs, string literals skipped."""
-    pairs, depth, start, quote = [], 0, 0, None
+def _scan(code: str):
+    """``(position, char, depth)`` for each character outside string literals; ``depth``
+    counts the brackets open before it (a closing bracket has its pair's depth)."""
+    depth, quote = 0, None
     for position, char in enumerate(code):
         if quote:
             quote = None if char == quote else quote
-        elif char in "\"'":
+            continue
+        if char in "\"'":
             quote = char
-        elif char in "([{":
-            depth += 1
-            if depth == 1:
-                start = position
-        elif char in ")]}":
+            continue
+        if char in ")]}":
             depth -= 1
-            if depth == 0:
-                pairs.append((start, position))
+        yield position, char, depth
+        if char in "([{":
+            depth += 1
+
+
+def _outer_brackets(code: str) -> list[tuple[int, int]]:
+    """``(open, close)`` positions of the outermost bracket pairs, string literals skipped."""
+    pairs, start = [], 0
+    for position, char, depth in _scan(code):
+        if depth == 0 and char in "([{":
+            start = position
+        elif depth == 0 and char in ")]}":
+            pairs.append((start, position))
     return pairs
 
 
 def _top_level_split(code: str, separators: tuple[str, ...]) -> list[tuple[str, str]]:
     """``code`` split at separators outside brackets and strings: ``(separator, part)`` pairs."""
-    parts, depth, quote, last, position, before = [], 0, None, 0, 0, ""
-    while position < len(code):
-        char = code[position]
-        if quote:
-            quote = None if char == quote else quote
-        elif char in "\"'":
-            quote = char
-        elif char in "([{":
-            depth += 1
-        elif char in ")]}":
-            depth -= 1
-        elif depth == 0:
-            found = next((s for s in separators if code.startswith(s, position)), None)
-            if found:
-                parts.append((before, code[last:position].strip()))
-                before, last = found.strip(), position + len(found)
-                position += len(found)
-                continue
-        position += 1
+    parts, last, before, skip_to = [], 0, "", 0
+    for position, char, depth in _scan(code):
+        if position < skip_to or depth or char in "([{)]}":
+            continue
+        found = next((s for s in separators if code.startswith(s, position)), None)
+        if found:
+            parts.append((before, code[last:position].strip()))
+            before, last = found.strip(), position + len(found)
+            skip_to = last
     parts.append((before, code[last:].strip()))
     return parts
 
@@ -411,7 +415,7 @@ class ModuleBuilder:
         ]
         return template.render(
             name=name,
-            signature=signature,
+            header="\n".join(wrap_line(f"def {name}({signature}):")),
             summary=summary,
             formulas=formulas,
             notes=notes,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import sympy as sp
 
+from ..emit.module import FormulaPrinter
 from ..errors import SpecError, SymbpError
 
 
@@ -132,20 +133,6 @@ def _generated_module(net):
 
 
 # -- tables -------------------------------------------------------------------------------------
-class _FormulaPrinter(sp.printing.str.StrPrinter):
-    """One-line formulas: ``sum_k(...)``, ``step(u)``, ``delta(n, n')``."""
-
-    def _print_Sum(self, expr):
-        indices = ", ".join(self._print(limit[0]) for limit in expr.limits)
-        return f"sum_{indices}({self._print(expr.function)})"
-
-    def _print_Heaviside(self, expr):
-        return f"step({self._print(expr.args[0])})"
-
-    def _print_KroneckerDelta(self, expr):
-        return f"delta({self._print(expr.args[0])}, {self._print(expr.args[1])})"
-
-
 def _text(expr) -> str:
     return "no bound found" if expr is None else sp.sstr(expr)
 
@@ -155,7 +142,7 @@ def _entry_text(entry) -> str:
     if entry is None:
         return "not read off the derived VJP"
     lhs, rhs = entry
-    printer = _FormulaPrinter()
+    printer = FormulaPrinter()
     factors = sp.Mul.make_args(rhs)
     deltas = [f for f in factors if isinstance(f, sp.KroneckerDelta)]
     rest = sp.Mul(*[f for f in factors if not isinstance(f, sp.KroneckerDelta)])
