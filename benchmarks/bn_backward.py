@@ -23,7 +23,6 @@ outputs page-fault; ``--keep-freed-memory`` reruns the benchmark in a child proc
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -39,19 +38,9 @@ from symbp.emit.module import generate_module
 GOAL = 1.5
 
 
-def _sibling(name: str):
-    """Import a module that sits next to this file (benchmarks/ is not a package)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-bn = _sibling("reference_bn")
-mlp = _sibling("reference_mlp")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+import reference_bn as bn  # noqa: E402
+import reference_mlp as mlp  # noqa: E402
 
 
 def generated_bn_backward():

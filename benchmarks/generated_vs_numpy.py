@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import statistics
@@ -53,18 +52,8 @@ from symbp.emit.module import generate_module
 GOALS = {"handwritten": 1.0, "gemm_only": 1.10, "torch": 1.0}
 
 
-def _sibling(name: str):
-    """Import a module that sits next to this file (benchmarks/ is not a package)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ref = _sibling("reference_mlp")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+import reference_mlp as ref  # noqa: E402
 
 
 def reference_net(widths: tuple[int, ...] = ref.DEFAULT_WIDTHS) -> symbp.Net:
