@@ -33,14 +33,11 @@ by reusing its buffers: ``--keep-freed-memory`` measures without that effect.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -98,40 +95,6 @@ def check_agreement(module, params, x, y) -> float:
     return worst
 
 
-def time_alternating(
-    fns: Mapping[str, Callable[[], object]], repeats: int = 20, warmup: int = 3
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Median wall time and median CPU time of this process (seconds) per callable, measured
-    round-robin as ``reference_mlp.time_alternating`` does (each round starts one further
-    along the list; the garbage collector is paused).  With one BLAS thread the CPU time is
-    the more robust figure on a machine shared with other jobs: waiting for a core does not
-    count; with two threads it adds up both threads' work."""
-    names = list(fns)
-    wall: dict[str, list[float]] = {name: [] for name in names}
-    cpu: dict[str, list[float]] = {name: [] for name in names}
-    enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        for _ in range(warmup):
-            for name in names:
-                fns[name]()
-        for r in range(repeats):
-            k = r % len(names)
-            for name in names[k:] + names[:k]:
-                c0, t0 = time.process_time(), time.perf_counter()
-                fns[name]()
-                wall[name].append(time.perf_counter() - t0)
-                cpu[name].append(time.process_time() - c0)
-    finally:
-        if enabled:
-            gc.enable()
-    return (
-        {name: statistics.median(v) for name, v in wall.items()},
-        {name: statistics.median(v) for name, v in cpu.items()},
-    )
-
-
 def benchmark(
     module,
     dtype,
@@ -161,12 +124,14 @@ def benchmark(
         "gemm_only": lambda: ref.gemm_only(params, x, ops),
     }
     with ref.blas_threads(threads):
-        times, cpu = time_alternating(fns, repeats=repeats, warmup=warmup)
+        times, cpu = ref.time_alternating_with_cpu(fns, repeats=repeats, warmup=warmup)
     step = ref.torch_loss_and_grads(params, x, y, threads) if include_torch else None
     if step is not None:
         torch_fns = {"torch": step, "torch_gemm_only": ref.torch_gemm_only(params, x, threads)}
         with ref.blas_threads(threads):
-            more, more_cpu = time_alternating(torch_fns, repeats=repeats, warmup=warmup)
+            more, more_cpu = ref.time_alternating_with_cpu(
+                torch_fns, repeats=repeats, warmup=warmup
+            )
         times.update(more)
         cpu.update(more_cpu)
     others = [o for o in ("handwritten", "gemm_only", "torch", "generated_fresh") if o in times]

@@ -502,17 +502,21 @@ def _torch_operands(torch, ops: GemmOperands) -> GemmOperands:
 # --------------------------------------------------------------------------- timing
 
 
-def time_alternating(
+def time_alternating_with_cpu(
     fns: Mapping[str, Callable[[], object]], repeats: int = 20, warmup: int = 3
-) -> dict[str, float]:
-    """Median wall time (seconds) of each callable, measured round-robin.
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall time and median CPU time of this process (seconds) of each callable,
+    measured round-robin.
 
     Every round runs each callable once, starting one further along the list each round,
     so that slow drifts of the machine (frequency, neighbours) hit all of them alike.
-    The garbage collector is paused while timing.
+    The garbage collector is paused while timing.  With one BLAS thread the CPU time is the
+    more robust figure on a machine shared with other jobs (waiting for a core does not
+    count); with two threads it adds up both threads' work.
     """
     names = list(fns)
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
@@ -523,13 +527,25 @@ def time_alternating(
         for r in range(repeats):
             k = r % len(names)
             for name in names[k:] + names[:k]:
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 fns[name]()
-                samples[name].append(time.perf_counter() - t0)
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
     finally:
         if gc_was_enabled:
             gc.enable()
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return (
+        {name: statistics.median(s) for name, s in wall.items()},
+        {name: statistics.median(s) for name, s in cpu.items()},
+    )
+
+
+def time_alternating(
+    fns: Mapping[str, Callable[[], object]], repeats: int = 20, warmup: int = 3
+) -> dict[str, float]:
+    """Median wall time (seconds) of each callable, measured round-robin
+    (:func:`time_alternating_with_cpu`)."""
+    return time_alternating_with_cpu(fns, repeats=repeats, warmup=warmup)[0]
 
 
 def _env_threads() -> int | None:

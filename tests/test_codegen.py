@@ -49,16 +49,7 @@ DENSE_EXAMPLES = [p for p in EXAMPLES if "shape" not in p.read_text(encoding="ut
 ORACLE_TOLERANCE = 1e-10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_blas_thread():
-    """Tiny matrices: BLAS threads only add overhead (ten times slower on a 2-core machine)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 # --------------------------------------------------------------------------- the oracle

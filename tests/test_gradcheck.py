@@ -39,16 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EPS = float(np.finfo(np.float64).eps)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_blas_thread():
-    """Tiny matrices: BLAS threads only add overhead."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 def exact_steps(f):
