@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import sympy as sp
 
+from ..declare.forms import N as BATCH
 from ..errors import DerivationError
 
 
@@ -365,9 +366,12 @@ class Lowering:
         )
         product: sp.Expr = Einsum(sp.Symbol(spec), a, b)
         shared = set(axes_a) & set(axes_b) - set(bound)
-        windowed = [(x, ax) for x, ax in ((a, axes_a), (b, axes_b)) if isinstance(x, Windows)]
         paired = all(i in axes_a and i in axes_b for i in bound)
-        if paired and not shared and any(set(ax[-2:]) <= set(bound) for _, ax in windowed):
+        if paired and not shared:
+            # One matrix product. The operand with a free batch axis goes second, so that the
+            # product's memory runs over the batch and the axes after it (the pixels).
+            if self._free_batch(axes_a, bound) and not self._free_batch(axes_b, bound):
+                (a, axes_a), (b, axes_b) = (b, axes_b), (a, axes_a)
             rest = [i for i in axes_a if i not in bound] + [i for i in axes_b if i not in bound]
             product = TensorDot(
                 a,
@@ -378,6 +382,9 @@ class Lowering:
             )
         axes = tuple(free)
         return self._times_outside(product, axes, outside)
+
+    def _free_batch(self, axes: Axes, bound) -> bool:
+        return any(self.sizes.get(i) == BATCH and i not in bound for i in axes)
 
     def _oriented(self, k, first, second):
         """``first @ second`` contracting ``k``, with its cost in transposes (or None)."""

@@ -22,6 +22,7 @@ HELPERS = {
     "shifted": "_shifted",
     "first_argmax_mask": "_first_argmax_mask",
     "window_max": "_window_max",
+    "tensordot": "_tensordot",
 }
 
 
@@ -245,10 +246,11 @@ class SymbpNumPyPrinter(NumPyPrinter):
         return f'{self._module_format("numpy.einsum")}("{spec}", {arguments}, optimize=True)'
 
     def _print_TensorDot(self, expr):
+        self.helpers_used.add("tensordot")
         a, b, axes_a, axes_b, order = expr.args
         text = (
-            f"{self._module_format('numpy.tensordot')}({self._print(a)}, {self._print(b)}, "
-            f"axes=({self._print_tuple(tuple(axes_a))}, {self._print_tuple(tuple(axes_b))}))"
+            f"{HELPERS['tensordot']}({self._print(a)}, {self._print(b)}, "
+            f"{self._print_tuple(tuple(axes_a))}, {self._print_tuple(tuple(axes_b))})"
         )
         if list(order) != list(range(len(order))):
             text += f".transpose({', '.join(str(k) for k in order)})"
