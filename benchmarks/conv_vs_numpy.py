@@ -15,9 +15,15 @@ repeats in one process (:func:`reference_mlp.time_alternating`), with 1 and 2 BL
 PyTorch (eager, CPU) runs with the same thread count where it is installed.
 
     python benchmarks/conv_vs_numpy.py [--dtype float32|float64] [--repeats 7] [--quick]
+                                       [--keep-freed-memory]
 
 Prints, per net and thread count, the times and the ratios generated / hand-written and
-generated / PyTorch.
+generated / PyTorch. The generated module and the hand-written pass allocate fresh arrays on
+every call; with glibc's default settings the big ones go back to the kernel when freed and
+page-fault in again on the next call, and how much of that a run pays depends on what ran just
+before it (timed next to the hand-written pass, the generated LeNet pass took 27 ms instead of
+18 ms). ``--keep-freed-memory`` reruns the benchmark in a child process with
+``reference_mlp.KEEP_FREED_MEMORY_ENV`` (glibc keeps freed memory: no page faults for anyone).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from reference_mlp import blas_threads, time_alternating  # noqa: E402
+from reference_mlp import blas_threads, rerun_keeping_freed_memory, time_alternating  # noqa: E402
 
 EPS = 1e-5
 
@@ -315,7 +321,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,2", help="BLAS thread counts (default 1,2)")
     parser.add_argument("--nets", default="lenet,wide")
     parser.add_argument("--quick", action="store_true", help="batch 8, 2 repeats (a smoke test)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="run in a child process with reference_mlp.KEEP_FREED_MEMORY_ENV "
+                        "(glibc keeps freed memory, so fresh arrays do not page-fault)")
     args = parser.parse_args(argv)
+    if args.keep_freed_memory:
+        return rerun_keeping_freed_memory(__file__, argv)
     dtype = np.dtype(args.dtype).type
     repeats = 2 if args.quick else args.repeats
     print(f"{'net':<7}{'threads':>8}{'generated':>12}{'hand-written':>14}{'pytorch':>10}"

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -166,10 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.keep_freed_memory:
-        given = argv if argv is not None else sys.argv[1:]
-        env = {**os.environ, **ref.KEEP_FREED_MEMORY_ENV}
-        rest = [a for a in given if a != "--keep-freed-memory"]
-        return subprocess.run([sys.executable, __file__, *rest], env=env).returncode
+        return ref.rerun_keeping_freed_memory(__file__, argv)
 
     source, module = generated_module()
     if args.show_source:

@@ -581,6 +581,15 @@ def blas_threads(n: int) -> Iterator[None]:
         yield
 
 
+def rerun_keeping_freed_memory(script: str, argv: list[str] | None) -> int:
+    """Run ``script`` again in a child process with :data:`KEEP_FREED_MEMORY_ENV` and the same
+    arguments less ``--keep-freed-memory``; its exit status."""
+    given = argv if argv is not None else sys.argv[1:]
+    rest = [a for a in given if a != "--keep-freed-memory"]
+    env = {**os.environ, **KEEP_FREED_MEMORY_ENV}
+    return subprocess.run([sys.executable, script, *rest], env=env).returncode
+
+
 def run_in_subprocess(
     threads: int,
     args: list[str] | tuple[str, ...] = (),
