@@ -373,11 +373,12 @@ class Lowering:
             if self._free_batch(axes_a, bound) and not self._free_batch(axes_b, bound):
                 (a, axes_a), (b, axes_b) = (b, axes_b), (a, axes_a)
             rest = [i for i in axes_a if i not in bound] + [i for i in axes_b if i not in bound]
+            summed = sorted(bound, key=axes_b.index)  # in the second operand's axis order
             product = TensorDot(
                 a,
                 b,
-                sp.Tuple(*[axes_a.index(i) for i in bound]),
-                sp.Tuple(*[axes_b.index(i) for i in bound]),
+                sp.Tuple(*[axes_a.index(i) for i in summed]),
+                sp.Tuple(*[axes_b.index(i) for i in summed]),
                 sp.Tuple(*[rest.index(i) for i in free]),
             )
         axes = tuple(free)
