@@ -53,6 +53,12 @@ def test_tensordot_equals_numpys(helpers, dtype):
         assert np.allclose(got, expected, rtol=tolerance, atol=tolerance)
 
 
+def test_tensordot_of_an_empty_batch_is_empty(helpers):
+    a, b = np.zeros((0, 3, 4)), np.ones((3, 4, 5))
+    assert helpers["_tensordot"](a, b, (1, 2), (0, 1)).shape == (0, 5)
+    assert helpers["_tensordot"](b, a, (0, 1), (1, 2)).shape == (5, 0)
+
+
 def test_contiguous_run_measures_the_innermost_stretch(helpers):
     run = helpers["_contiguous_run"]
     a = np.zeros((4, 5, 6))
