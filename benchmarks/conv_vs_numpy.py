@@ -26,7 +26,8 @@ glibc's default settings the big ones go back to the kernel when freed and page-
 again on the next call, and how much of that a run pays depends on what ran just before it
 (timed next to the hand-written pass, the generated LeNet pass took 27 ms instead of 18 ms).
 ``--keep-freed-memory`` reruns the benchmark in a child process with
-``reference_mlp.KEEP_FREED_MEMORY_ENV`` (glibc keeps freed memory: no page faults for anyone).
+``reference_mlp.KEEP_FREED_MEMORY_ENV`` (glibc keeps freed blocks of up to 32 MB; bigger ones,
+such as the wide net's 150 MB im2col matrices, are still mapped afresh on every call).
 """
 
 from __future__ import annotations
