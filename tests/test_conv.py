@@ -438,3 +438,23 @@ def test_generated_conv_modules_are_ruff_clean(tmp_path):
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stdout
+
+
+def test_channel_batchnorm_backward_keeps_float32_accuracy_over_many_values():
+    """Per-channel statistics over N*H*W = 65536 values, an upstream gradient with a large
+    mean (which the backward's sums subtract out again): float32 still computes what float64
+    does, to float32 accuracy (the rounding of dy itself, about 1e-7 * 100, bounds the
+    difference)."""
+    net = Net([symbp.batchnorm()], input_shape=(2, 32, 32), loss=None)
+    module = load_module(generate_module(net))
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((64, 2, 32, 32))  # 65536 values per channel
+    dy = 100.0 + rng.standard_normal(x.shape)  # mean 100, spread 1
+    params = {k: v + 0.1 for k, v in module.init_params().items()}
+    out64, cache64 = module.forward(params, x)
+    exact = module.backward(params, cache64, dy)["x"]
+    params32 = {k: v.astype(np.float32) for k, v in params.items()}
+    _, cache32 = module.forward(params32, x.astype(np.float32))
+    got = module.backward(params32, cache32, dy.astype(np.float32))["x"]
+    assert got.dtype == np.float32
+    assert np.max(np.abs(got - exact)) < 1e-4 * np.max(np.abs(exact))

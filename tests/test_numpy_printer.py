@@ -18,6 +18,7 @@ import sympy as sp
 
 from symbp.derive.arrays import (
     Dot,
+    Einsum,
     Lowering,
     MaxOver,
     NewAxis,
@@ -26,6 +27,7 @@ from symbp.derive.arrays import (
     Softplus,
     Step,
     SumOver,
+    TensorDot,
 )
 from symbp.emit.numpy_printer import SymbpNumPyPrinter, numpy_code
 from symbp.errors import DerivationError
@@ -379,3 +381,10 @@ def test_array_shapes_follow_the_array_operations():
     assert array_shape(Dot(X, Y) + g, {**SHAPES, "Y": (F, M)}) is None  # (M, M) + (F,)
     assert is_smaller(g * k, (M, F), SHAPES) and not is_smaller(g * X, (M, F), SHAPES)
     assert not is_smaller(X, (M, F), {"X": None})  # unknown: never treated as small
+    # Contractions: einsum's output letters, tensordot's free axes in the printed order.
+    assert array_shape(Einsum(sp.Symbol("ab,ab->b"), X, Y), SHAPES) == (F,)
+    assert array_shape(Einsum(sp.Symbol("ab,cb->ca"), X, Y), {**SHAPES, "Y": (N, F)}) == (N, M)
+    assert array_shape(Einsum(sp.Symbol("abc,ab->c"), X, Y), SHAPES) is None  # rank mismatch
+    td = TensorDot(X, Y, sp.Tuple(0), sp.Tuple(1), sp.Tuple(1, 0))
+    assert array_shape(td, {**SHAPES, "Y": (N, M)}) == (N, F)
+    assert is_smaller(Einsum(sp.Symbol("ab,ab->b"), X, Y), (M, F), SHAPES)

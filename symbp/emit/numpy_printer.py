@@ -323,7 +323,7 @@ _ELEMENTWISE = (sp.Add, sp.Mul, sp.Pow, sp.Function, sp.Rel, sp.Piecewise, sp.Ma
 def array_shape(expr: sp.Expr, shapes: dict[str, tuple]) -> tuple | None:
     """The shape of a whole-array expression (sympy sizes, 1 for inserted axes), or None when
     it cannot be told. ``shapes`` gives the array symbols' shapes; other symbols are scalars."""
-    from ..derive.arrays import Dot, MaxOver, NewAxis, Permute, SumOver
+    from ..derive.arrays import Dot, Einsum, MaxOver, NewAxis, Permute, SumOver, TensorDot
 
     if isinstance(expr, sp.Symbol):
         if expr.name not in shapes:
@@ -358,6 +358,24 @@ def array_shape(expr: sp.Expr, shapes: dict[str, tuple]) -> tuple | None:
         if a is None or b is None or not a or not b:
             return None
         return (*a[:-1], *b[1:])
+    if isinstance(expr, Einsum):
+        spec, *operands = expr.args
+        inputs, output = str(spec).split("->")
+        sizes = {}
+        for letters, operand in zip(inputs.split(","), operands, strict=True):
+            shape = array_shape(operand, shapes)
+            if shape is None or len(shape) != len(letters):
+                return None
+            sizes.update(zip(letters, shape, strict=True))
+        return tuple(sizes[letter] for letter in output)
+    if isinstance(expr, TensorDot):
+        a, b, axes_a, axes_b, order = expr.args
+        shape_a, shape_b = array_shape(a, shapes), array_shape(b, shapes)
+        if shape_a is None or shape_b is None:
+            return None
+        free = [d for k, d in enumerate(shape_a) if k not in {int(i) for i in axes_a}]
+        free += [d for k, d in enumerate(shape_b) if k not in {int(i) for i in axes_b}]
+        return tuple(free[int(k)] for k in order)
     if type(expr).__module__.endswith("arrays") and type(expr).__name__ not in (
         "Sigmoid",
         "Softplus",
