@@ -77,6 +77,11 @@ def parse_expression(text: object, *, variable: sp.Symbol) -> sp.Expr:
         raise SpecError(f"expression {text!r} does not depend on x")
     if result.has(sp.zoo, sp.nan, sp.oo, -sp.oo):
         raise SpecError(f"expression {text!r} is undefined (division by zero?)")
+    if any(node.is_number and node.is_real is False for node in sp.preorder_traversal(result)):
+        raise SpecError(
+            f"expression {text!r} has an imaginary number (a root or log of a negative number?);"
+            " activations are real-valued"
+        )
     return result
 
 
