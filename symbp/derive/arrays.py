@@ -82,10 +82,13 @@ class Einsum(ArrayOp):
 
 
 class TensorDot(ArrayOp):
-    """``np.tensordot(a, b, axes=(axes_a, axes_b)).transpose(order)``: one BLAS product.
+    """``tensordot(a, b, axes_a, axes_b).transpose(order)``: one BLAS matrix product.
 
-    Used for a window view contracted over its kernel axes (a convolution's forward pass):
-    there NumPy's einsum can miss the GEMM (one input channel), tensordot does not.
+    Every sum of products of two arrays with no free index in common (a convolution's
+    forward pass, its kernel gradient, the columns of its input gradient). NumPy's einsum can
+    miss the GEMM there (one input channel) or copy a window view in an order that reads it
+    in short runs; the generated module's ``_tensordot`` copies each operand in the order of
+    its memory and hands BLAS the matrices, transposed where that saved a copy.
     """
 
 
