@@ -458,3 +458,20 @@ def test_channel_batchnorm_backward_keeps_float32_accuracy_over_many_values():
     got = module.backward(params32, cache32, dy.astype(np.float32))["x"]
     assert got.dtype == np.float32
     assert np.max(np.abs(got - exact)) < 1e-4 * np.max(np.abs(exact))
+
+
+@pytest.mark.parametrize("input_shape", [(2, 5, 5), None])
+def test_batchnorm_backward_builds_dx_in_four_passes_for_either_rank(input_shape):
+    """k*(count*dy - c*xhat - s) as (k*count)*(dy - (c/count)*xhat - s/count): one new array,
+    built in place, for per-channel statistics (count = N*H*W) as for per-feature ones."""
+    layers = [symbp.batchnorm()]
+    net = (Net(layers, input_shape=input_shape, loss=None) if input_shape
+           else Net(layers, input_features=5, loss=None))
+    source = generate_module(net)
+    body = source.split("def batchnorm_backward(", 1)[1].split("\ndef ", 1)[0]
+    code = [line.strip() for line in body.split('"""')[2].splitlines()]
+    passes = [line for line in code if (line.startswith("dx ") or line.startswith("np.subtract("))
+              and line != "dx = None"]
+    assert len(passes) == 4, passes
+    assert "np.subtract(dy, dx, out=dx)" in passes
+    assert not any("*dy" in line for line in code)  # dy is never scaled up by the count
