@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -110,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.keep_freed_memory:
-        given = argv if argv is not None else sys.argv[1:]
-        rest = [a for a in given if a != "--keep-freed-memory"]
-        env = {**os.environ, **mlp.KEEP_FREED_MEMORY_ENV}
-        return subprocess.run([sys.executable, __file__, *rest], env=env).returncode
+        return mlp.rerun_keeping_freed_memory(__file__, argv)
     results = [
         benchmark(tuple(shape), threads, args.repeats, args.warmup, not args.no_torch)
         for threads in args.threads
