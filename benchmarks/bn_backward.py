@@ -96,11 +96,7 @@ def benchmark(shape, threads=1, repeats=50, warmup=5, include_torch=True) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--no-torch", action="store_true")
-    parser.add_argument("--json", action="store_true")
+    mlp.common_arguments(parser, repeats=50, warmup=5)
     parser.add_argument(
         "--keep-freed-memory",
         action="store_true",

@@ -147,13 +147,9 @@ def benchmark(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ref.common_arguments(parser, repeats=20, warmup=3)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--no-torch", action="store_true")
-    parser.add_argument("--json", action="store_true", help="print results as JSON")
     parser.add_argument("--show-source", action="store_true", help="print the generated module")
     parser.add_argument(
         "--keep-freed-memory",

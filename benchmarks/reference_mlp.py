@@ -581,6 +581,16 @@ def blas_threads(n: int) -> Iterator[None]:
         yield
 
 
+def common_arguments(parser: argparse.ArgumentParser, *, repeats: int, warmup: int) -> None:
+    """The options every benchmark here takes: ``--threads``, ``--repeats``, ``--warmup``,
+    ``--no-torch``, ``--json``."""
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
+
+
 def rerun_keeping_freed_memory(script: str, argv: list[str] | None) -> int:
     """Run ``script`` again in a child process with :data:`KEEP_FREED_MEMORY_ENV` and the same
     arguments less ``--keep-freed-memory``; its exit status."""
@@ -655,12 +665,9 @@ def benchmark_mlp(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    common_arguments(parser, repeats=20, warmup=3)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--no-torch", action="store_true")
     parser.add_argument(
         "--subprocess",
         action="store_true",
@@ -671,7 +678,6 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="with --subprocess: set KEEP_FREED_MEMORY_ENV in the child processes",
     )
-    parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args(argv)
     if args.keep_freed_memory and not args.subprocess:
         parser.error("--keep-freed-memory needs --subprocess (glibc reads it at start-up)")
