@@ -4,6 +4,7 @@ against the generated cache, the command's exit codes and its figure."""
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -289,15 +290,30 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_flow_command_prints_three_tables_and_a_figure(capsys, tmp_path):
-    figure = tmp_path / "flow.png"
-    code, out, err = run(capsys, BCE, "--batch", "1,7", "--plot", str(figure))
+def test_flow_command_prints_three_tables(capsys):
+    code, out, err = run(capsys, BCE, "--batch", "1,7")
     assert code == 0 and err == ""
     assert "bound on ||J||_2" in out
     assert "tanh (diagonal)" in out and "sup|f'| = 1, attained at x = 0" in out
     assert "|dL/d input|" in out and "s_max J" in out
     assert "N = 7" in out and "DIFFERS" not in out and out.count("(matches)") == 2
+
+
+def test_flow_command_draws_a_png(capsys, tmp_path):
+    pytest.importorskip("matplotlib")  # the optional extra symbp[plot]; in the test extra too
+    figure = tmp_path / "flow.png"
+    code, out, err = run(capsys, BCE, "--batch", "7", "--plot", str(figure))
+    assert code == 0 and err == "" and "|dL/d input|" in out
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flow_plot_without_matplotlib_is_a_one_line_error(capsys, tmp_path, monkeypatch):
+    """Where matplotlib is not installed, --plot says how to get it (before any work)."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    code, out, err = run(capsys, BCE, "--plot", str(tmp_path / "flow.png"))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "pip install 'symbp[plot]'" in err
+    assert not (tmp_path / "flow.png").exists()
 
 
 @pytest.mark.parametrize(
