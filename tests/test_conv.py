@@ -475,3 +475,24 @@ def test_batchnorm_backward_builds_dx_in_four_passes_for_either_rank(input_shape
     assert len(passes) == 4, passes
     assert "np.subtract(dy, dx, out=dx)" in passes
     assert not any("*dy" in line for line in code)  # dy is never scaled up by the count
+
+
+def test_the_gradient_out_of_pooling_is_reused_by_the_next_layer_back():
+    """Max-pooling's input gradient is a cropped view of a new array: the ReLU before the pool
+    may compute in it (``overwrite=True``), which saves an image-sized array per pool. A view
+    of an argument (a padded convolution's ``_shifted(x, ...)``) is never written into."""
+    module_source = generate_module(load_spec(ROOT / "examples" / "lenet.toml"))
+    backward = module_source.split("\ndef backward(", 1)[1].split("\ndef ", 1)[0]
+    after_pool = [line.strip() for line in backward.splitlines() if "= relu_backward(" in line]
+    assert len(after_pool) == 2 and all(line.endswith("overwrite=True)") for line in after_pool)
+
+    net = Net([Conv2d(2, 3, padding=1, name="c"), symbp.relu(), Flatten(), symbp.linear(2)],
+              input_shape=(1, 4, 4), loss="mse")
+    module = load_module(generate_module(net))
+    params, x, y = make_inputs(net, module, batch=3, seed=4)
+    kept = x.copy()
+    _, cache = module.forward(params, x)
+    dout = np.ones((3, 2))
+    first = module.backward(params, cache, dout)["x"]
+    np.testing.assert_array_equal(module.backward(params, cache, dout)["x"], first)
+    np.testing.assert_array_equal(x, kept)

@@ -121,7 +121,9 @@ _FRESH = (sp.Add, sp.Mul, sp.Pow, sp.Function, sp.Max, sp.Min, sp.Piecewise)
 def _is_fresh(value: sp.Expr) -> bool:
     from ..derive.arrays import NewAxis, Permute, Shifted, Step, Windows
 
-    if isinstance(value, Permute | NewAxis | Windows | Shifted | Step):
+    if isinstance(value, Permute | NewAxis | Shifted):  # views: of a new array, new memory too
+        return not isinstance(value.args[0], sp.Symbol) and _is_fresh(value.args[0])
+    if isinstance(value, Windows | Step):  # overlapping views; a bool array
         return False
     return isinstance(value, _FRESH) and not isinstance(value, sp.Rel)
 
