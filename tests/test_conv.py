@@ -420,8 +420,7 @@ def test_generated_conv_module_has_no_python_loop_over_pixels_or_batch():
     data_loops = [line for line in loops if "STATE_SHAPES" not in line and ".strides" not in line]
     kernel_offsets = {"for i in range(kernel[0]):", "for j in range(kernel[1]):",
                       "for i in range(1, kernel[0]):",
-                      "for i in range(windows.shape[-2]):", "for j in range(windows.shape[-1]):",
-                      "for i in range(height):", "for j in range(width):"}
+                      "for i, j in offsets:", "for i, j in np.ndindex(height, width):"}
     assert data_loops and set(data_loops) <= kernel_offsets
     assert "sliding_window_view" in source
 
