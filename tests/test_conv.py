@@ -227,6 +227,13 @@ CONV_NETS = {
         [symbp.conv2d(3, 3, padding=1), symbp.batchnorm(), symbp.relu(), symbp.maxpool2d(2),
          symbp.flatten(), symbp.batchnorm(), symbp.linear(3)], input_shape=(2, 6, 6),
         loss="softmax_cross_entropy"),
+    # "Same" convolutions with no more output than input channels: their input gradients are
+    # computed as full convolutions (a gather), one with a kernel of width 1 (the padded
+    # upstream gradient is cropped on that axis), one 1x1.
+    "gather": lambda: Net(
+        [symbp.conv2d(3, 3, padding=1), symbp.tanh(), symbp.conv2d(2, [3, 1], padding=1),
+         symbp.leaky_relu(), symbp.conv2d(2, 1), symbp.flatten(), symbp.linear(3)],
+        input_shape=(3, 6, 6), loss="softmax_cross_entropy"),
 }
 
 
@@ -410,6 +417,55 @@ def test_strided_input_gradient_is_read_as_a_transposed_convolution(capsys):
     assert "transposed (strided) convolution" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "layer, in_shape, gathers",
+    [
+        (Conv2d(16, 3, padding=1), (16, 32, 32), True),  # VGG-style: as many outputs as inputs
+        (Conv2d(8, 3, padding=1), (16, 32, 32), True),
+        (Conv2d(32, 3, padding=1), (16, 32, 32), False),  # twice the channels: scatter
+        (Conv2d(16, 3, padding=1), (3, 32, 32), False),  # a first layer on colour images
+        (Conv2d(16, 5), (6, 12, 12), False),  # LeNet's conv2: 8x8 outputs of 12x12 inputs
+        (Conv2d(4, 5), (16, 12, 12), True),
+        (Conv2d(16, 3, padding=1, stride=2), (16, 32, 32), False),  # strided: scatter
+        (Conv2d(16, 3, padding=2, dilation=2), (16, 32, 32), False),  # dilated: scatter
+    ],
+)
+def test_the_input_gradient_is_gathered_when_its_windows_are_no_bigger(layer, in_shape, gathers):
+    """Gather: O*K*K window rows per input pixel; scatter: C*K*K column rows per output pixel."""
+    assert layer.gathers_input_grad(in_shape) is gathers
+    assert layer.forward_form(in_shape).gather is gathers
+
+
+def test_a_gathered_input_gradient_equals_the_scattered_one():
+    """The same convolution's backward, computed both ways in one module, agrees to rounding;
+    both share one forward function (their forward passes read the same)."""
+    net = Net([symbp.conv2d(4, 3, padding=1), symbp.relu(), symbp.conv2d(4, 3, padding=1),
+               symbp.flatten(), symbp.linear(2)], input_shape=(2, 7, 5), loss="mse")
+    source = generate_module(net)
+    module = load_module(source)
+    assert "def conv2d_padded_backward(" in source  # 2 -> 4 channels: scatter
+    assert "def conv2d_padded_gather_backward(" in source  # 4 -> 4 channels: gather
+    assert "def conv2d_padded_gather_forward(" not in source
+    assert source.count("= conv2d_padded_forward(") == 2
+    gather = source.split("def conv2d_padded_gather_backward(", 1)[1].split("\ndef ", 1)[0]
+    assert "W[:, :, ::-1, ::-1]" in gather and "_col2im" not in gather
+    assert "a full convolution of dy with the flipped kernel W" in gather
+    rng = np.random.default_rng(3)
+    xp = rng.standard_normal((3, 4, 9, 7))
+    W, dy = rng.standard_normal((4, 4, 3, 3)), rng.standard_normal((3, 4, 7, 5))
+    scattered = module.conv2d_padded_backward(dy, xp, W, padding=1)
+    gathered = module.conv2d_padded_gather_backward(dy, xp, W, padding=1)
+    for a, b in zip(scattered, gathered, strict=True):
+        assert a.shape == b.shape and np.allclose(a, b, rtol=0, atol=1e-12)
+    # The input gradient itself, entry by entry from the formula dx = sum W * dy.
+    dx = np.zeros((3, 4, 7, 5))
+    for o, c, i, j, p, q in np.ndindex(4, 4, 3, 3, 7, 5):
+        h, w = p + i - 1, q + j - 1
+        if 0 <= h < 7 and 0 <= w < 5:
+            dx[:, c, h, w] += W[o, c, i, j] * dy[:, o, p, q]
+    assert np.allclose(gathered[0], dx, rtol=0, atol=1e-12)
+
+
 def test_generated_conv_module_has_no_python_loop_over_pixels_or_batch():
     source = generate_module(load_spec(CONV_EXAMPLES[1]))
     body = source.split("def forward(", 1)[0]
@@ -428,7 +484,7 @@ def test_generated_conv_module_has_no_python_loop_over_pixels_or_batch():
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")
 def test_generated_conv_modules_are_ruff_clean(tmp_path):
     """Long window expressions are wrapped (inside brackets) to the project's line length."""
-    for name in ("padded_strided_dilated", "pools", "batchnorm2d"):
+    for name in ("padded_strided_dilated", "pools", "batchnorm2d", "gather"):
         (tmp_path / f"{name}.py").write_text(generate_module(CONV_NETS[name]()), encoding="utf-8")
     (tmp_path / "cnn_bn.py").write_text(generate_module(load_spec(CONV_EXAMPLES[1])),
                                         encoding="utf-8")

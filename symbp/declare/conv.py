@@ -209,6 +209,7 @@ class Conv2d(_Windowed):
             y = y + bias[o]
         stages.append(Stage(Array("y", (N, CO, HO, WO)), (n, o, p, q), y))
         return Forward(
+            gather=self.gathers_input_grad(in_shape),
             inputs=(x,),
             params=(weight, bias) if self.bias else (weight,),
             stages=tuple(stages),
@@ -219,8 +220,27 @@ class Conv2d(_Windowed):
             window_dims=WINDOW_DIMS,
         )
 
+    def gathers_input_grad(self, in_shape) -> bool:
+        """Whether the input gradient is computed as a full convolution (a gather) rather than
+        by scattering columns back (``_col2im``).
+
+        Both are one matrix product of the same size. The gather reads windows of the padded
+        upstream gradient, ``O*K_h*K_w`` rows per input pixel; the scatter writes
+        ``C*K_h*K_w`` rows per output pixel and then adds them up offset by offset. With
+        stride and dilation 1, the gather is taken when its windows are no bigger than the
+        scatter's columns (a "same" convolution with as many outputs as inputs: VGG-style).
+        """
+        if self.stride[0] != 1 or self.dilation[0] != 1:
+            return False
+        channels, height, width = in_shape
+        _, out_height, out_width = self.output_shape(in_shape)
+        return self.out_channels * height * width <= channels * out_height * out_width
+
     def math_key(self, in_shape):
-        return (*super().math_key(in_shape), self.bias)
+        return (*super().math_key(in_shape), self.bias, self.gathers_input_grad(in_shape))
+
+    def stem_for(self, in_shape):
+        return self.function_stem + ("_gather" if self.gathers_input_grad(in_shape) else "")
 
     @property
     def function_stem(self):

@@ -90,6 +90,10 @@ class Forward:
     size_rules: dict[sp.Symbol, sp.Expr] = field(default_factory=dict)
     #: sizes that are window lengths (kernel extents) for compound indices
     window_dims: frozenset = frozenset()
+    #: compute the input gradient in its gather form (a full convolution: windows of the
+    #: zero-padded upstream gradient against the flipped kernel) instead of as a scatter-add;
+    #: chosen per layer at its concrete sizes, the formula is the same
+    gather: bool = False
 
     @property
     def output(self) -> Stage:

@@ -99,6 +99,11 @@ class Layer:
         """The stem of the generated function names for this layer's math."""
         return self.kind
 
+    def stem_for(self, in_shape: tuple[int, ...]) -> str:
+        """:attr:`function_stem` for this layer on inputs of ``in_shape`` (a way of computing
+        chosen at concrete sizes may add to it)."""
+        return self.function_stem
+
     def describe(self) -> str:
         return self.kind
 

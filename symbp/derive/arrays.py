@@ -115,6 +115,14 @@ class Shifted(ArrayOp):
     """
 
 
+class Flipped(ArrayOp):
+    """``(a, axes)``: ``a`` read backwards along ``axes`` (``a[:, :, ::-1, ::-1]``), a view.
+
+    A kernel read as ``W[o, c, K_h - 1 - k, K_w - 1 - k']``: the flipped kernel of a full
+    convolution.
+    """
+
+
 class WindowMaximum(ArrayOp):
     """The maximum of each window ``(windows)`` over its last two (kernel) axes."""
 
@@ -224,33 +232,49 @@ class Lowering:
             self.sizes[index] = high - low + 1
 
     def _lower_compound(self, expr: sp.Indexed) -> tuple[sp.Expr, Axes]:
-        """Elements with shifted (``u - P``) or windowed (``p*S + i*D``) indices."""
+        """Elements with shifted (``u - P``), windowed (``p*S + i*D``, possibly shifted too) or
+        reversed (``K - 1 - k``) indices."""
         array = self.symbol(expr.base.name)
         axes: list[sp.Symbol] = []
-        offsets, shifted_sizes, windows = [], [], []
+        offsets, shifted_sizes, windows, flipped = [], [], [], []
         for position, index in enumerate(expr.indices):
             index = sp.expand(index)
             symbols = sorted((s for s in index.free_symbols if _is_index(s)), key=str)
+            linear = sum(index.coeff(s) * s for s in symbols)
+            constant = index - linear
             if len(symbols) == 1 and index.coeff(symbols[0]) == 1:
                 symbol = symbols[0]
-                offsets.append(index - symbol)
+                offsets.append(constant)
                 shifted_sizes.append(self.sizes[symbol])
                 axes.append(symbol)
-            elif len(symbols) == 2 and not (index - sum(index.coeff(s) * s for s in symbols)):
+            elif (len(symbols) == 1 and index.coeff(symbols[0]) == -1
+                  and constant == self.sizes.get(symbols[0], sp.nan) - 1):
+                offsets.append(sp.S.Zero)
+                shifted_sizes.append(self.sizes[symbols[0]])
+                flipped.append(position)
+                axes.append(symbols[0])
+            elif len(symbols) == 2 and not (constant.free_symbols & set(symbols)):
                 kernel = [s for s in symbols if self.sizes.get(s) in self.window_dims]
                 if len(kernel) != 1:
                     raise DerivationError(f"cannot tell the window in {expr}")
                 (inner,) = kernel
                 (outer,) = [s for s in symbols if s != inner]
-                windows.append((position, outer, inner, index.coeff(outer), index.coeff(inner)))
+                stride, dilation = index.coeff(outer), index.coeff(inner)
+                if not (stride.is_positive and dilation.is_positive):
+                    raise DerivationError(f"cannot lower the element {expr} to a whole array")
+                windows.append((position, outer, inner, stride, dilation))
+                # A window read at an offset reads the array shifted by it (zero-padded).
+                offsets.append(constant)
+                shifted_sizes.append((self.sizes[outer] - 1) * stride
+                                     + (self.sizes[inner] - 1) * dilation + 1)
                 axes.append(outer)
             else:
                 raise DerivationError(f"cannot lower the element {expr} to a whole array")
         if any(offset != 0 for offset in offsets):
-            if windows:
-                raise DerivationError(f"an element both shifted and windowed: {expr}")
             first = next(k for k, offset in enumerate(offsets) if offset != 0)
             array = Shifted(array, sp.Tuple(*offsets[first:]), sp.Tuple(*shifted_sizes[first:]))
+        if flipped:
+            array = Flipped(array, sp.Tuple(*flipped))
         if windows:
             if [w[0] for w in windows] != list(range(len(expr.indices) - 2, len(expr.indices))):
                 raise DerivationError(f"windows must be over the last two axes: {expr}")
@@ -313,6 +337,7 @@ class Lowering:
             self.sizes[index] = high - low + 1
         if any(isinstance(f, sp.KroneckerDelta) for f in sp.Mul.make_args(expr.function)):
             return self._lower_scatter(expr)
+        expr = self._kernel_forwards(expr)
         contraction = self._contraction(expr.function, bound)
         if contraction is not None:
             return contraction
@@ -322,6 +347,25 @@ class Lowering:
             raise DerivationError(f"a bound index does not occur in the summand of {expr}")
         result_axes = tuple(a for a in have if a not in bound)
         return SumOver(array, sp.Tuple(*sorted(positions))), result_axes
+
+    def _kernel_forwards(self, expr: sp.Sum) -> sp.Sum:
+        """A window read backwards (``dy[n, o, h + P - k]``, a full convolution) with its kernel
+        offset renamed ``k -> K - 1 - k``: the window is read forwards over a shifted array, and
+        the other factor (the kernel, ``W[o, c, K - 1 - k]``) flipped instead."""
+        backwards = set()
+        for element in expr.function.atoms(sp.Indexed):
+            for index in element.indices:
+                index = sp.expand(index)
+                symbols = [s for s in index.free_symbols if _is_index(s)]
+                for symbol in symbols:
+                    if (len(symbols) == 2 and index.coeff(symbol) == -1
+                            and self.sizes.get(symbol) in self.window_dims
+                            and symbol in expr.variables):
+                        backwards.add(symbol)
+        if not backwards:
+            return expr
+        renamed = {k: self.sizes[k] - 1 - k for k in backwards}
+        return sp.Sum(expr.function.xreplace(renamed), *expr.limits)
 
     def _contraction(self, body: sp.Expr, bound: list[sp.Symbol]):
         """``Sum_k A[i, k] B[k, j]`` (either operand 1-D or 2-D, any orientation) as ``@``."""

@@ -23,9 +23,10 @@ from .. import __version__
 from ..declare.forms import Forward
 from ..declare.layers import BatchNorm, Elementwise, Layer, Rrelu
 from ..declare.net import Net, Placed
-from ..derive.arrays import Col2Im, Lowering, Windows, stabilize
+from ..derive.arrays import Col2Im, Lowering, Shifted, Windows, stabilize
 from ..derive.layer import LayerDerivation
 from ..derive.network import NetworkDerivation, derive_cached, derive_network
+from ..derive.readings import gather_form, reading
 from .numpy_printer import (
     SymbpNumPyPrinter,
     array_shape,
@@ -119,9 +120,9 @@ _FRESH = (sp.Add, sp.Mul, sp.Pow, sp.Function, sp.Max, sp.Min, sp.Piecewise)
 
 
 def _is_fresh(value: sp.Expr) -> bool:
-    from ..derive.arrays import NewAxis, Permute, Shifted, Step, Windows
+    from ..derive.arrays import Flipped, NewAxis, Permute, Shifted, Step, Windows
 
-    if isinstance(value, Permute | NewAxis | Shifted):  # views: of a new array, new memory too
+    if isinstance(value, Permute | NewAxis | Shifted | Flipped):  # views: of a new array, new memory too
         return not isinstance(value.args[0], sp.Symbol) and _is_fresh(value.args[0])
     if isinstance(value, Windows | Step):  # overlapping views; a bool array
         return False
@@ -399,6 +400,8 @@ class ModuleBuilder:
         self.owned_grad: dict[str, bool] = {}
         #: backward function -> parameters whose gradient it can write into ``d<param>_out``
         self.outs: dict[str, list[str]] = {}
+        #: stem -> the name of its forward function (another stem's, when they read the same)
+        self.forward_names: dict[str, str] = {}
         self.stems = function_stems(self.net)
         self.h_owned = False  # h is a new array that nothing else holds (forward lines)
         self.dh_owned = False  # the same for dh (backward lines)
@@ -500,7 +503,7 @@ class ModuleBuilder:
         return bindings, unbound
 
     def layer_functions(self, stem: str, layer: Layer, derivation: LayerDerivation, eval_form):
-        if f"{stem}_forward" in self.functions:
+        if stem in self.forward_names:
             return
         form = derivation.form
         names = set(form.arrays) | {derivation.upstream.name}
@@ -532,24 +535,32 @@ class ModuleBuilder:
         self.overwrites[f"{stem}_forward"] = overwrites
         output = next(st for st in statements if st.target == form.output.name)
         self.owned_output[stem] = output.fresh and form.output.name not in cached
-        self.functions[f"{stem}_forward"] = _Function(
+        source = self._render_function(
             f"{stem}_forward",
-            self._render_function(
-                f"{stem}_forward",
-                ", ".join(args) + kw,
-                f"Forward pass of {layer.kind}; returns the output and what backward needs.",
-                [formula(s.array[s.indices], s.expr) for s in form.stages],
-                statements,
-                returns,
-                notes=[OVERWRITE_NOTE.format(name=writable)] if overwrites else [],
-            ),
+            ", ".join(args) + kw,
+            f"Forward pass of {layer.kind}; returns the output and what backward needs.",
+            [formula(s.array[s.indices], s.expr) for s in form.stages],
+            statements,
+            returns,
+            notes=[OVERWRITE_NOTE.format(name=writable)] if overwrites else [],
         )
+        # Two stems whose forward passes read the same (a convolution whose input gradient is
+        # computed two ways) share one forward function.
+        twin = next((f.name for f in self.functions.values()
+                     if f.source.replace(f.name, f"{stem}_forward") == source), None)
+        if twin is None:
+            self.functions[f"{stem}_forward"] = _Function(f"{stem}_forward", source)
+        self.forward_names[stem] = twin or f"{stem}_forward"
 
         # backward
         upstream = derivation.upstream.name
         params_read = [p.name for p in form.params if p.name in derivation.stored]
         grads = [(f"d{a.name}", derivation.vjp[a.name]) for a in form.differentiable]
-        outputs = [(t, lowering.lower(stabilize(a.expr), a.indices)) for t, a in grads]
+        exprs = [gather_form(a.expr, upstream) if form.gather else a.expr for _, a in grads]
+        outputs = [
+            (t, lowering.lower(stabilize(e), a.indices))
+            for (t, a), e in zip(grads, exprs, strict=True)
+        ]
         kw = keywords([e for _, e in outputs])
         # A loss is the last node: its upstream gradient is 1 and not an argument.
         given = [upstream] if form.output.array.dims else []
@@ -577,6 +588,9 @@ class ModuleBuilder:
             signature += (", " if "*" in signature else ", *, ") + f"{target}_out=None"
         self.outs[f"{stem}_backward"] = [t[1:] for t in outs]
         notes = [OVERWRITE_NOTE.format(name=upstream)] if overwrites else []
+        for (target, adjoint), expr in zip(grads, exprs, strict=True):
+            if expr != adjoint.expr:  # computed in the gather form: say what that is
+                notes.append(f"{target}: {reading(expr, upstream)}.")
         if outs:
             notes.append(f"{', '.join(t + '_out' for t in outs)}: {OUT_NOTE}")
         first = f"d{form.differentiable[0].name}"
@@ -588,7 +602,7 @@ class ModuleBuilder:
                 signature,
                 f"Backward pass of {layer.kind}, derived by symbp"
                 + (f": gradients from {upstream}." if given else ": gradient of the loss."),
-                [formula(a.lhs, a.expr) for _, a in grads],
+                [formula(a.lhs, e) for (_, a), e in zip(grads, exprs, strict=True)],
                 statements,
                 ", ".join(t for t, _ in grads),
                 optional,
@@ -659,15 +673,16 @@ class ModuleBuilder:
         eval_form = layer.eval_form(item.in_shape)
         stem = self.stems[item.name]
         self.layer_functions(stem, layer, derivation, eval_form)
+        forward_name = self.forward_names[stem]
         form = derivation.form
         params = [f'params["{item.name}.{p.name}"]' for p in form.params]
         constants = self._constants(layer, form) + _size_arguments(
-            item, form, self.size_keywords.get(f"{stem}_forward", [])
+            item, form, self.size_keywords.get(forward_name, [])
         )
         key = f'cache["{item.name}"]'
         forward = self.forward_lines
         owned, self.h_owned = self.h_owned, False
-        if self.overwrites.get(f"{stem}_forward") and owned:
+        if self.overwrites.get(forward_name) and owned:
             constants = [*constants, "overwrite=True"]
         if layer.kind == "residual":
             skip = f"skip_{item.name}"
@@ -686,7 +701,7 @@ class ModuleBuilder:
             inner = indent + "    "
             forward.append(
                 _wrap_call(
-                    f"h, {key}, stats = ", f"{stem}_forward", ["h", *params, *constants], inner
+                    f"h, {key}, stats = ", forward_name, ["h", *params, *constants], inner
                 )
             )
             forward.append(f"{inner}if state is not None:")
@@ -718,14 +733,14 @@ class ModuleBuilder:
                 ".astype(h.dtype)"
             )
             forward.append(
-                _wrap_call(f"h, {key} = ", f"{stem}_forward", ["h", "r", *constants], inner)
+                _wrap_call(f"h, {key} = ", forward_name, ["h", "r", *constants], inner)
             )
             forward.append(f"{indent}else:")
             eval_constants = self._constants(layer, eval_form)
             forward.append(_wrap_call("h = ", f"{stem}_predict", ["h", *eval_constants], inner))
             return
         forward.append(
-            _wrap_call(f"h, {key} = ", f"{stem}_forward", ["h", *params, *constants], indent)
+            _wrap_call(f"h, {key} = ", forward_name, ["h", *params, *constants], indent)
         )
         self.h_owned = self.owned_output[stem]
 
@@ -877,9 +892,10 @@ def function_stems(net: Net) -> dict[str | None, str]:
     entries: list[tuple[str | None, tuple, str, bool]] = []
     for item in net.walk():
         layer = item.layer
-        identity = (type(layer), layer.math_key(item.in_shape), layer.function_stem)
-        named = layer.name is not None and layer.function_stem == layer.name != layer.kind
-        entries.append((item.name, identity, layer.function_stem, named))
+        stem = layer.stem_for(item.in_shape)
+        identity = (type(layer), layer.math_key(item.in_shape), stem)
+        named = layer.name is not None and stem == layer.name != layer.kind
+        entries.append((item.name, identity, stem, named))
     if net.loss is not None:
         loss = net.loss
         entries.append((None, (type(loss), loss.kind), loss.function_stem, False))
@@ -965,6 +981,10 @@ def _name_windows(exprs: list[sp.Expr]) -> tuple[list[tuple[str, sp.Expr]], list
         if not isinstance(expr, sp.Basic) or not expr.has(Windows, Col2Im):
             return expr
         expr = expr.func(*[visit(arg) for arg in expr.args])
+        if isinstance(expr, Windows) and isinstance(expr.args[0], Shifted):
+            if expr.args[0].args[0].is_Symbol:  # the zero-padded upstream gradient
+                padded = name(expr.args[0], f"{expr.args[0].args[0]}_padded")
+                expr = expr.func(padded, *expr.args[1:])
         if isinstance(expr, Windows) and expr.args[0].is_Symbol:
             return name(expr, f"{expr.args[0]}_windows")
         if isinstance(expr, Col2Im) and not expr.args[0].is_Symbol:

@@ -287,6 +287,12 @@ class SymbpNumPyPrinter(NumPyPrinter):
             f"{self._print_tuple(tuple(sizes))})"
         )
 
+    def _print_Flipped(self, expr):
+        array, axes = expr.args
+        flipped = {int(a) for a in axes}
+        steps = ["::-1" if k in flipped else ":" for k in range(max(flipped) + 1)]
+        return f"{self.parenthesize(array, PRECEDENCE['Atom'], strict=True)}[{', '.join(steps)}]"
+
     def _print_WindowMaximum(self, expr):
         self.helpers_used.add("window_max")
         return f"{HELPERS['window_max']}({self._print(expr.args[0])})"

@@ -58,7 +58,8 @@ def layer_report(derivation: LayerDerivation, unicode: bool = True) -> list[str]
                 lines.append(f"{INDENT}that is, with the deltas solved:")
                 lines.append(_pretty(adjoint.lhs, gathered, unicode))
             lines.append(f"{INDENT}({said})")
-        lines.append(_array_line(derivation, adjoint.name, adjoint.expr, adjoint.indices))
+        computed = gather_form(adjoint.expr, upstream) if form.gather else adjoint.expr
+        lines.append(_array_line(derivation, adjoint.name, computed, adjoint.indices))
     if derivation.identities:
         lines.append("  identities the engine proved from the forward definitions:")
         for rule in derivation.identities:
