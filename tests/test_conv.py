@@ -412,6 +412,18 @@ def test_derive_says_what_the_conv_gradients_are(capsys):
     assert "arg-max" in capsys.readouterr().out
 
 
+def test_derive_shows_the_array_code_the_module_runs_for_a_gathered_input_gradient(capsys):
+    # cnn_bn's conv2 (16 -> 16 channels, padding 1) gathers; its conv1 (3 -> 16) scatters.
+    assert cli_main(["derive", str(CONV_EXAMPLES[1]), "--layer", "conv2"]) == 0
+    dx_line = next(line for line in capsys.readouterr().out.splitlines()
+                   if line.strip().startswith("dx = "))
+    assert "W[:, :, ::-1, ::-1]" in dx_line and "_col2im" not in dx_line
+    assert cli_main(["derive", str(CONV_EXAMPLES[1]), "--layer", "conv1"]) == 0
+    dx_line = next(line for line in capsys.readouterr().out.splitlines()
+                   if line.strip().startswith("dx = "))
+    assert "_col2im" in dx_line
+
+
 def test_strided_input_gradient_is_read_as_a_transposed_convolution(capsys):
     assert cli_main(["derive", str(CONV_EXAMPLES[1]), "--layer", "conv3"]) == 0
     assert "transposed (strided) convolution" in capsys.readouterr().out

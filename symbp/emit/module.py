@@ -122,7 +122,7 @@ _FRESH = (sp.Add, sp.Mul, sp.Pow, sp.Function, sp.Max, sp.Min, sp.Piecewise)
 def _is_fresh(value: sp.Expr) -> bool:
     from ..derive.arrays import Flipped, NewAxis, Permute, Shifted, Step, Windows
 
-    if isinstance(value, Permute | NewAxis | Shifted | Flipped):  # views: of a new array, new memory too
+    if isinstance(value, Permute | NewAxis | Shifted | Flipped):  # views: of a new array, new too
         return not isinstance(value.args[0], sp.Symbol) and _is_fresh(value.args[0])
     if isinstance(value, Windows | Step):  # overlapping views; a bool array
         return False
@@ -402,6 +402,7 @@ class ModuleBuilder:
         self.outs: dict[str, list[str]] = {}
         #: stem -> the name of its forward function (another stem's, when they read the same)
         self.forward_names: dict[str, str] = {}
+        self.forward_sources: dict[tuple, str] = {}  # (type, base stem, source) -> its name
         self.stems = function_stems(self.net)
         self.h_owned = False  # h is a new array that nothing else holds (forward lines)
         self.dh_owned = False  # the same for dh (backward lines)
@@ -544,13 +545,13 @@ class ModuleBuilder:
             returns,
             notes=[OVERWRITE_NOTE.format(name=writable)] if overwrites else [],
         )
-        # Two stems whose forward passes read the same (a convolution whose input gradient is
-        # computed two ways) share one forward function.
-        twin = next((f.name for f in self.functions.values()
-                     if f.source.replace(f.name, f"{stem}_forward") == source), None)
-        if twin is None:
-            self.functions[f"{stem}_forward"] = _Function(f"{stem}_forward", source)
-        self.forward_names[stem] = twin or f"{stem}_forward"
+        # One layer's math under two stems (a convolution whose input gradient is computed two
+        # ways, chosen by its sizes) shares one forward function when the two read the same.
+        key = (type(layer), layer.function_stem, source.replace(f"{stem}_forward", "{name}"))
+        twin = self.forward_sources.setdefault(key, f"{stem}_forward")
+        if twin == f"{stem}_forward":
+            self.functions[twin] = _Function(twin, source)
+        self.forward_names[stem] = twin
 
         # backward
         upstream = derivation.upstream.name
