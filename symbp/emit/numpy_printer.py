@@ -185,9 +185,16 @@ class SymbpNumPyPrinter(NumPyPrinter):
         return self._reduction(expr, "max")
 
     def _print_NewAxis(self, expr):
+        return self._sliced(expr, "None")
+
+    def _print_Flipped(self, expr):
+        return self._sliced(expr, "::-1")
+
+    def _sliced(self, expr, mark):
+        """``a[:, mark, ...]``: ``mark`` at the positions ``expr`` lists, ``:`` before them."""
         array, positions = expr.args
         positions = {int(p) for p in positions}
-        slots = ["None" if p in positions else ":" for p in range(max(positions) + 1)]
+        slots = [mark if p in positions else ":" for p in range(max(positions) + 1)]
         return f"{self.parenthesize(array, PRECEDENCE['Atom'], strict=True)}[{', '.join(slots)}]"
 
     def _print_Sigmoid(self, expr):
@@ -286,12 +293,6 @@ class SymbpNumPyPrinter(NumPyPrinter):
             f"{HELPERS['shifted']}({self._print(array)}, {self._print_tuple(tuple(offsets))}, "
             f"{self._print_tuple(tuple(sizes))})"
         )
-
-    def _print_Flipped(self, expr):
-        array, axes = expr.args
-        flipped = {int(a) for a in axes}
-        steps = ["::-1" if k in flipped else ":" for k in range(max(flipped) + 1)]
-        return f"{self.parenthesize(array, PRECEDENCE['Atom'], strict=True)}[{', '.join(steps)}]"
 
     def _print_WindowMaximum(self, expr):
         self.helpers_used.add("window_max")
