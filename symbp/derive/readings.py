@@ -13,7 +13,9 @@ form that textbooks print, and its index pattern says what it is:
   input with the upstream gradient (a kernel's gradient);
 * a window's ``FirstArgmax`` factor: the gradient routed to each window's arg-max.
 
-Nothing here changes a formula; the readings are for printing (``symbp derive``, the notes).
+Nothing here changes a formula. The readings are for printing (``symbp derive``, the notes);
+the gather form is also how a layer that asks for it (``Forward.gather``: a same-size
+convolution) has its input gradient computed (:func:`computed_form`).
 """
 
 from __future__ import annotations
@@ -62,6 +64,12 @@ def gather_form(expr: sp.Expr, upstream: str) -> sp.Expr:
                     break
         terms.append(Term(tuple(limits), factor))
     return rebuild(terms)
+
+
+def computed_form(expr: sp.Expr, upstream: str, gather: bool) -> sp.Expr:
+    """The form of a derived gradient that the array code computes: its gather form when the
+    layer asks for it (``Forward.gather``), else the formula as derived."""
+    return gather_form(expr, upstream) if gather else expr
 
 
 def reading(expr: sp.Expr, upstream: str) -> str | None:

@@ -26,7 +26,7 @@ from ..declare.net import Net, Placed
 from ..derive.arrays import Col2Im, Lowering, Shifted, Windows, stabilize
 from ..derive.layer import LayerDerivation
 from ..derive.network import NetworkDerivation, derive_cached, derive_network
-from ..derive.readings import gather_form, reading
+from ..derive.readings import computed_form, reading
 from .numpy_printer import (
     SymbpNumPyPrinter,
     array_shape,
@@ -557,7 +557,7 @@ class ModuleBuilder:
         upstream = derivation.upstream.name
         params_read = [p.name for p in form.params if p.name in derivation.stored]
         grads = [(f"d{a.name}", derivation.vjp[a.name]) for a in form.differentiable]
-        exprs = [gather_form(a.expr, upstream) if form.gather else a.expr for _, a in grads]
+        exprs = [computed_form(a.expr, upstream, form.gather) for _, a in grads]
         outputs = [
             (t, lowering.lower(stabilize(e), a.indices))
             for (t, a), e in zip(grads, exprs, strict=True)

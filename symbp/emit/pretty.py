@@ -13,7 +13,7 @@ from ..declare.net import Net
 from ..derive.arrays import Lowering
 from ..derive.layer import LayerDerivation, derive_layer
 from ..derive.network import DerivedLayer, derive_network
-from ..derive.readings import gather_form, reading
+from ..derive.readings import computed_form, gather_form, reading
 from ..derive.verify import default_sizes, verify_layer
 from .numpy_printer import numpy_code
 
@@ -58,7 +58,7 @@ def layer_report(derivation: LayerDerivation, unicode: bool = True) -> list[str]
                 lines.append(f"{INDENT}that is, with the deltas solved:")
                 lines.append(_pretty(adjoint.lhs, gathered, unicode))
             lines.append(f"{INDENT}({said})")
-        computed = gather_form(adjoint.expr, upstream) if form.gather else adjoint.expr
+        computed = computed_form(adjoint.expr, upstream, form.gather)
         lines.append(_array_line(derivation, adjoint.name, computed, adjoint.indices))
     if derivation.identities:
         lines.append("  identities the engine proved from the forward definitions:")
