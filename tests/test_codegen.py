@@ -911,6 +911,31 @@ def test_codegen_writes_a_module(tmp_path, everything_spec, everything_source, c
     assert capsys.readouterr().out == everything_source
 
 
+def test_a_source_checkout_finds_its_templates_when_the_installed_path_is_gone(
+    monkeypatch, tmp_path, everything_spec, everything_source
+):
+    # An editable install records an absolute path for symbp.templates; once that checkout has
+    # moved, the package is still imported from the working tree and so must the templates be.
+    import importlib.resources
+
+    import symbp.emit
+
+    real_files = importlib.resources.files
+
+    def moved(package):
+        if package == "symbp.templates":
+            raise ModuleNotFoundError("No module named 'symbp.templates'")
+        return real_files(package)
+
+    monkeypatch.setattr(importlib.resources, "files", moved)
+    expected = Path(symbp.__file__).resolve().parents[1] / "templates"
+    assert Path(symbp.emit.template_folder()) == expected
+    target = tmp_path / "out.py"
+    assert cli_main(["codegen", str(everything_spec), "-o", str(target)]) == 0
+    assert target.read_text(encoding="utf-8") == everything_source
+    assert cli_main(["latex", str(everything_spec), "-o", str(tmp_path / "notes.md")]) == 0
+
+
 def test_check_exits_0_and_prints_the_table(capsys):
     assert cli_main(["check", str(ROOT / "examples" / "bce.toml"), "--batch", "3"]) == 0
     out = capsys.readouterr().out

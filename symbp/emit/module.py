@@ -14,7 +14,6 @@ import math
 import re
 import textwrap
 from dataclasses import dataclass, field
-from importlib import resources
 
 import jinja2
 import sympy as sp
@@ -27,6 +26,7 @@ from ..derive.arrays import Col2Im, Lowering, Shifted, Windows, stabilize
 from ..derive.layer import LayerDerivation
 from ..derive.network import NetworkDerivation, derive_cached, derive_network
 from ..derive.readings import computed_form, reading
+from . import template_folder
 from .numpy_printer import (
     SymbpNumPyPrinter,
     array_shape,
@@ -43,9 +43,8 @@ MAX_LINE = 99
 
 def environment() -> jinja2.Environment:
     """The jinja2 environment over the templates shipped in the package."""
-    folder = resources.files("symbp.templates")
     return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(folder)),
+        loader=jinja2.FileSystemLoader(template_folder()),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,

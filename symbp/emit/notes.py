@@ -15,7 +15,6 @@ templates under ``templates/`` (package ``symbp.templates``) hold the document's
 
 from __future__ import annotations
 
-import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from ..derive.layer import LayerDerivation, bound_names
 from ..derive.network import DerivedLayer, NetworkDerivation
 from ..derive.verify import default_sizes, verify_layer
 from ..errors import DerivationError
+from . import template_folder
 from .latex_printer import (
     ROW_SEPARATOR,
     Apply,
@@ -158,10 +158,9 @@ def gallery(examples_dir: str | Path) -> str:
 
 
 def _environment() -> jinja2.Environment:
-    root = importlib.resources.files("symbp.templates")
     # LaTeX is full of braces, so the template tags are << >>, <% %> and <# #>.
     return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(root)),
+        loader=jinja2.FileSystemLoader(template_folder()),
         undefined=jinja2.StrictUndefined,
         block_start_string="<%",
         block_end_string="%>",
