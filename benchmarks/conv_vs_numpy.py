@@ -16,7 +16,7 @@ PyTorch (eager, CPU) runs with the same thread count where it is installed; for 
 PyTorch, the generated pass and PyTorch's are each timed alone (see :func:`run`).
 
     python benchmarks/conv_vs_numpy.py [--dtype float32|float64] [--repeats 7] [--quick]
-                                       [--keep-freed-memory]
+                                       [--keep-freed-memory] [--helper-threads]
 
 Prints, per net and thread count, the times and the ratios generated / hand-written and
 generated / PyTorch (the generated pass timed with the hand-written one, then alone).
@@ -28,11 +28,20 @@ again on the next call, and how much of that a run pays depends on what ran just
 ``--keep-freed-memory`` reruns the benchmark in a child process with
 ``reference_mlp.KEEP_FREED_MEMORY_ENV`` (glibc keeps freed blocks of up to 32 MB; bigger ones,
 such as the wide net's 150 MB im2col matrices, are still mapped afresh on every call).
+
+``--helper-threads`` gives the generated module's array helpers (window copies, col2im,
+pooling) as many threads as BLAS has (its ``set_threads``; by default they use one). It reruns
+the benchmark in a child process with ``OPENBLAS_THREAD_TIMEOUT=4``: NumPy's OpenBLAS keeps
+its idle threads spinning for a while after every matrix product, and a helper thread that
+shares a core with a spinning one loses more than it gains; with the variable they sleep at
+once. The hand-written pass runs under the same setting (it has no threads of its own).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,6 +51,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from reference_mlp import blas_threads, rerun_keeping_freed_memory, time_alternating  # noqa: E402
+
+#: Set before NumPy loads by ``--helper-threads``: OpenBLAS's idle threads sleep at once.
+HELPER_THREADS_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}
 
 EPS = 1e-5
 
@@ -286,9 +298,12 @@ def problem(net: str, dtype, batch: int | None = None, shape=None, seed: int = 0
     return module, params, x, y
 
 
-def run(net: str, dtype, repeats: int, threads: int, quick: bool) -> dict:
+def run(net: str, dtype, repeats: int, threads: int, quick: bool,
+        helper_threads: bool = False) -> dict:
     batch = 8 if quick else None
     module, params, x, y = problem(net, dtype, batch=batch)
+    if helper_threads and hasattr(module, "set_threads"):
+        module.set_threads(threads)
 
     def generated():
         return module.loss_and_grads(params, x, y, wrt_input=False)
@@ -334,16 +349,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="run in a child process with reference_mlp.KEEP_FREED_MEMORY_ENV "
                         "(glibc keeps freed memory, so fresh arrays do not page-fault)")
+    parser.add_argument("--helper-threads", action="store_true",
+                        help="the generated helpers get as many threads as BLAS (rerun in a "
+                        f"child process with {HELPER_THREADS_ENV})")
     args = parser.parse_args(argv)
     if args.keep_freed_memory:
         return rerun_keeping_freed_memory(__file__, argv)
+    if args.helper_threads and not HELPER_THREADS_ENV.items() <= os.environ.items():
+        given = argv if argv is not None else sys.argv[1:]
+        env = {**os.environ, **HELPER_THREADS_ENV}
+        return subprocess.run([sys.executable, __file__, *given], env=env).returncode
     dtype = np.dtype(args.dtype).type
     repeats = 2 if args.quick else args.repeats
+    if args.helper_threads:
+        print(f"generated helpers: as many threads as BLAS ({HELPER_THREADS_ENV})")
     print(f"{'net':<7}{'threads':>8}{'generated':>12}{'hand-written':>14}{'gen/hand':>10}"
           f"{'generated':>12}{'pytorch':>10}{'gen/torch':>11}")
     for net in args.nets.split(","):
         for threads in (int(t) for t in args.threads.split(",")):
-            times = run(net, dtype, repeats, threads, args.quick)
+            times = run(net, dtype, repeats, threads, args.quick, args.helper_threads)
             line = (f"{net:<7}{threads:>8}{times['generated'] * 1e3:10.1f}ms"
                     f"{times['handwritten'] * 1e3:12.1f}ms"
                     f"{times['generated'] / times['handwritten']:10.2f}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -481,16 +482,58 @@ def test_a_gathered_input_gradient_equals_the_scattered_one():
 def test_generated_conv_module_has_no_python_loop_over_pixels_or_batch():
     source = generate_module(load_spec(CONV_EXAMPLES[1]))
     body = source.split("def forward(", 1)[0]
-    # The only loops over data are the scatter-add's over kernel offsets (K_h * K_w
-    # iterations); init_state loops over the batch norms' statistics, and the matrix product
-    # over an array's axes (to find how its memory is laid out).
+    # The only loops over data are the scatter-add's and the pooling's over kernel offsets
+    # (K_h * K_w iterations); init_state loops over the batch norms' statistics, the matrix
+    # product over an array's axes (to find how its memory is laid out), the shift over the two
+    # image axes, and set_threads's parts wait for their threads.
     loops = [line.strip() for line in body.splitlines() if line.strip().startswith("for ")]
     data_loops = [line for line in loops if "STATE_SHAPES" not in line and ".strides" not in line]
-    kernel_offsets = {"for i in range(kernel[0]):", "for j in range(kernel[1]):",
-                      "for i in range(1, kernel[0]):",
-                      "for i, j in offsets:", "for i, j in np.ndindex(height, width):"}
+    kernel_offsets = {"for i, j in np.ndindex(kernel_rows, kernel_columns):",
+                      "for j in range(kernel_columns):", "for i in range(1, kernel_rows):",
+                      "for i, j in offsets:", "for i, j in np.ndindex(windows.shape[-2:]):",
+                      "for future in futures:",
+                      "for o, s, n in zip(offsets, sizes, a.shape[lead:], strict=True):"}
     assert data_loops and set(data_loops) <= kernel_offsets
     assert "sliding_window_view" in source
+
+
+@pytest.mark.parametrize("name", ["pools", "batchnorm2d", "gather", "padded_strided_dilated"])
+def test_helper_threads_give_the_same_bits(name):
+    """set_threads(2) cuts the helpers' work along the batch into parts run on two threads (here
+    with parts of 64 elements, so that a small net is cut too): same loss, same gradients, to
+    the bit; and the parts really ran in more than one thread."""
+    source = generate_module(CONV_NETS[name]())
+    serial, parted = load_module(source, f"{name}_serial"), load_module(source, f"{name}_parted")
+    assert "set_threads(count)" in parted.__doc__
+    parted._PART_SIZE = 64
+    threads = set()
+    run_part = parted._run_part
+
+    def recording(work, part):
+        threads.add(threading.get_ident())
+        run_part(work, part)
+
+    parted._run_part = recording
+    parted.set_threads(2)
+    try:
+        rng = np.random.default_rng(7)
+        params = serial.init_params(seed=3)
+        x = rng.standard_normal((9, *CONV_NETS[name]().input_shape))
+        y = rng.integers(0, 3, size=9) if "softmax" in source else rng.standard_normal((9, 3))
+        loss, grads = serial.loss_and_grads(params, x, y, state=serial.init_state())
+        loss2, grads2 = parted.loss_and_grads(params, x, y, state=parted.init_state())
+    finally:
+        parted.set_threads(1)
+    assert loss2 == loss
+    assert grads2.keys() == grads.keys()
+    assert all(np.array_equal(grads2[k], grads[k]) for k in grads)
+    assert len(threads) == 2
+
+
+def test_a_module_without_array_helpers_has_no_threads_to_set():
+    source = generate_module(Net([symbp.linear(3), symbp.relu(), symbp.linear(2)],
+                                 input_features=4, loss="mse"))
+    assert "set_threads" not in source and "import threading" not in source
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")

@@ -8,6 +8,9 @@ explicitly computed target positions, ``np.argmax`` (which returns the first max
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
+
 import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
@@ -18,8 +21,8 @@ from symbp.emit.module import _helper_source, environment
 @pytest.fixture(scope="module")
 def helpers():
     env = environment()
-    namespace = {"np": np}
-    for name in ("window_max", "first_argmax_mask", "col2im", "tensordot"):
+    namespace = {"np": np, "concurrent": concurrent, "threading": threading}
+    for name in ("parts", "window_max", "first_argmax_mask", "col2im", "tensordot", "shifted"):
         exec(_helper_source(env, name), namespace)  # noqa: S102 - our own template
     return namespace
 
@@ -121,3 +124,111 @@ def test_first_argmax_mask_marks_the_first_maximum(helpers, stride):
     assert mask.shape == windows.shape
     assert np.array_equal(mask.reshape(flat.shape), expected)
     assert np.array_equal(helpers["_window_max"](windows), flat.max(axis=-1))
+
+
+def _shifted_reference(a, offsets, sizes):
+    out = np.zeros((*a.shape[:-2], *sizes))
+    for u in range(sizes[0]):
+        for v in range(sizes[1]):
+            i, j = u + offsets[0], v + offsets[1]
+            if 0 <= i < a.shape[-2] and 0 <= j < a.shape[-1]:
+                out[..., u, v] = a[..., i, j]
+    return out
+
+
+@pytest.mark.parametrize(
+    "offsets, sizes",
+    [((0, 0), (5, 6)), ((1, 2), (3, 3)), ((-2, -1), (9, 8)), ((-2, 1), (4, 4)),
+     ((3, -1), (4, 9)), ((6, 0), (2, 2)), ((-5, -5), (3, 3))],
+)
+def test_shifted_reads_at_an_offset_with_zeros_outside(helpers, offsets, sizes):
+    a = np.random.default_rng(4).standard_normal((2, 3, 5, 6))
+    got = helpers["_shifted"](a, offsets, sizes)
+    assert got.shape == (2, 3, *sizes)
+    assert np.array_equal(got, _shifted_reference(a, offsets, sizes))
+    extents = zip(offsets, sizes, a.shape[-2:], strict=True)
+    inside = all(o >= 0 and o + s <= n for o, s, n in extents)
+    assert np.shares_memory(got, a) == inside  # a view where nothing is outside
+
+
+def _threaded_helpers(part_size):
+    """The helpers in a namespace of their own, with parts of at least part_size elements, and a
+    record of their calls: per call of _in_parts, the length of the axis it cuts and the parts
+    it ran (first-axis bounds, thread)."""
+    namespace = {"np": np, "concurrent": concurrent, "threading": threading}
+    env = environment()
+    for name in ("parts", "window_max", "first_argmax_mask", "col2im", "tensordot", "shifted"):
+        exec(_helper_source(env, name), namespace)  # noqa: S102 - our own template
+    namespace["_PART_SIZE"] = part_size
+    calls = []
+    in_parts, run_part = namespace["_in_parts"], namespace["_run_part"]
+
+    def recording_in_parts(work, out):
+        calls.append((len(out), []))
+        in_parts(work, out)
+
+    def recording_run_part(work, part):
+        calls[-1][1].append((part.indices(10**9)[:2], threading.get_ident()))
+        run_part(work, part)
+
+    namespace["_in_parts"], namespace["_run_part"] = recording_in_parts, recording_run_part
+    return namespace, calls
+
+
+def _helper_calls(rng):
+    x = rng.standard_normal((7, 3, 11, 10))
+    windows = sliding_window_view(x, (3, 3), axis=(-2, -1))
+    pooled = sliding_window_view(x[..., :10, :10], (2, 2), axis=(-2, -1))[..., ::2, ::2, :, :]
+    kernel = rng.standard_normal((4, 3, 3, 3))
+    dy = rng.standard_normal((7, 4, 9, 8))
+    cols = rng.standard_normal((7, 4, 9, 8, 3, 3))
+    return {
+        "tensordot": lambda h: h["_tensordot"](windows, kernel, (1, 4, 5), (1, 2, 3)),
+        "tensordot, kernel gradient": lambda h: h["_tensordot"](
+            dy, windows, (0, 2, 3), (0, 2, 3)),
+        "col2im": lambda h: h["_col2im"](cols, (3, 3), 1, 1),
+        "col2im, tiling": lambda h: h["_col2im"](pooled, (2, 2), 2, 1),
+        "window_max": lambda h: h["_window_max"](pooled),
+        "first_argmax_mask": lambda h: h["_first_argmax_mask"](np.round(windows)),
+        "shifted": lambda h: h["_shifted"](dy, (-2, -2), (13, 12)),
+    }
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_give_the_same_bits_and_really_run_in_parts(threads):
+    serial, _ = _threaded_helpers(part_size=64)
+    parted, calls = _threaded_helpers(part_size=64)
+    parted["set_threads"](threads)
+    try:
+        for name, call in _helper_calls(np.random.default_rng(6)).items():
+            calls.clear()
+            expected, got = call(serial), call(parted)
+            assert got.dtype == expected.dtype and np.array_equal(got, expected), name
+            assert calls, name
+            for length, parts in calls:
+                bounds = sorted(bounds for bounds, _ in parts)
+                assert len(bounds) == threads, name  # the first axis cut in `threads` parts
+                assert bounds[0][0] == 0 and bounds[-1][1] == length, name
+                assert all(a[1] == b[0] for a, b in zip(bounds[:-1], bounds[1:], strict=True)), name
+                # The caller runs one part, the pool the others (a pool thread may run two).
+                assert threading.get_ident() in {thread for _, thread in parts}, name
+                assert len({thread for _, thread in parts}) >= 2, name
+    finally:
+        parted["set_threads"](1)
+
+
+def test_small_work_stays_in_the_calling_thread():
+    helpers, calls = _threaded_helpers(part_size=2**20)
+    helpers["set_threads"](2)
+    try:
+        top = helpers["_window_max"](np.ones((4, 3, 5, 5, 2, 2)))
+        assert np.array_equal(top, np.ones((4, 3, 5, 5)))
+        assert calls == [(4, [])]  # ran inline: no part was handed to a thread
+    finally:
+        helpers["set_threads"](1)
+
+
+@pytest.mark.parametrize("count", [0, -1, 1.5, True, "2", None])
+def test_set_threads_refuses_what_is_not_a_positive_int(helpers, count):
+    with pytest.raises(ValueError, match="positive int"):
+        helpers["set_threads"](count)

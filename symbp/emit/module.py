@@ -39,6 +39,8 @@ RELU_LIKE = ("relu", "leaky_relu", "prelu", "rrelu", "elu")
 OVERWRITE_NOTE = "overwrite=True: {name} may be overwritten (the caller no longer needs it)."
 OUT_NOTE = "an array to write that gradient into (else a new one is made)."
 MAX_LINE = 99
+# Helpers that cut their work into parts on set_threads(...) threads (helper "parts").
+PARTED_HELPERS = {"col2im", "first_argmax_mask", "shifted", "tensordot", "window_max"}
 
 
 def environment() -> jinja2.Environment:
@@ -1051,12 +1053,19 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
     summary = [f"{item.name}: {item.layer.describe()}" for item in net.walk()]
     if net.loss is not None:
         summary.append(f"loss: {net.loss.kind}")
+    if builder.helpers & PARTED_HELPERS:
+        builder.helpers.add("parts")
+    imports = sorted(
+        ({"math"} if builder.helpers & {"erf", "erfc"} else set())
+        | ({"concurrent.futures", "threading"} if "parts" in builder.helpers else set())
+    )
     template = builder.env.get_template("module.py.j2")
     source = template.render(
+        threads="parts" in builder.helpers,
         net=net,
         version=__version__,
         summary=summary,
-        imports=sorted({"math"} if builder.helpers & {"erf", "erfc"} else set()),
+        imports=imports,
         param_shapes={k: tuple(v) for k, v in net.param_shapes.items()},
         state_shapes={k: tuple(v) for k, v in net.state_shapes.items()},
         helpers=[_helper_source(builder.env, name) for name in sorted(builder.helpers)],
