@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -50,7 +49,12 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from reference_mlp import blas_threads, rerun_keeping_freed_memory, time_alternating  # noqa: E402
+from reference_mlp import (  # noqa: E402
+    blas_threads,
+    rerun_keeping_freed_memory,
+    rerun_with_env,
+    time_alternating,
+)
 
 #: Set before NumPy loads by ``--helper-threads``: OpenBLAS's idle threads sleep at once.
 HELPER_THREADS_ENV = {"OPENBLAS_THREAD_TIMEOUT": "4"}
@@ -356,9 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep_freed_memory:
         return rerun_keeping_freed_memory(__file__, argv)
     if args.helper_threads and not HELPER_THREADS_ENV.items() <= os.environ.items():
-        given = argv if argv is not None else sys.argv[1:]
-        env = {**os.environ, **HELPER_THREADS_ENV}
-        return subprocess.run([sys.executable, __file__, *given], env=env).returncode
+        return rerun_with_env(__file__, argv, HELPER_THREADS_ENV)
     dtype = np.dtype(args.dtype).type
     repeats = 2 if args.quick else args.repeats
     if args.helper_threads:

@@ -596,8 +596,15 @@ def rerun_keeping_freed_memory(script: str, argv: list[str] | None) -> int:
     arguments less ``--keep-freed-memory``; its exit status."""
     given = argv if argv is not None else sys.argv[1:]
     rest = [a for a in given if a != "--keep-freed-memory"]
-    env = {**os.environ, **KEEP_FREED_MEMORY_ENV}
-    return subprocess.run([sys.executable, script, *rest], env=env).returncode
+    return rerun_with_env(script, rest, KEEP_FREED_MEMORY_ENV)
+
+
+def rerun_with_env(script: str, argv: list[str] | None, env: Mapping[str, str]) -> int:
+    """Run ``script`` with ``argv`` (default: this process's arguments) in a child process whose
+    environment adds ``env`` (variables a library reads when it loads); its exit status."""
+    given = argv if argv is not None else sys.argv[1:]
+    child_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, script, *given], env=child_env).returncode
 
 
 def run_in_subprocess(
