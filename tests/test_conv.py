@@ -507,13 +507,16 @@ def test_helper_threads_give_the_same_bits(name):
     assert "set_threads(count)" in parted.__doc__
     parted._PART_SIZE = 64
     threads = set()
-    run_part = parted._run_part
+    in_parts = parted._in_parts
 
-    def recording(work, part):
-        threads.add(threading.get_ident())
-        run_part(work, part)
+    def recording(work, out):
+        def recorded(part):
+            threads.add(threading.get_ident())
+            work(part)
 
-    parted._run_part = recording
+        in_parts(recorded, out)
+
+    parted._in_parts = recording
     parted.set_threads(2)
     try:
         rng = np.random.default_rng(7)
@@ -533,7 +536,7 @@ def test_helper_threads_give_the_same_bits(name):
 def test_a_module_without_array_helpers_has_no_threads_to_set():
     source = generate_module(Net([symbp.linear(3), symbp.relu(), symbp.linear(2)],
                                  input_features=4, loss="mse"))
-    assert "set_threads" not in source and "import threading" not in source
+    assert "set_threads" not in source and "import concurrent" not in source
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")

@@ -21,7 +21,7 @@ from symbp.emit.module import _helper_source, environment
 @pytest.fixture(scope="module")
 def helpers():
     env = environment()
-    namespace = {"np": np, "concurrent": concurrent, "threading": threading}
+    namespace = {"np": np, "concurrent": concurrent}
     for name in ("parts", "window_max", "first_argmax_mask", "col2im", "tensordot", "shifted"):
         exec(_helper_source(env, name), namespace)  # noqa: S102 - our own template
     return namespace
@@ -154,24 +154,26 @@ def test_shifted_reads_at_an_offset_with_zeros_outside(helpers, offsets, sizes):
 def _threaded_helpers(part_size):
     """The helpers in a namespace of their own, with parts of at least part_size elements, and a
     record of their calls: per call of _in_parts, the length of the axis it cuts and the parts
-    it ran (first-axis bounds, thread)."""
-    namespace = {"np": np, "concurrent": concurrent, "threading": threading}
+    it ran (first-axis slice, thread)."""
+    namespace = {"np": np, "concurrent": concurrent}
     env = environment()
     for name in ("parts", "window_max", "first_argmax_mask", "col2im", "tensordot", "shifted"):
         exec(_helper_source(env, name), namespace)  # noqa: S102 - our own template
     namespace["_PART_SIZE"] = part_size
     calls = []
-    in_parts, run_part = namespace["_in_parts"], namespace["_run_part"]
+    in_parts = namespace["_in_parts"]
 
     def recording_in_parts(work, out):
-        calls.append((len(out), []))
-        in_parts(work, out)
+        parts = []
+        calls.append((len(out), parts))
 
-    def recording_run_part(work, part):
-        calls[-1][1].append((part.indices(10**9)[:2], threading.get_ident()))
-        run_part(work, part)
+        def recorded(part):
+            parts.append((part, threading.get_ident()))
+            work(part)
 
-    namespace["_in_parts"], namespace["_run_part"] = recording_in_parts, recording_run_part
+        in_parts(recorded, out)
+
+    namespace["_in_parts"] = recording_in_parts
     return namespace, calls
 
 
@@ -206,7 +208,7 @@ def test_threads_give_the_same_bits_and_really_run_in_parts(threads):
             assert got.dtype == expected.dtype and np.array_equal(got, expected), name
             assert calls, name
             for length, parts in calls:
-                bounds = sorted(bounds for bounds, _ in parts)
+                bounds = sorted(part.indices(length)[:2] for part, _ in parts)
                 assert len(bounds) == threads, name  # the first axis cut in `threads` parts
                 assert bounds[0][0] == 0 and bounds[-1][1] == length, name
                 assert all(a[1] == b[0] for a, b in zip(bounds[:-1], bounds[1:], strict=True)), name
@@ -223,7 +225,8 @@ def test_small_work_stays_in_the_calling_thread():
     try:
         top = helpers["_window_max"](np.ones((4, 3, 5, 5, 2, 2)))
         assert np.array_equal(top, np.ones((4, 3, 5, 5)))
-        assert calls == [(4, [])]  # ran inline: no part was handed to a thread
+        # One part, the whole axis, run inline in the calling thread.
+        assert calls == [(4, [(slice(None), threading.get_ident())])]
     finally:
         helpers["set_threads"](1)
 

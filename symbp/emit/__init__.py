@@ -14,7 +14,7 @@ def template_folder() -> str:
     try:
         folder = Path(str(importlib.resources.files("symbp.templates")))
     except ModuleNotFoundError:
-        folder = Path(__file__).resolve().parents[2] / "templates"
-    if not folder.is_dir():
+        folder = None
+    if folder is None or not folder.is_dir():
         folder = Path(__file__).resolve().parents[2] / "templates"
     return str(folder)

@@ -1057,7 +1057,7 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
         builder.helpers.add("parts")
     imports = sorted(
         ({"math"} if builder.helpers & {"erf", "erfc"} else set())
-        | ({"concurrent.futures", "threading"} if "parts" in builder.helpers else set())
+        | ({"concurrent.futures"} if "parts" in builder.helpers else set())
     )
     template = builder.env.get_template("module.py.j2")
     source = template.render(
