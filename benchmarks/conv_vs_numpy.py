@@ -19,7 +19,10 @@ PyTorch, the generated pass and PyTorch's are each timed alone (see :func:`run`)
                                        [--keep-freed-memory] [--helper-threads]
 
 Prints, per net and thread count, the times and the ratios generated / hand-written and
-generated / PyTorch (the generated pass timed with the hand-written one, then alone).
+generated / PyTorch. The generated pass is timed round-robin with the hand-written one, then
+alone in blocks of three calls that alternate with blocks of PyTorch's
+(:func:`reference_mlp.time_in_blocks`): the printed generated/PyTorch ratio is the median of
+the block-by-block ratios, which cancels the machine's drift from minute to minute.
 
 The generated module and the hand-written pass allocate fresh arrays on every call; with
 glibc's default settings the big ones go back to the kernel when freed and page-fault in
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -51,9 +55,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from reference_mlp import (  # noqa: E402
     blas_threads,
+    median_ratio,
     rerun_keeping_freed_memory,
     rerun_with_env,
     time_alternating,
+    time_in_blocks,
 )
 
 #: Set before NumPy loads by ``--helper-threads``: OpenBLAS's idle threads sleep at once.
@@ -334,12 +340,16 @@ def run(net: str, dtype, repeats: int, threads: int, quick: bool,
             # Interleaved with NumPy, PyTorch's pass slowed down (LeNet: 21 ms instead of 14),
             # and next to the hand-written pass the generated one did (page faults): so the
             # generated pass and PyTorch's are each timed alone, one after the other.
+            # Timed alone in blocks of 3 calls (generated, PyTorch, PyTorch, generated, ...),
+            # the ratio taken block by block: the machine's drift between the two (±30% from
+            # minute to minute here) cancels.
             closure, torch = torch_run
             torch.set_num_threads(threads)
-            times["generated_alone"] = time_alternating(
-                {"generated": generated}, repeats=repeats, warmup=1)["generated"]
-            times["pytorch"] = time_alternating(
-                {"pytorch": closure}, repeats=repeats, warmup=1)["pytorch"]
+            blocks = time_in_blocks({"generated": generated, "pytorch": closure},
+                                    blocks=max(repeats, 3), per_block=3)
+            times["generated_alone"] = statistics.median(blocks["generated"])
+            times["pytorch"] = statistics.median(blocks["pytorch"])
+            times["gen/torch"] = median_ratio(blocks["generated"], blocks["pytorch"])
     return times
 
 
@@ -376,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             if "pytorch" in times:
                 line += (f"{times['generated_alone'] * 1e3:10.1f}ms"
                          f"{times['pytorch'] * 1e3:8.1f}ms"
-                         f"{times['generated_alone'] / times['pytorch']:11.2f}")
+                         f"{times['gen/torch']:11.2f}")
             print(line, flush=True)
     return 0
 

@@ -540,6 +540,32 @@ def time_alternating_with_cpu(
     )
 
 
+def time_in_blocks(
+    fns: Mapping[str, Callable[[], object]], blocks: int = 7, per_block: int = 3
+) -> dict[str, list[float]]:
+    """Each callable's median wall time (seconds) in each of ``blocks`` blocks.
+
+    A block times each callable ``per_block`` times in a row (after one untimed call), one
+    callable after the other, starting one further along the list each block. For callables
+    that must not alternate call by call (NumPy's and PyTorch's thread pools fight) but must be
+    compared at the same moment: a drift of the machine hits neighbouring blocks alike, so the
+    ratio of two callables' medians taken block by block (:func:`median_ratio`) cancels it.
+    """
+    names = list(fns)
+    medians: dict[str, list[float]] = {name: [] for name in names}
+    for b in range(blocks):
+        k = b % len(names)
+        for name in names[k:] + names[:k]:
+            timed = time_alternating({name: fns[name]}, repeats=per_block, warmup=1)
+            medians[name].append(timed[name])
+    return medians
+
+
+def median_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """The median over blocks of the ratio of two callables' times in the same block."""
+    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
+
+
 def time_alternating(
     fns: Mapping[str, Callable[[], object]], repeats: int = 20, warmup: int = 3
 ) -> dict[str, float]:

@@ -218,6 +218,22 @@ def test_time_alternating_returns_a_median_per_callable():
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
 
 
+def test_time_in_blocks_runs_each_callable_in_blocks_that_alternate():
+    calls = []
+    blocks = mlp.time_in_blocks(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, blocks=3, per_block=2
+    )
+    assert {name: len(times) for name, times in blocks.items()} == {"a": 3, "b": 3}
+    # Each block: one untimed call, then two timed ones; the first callable changes each block.
+    assert "".join(calls) == "aaa" "bbb" "bbb" "aaa" "aaa" "bbb"
+
+
+def test_median_ratio_pairs_the_blocks():
+    # Block by block the ratios are 2, 2 and 0.5: their median is 2, while the ratio of the
+    # two medians (2 / 2) would be 1.
+    assert mlp.median_ratio([2.0, 4.0, 1.0], [1.0, 2.0, 2.0]) == 2.0
+
+
 def test_mlp_agrees_with_torch(kink_free_problem):
     pytest.importorskip("torch")
     params, x, y = kink_free_problem
