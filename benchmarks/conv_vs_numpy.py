@@ -13,7 +13,8 @@ scatter-add over the kernel offsets, the compact batch-norm backward per channel
 by reshaping (kernel = stride) with a first-arg-max mask. Times are medians of round-robin
 repeats in one process (:func:`reference_mlp.time_alternating`), with 1 and 2 BLAS threads;
 PyTorch (eager, CPU) runs with the same thread count where it is installed; for the ratio to
-PyTorch, the generated pass and PyTorch's are each timed alone (see :func:`run`).
+PyTorch, the generated pass and PyTorch's are timed alone, in alternating blocks (see
+:func:`run`).
 
     python benchmarks/conv_vs_numpy.py [--dtype float32|float64] [--repeats 7] [--quick]
                                        [--keep-freed-memory] [--helper-threads]
@@ -339,10 +340,9 @@ def run(net: str, dtype, repeats: int, threads: int, quick: bool,
         if torch_run is not None:
             # Interleaved with NumPy, PyTorch's pass slowed down (LeNet: 21 ms instead of 14),
             # and next to the hand-written pass the generated one did (page faults): so the
-            # generated pass and PyTorch's are each timed alone, one after the other.
-            # Timed alone in blocks of 3 calls (generated, PyTorch, PyTorch, generated, ...),
-            # the ratio taken block by block: the machine's drift between the two (±30% from
-            # minute to minute here) cancels.
+            # generated pass and PyTorch's are timed alone, in alternating blocks of 3 calls,
+            # and their ratio is taken block by block: the machine's drift (±30% from minute
+            # to minute here) cancels, where two phases one after the other carried it.
             closure, torch = torch_run
             torch.set_num_threads(threads)
             blocks = time_in_blocks({"generated": generated, "pytorch": closure},
