@@ -10,10 +10,14 @@ torch return new arrays (the generated one is called without ``overwrite=True``)
 hand-written one writes into a preallocated buffer.
 
 Before timing, the generated gradients are compared with torch's (or, without torch, with the
-hand-written ones).  Shapes: ``reference_bn.SHAPES`` = (256, 1024) and (4096, 256).  Each
-implementation is timed in a group of its own (median of ``--repeats``; interleaving torch's
-allocations and thread pool with numpy slowed it down, see ``reference_bn``).  The goal of
-issue 3: generated <= 1.5x torch.
+hand-written ones).  Shapes: ``reference_bn.SHAPES`` = (256, 1024) and (4096, 256).  The
+implementations are timed in alternating blocks of ``PER_BLOCK`` calls each
+(:func:`reference_mlp.time_in_blocks`; interleaving torch's allocations and thread pool with
+numpy call by call slowed it down, see ``reference_bn``), ``--repeats`` calls in all per
+implementation.  The printed times are medians over the blocks, the ratios the medians of the
+block-by-block ratios (:func:`reference_mlp.median_ratio`): a drift of the machine between
+blocks, which timing each implementation in a phase of its own put straight into the ratio,
+then cancels.  The goal of issue 3: generated <= 1.5x torch.
 
 Run ``python benchmarks/bn_backward.py --help``.  Torch's times depend on whether its fresh
 outputs page-fault; ``--keep-freed-memory`` reruns the benchmark in a child process with
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -34,6 +39,7 @@ from symbp.check.gradcheck import load_module
 from symbp.emit.module import generate_module
 
 GOAL = 1.5
+PER_BLOCK = 5  # calls of one implementation in a row (after one untimed call)
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
@@ -83,14 +89,22 @@ def benchmark(shape, threads=1, repeats=50, warmup=5, include_torch=True) -> dic
     }
     if torch_step is not None:
         fns["torch_native"] = torch_step
-    times: dict[str, float] = {}
     with mlp.blas_threads(threads):
-        for name, fn in fns.items():
-            times.update(mlp.time_alternating({name: fn}, repeats=repeats, warmup=warmup))
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        blocks = mlp.time_in_blocks(
+            fns, blocks=max(repeats // PER_BLOCK, 3), per_block=PER_BLOCK
+        )
+    times = {name: statistics.median(medians) for name, medians in blocks.items()}
     result = {"shape": list(shape), "threads": threads, "agreement": agreement, "times_s": times}
-    result["ratio_generated_over_handwritten"] = times["generated"] / times["handwritten"]
-    if "torch_native" in times:
-        result["ratio_generated_over_torch"] = times["generated"] / times["torch_native"]
+    result["ratio_generated_over_handwritten"] = mlp.median_ratio(
+        blocks["generated"], blocks["handwritten"]
+    )
+    if "torch_native" in blocks:
+        result["ratio_generated_over_torch"] = mlp.median_ratio(
+            blocks["generated"], blocks["torch_native"]
+        )
     return result
 
 

@@ -295,3 +295,12 @@ def test_aligned_empty_places_data_at_the_page_offset():
         a = mlp.aligned_empty((5, 3), np.float32, offset)
         assert a.shape == (5, 3) and a.dtype == np.float32 and a.flags.c_contiguous
         assert a.ctypes.data % 4096 == offset
+
+
+def test_bn_backward_benchmark_checks_then_times_in_blocks():
+    bench = _load("bn_backward")
+    result = bench.benchmark((64, 8), threads=1, repeats=6, warmup=1, include_torch=False)
+    # The generated function was compared with the hand-written compact form before timing.
+    assert result["agreement"] < 1e-12
+    assert set(result["times_s"]) == {"generated", "handwritten"}
+    assert result["ratio_generated_over_handwritten"] > 0
