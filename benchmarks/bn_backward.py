@@ -12,7 +12,7 @@ hand-written one writes into a preallocated buffer.
 Before timing, the generated gradients are compared with torch's (or, without torch, with the
 hand-written ones).  Shapes: ``reference_bn.SHAPES`` = (256, 1024) and (4096, 256).  The
 implementations are timed in alternating blocks of ``PER_BLOCK`` calls each
-(:func:`reference_mlp.time_in_blocks`; interleaving torch's allocations and thread pool with
+(:func:`reference_mlp.time_blocks`; interleaving torch's allocations and thread pool with
 numpy call by call slowed it down, see ``reference_bn``), ``--repeats`` calls in all per
 implementation.  The printed times are medians over the blocks, the ratios the medians of the
 block-by-block ratios (:func:`reference_mlp.median_ratio`): a drift of the machine between
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -90,13 +89,7 @@ def benchmark(shape, threads=1, repeats=50, warmup=5, include_torch=True) -> dic
     if torch_step is not None:
         fns["torch_native"] = torch_step
     with mlp.blas_threads(threads):
-        for fn in fns.values():
-            for _ in range(warmup):
-                fn()
-        blocks = mlp.time_in_blocks(
-            fns, blocks=max(repeats // PER_BLOCK, 3), per_block=PER_BLOCK
-        )
-    times = {name: statistics.median(medians) for name, medians in blocks.items()}
+        times, blocks = mlp.time_blocks(fns, repeats, warmup, per_block=PER_BLOCK)
     result = {"shape": list(shape), "threads": threads, "agreement": agreement, "times_s": times}
     result["ratio_generated_over_handwritten"] = mlp.median_ratio(
         blocks["generated"], blocks["handwritten"]

@@ -203,7 +203,7 @@ def benchmark_bn(
     include_torch: bool = True,
 ) -> dict:
     """Median times (seconds) of the numpy and (if available) torch native backward at
-    one shape, each timed in a group of its own."""
+    one shape, timed in alternating blocks (ratio: the median of the block-by-block ratios)."""
     mlp = _sibling("reference_mlp")
     inp = make_bn_inputs(shape)
     dx = mlp.aligned_empty(shape, np.float64)
@@ -216,15 +216,13 @@ def benchmark_bn(
     native = torch_bn_backward_factory(inp, threads, "native") if include_torch else None
     if native is not None:
         fns["torch_native"] = native
-    # One group per implementation: interleaved with numpy, torch's per-call 2-8 MB
-    # output allocations and its thread pool were measured to slow it down 2-4x.
-    times: dict[str, float] = {}
+    # Blocks of calls, not call by call: interleaved with numpy call by call, torch's per-call
+    # 2-8 MB output allocations and its thread pool were measured to slow it down 2-4x.
     with mlp.blas_threads(threads):
-        for name, fn in fns.items():
-            times.update(mlp.time_alternating({name: fn}, repeats=repeats, warmup=warmup))
+        times, blocks = mlp.time_blocks(fns, repeats, warmup)
     result = {"shape": list(shape), "threads": threads, "times_s": times}
     if "torch_native" in times:
-        result["ratio_numpy_over_torch"] = times["numpy"] / times["torch_native"]
+        result["ratio_numpy_over_torch"] = mlp.median_ratio(blocks["numpy"], blocks["torch_native"])
     return result
 
 

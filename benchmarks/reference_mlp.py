@@ -561,6 +561,20 @@ def time_in_blocks(
     return medians
 
 
+def time_blocks(
+    fns: Mapping[str, Callable[[], object]], repeats: int, warmup: int, per_block: int = 5
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """``warmup`` untimed calls of each callable, then :func:`time_in_blocks` with about
+    ``repeats`` timed calls each (``per_block`` in a row, at least 3 blocks).  Returns each
+    callable's median over the blocks and the block medians themselves (for
+    :func:`median_ratio`)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    blocks = time_in_blocks(fns, blocks=max(repeats // per_block, 3), per_block=per_block)
+    return {name: statistics.median(medians) for name, medians in blocks.items()}, blocks
+
+
 def median_ratio(numerators: list[float], denominators: list[float]) -> float:
     """The median over blocks of the ratio of two callables' times in the same block."""
     return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))

@@ -303,4 +303,12 @@ def test_bn_backward_benchmark_checks_then_times_in_blocks():
     # The generated function was compared with the hand-written compact form before timing.
     assert result["agreement"] < 1e-12
     assert set(result["times_s"]) == {"generated", "handwritten"}
-    assert result["ratio_generated_over_handwritten"] > 0
+
+
+def test_time_blocks_warms_up_then_times_about_repeats_calls_in_blocks():
+    calls = []
+    times, blocks = mlp.time_blocks({"a": lambda: calls.append("a")}, repeats=10, warmup=2,
+                                    per_block=5)
+    # 2 warm-up calls, then 10 // 5 = 2 blocks raised to the minimum of 3, each 1 + 5 calls.
+    assert len(calls) == 2 + 3 * 6 and len(blocks["a"]) == 3
+    assert times["a"] == sorted(blocks["a"])[1]
