@@ -374,7 +374,16 @@ def test_random_conv_nets_agree_with_autograd_and_pass_check(net, seed):
 @pytest.mark.parametrize(
     ("layers", "shape", "message"),
     [
-        ([symbp.conv2d(2, 7)], (1, 5, 5), "larger than the padded input"),
+        (
+            [symbp.conv2d(2, 7)],
+            (1, 5, 5),
+            r"'kernel': kernel 7 is larger than the padded input height 5",
+        ),
+        (
+            [symbp.conv2d(2, 3, dilation=3)],
+            (1, 5, 5),
+            r"'kernel': kernel 3 \(dilated 7\) is larger than the padded input height 5",
+        ),
         ([symbp.conv2d(2, 3, in_channels=2)], (1, 5, 5), "input channels"),
         ([symbp.maxpool2d(3)], (4,), "expects images"),
         ([symbp.conv2d(2, 3), symbp.linear(3)], (1, 5, 5), "flatten"),

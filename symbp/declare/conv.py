@@ -77,8 +77,9 @@ class _Windowed(Layer):
                                      (width, self.kernel[1], "width")):
             effective = self.dilation[0] * (kernel - 1) + 1
             if effective > length + 2 * self.padding:
+                reach = f" (dilated {effective})" if self.dilation[0] != 1 else ""
                 raise SpecError(
-                    f"kernel {kernel} (dilated {effective}) is larger than the padded input "
+                    f"kernel {kernel}{reach} is larger than the padded input "
                     f"{axis} {length + 2 * self.padding}",
                     field="kernel",
                 )
