@@ -1021,6 +1021,57 @@ def test_building_up_in_place_never_starts_from_a_view():
         assert np.array_equal(scope["A"], arrays["A"])
 
 
+def _function_body(source: str, name: str) -> list[str]:
+    """The code lines of one generated function (its docstring left out)."""
+    body = source.split(f"def {name}(", 1)[1].split("\ndef ", 1)[0]
+    return [line.strip() for line in body.split('"""')[2].splitlines() if line.strip()]
+
+
+def test_computed_row_vectors_go_through_row_vector_and_parameters_do_not():
+    """Each vector a batch-norm function computes and then broadcasts along the rows of the
+    batch (the mean it subtracts, 1/std, gamma*invstd, the sums over the batch) is handed to
+    the pass through ``_row_vector``; gamma and beta, handed in, are used as they are."""
+    net = Net([symbp.linear(8), symbp.batchnorm(), symbp.relu()], input_features=3, loss="mse")
+    source = generate_module(net)
+    forward = _function_body(source, "batchnorm_forward")
+    backward = _function_body(source, "batchnorm_backward")
+    predict = _function_body(source, "batchnorm_predict")
+    assert "common0 = np.subtract(x, _row_vector(mu), out=x if overwrite else None)" in forward
+    assert "xhat = np.multiply(common0, _row_vector(invstd), out=common0)" in forward
+    assert "y = gamma*xhat + beta" in forward
+    assert "dx = _row_vector(common1/N)*xhat" in backward
+    assert "dx -= _row_vector(common0/N)" in backward
+    assert "dx *= _row_vector(gamma*invstd)" in backward
+    assert predict[0].startswith("y = _row_vector(gamma/np.sqrt(running_var + epsilon))*(x - ")
+    assert "def _row_vector(v):" in source
+    # A network that broadcasts only vectors it is given has no use for the helper.
+    plain = generate_module(Net([symbp.linear(8), symbp.relu()], input_features=3, loss="mse"))
+    assert "_row_vector" not in plain
+
+
+def test_row_vector_changes_no_bit_of_the_results():
+    """The same batch-norm network, with the helper and with it replaced by the identity, gives
+    the same loss and gradients to the bit at a width (1024 float32 = 4 KiB) where it copies."""
+    net = Net([symbp.linear(1024), symbp.batchnorm(), symbp.relu()], input_features=3,
+              loss="mse")
+    module = load_module(generate_module(net))
+    rng = np.random.default_rng(0)
+    params = {k: v.astype(np.float32) for k, v in module.init_params(seed=1).items()}
+    x = rng.standard_normal((16, 3)).astype(np.float32)
+    y = rng.standard_normal((16, 1024)).astype(np.float32)
+    loss, grads = module.loss_and_grads(params, x, y)
+    copies = []
+    helper = module._row_vector
+    module._row_vector = lambda v: copies.append(helper(v) is not v) or v
+    try:
+        same_loss, same_grads = module.loss_and_grads(params, x, y)
+    finally:
+        module._row_vector = helper
+    assert copies and all(copies)  # every call really copied at this width
+    assert loss == same_loss
+    assert all(np.array_equal(grads[k], same_grads[k]) for k in grads)
+
+
 def test_reuse_writes_the_weight_gradients_into_the_given_arrays():
     """``reuse=`` (e.g. the previous call's gradients) gets the matrix-product gradients
     written into its arrays; every value is the same as with new arrays."""

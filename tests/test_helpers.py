@@ -22,7 +22,8 @@ from symbp.emit.module import _helper_source, environment
 def helpers():
     env = environment()
     namespace = {"np": np, "concurrent": concurrent}
-    for name in ("parts", "window_max", "first_argmax_mask", "col2im", "tensordot", "shifted"):
+    names = ("parts", "window_max", "first_argmax_mask", "col2im", "tensordot", "shifted")
+    for name in (*names, "row_vector"):
         exec(_helper_source(env, name), namespace)  # noqa: S102 - our own template
     return namespace
 
@@ -43,6 +44,27 @@ def _operands(rng, dtype):
         (windows[:, :, ::2, ::2], rng.standard_normal((2, 3, 2)).astype(dtype),
          (1, 4, 5), (0, 1, 2)),  # a strided window view
     ]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "size"), [(np.float32, 1024), (np.float64, 512), (np.float64, 2048)]
+)
+def test_row_vector_moves_page_multiple_vectors_to_a_longer_allocation(helpers, dtype, size):
+    """A vector of 4 KiB, 8 KiB, ... comes back as an equal copy in its own allocation, whose
+    size is not a multiple of 4 KiB (the case that made row-broadcast passes slow)."""
+    v = np.random.default_rng(0).standard_normal(size).astype(dtype)
+    got = helpers["_row_vector"](v)
+    assert got is not v and not np.shares_memory(got, v)
+    assert got.dtype == v.dtype and got.shape == v.shape and np.array_equal(got, v)
+    assert got.base is not None and got.base.nbytes % 4096 != 0
+
+
+@pytest.mark.parametrize(
+    ("dtype", "size"), [(np.float32, 1000), (np.float64, 256), (np.float32, 7)]
+)
+def test_row_vector_hands_back_other_vectors_untouched(helpers, dtype, size):
+    v = np.ones(size, dtype)
+    assert helpers["_row_vector"](v) is v
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -157,7 +179,8 @@ def _threaded_helpers(part_size):
     it ran (first-axis slice, thread)."""
     namespace = {"np": np, "concurrent": concurrent}
     env = environment()
-    for name in ("parts", "window_max", "first_argmax_mask", "col2im", "tensordot", "shifted"):
+    names = ("parts", "window_max", "first_argmax_mask", "col2im", "tensordot", "shifted")
+    for name in (*names, "row_vector"):
         exec(_helper_source(env, name), namespace)  # noqa: S102 - our own template
     namespace["_PART_SIZE"] = part_size
     calls = []

@@ -28,6 +28,7 @@ from ..derive.network import NetworkDerivation, derive_cached, derive_network
 from ..derive.readings import computed_form, reading
 from . import template_folder
 from .numpy_printer import (
+    RowVector,
     SymbpNumPyPrinter,
     array_shape,
     float_constants,
@@ -235,6 +236,63 @@ def _into(target: str, value: sp.Expr, donor: sp.Symbol, flagged: bool, printer)
         for t in others
     ]
     return _Statement(target, code, extra, overwrites=flagged, call=call)
+
+
+def _place_rows(ordered, shapes):
+    """Wrap the vectors each element-wise pass over a big array broadcasts along its rows in
+    :class:`RowVector` when the function computes them (``gamma*invstd``, a local ``mu``);
+    vectors the function is given (parameters, cached statistics) are left as they are."""
+    computed = {target for target, _ in ordered}
+    placed = []
+    for target, value in ordered:
+        shape = shapes.get(target)
+        if shape is not None and sum(d != 1 for d in shape) >= 2:
+            value = _rows_in(value, shape, shapes, computed)
+        placed.append((target, value))
+    return placed
+
+
+def _rows_in(expr: sp.Expr, shape, shapes, computed: set[str]) -> sp.Expr:
+    """``expr`` (of ``shape``) with its computed row-vector operands wrapped in RowVector."""
+
+    def row(operand):  # a vector as long as a row: broadcast along the rows
+        own = array_shape(operand, shapes)
+        return own is not None and len(own) == 1 and own[0] == shape[-1] and own[0] != 1
+
+    def scalar(operand):
+        return array_shape(operand, shapes) == ()
+
+    def fresh(vector):  # computed in every call, not handed in
+        return not vector.is_Symbol or vector.name in computed
+
+    def operand(arg):
+        if row(arg):
+            coefficient, vector = arg.as_coeff_Mul()
+            return coefficient * RowVector(vector) if fresh(vector) else arg
+        return _rows_in(arg, shape, shapes, computed)
+
+    if isinstance(expr, sp.Mul):
+        # The row-sized factors and the scalars multiplying them form one vector (NumPy
+        # computes ``c/N*xhat`` as ``(c/N)*xhat``): that product is what gets wrapped.
+        coefficient, rest = expr.as_coeff_Mul()
+        factors = sp.Mul.make_args(rest)
+        small = [f for f in factors if row(f) or scalar(f)]
+        if any(row(f) for f in small) and len(small) < len(factors):
+            others = [operand(f) for f in factors if f not in small]
+            vector = sp.Mul(*small)
+            wrapped = RowVector(vector) if fresh(vector) else vector
+            return sp.Mul(coefficient, wrapped, *others)
+        if len(small) < len(factors):
+            return sp.Mul(coefficient, *[operand(f) for f in factors])
+        return expr
+    if isinstance(expr, sp.Add | sp.Max | sp.Min | sp.Pow | sp.Piecewise) or (
+        isinstance(expr, sp.Function) and not isinstance(expr, RowVector)
+    ):
+        if type(expr).__module__.endswith("arrays"):
+            return expr  # windows, products, scatters: not element-wise passes
+        args = [operand(a) for a in expr.args]
+        return expr.func(*args) if args != list(expr.args) else expr
+    return expr
 
 
 def _accumulate(target: str, value: sp.Expr, shape, shapes, printer):
@@ -462,6 +520,7 @@ class ModuleBuilder:
         ordered = _dependency_order(items, set(available))
         for target, value in ordered:
             shapes.setdefault(target, array_shape(value, shapes))
+        ordered = _place_rows(ordered, shapes)
         printer = SymbpNumPyPrinter(shapes=shapes)
         if returned is None:
             statements = [_Statement(t, printer.doprint(v), fresh=_is_fresh(v)) for t, v in ordered]

@@ -23,7 +23,17 @@ HELPERS = {
     "first_argmax_mask": "_first_argmax_mask",
     "window_max": "_window_max",
     "tensordot": "_tensordot",
+    "row_vector": "_row_vector",
 }
+
+
+class RowVector(sp.Function):
+    """A vector the generated function computes and then broadcasts along the rows of a bigger
+    array (``dx *= gamma*invstd``). It is printed ``_row_vector(v)``, a helper that hands such
+    passes the vector in memory they read at full speed (see its docstring); the value is
+    ``v``'s, exactly."""
+
+    nargs = 1
 
 
 class SymbpNumPyPrinter(NumPyPrinter):
@@ -301,6 +311,10 @@ class SymbpNumPyPrinter(NumPyPrinter):
     def _print_FirstArgmaxMask(self, expr):
         self.helpers_used |= {"first_argmax_mask", "window_max"}
         return f"{HELPERS['first_argmax_mask']}({self._print(expr.args[0])})"
+
+    def _print_RowVector(self, expr):
+        self.helpers_used.add("row_vector")
+        return f"{HELPERS['row_vector']}({self._print(expr.args[0])})"
 
     def _print_erf(self, expr):
         self.helpers_used.add("erf")
