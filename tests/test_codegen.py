@@ -1021,6 +1021,54 @@ def test_building_up_in_place_never_starts_from_a_view():
         assert np.array_equal(scope["A"], arrays["A"])
 
 
+def test_a_big_product_plus_a_vector_is_built_up_in_the_products_array():
+    """``gamma*xhat + beta`` becomes ``y = gamma*xhat`` then ``y += beta``: NumPy would write the
+    sum of the one-line form into a second big array. A product that NumPy hands back as a
+    permuted view (a convolution's ``_tensordot(...).transpose(...)``) stays on one line, so
+    that the result is a new array in C order."""
+    import sympy as sp
+
+    from symbp.emit.module import _accumulate
+    from symbp.emit.numpy_printer import SymbpNumPyPrinter
+
+    n, f = sp.symbols("N F", integer=True, positive=True)
+    gamma, xhat, beta = (sp.Symbol(name, real=True) for name in ("gamma", "xhat", "beta"))
+    shapes = {"gamma": (f,), "xhat": (n, f), "beta": (f,)}
+    statement = _accumulate(
+        "y", gamma * xhat + beta, (n, f), shapes, SymbpNumPyPrinter(shapes=shapes)
+    )
+    assert statement is not None and statement.lines() == ["y = gamma*xhat", "y += beta"]
+    rng = np.random.default_rng(3)
+    scope = {"np": np, "gamma": rng.standard_normal(4), "xhat": rng.standard_normal((3, 4)),
+             "beta": rng.standard_normal(4)}
+    exec("\n".join(statement.lines()), scope)  # noqa: S102 - our own printed code
+    np.testing.assert_array_equal(scope["y"], scope["gamma"] * scope["xhat"] + scope["beta"])
+
+    lenet = generate_module(symbp.load_spec(ROOT / "examples" / "lenet.toml"))
+    assert _function_body(lenet, "linear_forward")[:2] == ["z = x @ W", "z += b"]
+    conv = _function_body(lenet, "conv2d_forward")
+    assert any(line.endswith(".transpose(1, 0, 2, 3) + b[:, None, None]") for line in conv)
+
+
+def test_the_linear_forward_pass_holds_one_big_array_at_a_time():
+    """Peak memory of the generated ``linear_forward`` (tracemalloc): the output alone, not the
+    product and a second array for the sum."""
+    import tracemalloc
+
+    module = load_module(generate_module(Net([symbp.linear(512)], input_features=64,
+                                             loss="mse")))
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal((256, 64)), rng.standard_normal((64, 512)), np.ones(512)
+    module.linear_forward(x, w, b)
+    tracemalloc.start()
+    try:
+        z, _ = module.linear_forward(x, w, b)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert z.nbytes <= peak < 1.5 * z.nbytes
+
+
 def _function_body(source: str, name: str) -> list[str]:
     """The code lines of one generated function (its docstring left out)."""
     body = source.split(f"def {name}(", 1)[1].split("\ndef ", 1)[0]
@@ -1038,7 +1086,7 @@ def test_computed_row_vectors_go_through_row_vector_and_parameters_do_not():
     predict = _function_body(source, "batchnorm_predict")
     assert "common0 = np.subtract(x, _row_vector(mu), out=x if overwrite else None)" in forward
     assert "xhat = np.multiply(common0, _row_vector(invstd), out=common0)" in forward
-    assert "y = gamma*xhat + beta" in forward
+    assert forward[-3:-1] == ["y = gamma*xhat", "y += beta"]
     assert "dx = _row_vector(common1/N)*xhat" in backward
     assert "dx -= _row_vector(common0/N)" in backward
     assert "dx *= _row_vector(gamma*invstd)" in backward
