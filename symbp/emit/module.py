@@ -22,7 +22,19 @@ from .. import __version__
 from ..declare.forms import Forward
 from ..declare.layers import BatchNorm, Elementwise, Layer, Rrelu
 from ..declare.net import Net, Placed
-from ..derive.arrays import Col2Im, Lowering, Shifted, Windows, stabilize
+from ..derive.arrays import (
+    Col2Im,
+    Dot,
+    Flipped,
+    Lowering,
+    NewAxis,
+    Permute,
+    Shifted,
+    Step,
+    TensorDot,
+    Windows,
+    stabilize,
+)
 from ..derive.layer import LayerDerivation
 from ..derive.network import NetworkDerivation, derive_cached, derive_network
 from ..derive.readings import computed_form, reading
@@ -119,12 +131,12 @@ class _Statement:
 
 #: Node types whose NumPy result is a new array of numbers (not a view, not booleans).
 _FRESH = (sp.Add, sp.Mul, sp.Pow, sp.Function, sp.Max, sp.Min, sp.Piecewise)
+#: Node types NumPy computes as a view of their argument (axes moved, inserted, cut or flipped).
+_VIEWS = (Permute, NewAxis, Shifted, Flipped)
 
 
 def _is_fresh(value: sp.Expr) -> bool:
-    from ..derive.arrays import Flipped, NewAxis, Permute, Shifted, Step, Windows
-
-    if isinstance(value, Permute | NewAxis | Shifted | Flipped):  # views: of a new array, new too
+    if isinstance(value, _VIEWS):  # views: of a new array, new too
         return not isinstance(value.args[0], sp.Symbol) and _is_fresh(value.args[0])
     if isinstance(value, Windows | Step):  # overlapping views; a bool array
         return False
@@ -144,8 +156,6 @@ def _reuse_memory(
     A matrix product assigned to a name in ``into`` goes to ``<name>_out`` (a keyword argument:
     an array the caller lets the function overwrite, or None for a new one).
     """
-    from ..derive.arrays import Dot
-
     statements = []
     local: set[str] = set()
     for position, (target, value) in enumerate(ordered):
@@ -297,9 +307,7 @@ def _rows_in(expr: sp.Expr, shape, shapes, computed: set[str]) -> sp.Expr:
 
 def _c_ordered(value: sp.Expr) -> bool:
     """Whether NumPy computes ``value`` as a new array in C order (not a permuted view)."""
-    from ..derive.arrays import Flipped, NewAxis, Permute, Shifted, TensorDot
-
-    if isinstance(value, Permute | NewAxis | Shifted | Flipped):
+    if isinstance(value, _VIEWS):
         return False
     if isinstance(value, TensorDot):  # its axes come out of the product in ``order``
         order = [int(k) for k in value.args[4]]
