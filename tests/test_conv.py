@@ -189,8 +189,27 @@ def oracle_loss(net: Net, params, x, y):
     return -anp.mean(log_probs[np.arange(len(y)), y])
 
 
-def assert_agrees_with_oracle(net: Net, *, batch=3, seed=0):
+def force_route(module, route):
+    """Make the module's window products take one route: "banded" wherever it applies,
+    "im2col" everywhere, or (None) the cheaper one by the helpers' own cost model."""
+    if route is None or not hasattr(module, "_shift"):
+        return
+    module.shift_calls = []  # the banded route builds its shift tensors with _shift
+    shift = module._shift
+    module._shift = lambda *args: module.shift_calls.append(args) or shift(*args)
+    applies = {"j", "q"}
+    if route == "banded":
+        module._banded_window_route = lambda size, shape, width, summed: (
+            next(iter(applies & set(summed))) if len(applies & set(summed)) == 1 else None)
+        module._cheaper_banded_scatter = lambda *args: True
+    else:
+        module._banded_window_route = lambda *args: None
+        module._cheaper_banded_scatter = lambda *args: False
+
+
+def assert_agrees_with_oracle(net: Net, *, batch=3, seed=0, route=None):
     module = load_module(generate_module(net))
+    force_route(module, route)
     params, x, y = make_inputs(net, module, batch=batch, seed=seed)
     loss, grads = module.loss_and_grads(params, x, y)
     names = sorted(params)
@@ -243,9 +262,14 @@ def test_the_nets_cover_every_image_layer_type():
     assert {"conv2d", "maxpool2d", "avgpool2d", "flatten", "batchnorm"} <= covered
 
 
+@pytest.mark.parametrize("route", [None, "banded", "im2col"])
 @pytest.mark.parametrize("name", sorted(CONV_NETS))
-def test_generated_conv_nets_agree_with_autograd(name):
-    assert_agrees_with_oracle(CONV_NETS[name]())
+def test_generated_conv_nets_agree_with_autograd(name, route):
+    """On either route of the window products (and the one their cost model picks)."""
+    module, *_ = assert_agrees_with_oracle(CONV_NETS[name](), route=route)
+    assert hasattr(module, "_window_tensordot")
+    if route is not None:
+        assert bool(module.shift_calls) == (route == "banded")
 
 
 @pytest.mark.parametrize("name", sorted(CONV_NETS))
@@ -361,9 +385,9 @@ def conv_nets(draw):
 
 @settings(max_examples=12, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-@given(conv_nets(), st.integers(0, 2**16))
-def test_random_conv_nets_agree_with_autograd_and_pass_check(net, seed):
-    assert_agrees_with_oracle(net, batch=3, seed=seed)
+@given(conv_nets(), st.integers(0, 2**16), st.sampled_from([None, "banded", "im2col"]))
+def test_random_conv_nets_agree_with_autograd_and_pass_check(net, seed, route):
+    assert_agrees_with_oracle(net, batch=3, seed=seed, route=route)
     report = check_spec(net, batch=3, seed=seed)
     assert report.passed, report.table()
 
@@ -492,14 +516,17 @@ def test_generated_conv_module_has_no_python_loop_over_pixels_or_batch():
     source = generate_module(load_spec(CONV_EXAMPLES[1]))
     body = source.split("def forward(", 1)[0]
     # The only loops over data are the scatter-add's and the pooling's over kernel offsets
-    # (K_h * K_w iterations); init_state loops over the batch norms' statistics, the matrix
-    # product over an array's axes (to find how its memory is laid out), the shift over the two
-    # image axes, and set_threads's parts wait for their threads.
-    loops = [line.strip() for line in body.splitlines() if line.strip().startswith("for ")]
+    # (K_h * K_w iterations) and the banded scatter's over kernel rows; init_state loops over
+    # the batch norms' statistics, the matrix product over an array's axes (to find how its
+    # memory is laid out), the shift over the two image axes, and set_threads's parts wait for
+    # their threads.
+    loops = [line.strip() for line in body.splitlines()
+             if line.strip().startswith("for ") and line.endswith(":")]  # not comprehensions
     data_loops = [line for line in loops if "STATE_SHAPES" not in line and ".strides" not in line]
     kernel_offsets = {"for i, j in np.ndindex(kernel_rows, kernel_columns):",
                       "for j in range(kernel_columns):", "for i in range(1, kernel_rows):",
                       "for i, j in offsets:", "for i, j in np.ndindex(windows.shape[-2:]):",
+                      "for i in range(kernel_rows):",
                       "for future in futures:",
                       "for o, s, n in zip(offsets, sizes, a.shape[lead:], strict=True):"}
     assert data_loops and set(data_loops) <= kernel_offsets

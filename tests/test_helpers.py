@@ -9,6 +9,7 @@ explicitly computed target positions, ``np.argmax`` (which returns the first max
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import threading
 
 import numpy as np
@@ -21,8 +22,9 @@ from symbp.emit.module import _helper_source, environment
 @pytest.fixture(scope="module")
 def helpers():
     env = environment()
-    namespace = {"np": np, "concurrent": concurrent}
-    names = ("parts", "window_max", "first_argmax_mask", "col2im", "tensordot", "shifted")
+    namespace = {"np": np, "concurrent": concurrent, "math": math}
+    names = ("parts", "window_max", "first_argmax_mask", "col2im", "tensordot", "shifted",
+             "banded", "window_tensordot", "col2im_tensordot")
     for name in (*names, "row_vector"):
         exec(_helper_source(env, name), namespace)  # noqa: S102 - our own template
     return namespace
@@ -158,6 +160,128 @@ def _shifted_reference(a, offsets, sizes):
     return out
 
 
+# Banded products. Each case: (a, x, kernel, stride, dilation, axes_a, axes_windows), the product
+# of a with the windows of x; the references are np.tensordot of a plain window view (and of
+# the columns for the scatter), in float64.
+def _window_cases(rng, dtype):
+    def arr(*shape):
+        return rng.standard_normal(shape).astype(dtype)
+
+    W, x = arr(4, 3, 3, 2), arr(5, 3, 9, 8)  # a rectangular kernel
+    return {
+        "forward": (W, x, (3, 2), 1, 1, (1, 2, 3), (1, 4, 5)),
+        "forward, strided and dilated": (W, x, (3, 2), 2, 2, (1, 2, 3), (1, 4, 5)),
+        "kernel gradient": (arr(5, 4, 7, 7), x, (3, 2), 1, 1, (0, 2, 3), (0, 2, 3)),
+        "kernel gradient, strided": (arr(5, 4, 4, 4), x, (3, 2), 2, 1, (0, 2, 3), (0, 2, 3)),
+        "kernel gradient, dilated": (arr(5, 4, 5, 6), x, (3, 2), 1, 2, (0, 2, 3), (0, 2, 3)),
+        "one channel, axes scrambled": (arr(6, 5, 5), arr(2, 9, 11), (5, 5), 1, 1, (1, 2), (4, 3)),
+        "gather (flipped kernel)": (W[:, :, ::-1, ::-1], arr(5, 4, 9, 8), (3, 2), 1, 1,
+                                    (0, 2, 3), (1, 4, 5)),
+        "neither column axis summed": (arr(3, 3), x, (3, 2), 1, 1, (0, 1), (1, 4)),
+        "both column axes summed": (arr(7, 2), x, (3, 2), 1, 1, (0, 1), (3, 5)),
+    }
+
+
+def _window_view(x, kernel, stride, dilation):
+    extent = [dilation * (k - 1) + 1 for k in kernel]
+    return sliding_window_view(x, extent, axis=(-2, -1))[
+        ..., ::stride, ::stride, ::dilation, ::dilation]
+
+
+def _force(helpers, route):
+    """A copy of the helpers whose cost models always answer route ("banded" or "im2col")."""
+    forced = dict(helpers)
+    exec(_helper_source(environment(), "window_tensordot"), forced)  # noqa: S102
+    exec(_helper_source(environment(), "col2im_tensordot"), forced)  # noqa: S102
+    applicable = forced["_banded_window_route"]
+    if route == "banded":
+        forced["_banded_window_route"] = lambda size, shape, width, summed: (
+            None if ("j" in summed) == ("q" in summed) else "j" if "j" in summed else "q")
+        forced["_cheaper_banded_scatter"] = lambda *args: True
+    else:
+        forced["_banded_window_route"] = lambda *args: None
+        forced["_cheaper_banded_scatter"] = lambda *args: False
+    forced["_routes_applicable"] = applicable
+    return forced
+
+
+@pytest.mark.parametrize("route", ["banded", "im2col"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_window_tensordot_equals_numpys_on_either_route(helpers, route, dtype):
+    forced = _force(helpers, route)
+    calls = []
+    shift = forced["_shift"]
+    forced["_shift"] = lambda *args: calls.append(args) or shift(*args)
+    for name, (a, x, kernel, stride, dilation, axes_a, axes_w) in _window_cases(
+            np.random.default_rng(7), dtype).items():
+        calls.clear()
+        got = forced["_window_tensordot"](a, x, kernel, stride, dilation, axes_a, axes_w)
+        windows = _window_view(x.astype(np.float64), kernel, stride, dilation)
+        expected = np.tensordot(a.astype(np.float64), windows, (axes_a, axes_w))
+        assert got.shape == expected.shape and got.dtype == dtype, name
+        tolerance = 1e-12 if dtype == np.float64 else 1e-4
+        assert np.allclose(got, expected, rtol=tolerance, atol=tolerance), name
+        # The banded route ran where it applies (one column axis summed), and only there.
+        banded = route == "banded" and "column ax" not in name
+        assert bool(calls) == banded, name
+
+
+def _scatter_cases(rng):
+    W, dy = rng.standard_normal((4, 3, 3, 2)), rng.standard_normal((5, 4, 7, 7))
+    return {
+        # cols[n, c, p, q, i, j] = sum_o W[o, c, i, j] dy[n, o, p, q], a convolution's input
+        # gradient before its scatter
+        "input gradient": (W, dy, (0,), (1,), (3, 0, 4, 5, 1, 2), (3, 2), 1, 1),
+        "operands swapped": (dy, W, (1,), (0,), (0, 3, 1, 2, 4, 5), (3, 2), 1, 1),
+        "strided": (W, dy[:, :, :4, :4], (0,), (1,), (3, 0, 4, 5, 1, 2), (3, 2), 2, 1),
+        "dilated": (W, dy[:, :, :5, :6], (0,), (1,), (3, 0, 4, 5, 1, 2), (3, 2), 1, 2),
+        "tiling": (W[:, :, :2], dy, (0,), (1,), (3, 0, 4, 5, 1, 2), (2, 2), 2, 1),
+        # q and j both from W's side: only the im2col route applies
+        "q and j from one operand": (rng.standard_normal((4, 6, 2)),
+                                     rng.standard_normal((5, 4, 7, 3, 3)),
+                                     (0,), (1,), (2, 4, 3, 0, 5, 1), (3, 2), 1, 1),
+    }
+
+
+@pytest.mark.parametrize("route", ["banded", "im2col"])
+def test_col2im_tensordot_equals_the_scatter_of_the_product_on_either_route(helpers, route):
+    forced = _force(helpers, route)
+    calls = []
+    shift = forced["_shift"]
+    forced["_shift"] = lambda *args: calls.append(args) or shift(*args)
+    for name, (a, b, axes_a, axes_b, order, kernel, stride, dilation) in _scatter_cases(
+            np.random.default_rng(8)).items():
+        calls.clear()
+        got = forced["_col2im_tensordot"](a, b, axes_a, axes_b, order, kernel, stride, dilation)
+        cols = np.tensordot(a, b, (axes_a, axes_b)).transpose(order)
+        expected = _col2im_reference(cols, kernel, stride, dilation)
+        assert got.shape == expected.shape, name
+        assert np.allclose(got, expected, atol=1e-12), name
+        assert bool(calls) == (route == "banded" and "one operand" not in name), name
+
+
+@pytest.mark.parametrize(
+    "shape_a, window_shape, width, summed, banded",
+    [
+        # LeNet's convolutions (examples/lenet.toml, batch 128): forward and kernel gradient
+        # take the banded route, 0.6-0.7x the im2col time there (docs/conv.md)
+        (150, (128, 1, 24, 24, 5, 5), 28, [1, "i", "j"], "j"),
+        (2400, (128, 6, 8, 8, 5, 5), 12, [1, "i", "j"], "j"),
+        (128 * 16 * 8 * 8, (128, 6, 8, 8, 5, 5), 12, [0, "p", "q"], "q"),
+        # the wide net's 64 -> 64 channel 3x3 convolution on 32x32 images, batch 64: the band
+        # would do 11x the multiply-adds (5x slower measured), so im2col
+        (64 * 64 * 9, (64, 64, 32, 32, 3, 3), 34, [1, "i", "j"], None),
+        (64 * 64 * 32 * 32, (64, 64, 32, 32, 3, 3), 34, [0, "p", "q"], None),
+        # its first layer, 3 channels in: still im2col (the band multiplies work by 11)
+        (64 * 3 * 9, (64, 3, 32, 32, 3, 3), 34, [1, "i", "j"], None),
+    ],
+)
+def test_the_banded_route_is_taken_where_it_measured_faster(
+        helpers, shape_a, window_shape, width, summed, banded):
+    assert _force(helpers, "cost")["_routes_applicable"](
+        shape_a, window_shape, width, summed) == banded
+
+
 @pytest.mark.parametrize(
     "offsets, sizes",
     [((0, 0), (5, 6)), ((1, 2), (3, 3)), ((-2, -1), (9, 8)), ((-2, 1), (4, 4)),
@@ -177,9 +301,10 @@ def _threaded_helpers(part_size):
     """The helpers in a namespace of their own, with parts of at least part_size elements, and a
     record of their calls: per call of _in_parts, the length of the axis it cuts and the parts
     it ran (first-axis slice, thread)."""
-    namespace = {"np": np, "concurrent": concurrent}
+    namespace = {"np": np, "concurrent": concurrent, "math": math}
     env = environment()
-    names = ("parts", "window_max", "first_argmax_mask", "col2im", "tensordot", "shifted")
+    names = ("parts", "window_max", "first_argmax_mask", "col2im", "tensordot", "shifted",
+             "banded", "window_tensordot", "col2im_tensordot")
     for name in (*names, "row_vector"):
         exec(_helper_source(env, name), namespace)  # noqa: S102 - our own template
     namespace["_PART_SIZE"] = part_size
@@ -216,6 +341,12 @@ def _helper_calls(rng):
         "window_max": lambda h: h["_window_max"](pooled),
         "first_argmax_mask": lambda h: h["_first_argmax_mask"](np.round(windows)),
         "shifted": lambda h: h["_shifted"](dy, (-2, -2), (13, 12)),
+        "window_tensordot": lambda h: h["_window_tensordot"](
+            kernel, x, (3, 3), 1, 1, (1, 2, 3), (1, 4, 5)),
+        "window_tensordot, kernel gradient": lambda h: h["_window_tensordot"](
+            dy, x, (3, 3), 1, 1, (0, 2, 3), (0, 2, 3)),
+        "col2im_tensordot": lambda h: h["_col2im_tensordot"](
+            kernel, dy, (0,), (1,), (3, 0, 4, 5, 1, 2), (3, 3), 1, 1),
     }
 
 

@@ -123,6 +123,19 @@ class Flipped(ArrayOp):
     """
 
 
+class WindowTensorDot(ArrayOp):
+    """``(a, x, kernel, stride, dilation, axes_a, axes_windows, order)``: the product
+    ``TensorDot(a, Windows(x, kernel, stride, dilation), axes_a, axes_windows, order)``, as one
+    node for the generated module's ``_window_tensordot``, which computes it by im2col or by a
+    banded matrix, whichever costs less for the shapes it gets (emission only)."""
+
+
+class Col2ImTensorDot(ArrayOp):
+    """``(a, b, axes_a, axes_b, order, kernel, stride, dilation)``: the scatter
+    ``Col2Im(TensorDot(a, b, axes_a, axes_b, order), kernel, stride, dilation)``, as one node for
+    the generated module's ``_col2im_tensordot`` (im2col columns or banded rows; emission only)."""
+
+
 class WindowMaximum(ArrayOp):
     """The maximum of each window ``(windows)`` over its last two (kernel) axes."""
 

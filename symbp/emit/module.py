@@ -24,6 +24,7 @@ from ..declare.layers import BatchNorm, Elementwise, Layer, Rrelu
 from ..declare.net import Net, Placed
 from ..derive.arrays import (
     Col2Im,
+    Col2ImTensorDot,
     Dot,
     Flipped,
     Lowering,
@@ -33,6 +34,7 @@ from ..derive.arrays import (
     Step,
     TensorDot,
     Windows,
+    WindowTensorDot,
     stabilize,
 )
 from ..derive.layer import LayerDerivation
@@ -53,7 +55,10 @@ OVERWRITE_NOTE = "overwrite=True: {name} may be overwritten (the caller no longe
 OUT_NOTE = "an array to write that gradient into (else a new one is made)."
 MAX_LINE = 99
 # Helpers that cut their work into parts on set_threads(...) threads (helper "parts").
-PARTED_HELPERS = {"col2im", "first_argmax_mask", "shifted", "tensordot", "window_max"}
+PARTED_HELPERS = {
+    "col2im", "col2im_tensordot", "first_argmax_mask", "shifted", "tensordot", "window_max",
+    "window_tensordot",
+}
 
 
 def environment() -> jinja2.Environment:
@@ -312,7 +317,7 @@ def _c_ordered(value: sp.Expr) -> bool:
     if isinstance(value, TensorDot):  # its axes come out of the product in ``order``
         order = [int(k) for k in value.args[4]]
         return order == sorted(order)
-    return True
+    return not isinstance(value, WindowTensorDot)  # its route decides its memory order
 
 
 def _accumulate(target: str, value: sp.Expr, shape, shapes, printer):
@@ -1050,7 +1055,9 @@ def _name_windows(exprs: list[sp.Expr]) -> tuple[list[tuple[str, sp.Expr]], list
     """Name each window view (``x_windows``) and each scattered array (``cols``).
 
     They are the big intermediates of convolutions and pooling; named, each is computed once and
-    the lines that use them stay short enough to read.
+    the lines that use them stay short enough to read. A matrix product of windows, and the
+    scatter of a matrix product, become one node each (``_window_tensordot``,
+    ``_col2im_tensordot``): their helpers choose how to compute them for the shapes they get.
     """
     named: dict[sp.Expr, sp.Symbol] = {}
 
@@ -1064,14 +1071,27 @@ def _name_windows(exprs: list[sp.Expr]) -> tuple[list[tuple[str, sp.Expr]], list
             named[node] = sp.Symbol(text, real=True)
         return named[node]
 
+    def padded(array: sp.Expr) -> sp.Expr:
+        if isinstance(array, Shifted) and array.args[0].is_Symbol:  # a zero-padded gradient
+            return name(array, f"{array.args[0]}_padded")
+        return array
+
     def visit(expr: sp.Expr) -> sp.Expr:
         if not isinstance(expr, sp.Basic) or not expr.has(Windows, Col2Im):
             return expr
+        if isinstance(expr, TensorDot) and isinstance(expr.args[1], Windows):
+            a, windows, axes_a, axes_windows, order = expr.args
+            array, *geometry = windows.args
+            return WindowTensorDot(visit(a), padded(visit(array)), *geometry, axes_a,
+                                   axes_windows, order)
+        if (isinstance(expr, Col2Im) and isinstance(expr.args[0], TensorDot)
+                and not expr.args[0].has(Windows)):
+            product, *geometry = expr.args
+            a, b, *axes = product.args
+            return Col2ImTensorDot(visit(a), visit(b), *axes, *geometry)
         expr = expr.func(*[visit(arg) for arg in expr.args])
-        if isinstance(expr, Windows) and isinstance(expr.args[0], Shifted):
-            if expr.args[0].args[0].is_Symbol:  # the zero-padded upstream gradient
-                padded = name(expr.args[0], f"{expr.args[0].args[0]}_padded")
-                expr = expr.func(padded, *expr.args[1:])
+        if isinstance(expr, Windows):
+            expr = expr.func(padded(expr.args[0]), *expr.args[1:])
         if isinstance(expr, Windows) and expr.args[0].is_Symbol:
             return name(expr, f"{expr.args[0]}_windows")
         if isinstance(expr, Col2Im) and not expr.args[0].is_Symbol:
@@ -1141,7 +1161,7 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
     if builder.helpers & PARTED_HELPERS:
         builder.helpers.add("parts")
     imports = sorted(
-        ({"math"} if builder.helpers & {"erf", "erfc"} else set())
+        ({"math"} if builder.helpers & {"erf", "erfc", "banded", "tensordot"} else set())
         | ({"concurrent.futures"} if "parts" in builder.helpers else set())
     )
     template = builder.env.get_template("module.py.j2")

@@ -23,6 +23,8 @@ HELPERS = {
     "first_argmax_mask": "_first_argmax_mask",
     "window_max": "_window_max",
     "tensordot": "_tensordot",
+    "window_tensordot": "_window_tensordot",
+    "col2im_tensordot": "_col2im_tensordot",
     "row_vector": "_row_vector",
 }
 
@@ -269,9 +271,36 @@ class SymbpNumPyPrinter(NumPyPrinter):
             f"{HELPERS['tensordot']}({self._print(a)}, {self._print(b)}, "
             f"{self._print_tuple(tuple(axes_a))}, {self._print_tuple(tuple(axes_b))})"
         )
-        if list(order) != list(range(len(order))):
-            text += f".transpose({', '.join(str(k) for k in order)})"
-        return text
+        return text + self._transposed(order)
+
+    def _print_WindowTensorDot(self, expr):
+        self.helpers_used |= {"window_tensordot", "banded", "tensordot"}
+        a, x, kernel, stride, dilation, axes_a, axes_windows, order = expr.args
+        kernel_text = f"({', '.join(self._print(k) for k in kernel)})"
+        text = (
+            f"{HELPERS['window_tensordot']}({self._print(a)}, {self._print(x)}, {kernel_text}, "
+            f"{self._print(stride)}, {self._print(dilation)}, "
+            f"{self._print_tuple(tuple(axes_a))}, {self._print_tuple(tuple(axes_windows))})"
+        )
+        return text + self._transposed(order)
+
+    def _print_Col2ImTensorDot(self, expr):
+        self.helpers_used |= {"col2im_tensordot", "banded", "tensordot", "col2im"}
+        a, b, axes_a, axes_b, order, kernel, stride, dilation = expr.args
+        kernel_text = f"({', '.join(self._print(k) for k in kernel)})"
+        return (
+            f"{HELPERS['col2im_tensordot']}({self._print(a)}, {self._print(b)}, "
+            f"{self._print_tuple(tuple(axes_a))}, {self._print_tuple(tuple(axes_b))}, "
+            f"{self._print_tuple(tuple(order))}, {kernel_text}, {self._print(stride)}, "
+            f"{self._print(dilation)})"
+        )
+
+    @staticmethod
+    def _transposed(order) -> str:
+        """``.transpose(...)`` for a product's axis order, or nothing for the identity."""
+        if list(order) == list(range(len(order))):
+            return ""
+        return f".transpose({', '.join(str(k) for k in order)})"
 
     def _print_Windows(self, expr):
         array, kernel, stride, dilation = expr.args
