@@ -109,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run in a child process with reference_mlp.KEEP_FREED_MEMORY_ENV set",
     )
+    mlp.add_native_blas_argument(parser)
     args = parser.parse_args(argv)
+    rerun = mlp.rerun_with_native_blas(__file__, argv)
+    if rerun is not None:
+        return rerun
     if args.keep_freed_memory:
         return mlp.rerun_keeping_freed_memory(__file__, argv)
     results = [
@@ -120,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results, indent=1))
         return 0
+    print(mlp.blas_description())
     for r in results:
         t = r["times_s"]
         line = (

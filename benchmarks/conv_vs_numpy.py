@@ -55,10 +55,13 @@ from numpy.lib.stride_tricks import sliding_window_view
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from reference_mlp import (  # noqa: E402
+    add_native_blas_argument,
+    blas_description,
     blas_threads,
     median_ratio,
     rerun_keeping_freed_memory,
     rerun_with_env,
+    rerun_with_native_blas,
     time_alternating,
     time_in_blocks,
 )
@@ -366,13 +369,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--helper-threads", action="store_true",
                         help="the generated helpers get as many threads as BLAS (rerun in a "
                         f"child process with {HELPER_THREADS_ENV})")
+    add_native_blas_argument(parser)
     args = parser.parse_args(argv)
+    rerun = rerun_with_native_blas(__file__, argv)
+    if rerun is not None:
+        return rerun
     if args.keep_freed_memory:
         return rerun_keeping_freed_memory(__file__, argv)
     if args.helper_threads and not HELPER_THREADS_ENV.items() <= os.environ.items():
         return rerun_with_env(__file__, argv, HELPER_THREADS_ENV)
     dtype = np.dtype(args.dtype).type
     repeats = 2 if args.quick else args.repeats
+    print(blas_description())
     if args.helper_threads:
         print(f"generated helpers: as many threads as BLAS ({HELPER_THREADS_ENV})")
     print(f"{'net':<7}{'threads':>8}{'generated':>12}{'hand-written':>14}{'gen/hand':>10}"

@@ -158,7 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         "freed memory, so fresh arrays do not page-fault; the hand-written pass reuses its "
         "buffers and never does)",
     )
+    ref.add_native_blas_argument(parser)
     args = parser.parse_args(argv)
+    rerun = ref.rerun_with_native_blas(__file__, argv)
+    if rerun is not None:
+        return rerun
     if args.keep_freed_memory:
         return ref.rerun_keeping_freed_memory(__file__, argv)
 
@@ -182,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results, indent=1))
         return 0
+    print(ref.blas_description())
     for r in results:
         t, ratios = r["times_s"], r["ratios"]
         line = (

@@ -57,6 +57,13 @@ N_GEMMS = 11
 
 _THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
+#: Variables some machines' environments set (this project's development and CI machines
+#: among them) to force an older OpenBLAS kernel: on their AVX-512 processors, Haswell's AVX2
+#: one, about half the speed of the kernel NumPy's OpenBLAS picks there by itself. PyTorch's
+#: CPU kernels do not read them. ``--native-blas`` reruns a benchmark without them.
+FORCED_KERNEL_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
 #: glibc settings that keep freed memory in the process instead of returning it to the
 #: kernel.  Eager torch allocates its outputs on every call; with glibc's defaults each
 #: fresh multi-MB buffer can come back as new pages, costing one page fault per 4 KiB
@@ -639,12 +646,54 @@ def rerun_keeping_freed_memory(script: str, argv: list[str] | None) -> int:
     return rerun_with_env(script, rest, KEEP_FREED_MEMORY_ENV)
 
 
-def rerun_with_env(script: str, argv: list[str] | None, env: Mapping[str, str]) -> int:
+def rerun_with_env(
+    script: str, argv: list[str] | None, env: Mapping[str, str], drop: tuple[str, ...] = ()
+) -> int:
     """Run ``script`` with ``argv`` (default: this process's arguments) in a child process whose
-    environment adds ``env`` (variables a library reads when it loads); its exit status."""
+    environment adds ``env`` (variables a library reads when it loads) and lacks the variables
+    in ``drop``; its exit status."""
     given = argv if argv is not None else sys.argv[1:]
-    child_env = {**os.environ, **env}
+    child_env = {k: v for k, v in {**os.environ, **env}.items() if k not in drop}
     return subprocess.run([sys.executable, script, *given], env=child_env).returncode
+
+
+def add_native_blas_argument(parser: argparse.ArgumentParser) -> None:
+    """``--native-blas``: see :func:`rerun_with_native_blas`."""
+    parser.add_argument(
+        "--native-blas",
+        action="store_true",
+        help="rerun in a child process without " + " and ".join(FORCED_KERNEL_VARS)
+        + ", so that NumPy's OpenBLAS runs the kernel it picks for this processor (as on a "
+        "machine whose environment does not force one)",
+    )
+
+
+def rerun_with_native_blas(script: str, argv: list[str] | None) -> int | None:
+    """With ``--native-blas`` among the arguments and a kernel forced by the environment: run
+    ``script`` again without :data:`FORCED_KERNEL_VARS` and that flag, and return its exit
+    status; otherwise None (nothing to do: carry on in this process)."""
+    given = argv if argv is not None else sys.argv[1:]
+    if "--native-blas" not in given or not any(v in os.environ for v in FORCED_KERNEL_VARS):
+        return None
+    rest = [a for a in given if a != "--native-blas"]
+    return rerun_with_env(script, rest, {}, drop=FORCED_KERNEL_VARS)
+
+
+def blas_description() -> str:
+    """NumPy's BLAS library, its version and kernel, and the variables forcing that kernel."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return "BLAS: unknown (threadpoolctl is not installed)"
+    np.ones(2) @ np.ones(2)  # NumPy's BLAS is loaded
+    found = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    if not found:
+        return "BLAS: unknown"
+    info = found[0]
+    forced = [f"{v}={os.environ[v]}" for v in FORCED_KERNEL_VARS if v in os.environ]
+    text = f"BLAS: {info.get('internal_api')} {info.get('version')}"
+    text += f", kernel {info.get('architecture')}"
+    return text + (f" (forced by {', '.join(forced)}; --native-blas to lift)" if forced else "")
 
 
 def run_in_subprocess(

@@ -312,3 +312,41 @@ def test_time_blocks_warms_up_then_times_about_repeats_calls_in_blocks():
     # 2 warm-up calls, then 10 // 5 = 2 blocks raised to the minimum of 3, each 1 + 5 calls.
     assert len(calls) == 2 + 3 * 6 and len(blocks["a"]) == 3
     assert times["a"] == sorted(blocks["a"])[1]
+
+
+def test_native_blas_reruns_without_the_forced_kernel_and_only_when_asked(monkeypatch):
+    runs = []
+
+    class Done:
+        returncode = 7
+
+    def run(cmd, env):
+        runs.append((cmd, env))
+        return Done()
+
+    monkeypatch.setattr(mlp.subprocess, "run", run)
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.setenv("OPENBLAS_L2_SIZE", "512")
+    monkeypatch.setenv("SOMETHING_ELSE", "kept")
+    assert mlp.rerun_with_native_blas("bench.py", ["--threads", "1"]) is None
+    assert mlp.rerun_with_native_blas("bench.py", ["--native-blas", "--threads", "1"]) == 7
+    ((cmd, env),) = runs
+    assert cmd[1:] == ["bench.py", "--threads", "1"]  # the flag is not passed on
+    assert "OPENBLAS_CORETYPE" not in env and "OPENBLAS_L2_SIZE" not in env
+    assert env["SOMETHING_ELSE"] == "kept"
+    # Nothing forced: nothing to rerun.
+    monkeypatch.delenv("OPENBLAS_CORETYPE")
+    monkeypatch.delenv("OPENBLAS_L2_SIZE")
+    assert mlp.rerun_with_native_blas("bench.py", ["--native-blas"]) is None
+    assert len(runs) == 1
+
+
+def test_blas_description_names_the_kernel_and_what_forces_it(monkeypatch):
+    pytest.importorskip("threadpoolctl")
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    text = mlp.blas_description()
+    assert text.startswith("BLAS: ") and "kernel " in text
+    assert "forced by OPENBLAS_CORETYPE=Haswell" in text
+    monkeypatch.delenv("OPENBLAS_CORETYPE")
+    monkeypatch.delenv("OPENBLAS_L2_SIZE", raising=False)
+    assert "forced" not in mlp.blas_description()
