@@ -191,9 +191,12 @@ def oracle_loss(net: Net, params, x, y):
 
 def force_route(module, route):
     """Make the module's window products take one route: "banded" wherever it applies,
-    "im2col" everywhere, or (None) the cheaper one by the helpers' own cost model."""
+    "im2col" everywhere ("chunked": one sample at a time), or (None) the cheaper one by the
+    helpers' own cost model and chunk size."""
     if route is None or not hasattr(module, "_shift"):
         return
+    if route == "chunked":
+        module._CHUNK_BYTES = 1
     module.shift_calls = []  # the banded route builds its shift tensors with _shift
     shift = module._shift
     module._shift = lambda *args: module.shift_calls.append(args) or shift(*args)
@@ -262,10 +265,11 @@ def test_the_nets_cover_every_image_layer_type():
     assert {"conv2d", "maxpool2d", "avgpool2d", "flatten", "batchnorm"} <= covered
 
 
-@pytest.mark.parametrize("route", [None, "banded", "im2col"])
+@pytest.mark.parametrize("route", [None, "banded", "im2col", "chunked"])
 @pytest.mark.parametrize("name", sorted(CONV_NETS))
 def test_generated_conv_nets_agree_with_autograd(name, route):
-    """On either route of the window products (and the one their cost model picks)."""
+    """On either route of the window products (and the one their cost model picks), and on
+    im2col a sample at a time."""
     module, *_ = assert_agrees_with_oracle(CONV_NETS[name](), route=route)
     assert hasattr(module, "_window_tensordot")
     if route is not None:
@@ -385,7 +389,8 @@ def conv_nets(draw):
 
 @settings(max_examples=12, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-@given(conv_nets(), st.integers(0, 2**16), st.sampled_from([None, "banded", "im2col"]))
+@given(conv_nets(), st.integers(0, 2**16),
+       st.sampled_from([None, "banded", "im2col", "chunked"]))
 def test_random_conv_nets_agree_with_autograd_and_pass_check(net, seed, route):
     assert_agrees_with_oracle(net, batch=3, seed=seed, route=route)
     report = check_spec(net, batch=3, seed=seed)
@@ -516,7 +521,8 @@ def test_generated_conv_module_has_no_python_loop_over_pixels_or_batch():
     source = generate_module(load_spec(CONV_EXAMPLES[1]))
     body = source.split("def forward(", 1)[0]
     # The only loops over data are the scatter-add's and the pooling's over kernel offsets
-    # (K_h * K_w iterations) and the banded scatter's over kernel rows; init_state loops over
+    # (K_h * K_w iterations), the banded scatter's over kernel rows and the window products'
+    # over chunks of the batch (cache blocking, _CHUNK_BYTES at a time); init_state loops over
     # the batch norms' statistics, the matrix product over an array's axes (to find how its
     # memory is laid out), the shift over the two image axes, and set_threads's parts wait for
     # their threads.
@@ -526,7 +532,7 @@ def test_generated_conv_module_has_no_python_loop_over_pixels_or_batch():
     kernel_offsets = {"for i, j in np.ndindex(kernel_rows, kernel_columns):",
                       "for j in range(kernel_columns):", "for i in range(1, kernel_rows):",
                       "for i, j in offsets:", "for i, j in np.ndindex(windows.shape[-2:]):",
-                      "for i in range(kernel_rows):",
+                      "for i in range(kernel_rows):", "for chunk in rest:",
                       "for future in futures:",
                       "for o, s, n in zip(offsets, sizes, a.shape[lead:], strict=True):"}
     assert data_loops and set(data_loops) <= kernel_offsets

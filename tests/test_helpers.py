@@ -224,6 +224,30 @@ def test_window_tensordot_equals_numpys_on_either_route(helpers, route, dtype):
         assert bool(calls) == banded, name
 
 
+@pytest.mark.parametrize("chunks", [2, 3, "every sample"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_window_tensordot_in_batch_chunks_equals_numpys(helpers, dtype, chunks):
+    """im2col a chunk of the batch at a time (_CHUNK_BYTES set so that each case is cut into
+    2 or 3 chunks, uneven ones among them, or one per sample): the same products, summed over
+    the chunks where the batch is summed (the kernel gradient)."""
+    forced = _force(helpers, "im2col")
+    products = []
+    tensordot = forced["_tensordot"]
+    forced["_tensordot"] = lambda *args: products.append(args) or tensordot(*args)
+    for name, (a, x, kernel, stride, dilation, axes_a, axes_w) in _window_cases(
+            np.random.default_rng(9), dtype).items():
+        windows = _window_view(x.astype(np.float64), kernel, stride, dilation)
+        size = windows.size * np.dtype(dtype).itemsize
+        forced["_CHUNK_BYTES"] = 1 if chunks == "every sample" else size // chunks
+        products.clear()
+        got = forced["_window_tensordot"](a, x, kernel, stride, dilation, axes_a, axes_w)
+        expected = np.tensordot(a.astype(np.float64), windows, (axes_a, axes_w))
+        assert got.shape == expected.shape and got.dtype == dtype, name
+        tolerance = 1e-12 if dtype == np.float64 else 1e-4
+        assert np.allclose(got, expected, rtol=tolerance, atol=tolerance), name
+        assert len(products) == (len(x) if chunks == "every sample" else min(chunks, len(x))), name
+
+
 def _scatter_cases(rng):
     W, dy = rng.standard_normal((4, 3, 3, 2)), rng.standard_normal((5, 4, 7, 7))
     return {
