@@ -651,3 +651,20 @@ def test_the_gradient_out_of_pooling_is_reused_by_the_next_layer_back():
     first = module.backward(params, cache, dout)["x"]
     np.testing.assert_array_equal(module.backward(params, cache, dout)["x"], first)
     np.testing.assert_array_equal(x, kept)
+
+
+def test_an_empty_batch_goes_through_forward_backward_and_predict():
+    """No samples: outputs with no rows, parameter gradients that are empty sums (zeros), an
+    input gradient with no rows; nothing divides by the batch's size or infers a width from
+    it (the flatten spells its width out)."""
+    net = load_spec(CONV_EXAMPLES[0])  # lenet.toml: no batch norm, whose statistics need samples
+    module = load_module(generate_module(net))
+    params = module.init_params()
+    x = np.zeros((0, 1, 28, 28))
+    out, cache = module.forward(params, x)
+    assert out.shape == (0, 10)
+    grads = module.backward(params, cache, np.ones_like(out))
+    assert grads["x"].shape == x.shape
+    for name, shape in module.PARAM_SHAPES.items():
+        assert grads[name].shape == shape and not np.any(grads[name]), name
+    assert module.predict(params, x).shape == (0, 10)

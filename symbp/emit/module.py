@@ -757,8 +757,12 @@ class ModuleBuilder:
         layer = item.layer
         if layer.kind == "flatten":
             # A reshape, not arithmetic: the same numbers, one row per sample (C order).
+            # The width is spelled out: an empty batch has no -1 to infer.
             shape = " x ".join(str(length) for length in item.in_shape)
-            self.forward_lines.append(f"{indent}h = h.reshape(len(h), -1)  # {item.name}: {shape}")
+            width = math.prod(item.in_shape)
+            self.forward_lines.append(
+                f"{indent}h = h.reshape(len(h), {width})  # {item.name}: {shape}"
+            )
             self.h_owned = False  # a view of the input
             return
         derivation = derive_cached(layer, item.in_shape)
