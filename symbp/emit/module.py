@@ -454,13 +454,15 @@ def wrap_line(line: str, width: int = MAX_LINE) -> list[str]:
     start, end = max(pairs, key=lambda pair: pair[1] - pair[0])
     content = line[start + 1 : end]
     inner = indent + "    "
+    head, tail = line[: start + 1], indent + line[end:]
+    if len(inner + content) <= width and len(tail) <= width:
+        return [head, inner + content, tail]  # the bracket's contents fit on a line of their own
     args = _top_level_split(content, (", ",))
     if len(args) > 1:
         body = [f"{inner}{arg}," for _, arg in args]
     else:
         terms = _top_level_split(content, (" + ", " - "))
         body = [f"{inner}{sign} {term}" if sign else inner + term for sign, term in terms]
-    head, tail = line[: start + 1], indent + line[end:]
     wrapped = [head]
     for part in body:
         wrapped += wrap_line(part, width)
