@@ -35,7 +35,7 @@ from symbp.check.gradcheck import check_spec, load_module, make_inputs
 from symbp.cli import main as cli_main
 from symbp.declare.layers import LOSSES, REGISTRY, Loss
 from symbp.declare.net import Net, Placed
-from symbp.emit.module import function_stems, generate_module
+from symbp.emit.module import function_stems, generate_module, wrap_line
 from symbp.errors import SymbpError
 
 autograd = pytest.importorskip("autograd")
@@ -1134,3 +1134,26 @@ def test_reuse_writes_the_weight_gradients_into_the_given_arrays():
         np.testing.assert_array_equal(grads2[name], g)
     for name in ("fc1.W", "res1_linear1.W", "out.W"):
         assert grads2[name] is old[name]
+
+
+def test_long_lines_are_split_inside_their_longest_bracket():
+    short = "    y = f(a, b)"
+    assert wrap_line(short, 40) == [short]
+    # The bracket's contents fit on a line of their own: three lines.
+    line = "    y = _window_tensordot(W, x, (K_h, K_w), 1, 1, (1, 2, 3)).transpose(1, 0) + b"
+    assert wrap_line(line, 60) == [
+        "    y = _window_tensordot(",
+        "        W, x, (K_h, K_w), 1, 1, (1, 2, 3)",
+        "    ).transpose(1, 0) + b",
+    ]
+    # They do not: one argument a line, each wrapped again if it must be.
+    line = "    z = g(first_argument_name, second_argument_name, third_argument_name)"
+    assert wrap_line(line, 40) == [
+        "    z = g(",
+        "        first_argument_name,",
+        "        second_argument_name,",
+        "        third_argument_name,",
+        "    )",
+    ]
+    for width, text in ((60, "    y = _window_tensordot(W, x, (K_h, K_w), 1, 1)"), (40, line)):
+        assert all(len(part) <= width for part in wrap_line(text, width))
