@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"child process with {HELPER_THREADS_ENV})")
     add_native_blas_argument(parser)
     args = parser.parse_args(argv)
-    rerun = rerun_with_native_blas(__file__, argv)
+    rerun = rerun_with_native_blas(__file__, argv, args.native_blas)
     if rerun is not None:
         return rerun
     if args.keep_freed_memory:

@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ref.add_native_blas_argument(parser)
     args = parser.parse_args(argv)
-    rerun = ref.rerun_with_native_blas(__file__, argv)
+    rerun = ref.rerun_with_native_blas(__file__, argv, args.native_blas)
     if rerun is not None:
         return rerun
     if args.keep_freed_memory:

@@ -641,9 +641,14 @@ def common_arguments(parser: argparse.ArgumentParser, *, repeats: int, warmup: i
 def rerun_keeping_freed_memory(script: str, argv: list[str] | None) -> int:
     """Run ``script`` again in a child process with :data:`KEEP_FREED_MEMORY_ENV` and the same
     arguments less ``--keep-freed-memory``; its exit status."""
+    return rerun_with_env(script, _without_flag(argv, "--keep-freed-memory"), KEEP_FREED_MEMORY_ENV)
+
+
+def _without_flag(argv: list[str] | None, flag: str) -> list[str]:
+    """``argv`` (default: this process's arguments) less ``flag`` and its abbreviations (which
+    argparse accepts): a child rerun without them does not rerun itself again."""
     given = argv if argv is not None else sys.argv[1:]
-    rest = [a for a in given if a != "--keep-freed-memory"]
-    return rerun_with_env(script, rest, KEEP_FREED_MEMORY_ENV)
+    return [a for a in given if not (len(a) > 2 and a.startswith("--") and flag.startswith(a))]
 
 
 def rerun_with_env(
@@ -668,15 +673,13 @@ def add_native_blas_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def rerun_with_native_blas(script: str, argv: list[str] | None) -> int | None:
-    """With ``--native-blas`` among the arguments and a kernel forced by the environment: run
+def rerun_with_native_blas(script: str, argv: list[str] | None, asked: bool) -> int | None:
+    """When ``asked`` (``--native-blas`` was given) and the environment forces a kernel: run
     ``script`` again without :data:`FORCED_KERNEL_VARS` and that flag, and return its exit
     status; otherwise None (nothing to do: carry on in this process)."""
-    given = argv if argv is not None else sys.argv[1:]
-    if "--native-blas" not in given or not any(v in os.environ for v in FORCED_KERNEL_VARS):
+    if not asked or not any(v in os.environ for v in FORCED_KERNEL_VARS):
         return None
-    rest = [a for a in given if a != "--native-blas"]
-    return rerun_with_env(script, rest, {}, drop=FORCED_KERNEL_VARS)
+    return rerun_with_env(script, _without_flag(argv, "--native-blas"), {}, drop=FORCED_KERNEL_VARS)
 
 
 def blas_description() -> str:

@@ -328,17 +328,33 @@ def test_native_blas_reruns_without_the_forced_kernel_and_only_when_asked(monkey
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
     monkeypatch.setenv("OPENBLAS_L2_SIZE", "512")
     monkeypatch.setenv("SOMETHING_ELSE", "kept")
-    assert mlp.rerun_with_native_blas("bench.py", ["--threads", "1"]) is None
-    assert mlp.rerun_with_native_blas("bench.py", ["--native-blas", "--threads", "1"]) == 7
-    ((cmd, env),) = runs
-    assert cmd[1:] == ["bench.py", "--threads", "1"]  # the flag is not passed on
+    assert mlp.rerun_with_native_blas("bench.py", ["--threads", "1"], False) is None
+    # argparse takes an abbreviation too; neither form is passed on to the child
+    for flag in ("--native-blas", "--native"):
+        assert mlp.rerun_with_native_blas("bench.py", [flag, "--threads", "1"], True) == 7
+        cmd, env = runs[-1]
+        assert cmd[1:] == ["bench.py", "--threads", "1"]
     assert "OPENBLAS_CORETYPE" not in env and "OPENBLAS_L2_SIZE" not in env
     assert env["SOMETHING_ELSE"] == "kept"
     # Nothing forced: nothing to rerun.
     monkeypatch.delenv("OPENBLAS_CORETYPE")
     monkeypatch.delenv("OPENBLAS_L2_SIZE")
-    assert mlp.rerun_with_native_blas("bench.py", ["--native-blas"]) is None
-    assert len(runs) == 1
+    assert mlp.rerun_with_native_blas("bench.py", ["--native-blas"], True) is None
+    assert len(runs) == 2
+
+
+def test_keep_freed_memory_reruns_without_the_flag_or_its_abbreviation(monkeypatch):
+    runs = []
+
+    class Done:
+        returncode = 0
+
+    monkeypatch.setattr(mlp.subprocess, "run", lambda cmd, env: runs.append((cmd, env)) or Done())
+    for flag in ("--keep-freed-memory", "--keep"):
+        assert mlp.rerun_keeping_freed_memory("bench.py", [flag, "--threads", "2"]) == 0
+        cmd, env = runs[-1]
+        assert cmd[1:] == ["bench.py", "--threads", "2"]
+        assert env.items() >= mlp.KEEP_FREED_MEMORY_ENV.items()
 
 
 def test_blas_description_names_the_kernel_and_what_forces_it(monkeypatch):
