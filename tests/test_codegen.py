@@ -35,7 +35,13 @@ from symbp.check.gradcheck import check_spec, load_module, make_inputs
 from symbp.cli import main as cli_main
 from symbp.declare.layers import LOSSES, REGISTRY, Loss
 from symbp.declare.net import Net, Placed
-from symbp.emit.module import function_stems, generate_module, wrap_line
+from symbp.emit.module import (
+    _helper_source,
+    environment,
+    function_stems,
+    generate_module,
+    wrap_line,
+)
 from symbp.errors import SymbpError
 
 autograd = pytest.importorskip("autograd")
@@ -1033,19 +1039,28 @@ def test_a_big_product_plus_a_vector_is_built_up_in_the_products_array():
 
     n, f = sp.symbols("N F", integer=True, positive=True)
     gamma, xhat, beta = (sp.Symbol(name, real=True) for name in ("gamma", "xhat", "beta"))
-    shapes = {"gamma": (f,), "xhat": (n, f), "beta": (f,)}
+    shapes = {"gamma": (f,), "xhat": (n, f), "beta": (f,), "y": (n, f)}
     statement = _accumulate(
         "y", gamma * xhat + beta, (n, f), shapes, SymbpNumPyPrinter(shapes=shapes)
     )
-    assert statement is not None and statement.lines() == ["y = gamma*xhat", "y += beta"]
+    # Both passes broadcast a vector along the rows: they go through _along_rows.
+    assert statement is not None and statement.lines() == [
+        "y = _along_rows(np.multiply, xhat, gamma)",
+        "_along_rows(np.add, y, beta, out=y)",
+    ]
     rng = np.random.default_rng(3)
-    scope = {"np": np, "gamma": rng.standard_normal(4), "xhat": rng.standard_normal((3, 4)),
-             "beta": rng.standard_normal(4)}
-    exec("\n".join(statement.lines()), scope)  # noqa: S102 - our own printed code
-    np.testing.assert_array_equal(scope["y"], scope["gamma"] * scope["xhat"] + scope["beta"])
+    for rows in (3, 300):
+        scope = {"np": np, "gamma": rng.standard_normal(400), "beta": rng.standard_normal(400),
+                 "xhat": rng.standard_normal((rows, 400))}
+        exec(_helper_source(environment(), "along_rows"), scope)  # noqa: S102 - our template
+        exec("\n".join(statement.lines()), scope)  # noqa: S102 - our own printed code
+        expected = scope["gamma"] * scope["xhat"] + scope["beta"]
+        np.testing.assert_array_equal(scope["y"], expected)
 
     lenet = generate_module(symbp.load_spec(ROOT / "examples" / "lenet.toml"))
-    assert _function_body(lenet, "linear_forward")[:2] == ["z = x @ W", "z += b"]
+    assert _function_body(lenet, "linear_forward")[:2] == [
+        "z = x @ W", "_along_rows(np.add, z, b, out=z)"
+    ]
     conv = _function_body(lenet, "conv2d_forward")
     assert any(line.endswith(".transpose(1, 0, 2, 3) + b[:, None, None]") for line in conv)
 
@@ -1075,47 +1090,60 @@ def _function_body(source: str, name: str) -> list[str]:
     return [line.strip() for line in body.split('"""')[2].splitlines() if line.strip()]
 
 
-def test_computed_row_vectors_go_through_row_vector_and_parameters_do_not():
-    """Each vector a batch-norm function computes and then broadcasts along the rows of the
-    batch (the mean it subtracts, 1/std, gamma*invstd, the sums over the batch) is handed to
-    the pass through ``_row_vector``; gamma and beta, handed in, are used as they are."""
+def test_row_broadcast_passes_go_through_along_rows():
+    """Each pass of a 2-D (batch, feature) array with a vector broadcast along its rows is
+    printed as a call of ``_along_rows`` (the mean batch norm subtracts, 1/std, gamma and
+    beta, the sums over the batch, the linear layer's bias); in place where the plain code
+    was; nothing else is."""
     net = Net([symbp.linear(8), symbp.batchnorm(), symbp.relu()], input_features=3, loss="mse")
     source = generate_module(net)
     forward = _function_body(source, "batchnorm_forward")
     backward = _function_body(source, "batchnorm_backward")
     predict = _function_body(source, "batchnorm_predict")
-    assert "common0 = np.subtract(x, _row_vector(mu), out=x if overwrite else None)" in forward
-    assert "xhat = np.multiply(common0, _row_vector(invstd), out=common0)" in forward
-    assert forward[-3:-1] == ["y = gamma*xhat", "y += beta"]
-    assert "dx = _row_vector(common1/N)*xhat" in backward
-    assert "dx -= _row_vector(common0/N)" in backward
-    assert "dx *= _row_vector(gamma*invstd)" in backward
-    assert predict[0].startswith("y = _row_vector(gamma/np.sqrt(running_var + epsilon))*(x - ")
-    assert "def _row_vector(v):" in source
-    # A network that broadcasts only vectors it is given has no use for the helper.
-    plain = generate_module(Net([symbp.linear(8), symbp.relu()], input_features=3, loss="mse"))
-    assert "_row_vector" not in plain
+    assert "common0 = _along_rows(np.subtract, x, mu, out=x if overwrite else None)" in forward
+    assert "xhat = _along_rows(np.multiply, common0, invstd, out=common0)" in forward
+    assert forward[-3:-1] == [
+        "y = _along_rows(np.multiply, xhat, gamma)", "_along_rows(np.add, y, beta, out=y)"
+    ]
+    assert "dx = _along_rows(np.multiply, xhat, common1/N)" in backward
+    assert "np.subtract(dy, dx, out=dx)" in backward
+    assert "_along_rows(np.subtract, dx, common0/N, out=dx)" in backward
+    assert "_along_rows(np.multiply, dx, gamma*invstd, out=dx)" in backward
+    assert predict[0].startswith("y = _along_rows(np.multiply, x - running_mean, gamma/np.sqrt(")
+    assert "def _along_rows(ufunc, a, b, out=None):" in source
+    # Without batch norm or bias, no pass broadcasts a vector along rows.
+    plain = generate_module(
+        Net([symbp.linear(8, bias=False), symbp.relu()], input_features=3, loss="mse")
+    )
+    assert "_along_rows" not in plain and "_row_vector" not in plain
 
 
-def test_row_vector_changes_no_bit_of_the_results():
-    """The same batch-norm network, with the helper and with it replaced by the identity, gives
-    the same loss and gradients to the bit at a width (1024 float32 = 4 KiB) where it copies."""
+def test_along_rows_changes_no_bit_of_the_results():
+    """The same batch-norm network, with the helper and with it replaced by the plain ufunc
+    call, gives the same loss and gradients to the bit, at a batch and width where the helper
+    takes long rows and leaves rows over (130 rows of 1024 float32, 8 rows at a time), and at
+    a width (1024 float32 = 4 KiB) where ``_row_vector`` used to copy."""
     net = Net([symbp.linear(1024), symbp.batchnorm(), symbp.relu()], input_features=3,
               loss="mse")
     module = load_module(generate_module(net))
     rng = np.random.default_rng(0)
     params = {k: v.astype(np.float32) for k, v in module.init_params(seed=1).items()}
-    x = rng.standard_normal((16, 3)).astype(np.float32)
-    y = rng.standard_normal((16, 1024)).astype(np.float32)
+    x = rng.standard_normal((130, 3)).astype(np.float32)
+    y = rng.standard_normal((130, 1024)).astype(np.float32)
     loss, grads = module.loss_and_grads(params, x, y)
-    copies = []
-    helper = module._row_vector
-    module._row_vector = lambda v: copies.append(helper(v) is not v) or v
+    calls = []
+    helper = module._along_rows
+
+    def plain(ufunc, a, b, out=None):
+        calls.append(ufunc.__name__)
+        return ufunc(a, b, out=out)
+
+    module._along_rows = plain
     try:
         same_loss, same_grads = module.loss_and_grads(params, x, y)
     finally:
-        module._row_vector = helper
-    assert copies and all(copies)  # every call really copied at this width
+        module._along_rows = helper
+    assert {"add", "subtract", "multiply"} <= set(calls)
     assert loss == same_loss
     assert all(np.array_equal(grads[k], same_grads[k]) for k in grads)
 

@@ -625,8 +625,9 @@ def test_batchnorm_backward_builds_dx_in_four_passes_for_either_rank(input_shape
     source = generate_module(net)
     body = source.split("def batchnorm_backward(", 1)[1].split("\ndef ", 1)[0]
     code = [line.strip() for line in body.split('"""')[2].splitlines()]
-    passes = [line for line in code if (line.startswith("dx ") or line.startswith("np.subtract("))
-              and line != "dx = None"]
+    in_place = ("dx ", "np.subtract(", "_along_rows(")  # a new dx, or a pass into dx
+    passes = [line for line in code if line.startswith(in_place) and line != "dx = None"]
+    assert all(line.endswith("out=dx)") for line in passes if not line.startswith("dx "))
     assert len(passes) == 4, passes
     assert "np.subtract(dy, dx, out=dx)" in passes
     assert not any("*dy" in line for line in code)  # dy is never scaled up by the count

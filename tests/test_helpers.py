@@ -25,7 +25,7 @@ def helpers():
     namespace = {"np": np, "concurrent": concurrent, "math": math}
     names = ("parts", "window_max", "first_argmax_mask", "col2im", "tensordot", "shifted",
              "banded", "window_tensordot", "col2im_tensordot")
-    for name in (*names, "row_vector"):
+    for name in (*names, "row_vector", "along_rows"):
         exec(_helper_source(env, name), namespace)  # noqa: S102 - our own template
     return namespace
 
@@ -337,6 +337,61 @@ def test_shifted_reads_at_an_offset_with_zeros_outside(helpers, offsets, sizes):
     extents = zip(offsets, sizes, a.shape[-2:], strict=True)
     inside = all(o >= 0 and o + s <= n for o, s, n in extents)
     assert np.shares_memory(got, a) == inside  # a view where nothing is outside
+
+
+_UFUNCS = (np.add, np.subtract, np.multiply, np.divide)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "shape",
+    [(4096, 256), (256, 1024), (257, 1024), (1000, 100), (3, 4), (16, 8192), (140000, 1),
+     (0, 300), (300, 0)],
+)
+def test_along_rows_is_the_plain_broadcast_to_the_bit(helpers, dtype, shape):
+    """Every ufunc, the vector on either side, new output or in place: the same numbers as
+    NumPy broadcasting the vector along the rows, and the same dtype; leftover rows (257 rows
+    taken 8 at a time) and the shapes that take the plain route (short, long rows, empty)."""
+    rng = np.random.default_rng(1)
+    along_rows = helpers["_along_rows"]
+    a = rng.uniform(0.5, 2.0, shape).astype(dtype)
+    v = rng.uniform(0.5, 2.0, shape[1]).astype(dtype)
+    for ufunc in _UFUNCS:
+        for first, second in ((a, v), (v, a)):
+            expected = ufunc(first, second)
+            got = along_rows(ufunc, first, second)
+            assert got.dtype == expected.dtype and got.shape == expected.shape
+            assert np.array_equal(got, expected)
+        inplace = a.copy()
+        assert along_rows(ufunc, inplace, v, out=inplace) is inplace
+        assert np.array_equal(inplace, ufunc(a, v))
+
+
+def test_along_rows_takes_long_rows_and_leaves_other_layouts_to_numpy(helpers, monkeypatch):
+    """The pass really runs on rows of at least np.getbufsize() numbers (a spy on the ufunc);
+    a transposed view, a Fortran-ordered output and a small array go the plain way, with the
+    right numbers."""
+    rng = np.random.default_rng(2)
+    along_rows = helpers["_along_rows"]
+    a, v = rng.standard_normal((1000, 256)), rng.standard_normal(256)
+    widths = []
+
+    def spy(first, second, out=None):
+        widths.append((np.shape(first), np.shape(second)))
+        return np.multiply(first, second, out=out)
+
+    assert np.array_equal(along_rows(spy, a, v), a * v)
+    t = -(-np.getbufsize() // 256)
+    assert widths == [((1000 // t, t * 256), (t * 256,)), ((1000 % t, 256), (256,))]
+    widths.clear()
+    at = rng.standard_normal((256, 1000)).T
+    assert np.array_equal(along_rows(spy, at, v), at * v)
+    out = np.empty((1000, 256), order="F")
+    along_rows(spy, a, v, out=out)
+    assert np.array_equal(out, a * v)
+    small = rng.standard_normal((20, 256))
+    assert np.array_equal(along_rows(spy, small, v), small * v)
+    assert widths == [((1000, 256), (256,))] * 2 + [((20, 256), (256,))]
 
 
 def _threaded_helpers(part_size):

@@ -29,6 +29,7 @@ from symbp.derive.arrays import (
     SumOver,
     TensorDot,
 )
+from symbp.emit.module import _helper_source, environment
 from symbp.emit.numpy_printer import SymbpNumPyPrinter, numpy_code
 from symbp.errors import DerivationError
 
@@ -38,8 +39,12 @@ N = sp.Symbol("N", integer=True, positive=True)
 
 
 def run(code: str, **arrays) -> np.ndarray:
-    """Evaluate printed code with ``np`` and the given arrays in scope (no other names)."""
-    return eval(code, {"np": np}, arrays)  # noqa: S307
+    """Evaluate printed code with ``np``, the given arrays and, where the code calls it, the
+    generated modules' ``_along_rows`` in scope (no other names)."""
+    scope = {"np": np}
+    if "_along_rows(" in code:
+        exec(_helper_source(environment(), "along_rows"), scope)  # noqa: S102 - our template
+    return eval(code, scope, arrays)  # noqa: S307
 
 
 def rng_arrays(seed: int = 0):
@@ -327,9 +332,11 @@ X, Y, g, k = (sp.Symbol(name, real=True) for name in ("X", "Y", "g", "k"))
 SHAPES = {"X": (M, F), "Y": (M, F), "g": (F,), "k": (F,)}
 
 SHAPED_CASES = [
-    # one pass over the batch: the per-feature factors are multiplied together first
-    (g * k * X / M, "g*k/M*X", lambda d: d["X"] * (d["g"] * d["k"] / 4)),
-    ((g + k) * X, "(g + k)*X", lambda d: d["X"] * (d["g"] + d["k"])),
+    # one pass over the batch: the per-feature factors are multiplied together first, and the
+    # vector is broadcast along the rows by the helper that hands NumPy long rows
+    (g * k * X / M, "_along_rows(np.multiply, X, g*k/M)",
+     lambda d: d["X"] * (d["g"] * d["k"] / 4)),
+    ((g + k) * X, "_along_rows(np.multiply, X, g + k)", lambda d: d["X"] * (d["g"] + d["k"])),
     (2 * X, "2*X", lambda d: d["X"] * 2),
     # a sum of products over the batch without the product array; column sums by BLAS
     (SumOver(X * Y, sp.Tuple(0)), 'np.einsum("ij,ij->j", X, Y)',
@@ -343,10 +350,11 @@ SHAPED_CASES = [
     (SumOver(X, sp.Tuple(1)), "X.sum(axis=1)", lambda d: d["X"].sum(axis=1)),
     (g * SumOver(X, sp.Tuple(0)), "g*np.matmul(np.ones(X.shape[0], X.dtype), X)",
      lambda d: d["g"] * d["X"].sum(axis=0)),
-    (SumOver(g * X, sp.Tuple(0)), "(g*X).sum(axis=0)", lambda d: (d["g"] * d["X"]).sum(axis=0)),
+    (SumOver(g * X, sp.Tuple(0)), "_along_rows(np.multiply, X, g).sum(axis=0)",
+     lambda d: (d["g"] * d["X"]).sum(axis=0)),
     # big terms first: ``big - small`` can reuse the big temporary, ``small - big`` cannot
     (-g + X, "X - g", lambda d: d["X"] - d["g"]),
-    (g + k * X, "k*X + g", lambda d: d["g"] + d["k"] * d["X"]),
+    (g + k * X, "_along_rows(np.multiply, X, k) + g", lambda d: d["g"] + d["k"] * d["X"]),
     (g * Dot(X, Permute(Y)), "g*(X @ Y.T)", None),  # shape (M, M): g does not broadcast
 ]
 

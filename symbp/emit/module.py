@@ -201,6 +201,9 @@ def _into(target: str, value: sp.Expr, donor: sp.Symbol, flagged: bool, printer)
     out = f"{donor.name} if overwrite else None" if flagged else donor.name
 
     def ufunc(name, first, second):
+        if printer.is_row_of(second, first) or printer.is_row_of(first, second):
+            code = printer.row_pass(name, first, second, out=out)
+            return code, None
         function = printer._module_format("numpy." + name)
         args = [printer.doprint(first), printer.doprint(second), f"out={out}"]
         return f"{function}({', '.join(args)})", (function, args)
@@ -245,9 +248,9 @@ def _into(target: str, value: sp.Expr, donor: sp.Symbol, flagged: bool, printer)
             return None
         code, call = ufunc("multiply", donor, rest)
     extra = [
-        f"{target} -= {printer.doprint(-t)}"
+        _update(target, "-", -t, printer)
         if t.could_extract_minus_sign()
-        else f"{target} += {printer.doprint(t)}"
+        else _update(target, "+", t, printer)
         for t in others
     ]
     return _Statement(target, code, extra, overwrites=flagged, call=call)
@@ -379,14 +382,26 @@ def _accumulate(target: str, value: sp.Expr, shape, shapes, printer):
             extra.append(f"{target} {'+' if positive else '-'}= {array}")
     for term in [t for t in terms if t is not start and t not in bares]:
         subtract = term.could_extract_minus_sign() != negated
-        extra.append(f"{target} {'-' if subtract else '+'}= {printer.doprint(magnitude(term))}")
+        extra.append(_update(target, "-" if subtract else "+", magnitude(term), printer))
     if negated:
         if factor == 1:
             extra.append(f"{ufunc('numpy.negative')}({target}, out={target})")
         factor = -factor
     if factor != 1:
-        extra.append(f"{target} *= {printer.doprint(factor)}")
+        extra.append(_update(target, "*", factor, printer))
     return _Statement(target, code, extra)
+
+
+_UFUNCS = {"+": "add", "-": "subtract", "*": "multiply"}
+
+
+def _update(target: str, operator: str, term: sp.Expr, printer) -> str:
+    """``target <operator>= term``, through ``_along_rows`` (the printer's ``row_pass``) when
+    ``term`` is a vector broadcast along the rows of the 2-D ``target``."""
+    array = sp.Symbol(target)
+    if printer.is_row_of(term, array):
+        return printer.row_pass(_UFUNCS[operator], array, term, out=target)
+    return f"{target} {operator}= {printer.doprint(term)}"
 
 
 def _wrap_call(prefix: str, call: str, args: list[str], indent: str = "") -> str:

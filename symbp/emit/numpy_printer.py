@@ -26,6 +26,7 @@ HELPERS = {
     "window_tensordot": "_window_tensordot",
     "col2im_tensordot": "_col2im_tensordot",
     "row_vector": "_row_vector",
+    "along_rows": "_along_rows",
 }
 
 
@@ -76,6 +77,8 @@ class SymbpNumPyPrinter(NumPyPrinter):
             # Small factors (scalars, per-feature vectors) first, multiplied together, then one
             # pass over the big array: ``gamma*invstd/N*xhat`` rather than a pass per factor.
             small, big = split
+            if self.is_row_of(small, big):
+                return self.row_pass("multiply", big, small)
             level = PRECEDENCE["Mul"]
             # A printed product reads left to right (``g*k/N*X`` is ``((g*k)/N)*X``), so the
             # small product needs no parentheses; anything else does.
@@ -109,6 +112,30 @@ class SymbpNumPyPrinter(NumPyPrinter):
         if len(small) == 1 and small[0].is_Number:
             return None
         return sp.Mul(*small), sp.Mul(*big)
+
+    def is_row_of(self, vector: sp.Expr, array: sp.Expr) -> bool:
+        """Whether ``vector`` is as long as the rows of the 2-D ``array`` (shapes known) and is
+        broadcast along them: a pass :meth:`row_pass` prints."""
+        if self.shapes is None:
+            return False
+        shape = array_shape(array, self.shapes)
+        if shape is None or len(shape) != 2 or shape[1] == 1:
+            return False
+        return array_shape(vector, self.shapes) == (shape[1],)
+
+    def row_pass(self, ufunc: str, first: sp.Expr, second: sp.Expr, out: str | None = None):
+        """``_along_rows(np.<ufunc>, first, second, out=out)``: one operand a 2-D array, the
+        other a vector broadcast along its rows (the helper hands NumPy long rows; the value
+        is ``np.<ufunc>(first, second)``'s). The vector is read as it is: the helper copies it
+        anyway, so a :class:`RowVector` around it is dropped."""
+        self.helpers_used.add("along_rows")
+        args = [
+            self._module_format("numpy." + ufunc),
+            *(self._print(a.replace(RowVector, lambda v: v)) for a in (first, second)),
+        ]
+        if out is not None:
+            args.append(f"out={out}")
+        return f"{HELPERS['along_rows']}({', '.join(args)})"
 
     def _print_Float(self, expr):
         # The double nearest the value, in the shortest form that reads back as that double.
@@ -149,7 +176,11 @@ class SymbpNumPyPrinter(NumPyPrinter):
         array, axes = expr.args
         axes = tuple(int(a) for a in axes)
         axis = str(axes[0]) if len(axes) == 1 else str(axes)
-        return f"{self.parenthesize(array, PRECEDENCE['Atom'], strict=True)}.{method}(axis={axis})"
+        text = self.parenthesize(array, PRECEDENCE["Atom"], strict=True)
+        row_pass = f"({HELPERS['along_rows']}("
+        if text.startswith(row_pass) and self._print(array) == text[1:-1]:
+            text = text[1:-1]  # one call: ``_along_rows(...).sum(axis=0)``
+        return f"{text}.{method}(axis={axis})"
 
     def _print_SumOver(self, expr):
         fused = self._fused_sum(expr)
