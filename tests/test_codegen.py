@@ -1049,10 +1049,11 @@ def test_a_big_product_plus_a_vector_is_built_up_in_the_products_array():
         "_along_rows(np.add, y, beta, out=y)",
     ]
     rng = np.random.default_rng(3)
-    for rows in (3, 300):
+    for rows in (3, 400):  # 400 rows of 400: long rows of 21, one row left over
         scope = {"np": np, "gamma": rng.standard_normal(400), "beta": rng.standard_normal(400),
                  "xhat": rng.standard_normal((rows, 400))}
-        exec(_helper_source(environment(), "along_rows"), scope)  # noqa: S102 - our template
+        for helper in ("row_vector", "along_rows"):
+            exec(_helper_source(environment(), helper), scope)  # noqa: S102 - our template
         exec("\n".join(statement.lines()), scope)  # noqa: S102 - our own printed code
         expected = scope["gamma"] * scope["xhat"] + scope["beta"]
         np.testing.assert_array_equal(scope["y"], expected)

@@ -43,7 +43,8 @@ def run(code: str, **arrays) -> np.ndarray:
     generated modules' ``_along_rows`` in scope (no other names)."""
     scope = {"np": np}
     if "_along_rows(" in code:
-        exec(_helper_source(environment(), "along_rows"), scope)  # noqa: S102 - our template
+        for helper in ("row_vector", "along_rows"):
+            exec(_helper_source(environment(), helper), scope)  # noqa: S102 - our template
     return eval(code, scope, arrays)  # noqa: S307
 
 

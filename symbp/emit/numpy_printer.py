@@ -77,7 +77,7 @@ class SymbpNumPyPrinter(NumPyPrinter):
             # Small factors (scalars, per-feature vectors) first, multiplied together, then one
             # pass over the big array: ``gamma*invstd/N*xhat`` rather than a pass per factor.
             small, big = split
-            if self.is_row_of(small, big):
+            if self._is_row_product(expr):
                 return self.row_pass("multiply", big, small)
             level = PRECEDENCE["Mul"]
             # A printed product reads left to right (``g*k/N*X`` is ``((g*k)/N)*X``), so the
@@ -113,6 +113,11 @@ class SymbpNumPyPrinter(NumPyPrinter):
             return None
         return sp.Mul(*small), sp.Mul(*big)
 
+    def _is_row_product(self, expr: sp.Expr) -> bool:
+        """Whether ``expr`` is a product printed as one ``_along_rows`` call."""
+        split = self._small_and_big(expr) if isinstance(expr, sp.Mul) else None
+        return split is not None and self.is_row_of(*split)
+
     def is_row_of(self, vector: sp.Expr, array: sp.Expr) -> bool:
         """Whether ``vector`` is as long as the rows of the 2-D ``array`` (shapes known) and is
         broadcast along them: a pass :meth:`row_pass` prints."""
@@ -128,7 +133,7 @@ class SymbpNumPyPrinter(NumPyPrinter):
         other a vector broadcast along its rows (the helper hands NumPy long rows; the value
         is ``np.<ufunc>(first, second)``'s). The vector is read as it is: the helper copies it
         anyway, so a :class:`RowVector` around it is dropped."""
-        self.helpers_used.add("along_rows")
+        self.helpers_used |= {"along_rows", "row_vector"}
         args = [
             self._module_format("numpy." + ufunc),
             *(self._print(a.replace(RowVector, lambda v: v)) for a in (first, second)),
@@ -176,10 +181,10 @@ class SymbpNumPyPrinter(NumPyPrinter):
         array, axes = expr.args
         axes = tuple(int(a) for a in axes)
         axis = str(axes[0]) if len(axes) == 1 else str(axes)
-        text = self.parenthesize(array, PRECEDENCE["Atom"], strict=True)
-        row_pass = f"({HELPERS['along_rows']}("
-        if text.startswith(row_pass) and self._print(array) == text[1:-1]:
-            text = text[1:-1]  # one call: ``_along_rows(...).sum(axis=0)``
+        if self._is_row_product(array):  # one call: ``_along_rows(...).sum(axis=0)``
+            text = self._print(array)
+        else:
+            text = self.parenthesize(array, PRECEDENCE["Atom"], strict=True)
         return f"{text}.{method}(axis={axis})"
 
     def _print_SumOver(self, expr):
