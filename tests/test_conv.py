@@ -532,6 +532,7 @@ def test_generated_conv_module_has_no_python_loop_over_pixels_or_batch():
     kernel_offsets = {"for i, j in np.ndindex(kernel_rows, kernel_columns):",
                       "for j in range(kernel_columns):", "for i in range(1, kernel_rows):",
                       "for i, j in offsets:", "for i, j in np.ndindex(windows.shape[-2:]):",
+                      "for i, j, first in _first_maxima(windows):",
                       "for i in range(kernel_rows):", "for chunk in rest:",
                       "for future in futures:",
                       "for o, s, n in zip(offsets, sizes, a.shape[lead:], strict=True):"}

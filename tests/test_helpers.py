@@ -23,8 +23,8 @@ from symbp.emit.module import _helper_source, environment
 def helpers():
     env = environment()
     namespace = {"np": np, "concurrent": concurrent, "math": math}
-    names = ("parts", "window_max", "first_argmax_mask", "col2im", "tensordot", "shifted",
-             "banded", "window_tensordot", "col2im_tensordot")
+    names = ("parts", "window_max", "first_maxima", "first_argmax_mask", "first_max_col2im",
+             "col2im", "tensordot", "shifted", "banded", "window_tensordot", "col2im_tensordot")
     for name in (*names, "row_vector", "along_rows"):
         exec(_helper_source(env, name), namespace)  # noqa: S102 - our own template
     return namespace
@@ -148,6 +148,54 @@ def test_first_argmax_mask_marks_the_first_maximum(helpers, stride):
     assert mask.shape == windows.shape
     assert np.array_equal(mask.reshape(flat.shape), expected)
     assert np.array_equal(helpers["_window_max"](windows), flat.max(axis=-1))
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, dilation, size",
+    [((2, 2), 2, 1, (8, 10)), ((2, 2), 2, 1, (7, 9)), ((3, 3), 3, 1, (9, 9)),
+     ((3, 3), 2, 1, (9, 8)), ((2, 3), 1, 1, (6, 7)), ((2, 2), 1, 2, (7, 7)),
+     ((3, 2), 2, 1, (8, 8))],
+)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_first_max_col2im_routes_each_window_gradient_to_its_first_maximum(
+    helpers, kernel, stride, dilation, size, dtype
+):
+    """Max pooling's gradient: each window's g added at the position of its first maximum (in
+    row-major kernel order, as np.argmax picks it), all else 0; the tiling (kernel = stride)
+    and the overlapping layouts, ties everywhere (ReLU-like zeros), and the very bits of the
+    mask-times-g-then-scatter it replaces."""
+    rng = np.random.default_rng(4)
+    x = np.maximum(rng.integers(-2, 3, size=(3, 2, *size)), 0).astype(dtype)  # many ties at 0
+    extent = tuple((k - 1) * dilation + 1 for k in kernel)
+    windows = sliding_window_view(x, extent, axis=(-2, -1))[
+        ..., ::stride, ::stride, ::dilation, ::dilation]
+    g = rng.standard_normal(windows.shape[:-2]).astype(dtype)
+    got = helpers["_first_max_col2im"](windows, g[..., None, None], kernel, stride, dilation)
+    flat = windows.reshape(*windows.shape[:-2], -1)
+    cols = np.zeros(flat.shape)
+    np.put_along_axis(cols, flat.argmax(axis=-1)[..., None], g[..., None].astype(float), axis=-1)
+    expected = _col2im_reference(cols.reshape(windows.shape), kernel, stride, dilation)
+    assert got.dtype == dtype
+    assert got.shape[-2] <= expected.shape[-2] and got.shape[-1] <= expected.shape[-1]
+    # The tiling route's result stops after the last window (as _col2im's); nothing lands beyond.
+    assert not expected[..., got.shape[-2]:, :].any() and not expected[..., got.shape[-1]:].any()
+    expected = expected[..., : got.shape[-2], : got.shape[-1]]
+    tolerance = 1e-12 if dtype == np.float64 else 1e-5
+    assert np.allclose(got, expected, rtol=tolerance, atol=tolerance)
+    composed = helpers["_col2im"](
+        helpers["_first_argmax_mask"](windows) * g[..., None, None], kernel, stride, dilation)
+    assert np.array_equal(got, composed)
+
+
+def test_first_max_col2im_takes_a_g_that_varies_over_the_kernel_offsets(helpers):
+    """g broadcast against the windows, window axes included: each offset reads its own g."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 8, 8))
+    windows = sliding_window_view(x, (2, 2), axis=(-2, -1))[..., ::2, ::2, :, :]
+    g = rng.standard_normal((3, 4, 4, 2, 2))  # no batch axis, one value per kernel offset
+    got = helpers["_first_max_col2im"](windows, g, (2, 2), 2, 1)
+    composed = helpers["_col2im"](helpers["_first_argmax_mask"](windows) * g, (2, 2), 2, 1)
+    assert np.array_equal(got, composed)
 
 
 def _shifted_reference(a, offsets, sizes):
@@ -400,8 +448,8 @@ def _threaded_helpers(part_size):
     it ran (first-axis slice, thread)."""
     namespace = {"np": np, "concurrent": concurrent, "math": math}
     env = environment()
-    names = ("parts", "window_max", "first_argmax_mask", "col2im", "tensordot", "shifted",
-             "banded", "window_tensordot", "col2im_tensordot")
+    names = ("parts", "window_max", "first_maxima", "first_argmax_mask", "first_max_col2im",
+             "col2im", "tensordot", "shifted", "banded", "window_tensordot", "col2im_tensordot")
     for name in (*names, "row_vector"):
         exec(_helper_source(env, name), namespace)  # noqa: S102 - our own template
     namespace["_PART_SIZE"] = part_size
@@ -437,6 +485,10 @@ def _helper_calls(rng):
         "col2im, tiling": lambda h: h["_col2im"](pooled, (2, 2), 2, 1),
         "window_max": lambda h: h["_window_max"](pooled),
         "first_argmax_mask": lambda h: h["_first_argmax_mask"](np.round(windows)),
+        "first_max_col2im": lambda h: h["_first_max_col2im"](
+            np.round(windows), cols[:, :3], (3, 3), 1, 1),
+        "first_max_col2im, tiling": lambda h: h["_first_max_col2im"](
+            np.round(pooled), pooled[..., 0, 0, None, None], (2, 2), 2, 1),
         "shifted": lambda h: h["_shifted"](dy, (-2, -2), (13, 12)),
         "window_tensordot": lambda h: h["_window_tensordot"](
             kernel, x, (3, 3), 1, 1, (1, 2, 3), (1, 4, 5)),

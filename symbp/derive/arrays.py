@@ -144,6 +144,14 @@ class FirstArgmaxMask(ArrayOp):
     """1 at the first maximum of each window ``(windows)`` over its last two axes, else 0."""
 
 
+class FirstMaxCol2Im(ArrayOp):
+    """``(windows, g, kernel, stride, dilation)``: the scatter
+    ``Col2Im(FirstArgmaxMask(windows) * g, kernel, stride, dilation)`` (max pooling's gradient:
+    each window's ``g`` routed to where its first maximum was read), as one node for the
+    generated module's ``_first_max_col2im``, which makes neither the mask nor the product an
+    array of its own (emission only)."""
+
+
 Axes = tuple[sp.Symbol, ...]
 
 

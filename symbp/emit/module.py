@@ -26,6 +26,8 @@ from ..derive.arrays import (
     Col2Im,
     Col2ImTensorDot,
     Dot,
+    FirstArgmaxMask,
+    FirstMaxCol2Im,
     Flipped,
     Lowering,
     NewAxis,
@@ -56,8 +58,8 @@ OUT_NOTE = "an array to write that gradient into (else a new one is made)."
 MAX_LINE = 99
 # Helpers that cut their work into parts on set_threads(...) threads (helper "parts").
 PARTED_HELPERS = {
-    "col2im", "col2im_tensordot", "first_argmax_mask", "shifted", "tensordot", "window_max",
-    "window_tensordot",
+    "col2im", "col2im_tensordot", "first_argmax_mask", "first_max_col2im", "shifted",
+    "tensordot", "window_max", "window_tensordot",
 }
 
 
@@ -1110,6 +1112,10 @@ def _name_windows(exprs: list[sp.Expr]) -> tuple[list[tuple[str, sp.Expr]], list
             product, *geometry = expr.args
             a, b, *axes = product.args
             return Col2ImTensorDot(visit(a), visit(b), *axes, *geometry)
+        routed = _first_max_routing(expr)
+        if routed is not None:
+            windows, g = routed
+            return FirstMaxCol2Im(visit(windows), visit(g), *expr.args[1:])
         expr = expr.func(*[visit(arg) for arg in expr.args])
         if isinstance(expr, Windows):
             expr = expr.func(padded(expr.args[0]), *expr.args[1:])
@@ -1121,6 +1127,18 @@ def _name_windows(exprs: list[sp.Expr]) -> tuple[list[tuple[str, sp.Expr]], list
 
     exprs = [visit(e) for e in exprs]
     return [(str(symbol), node) for node, symbol in named.items()], exprs
+
+
+def _first_max_routing(expr: sp.Expr) -> tuple[sp.Expr, sp.Expr] | None:
+    """``(windows, g)`` when ``expr`` is ``Col2Im(FirstArgmaxMask(windows) * g, ...)``."""
+    if not isinstance(expr, Col2Im):
+        return None
+    factors = sp.Mul.make_args(expr.args[0])
+    masks = [f for f in factors if isinstance(f, FirstArgmaxMask)]
+    if len(masks) != 1 or len(factors) < 2:
+        return None
+    (mask,) = masks
+    return mask.args[0], sp.Mul(*[f for f in factors if f is not mask])
 
 
 def _has_array(expr: sp.Expr) -> bool:

@@ -21,6 +21,7 @@ HELPERS = {
     "col2im": "_col2im",
     "shifted": "_shifted",
     "first_argmax_mask": "_first_argmax_mask",
+    "first_max_col2im": "_first_max_col2im",
     "window_max": "_window_max",
     "tensordot": "_tensordot",
     "window_tensordot": "_window_tensordot",
@@ -381,8 +382,17 @@ class SymbpNumPyPrinter(NumPyPrinter):
         return f"{HELPERS['window_max']}({self._print(expr.args[0])})"
 
     def _print_FirstArgmaxMask(self, expr):
-        self.helpers_used |= {"first_argmax_mask", "window_max"}
+        self.helpers_used |= {"first_argmax_mask", "first_maxima", "window_max"}
         return f"{HELPERS['first_argmax_mask']}({self._print(expr.args[0])})"
+
+    def _print_FirstMaxCol2Im(self, expr):
+        self.helpers_used |= {"first_max_col2im", "first_maxima", "window_max", "col2im"}
+        windows, g, kernel, stride, dilation = expr.args
+        kernel_text = f"({', '.join(self._print(k) for k in kernel)})"
+        return (
+            f"{HELPERS['first_max_col2im']}({self._print(windows)}, {self._print(g)}, "
+            f"{kernel_text}, {self._print(stride)}, {self._print(dilation)})"
+        )
 
     def _print_RowVector(self, expr):
         self.helpers_used.add("row_vector")
