@@ -12,6 +12,7 @@ import concurrent.futures
 import math
 import threading
 
+import mpmath
 import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
@@ -25,7 +26,7 @@ def helpers():
     namespace = {"np": np, "concurrent": concurrent, "math": math}
     names = ("parts", "window_max", "first_maxima", "first_argmax_mask", "first_max_col2im",
              "col2im", "tensordot", "shifted", "banded", "window_tensordot", "col2im_tensordot")
-    for name in (*names, "row_vector", "along_rows"):
+    for name in (*names, "row_vector", "along_rows", "erf_fits", "erf_pieces", "erf", "erfc"):
         exec(_helper_source(env, name), namespace)  # noqa: S102 - our own template
     return namespace
 
@@ -196,6 +197,99 @@ def test_first_max_col2im_takes_a_g_that_varies_over_the_kernel_offsets(helpers)
     got = helpers["_first_max_col2im"](windows, g, (2, 2), 2, 1)
     composed = helpers["_col2im"](helpers["_first_argmax_mask"](windows) * g, (2, 2), 2, 1)
     assert np.array_equal(got, composed)
+
+
+# ------------------------------------------------------------------------------ erf, erfc
+#: The fits behind _erf and _erfc (templates/helpers.py.j2): what each approximates, over
+#: which interval of its variable, at which degree.
+ERF_FITS = {
+    "_ERF_NEAR_0": ("erf(x)/x in x**2", (0, 1), 11),
+    "_ERFCX_0": ("erfcx", (0.5, 1), 12),
+    "_ERFCX_1": ("erfcx", (1, 2), 16),
+    "_ERFCX_2": ("erfcx", (2, 4), 18),
+    "_ERFCX_3": ("erfcx", (4, 6), 14),
+    "_ERFCX_TAIL": ("x*erfcx(x) in 1/x**2", (1 / 27.3**2, 1 / 36), 10),
+}
+
+
+def _erf_fits():
+    """The Chebyshev fits refitted with mpmath (50 digits), coefficients highest power first,
+    in u = (2*v - lo - hi)/(hi - lo) over each interval."""
+    functions = {
+        "erf(x)/x in x**2": lambda s: mpmath.erf(mpmath.sqrt(s)) / mpmath.sqrt(s)
+        if s else 2 / mpmath.sqrt(mpmath.pi),
+        "erfcx": lambda x: mpmath.exp(x * x) * mpmath.erfc(x),
+        "x*erfcx(x) in 1/x**2": lambda t: mpmath.exp(1 / t) * mpmath.erfc(1 / mpmath.sqrt(t))
+        / mpmath.sqrt(t),
+    }
+    fits = {}
+    with mpmath.workdps(50):
+        for name, (kind, (lo, hi), degree) in ERF_FITS.items():
+            lo, hi = mpmath.mpf(lo), mpmath.mpf(hi)
+
+            def g(u, f=functions[kind], lo=lo, hi=hi):
+                return f((hi - lo) / 2 * u + (lo + hi) / 2)
+
+            fits[name] = [float(c) for c in mpmath.chebyfit(g, [-1, 1], degree + 1)]
+    return fits
+
+
+def test_erf_fits_are_the_chebyshev_fits_they_say(helpers):
+    fits = _erf_fits()
+    pieces = {f"_ERFCX_{k}": piece for k, piece in enumerate(helpers["_ERFCX_PIECES"])}
+    for name, expected in fits.items():
+        if name in pieces:
+            lo, hi, got = pieces[name]
+            assert (lo, hi) == ERF_FITS[name][1]
+        else:
+            got = helpers[name]
+        assert np.allclose(got, expected, rtol=1e-12, atol=0), name
+    assert helpers["_ERFCX_TAIL_RANGE"] == ERF_FITS["_ERFCX_TAIL"][1]
+
+
+def _erf_points():
+    rng = np.random.default_rng(8)
+    edges = np.array([0.5, 1.0, 2.0, 4.0, 6.0, 27.3])
+    around = np.concatenate([edges, np.nextafter(edges, 0), np.nextafter(edges, 100)])
+    x = np.concatenate([
+        rng.standard_normal(20000) * 2, rng.uniform(-30, 30, 20000),
+        np.geomspace(1e-310, 30, 3000), around, [0.0, 5e-324, 1e-20, 1000.0, 1e300],
+    ])
+    return np.concatenate([x, -x])
+
+
+@pytest.mark.parametrize(("name", "reference", "most_ulps"),
+                         [("_erf", math.erf, 2), ("_erfc", math.erfc, 5)])
+def test_erf_and_erfc_agree_with_the_math_module(helpers, name, reference, most_ulps):
+    """Within a few units in the last place of math.erf / math.erfc (glibc's, correct to about
+    one) everywhere, piece edges included (subnormal results within one subnormal step), and
+    exactly where the value is 1, -1 or 2, beyond 27.3 (0 for erfc) and at nan and +-inf."""
+    x = _erf_points()
+    got = helpers[name](x)
+    expected = np.array([reference(v) for v in x])
+    assert got.dtype == np.float64 and got.shape == x.shape
+    ulps = np.abs(got - expected) / np.spacing(np.abs(expected))
+    assert ulps.max() <= most_ulps, (ulps.max(), x[ulps.argmax()])
+    exact = np.isin(expected, [1.0, -1.0, 2.0]) | (np.abs(x) >= 27.3)
+    assert np.array_equal(got[exact], expected[exact])
+    special = np.array([np.inf, -np.inf, np.nan, -0.0, 0.0])
+    with np.errstate(all="raise"):
+        values = helpers[name](special)
+    expected = [reference(v) for v in special]
+    assert np.array_equal(values, expected, equal_nan=True)
+    assert np.signbit(values[3]) == (name == "_erf")  # erf(-0.0) = -0.0
+
+
+@pytest.mark.parametrize("name", ["_erf", "_erfc"])
+def test_erf_keeps_the_dtype_and_shape_and_takes_any_layout(helpers, name):
+    reference = {"_erf": math.erf, "_erfc": math.erfc}[name]
+    x = np.random.default_rng(9).standard_normal((5, 7)) * 3
+    got = helpers[name](x.T.astype(np.float32))  # a transposed view
+    expected = np.array([[reference(float(v)) for v in row] for row in x.T.astype(np.float32)])
+    assert got.dtype == np.float32 and got.shape == (7, 5)
+    assert np.array_equal(got, expected.astype(np.float32))
+    assert helpers[name](np.array(0.5)).shape == ()
+    assert helpers[name](np.arange(3)).dtype == np.float64
 
 
 def _shifted_reference(a, offsets, sizes):

@@ -157,7 +157,7 @@ def test_piecewise_without_a_default_branch_is_refused():
 def test_erf_goes_through_the_helper_and_is_recorded():
     printer = SymbpNumPyPrinter()
     assert printer.doprint(sp.erf(u) + sp.erfc(v)) in ("_erf(u) + _erfc(v)", "_erfc(v) + _erf(u)")
-    assert printer.helpers_used == {"erf", "erfc"}
+    assert printer.helpers_used == {"erf", "erfc", "erf_fits", "erf_pieces"}
 
 
 # --------------------------------------------------------------------------- stability
@@ -278,13 +278,12 @@ def test_gelu_form_keeps_float32_through_erf():
     from symbp.emit.numpy_printer import float_constants
 
     code = printer.doprint(float_constants(expr))
-    assert printer.helpers_used == {"erf"}
+    assert printer.helpers_used == {"erf", "erf_fits", "erf_pieces"}
     value = np.linspace(-4, 4, 9, dtype=np.float32)
-
-    def erf(a):  # the module's helper: math.erf element-wise in the array's dtype
-        return np.vectorize(math.erf, otypes=[np.asarray(a).dtype])(a)
-
-    result = eval(code, {"np": np, "_erf": erf}, {"u": value})  # noqa: S307
+    scope = {"np": np}
+    for helper in sorted(printer.helpers_used):  # the module's helpers
+        exec(_helper_source(environment(), helper), scope)  # noqa: S102 - our template
+    result = eval(code, scope, {"u": value})  # noqa: S307
     assert result.dtype == np.float32
     expected = [x * (1 + math.erf(x / math.sqrt(2))) / 2 for x in value.astype(float)]
     np.testing.assert_allclose(result, expected, rtol=1e-6, atol=1e-7)

@@ -1200,7 +1200,7 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
     if builder.helpers & PARTED_HELPERS:
         builder.helpers.add("parts")
     imports = sorted(
-        ({"math"} if builder.helpers & {"erf", "erfc", "banded", "tensordot"} else set())
+        ({"math"} if builder.helpers & {"banded", "tensordot"} else set())
         | ({"concurrent.futures"} if "parts" in builder.helpers else set())
     )
     template = builder.env.get_template("module.py.j2")

@@ -399,11 +399,11 @@ class SymbpNumPyPrinter(NumPyPrinter):
         return f"{HELPERS['row_vector']}({self._print(expr.args[0])})"
 
     def _print_erf(self, expr):
-        self.helpers_used.add("erf")
+        self.helpers_used |= {"erf", "erf_fits", "erf_pieces"}
         return f"{HELPERS['erf']}({self._print(expr.args[0])})"
 
     def _print_erfc(self, expr):
-        self.helpers_used.add("erfc")
+        self.helpers_used |= {"erfc", "erf_fits", "erf_pieces"}
         return f"{HELPERS['erfc']}({self._print(expr.args[0])})"
 
 
