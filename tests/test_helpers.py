@@ -26,7 +26,8 @@ def helpers():
     namespace = {"np": np, "concurrent": concurrent, "math": math}
     names = ("parts", "window_max", "first_maxima", "first_argmax_mask", "first_max_col2im",
              "col2im", "tensordot", "shifted", "banded", "window_tensordot", "col2im_tensordot")
-    for name in (*names, "row_vector", "along_rows", "erf_fits", "erf_pieces", "erf", "erfc"):
+    for name in (*names, "row_vector", "along_rows", "erf_fits", "erf_pieces", "erf", "erfc",
+                 "sigmoid", "softplus"):
         exec(_helper_source(env, name), namespace)  # noqa: S102 - our own template
     return namespace
 
@@ -197,6 +198,48 @@ def test_first_max_col2im_takes_a_g_that_varies_over_the_kernel_offsets(helpers)
     got = helpers["_first_max_col2im"](windows, g, (2, 2), 2, 1)
     composed = helpers["_col2im"](helpers["_first_argmax_mask"](windows) * g, (2, 2), 2, 1)
     assert np.array_equal(got, composed)
+
+
+# ------------------------------------------------------------------------- sigmoid, softplus
+def _sigmoid_points():
+    x = np.concatenate([np.linspace(-800, 800, 4001), np.linspace(-40, 40, 4001),
+                        np.geomspace(1e-300, 800, 500)])
+    return np.concatenate([x, -x])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize(("name", "exact"), [
+    ("_sigmoid", lambda v: 1 / (1 + mpmath.exp(-v))),
+    ("_softplus", lambda v: mpmath.log1p(mpmath.exp(v))),
+])
+def test_sigmoid_and_softplus_keep_relative_accuracy_without_overflow(helpers, name, exact, dtype):
+    """Within 2 ulp of the value computed with 40 digits, from -800 to 800 (both tails, where
+    sigmoid is e**u or 1 - e**-u and softplus e**u or u), with no overflow or invalid
+    operation; 0 where the value is below the dtype's range; the dtype kept."""
+    x = _sigmoid_points().astype(dtype)
+    with mpmath.workdps(40):
+        expected = np.array([float(exact(mpmath.mpf(float(v)))) for v in x]).astype(dtype)
+    with np.errstate(over="raise", divide="raise", invalid="raise"):
+        got = helpers[name](x)
+    assert got.dtype == dtype and got.shape == x.shape
+    normal = np.abs(expected) >= np.finfo(dtype).tiny
+    ulps = np.abs(got[normal].astype(float) - expected[normal]) / np.spacing(expected[normal])
+    assert ulps.max() <= 2, (ulps.max(), x[normal][ulps.argmax()])
+    assert np.all(got[expected == 0] == 0)
+    assert np.all(np.abs(got[~normal]) <= 2 * np.finfo(dtype).tiny)
+
+
+def test_sigmoid_and_softplus_at_the_limits_and_in_any_layout(helpers):
+    special = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0])
+    assert np.array_equal(helpers["_sigmoid"](special), [1, 0, np.nan, 0.5, 0.5], equal_nan=True)
+    assert np.array_equal(helpers["_softplus"](special), [np.inf, 0, np.nan, np.log(2), np.log(2)],
+                          equal_nan=True)
+    a = np.random.default_rng(10).standard_normal((4, 6)) * 5
+    for name, plain in (("_sigmoid", lambda v: 1 / (1 + np.exp(-v))),
+                        ("_softplus", lambda v: np.log1p(np.exp(v)))):
+        assert np.allclose(helpers[name](a.T), plain(a.T), rtol=1e-14, atol=0)  # a view
+        assert helpers[name](np.array(1.5)).shape == ()
+        assert helpers[name](np.arange(3)).dtype == np.float64
 
 
 # ------------------------------------------------------------------------------ erf, erfc

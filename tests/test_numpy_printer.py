@@ -38,13 +38,22 @@ u, v = sp.Symbol("u", real=True), sp.Symbol("v", real=True)
 N = sp.Symbol("N", integer=True, positive=True)
 
 
+#: The generated modules' helpers that printed code may call, and the macros they need.
+CALLED_HELPERS = {
+    "_along_rows(": ("row_vector", "along_rows"),
+    "_sigmoid(": ("sigmoid",),
+    "_softplus(": ("softplus",),
+}
+
+
 def run(code: str, **arrays) -> np.ndarray:
-    """Evaluate printed code with ``np``, the given arrays and, where the code calls it, the
-    generated modules' ``_along_rows`` in scope (no other names)."""
+    """Evaluate printed code with ``np``, the given arrays and, where the code calls them, the
+    generated modules' helpers in scope (no other names)."""
     scope = {"np": np}
-    if "_along_rows(" in code:
-        for helper in ("row_vector", "along_rows"):
-            exec(_helper_source(environment(), helper), scope)  # noqa: S102 - our template
+    for call, helpers in CALLED_HELPERS.items():
+        if call in code:
+            for helper in helpers:
+                exec(_helper_source(environment(), helper), scope)  # noqa: S102 - our template
     return eval(code, scope, arrays)  # noqa: S307
 
 
@@ -84,12 +93,12 @@ CASES = [
      lambda d: np.sum(d["A"], axis=1, keepdims=True)),
     (A - NewAxis(MaxOver(A, sp.Tuple(1)), sp.Tuple(1)), "A - (A.max(axis=1))[:, None]",
      lambda d: d["A"] - np.amax(d["A"], axis=1, keepdims=True)),
-    (Sigmoid(u), "np.exp(-np.logaddexp(0, -u))", lambda d: 1 / (1 + np.exp(-d["u"]))),
-    (Sigmoid(-u), "np.exp(-np.logaddexp(0, u))", lambda d: 1 / (1 + np.exp(d["u"]))),
-    (Sigmoid(u - v), "np.exp(-np.logaddexp(0, -u + v))",
+    (Sigmoid(u), "_sigmoid(u)", lambda d: 1 / (1 + np.exp(-d["u"]))),
+    (Sigmoid(-u), "_sigmoid(-u)", lambda d: 1 / (1 + np.exp(d["u"]))),
+    (Sigmoid(u - v), "_sigmoid(u - v)",
      lambda d: 1 / (1 + np.exp(d["v"] - d["u"]))),
-    (Softplus(u), "np.logaddexp(0, u)", lambda d: np.log1p(np.exp(d["u"]))),
-    (Softplus(-2 * u), "np.logaddexp(0, -2*u)", lambda d: np.log1p(np.exp(-2 * d["u"]))),
+    (Softplus(u), "_softplus(u)", lambda d: np.log1p(np.exp(d["u"]))),
+    (Softplus(-2 * u), "_softplus(-2*u)", lambda d: np.log1p(np.exp(-2 * d["u"]))),
     (Step(u), "(u > 0)", lambda d: np.heaviside(d["u"], 0.0)),
     (v * Step(u), "v*(u > 0)", lambda d: d["v"] * np.heaviside(d["u"], 0.0)),
     (sp.Piecewise((u, u > 0), (u / 10, True)), "np.where(u > 0, u, (1/10)*u)",

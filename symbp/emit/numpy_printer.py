@@ -27,6 +27,8 @@ HELPERS = {
     "window_tensordot": "_window_tensordot",
     "col2im_tensordot": "_col2im_tensordot",
     "row_vector": "_row_vector",
+    "sigmoid": "_sigmoid",
+    "softplus": "_softplus",
     "along_rows": "_along_rows",
 }
 
@@ -247,14 +249,14 @@ class SymbpNumPyPrinter(NumPyPrinter):
         return f"{self.parenthesize(array, PRECEDENCE['Atom'], strict=True)}[{', '.join(slots)}]"
 
     def _print_Sigmoid(self, expr):
-        # 1/(1 + exp(-u)) = exp(-log(1 + exp(-u))): no overflow, full relative accuracy.
-        (u,) = expr.args
-        softplus = f"{self._module_format('numpy.logaddexp')}(0, {self._print(-u)})"
-        return f"{self._module_format('numpy.exp')}(-{softplus})"
+        # 1/(1 + exp(-u)) by a helper that neither overflows nor loses relative accuracy.
+        self.helpers_used.add("sigmoid")
+        return f"{HELPERS['sigmoid']}({self._print(expr.args[0])})"
 
     def _print_Softplus(self, expr):
-        (u,) = expr.args
-        return f"{self._module_format('numpy.logaddexp')}(0, {self._print(u)})"
+        # log(1 + exp(u)) by a helper that neither overflows nor loses relative accuracy.
+        self.helpers_used.add("softplus")
+        return f"{HELPERS['softplus']}({self._print(expr.args[0])})"
 
     def _print_Step(self, expr):
         (u,) = expr.args
