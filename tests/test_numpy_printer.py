@@ -163,6 +163,28 @@ def test_piecewise_without_a_default_branch_is_refused():
         SymbpNumPyPrinter().doprint(sp.Piecewise((u, u > 0), (v, u < 0)))
 
 
+@pytest.mark.parametrize(("expr", "code"), [
+    (2 * (sp.exp(u) - 1), "2*np.expm1(u)"),
+    (sp.exp(u) + v - 1, "v + np.expm1(u)"),
+    (sp.log(1 + u**2), "np.log1p(u**2)"),
+    (sp.exp(u) - 2, "np.exp(u) - 2"),  # not c*exp(u) - c: left alone
+    (sp.Rational(1, 2) * sp.exp(-u) - sp.Rational(1, 2), "(1/2)*np.expm1(-u)"),
+    (sp.log(u), "np.log(u)"),
+])
+def test_exp_minus_one_and_log_one_plus_print_as_expm1_and_log1p(expr, code):
+    assert SymbpNumPyPrinter().doprint(expr) == code
+
+
+def test_expm1_keeps_the_digits_of_small_arguments():
+    """ELU's alpha*(exp(x) - 1) just below 0: the printed code gives x to the last digit,
+    where exp(x) - 1 keeps about half of them (an independent value: the Taylor series)."""
+    x = np.array([-1e-10, -3e-9, -1e-12])
+    got = run(SymbpNumPyPrinter().doprint(sp.exp(u) - 1), u=x)
+    taylor = x + x**2 / 2 + x**3 / 6
+    assert np.allclose(got, taylor, rtol=1e-15, atol=0)
+    assert not np.allclose(np.exp(x) - 1, taylor, rtol=1e-9, atol=0)
+
+
 def test_erf_goes_through_the_helper_and_is_recorded():
     printer = SymbpNumPyPrinter()
     assert printer.doprint(sp.erf(u) + sp.erfc(v)) in ("_erf(u) + _erfc(v)", "_erfc(v) + _erf(u)")

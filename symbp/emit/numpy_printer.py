@@ -11,6 +11,7 @@ printed as calls to helpers the module template defines when used (see :data:`HE
 from __future__ import annotations
 
 import sympy as sp
+from sympy.codegen.cfunctions import expm1, log1p
 from sympy.printing.numpy import NumPyPrinter
 from sympy.printing.precedence import PRECEDENCE, precedence
 
@@ -88,6 +89,11 @@ class SymbpNumPyPrinter(NumPyPrinter):
             head = self._print(small) if small.is_Mul else self.parenthesize(small, level)
             return f"{head}*{self.parenthesize(big, level)}"
         return super()._print_Mul(expr)
+
+    def doprint(self, expr, assign_to=None):
+        if isinstance(expr, sp.Basic):
+            expr = accurate_forms(expr)
+        return super().doprint(expr, assign_to=assign_to)
 
     def _as_ordered_terms(self, expr, order=None):
         terms = super()._as_ordered_terms(expr, order=order)
@@ -499,6 +505,30 @@ def is_smaller(expr: sp.Expr, shape: tuple, shapes: dict[str, tuple]) -> bool:
     if own is None:
         return False
     return sum(d != 1 for d in own) < sum(d != 1 for d in shape)
+
+
+def accurate_forms(expr: sp.Expr) -> sp.Expr:
+    """``c*exp(u) - c`` as ``c*expm1(u)`` and ``log(1 + u)`` as ``log1p(u)``: the same values,
+    computed without the cancellation that loses ``u``'s digits where ``u`` is small (ELU's
+    ``alpha*(exp(x) - 1)`` just below 0), and in one pass instead of two."""
+
+    def minus_one(node):  # c*exp(u) - c, c a number (sympy spreads 2*(exp(u) - 1) so)
+        constant, terms = node.as_coeff_Add()
+        for term in sp.Add.make_args(terms):
+            c, rest = term.as_coeff_Mul()
+            if isinstance(rest, sp.exp) and constant != 0 and c == -constant:
+                others = [t for t in sp.Add.make_args(terms) if t is not term]
+                return sp.Add(c * expm1(rest.args[0]), *others)
+        return node
+
+    def one_plus(node):
+        inner = node.args[0]
+        if not (isinstance(inner, sp.Add) and sp.S.One in inner.args):
+            return node
+        return log1p(inner - 1)
+
+    expr = expr.replace(lambda node: isinstance(node, sp.Add), minus_one)
+    return expr.replace(lambda node: isinstance(node, sp.log), one_plus)
 
 
 def float_constants(expr: sp.Expr) -> sp.Expr:
