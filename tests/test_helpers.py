@@ -27,7 +27,7 @@ def helpers():
     names = ("parts", "window_max", "first_maxima", "first_argmax_mask", "first_max_col2im",
              "col2im", "tensordot", "shifted", "banded", "window_tensordot", "col2im_tensordot")
     for name in (*names, "row_vector", "along_rows", "erf_fits", "erf_pieces", "erf", "erfc",
-                 "sigmoid", "softplus"):
+                 "exp_minus_abs", "sigmoid", "softplus"):
         exec(_helper_source(env, name), namespace)  # noqa: S102 - our own template
     return namespace
 

@@ -46,6 +46,7 @@ from . import template_folder
 from .numpy_printer import (
     RowVector,
     SymbpNumPyPrinter,
+    accurate_forms,
     array_shape,
     float_constants,
     is_smaller,
@@ -554,7 +555,7 @@ class ModuleBuilder:
         ``out=``); so does the argument ``writable`` when the caller passes ``overwrite=True``.
         """
         shapes = _array_shapes(form)
-        exprs = [spread_factors(float_constants(e), shapes) for _, e in outputs]
+        exprs = [spread_factors(accurate_forms(float_constants(e)), shapes) for _, e in outputs]
         named, exprs = _name_windows(exprs)
         outputs = [*named, *outputs]
         exprs = [value for _, value in named] + exprs

@@ -90,11 +90,6 @@ class SymbpNumPyPrinter(NumPyPrinter):
             return f"{head}*{self.parenthesize(big, level)}"
         return super()._print_Mul(expr)
 
-    def doprint(self, expr, assign_to=None):
-        if isinstance(expr, sp.Basic):
-            expr = accurate_forms(expr)
-        return super().doprint(expr, assign_to=assign_to)
-
     def _as_ordered_terms(self, expr, order=None):
         terms = super()._as_ordered_terms(expr, order=order)
         if self.shapes is None or not isinstance(expr, sp.Add):
@@ -256,12 +251,12 @@ class SymbpNumPyPrinter(NumPyPrinter):
 
     def _print_Sigmoid(self, expr):
         # 1/(1 + exp(-u)) by a helper that neither overflows nor loses relative accuracy.
-        self.helpers_used.add("sigmoid")
+        self.helpers_used |= {"sigmoid", "exp_minus_abs"}
         return f"{HELPERS['sigmoid']}({self._print(expr.args[0])})"
 
     def _print_Softplus(self, expr):
         # log(1 + exp(u)) by a helper that neither overflows nor loses relative accuracy.
-        self.helpers_used.add("softplus")
+        self.helpers_used |= {"softplus", "exp_minus_abs"}
         return f"{HELPERS['softplus']}({self._print(expr.args[0])})"
 
     def _print_Step(self, expr):
@@ -541,4 +536,4 @@ def float_constants(expr: sp.Expr) -> sp.Expr:
 
 def numpy_code(expr: sp.Expr, printer: SymbpNumPyPrinter | None = None) -> str:
     """NumPy source for one whole-array expression."""
-    return (printer or SymbpNumPyPrinter()).doprint(float_constants(expr))
+    return (printer or SymbpNumPyPrinter()).doprint(accurate_forms(float_constants(expr)))
