@@ -81,6 +81,8 @@ CUSTOM = {
     "sin(x) + x**2/4": lambda h: anp.sin(h) + h**2 / 4,
     "x*atan(x) - log(cosh(x))": lambda h: h * anp.arctan(h) - anp.log(anp.cosh(h)),
     "sqrt(1 + x**2) - 1 + x": lambda h: anp.sqrt(1 + h**2) - 1 + h,
+    "tanh(tanh(x)) + tanh(x)": lambda h: anp.tanh(anp.tanh(h)) + anp.tanh(h),
+    "x*sin(x)**2 + cos(x)": lambda h: h * anp.sin(h) ** 2 + anp.cos(h),
 }
 
 #: Built-in element-wise layers, from their definitions (issue #3 and the layer docstrings).
@@ -366,6 +368,38 @@ def test_function_names_follow_the_layer_math():
     for stem in set(stems.values()) - {"mse"}:
         assert source.count(f"def {stem}_forward(") == 1
     compare_with_oracle(net)
+
+
+def _function_source(source: str, name: str) -> str:
+    start = source.index(f"def {name}(")
+    return source[start : source.index("\n\n\n", start)]
+
+
+def test_gelu_computes_erf_once_for_both_passes():
+    """The forward pass keeps erf(x/sqrt(2)); the backward reads it and calls no erf."""
+    net = Net([symbp.linear(5, name="fc"), symbp.gelu(name="gelu"), symbp.linear(3)],
+              input_features=4, loss="mse")
+    source = generate_module(net)
+    assert _function_source(source, "gelu_forward").count("_erf(") == 1
+    backward = _function_source(source, "gelu_backward")
+    assert "_erf(" not in backward and "def gelu_backward(dy, x, erf_x" in backward
+    module = load_module(source)
+    params, x, y, state = random_problem(net, batch=6, seed=3)
+    _, cache = module.forward(params, x)
+    h = x @ params["fc.W"] + params["fc.b"]
+    expected = np.vectorize(math.erf)(h / math.sqrt(2))
+    np.testing.assert_allclose(cache["gelu"][1], expected, rtol=4e-16, atol=0)
+    compare_with_oracle(net, module)
+
+
+@pytest.mark.parametrize("text", ["tanh(tanh(x)) + tanh(x)", "x*sin(x)**2 + cos(x)"])
+def test_user_expressions_with_values_kept_for_both_passes_agree_with_the_oracle(text):
+    net = Net([symbp.linear(5), symbp.activation(text), symbp.linear(3)], input_features=4,
+              loss="softmax_cross_entropy")
+    source = generate_module(net)
+    backward = _function_source(source, "activation_backward")
+    assert "np.tanh(x)" not in backward and "np.sin(x)" not in backward
+    compare_with_oracle(net, load_module(source))
 
 
 def _copies(tree):

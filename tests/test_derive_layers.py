@@ -220,6 +220,56 @@ def test_derivative_in_terms_of_the_stored_output(case_id, expected):
     assert sp.expand(derivation.vjp["x"].expr - expected()) == 0
 
 
+# -- costly values computed once for both passes ---------------------------------------------
+def _carried(derivation: LayerDerivation) -> dict[str, sp.Expr]:
+    return {c.name: c.math for c in derivation.carried}
+
+
+def test_gelu_and_silu_keep_the_function_value_their_backward_needs_again():
+    """GELU'(x) = Phi(x) + x*phi(x) and SiLU'(x) = s(x)*(1 + x*(1 - s(x))) reuse the forward
+    pass's erf(x/sqrt(2)) and sigmoid(x) (textbook forms, written out here)."""
+    gelu = derivation_of("gelu")
+    assert _carried(gelu) == {"erf_x": sp.erf(x[n, j] / sp.sqrt(2))}
+    assert [a.name for a in gelu.cached] == ["x", "erf_x"]  # the code still reads x itself
+    silu = derivation_of("silu")
+    assert _carried(silu) == {"sigmoid_x": 1 / (1 + sp.exp(-x[n, j]))}
+    assert [a.name for a in silu.cached] == ["x", "sigmoid_x"]
+
+
+@pytest.mark.parametrize(
+    "case_id", ["relu", "sigmoid", "tanh", "softplus", "elu", "leaky_relu", "batchnorm", "linear"]
+)
+def test_layers_whose_backward_repeats_no_costly_forward_value_keep_nothing_more(case_id):
+    """Sigmoid and tanh read their output; softplus' forward has no sigmoid in it; ELU's
+    exp(x) is printed as expm1 in the forward pass (keeping exp(x) would lose that)."""
+    assert derivation_of(case_id).carried == ()
+
+
+def test_nested_values_are_kept_outermost_first_and_the_input_is_dropped():
+    """d/dx [tanh(tanh(x)) + tanh(x)] = (1 - tanh(tanh(x))**2)*(1 - tanh(x)**2) + 1 - tanh(x)**2:
+    both values are kept, and the backward no longer reads x at all."""
+    derivation = derive_layer(layers.Activation("tanh(tanh(x)) + tanh(x)").forward_form((3,)))
+    assert _carried(derivation) == {
+        "tanh_tanh_x": sp.tanh(sp.tanh(x[n, j])),
+        "tanh_x": sp.tanh(x[n, j]),
+    }
+    assert [a.name for a in derivation.cached] == ["tanh_tanh_x", "tanh_x"]
+    expected = ((1 - sp.tanh(sp.tanh(x[n, j])) ** 2) * (1 - sp.tanh(x[n, j]) ** 2) + 1
+                - sp.tanh(x[n, j]) ** 2) * dy[n, j]
+    assert sp.expand(derivation.vjp["x"].expr - expected) == 0
+
+
+def test_every_kept_value_is_in_the_forward_formula_and_read_by_the_backward():
+    from symbp.derive.arrays import stabilize
+
+    for case_id in ["gelu", "silu"]:
+        derivation = derivation_of(case_id)
+        forward = stabilize(derivation.form.output.expr)
+        backward = stabilize(derivation.vjp["x"].expr)
+        for value in derivation.carried:
+            assert forward.has(value.expr) and backward.has(value.expr)
+
+
 # -- losses -------------------------------------------------------------------------------------
 def test_softmax_cross_entropy_gives_softmax_minus_onehot_over_n():
     derivation = derivation_of("softmax_cross_entropy")

@@ -22,8 +22,10 @@ import sympy as sp
 
 from ..declare.forms import Array, Forward
 from ..errors import DerivationError
+from .arrays import ArrayOp, Sigmoid, Softplus, stabilize
 from .indexing import fresh_index, freshen_bound, simplify_indexed, sums_in
 from .kinks import apply_kink_convention
+from .readings import computed_form
 
 
 @dataclass
@@ -53,6 +55,27 @@ class Rule:
     source: str  # the stage it came from
 
 
+@dataclass(frozen=True)
+class Carried:
+    """``array[indices] = expr``: a costly function value that the forward pass computes and
+    the backward needs again (GELU's ``erf(x/sqrt(2))``, SiLU's ``sigmoid(x)``), kept from the
+    forward pass instead of computed twice. ``expr`` is in the stable form the code prints
+    (:func:`~symbp.derive.arrays.stabilize`)."""
+
+    array: Array
+    indices: tuple[sp.Symbol, ...]
+    expr: sp.Expr
+
+    @property
+    def name(self) -> str:
+        return self.array.name
+
+    @property
+    def math(self) -> sp.Expr:
+        """``expr`` in plain notation: sigmoid and softplus as formulas in ``exp``."""
+        return as_math(self.expr)
+
+
 @dataclass
 class LayerDerivation:
     """Everything the engine derived for one layer type."""
@@ -64,10 +87,29 @@ class LayerDerivation:
     rules: list[Rule] = field(default_factory=list)
     identities: list[Rule] = field(default_factory=list)
     steps: dict[str, list[tuple[str, sp.Expr]]] = field(default_factory=dict)
+    carried: tuple[Carried, ...] = ()
+    #: the arrays of ``stored`` that the code's VJPs still read once they read the carried
+    #: values (``None``: all of them)
+    code_reads: tuple[str, ...] | None = None
 
     @property
     def upstream(self) -> Array:
         return adjoint_array(self.form.output.array)
+
+    @property
+    def cached(self) -> tuple[Array, ...]:
+        """What the generated ``cache[layer]`` holds, in order: the arrays the code's VJPs read
+        that are not parameters, then the carried values."""
+        params = {p.name for p in self.form.params}
+        reads = self.stored if self.code_reads is None else self.code_reads
+        kept = [self.form.arrays[name] for name in reads if name not in params]
+        return (*kept, *(c.array for c in self.carried))
+
+    @property
+    def params_read(self) -> tuple[Array, ...]:
+        """The parameters the code's VJPs read."""
+        reads = self.stored if self.code_reads is None else self.code_reads
+        return tuple(p for p in self.form.params if p.name in reads)
 
 
 def adjoint_array(array: Array) -> Array:
@@ -95,8 +137,12 @@ def derive_layer(form: Forward) -> LayerDerivation:
         if best is None:
             best = derivation
         if _acceptable(form, derivation, keep):
-            return derivation
+            best = derivation
+            break
     assert best is not None
+    best.carried = carried_values(best)
+    if best.carried:
+        best.code_reads = _code_reads(best)
     return best
 
 
@@ -390,3 +436,104 @@ def _stored(form: Forward, vjp: dict[str, Adjoint]) -> tuple[str, ...]:
                 read.add(name)
     order = list(arrays)
     return tuple(sorted(read, key=order.index))
+
+
+# -- values computed once for both passes --------------------------------------------------------
+#: Functions not worth keeping: comparisons and branches cost a pass like the read of a kept
+#: array, and ``exp``/``log`` are printed as ``expm1``/``log1p`` where their surroundings allow,
+#: which a kept value would hide.
+_CHEAP = (
+    sp.Abs,
+    sp.sign,
+    sp.Heaviside,
+    sp.Max,
+    sp.Min,
+    sp.Piecewise,
+    sp.floor,
+    sp.ceiling,
+    sp.KroneckerDelta,
+    sp.exp,
+    sp.log,
+)
+
+
+def _costly(node: sp.Expr) -> bool:
+    """A function of the layer's arrays that takes more than a pass or two to compute."""
+    if isinstance(node, ArrayOp):  # the array nodes of the printed forms
+        return isinstance(node, (Sigmoid, Softplus))
+    return (
+        isinstance(node, sp.Function)
+        and not isinstance(node, _CHEAP)
+        and node.has(sp.Indexed)
+        and not node.has(sp.Sum)
+    )
+
+
+def carried_values(derivation: LayerDerivation) -> tuple[Carried, ...]:
+    """The costly function values of an element-wise layer that both its forward formula and
+    its VJPs compute (in the forms the code prints), outermost first; none for other layers.
+
+    GELU's forward ``x*(1 + erf(x/sqrt(2)))/2`` and its VJP both call ``erf(x/sqrt(2))``: the
+    forward pass keeps it (``erf_x``) and the backward reads it. A value is kept only if some
+    VJP still reads it once the values kept before it are read instead.
+    """
+    form = derivation.form
+    if not form.elementwise or len(form.stages) != 1:
+        return ()
+    stage = form.output
+    upstream = derivation.upstream.name
+    forward = stabilize(stage.expr)
+    backward = [
+        stabilize(computed_form(a.expr, upstream, form.gather)) for a in derivation.vjp.values()
+    ]
+    nodes = []
+    for node in sp.preorder_traversal(forward):
+        if _costly(node) and node not in nodes:
+            nodes.append(node)
+    # outermost first: a value kept is read in place of every value inside it
+    nodes = sorted(nodes, key=lambda node: -sum(node.has(other) for other in nodes))
+    carried: list[Carried] = []
+    taken = set(form.arrays) | {s.name for s in form.constants} | {upstream}
+    for node in nodes:
+        replaced = [e.xreplace({c.expr: c.array[c.indices] for c in carried}) for e in backward]
+        if not any(e.has(node) for e in replaced):
+            continue
+        name = _carried_name(node, form, taken)
+        taken.add(name)
+        carried.append(Carried(Array(name, stage.array.dims), stage.indices, node))
+    return tuple(carried)
+
+
+def _code_reads(derivation: LayerDerivation) -> tuple[str, ...]:
+    """The arrays of ``stored`` that the code's VJPs read (the carried values read instead)."""
+    form = derivation.form
+    upstream = derivation.upstream.name
+    kept = {c.expr: c.array[c.indices] for c in derivation.carried}
+    read: set[str] = set()
+    for adjoint in derivation.vjp.values():
+        code = stabilize(computed_form(adjoint.expr, upstream, form.gather)).xreplace(kept)
+        read |= {_name(element) for element in _elements(code)}
+    return tuple(name for name in derivation.stored if name in read)
+
+
+def _carried_name(node: sp.Expr, form: Forward, taken: set[str]) -> str:
+    """``erf_x`` for ``erf(...x...)``, ``tanh_softplus_x`` for ``tanh(softplus(x))``;
+    ``erf_x_2`` for a second ``erf`` of ``x``."""
+    functions: list[str] = []
+    for part in sp.preorder_traversal(node):
+        if isinstance(part, sp.Function):
+            functions.append(type(part).__name__.lower())
+    inputs = [a.name for a in form.inputs if node.has(a.base)]
+    stem = "_".join([*functions[:3], *(inputs or ["value"])])
+    name, count = stem, 1
+    while name in taken:
+        count += 1
+        name = f"{stem}_{count}"
+    return name
+
+
+def as_math(expr: sp.Expr) -> sp.Expr:
+    """``expr`` with the stable nodes written out: ``sigmoid(u) = 1/(1 + exp(-u))``,
+    ``softplus(u) = log(1 + exp(u))``."""
+    expr = expr.replace(lambda e: isinstance(e, Sigmoid), lambda e: 1 / (1 + sp.exp(-e.args[0])))
+    return expr.replace(lambda e: isinstance(e, Softplus), lambda e: sp.log(1 + sp.exp(e.args[0])))

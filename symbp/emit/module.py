@@ -39,7 +39,7 @@ from ..derive.arrays import (
     WindowTensorDot,
     stabilize,
 )
-from ..derive.layer import LayerDerivation
+from ..derive.layer import Carried, LayerDerivation
 from ..derive.network import NetworkDerivation, derive_cached, derive_network
 from ..derive.readings import computed_form, reading
 from . import template_folder
@@ -547,6 +547,7 @@ class ModuleBuilder:
         returned: set[str] | None = None,
         writable: str | None = None,
         into: set[str] = frozenset(),
+        carried: tuple[Carried, ...] = (),
     ) -> list[_Statement]:
         """Statements for named outputs, repeated sub-expressions computed once, in order.
 
@@ -555,6 +556,7 @@ class ModuleBuilder:
         ``out=``); so does the argument ``writable`` when the caller passes ``overwrite=True``.
         """
         shapes = _array_shapes(form)
+        shapes.update({c.name: tuple(c.array.dims) for c in carried})
         exprs = [spread_factors(accurate_forms(float_constants(e)), shapes) for _, e in outputs]
         named, exprs = _name_windows(exprs)
         outputs = [*named, *outputs]
@@ -626,9 +628,20 @@ class ModuleBuilder:
             names = [s.name for s in form.constants if s in used]
             return (", *, " + ", ".join(names)) if names else ""
 
-        # forward
-        outputs = [(s.name, lowering.lower(stabilize(s.expr), s.indices)) for s in form.stages]
-        cached = [n for n in derivation.stored if n not in {p.name for p in form.params}]
+        # forward (computing the carried values once, for both passes)
+        carried = derivation.carried
+        kept = {c.expr: c.array[c.indices] for c in carried}
+        # a value computed from another carried value comes after it
+        computed = sorted(carried, key=lambda c: sum(c.expr.has(o.expr) for o in carried))
+        outputs = [
+            (c.name, lowering.lower(c.expr.xreplace(_without(kept, c.expr)), c.indices))
+            for c in computed
+        ]
+        outputs += [
+            (s.name, lowering.lower(stabilize(s.expr).xreplace(kept), s.indices))
+            for s in form.stages
+        ]
+        cached = [array.name for array in derivation.cached]
         args = [a.name for a in form.inputs + form.params + form.aux]
         kw = keywords([e for _, e in outputs])
         returns = f"{form.output.name}, ({', '.join(cached)}{',' if len(cached) == 1 else ''})"
@@ -638,7 +651,7 @@ class ModuleBuilder:
             returned |= {"mu", "var"}
         writable = form.inputs[0].name if len(form.inputs) == 1 else None
         writable = writable if writable not in cached else None
-        statements = self._printed(outputs, form, args, returned, writable)
+        statements = self._printed(outputs, form, args, returned, writable, carried=carried)
         kw = _with_sizes(kw, self.unbound)
         self.size_keywords[f"{stem}_forward"] = self.unbound
         overwrites = any(st.overwrites for st in statements)
@@ -651,7 +664,8 @@ class ModuleBuilder:
             f"{stem}_forward",
             ", ".join(args) + kw,
             f"Forward pass of {layer.kind}; returns the output and what backward needs.",
-            [formula(s.array[s.indices], s.expr) for s in form.stages],
+            [formula(c.array[c.indices], c.math) for c in computed]
+            + [formula(s.array[s.indices], s.expr) for s in form.stages],
             statements,
             returns,
             notes=[OVERWRITE_NOTE.format(name=writable)] if overwrites else [],
@@ -666,11 +680,11 @@ class ModuleBuilder:
 
         # backward
         upstream = derivation.upstream.name
-        params_read = [p.name for p in form.params if p.name in derivation.stored]
+        params_read = [p.name for p in derivation.params_read]
         grads = [(f"d{a.name}", derivation.vjp[a.name]) for a in form.differentiable]
         exprs = [computed_form(a.expr, upstream, form.gather) for _, a in grads]
         outputs = [
-            (t, lowering.lower(stabilize(e), a.indices))
+            (t, lowering.lower(stabilize(e).xreplace(kept), a.indices))
             for (t, a), e in zip(grads, exprs, strict=True)
         ]
         kw = keywords([e for _, e in outputs])
@@ -683,6 +697,7 @@ class ModuleBuilder:
             {t for t, _ in grads},
             upstream if given else None,
             {f"d{p.name}" for p in form.params},
+            carried=carried,
         )
         kw = _with_sizes(kw, self.unbound)
         self.size_keywords[f"{stem}_backward"] = self.unbound
@@ -703,6 +718,8 @@ class ModuleBuilder:
         for (target, adjoint), expr in zip(grads, exprs, strict=True):
             if expr != adjoint.expr:  # computed in the gather form: say what that is
                 notes.append(f"{target}: {reading(expr, upstream)}.")
+        for c in carried:
+            notes.append(f"{formula(c.array[c.indices], c.math)}, kept by the forward pass.")
         if outs:
             notes.append(f"{', '.join(t + '_out' for t in outs)}: {OUT_NOTE}")
         first = f"d{form.differentiable[0].name}"
@@ -887,9 +904,7 @@ class ModuleBuilder:
             lines.append(f"dh = {skip} + dh")
             self.dh_owned = True
             return
-        params_read = [
-            f'params["{item.name}.{p.name}"]' for p in form.params if p.name in derivation.stored
-        ]
+        params_read = [f'params["{item.name}.{p.name}"]' for p in derivation.params_read]
         constants = self._constants(layer, form, [a.expr for a in derivation.vjp.values()])
         constants += _size_arguments(item, form, self.size_keywords.get(f"{stem}_backward", []))
         args = ["dh", f'*cache["{item.name}"]', *params_read, *constants]
@@ -941,6 +956,10 @@ class ModuleBuilder:
 
         visit(self.net.placed)
         return result
+
+
+def _without(mapping: dict, key) -> dict:
+    return {k: v for k, v in mapping.items() if k != key}
 
 
 def _array_shapes(form: Forward) -> dict[str, tuple | None]:

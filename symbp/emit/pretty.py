@@ -66,6 +66,10 @@ def layer_report(derivation: LayerDerivation, unicode: bool = True) -> list[str]
             lines.append(_pretty(rule.lhs, rule.rhs, unicode))
     stored = ", ".join(derivation.stored) or "nothing"
     lines.append(f"  backward reads from the forward pass: {stored}")
+    for carried in derivation.carried:
+        kept = f"  the generated code keeps {carried.name} too (computed once for both passes):"
+        lines.append(kept)
+        lines.append(_pretty(carried.array[carried.indices], carried.math, unicode))
     return lines
 
 

@@ -1,6 +1,7 @@
 """What backward keeps from the forward pass: a formula per layer, checked against the cache.
 
-Each layer keeps the arrays of ``derivation.stored`` that are not parameters (the generated
+Each layer keeps the arrays of ``derivation.stored`` that are not parameters and the values it
+carries from the forward pass to the backward (``derivation.cached``, the generated
 ``cache[name]``); their sizes are the symbolic dims of the layer's forward definition (``x`` is
 ``N x I`` for a linear layer), which become numbers times the batch size ``N`` once the layer's
 widths are matched to its placed shapes.
@@ -25,7 +26,6 @@ from ..declare.forms import Array, Forward, N
 from ..declare.layers import Residual
 from ..declare.net import Net, Placed
 from ..derive.network import derive_cached
-from .numeric import cached_names
 
 
 @dataclass
@@ -88,8 +88,8 @@ def _place_layer(item: Placed, current: int, counter, origin, result) -> int:
     output = current if aliases_input else next(counter)
     tokens[stage.name] = output
     entries = []
-    for name in cached_names(derivation):
-        array = form.arrays[name]
+    for array in derivation.cached:
+        name = array.name
         token = tokens.setdefault(name, next(counter))
         elements = sp.expand(sp.Mul(*array.dims).xreplace(sizes))
         label = f"{item.name}.{name}"

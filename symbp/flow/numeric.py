@@ -7,7 +7,8 @@ module's own per-layer ``<stem>_backward`` functions, with the same arguments th
 hyper-parameters it uses); the tests check that its parameter gradients equal ``backward``'s.
 
 ``cache[name]`` holds, in order, the arrays of ``derivation.stored`` that are not parameters
-(:func:`cached_names`): that is how the generator builds it.
+and then the values carried from the forward pass (``derivation.cached``, :func:`cached_names`):
+that is how the generator builds it.
 
 Jacobians are assembled from VJPs with basis vectors (one backward pass per output entry), so
 they are only computed for small batches and widths (:data:`JACOBIAN_LIMIT`).
@@ -37,8 +38,7 @@ JACOBIAN_LIMIT = 1024
 
 def cached_names(derivation: LayerDerivation) -> list[str]:
     """The names of the arrays in the generated ``cache[layer]`` tuple, in order."""
-    params = {p.name for p in derivation.form.params}
-    return [name for name in derivation.stored if name not in params]
+    return [array.name for array in derivation.cached]
 
 
 @dataclass
@@ -80,7 +80,7 @@ def _backward(items, module, params, cache, upstream, trace: Trace, stems):
             trace.grad_in[item.name] = upstream
             continue
         form = derivation.form
-        read = [params[f"{item.name}.{p.name}"] for p in form.params if p.name in derivation.stored]
+        read = [params[f"{item.name}.{p.name}"] for p in derivation.params_read]
         used = set().union(*[a.expr.free_symbols for a in derivation.vjp.values()])
         values = layer.constant_values()
         keywords = {s.name: values[s.name] for s in form.constants if s in used}
