@@ -83,6 +83,13 @@ CUSTOM = {
     "sqrt(1 + x**2) - 1 + x": lambda h: anp.sqrt(1 + h**2) - 1 + h,
     "tanh(tanh(x)) + tanh(x)": lambda h: anp.tanh(anp.tanh(h)) + anp.tanh(h),
     "x*sin(x)**2 + cos(x)": lambda h: h * anp.sin(h) ** 2 + anp.cos(h),
+    # a constant minus an array (once printed y -= 1 then negated twice: the sign flipped)
+    "1 - tanh(x)": lambda h: 1 - anp.tanh(h),
+    # kinks: an output that does not tell the input's sign; steps added and negated
+    "x - max(x, 0)": lambda h: h - anp.maximum(h, 0.0),
+    "max(x, 0) + max(x, 0.5)": lambda h: anp.maximum(h, 0.0) + anp.maximum(h, 0.5),
+    "min(x, 1) + max(x, -1)": lambda h: anp.minimum(h, 1.0) + anp.maximum(h, -1.0),
+    "-max(x, 0)": lambda h: -anp.maximum(h, 0.0),
 }
 
 #: Built-in element-wise layers, from their definitions (issue #3 and the layer docstrings).
@@ -400,6 +407,50 @@ def test_user_expressions_with_values_kept_for_both_passes_agree_with_the_oracle
     backward = _function_source(source, "activation_backward")
     assert "np.tanh(x)" not in backward and "np.sin(x)" not in backward
     compare_with_oracle(net, load_module(source))
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["1 - tanh(x)", "x - max(x, 0)", "max(x, 0) + max(x, 0.5)", "min(x, 1) + max(x, -1)",
+     "-max(x, 0)"],
+)
+def test_constants_minus_arrays_and_sums_of_kinks_agree_with_the_oracle(text):
+    """Three bugs a review found: ``1 - f(x)`` came out as ``f(x) - 1``; ``x - max(x, 0)``
+    read its output ``min(x, 0)``, whose sign says nothing about x > 0; steps were added and
+    negated as NumPy booleans ("or", TypeError)."""
+    net = Net([symbp.linear(6), symbp.activation(text), symbp.linear(3)], input_features=4,
+              loss="softmax_cross_entropy")
+    compare_with_oracle(net, batch=8, seed=5)
+    assert check_spec(net, batch=5, seed=1).passed
+    layer = symbp.activation(text)
+    module = load_module(generate_module(Net([layer], input_features=7, loss=None)))
+    x = np.array([[-2.3, -1.2, -0.4, 0.2, 0.8, 1.7, 3.1]], dtype=np.float32)
+    out, cache = module.forward({}, x)
+    dx = module.backward({}, cache, np.ones_like(x))["x"]
+    assert out.dtype == dx.dtype == np.float32
+    expected = np.array([CUSTOM[text](v) for v in x[0].astype(np.float64)])
+    np.testing.assert_allclose(out[0], expected, rtol=1e-6, atol=1e-6)  # 1 - tanh cancels
+
+
+def test_batchnorm_refuses_to_train_on_one_value_per_channel():
+    """Its variance would be 0 and the running variance's unbiased factor N/(N - 1) infinite
+    (PyTorch refuses too); evaluation mode and images with H*W > 1 are fine."""
+    flat = Net([symbp.linear(3), symbp.batchnorm(name="bn")], input_features=2, loss="mse")
+    module = load_module(generate_module(flat))
+    params, state = module.init_params(), module.init_state()
+    x = np.ones((1, 2))
+    with pytest.raises(ValueError, match=r"bn: batch norm needs more than one value per channel"):
+        module.forward(params, x, state=state)
+    assert np.isfinite(module.predict(params, x, state)).all()
+    images = Net([symbp.batchnorm(name="bn2d"), symbp.flatten()], input_shape=(2, 1, 1),
+                 loss="mse")
+    module = load_module(generate_module(images))
+    with pytest.raises(ValueError, match=r"\(N\*H\*W = 1\)"):
+        module.forward(module.init_params(), np.ones((1, 2, 1, 1)))
+    wide = Net([symbp.batchnorm(), symbp.flatten()], input_shape=(2, 2, 1), loss="mse")
+    module = load_module(generate_module(wide))
+    out, _ = module.forward(module.init_params(), np.arange(4.0).reshape(1, 2, 2, 1))
+    assert np.isfinite(out).all()
 
 
 def _copies(tree):

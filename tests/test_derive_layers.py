@@ -220,6 +220,19 @@ def test_derivative_in_terms_of_the_stored_output(case_id, expected):
     assert sp.expand(derivation.vjp["x"].expr - expected()) == 0
 
 
+def test_an_output_that_does_not_tell_the_input_sign_is_not_what_backward_reads():
+    """y = x - max(x, 0) = min(x, 0): solving for x gives x = y only for x <= 0, and the
+    derivative 1 - step(x) is not a function of y. ReLU's output does tell: step(x) =
+    step(max(x, 0))."""
+    derivation = derive_layer(layers.Activation("x - max(x, 0)").forward_form((3,)))
+    assert derivation.stored == ("x",)
+    expected = dy[n, j] * (1 - sp.Heaviside(x[n, j], 0))
+    for value in (-1.5, -0.25, 0.5, 2.0):
+        at = {x[n, j]: value, dy[n, j]: 1}
+        assert derivation.vjp["x"].expr.xreplace(at) == expected.xreplace(at)
+    assert derivation_of("relu").stored == ("y",)
+
+
 # -- costly values computed once for both passes ---------------------------------------------
 def _carried(derivation: LayerDerivation) -> dict[str, sp.Expr]:
     return {c.name: c.math for c in derivation.carried}

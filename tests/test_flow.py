@@ -296,7 +296,9 @@ def test_flow_command_prints_three_tables(capsys):
     assert "bound on ||J||_2" in out
     assert "tanh (diagonal)" in out and "sup|f'| = 1, attained at x = 0" in out
     assert "|dL/d input|" in out and "s_max J" in out
-    assert "N = 7" in out and "DIFFERS" not in out and out.count("(matches)") == 2
+    assert "N = 7" in out and "DIFFERS" not in out and out.count("(matches)") == 1
+    # batch norm does not train on a batch of one: predicted, not measured
+    assert "N = 1 " in out and "not measured: bn2: batch norm needs more than one value" in out
 
 
 def test_flow_command_draws_a_png(capsys, tmp_path):

@@ -99,8 +99,14 @@ CASES = [
      lambda d: 1 / (1 + np.exp(d["v"] - d["u"]))),
     (Softplus(u), "_softplus(u)", lambda d: np.log1p(np.exp(d["u"]))),
     (Softplus(-2 * u), "_softplus(-2*u)", lambda d: np.log1p(np.exp(-2 * d["u"]))),
-    (Step(u), "(u > 0)", lambda d: np.heaviside(d["u"], 0.0)),
+    (Step(u), "np.heaviside(u, 0)", lambda d: np.heaviside(d["u"], 0.0)),
     (v * Step(u), "v*(u > 0)", lambda d: d["v"] * np.heaviside(d["u"], 0.0)),
+    # booleans add as "or" and refuse unary minus: outside a product with an array, heaviside
+    (Step(u) + Step(u - v), "np.heaviside(u, 0) + np.heaviside(u - v, 0)",
+     lambda d: (d["u"] > 0) * 1.0 + (d["u"] > d["v"]) * 1.0),
+    (-Step(u), "-np.heaviside(u, 0)", lambda d: np.where(d["u"] > 0, -1.0, 0.0)),
+    (v * (Step(u) + Step(-u)), "v*(np.heaviside(-u, 0) + np.heaviside(u, 0))",
+     lambda d: d["v"] * (d["u"] != 0)),
     (sp.Piecewise((u, u > 0), (u / 10, True)), "np.where(u > 0, u, (1/10)*u)",
      lambda d: np.array([[x if x > 0 else x / 10 for x in row] for row in d["u"]])),
     (sp.Piecewise((u, u > 1), (v, u < -1), (0, True)), "np.where(u > 1, u, np.where(u < -1, v, 0))",
@@ -151,6 +157,16 @@ def test_step_is_zero_at_the_kink_and_keeps_float32():
     result = run(SymbpNumPyPrinter().doprint(v * Step(u)), u=value, v=upstream)
     assert result.dtype == np.float32
     assert result.tolist() == [0.0, 0.0, 3.0]
+
+
+@pytest.mark.parametrize("expr", [2 * Step(u) + Step(u - 1), -Step(u), Step(u) * Step(u - 1)])
+def test_steps_outside_a_product_with_an_array_are_numbers_in_the_input_dtype(expr):
+    """(u > 0) + (u > 1) would be a boolean "or", 2*(u > 0) an int64 array."""
+    value = np.array([-1.0, 0.0, 0.5, 2.0], dtype=np.float32)
+    result = run(SymbpNumPyPrinter().doprint(expr), u=value)
+    assert result.dtype == np.float32
+    expected = [float(expr.subs(u, x).replace(Step, lambda w: sp.Heaviside(w, 0))) for x in value]
+    assert result.tolist() == expected
 
 
 def test_piecewise_takes_the_later_branch_at_the_boundary():

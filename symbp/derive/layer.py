@@ -123,8 +123,7 @@ def derive_layer(form: Forward) -> LayerDerivation:
     staged = _staged_adjoints(form, names, unit_upstream=scalar_output)
     by_name = {adj.array.name: adj for adj in staged}
 
-    best = None
-    for keep in _keep_candidates(form):
+    def compact_with(keep: tuple[str, ...]) -> LayerDerivation:
         rules = _rules_towards(form, keep)
         identities = _sum_identities(form, rules, names)
         vjp, steps = {}, {}
@@ -133,10 +132,16 @@ def derive_layer(form: Forward) -> LayerDerivation:
             vjp[array.name] = compact
             steps[array.name] = trail
         stored = _stored(form, vjp)
-        derivation = LayerDerivation(form, staged, vjp, stored, rules, identities, steps)
+        return LayerDerivation(form, staged, vjp, stored, rules, identities, steps)
+
+    best = None
+    for keep in _keep_candidates(form):
+        derivation = compact_with(keep)
         if best is None:
             best = derivation
         if _acceptable(form, derivation, keep):
+            if form.keep is None and keep and not _same_values(form, derivation, compact_with(())):
+                continue  # the kept output does not determine the derivative
             best = derivation
             break
     assert best is not None
@@ -208,6 +213,44 @@ def _acceptable(form: Forward, derivation: LayerDerivation, keep: tuple[str, ...
             p for p in adjoint.expr.atoms(sp.Pow) if p.exp.is_Integer
         }:
             return False
+    return True
+
+
+#: Where an element-wise layer's VJP in terms of its output is compared with the VJP in terms of
+#: its input: both signs, several scales, no round numbers (where user kinks sit).
+_SAMPLE_POINTS = (-7.31, -2.17, -0.83, -0.29, -0.061, 0.047, 0.31, 0.77, 1.43, 2.71, 6.93)
+
+
+def _same_values(form: Forward, kept: LayerDerivation, plain: LayerDerivation) -> bool:
+    """Whether ``kept``'s VJPs, with each kept stage written out, equal ``plain``'s at sample
+    points. Solving ``y = f(x)`` for ``x`` can take one branch for the whole line: for
+    ``y = x - max(x, 0) = min(x, 0)`` it gives ``x = y``, which holds only for ``x <= 0``, and
+    ``step(x)`` would become ``step(y)``, always 0."""
+    definitions = {s.array.base: s for s in form.stages if s.name in kept.stored}
+
+    def written_out(element):
+        stage = definitions[element.base]
+        return stage.expr.xreplace(dict(zip(stage.indices, element.indices, strict=True)))
+
+    inputs = {a.base for a in form.inputs}
+    for name, adjoint in kept.vjp.items():
+        mine = adjoint.expr.replace(
+            lambda e: isinstance(e, sp.Indexed) and e.base in definitions, written_out
+        )
+        theirs = plain.vjp[name].expr
+        for point in _SAMPLE_POINTS:
+            values: dict[sp.Expr, sp.Expr] = dict(form.constants)
+            for element in (mine.atoms(sp.Indexed) | theirs.atoms(sp.Indexed)):
+                values[element] = sp.Float(point) if element.base in inputs else sp.Float(0.7)
+            for symbol in (mine.free_symbols | theirs.free_symbols) - set(values):
+                values.setdefault(symbol, sp.Float(0.37))
+            try:
+                a = complex(sp.N(mine.xreplace(values)))
+                b = complex(sp.N(theirs.xreplace(values)))
+            except (TypeError, ValueError):
+                return False
+            if abs(a - b) > 1e-9 * max(1.0, abs(b)):
+                return False
     return True
 
 

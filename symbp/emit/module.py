@@ -208,7 +208,8 @@ def _into(target: str, value: sp.Expr, donor: sp.Symbol, flagged: bool, printer)
             code = printer.row_pass(name, first, second, out=out)
             return code, None
         function = printer._module_format("numpy." + name)
-        args = [printer.doprint(first), printer.doprint(second), f"out={out}"]
+        factor = printer.factor_code if name == "multiply" else printer.doprint
+        args = [printer.doprint(first), factor(second), f"out={out}"]
         return f"{function}({', '.join(args)})", (function, args)
 
     def product(term):  # ``donor * rest`` if the donor is a direct factor of ``term``
@@ -386,10 +387,11 @@ def _accumulate(target: str, value: sp.Expr, shape, shapes, printer):
     for term in [t for t in terms if t is not start and t not in bares]:
         subtract = term.could_extract_minus_sign() != negated
         extra.append(_update(target, "-" if subtract else "+", magnitude(term), printer))
-    if negated:
+    if negated:  # the array holds minus the sum: negate it, or fold the sign into the factor
         if factor == 1:
             extra.append(f"{ufunc('numpy.negative')}({target}, out={target})")
-        factor = -factor
+        else:
+            factor = -factor
     if factor != 1:
         extra.append(_update(target, "*", factor, printer))
     return _Statement(target, code, extra)
@@ -832,6 +834,17 @@ class ModuleBuilder:
             count = "h.shape[0]" if len(item.in_shape) == 1 else "h.size // h.shape[1]"
             forward.append(f"{indent}if train:")
             inner = indent + "    "
+            # One value a statistic: the variance is 0 and its unbiased form 0/0 (PyTorch
+            # refuses such a batch as well).
+            values = "N" if len(item.in_shape) == 1 else "N*H*W"
+            message = [
+                f'"{item.name}: batch norm needs more than one value per"',
+                f'" channel to train ({values} = 1)"',
+            ]
+            forward.append(f"{inner}if {count} == 1:")
+            forward.append(f"{inner}    raise ValueError(")
+            forward.extend(f"{inner}        {part}" for part in message)
+            forward.append(f"{inner}    )")
             forward.append(
                 _wrap_call(
                     f"h, {key}, stats = ", forward_name, ["h", *params, *constants], inner

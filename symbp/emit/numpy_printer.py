@@ -55,6 +55,9 @@ class SymbpNumPyPrinter(NumPyPrinter):
         #: printer chooses cheaper NumPy for the same value (see :meth:`_print_Mul` and
         #: :meth:`_print_SumOver`); without them it prints the plain form.
         self.shapes = shapes
+        #: Steps printed as NumPy booleans ``(u > 0)``: factors of a product with an array
+        #: (see :meth:`_print_Step`).
+        self._boolean_steps: frozenset = frozenset()
 
     def _module_format(self, fqn, register=True):
         text = super()._module_format(fqn, register)
@@ -76,6 +79,29 @@ class SymbpNumPyPrinter(NumPyPrinter):
     def _print_Mul(self, expr):
         if expr.is_number and not expr.is_Rational:
             return self._print_constant(expr)
+        steps = frozenset(f for f in expr.args if _is_step(f))
+        coefficient, _ = expr.as_coeff_Mul()
+        if steps and coefficient == 1 and any(not _is_step(f) for f in expr.args):
+            outer, self._boolean_steps = self._boolean_steps, self._boolean_steps | steps
+            try:
+                return self._print_product(expr)
+            finally:
+                self._boolean_steps = outer
+        return self._print_product(expr)
+
+    def factor_code(self, expr: sp.Expr) -> str:
+        """``expr`` printed as the factor that multiplies an array (``np.multiply(dy, expr)``):
+        steps that are ``expr`` or its direct factors may be NumPy booleans."""
+        steps = frozenset(f for f in sp.Mul.make_args(expr) if _is_step(f))
+        if not steps or expr.as_coeff_Mul()[0] != 1:
+            return self.doprint(expr)
+        outer, self._boolean_steps = self._boolean_steps, self._boolean_steps | steps
+        try:
+            return self.doprint(expr)
+        finally:
+            self._boolean_steps = outer
+
+    def _print_product(self, expr):
         split = self._small_and_big(expr)
         if split is not None:
             # Small factors (scalars, per-feature vectors) first, multiplied together, then one
@@ -260,8 +286,15 @@ class SymbpNumPyPrinter(NumPyPrinter):
         return f"{HELPERS['softplus']}({self._print(expr.args[0])})"
 
     def _print_Step(self, expr):
+        # ``(u > 0)``, a boolean array, is the fastest form, but only right where NumPy turns
+        # it into numbers at once: as a factor of a product with an array (``dy*(y > 0)``).
+        # Booleans add as "or" and cannot be negated, and a number times a boolean array is an
+        # int64 or float64 array whatever the dtype of the rest; anywhere else it is
+        # ``np.heaviside(u, 0)``, in u's dtype.
         (u,) = expr.args
-        return f"({self._print(u)} > 0)"
+        if expr in self._boolean_steps:
+            return f"({self._print(u)} > 0)"
+        return f"{self._module_format('numpy.heaviside')}({self._print(u)}, 0)"
 
     def _print_Max(self, expr):
         if len(expr.args) != 2:
@@ -537,3 +570,9 @@ def float_constants(expr: sp.Expr) -> sp.Expr:
 def numpy_code(expr: sp.Expr, printer: SymbpNumPyPrinter | None = None) -> str:
     """NumPy source for one whole-array expression."""
     return (printer or SymbpNumPyPrinter()).doprint(accurate_forms(float_constants(expr)))
+
+
+def _is_step(factor: sp.Expr) -> bool:
+    from ..derive.arrays import Step
+
+    return isinstance(factor, Step)
