@@ -10,10 +10,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import SymbpError
+from .errors import SpecError, SymbpError
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .flow.command import add_flow_parser, seed_argument
+
     parser = argparse.ArgumentParser(
         prog="symbp", description="Derive backpropagation exactly, generate numpy, export notes."
     )
@@ -37,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="check generated gradients by finite differences")
     check.add_argument("spec")
     check.add_argument("--batch", type=int, default=4)
-    check.add_argument("--seed", type=int, default=0)
+    check.add_argument("--seed", type=seed_argument, default=0)
     check.add_argument("--full", action="store_true", help="every entry, not a sample")
 
     latex = commands.add_parser("latex", help="export the derivation as LaTeX or Markdown notes")
@@ -51,10 +53,17 @@ def _parser() -> argparse.ArgumentParser:
         "--flow", action="store_true", help="add the gradient-flow bounds (symbp flow)"
     )
 
-    from .flow.command import add_flow_parser
-
     add_flow_parser(commands)
     return parser
+
+
+def _write(path: str, text: str) -> None:
+    """Write an output file; a path that cannot be written is bad input, not a traceback."""
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise SpecError(f"cannot write {path}: {err.strerror or err}", field="-o") from None
+    print(f"wrote {path}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -114,8 +123,7 @@ def _codegen(args) -> int:
     if args.output == "-":
         sys.stdout.write(source)
     else:
-        Path(args.output).write_text(source, encoding="utf-8")
-        print(f"wrote {args.output}")
+        _write(args.output, source)
     return 0
 
 
@@ -164,8 +172,7 @@ def _latex(args) -> int:
     if args.output == "-":
         sys.stdout.write(text)
     else:
-        Path(args.output).write_text(text, encoding="utf-8")
-        print(f"wrote {args.output}")
+        _write(args.output, text)
     return 0
 
 

@@ -860,7 +860,7 @@ def _assert_finite(loss, grads, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("kind", ["sigmoid", "softplus", "silu"])
+@pytest.mark.parametrize("kind", ["sigmoid", "softplus", "silu", "elu"])
 def test_activations_are_stable_at_magnitude_1000(kind, dtype):
     net = Net([REGISTRY[kind]()], input_features=3, loss="mse")
     module = load_module(generate_module(net))
@@ -871,6 +871,8 @@ def test_activations_are_stable_at_magnitude_1000(kind, dtype):
         "sigmoid": lambda a: np.where(a > 0, 1.0, 0.0) if abs(a) > 100 else 1 / (1 + np.exp(-a)),
         "softplus": lambda a: max(a, 0.0) + math.log1p(math.exp(-abs(a))),
         "silu": lambda a: a * (1.0 if a > 100 else 0.0 if a < -100 else 1 / (1 + math.exp(-a))),
+        # np.where computes both branches: exp(1000) in the one x > 0 does not take
+        "elu": lambda a: a if a > 0 else math.expm1(a),
     }[kind]
     expected = np.mean([value(a) ** 2 for a in BIG.ravel()])
     assert float(loss) == pytest.approx(expected, rel=1e-6)
@@ -902,6 +904,20 @@ def test_bce_with_logits_is_stable_at_magnitude_1000(dtype):
     per_element = [max(z, 0) + math.log1p(math.exp(-abs(z))) - t * z
                    for z, t in zip(BIG.ravel(), targets.ravel().astype(float), strict=True)]
     assert float(loss) == pytest.approx(np.mean(per_element), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "labels", [[-1, 0], [0, 3], [0.0, 1.0], [0], [[0], [1]]],
+    ids=["negative", "too_large", "floats", "too_few", "column"],
+)
+def test_softmax_cross_entropy_refuses_labels_that_are_not_class_indices(labels):
+    """-1 would index the last class silently, 3 raise a bare IndexError."""
+    net = Net([symbp.linear(3, name="head")], input_features=2, loss="softmax_cross_entropy")
+    module = load_module(generate_module(net))
+    with pytest.raises(ValueError, match=r"2 integer class labels in \[0, 3\)"):
+        module.loss_and_grads(module.init_params(), np.ones((2, 2)), np.array(labels))
+    loss, _ = module.loss_and_grads(module.init_params(), np.ones((2, 2)), [2, 0])
+    assert np.isfinite(loss)
 
 
 # --------------------------------------------------------------------------- state
@@ -973,6 +989,10 @@ def test_generated_modules_are_ruff_clean(tmp_path, everything_source):
         path = tmp_path / f"{spec.stem}.py"
         path.write_text(generate_module(symbp.load_spec(spec)), encoding="utf-8")
         paths.append(path)
+    # no randomly initialised parameter: init_params needs no generator (an unused rng was F841)
+    unseeded = Net([symbp.relu(), symbp.batchnorm()], input_features=3, loss="mse")
+    paths.append(tmp_path / "unseeded.py")
+    paths[-1].write_text(generate_module(unseeded), encoding="utf-8")
     result = subprocess.run(
         ["ruff", "check", "--no-cache", "--config", str(ROOT / "pyproject.toml"),
          *map(str, paths)],

@@ -423,6 +423,22 @@ def test_shape_mistakes_are_declaration_errors(layers, shape, message):
         Net(layers, input_shape=shape, loss="mse")
 
 
+def test_pooling_options_pytorch_refuses_are_declaration_errors():
+    # the default stride is the kernel: per axis for a rectangular one, which is not supported
+    with pytest.raises(SymbpError, match=r"rectangular kernel \[2, 3\] needs a stride"):
+        symbp.maxpool2d([2, 3])
+    assert symbp.maxpool2d([2, 3], stride=2).stride == (2, 2)
+    # a window wholly in the padding (PyTorch: "pad should be at most half of kernel size")
+    with pytest.raises(SymbpError, match=r"'padding': must be at most half the kernel \[2, 2\]"):
+        symbp.avgpool2d(2, padding=2)
+    assert symbp.avgpool2d(3, padding=1).padding == 1
+
+
+def test_an_input_shape_that_is_neither_features_nor_an_image_is_a_declaration_error():
+    with pytest.raises(SymbpError, match=r"'input': must be features \[F\] or an image"):
+        Net([symbp.relu()], input_shape=(1, 3, 4, 4), loss="mse")
+
+
 def test_spec_file_with_a_kernel_too_large_exits_2(tmp_path, capsys):
     spec = tmp_path / "bad.toml"
     spec.write_text(textwrap.dedent("""\

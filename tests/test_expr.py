@@ -146,6 +146,14 @@ REFUSED = {
     "huge_product": ("(10**300)*(10**300)*x", "float64"),
     "huge_exponent_of_pi": ("pi**(10**6)*x", "float64"),
     "undefined": ("log(0)*x", "undefined"),
+    # constants that only overflow once evaluated; 2**1024 itself is not a float64
+    "overflowing_function_value": ("x + exp(1000)", "float64"),
+    "power_of_two_at_the_limit": ("x + 2**1023*2", "float64"),
+    # 0**x is 0 for x > 0, but its derivative 0**x*log(0) is undefined
+    "zero_to_the_x": ("0**x", "undefined derivative"),
+    # nested calls: sympy's time grows fast with depth (and 150 deep overflowed its stack)
+    "deep_calls": ("exp(" * 150 + "x" + ")" * 150, "more than 8 deep"),
+    "nine_nested_tanh": ("tanh(" * 9 + "x" + ")" * 9, "more than 8 deep"),
 }
 
 

@@ -352,6 +352,21 @@ def conv_derivation():
     return derive_network(parse_spec(CONV_SPEC))
 
 
+@pytest.mark.parametrize("fmt", ["md", "tex"])
+def test_flow_section_of_a_conv_net_with_max_pooling(conv_derivation, fmt, tmp_path):
+    """Max pooling routes dy to the arg-max: no Jacobian formula to read off, and the section
+    says so instead of failing (it raised a TypeError)."""
+    from symbp.flow import flow_bounds
+
+    notes = render_notes(conv_derivation, fmt=fmt, flow=flow_bounds(conv_derivation))
+    assert "Its local Jacobian is not read off the derived VJP" in notes
+    if fmt == "md" and have_node():
+        assert katex_errors(extract_markdown_math(notes)) == []
+    if fmt == "tex" and have_pdflatex():
+        ok, log, _ = compile_latex(notes, tmp_path)
+        assert ok, log[-3000:]
+
+
 def test_conv_notes_say_full_convolution_with_flipped_kernel(conv_derivation):
     md = render_notes(conv_derivation, fmt="md")
     conv = md.split("### Layer 1:", 1)[1].split("### Layer 2:", 1)[0]

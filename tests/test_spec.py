@@ -249,6 +249,29 @@ def test_cli_reports_bad_spec_in_one_line_with_exit_2(bad, write, capsys):
     assert "Traceback" not in captured.err
 
 
+@pytest.mark.parametrize("directory", [False, True], ids=["no_such_dir", "a_dir"])
+@pytest.mark.parametrize(("command", "suffix"), [("codegen", ".py"), ("latex", ".md")])
+def test_an_output_path_that_cannot_be_written_is_bad_input(tmp_path, capsys, command, suffix,
+                                                            directory):
+    spec = EXAMPLES[0]
+    path = tmp_path / ("out" + suffix if directory else "missing/dir/out" + suffix)
+    if directory:
+        path.mkdir()
+    assert cli.main([command, str(spec), "-o", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"symbp: error: field '-o': cannot write {path}: ")
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["check", "flow"])
+@pytest.mark.parametrize("seed", ["-1", "x"])
+def test_a_seed_that_is_not_a_non_negative_integer_is_bad_input(capsys, command, seed):
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, str(EXAMPLES[0]), "--seed", seed])
+    assert info.value.code == 2
+    assert "--seed: must be a non-negative integer" in capsys.readouterr().err
+
+
 def test_missing_file(tmp_path, capsys):
     path = tmp_path / "nowhere.toml"
     with pytest.raises(SpecError) as info:

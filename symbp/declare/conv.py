@@ -66,6 +66,12 @@ class _Windowed(Layer):
             raise SpecError(f"must be a non-negative integer, got {padding!r}", field="padding")
         self.padding = padding
         self.dilation = _pair(dilation, "dilation")
+        if stride is None and len(set(self.stride)) != 1:
+            raise SpecError(
+                f"a rectangular kernel {list(self.kernel)} needs a stride, one integer for both "
+                "axes (the default, the kernel, differs per axis, which is not supported)",
+                field="stride",
+            )
         if len(set(self.stride)) != 1 or len(set(self.dilation)) != 1:
             raise SpecError("different strides or dilations per axis are not supported",
                             field="stride")
@@ -255,6 +261,12 @@ class _Pool(_Windowed):
     def __init__(self, kernel, *, stride=None, padding: int = 0, name: str | None = None):
         super().__init__(name=name)
         self._window_init(kernel, stride, padding, 1)
+        if any(padding > k // 2 for k in self.kernel):
+            raise SpecError(
+                f"must be at most half the kernel {list(self.kernel)} (as PyTorch: no window may "
+                f"lie wholly in the padding), got {padding}",
+                field="padding",
+            )
 
     def constant_values(self):
         # The window size is a keyword of the generated functions (no kernel array carries it).

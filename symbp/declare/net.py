@@ -64,6 +64,12 @@ class Net:
             isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape
         ):
             raise SpecError(f"must be positive integers, got {input_shape!r}", field="input")
+        if len(input_shape) not in (1, 3):
+            raise SpecError(
+                f"must be features [F] or an image [C, H, W] per sample (the batch axis is not "
+                f"part of it), got {list(input_shape)}",
+                field="input",
+            )
         self.input_shape = tuple(input_shape)
         if dtype not in DTYPES:
             raise SpecError(f"must be one of {', '.join(DTYPES)}, got {dtype!r}", field="dtype")

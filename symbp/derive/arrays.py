@@ -526,7 +526,37 @@ def align(array: sp.Expr, have: Axes, target: Axes, *, full: bool = False) -> sp
 def stabilize(expr: sp.Expr) -> sp.Expr:
     """Exact rewrites of an index expression into forms whose printed code cannot overflow."""
     expr = expr.replace(_is_log1p_exp, lambda e: Softplus(_exp_argument(e.args[0])))
-    return _sigmoid_form(expr)
+    expr = _sigmoid_form(expr)
+    return expr.replace(lambda e: isinstance(e, sp.Piecewise), _guard_branches)
+
+
+_GROWING = (sp.exp, sp.sinh, sp.cosh)
+
+
+def _guard_branches(piecewise: sp.Piecewise) -> sp.Piecewise:
+    """Keep a branch's ``exp`` from overflowing where an earlier branch is taken.
+
+    ``np.where`` computes every branch everywhere: ELU's ``alpha*(exp(x) - 1)`` overflowed at
+    ``x = 1000``, where ``x > 0`` takes the other branch. A branch taken only where ``u <= c``
+    may read ``min(u, c)`` instead of ``u`` inside ``exp`` (and ``sinh``, ``cosh``): the same
+    values where it is taken, no overflow where it is not.
+    """
+    pairs, bounds = [], {}
+    for branch, condition in piecewise.args:
+        if bounds:
+            branch = branch.replace(
+                lambda e: isinstance(e, _GROWING), lambda e: e.xreplace(bounds)
+            )
+        pairs.append((branch, condition))
+        if isinstance(condition, sp.StrictGreaterThan | sp.GreaterThan):
+            side, limit = condition.lhs, condition.rhs
+        elif isinstance(condition, sp.StrictLessThan | sp.LessThan):
+            side, limit = condition.rhs, condition.lhs
+        else:
+            continue
+        if isinstance(side, sp.Indexed) and limit.is_number and side not in bounds:
+            bounds[side] = sp.Min(side, limit)  # later branches: side <= limit
+    return sp.Piecewise(*pairs, evaluate=False)
 
 
 def _exp_argument(total: sp.Expr) -> sp.Expr:

@@ -16,6 +16,7 @@ Nothing here knows any particular layer: no derivative is written down anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -140,8 +141,12 @@ def derive_layer(form: Forward) -> LayerDerivation:
         if best is None:
             best = derivation
         if _acceptable(form, derivation, keep):
-            if form.keep is None and keep and not _same_values(form, derivation, compact_with(())):
-                continue  # the kept output does not determine the derivative
+            if form.keep is None and keep:
+                derivation = _polynomial_in(derivation, keep)
+                if derivation is None:
+                    continue  # a rational function of the output: it divides by 1 - y near 1
+                if not _same_values(form, derivation, compact_with(())):
+                    continue  # the kept output does not determine the derivative
             best = derivation
             break
     assert best is not None
@@ -207,13 +212,45 @@ def _acceptable(form: Forward, derivation: LayerDerivation, keep: tuple[str, ...
     read = set(derivation.stored)
     if read & {a.name for a in form.inputs}:
         return False
-    # Only worth it when the derivative of the output is cheap: no transcendental functions.
+    # Only worth it when the derivative of the output is a polynomial: no functions (an
+    # inverse such as atanh(y) would also lose accuracy where y saturates) beyond the kinks'.
     for adjoint in derivation.vjp.values():
-        if adjoint.expr.atoms(sp.exp, sp.log, sp.tanh, sp.erf, sp.sin, sp.cos, sp.Pow) - {
-            p for p in adjoint.expr.atoms(sp.Pow) if p.exp.is_Integer
-        }:
+        functions = {
+            f for f in adjoint.expr.atoms(sp.Function) if not isinstance(f, _KINKS)
+        }
+        roots = {p for p in adjoint.expr.atoms(sp.Pow) if not p.exp.is_Integer}
+        if functions or roots:
             return False
     return True
+
+
+_KINKS = (sp.Heaviside, sp.sign, sp.Abs, sp.Max, sp.Min, sp.Piecewise)
+
+
+def _polynomial_in(derivation: LayerDerivation, keep: tuple[str, ...]) -> LayerDerivation | None:
+    """``derivation`` with every VJP a polynomial in the kept arrays (cancelled where the
+    rewriting left fractions), or None where one stays a rational function of them.
+
+    A user's ``exp(x)/(1 + exp(x))`` rewritten in its output is a sum of fractions with
+    ``y - 1`` below (0/0 once ``y`` rounds to 1); cancelled, it is sigmoid's ``y*(1 - y)``.
+    """
+    form = derivation.form
+    kept = [form.arrays[name].base for name in keep if name in form.arrays]
+    vjp = dict(derivation.vjp)
+    steps = {name: list(trail) for name, trail in derivation.steps.items()}
+    for name, adjoint in derivation.vjp.items():
+        _, below = sp.fraction(sp.together(adjoint.expr))
+        if not below.has(*kept):
+            continue
+        cancelled = sp.factor(sp.cancel(sp.together(adjoint.expr)))
+        _, below = sp.fraction(cancelled)
+        if below.has(*kept):
+            return None
+        vjp[name] = Adjoint(adjoint.array, adjoint.indices, cancelled)
+        steps.setdefault(name, []).append(("fractions cancelled", cancelled))
+    if vjp == derivation.vjp:
+        return derivation
+    return dataclasses.replace(derivation, vjp=vjp, steps=steps)
 
 
 #: Where an element-wise layer's VJP in terms of its output is compared with the VJP in terms of

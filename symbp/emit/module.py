@@ -1226,6 +1226,7 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
             forward=f"{stem}_forward",
             backward=f"{stem}_backward",
             target=target,
+            classes=net.output_shape[0] if net.loss.target_kind == "labels" else None,
         )
     summary = [f"{item.name}: {item.layer.describe()}" for item in net.walk()]
     if net.loss is not None:

@@ -663,8 +663,8 @@ class _Builder:
         first: dict[tuple, str] = {}
         for row in rows:
             label = self.labels[row.layer]
-            lhs, rhs = row.jacobian
-            key = (row.kind, sp.srepr(rhs), row.reason)
+            read = row.jacobian  # None where the VJP is no formula in dy (max pooling)
+            key = (row.kind, sp.srepr(read[1]) if read else None, row.reason)
             entry: dict[str, Any] = {
                 "label": label,
                 "name": _text(row.layer, self.fmt),
@@ -675,7 +675,11 @@ class _Builder:
             }
             if entry["same_as"] is None:
                 first[key] = label
-                entry["jacobian"] = index.rows([(Jacobian(lhs.expr, lhs.variables[0]), rhs)])
+                entry["jacobian"] = (
+                    index.rows([(Jacobian(read[0].expr, read[0].variables[0]), read[1])])
+                    if read is not None
+                    else None
+                )
                 derivative = getattr(row, "derivative", None)
                 entry["derivative"] = (
                     index.rows([(sp.Derivative(sp.Function("f")(X_SCALAR), X_SCALAR), derivative)])

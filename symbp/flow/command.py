@@ -22,6 +22,17 @@ from ..emit.module import FormulaPrinter
 from ..errors import SpecError, SymbpError
 
 
+def seed_argument(text: str) -> int:
+    """A ``--seed``: NumPy's generators take non-negative integers."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value
+
+
 def add_flow_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``flow`` to the CLI's subparsers (the object ``add_subparsers`` returned)."""
     flow = subparsers.add_parser(
@@ -33,7 +44,9 @@ def add_flow_parser(subparsers) -> argparse.ArgumentParser:
         default="1,32,256",
         help="batch sizes for the memory table, comma-separated (default 1,32,256)",
     )
-    flow.add_argument("--seed", type=int, default=0, help="seed of the parameters and the batch")
+    flow.add_argument(
+        "--seed", type=seed_argument, default=0, help="seed of the parameters and the batch"
+    )
     flow.add_argument(
         "--grad-batch", type=int, default=32, help="batch size for the gradient norms (32)"
     )
