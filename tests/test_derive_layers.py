@@ -233,6 +233,28 @@ def test_an_output_that_does_not_tell_the_input_sign_is_not_what_backward_reads(
     assert derivation_of("relu").stored == ("y",)
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("exp(x)/(1 + exp(x))", lambda: dy[n, j] * y[n, j] * (1 - y[n, j])),
+     ("2/(1 + exp(-2*x)) - 1", lambda: dy[n, j] * (1 - y[n, j] ** 2))],
+    ids=["sigmoid", "tanh"],
+)
+def test_a_user_sigmoid_or_tanh_gets_the_polynomial_in_its_output(text, expected):
+    """Rewritten in y, their VJPs came out as sums of fractions with y - 1 (or y + 1) below:
+    0/0, NaN, once y rounds to 1 (x = 20 in float64). Cancelled, they are the textbook forms."""
+    derivation = derive_layer(layers.Activation(text).forward_form((3,)))
+    assert derivation.stored == ("y",)
+    assert sp.fraction(sp.together(derivation.vjp["x"].expr))[1] == 1
+    assert sp.expand(derivation.vjp["x"].expr - expected()) == 0
+
+
+def test_an_output_read_through_an_inverse_function_is_not_kept():
+    """tanh(tanh(x)) in its output needs atanh(y): inaccurate where y saturates."""
+    derivation = derive_layer(layers.Activation("tanh(tanh(x))").forward_form((3,)))
+    assert derivation.stored == ("x",)
+    assert not derivation.vjp["x"].expr.has(sp.atanh)
+
+
 # -- costly values computed once for both passes ---------------------------------------------
 def _carried(derivation: LayerDerivation) -> dict[str, sp.Expr]:
     return {c.name: c.math for c in derivation.carried}
