@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from ..declare.forms import Array, Forward
+from ..declare.forms import Array, Forward, Stage
 from ..errors import DerivationError
 from .arrays import ArrayOp, Sigmoid, Softplus, stabilize
 from .indexing import fresh_index, freshen_bound, simplify_indexed, sums_in
@@ -57,19 +57,11 @@ class Rule:
 
 
 @dataclass(frozen=True)
-class Carried:
+class Carried(Stage):
     """``array[indices] = expr``: a costly function value that the forward pass computes and
     the backward needs again (GELU's ``erf(x/sqrt(2))``, SiLU's ``sigmoid(x)``), kept from the
     forward pass instead of computed twice. ``expr`` is in the stable form the code prints
     (:func:`~symbp.derive.arrays.stabilize`)."""
-
-    array: Array
-    indices: tuple[sp.Symbol, ...]
-    expr: sp.Expr
-
-    @property
-    def name(self) -> str:
-        return self.array.name
 
     @property
     def math(self) -> sp.Expr:
