@@ -270,14 +270,19 @@ def memory_table(net, model, batches, dtype, *, seed: int, module=None) -> str:
     from .memory import measure_cache, predicted_bytes, total_elements
 
     lines = [f"Kept for backward (the generated cache), {dtype}"]
-    header = f"{'layer':<20} {'array':<16} {'size':<10} {'elements':<12} note"
+    arrays = {
+        id(entry): f"{entry.name}[{', '.join(sp.sstr(d) for d in entry.dims)}]"
+        for layer in model
+        for entry in layer.entries
+    }
+    width = max([16, *(len(text) + 1 for text in arrays.values())])
+    header = f"{'layer':<20} {'array':<{width}} {'size':<10} {'elements':<12} note"
     lines += [header, "-" * len(header)]
     for layer in model:
         for entry in layer.entries:
-            dims = ", ".join(sp.sstr(d) for d in entry.dims)
             note = f"same array as {entry.shared_with}" if entry.shared_with else ""
             lines.append(
-                f"{layer.layer:<20} {entry.name + '[' + dims + ']':<16} "
+                f"{layer.layer:<20} {arrays[id(entry)]:<{width}} "
                 f"{sp.sstr(sp.Mul(*entry.dims)):<10} {sp.sstr(entry.elements):<12} {note}"
             )
     lines.append(f"total: {sp.sstr(total_elements(model))} elements")
