@@ -432,6 +432,40 @@ def test_constants_minus_arrays_and_sums_of_kinks_agree_with_the_oracle(text):
     np.testing.assert_allclose(out[0], expected, rtol=1e-6, atol=1e-6)  # 1 - tanh cancels
 
 
+@pytest.mark.parametrize(
+    ("text", "point", "exact"),
+    [
+        # exp(x) inside max was rewritten as s/(1 - s) with s = sigmoid(x): 1/0 once s rounds
+        # to 1, and max then took the 2
+        ("max(2, exp(x))**2", 37.0, math.exp(74.0)),
+        ("2*x - min(exp(x), 1.5)", 54.0, 106.5),
+        # sympy writes erfc(-x) as 2 - erfc(x): 0 where erfc(-x) is tiny
+        ("erfc(-x)", -7.6, math.erfc(7.6)),
+        ("log(erfc(-x))", -7.6, math.log(math.erfc(7.6))),
+        # Max of three: sympy's printer used functools.reduce, which the module did not import
+        ("max(x, 1, -x)", -3.0, 3.0),
+    ],
+)
+def test_user_expressions_keep_their_values_where_sympy_forms_lose_them(text, point, exact):
+    net = Net([symbp.activation(text)], input_features=1, loss=None)
+    module = load_module(generate_module(net))
+    out, _ = module.forward({}, np.array([[point]]))
+    assert out[0, 0] == pytest.approx(exact, rel=1e-12)
+
+
+@pytest.mark.parametrize("text", ["x*sin(2)", "2**x", "x + cos(1)", "x*log(1e30)",
+                                  "tanh(1e308)*x"])
+def test_constant_calls_keep_float32_and_big_integers_print(text):
+    """np.sin(2) is a float64 scalar (it made float32 float64); np.log(10**30) failed on an
+    int beyond int64: constants are printed as floats."""
+    net = Net([symbp.activation(text)], input_features=2, loss=None)
+    module = load_module(generate_module(net))
+    x = np.array([[0.7, -1.2]], dtype=np.float32)
+    out, cache = module.forward({}, x)
+    dx = module.backward({}, cache, np.ones_like(out))["x"]
+    assert out.dtype == dx.dtype == np.float32
+
+
 def test_batchnorm_refuses_to_train_on_one_value_per_channel():
     """Its variance would be 0 and the running variance's unbiased factor N/(N - 1) infinite
     (PyTorch refuses too); evaluation mode and images with H*W > 1 are fine."""

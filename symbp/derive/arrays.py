@@ -71,6 +71,13 @@ class Softplus(ArrayOp):
     nargs = 1
 
 
+class Erfc(ArrayOp):
+    """``erfc(u)`` kept as it is: sympy writes ``erfc(-u)`` as ``2 - erfc(u)``, which is
+    ``2 - 2 = 0`` in floating point wherever ``erfc(-u)`` is tiny (``u < -6``)."""
+
+    nargs = 1
+
+
 class Step(ArrayOp):
     """``1`` where ``u > 0`` else ``0``: ``Heaviside(u, 0)``, the kink convention applied."""
 
@@ -527,7 +534,21 @@ def stabilize(expr: sp.Expr) -> sp.Expr:
     """Exact rewrites of an index expression into forms whose printed code cannot overflow."""
     expr = expr.replace(_is_log1p_exp, lambda e: Softplus(_exp_argument(e.args[0])))
     expr = _sigmoid_form(expr)
+    expr = expr.replace(lambda e: isinstance(e, sp.Add), _erfc_of_minus)
     return expr.replace(lambda e: isinstance(e, sp.Piecewise), _guard_branches)
+
+
+def _erfc_of_minus(total: sp.Add) -> sp.Expr:
+    """``2 - erfc(u)`` (sympy's form of ``erfc(-u)``) as ``erfc(-u)``, computed directly."""
+    terms = list(total.args)
+    if sp.Integer(2) not in terms:
+        return total
+    for term in terms:
+        if term.could_extract_minus_sign() and isinstance(-term, sp.erfc):
+            rest = [t for t in terms if t is not term]
+            rest.remove(sp.Integer(2))
+            return sp.Add(*rest, Erfc(-(-term).args[0]))
+    return total
 
 
 _GROWING = (sp.exp, sp.sinh, sp.cosh)
@@ -582,17 +603,23 @@ def _sigmoid_form(expr: sp.Expr) -> sp.Expr:
         if argument not in arguments:
             arguments.append(argument)
     for argument in sorted(arguments, key=sp.default_sort_key):
+        if argument.is_number:  # a constant: nothing overflows
+            continue
         s = sp.Dummy("s")
         candidate = expr.xreplace({sp.exp(argument): s / (1 - s), sp.exp(-argument): (1 - s) / s})
         candidate = sp.factor_terms(sp.cancel(sp.together(candidate)))
-        numerator, denominator = sp.fraction(sp.together(candidate))
-        if denominator.has(s) or candidate.has(sp.exp(argument)):
-            continue
-        if any(
-            node.has(s)
-            for node in sp.preorder_traversal(candidate)
-            if isinstance(node, sp.Function)
-        ):
+        if candidate.has(sp.exp(argument)) or not _polynomial_in(candidate, s):
             continue
         expr = candidate.xreplace({s: Sigmoid(argument)})
     return expr
+
+
+def _polynomial_in(expr: sp.Expr, s: sp.Symbol) -> bool:
+    """Whether ``expr`` is a polynomial in ``s`` whose coefficients do not contain it: ``s``
+    inside ``max``, ``abs`` or a function (``max(2, s/(1 - s))``) would compute ``exp(u)`` as
+    ``s/(1 - s)``, which is ``1/0`` once ``s`` rounds to 1."""
+    try:
+        sp.Poly(expr, s)
+    except sp.PolynomialError:
+        return False
+    return True

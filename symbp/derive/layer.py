@@ -23,7 +23,7 @@ import sympy as sp
 
 from ..declare.forms import Array, Forward, Stage
 from ..errors import DerivationError
-from .arrays import ArrayOp, Sigmoid, Softplus, stabilize
+from .arrays import ArrayOp, Erfc, Sigmoid, Softplus, stabilize
 from .indexing import fresh_index, freshen_bound, simplify_indexed, sums_in
 from .kinks import apply_kink_convention
 from .readings import computed_form
@@ -532,7 +532,7 @@ _CHEAP = (
 def _costly(node: sp.Expr) -> bool:
     """A function of the layer's arrays that takes more than a pass or two to compute."""
     if isinstance(node, ArrayOp):  # the array nodes of the printed forms
-        return isinstance(node, (Sigmoid, Softplus))
+        return isinstance(node, (Sigmoid, Softplus, Erfc))
     return (
         isinstance(node, sp.Function)
         and not isinstance(node, _CHEAP)
@@ -606,6 +606,7 @@ def _carried_name(node: sp.Expr, form: Forward, taken: set[str]) -> str:
 
 def as_math(expr: sp.Expr) -> sp.Expr:
     """``expr`` with the stable nodes written out: ``sigmoid(u) = 1/(1 + exp(-u))``,
-    ``softplus(u) = log(1 + exp(u))``."""
+    ``softplus(u) = log(1 + exp(u))``, ``erfc(-u)`` as it is."""
     expr = expr.replace(lambda e: isinstance(e, Sigmoid), lambda e: 1 / (1 + sp.exp(-e.args[0])))
+    expr = expr.replace(lambda e: isinstance(e, Erfc), lambda e: sp.erfc(*e.args, evaluate=False))
     return expr.replace(lambda e: isinstance(e, Softplus), lambda e: sp.log(1 + sp.exp(e.args[0])))

@@ -297,20 +297,19 @@ class SymbpNumPyPrinter(NumPyPrinter):
         return f"{self._module_format('numpy.heaviside')}({self._print(u)}, 0)"
 
     def _print_Max(self, expr):
-        if len(expr.args) != 2:
-            return super()._print_Max(expr)
-        first, second = sorted(expr.args, key=lambda a: a.is_number)
-        return (
-            f"{self._module_format('numpy.maximum')}({self._print(first)}, {self._print(second)})"
-        )
+        return self._pairwise("numpy.maximum", expr.args)
 
     def _print_Min(self, expr):
-        if len(expr.args) != 2:
-            return super()._print_Min(expr)
-        first, second = sorted(expr.args, key=lambda a: a.is_number)
-        return (
-            f"{self._module_format('numpy.minimum')}({self._print(first)}, {self._print(second)})"
-        )
+        return self._pairwise("numpy.minimum", expr.args)
+
+    def _pairwise(self, function: str, args) -> str:
+        """``np.maximum(a, np.maximum(b, c))`` for ``Max(a, b, c)`` (sympy flattens nested
+        ones; its own printer's ``functools.reduce`` needed an import the module lacks),
+        arrays first, numbers last (``np.maximum(x, 0)``)."""
+        first, *rest = sorted(args, key=lambda a: a.is_number)
+        second = rest[0] if len(rest) == 1 else None
+        inner = self._print(second) if second is not None else self._pairwise(function, rest)
+        return f"{self._module_format(function)}({self._print(first)}, {inner})"
 
     def _print_Piecewise(self, expr):
         pairs = list(expr.args)
@@ -442,6 +441,8 @@ class SymbpNumPyPrinter(NumPyPrinter):
         self.helpers_used |= {"erfc", "erf_fits", "erf_pieces"}
         return f"{HELPERS['erfc']}({self._print(expr.args[0])})"
 
+    _print_Erfc = _print_erfc
+
 
 def _broadcast(shapes: list[tuple]) -> tuple | None:
     rank = max((len(s) for s in shapes), default=0)
@@ -560,11 +561,20 @@ def accurate_forms(expr: sp.Expr) -> sp.Expr:
 
 
 def float_constants(expr: sp.Expr) -> sp.Expr:
-    """Irrational constants (``sqrt(2)/2``, ``pi``) as floats, folded into their coefficients."""
+    """Irrational constants (``sqrt(2)/2``, ``pi``, ``sin(2)``, ``log(10**30)``) as floats,
+    folded into their coefficients.
+
+    A constant left as a call would be printed ``np.sin(2)``: a float64 NumPy scalar, which
+    makes a float32 array float64, and ``np.log(10**30)`` fails on an int beyond int64.
+    """
     irrational = {
         a for a in expr.atoms(sp.Pow, sp.NumberSymbol) if a.is_number and not a.is_Rational
     }
-    return expr.xreplace({a: a.evalf(40) for a in irrational})
+    irrational |= {
+        f for f in expr.atoms(sp.Function) if f.is_number and not f.has(sp.Symbol, sp.Indexed)
+    }
+    values = {a: a.evalf(40) for a in irrational}
+    return expr.xreplace({a: v for a, v in values.items() if v.is_Float or v.is_Number})
 
 
 def numpy_code(expr: sp.Expr, printer: SymbpNumPyPrinter | None = None) -> str:
