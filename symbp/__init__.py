@@ -13,6 +13,7 @@ exact formulas, generate a NumPy module, check it against finite differences, ex
 
 __version__ = "0.1.0"
 
+from .check import gradcheck as _gradcheck  # noqa: E402 - before check() below, see there
 from .declare.conv import (  # noqa: E402
     AvgPool2d as avgpool2d,
 )
@@ -106,10 +107,13 @@ def notes(
 
 
 def check(net: Net, *, batch: int = 4, seed: int = 0, full: bool = False):
-    """Generate ``net``'s module and compare its gradients with finite differences."""
-    from .check.gradcheck import check_spec
+    """Generate ``net``'s module and compare its gradients with finite differences.
 
-    return check_spec(net, batch=batch, seed=seed, full=full)
+    The subpackage ``symbp.check`` is imported at the top of this file: importing a submodule
+    for the first time sets it as an attribute of its parent, which would replace this
+    function if that happened after its definition (``symbp.derive`` is the same).
+    """
+    return _gradcheck.check_spec(net, batch=batch, seed=seed, full=full)
 
 
 __all__ = [

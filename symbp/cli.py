@@ -1,11 +1,14 @@
-"""The ``symbp`` command line: derive, codegen, check, latex.
+"""The ``symbp`` command line: derive, codegen, check, latex, flow.
 
-Exit codes: 0 success, 1 a check or proof failed, 2 bad input (one line on stderr, no traceback).
+Exit codes: 0 success, 1 a check or proof failed, 2 bad input (one line on stderr, no traceback);
+141 when the reader of the output goes away (`symbp derive SPEC | head`), as for SIGPIPE.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,10 +16,18 @@ from pathlib import Path
 from .errors import SpecError, SymbpError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but a bad command line is one line on stderr (exit 2), as bad specs
+    are: argparse's own error prints the whole usage first. Subcommands get this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from .flow.command import add_flow_parser, seed_argument
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="symbp", description="Derive backpropagation exactly, generate numpy, export notes."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -38,8 +49,10 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="check generated gradients by finite differences")
     check.add_argument("spec")
-    check.add_argument("--batch", type=int, default=4)
-    check.add_argument("--seed", type=seed_argument, default=0)
+    check.add_argument("--batch", type=int, default=4, help="batch size of the inputs (4)")
+    check.add_argument(
+        "--seed", type=seed_argument, default=0, help="seed of the parameters and inputs (0)"
+    )
     check.add_argument("--full", action="store_true", help="every entry, not a sample")
 
     latex = commands.add_parser("latex", help="export the derivation as LaTeX or Markdown notes")
@@ -48,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     latex.add_argument("--format", choices=("tex", "md"))
     latex.add_argument("--steps", action="store_true", help="include intermediate steps")
     latex.add_argument("--notation", choices=("d2l", "cs231n"), default="d2l")
-    latex.add_argument("--fragment", action="store_true", help="equations only (tex)")
+    latex.add_argument(
+        "--fragment", action="store_true", help="no preamble or title, to include in a document"
+    )
     latex.add_argument(
         "--flow", action="store_true", help="add the gradient-flow bounds (symbp flow)"
     )
@@ -87,6 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:  # pragma: no cover
         return 130
+    except BrokenPipeError:
+        # The reader went away (`symbp derive SPEC | head`). Python's documented recipe: point
+        # stdout at devnull so that the exit's flush cannot fail too; exit as a SIGPIPE would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     parser.error(f"unknown command {args.command}")  # pragma: no cover
     return 2
 
@@ -132,11 +152,13 @@ def _check(args) -> int:
     from .declare.spec import load_spec
     from .errors import SpecError
 
-    if args.batch < 2:
-        raise SpecError(
-            f"must be at least 2 (batch norm needs a batch), got {args.batch}", field="--batch"
-        )
-    report = check_spec(load_spec(args.spec), batch=args.batch, seed=args.seed, full=args.full)
+    net = load_spec(args.spec)
+    try:
+        report = check_spec(net, batch=args.batch, seed=args.seed, full=args.full)
+    except SpecError as err:
+        if err.field in ("batch", "seed"):  # the arguments' names on this command line
+            raise SpecError(err.message, file=args.spec, field=f"--{err.field}") from None
+        raise
     print(report.table())
     return 0 if report.passed else 1
 

@@ -36,8 +36,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..declare.layers import BatchNorm
 from ..declare.net import Net
 from ..emit.module import generate_module
+from ..errors import SpecError
 
 #: The ladder of steps; at each step ``h`` the loss is evaluated at ``+-h`` and ``+-h/2``.
 STEPS = (1e-3, 1e-4, 1e-5, 1e-6)
@@ -312,6 +314,21 @@ def _entry_phi(loss_of, values, name, position):
 
 
 def check_spec(net: Net, *, batch: int = 4, seed: int = 0, full: bool = False) -> Report:
-    """Generate the module for ``net`` in memory and check it."""
+    """Generate the module for ``net`` in memory and check it.
+
+    A batch too small for the network (batch norm trains on more than one value per feature)
+    or a seed NumPy's generators refuse is bad input: a :class:`SpecError` naming the argument.
+    """
+    least = 2 if any(isinstance(item.layer, BatchNorm) for item in net.walk()) else 1
+    if not _is_int(batch) or batch < least:
+        why = " (batch norm needs more than one sample to train)" if least == 2 else ""
+        message = f"must be an integer of at least {least}{why}, got {batch!r}"
+        raise SpecError(message, field="batch")
+    if not _is_int(seed) or seed < 0:
+        raise SpecError(f"must be a non-negative integer, got {seed!r}", field="seed")
     module = load_module(generate_module(net))
     return check_module(net, module, batch=batch, seed=seed, full=full)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)

@@ -57,7 +57,9 @@ def add_flow_parser(subparsers) -> argparse.ArgumentParser:
         help="batch size for the Jacobian singular values (4; 0 skips them)",
     )
     flow.add_argument("--dtype", choices=("float32", "float64"), help="for the memory table")
-    flow.add_argument("--plot", metavar="FILE", help="write the gradient-norm figure (PNG, PDF)")
+    flow.add_argument(
+        "--plot", metavar="FILE", help="write the gradient-norm figure (PNG, PDF, SVG)"
+    )
     flow.set_defaults(handler=run_flow)
     return flow
 
