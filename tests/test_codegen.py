@@ -1044,6 +1044,58 @@ def test_no_printed_expression_is_complex_or_a_dot_method(everything_source):
         compile(source, "<generated>", "exec")
 
 
+# --------------------------------------------------------------------------- docstrings
+
+
+def _docstrings(source: str) -> dict[str, str]:
+    import ast
+
+    tree = ast.parse(source)
+    found = {"<module>": ast.get_docstring(tree)}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and ast.get_docstring(node):
+            found[node.name] = ast.get_docstring(node)
+    return found
+
+
+def test_docstring_formulas_wrap_outside_index_brackets():
+    # `dy[m,\n j]` is hard to read; a wrapped formula breaks between terms instead. The
+    # examples have formulas longer than a line (batch norm's dx, the convolutions' sums).
+    wrapped = 0
+    for spec in EXAMPLES:
+        for name, doc in _docstrings(generate_module(symbp.load_spec(spec))).items():
+            if name.startswith("_"):  # the array helpers' prose, not derived formulas
+                continue
+            lines = doc.splitlines()
+            for line, following in zip(lines, lines[1:] + [""], strict=True):
+                assert line.count("[") == line.count("]"), f"{spec.stem}, {name}: {line!r}"
+                assert line.count("{") == line.count("}"), f"{spec.stem}, {name}: {line!r}"
+                wrapped += following.startswith("    ") and " = " in line
+    assert wrapped >= 5
+
+
+def test_sums_over_several_indices_name_them_in_braces():
+    source = generate_module(symbp.load_spec(ROOT / "examples" / "lenet.toml"))
+    forward = _docstrings(source)["conv2d_forward"]
+    assert "y[n, o, p, q] = b[o] + sum_{c, i, j}(W[o, c, i, j]*x[n, c, i + p, j + q])" in forward
+    assert "sum_m(dz[m, j]*x[m, i])" in _docstrings(source)["linear_backward"]
+
+
+def test_docstrings_describe_what_the_module_has():
+    lenet = _docstrings(generate_module(symbp.load_spec(ROOT / "examples" / "lenet.toml")))
+    mlp_bn = _docstrings(generate_module(symbp.load_spec(ROOT / "examples" / "mlp_bn.toml")))
+    rrelu = _docstrings(generate_module(small_net("rrelu", "mse")))
+    for doc in lenet.values():
+        assert "batch norm" not in doc and "rrelu" not in doc
+    assert "batch norm" in mlp_bn["forward"] and "running statistics" in mlp_bn["predict"]
+    assert "rrelu" in rrelu["forward"] and "rrelu" in rrelu["predict"]
+    assert "predict(params, x) -> out" in lenet["<module>"]
+    assert "predict(params, x, state) -> out" in mlp_bn["<module>"]
+    # generating a module runs no finite-difference check, so its header must not claim one
+    assert "checked against finite differences" not in mlp_bn["<module>"]
+    assert "symbp check SPEC" in mlp_bn["<module>"]
+
+
 # --------------------------------------------------------------------------- command line
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import re
-import textwrap
 from dataclasses import dataclass, field
 
 import jinja2
@@ -76,12 +75,13 @@ def environment() -> jinja2.Environment:
 
 
 class FormulaPrinter(sp.printing.str.StrPrinter):
-    """One-line index formulas: ``z[n, j] = sum_i(W[i, j]*x[n, i]) + b[j]``, ``step(u)``,
-    ``delta(h, k + p)``."""
+    """One-line index formulas: ``z[n, j] = sum_i(W[i, j]*x[n, i]) + b[j]``,
+    ``sum_{c, i, j}(...)`` over several indices, ``step(u)``, ``delta(h, k + p)``."""
 
     def _print_Sum(self, expr):
-        indices = ", ".join(self._print(limit[0]) for limit in expr.limits)
-        return f"sum_{indices}({self._print(expr.function)})"
+        indices = [self._print(limit[0]) for limit in expr.limits]
+        under = indices[0] if len(indices) == 1 else "{" + ", ".join(indices) + "}"
+        return f"sum_{under}({self._print(expr.function)})"
 
     def _print_Heaviside(self, expr):
         return f"step({self._print(expr.args[0])})"
@@ -91,12 +91,34 @@ class FormulaPrinter(sp.printing.str.StrPrinter):
 
 
 def formula(lhs: sp.Expr, rhs: sp.Expr) -> str:
-    """``lhs = rhs`` on one line, or wrapped with a hanging indent when longer than a line."""
+    """``lhs = rhs`` on one line, or wrapped with a hanging indent when longer than a line,
+    at spaces outside index brackets (``dy[n, o, h - k]`` and ``sum_{m, r, s}`` stay whole)
+    where that fits."""
     printer = FormulaPrinter()
     text = f"{printer.doprint(lhs)} = {printer.doprint(rhs)}"
-    return "\n    ".join(
-        textwrap.wrap(text, width=MAX_LINE - 8, subsequent_indent="    ", break_on_hyphens=False)
-    )
+    width = MAX_LINE - 8
+    words = _outside_brackets(text)
+    if max(map(len, words)) > width - 4:  # an index expression longer than a line
+        words = text.split(" ")
+    lines = [words[0]]
+    for word in words[1:]:
+        if len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append("    " + word)
+    return "\n    ".join(lines)
+
+
+def _outside_brackets(text: str) -> list[str]:
+    """``text`` split at its spaces that are not inside square brackets or braces (the
+    indices of a sum)."""
+    words, depth, start = [], 0, 0
+    for position, char in enumerate(text):
+        depth += {"[": 1, "]": -1, "{": 1, "}": -1}.get(char, 0)
+        if char == " " and depth == 0:
+            words.append(text[start:position])
+            start = position + 1
+    return [*words, text[start:]]
 
 
 @dataclass
