@@ -476,11 +476,19 @@ def test_batchnorm_refuses_to_train_on_one_value_per_channel():
     with pytest.raises(ValueError, match=r"bn: batch norm needs more than one value per channel"):
         module.forward(params, x, state=state)
     assert np.isfinite(module.predict(params, x, state)).all()
+    # An empty batch: its mean would be 0/0, and it once wrote NaN into the running statistics
+    # without a word (every later predict NaN).
+    with pytest.raises(ValueError, match=r"\(N = 0\)"):
+        module.forward(params, np.ones((0, 2)), state=state)
+    assert (state["bn.running_mean"] == 0).all() and (state["bn.running_var"] == 1).all()
+    assert module.predict(params, np.ones((0, 2)), state).shape == (0, 3)
     images = Net([symbp.batchnorm(name="bn2d"), symbp.flatten()], input_shape=(2, 1, 1),
                  loss="mse")
     module = load_module(generate_module(images))
     with pytest.raises(ValueError, match=r"\(N\*H\*W = 1\)"):
         module.forward(module.init_params(), np.ones((1, 2, 1, 1)))
+    with pytest.raises(ValueError, match=r"\(N\*H\*W = 0\)"):  # was a ZeroDivisionError
+        module.forward(module.init_params(), np.ones((0, 2, 1, 1)))
     wide = Net([symbp.batchnorm(), symbp.flatten()], input_shape=(2, 2, 1), loss="mse")
     module = load_module(generate_module(wide))
     out, _ = module.forward(module.init_params(), np.arange(4.0).reshape(1, 2, 2, 1))

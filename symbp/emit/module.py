@@ -857,13 +857,13 @@ class ModuleBuilder:
             forward.append(f"{indent}if train:")
             inner = indent + "    "
             # One value a statistic: the variance is 0 and its unbiased form 0/0 (PyTorch
-            # refuses such a batch as well).
+            # refuses such a batch as well); none (an empty batch): the mean is 0/0.
             values = "N" if len(item.in_shape) == 1 else "N*H*W"
             message = [
                 f'"{item.name}: batch norm needs more than one value per"',
-                f'" channel to train ({values} = 1)"',
+                f'f" channel to train ({values} = {{{count}}})"',
             ]
-            forward.append(f"{inner}if {count} == 1:")
+            forward.append(f"{inner}if {count} < 2:")
             forward.append(f"{inner}    raise ValueError(")
             forward.extend(f"{inner}        {part}" for part in message)
             forward.append(f"{inner}    )")
