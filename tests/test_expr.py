@@ -5,6 +5,7 @@ refused with a :class:`SpecError` -- and nothing in the text is ever executed.""
 from __future__ import annotations
 
 import os
+import inspect
 import subprocess
 import sys
 
@@ -94,7 +95,9 @@ REFUSED = {
     "unknown_function": ("foo(x)", "'foo' is not allowed"),
     "constant_called": ("pi(x)", "not allowed"),
     "variable_called": ("x(1)", "not allowed"),
-    "wrong_arity": ("exp(x, x)", "bad call"),
+    "wrong_arity": ("exp(x, x)", "takes one argument"),
+    # sympy would take the 2 as its evaluate flag and give sqrt(x)
+    "second_argument_to_sqrt": ("sqrt(x, 2)", "takes one argument, got 2"),
     "no_arguments": ("tanh()", "positional"),
     # keywords and statements
     "import_statement": ("import os", "not valid syntax"),
@@ -213,3 +216,29 @@ def test_complex_valued_expression_is_refused(text):
 @pytest.mark.parametrize("text", ["sqrt(x)", "log(x)", "sqrt(2)*x", "x**(1/3)", "(-2)**3*x"])
 def test_real_expressions_that_may_be_undefined_somewhere_are_kept(text):
     assert parse(text).has(X)
+
+
+@pytest.mark.parametrize(
+    "text", ["(-2)**x", "(-1)**x", "sqrt(-1 - x**2)", "log(-1 - x**2)", "x + sqrt(-abs(x) - 1)"]
+)
+def test_expressions_real_nowhere_are_refused(text):
+    # No imaginary constant in sight, but no real value for any x either: (-2)**x is real only
+    # at integers (what a float64 x almost never is), sqrt(-1 - x**2) never. They used to pass
+    # declaration and fail when the code was generated, with no file, layer or field named.
+    with pytest.raises(SpecError, match="no real value at any of x"):
+        parse(text)
+
+
+def test_a_long_flat_sum_is_not_deep():
+    # Python's parser nests x + x + ... + x a level a term; the conversion must not recurse
+    # along it (980 terms reached the recursion limit and read "nested too deeply"; 479 here).
+    text = " + ".join(["x"] * 380) + " - " + " - ".join(["x"] * 99) + " + " + "*".join(["x"] * 3)
+    assert len(text) < 2000
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(inspect.stack()) + 250)  # fewer levels than the sum has terms
+    try:
+        result = parse(text)
+    finally:
+        sys.setrecursionlimit(limit)
+    assert result == 281 * X + X**3
+    assert parse("/".join(["x"] * 400) + "*x") == X ** -397

@@ -34,6 +34,8 @@ FUNCTIONS: dict[str, Callable[..., sp.Expr]] = {
     "max": sp.Max,
     "min": sp.Min,
 }
+#: The functions that take more than one argument; every other one takes exactly one.
+VARIADIC = frozenset({"max", "min"})
 CONSTANTS: dict[str, sp.Expr] = {"pi": sp.pi, "e": sp.E}
 MAX_LENGTH = 2000
 #: The deepest nesting of function calls and powers an expression may have: sympy's derivation
@@ -92,7 +94,29 @@ def parse_expression(text: object, *, variable: sp.Symbol) -> sp.Expr:
             f"expression {text!r} has an imaginary number (a root or log of a negative number?);"
             " activations are real-valued"
         )
+    if not any(_real_at(result, variable, point) for point in SAMPLE_POINTS):
+        points = ", ".join(str(point) for point in SAMPLE_POINTS)
+        raise SpecError(
+            f"expression {text!r} has no real value at any of x = {points} (a root or log of"
+            " a negative number, a negative number to the power x?); activations are real-valued"
+        )
     return result
+
+
+#: Where an expression must be real at least once: spread over the range activations see, and
+#: not integers, where (-2)**x happens to be real although it is not anywhere in between.
+SAMPLE_POINTS = (-3.7, -1.3, -0.41, 0.29, 0.83, 1.9, 4.6)
+
+
+def _real_at(expr: sp.Expr, variable: sp.Symbol, point: float) -> bool:
+    """Whether ``expr`` has a finite real value at ``variable = point`` (evaluated by sympy
+    with 30 digits, so that nothing overflows a float on the way)."""
+    try:
+        value = expr.evalf(30, subs={variable: sp.Rational(repr(point))})
+        real, imaginary = value.as_real_imag()
+        return bool(real.is_finite) and bool(abs(imaginary) <= 1e-20 * (1 + abs(real)))
+    except (TypeError, ValueError, ArithmeticError):
+        return False
 
 
 def _convert(node: ast.AST, names: dict[str, sp.Expr]) -> sp.Expr:
@@ -111,6 +135,8 @@ def _convert(node: ast.AST, names: dict[str, sp.Expr]) -> sp.Expr:
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
         operand = _convert(node.operand, names)
         return -operand if isinstance(node.op, ast.USub) else operand
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add | ast.Sub | ast.Mult | ast.Div):
+        return _convert_chain(node, names)
     if isinstance(node, ast.BinOp):
         if isinstance(node.op, ast.BitXor):
             raise SpecError("'^' is not a power; write x**2")
@@ -130,12 +156,33 @@ def _convert(node: ast.AST, names: dict[str, sp.Expr]) -> sp.Expr:
             raise SpecError(f"function {func!r} is not allowed (allowed: {allowed})")
         if node.keywords or not node.args:
             raise SpecError(f"{node.func.id}() takes positional arguments only")
+        if node.func.id not in VARIADIC and len(node.args) != 1:
+            # sqrt(x, 2) would pass the 2 on to sympy's evaluate flag, silently
+            raise SpecError(f"{node.func.id}() takes one argument, got {len(node.args)}")
         args = [_convert(arg, names) for arg in node.args]
         try:
             return FUNCTIONS[node.func.id](*args)
         except (TypeError, ValueError) as err:
             raise SpecError(f"bad call {ast.unparse(node)}: {err}") from None
     raise SpecError(f"{type(node).__name__} is not allowed in an expression")
+
+
+def _convert_chain(node: ast.BinOp, names: dict[str, sp.Expr]) -> sp.Expr:
+    """A run of ``+ -`` (or of ``* /``) such as ``x + x + ... + x``, built without recursing
+    along it: Python's parser nests it a level a term, and a sum is not deep (see _depth)."""
+    additive = isinstance(node.op, ast.Add | ast.Sub)
+    kinds = (ast.Add, ast.Sub) if additive else (ast.Mult, ast.Div)
+    steps = []
+    while isinstance(node, ast.BinOp) and isinstance(node.op, kinds):
+        steps.append((node.op, node.right))
+        node = node.left
+    result = _convert(node, names)
+    for op, operand in reversed(steps):
+        value = _convert(operand, names)
+        if isinstance(op, ast.Div) and value == 0:
+            raise SpecError("division by zero")
+        result = _BINARY[type(op)](result, value)
+    return result
 
 
 def _depth(node: ast.AST) -> int:
