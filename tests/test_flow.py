@@ -27,7 +27,7 @@ from symbp.flow import (
     total_elements,
 )
 from symbp.flow.memory import measure_cache
-from symbp.flow.numeric import loss_gradient, setup
+from symbp.flow.numeric import loss_gradient, setup, singular_extremes
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
@@ -333,6 +333,47 @@ def test_flow_bad_input_exits_2_with_one_line(capsys, argv, field):
     code, out, err = run(capsys, *argv)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and err.startswith("symbp: error:") and field in err
+
+
+def test_a_plot_path_that_is_a_folder_is_refused_before_any_work(capsys, tmp_path):
+    (tmp_path / "flow.png").mkdir()
+    code, out, err = run(capsys, BCE, "--plot", str(tmp_path / "flow.png"))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "--plot" in err and "is a folder" in err
+
+
+def test_a_plot_that_cannot_be_written_is_a_one_line_error(capsys, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    def refuse(self, path, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Figure, "savefig", refuse)
+    code, out, err = run(capsys, BCE, "--plot", str(tmp_path / "flow.png"))
+    assert code == 2 and "|dL/d input|" in out  # the tables came first
+    assert err.count("\n") == 1 and "--plot" in err and "Permission denied" in err
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_a_network_that_computes_nan_gets_its_tables(capsys, tmp_path):
+    # sqrt(x) is NaN for half the inputs: the Jacobians hold NaN and have no singular values
+    # (numpy's SVD raised LinAlgError); the tables say '-' there instead.
+    spec = tmp_path / "sqrt.toml"
+    spec.write_text(
+        'input = { features = 3 }\nloss = "mse"\n'
+        '[[layers]]\ntype = "linear"\nout = 3\n'
+        '[[layers]]\ntype = "activation"\nexpr = "sqrt(x)"\n'
+        '[[layers]]\ntype = "linear"\nout = 2\n',
+        encoding="utf-8",
+    )
+    code, out, err = run(capsys, str(spec))
+    assert code == 0 and err == ""
+    assert "loss nan" in out and "s_max J" in out
+    assert singular_extremes(np.array([[np.nan, 1.0], [0.0, 1.0]])) == pytest.approx(
+        (math.nan, math.nan), nan_ok=True
+    )
+    assert singular_extremes(np.diag([3.0, 0.5])) == pytest.approx((3.0, 0.5))
 
 
 def test_residual_chain_bound_is_one_factor_per_block():

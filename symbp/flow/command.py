@@ -132,6 +132,8 @@ def _check_plot_path(path: str) -> None:
         raise SpecError(f"must end in .png, .pdf or .svg, got {path!r}", field="--plot")
     if not target.parent.is_dir():
         raise SpecError(f"folder {str(target.parent)!r} does not exist", field="--plot")
+    if target.is_dir():
+        raise SpecError(f"{path!r} is a folder", field="--plot")
 
 
 def _generated_module(net):
@@ -343,7 +345,7 @@ def plot_flow(measured, path: str | Path, *, title: str = "") -> None:
         axes.plot(
             [p for p, _ in bounds],
             [b for _, b in bounds],
-            ":",
+            "x:",  # a marker too: a bound on one layer alone is a point, not a line
             color="gray",
             label="proved bound on |dL/d input|",
         )
@@ -353,4 +355,7 @@ def plot_flow(measured, path: str | Path, *, title: str = "") -> None:
     axes.set_title(title, fontsize=10)
     axes.legend(fontsize=8)
     axes.grid(True, which="major", alpha=0.3)
-    figure.savefig(path, dpi=110)
+    try:
+        figure.savefig(path, dpi=110)
+    except OSError as err:  # a folder of that name, a read-only place
+        raise SpecError(f"cannot write {path}: {err.strerror or err}", field="--plot") from None

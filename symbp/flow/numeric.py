@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import types
 from dataclasses import dataclass, field
 
@@ -176,7 +177,10 @@ def _basis_rows(shape, compute) -> np.ndarray:
 
 
 def singular_extremes(matrix: np.ndarray) -> tuple[float, float]:
-    """The largest and smallest singular values."""
+    """The largest and smallest singular values (nan where the matrix is not finite: a
+    network that computes NaN, e.g. sqrt(x) at x < 0, has no singular values to show)."""
+    if not np.isfinite(matrix).all():
+        return math.nan, math.nan
     values = np.linalg.svd(matrix, compute_uv=False)
     return float(values[0]), float(values[-1])
 
