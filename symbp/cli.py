@@ -100,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SymbpError as err:
         print(f"symbp: error: {err}", file=sys.stderr)
         return 2
+    except MemoryError as err:  # sizes or a --batch that the arrays cannot be allocated for
+        print(f"symbp: error: not enough memory: {err or 'an allocation failed'}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # pragma: no cover
         return 130
     except BrokenPipeError:

@@ -124,6 +124,22 @@ def test_a_non_finite_loss_fails():
     assert result.error == math.inf
 
 
+def test_a_step_lost_to_rounding_is_no_division_by_zero():
+    # phi reports the step it really took; 0 happens where p + h == p.
+    result = estimate(lambda t: (1.0, 0.0), 1.0, 2.0, 1e-16)
+    assert result.error == math.inf
+
+
+def test_entries_far_beyond_one_are_perturbed_in_proportion():
+    # A PReLU slope of 1e17: 1e17 + 1e-3 == 1e17 in float64, so the check divided by zero.
+    net = Net([symbp.linear(3), symbp.prelu(init=1e17), symbp.linear(2)], input_features=3,
+              loss="mse")
+    report = gradcheck.check_spec(net)
+    assert report.passed, report.table()
+    alpha = next(row for row in report.rows if row.name.endswith(".alpha"))
+    assert alpha.checked == 1 and alpha.max_error < 1e-6
+
+
 # --------------------------------------------------------------------------- modules
 
 

@@ -150,9 +150,12 @@ def estimate(
     """
     errors: list[float] = []
     previous = None
-    for rung, step in enumerate(STEPS):
-        (f1p, h1p), (f1m, h1m) = phi(step), phi(-step)
-        (f2p, h2p), (f2m, h2m) = phi(step / 2), phi(-step / 2)
+    for rung, nominal in enumerate(STEPS):
+        (f1p, h1p), (f1m, h1m) = phi(nominal), phi(-nominal)
+        (f2p, h2p), (f2m, h2m) = phi(nominal / 2), phi(-nominal / 2)
+        if not (h1p > 0 > h1m and h2p > 0 > h2m):  # a step lost to rounding: nothing to learn
+            return Estimate(math.inf, math.nan, refined=rung > 0)
+        step = (h1p - h1m) / 2  # as taken (see _entry_phi), for the error bounds below
         d1 = (f1p - f1m) / (h1p - h1m)
         d2 = (f2p - f2m) / (h2p - h2m)
         numeric = (4 * d2 - d1) / 3
@@ -298,12 +301,18 @@ def _loss_function(net: Net, module, y, rng) -> Callable[[dict[str, np.ndarray]]
 
 
 def _entry_phi(loss_of, values, name, position):
-    """The loss as a function of one entry's offset, with the step actually taken."""
+    """The loss as a function of one entry's offset, with the step actually taken.
+
+    Offsets are scaled up for entries beyond 2**20 in size, so that even the smallest step
+    of the ladder moves them by 1e-12 of their value or more (at 1e17 a step of 1e-3 was lost
+    to rounding altogether); smaller entries take the offsets as they are.
+    """
     array = values[name]
     original = array[position]
+    scale = max(1.0, abs(float(original)) / 2**20)
 
     def phi(offset: float) -> tuple[float, float]:
-        moved = original + offset
+        moved = original + offset * scale
         array[position] = moved
         try:
             return loss_of(values), float(moved - original)
