@@ -1024,6 +1024,45 @@ def test_other_processes_and_hash_seeds_give_the_same_bytes(tmp_path, everything
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")
+def long_names_net(stretch: bool = True) -> Net:
+    """A network whose layer names are 32 characters long (or short, ``stretch=False``)."""
+    def name(short: str) -> str:
+        return (short + "_" * 32 + "x")[:31] + "x" if stretch else short
+
+    return Net(
+        [
+            symbp.linear(6, name=name("fc")),
+            symbp.batchnorm(name=name("bn")),
+            symbp.prelu(shared=False, name=name("act")),
+            symbp.residual(
+                [
+                    symbp.linear(6, name=name("inner")),
+                    symbp.activation("x*tanh(x)", name=name("f")),
+                ],
+                name=name("res"),
+            ),
+            symbp.linear(3, name=name("out")),
+        ],
+        input_features=4,
+        loss="softmax_cross_entropy",
+    )
+
+
+def test_long_layer_names_compute_what_short_ones_do():
+    long, short = (load_module(generate_module(long_names_net(s))) for s in (True, False))
+    params_long = long.init_params(seed=3)
+    params_short = short.init_params(seed=3)
+    assert [v.shape for v in params_long.values()] == [v.shape for v in params_short.values()]
+    x, y = np.random.default_rng(0).standard_normal((5, 4)), np.array([0, 1, 2, 0, 1])
+    state = long.init_state()
+    loss_long, grads_long = long.loss_and_grads(params_long, x, y, state=state)
+    loss_short, grads_short = short.loss_and_grads(params_short, x, y)
+    assert loss_long == loss_short
+    for a, b in zip(grads_long.values(), grads_short.values(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(next(iter(state.values())), 0)  # the running mean moved
+
+
 def test_generated_modules_are_ruff_clean(tmp_path, everything_source):
     paths = [tmp_path / "everything.py"]
     paths[0].write_text(everything_source, encoding="utf-8")
@@ -1035,6 +1074,10 @@ def test_generated_modules_are_ruff_clean(tmp_path, everything_source):
     unseeded = Net([symbp.relu(), symbp.batchnorm()], input_features=3, loss="mse")
     paths.append(tmp_path / "unseeded.py")
     paths[-1].write_text(generate_module(unseeded), encoding="utf-8")
+    # long layer names: the lines that carry them (gradient targets, running statistics,
+    # init_params, residual calls) went past 100 characters (E501)
+    paths.append(tmp_path / "long_names.py")
+    paths[-1].write_text(generate_module(long_names_net()), encoding="utf-8")
     result = subprocess.run(
         ["ruff", "check", "--no-cache", "--config", str(ROOT / "pyproject.toml"),
          *map(str, paths)],

@@ -4,8 +4,8 @@ refused with a :class:`SpecError` -- and nothing in the text is ever executed.""
 
 from __future__ import annotations
 
-import os
 import inspect
+import os
 import subprocess
 import sys
 

@@ -65,13 +65,15 @@ PARTED_HELPERS = {
 
 def environment() -> jinja2.Environment:
     """The jinja2 environment over the templates shipped in the package."""
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(template_folder()),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
+    env.filters["wrap_lines"] = wrap_lines
+    return env
 
 
 class FormulaPrinter(sp.printing.str.StrPrinter):
@@ -432,13 +434,24 @@ def _update(target: str, operator: str, term: sp.Expr, printer) -> str:
 
 
 def _wrap_call(prefix: str, call: str, args: list[str], indent: str = "") -> str:
-    """``prefix + call(args)``, split one argument per line when it would be too long."""
+    """``prefix + call(args)``, split one argument per line when it would be too long; an
+    assignment's targets (``prefix``, ``"a, b = "``) too, in parentheses, where even the
+    first line would be (long layer names)."""
     line = f"{indent}{prefix}{call}({', '.join(args)})"
     if len(line) + 4 <= MAX_LINE:  # the template indents the body by 4
         return line
     inner = indent + "    "
+    if len(f"{indent}{prefix}{call}(") + 4 > MAX_LINE and prefix.endswith(" = "):
+        targets = "".join(f"{inner}{t},\n" for _, t in _top_level_split(prefix[:-3], (", ",)))
+        prefix = f"(\n{targets}{indent}) = "
     body = "".join(f"{inner}{arg},\n" for arg in args)
     return f"{indent}{prefix}{call}(\n{body}{indent})"
+
+
+def wrap_lines(text: str) -> str:
+    """:func:`wrap_line` on every line of ``text`` (a jinja2 filter for template lines that
+    carry long names)."""
+    return "\n".join(wrapped for line in text.split("\n") for wrapped in wrap_line(line))
 
 
 def _scan(code: str):
@@ -493,7 +506,9 @@ def wrap_line(line: str, width: int = MAX_LINE) -> list[str]:
     pairs = _outer_brackets(line)
     if not pairs:
         return [line]
-    start, end = max(pairs, key=lambda pair: pair[1] - pair[0])
+    # calls before subscripts: params[\n"key"\n] = ... reads badly
+    calls = [pair for pair in pairs if line[pair[0]] == "("]
+    start, end = max(calls or pairs, key=lambda pair: pair[1] - pair[0])
     content = line[start + 1 : end]
     inner = indent + "    "
     head, tail = line[: start + 1], indent + line[end:]
@@ -845,7 +860,7 @@ class ModuleBuilder:
             skip = f"skip_{item.name}"
             forward.append(f"{indent}{skip} = h")
             self.place(item.body, indent)
-            forward.append(f"{indent}h, {key} = {stem}_forward({skip}, h)")
+            forward.append(_wrap_call(f"h, {key} = ", f"{stem}_forward", [skip, "h"], indent))
             self.h_owned = self.owned_output[stem]
             return
         if isinstance(layer, BatchNorm):
@@ -874,7 +889,8 @@ class ModuleBuilder:
             )
             forward.append(f"{inner}if state is not None:")
             deeper = inner + "    "
-            forward.append(f"{deeper}mean, var = {state[0]}, {state[1]}")
+            forward.append(f"{deeper}mean = {state[0]}")
+            forward.append(f"{deeper}var = {state[1]}")
             forward.append(
                 _wrap_call(
                     "mean[...], var[...] = ",
@@ -933,7 +949,7 @@ class ModuleBuilder:
             return
         if layer.kind == "residual":
             skip = f"dskip_{item.name}"
-            lines.append(f"{skip}, dh = {stem}_backward(dh)")
+            lines.append(_wrap_call(f"{skip}, dh = ", f"{stem}_backward", ["dh"]))
             self.dh_owned = False  # dh and the skip's gradient are one array
             self.backward_for(item.body, guard_bottom=False)
             lines.append(f"dh = {skip} + dh")
