@@ -375,6 +375,16 @@ def test_irrational_constants_print_as_the_nearest_double(constant):
     assert code == f"{float(constant.evalf(40))!r}*u"
 
 
+def test_integers_beyond_int64_print_as_floats():
+    # NumPy refuses a Python int beyond int64 as an operand: u**(10**20) raised OverflowError.
+    big = sp.Integer(10) ** 20
+    assert numpy_code(u**big) == "u**1e+20"
+    assert numpy_code(u**(2**63 - 1)) == f"u**{2**63 - 1}"  # int64 still prints exactly
+    values = np.array([0.5, 1.0, -1.0])
+    np.testing.assert_array_equal(run(numpy_code(u**big + big * u), u=values),
+                                  values**1e20 + 1e20 * values)
+
+
 # --------------------------------------------------------------------------- with known shapes
 
 # With the arrays' shapes the printer picks cheaper NumPy for the same value: X, Y are a batch

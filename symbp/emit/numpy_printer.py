@@ -67,6 +67,13 @@ class SymbpNumPyPrinter(NumPyPrinter):
     def _print_constant(self, expr):
         return repr(float(expr))
 
+    def _print_Integer(self, expr):
+        # NumPy takes a Python int beyond int64 nowhere (x**10**20 raises OverflowError); as a
+        # float it is the number NumPy would compute with anyway.
+        if -(2**63) <= expr.p < 2**63:
+            return super()._print_Integer(expr)
+        return self._print_constant(expr)
+
     def _print_Pow(self, expr, rational=False):
         if expr.is_number and not expr.is_Rational:
             return self._print_constant(expr)
