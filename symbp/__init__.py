@@ -13,6 +13,8 @@ exact formulas, generate a NumPy module, check it against finite differences, ex
 
 __version__ = "0.1.0"
 
+import os  # noqa: E402
+
 from .check import gradcheck as _gradcheck  # noqa: E402 - before check() below, see there
 from .declare.conv import (  # noqa: E402
     AvgPool2d as avgpool2d,
@@ -70,9 +72,29 @@ from .declare.layers import (
 )
 from .declare.net import Net  # noqa: E402
 from .declare.spec import load_spec, parse_spec  # noqa: E402
-from .derive.network import derive_network as derive  # noqa: E402
-from .emit.module import generate_module as codegen  # noqa: E402
+from .derive.network import derive_network as _derive_network  # noqa: E402
+from .emit.module import generate_module as _generate_module  # noqa: E402
 from .errors import DerivationError, SpecError, SymbpError  # noqa: E402
+
+
+def _as_net(net) -> Net:
+    """``net`` itself, or the network of the spec file it names."""
+    if isinstance(net, Net):
+        return net
+    if isinstance(net, str | os.PathLike):
+        return load_spec(net)
+    raise SpecError(f"expected a symbp.Net or the path of a spec, got {type(net).__name__}")
+
+
+def derive(net):
+    """Derive every layer's backward pass for ``net`` (a :class:`Net` or a spec path): a
+    ``NetworkDerivation`` (``.layer("bn1").derivation.vjp``)."""
+    return _derive_network(_as_net(net))
+
+
+def codegen(net) -> str:
+    """The generated NumPy module's source for ``net`` (a :class:`Net` or a spec path)."""
+    return _generate_module(_as_net(net))
 
 
 def notes(
@@ -93,8 +115,6 @@ def notes(
         raise SpecError(f"fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if notation not in NOTATIONS:
         raise SpecError(f"notation must be one of {', '.join(NOTATIONS)}, got {notation!r}")
-    if not isinstance(net, Net):
-        net = load_spec(net)
     derivation = derive(net)
     rows = None
     if flow:
@@ -106,14 +126,15 @@ def notes(
     )
 
 
-def check(net: Net, *, batch: int = 4, seed: int = 0, full: bool = False):
-    """Generate ``net``'s module and compare its gradients with finite differences.
+def check(net, *, batch: int = 4, seed: int = 0, full: bool = False):
+    """Generate the module of ``net`` (a :class:`Net` or a spec path) and compare its
+    gradients with finite differences.
 
     The subpackage ``symbp.check`` is imported at the top of this file: importing a submodule
     for the first time sets it as an attribute of its parent, which would replace this
     function if that happened after its definition (``symbp.derive`` is the same).
     """
-    return _gradcheck.check_spec(net, batch=batch, seed=seed, full=full)
+    return _gradcheck.check_spec(_as_net(net), batch=batch, seed=seed, full=full)
 
 
 __all__ = [

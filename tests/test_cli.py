@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import symbp
@@ -124,3 +125,33 @@ def test_a_batch_too_big_for_memory_is_one_line(capsys, argv):
     assert cli_main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("symbp: error: not enough memory") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: symbp.Net([symbp.relu()], input_shape=5),
+        lambda: symbp.Net([symbp.relu()], input_shape=np.array([1, 2, 2])),
+        lambda: symbp.notes(5),
+        lambda: symbp.load_spec(None),
+        lambda: symbp.parse_spec(None),
+        lambda: symbp.derive(3.5),
+        lambda: symbp.codegen(["fc1"]),
+        lambda: symbp.check(None),
+    ],
+    ids=["shape int", "shape array", "notes int", "load None", "parse None", "derive float",
+         "codegen list", "check None"],
+)
+def test_the_api_refuses_what_is_not_a_net_or_spec_with_a_spec_error(call):
+    with pytest.raises(symbp.SpecError):
+        call()
+
+
+def test_derive_codegen_and_check_take_a_spec_path_like_notes():
+    bce = ROOT / "examples" / "bce.toml"
+    net = symbp.load_spec(bce)
+    assert symbp.codegen(str(bce)) == symbp.codegen(bce) == symbp.codegen(net)
+    assert symbp.derive(bce).layer("bn2").derivation.vjp.keys() == (
+        symbp.derive(net).layer("bn2").derivation.vjp.keys()
+    )
+    assert symbp.check(bce).passed

@@ -59,7 +59,10 @@ class Net:
             raise SpecError("give exactly one of input features or input shape", field="input")
         if input_features is not None:
             input_shape = (input_features,)
-        assert input_shape is not None
+        if not isinstance(input_shape, tuple | list):  # an int, an array: not a shape
+            raise SpecError(
+                f"must be a tuple of positive integers, got {input_shape!r}", field="input"
+            )
         if not input_shape or not all(
             isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape
         ):

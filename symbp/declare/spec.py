@@ -18,6 +18,7 @@ the field. A layer table's keys are ``type``, ``name`` and the layer constructor
 from __future__ import annotations
 
 import inspect
+import os
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ TOP_LEVEL = {"name", "input", "loss", "layers", "dtype"}
 
 def load_spec(path: str | Path) -> Net:
     """Read and check a spec file."""
+    if not isinstance(path, str | os.PathLike):
+        raise SpecError(f"a spec is the path of a TOML file, got {type(path).__name__}")
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -46,6 +49,8 @@ def load_spec(path: str | Path) -> Net:
 
 def parse_spec(text: str) -> Net:
     """Build a :class:`Net` from TOML text."""
+    if not isinstance(text, str):
+        raise SpecError(f"a spec is TOML text, got {type(text).__name__}")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
