@@ -123,6 +123,10 @@ def _derive(args) -> int:
     if args.expr is not None:
         if args.spec:
             raise SpecError("give either a spec or --expr, not both")
+        if args.layer:
+            raise SpecError(
+                "names a layer of a spec; --expr derives one activation", field="--layer"
+            )
         try:
             layer = Activation(args.expr)
         except SpecError as err:
@@ -133,6 +137,11 @@ def _derive(args) -> int:
     if not args.spec:
         raise SpecError("give a spec file or --expr")
     net = load_spec(args.spec)
+    if args.layer is not None:
+        try:
+            net.find(args.layer)
+        except SpecError as err:
+            raise SpecError(err.message, file=args.spec, field="--layer") from None
     text, ok = derivation_report(net, layer=args.layer, verify=args.verify, unicode=not args.ascii)
     print(text)
     return 0 if ok else 1

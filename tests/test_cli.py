@@ -155,3 +155,16 @@ def test_derive_codegen_and_check_take_a_spec_path_like_notes():
         symbp.derive(net).layer("bn2").derivation.vjp.keys()
     )
     assert symbp.check(bce).passed
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["derive", MLP_BN, "--layer", "nope"], ["mlp_bn.toml", "'--layer'", "no layer named"]),
+        (["derive", "--expr", "x*2", "--layer", "fc1"], ["'--layer'", "--expr"]),
+    ],
+)
+def test_a_bad_layer_option_names_the_option(capsys, argv, words):
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(word in err for word in words), err
