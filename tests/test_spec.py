@@ -83,7 +83,13 @@ BAD = {
     "missing_expr": Bad(_layer('type = "activation"\nname = "a1"'), "a1", "expr", "missing"),
     "missing_in_residual": Bad(
         _layer('type = "residual"\nname = "res1"\nlayers = [ { type = "linear" } ]'),
-        "res1.layers[1]", "out", "missing",
+        "res1_linear1", "out", "missing",  # the name the network gives it
+    ),
+    "missing_in_unnamed": Bad(
+        _layer('type = "conv2d"\nkernel = 3'), "conv2d1", "out_channels", "missing"
+    ),
+    "residual_entry_not_a_table": Bad(
+        _layer('type = "residual"\nname = "res"\nlayers = [5]'), "res.layers[1]", None, "table"
     ),
     "out_string": Bad(_layer('type = "linear"\nname = "fc1"\nout = "abc"'), "fc1", "out", "abc"),
     "out_zero": Bad(_layer('type = "linear"\nname = "fc1"\nout = 0'), "fc1", "out", "positive"),

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SpecError
+from ..naming import default_layer_name
 from .layers import REGISTRY, Layer, Loss, Residual
 from .net import Net
 
@@ -99,13 +100,22 @@ def _input(value: Any) -> tuple[int | None, tuple[int, ...] | None]:
     return None, tuple(shape)
 
 
-def _layer(table: Any, position: int, prefix: str = "") -> Layer:
-    where = f"{prefix}layers[{position}]"
+def _layer(table: Any, position: int, parent: str = "") -> Layer:
+    """The layer a ``[[layers]]`` table declares; ``parent``: the residual block it is in.
+
+    Errors name the layer as the network will (its name, or its type and position, as
+    ``relu3`` or ``res1_linear1``), or by its place (``layers[3]``) where it has no type."""
+    where = f"{parent}.layers[{position}]" if parent else f"layers[{position}]"
     if not isinstance(table, dict):
-        raise SpecError(f"{where} must be a table, got {table!r}")
+        raise SpecError(f"must be a table (one layer), got {table!r}", layer=where)
     name = table.get("name")
-    label = name if isinstance(name, str) and name else where
     kind = table.get("type")
+    if isinstance(name, str) and name:
+        label = name
+    elif name is None and isinstance(kind, str) and kind in REGISTRY:
+        label = (f"{parent}_" if parent else "") + default_layer_name(kind, position)
+    else:
+        label = where
     if kind is None:
         raise SpecError("missing field", layer=label, field="type")
     cls = REGISTRY.get(kind) if isinstance(kind, str) else None
@@ -128,9 +138,7 @@ def _layer(table: Any, position: int, prefix: str = "") -> Layer:
         body = arguments.get("layers")
         if not isinstance(body, list) or not body:
             raise SpecError("must be a non-empty list of layers", layer=label, field="layers")
-        arguments["layers"] = [
-            _layer(item, i, prefix=f"{label}.") for i, item in enumerate(body, start=1)
-        ]
+        arguments["layers"] = [_layer(item, i, label) for i, item in enumerate(body, start=1)]
     try:
         return cls(**arguments)
     except SpecError as err:
