@@ -124,6 +124,48 @@ def test_printer_whole_array_form(expr, notation, expected):
     assert latex(expr, arrays=ARRAYS | {"z", "h"}, whole=True, notation=notation) == expected
 
 
+# Real powers, written as in print: a root as a root (sympy's own \sqrt{x}, \sqrt[3]{x},
+# \frac{1}{\sqrt{x}}), any other exponent as a superscript, a rational one as sympy writes it
+# (x^{\frac{3}{2}}, as batch norm's (\sigma^2 + \epsilon)^{\frac{3}{2}} in the gallery), on
+# an array's symbol like its integer powers (x^{2}_{nj}); element-wise in whole-array form.
+h1 = AtLayer(sp.Symbol("h"), sp.Symbol("1"))
+third, half = sp.Rational(1, 3), sp.Rational(1, 2)
+
+
+@pytest.mark.parametrize(
+    ("expr", "whole", "expected"),
+    [
+        (x[n, j] ** sp.Rational(3, 2), False, r"x^{\frac{3}{2}}_{nj}"),
+        (sp.sqrt(x[n, j]), False, r"\sqrt{x_{nj}}"),
+        (x[n, j] ** third, False, r"\sqrt[3]{x_{nj}}"),
+        (1 / sp.sqrt(x[n, j]), False, r"\frac{1}{\sqrt{x_{nj}}}"),
+        # d/dx x^(1/3) = 1 / (3 x^(2/3)); it recursed without end
+        (sp.diff(x[n, j] ** third, x[n, j]), False, r"\frac{1}{3 x^{\frac{2}{3}}_{nj}}"),
+        (x[n, j] ** x[n, j], False, r"x^{x_{nj}}_{nj}"),
+        (x[n, j] ** sp.pi, False, r"x^{\pi}_{nj}"),
+        # a symbol with a power of its own: sqrt(sigma^2) = sigma, (sigma~^-1)^(1/2)
+        (sp.sqrt(sp.IndexedBase("var")[j]), False, r"\sigma_{j}"),
+        (sp.sqrt(sp.IndexedBase("invstd")[j]), False, r"\tilde{\sigma}^{- \frac{1}{2}}_{j}"),
+        # network-level nodes are sympy functions: sympy's _print_Pow handed them `exp=`
+        (h1 ** sp.Rational(3, 2), True, r"\left(\mathbf{h}^{(1)}\right)^{\odot \frac{3}{2}}"),
+        (h1**h1, True, r"\left(\mathbf{h}^{(1)}\right)^{\odot \mathbf{h}^{(1)}}"),
+        (h1**third, True, r"\sqrt[3]{\mathbf{h}^{(1)}}"),
+        (h1 ** (-half), True, r"\frac{1}{\sqrt{\mathbf{h}^{(1)}}}"),
+        (h1 ** sp.Rational(3, 2), False, r"\left(h^{(1)}\right)^{\frac{3}{2}}"),
+        # an element-wise power e - 1, not (element-wise e) - 1
+        (_s("y") ** (sp.E - 1), True, r"\mathbf{y}^{\odot \left(e - 1\right)}"),
+        (Delta(sp.Symbol("2")) ** 2, True, r"\left(\boldsymbol{\delta}^{(2)}\right)^{\odot 2}"),
+        (
+            Step(_s("y")) ** 2,
+            True,
+            r"\left(\mathbb{1}\left[\mathbf{y} > 0\right]\right)^{\odot 2}",
+        ),
+    ],
+)
+def test_printer_real_powers(expr, whole, expected):
+    assert latex(expr, arrays=ARRAYS | {"h"}, whole=whole) == expected
+
+
 def test_printer_puts_a_scalar_coefficient_in_front_of_a_long_sum():
     gamma, invstd, xhat = (sp.IndexedBase(s) for s in ("gamma", "invstd", "xhat"))
     expr = (N * dy[n, j] - sp.Sum(dy[m, j], (m, 0, N - 1))) * gamma[j] * invstd[j] / N
@@ -392,3 +434,123 @@ def test_conv_notes_compile(conv_derivation, tmp_path):
     ok, log, _ = compile_latex(render_notes(conv_derivation, fmt="tex"), tmp_path)
     assert ok, log[-3000:]
     assert overfull_boxes(log, min_pt=1.0) == []
+
+
+# -- user activations with real powers -----------------------------------------------------------
+# derive, codegen and check took these; the notes raised TypeError (a network-level node handed
+# an exponent by sympy's _print_Pow) or RecursionError (a negative rational power of an array).
+REAL_POWERS = [
+    "x**x",
+    "x**1.5",
+    "x*sqrt(x)",
+    "x**(2/3)",
+    "x**e",
+    "x**pi",
+    "x**sin(x)",
+    "x**2**0.5",
+    "x**(1/3)",
+    "x**-0.5",
+]
+
+POWER_SPEC = """
+name = "pw"
+input = {{ features = 3 }}
+loss = "mse"
+
+[[layers]]
+type = "activation"
+expr = "{expr}"
+
+[[layers]]
+type = "linear"
+out = 2
+"""
+
+
+@pytest.fixture(scope="module", params=REAL_POWERS)
+def real_power_notes(request):
+    from symbp.flow import flow_bounds
+
+    derivation = derive_network(parse_spec(POWER_SPEC.format(expr=request.param)))
+    rows = flow_bounds(derivation)
+    notes = {
+        (fmt, notation): render_notes(derivation, fmt=fmt, notation=notation, steps=True, flow=rows)
+        for fmt in ("md", "tex")
+        for notation in ("d2l", "cs231n")
+    }
+    return request.param, notes
+
+
+def test_real_power_activation_exports(real_power_notes):
+    from symbp.declare.expr import parse_expression
+
+    text, notes = real_power_notes
+    f = parse_expression(text, variable=sp.Symbol("x", real=True))
+    # the activation in the variable x, as sympy's own LaTeX printer writes it
+    row = r"f{\left(x \right)} &= " + sp.latex(f)
+    for doc in notes.values():
+        assert row in doc
+        assert "## Gradient flow" in doc or r"\section*{Gradient flow}" in doc
+
+
+@pytest.mark.parametrize(
+    ("text", "forward", "index"),
+    [
+        (
+            "x**1.5",
+            r"\mathbf{h}^{(1)} &= \left(\mathbf{h}^{(0)}\right)^{\odot \frac{3}{2}}",
+            r"y_{nj} &= x^{\frac{3}{2}}_{nj}",
+        ),
+        (
+            "x**(1/3)",
+            r"\mathbf{h}^{(1)} &= \sqrt[3]{\mathbf{h}^{(0)}}",
+            r"y_{nj} &= \sqrt[3]{x_{nj}}",
+        ),
+        (
+            "x**-0.5",
+            r"\mathbf{h}^{(1)} &= \frac{1}{\sqrt{\mathbf{h}^{(0)}}}",
+            r"y_{nj} &= \frac{1}{\sqrt{x_{nj}}}",
+        ),
+        (
+            "x**x",
+            r"\mathbf{h}^{(1)} &= \left(\mathbf{h}^{(0)}\right)^{\odot \mathbf{h}^{(0)}}",
+            r"y_{nj} &= x^{x_{nj}}_{nj}",
+        ),
+    ],
+)
+def test_real_power_activation_forms(text, forward, index):
+    md = render_notes(derive_network(parse_spec(POWER_SPEC.format(expr=text))), fmt="md")
+    assert forward in md  # the network's forward pass, whole-array form
+    assert index in md  # the layer's definition, index form
+    if text == "x**-0.5":  # d/dx x^(-1/2) = -1 / (2 x^(3/2))
+        assert r"\frac{\partial J}{\partial x_{nj}} &= - \frac{1}{2 x^{\frac{3}{2}}_{nj}}" in md
+
+
+@pytest.mark.skipif(not have_node(), reason="node missing: .ci/install_render_tools.sh")
+def test_real_power_notes_parse_with_katex(real_power_notes):
+    _, notes = real_power_notes
+    for notation in ("d2l", "cs231n"):
+        assert katex_errors(extract_markdown_math(notes["md", notation])) == []
+
+
+@pytest.mark.skipif(not have_pdflatex(), reason="pdflatex missing: .ci/install_render_tools.sh")
+def test_real_power_notes_compile(real_power_notes, tmp_path):
+    _, notes = real_power_notes
+    for notation in ("d2l", "cs231n"):
+        ok, log, _ = compile_latex(notes["tex", notation], tmp_path / notation)
+        assert ok, log[-3000:]
+        assert overfull_boxes(log, min_pt=1.0) == []
+
+
+@pytest.mark.parametrize("suffix", [".md", ".tex"])
+def test_cli_latex_real_power_activation(tmp_path, suffix):
+    import symbp
+    from symbp.cli import main
+
+    spec = tmp_path / "pw.toml"
+    spec.write_text(POWER_SPEC.format(expr="x*sqrt(x)"), encoding="utf-8")
+    out = tmp_path / f"pw{suffix}"
+    assert main(["latex", str(spec), "-o", str(out), "--steps", "--flow"]) == 0
+    assert r"x^{\frac{3}{2}}_{nj}" in out.read_text(encoding="utf-8")
+    net = symbp.Net([symbp.activation("x**(1/3)"), symbp.linear(2)], input_features=3, loss="mse")
+    assert r"\sqrt[3]{x_{nj}}" in str(symbp.notes(net, fmt=suffix[1:], notation="cs231n"))

@@ -246,9 +246,16 @@ class NotesLatexPrinter(LatexPrinter):
         return name.startswith("d") and name[1:] in self._settings["arrays"]
 
     def name_tex(
-        self, name: str, *, sub: str = "", layer: str = "", power: int = 1, bold: bool = False
+        self,
+        name: str,
+        *,
+        sub: str = "",
+        layer: str = "",
+        power: int | sp.Expr = 1,
+        bold: bool = False,
     ) -> str:
-        """An array's symbol with its subscript, layer superscript and power."""
+        """An array's symbol with its subscript, layer superscript and power (an integer or any
+        real exponent: ``x^{\\frac{3}{2}}_{nj}``, ``\\tilde{\\sigma}^{-\\frac{1}{2}}_{j}``)."""
         accent, letter, own_power = SYMBOLS.get(name, (None, name, 1))
         if name == "L":
             letter = self._settings["loss_symbol"]
@@ -272,10 +279,16 @@ class NotesLatexPrinter(LatexPrinter):
             tex = f"{tex}_{{{sub}}}"
         return tex
 
-    def _power(self, power: int, elementwise: bool) -> str:
-        if elementwise and power > 0:
-            return rf"\odot {power}"
-        return str(power)
+    def _power(self, power, elementwise: bool) -> str:
+        power = sp.sympify(power)
+        text = self._print(power)
+        # an element-wise power of an array; negative powers of the named symbols
+        # (\tilde{\sigma}^{-1}) are read element-wise without the circle
+        if elementwise and not power.is_negative:
+            if isinstance(power, sp.Add):
+                text = rf"\left({text}\right)"  # \odot (e - 1), not (\odot e) - 1
+            return rf"\odot {text}"
+        return text
 
     def grad_tex(self, target: str) -> str:
         """The gradient of the loss with respect to ``target`` (already printed)."""
@@ -283,12 +296,14 @@ class NotesLatexPrinter(LatexPrinter):
             return rf"\frac{{\partial {self._settings['loss_symbol']}}}{{\partial {target}}}"
         return rf"\mathrm{{d}}{target}"
 
-    def _array_tex(self, name: str, *, sub: str = "", layer: str = "", power: int = 1) -> str:
+    def _array_tex(
+        self, name: str, *, sub: str = "", layer: str = "", power: int | sp.Expr = 1
+    ) -> str:
         bold = self._settings["whole"] and not sub
         if self._is_adjoint(name):
             inner = self.name_tex(name[1:], sub=sub, layer=layer, bold=bold)
             tex = self.grad_tex(inner)
-            return rf"\left({tex}\right)^{{{power}}}" if power != 1 else tex
+            return rf"\left({tex}\right)^{{{self._power(power, False)}}}" if power != 1 else tex
         return self.name_tex(name, sub=sub, layer=layer, power=power, bold=bold)
 
     def _indices_tex(self, indices) -> str:
@@ -312,25 +327,76 @@ class NotesLatexPrinter(LatexPrinter):
         return self._array_tex(expr.name)
 
     def _print_Pow(self, expr, rational=False):
+        """Any real power. Sympy's ``_print_Pow`` is left only what it prints right here: it
+        hands a function base its exponent (``_print_AtLayer(base, exp=...)``, which the notes'
+        nodes do not take) and prints a negative rational power through ``_print_Mul``, which
+        gave a named array's power back to this method (without end)."""
         base, exponent = expr.args
+        if base.is_number and exponent.is_number:
+            return super()._print_Pow(expr)
+        whole = self._settings["whole"]
+        if exponent.is_negative and not self._folds_power(base, exponent):
+            # 1/x^p: x^{-1/2} is \frac{1}{\sqrt{x}}, x^{-3/2} is \frac{1}{x^{3/2}}
+            positive = base if exponent == -1 else sp.Pow(base, -exponent, evaluate=False)
+            return rf"\frac{{1}}{{{self._print(positive)}}}"
+        root = self._root_index(exponent)
         name = _array_name(base)
-        if name is not None and exponent.is_Integer:
+        if name is not None and (root is None or self._folds_power(base, exponent)):
+            # the named arrays carry their power: x^{2}_{nj}, \tilde{\sigma}^{-2}_{j},
+            # \left(\mathbf{h}^{(1)}\right)^{\odot \frac{3}{2}}
             if isinstance(base, sp.Indexed):
-                return self._array_tex(
-                    name, sub=self._indices_tex(base.indices), power=int(exponent)
-                )
+                return self._array_tex(name, sub=self._indices_tex(base.indices), power=exponent)
             if isinstance(base, AtLayer):
-                return self._array_tex(name, layer=_label(base.args[1]), power=int(exponent))
-            return self._array_tex(name, power=int(exponent))
-        if (
-            self._settings["whole"]
-            and exponent.is_Integer
-            and exponent > 0
-            and self._has_array(base)
-        ):
-            inner = self.parenthesize(base, PRECEDENCE["Pow"], strict=True)
-            return rf"{inner}^{{\odot {exponent}}}"
+                return self._array_tex(name, layer=_label(base.args[1]), power=exponent)
+            return self._array_tex(name, power=exponent)
+        if root is not None:
+            inner = self._print(base)
+            return rf"\sqrt{{{inner}}}" if root == 2 else rf"\sqrt[{root}]{{{inner}}}"
+        if isinstance(base, Element) and isinstance(base.args[0], AtLayer):
+            node, *indices = base.args
+            layer_name, label = node.args
+            return self.name_tex(
+                layer_name.name, sub=self._indices_tex(indices), layer=_label(label), power=exponent
+            )
+        own = base.is_Function and self._prints_itself(base)
+        if own or (whole and self._has_array(base)):
+            # a node of the notes (its printer takes no exponent) or an element-wise power
+            if own:
+                inner = rf"\left({self._print(base)}\right)"
+            else:
+                inner = self.parenthesize(base, PRECEDENCE["Pow"], strict=True)
+            power = self._power(exponent, whole and self._has_array(base))
+            return rf"{inner}^{{{power}}}"
         return super()._print_Pow(expr)
+
+    def _root_index(self, exponent) -> int | None:
+        """``q`` when ``exponent`` is ``1/q`` and roots are printed as roots, else None."""
+        if (
+            self._settings["root_notation"]
+            and exponent.is_Rational
+            and exponent.p == 1
+            and exponent.q != 1
+        ):
+            return int(exponent.q)
+        return None
+
+    @staticmethod
+    def _folds_power(base, exponent) -> bool:
+        """True when the power is written on the array's own symbol (``x^{-1}_{nj}``): integer
+        powers of named arrays, and any power of a symbol that has one of its own
+        (``\\tilde{\\sigma}^{-\\frac{1}{2}}``, ``\\sigma`` for the square root of ``var``)."""
+        name = _array_name(base)
+        if name is None:
+            return False
+        return bool(exponent.is_Integer) or SYMBOLS.get(name, (None, name, 1))[2] != 1
+
+    def _prints_itself(self, expr) -> bool:
+        """True when this class, not sympy, prints ``expr`` (its printer takes no exponent)."""
+        for cls in type(expr).__mro__:
+            method = "_print_" + cls.__name__
+            if hasattr(self, method):
+                return method in NotesLatexPrinter.__dict__
+        return False
 
     # -- products and sums ------------------------------------------------------------------------
     def _has_array(self, expr) -> bool:
@@ -349,7 +415,7 @@ class NotesLatexPrinter(LatexPrinter):
             if (
                 isinstance(factor, sp.Pow)
                 and factor.exp.is_negative
-                and _array_name(factor.base) is None
+                and not self._folds_power(factor.base, factor.exp)
             ):
                 denominator.append(factor.base ** (-factor.exp))
             elif factor.is_Rational and factor.q != 1:
