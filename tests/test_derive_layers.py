@@ -21,10 +21,11 @@ from functools import cache
 import pytest
 import sympy as sp
 
+import symbp
 from symbp.declare import layers
 from symbp.declare.forms import N
 from symbp.derive.arrays import Lowering
-from symbp.derive.layer import Adjoint, LayerDerivation, derive_layer
+from symbp.derive.layer import Adjoint, LayerDerivation, _peels, derive_layer
 from symbp.derive.verify import default_sizes, expand_forward, is_zero, verify_layer
 from symbp.emit.numpy_printer import numpy_code
 
@@ -253,6 +254,77 @@ def test_an_output_read_through_an_inverse_function_is_not_kept():
     derivation = derive_layer(layers.Activation("tanh(tanh(x))").forward_form((3,)))
     assert derivation.stored == ("x",)
     assert not derivation.vjp["x"].expr.has(sp.atanh)
+
+
+@pytest.mark.parametrize(
+    ("text", "rate"), [("exp(400*x)", 400), ("exp(1000*x)", 1000), ("exp(x)**400", 400)]
+)
+def test_an_output_past_the_float64_range_at_a_sample_point_is_still_kept(text, rate):
+    """exp(400*x) at the sample point x = 6.93 is about 1e1206: compared as Python complex
+    numbers, inf - inf raised OverflowError and the derivation failed."""
+    derivation = derive_layer(layers.Activation(text).forward_form((3,)))
+    assert derivation.stored == ("y",)
+    assert sp.expand(derivation.vjp["x"].expr - rate * dy[n, j] * y[n, j]) == 0
+
+
+def test_a_steep_exponential_that_reads_its_output_passes_the_gradient_check():
+    net = symbp.Net(
+        [symbp.linear(3), symbp.activation("exp(400*x)"), symbp.linear(2)],
+        input_features=2,
+        loss="mse",
+    )
+    assert symbp.check(net).passed
+
+
+#: the unknown, the kept value it is solved from, and other symbols of a forward definition
+u, t = sp.Dummy("u", real=True), sp.Symbol("t", real=True)
+mu, epsilon = sp.Symbol("mu", real=True), sp.Symbol("epsilon", positive=True)
+
+
+@pytest.mark.parametrize(
+    ("equation", "peels"),
+    [
+        (lambda: t - sp.exp(u) / (1 + sp.exp(u)), True),  # Möbius in exp(u), then exp
+        (lambda: t - 2 / (1 + sp.exp(-2 * u)) + 1, True),
+        (lambda: t - sp.tanh(sp.tanh(u)), True),  # peels; atanh(atanh(t)) is refused later
+        (lambda: t - sp.Max(0, sp.exp(u) - 1), True),
+        (lambda: t - 1 / (1 + u), True),
+        (lambda: t - (u - mu) * sp.Symbol("invstd", positive=True), True),  # batch norm's xhat
+        (lambda: t - (u + epsilon) ** sp.Rational(-1, 2), True),  # invstd from var
+        (lambda: t - sp.log(u), True),  # lse from the sum of exponentials
+        (lambda: t - u + sp.Max(u, 0), False),  # two kernels: u and max(u, 0)
+        (lambda: t - u * sp.tanh(sp.log(1 + sp.exp(u))), False),  # mish
+        (lambda: t - sp.exp(-u**2 / 3) * sp.sin(7 * u / 9), False),  # two kernels
+        (lambda: t - u**3 - u, False),  # degree 3: radicals
+        (lambda: t - (1 + u) ** 100000, False),  # degree 100000, not expanded to find out
+        (lambda: t - sp.exp(-(u**2)), False),  # exp peels, its argument has degree 2
+        (lambda: t - (sp.exp(u) - sp.exp(-u)) / (sp.exp(u) + sp.exp(-u)), False),
+    ],
+)
+def test_which_equations_peel(equation, peels):
+    assert _peels(equation(), u) is peels
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["exp(-0.3333333333333*x**2)*sin(0.7777777777*x)", "(1+x)**100000", "x**3 + x"],
+)
+def test_an_output_equation_that_does_not_peel_is_never_handed_to_sympy(monkeypatch, text):
+    """sympy's solveset grew past 24 GB on the first and took minutes on the second, to find
+    no usable solution: the derivation reads x, without asking."""
+    asked = []
+
+    def solveset(*args, **kwargs):
+        asked.append(args[0])
+        return sp.EmptySet
+
+    monkeypatch.setattr(sp, "solveset", solveset)
+    form = layers.Activation(text).forward_form((3,))
+    derivation = derive_layer(form)
+    assert asked == []
+    assert derivation.stored == ("x",)
+    output = form.output.expr
+    assert sp.simplify(derivation.vjp["x"].expr - dy[n, j] * sp.diff(output, x[n, j])) == 0
 
 
 # -- costly values computed once for both passes ---------------------------------------------

@@ -254,7 +254,13 @@ def _same_values(form: Forward, kept: LayerDerivation, plain: LayerDerivation) -
     """Whether ``kept``'s VJPs, with each kept stage written out, equal ``plain``'s at sample
     points. Solving ``y = f(x)`` for ``x`` can take one branch for the whole line: for
     ``y = x - max(x, 0) = min(x, 0)`` it gives ``x = y``, which holds only for ``x <= 0``, and
-    ``step(x)`` would become ``step(y)``, always 0."""
+    ``step(x)`` would become ``step(y)``, always 0.
+
+    The values are sympy numbers, whose exponent has no bound: ``exp(400*x)`` at ``x = 6.93`` is
+    about ``1e1206``, past float64's range, where Python's complex numbers overflowed
+    (``OverflowError``) or compared ``inf`` with ``inf``. A point where the plain derivative is
+    undefined (``nan``, ``zoo``) says nothing and is passed over; one where only the kept form
+    is refutes it, and so does having no point to compare at."""
     definitions = {s.array.base: s for s in form.stages if s.name in kept.stored}
 
     def written_out(element):
@@ -262,6 +268,7 @@ def _same_values(form: Forward, kept: LayerDerivation, plain: LayerDerivation) -
         return stage.expr.xreplace(dict(zip(stage.indices, element.indices, strict=True)))
 
     inputs = {a.base for a in form.inputs}
+    compared = False
     for name, adjoint in kept.vjp.items():
         mine = adjoint.expr.replace(
             lambda e: isinstance(e, sp.Indexed) and e.base in definitions, written_out
@@ -274,17 +281,26 @@ def _same_values(form: Forward, kept: LayerDerivation, plain: LayerDerivation) -
             for symbol in (mine.free_symbols | theirs.free_symbols) - set(values):
                 values.setdefault(symbol, sp.Float(0.37))
             try:
-                a = complex(sp.N(mine.xreplace(values)))
-                b = complex(sp.N(theirs.xreplace(values)))
+                a = sp.N(mine.xreplace(values))
+                b = sp.N(theirs.xreplace(values))
             except (TypeError, ValueError):
                 return False
-            if abs(a - b) > 1e-9 * max(1.0, abs(b)):
+            if b.is_number and not b.is_finite:
+                continue  # the derivative is undefined here: nothing to compare
+            if not a.is_finite or (sp.Abs(a - b) <= 1e-9 * sp.Max(1, sp.Abs(b))) is not sp.true:
                 return False
-    return True
+            compared = True
+    return compared
 
 
 def _solve_unique(equation: sp.Expr, unknown: sp.Symbol) -> sp.Expr | None:
-    """The one real solution of ``equation = 0`` for ``unknown``, or None."""
+    """The one real solution of ``equation = 0`` for ``unknown``, or None.
+
+    Asked of sympy only where the equation *peels* (:func:`_peels`); elsewhere no solution is
+    sought, and what it would have rewritten stays as it is.
+    """
+    if not _peels(equation, unknown):
+        return None
     try:
         solutions = sp.solveset(equation, unknown, domain=sp.S.Reals)
     except (NotImplementedError, ValueError, TypeError):
@@ -295,6 +311,85 @@ def _solve_unique(equation: sp.Expr, unknown: sp.Symbol) -> sp.Expr | None:
     if not isinstance(solutions, sp.FiniteSet) or len(solutions) != 1:
         return None
     return sp.simplify(next(iter(solutions)))
+
+
+def _peels(expr: sp.Expr, unknown: sp.Symbol) -> bool:
+    """Whether ``expr = 0`` is solved for ``unknown`` by inverting one step at a time.
+
+    That is: ``unknown`` sits in a single *kernel* (``unknown`` itself, or one function
+    application or power with it in one argument), ``expr`` is a rational function of degree at
+    most 1 in that kernel (``a*K + b``, ``(a*K + b)/(c*K + d)``), and the kernel's argument
+    peels in turn. Sigmoid ``y = exp(u)/(1 + exp(u))`` peels to ``exp(u) = y/(1 - y)``, then to
+    ``u = log(y/(1 - y))``; batch norm's ``xhat = (u - mu)*invstd`` at once; ``lse =
+    log(s)`` to ``s = exp(lse)``. Each step is one inversion, so sympy's cost is bounded by the
+    expression's depth; the test itself walks the expression once and expands nothing.
+
+    What does not peel is not worth solving here, and can cost without bound:
+
+    * two kernels (``x - max(x, 0)``, ``x*tanh(...)``, ``exp(-x**2/3)*sin(0.78*x)``): sympy
+      searches for a way to combine them (the last grew past 24 GB) and at best finds a solution
+      on one branch, which :func:`_same_values` then refutes. (Exponentials of commensurate
+      arguments, tanh spelled ``(exp(x) - exp(-x))/(exp(x) + exp(-x))``, are two kernels too;
+      solveset found no solution for that spelling either.)
+    * degree ``d >= 2`` in the kernel (``x**3 + x``, ``(1 + x)**10000``): the inverse is an
+      algebraic function of degree ``d`` of the kept value, not rational in it -- no real
+      solution is unique for even ``d``, and otherwise it needs radicals, which
+      :func:`_acceptable` refuses, or has no closed form at all. (With the kernel ``u`` itself:
+      ``p'(u)`` a polynomial in ``p(u)`` forces ``d = 1``.) sympy reaches that conclusion by
+      expanding the polynomial, at a cost growing with ``d`` (27 s for ``(1 + x)**10000``).
+
+    The engine then reads the layer's input instead of its output, which is always correct.
+    """
+    kernels = _kernels(expr, unknown)
+    if len(kernels) != 1:
+        return False
+    (kernel,) = kernels
+    degree = _rational_degree(expr, kernel)
+    if degree is None or max(degree) > 1:
+        return False
+    if kernel == unknown:
+        return True
+    inner = [arg for arg in kernel.args if arg.has(unknown)]
+    return len(inner) == 1 and _peels(inner[0], unknown)
+
+
+def _kernels(expr: sp.Expr, unknown: sp.Symbol) -> set[sp.Expr]:
+    """The outermost subexpressions with ``unknown`` in them that are not sums, products or
+    integer powers: ``{exp(u)}`` for ``exp(u)/(1 + exp(u))``, ``{u, Max(0, u)}`` for ``u -
+    Max(0, u)``."""
+    if not expr.has(unknown):
+        return set()
+    if expr == unknown:
+        return {expr}
+    if expr.is_Add or expr.is_Mul or (expr.is_Pow and expr.exp.is_Integer):
+        return set().union(*(_kernels(arg, unknown) for arg in expr.args))
+    return {expr}
+
+
+def _rational_degree(expr: sp.Expr, kernel: sp.Expr) -> tuple[int, int] | None:
+    """Bounds on the degrees in ``kernel`` of the numerator and the denominator of ``expr``
+    over one denominator (``together``), from its tree: nothing is expanded, so ``(1 + u)**n``
+    costs the same for every ``n``. None where ``kernel`` is inside something else."""
+    if expr == kernel:
+        return (1, 0)
+    if not expr.has(kernel):
+        return (0, 0)
+    if expr.is_Pow and expr.exp.is_Integer:
+        base = _rational_degree(expr.base, kernel)
+        if base is None:
+            return None
+        power = int(expr.exp)
+        above, below = base if power >= 0 else base[::-1]
+        return (abs(power) * above, abs(power) * below)
+    if not (expr.is_Add or expr.is_Mul):
+        return None
+    parts = [_rational_degree(arg, kernel) for arg in expr.args]
+    if any(part is None for part in parts):
+        return None
+    below = sum(d for _, d in parts)
+    if expr.is_Mul:
+        return (sum(n for n, _ in parts), below)
+    return (max(n + below - d for n, d in parts), below)
 
 
 def _rules_towards(form: Forward, keep: tuple[str, ...]) -> list[Rule]:
