@@ -12,7 +12,7 @@ import sys
 import pytest
 import sympy as sp
 
-from symbp.declare.expr import FUNCTIONS, MAX_LENGTH, parse_expression
+from symbp.declare.expr import FUNCTIONS, MAX_LENGTH, _real_at, parse_expression
 from symbp.declare.layers import X
 from symbp.errors import SpecError
 
@@ -227,6 +227,27 @@ def test_expressions_real_nowhere_are_refused(text):
     # declaration and fail when the code was generated, with no file, layer or field named.
     with pytest.raises(SpecError, match="no real value at any of x"):
         parse(text)
+
+
+def test_the_realness_test_is_not_arbitrary_precision():
+    # Seven nested exp at x = 4.6 has a value with more digits than memory holds; sympy's evalf
+    # ran for minutes. The sample points are computed in complex floats, overflow counting as
+    # real; the numbers here are cmath's, independent of sympy.
+    text = "exp(exp(exp(exp(exp(exp(exp(x)))))))"
+    program = (
+        "from symbp.declare.expr import parse_expression\n"
+        "from symbp.declare.layers import X\n"
+        f"parse_expression({text!r}, variable=X)\n"
+    )
+    try:
+        result = subprocess.run([sys.executable, "-c", program], timeout=120, capture_output=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("parsing nested exp hangs (a guard against a hung suite, not a speed limit)")
+    assert result.returncode == 0, result.stderr
+    assert _real_at(parse("log(x) + sqrt(x)"), X, 0.29)
+    assert not _real_at(parse("log(x) + sqrt(x)"), X, -0.41)  # cmath.log(-0.41) has i*pi
+    assert not _real_at(parse("log(x)"), X, 0.0)  # undefined there
+    assert _real_at(parse("erf(x) + max(x, 0)*erfc(x)"), X, -1.3)
 
 
 def test_a_long_flat_sum_is_not_deep():
