@@ -9,7 +9,6 @@ the functions in :data:`FUNCTIONS`.
 from __future__ import annotations
 
 import ast
-import cmath
 import math
 from collections.abc import Callable
 
@@ -110,56 +109,59 @@ SAMPLE_POINTS = (-3.7, -1.3, -0.41, 0.29, 0.83, 1.9, 4.6)
 
 
 def _real_at(expr: sp.Expr, variable: sp.Symbol, point: float) -> bool:
-    """Whether ``expr`` is real at ``variable = point``, computed in Python's complex numbers:
-    a value beyond float64 counts as real (overflow is not what this asks), one that is
+    """Whether ``expr`` is real at ``variable = point``: computed in floats as the generated
+    code computes it, every intermediate real (``abs(sqrt(-1 - x**2))`` is NaN in NumPy, not a
+    magnitude). A value beyond float64 counts as real (overflow is not what this asks); one
     undefined there (``log(0)``) does not. Not in sympy's arbitrary precision: seven nested
     ``exp`` there have hundreds of millions of digits and ran for minutes."""
     try:
-        value = _complex_value(expr, variable, complex(point))
+        value = _real_value(expr, variable, point)
     except OverflowError:
         return True
     except (ValueError, ZeroDivisionError):
         return False
-    return math.isfinite(value.real) and abs(value.imag) <= 1e-12 * (1 + abs(value.real))
+    return not math.isnan(value)
 
 
-_COMPLEX_FUNCTIONS = {
-    sp.exp: cmath.exp,
-    sp.log: cmath.log,
-    sp.tanh: cmath.tanh,
-    sp.sinh: cmath.sinh,
-    sp.cosh: cmath.cosh,
-    sp.sin: cmath.sin,
-    sp.cos: cmath.cos,
-    sp.atan: cmath.atan,
-    sp.asinh: cmath.asinh,
+_REAL_FUNCTIONS = {
+    sp.exp: math.exp,
+    sp.log: math.log,
+    sp.tanh: math.tanh,
+    sp.sinh: math.sinh,
+    sp.cosh: math.cosh,
+    sp.sin: math.sin,
+    sp.cos: math.cos,
+    sp.atan: math.atan,
+    sp.asinh: math.asinh,
+    sp.erf: math.erf,
+    sp.erfc: math.erfc,
     sp.Abs: abs,
+    sp.Max: max,
+    sp.Min: min,
 }
-#: The functions defined for real arguments only here: complex arguments are not real anyway.
-_REAL_FUNCTIONS = {sp.erf: math.erf, sp.erfc: math.erfc, sp.Max: max, sp.Min: min}
 
 
-def _complex_value(expr: sp.Expr, variable: sp.Symbol, point: complex) -> complex:
-    """``expr`` at ``variable = point`` over the whitelist of :data:`FUNCTIONS`."""
+def _real_value(expr: sp.Expr, variable: sp.Symbol, point: float) -> float:
+    """``expr`` at ``variable = point`` over the whitelist of :data:`FUNCTIONS`, in floats;
+    ValueError where a step leaves the reals (``math.log(-1)``, ``(-2.0)**0.37``)."""
     if expr == variable:
         return point
     if expr.is_number and not expr.args or isinstance(expr, sp.NumberSymbol):
-        return complex(expr)
-    args = [_complex_value(arg, variable, point) for arg in expr.args]
+        return float(expr)
+    args = [_real_value(arg, variable, point) for arg in expr.args]
     if expr.is_Add:
-        return sum(args, 0j)
+        return math.fsum(args)
     if expr.is_Mul:
-        return math.prod(args, start=1 + 0j)
+        return math.prod(args)
     if expr.is_Pow:
-        return args[0] ** args[1]
-    function = type(expr)
-    if function in _COMPLEX_FUNCTIONS:
-        return complex(_COMPLEX_FUNCTIONS[function](*args))
-    if function in _REAL_FUNCTIONS:
-        if any(arg.imag for arg in args):
-            raise ValueError("not real")
-        return complex(_REAL_FUNCTIONS[function](*(arg.real for arg in args)))
-    return complex(expr.subs(variable, point))  # a form sympy made of the whitelist
+        value = args[0] ** args[1]
+    elif type(expr) in _REAL_FUNCTIONS:
+        value = _REAL_FUNCTIONS[type(expr)](*args)
+    else:  # a form sympy made of the whitelist
+        value = complex(expr.subs(variable, point))
+    if isinstance(value, complex):
+        raise ValueError("not real")
+    return float(value)
 
 
 def _convert(node: ast.AST, names: dict[str, sp.Expr]) -> sp.Expr:
