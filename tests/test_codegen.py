@@ -1184,6 +1184,19 @@ def test_a_source_checkout_finds_its_templates_when_the_installed_path_is_gone(
     assert cli_main(["latex", str(everything_spec), "-o", str(tmp_path / "notes.md")]) == 0
 
 
+def test_a_checkout_uses_its_own_templates_over_the_recorded_install(monkeypatch, tmp_path):
+    # A second checkout (a git worktree) imported while an editable install of another checkout is
+    # recorded: symbp.templates resolves to the other checkout, yet the templates must be the ones
+    # beside the imported package, or edits to them go unseen.
+    import importlib.resources
+
+    import symbp.emit
+
+    monkeypatch.setattr(importlib.resources, "files", lambda package: tmp_path)
+    expected = Path(symbp.__file__).resolve().parents[1] / "templates"
+    assert Path(symbp.emit.template_folder()) == expected
+
+
 def test_check_exits_0_and_prints_the_table(capsys):
     assert cli_main(["check", str(ROOT / "examples" / "bce.toml"), "--batch", "3"]) == 0
     out = capsys.readouterr().out

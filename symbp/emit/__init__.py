@@ -8,13 +8,11 @@ from pathlib import Path
 
 
 def template_folder() -> str:
-    """The folder of the jinja2 templates: package ``symbp.templates`` once installed (they ship
-    inside the wheel), else ``templates/`` beside the package in a source checkout (``python -m
-    symbp`` run from a clone, or an editable install whose recorded path has moved)."""
-    try:
-        folder = Path(str(importlib.resources.files("symbp.templates")))
-    except ModuleNotFoundError:
-        folder = None
-    if folder is None or not folder.is_dir():
-        folder = Path(__file__).resolve().parents[2] / "templates"
-    return str(folder)
+    """The folder of the jinja2 templates: ``templates/`` beside the package when symbp is imported
+    from a source checkout (``python -m symbp`` from a clone or a git worktree, whatever checkout an
+    editable install recorded), else package ``symbp.templates``, where they ship inside the
+    wheel."""
+    checkout = Path(__file__).resolve().parents[2] / "templates"
+    if (checkout / "module.py.j2").is_file():
+        return str(checkout)
+    return str(Path(str(importlib.resources.files("symbp.templates"))))
