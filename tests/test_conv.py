@@ -592,10 +592,12 @@ def test_helper_threads_give_the_same_bits(name):
     assert len(threads) == 2
 
 
-def test_a_module_without_array_helpers_has_no_threads_to_set():
+def test_a_module_without_array_helpers_has_no_thread_pool():
+    """Its set_threads (every module has one, tests/test_module_io.py) starts no threads."""
     source = generate_module(Net([symbp.linear(3), symbp.relu(), symbp.linear(2)],
                                  input_features=4, loss="mse"))
-    assert "set_threads" not in source and "import concurrent" not in source
+    assert "_PARTS" not in source and "import concurrent" not in source
+    assert "def set_threads(count):" in source
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")
