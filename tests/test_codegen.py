@@ -36,13 +36,12 @@ from symbp.cli import main as cli_main
 from symbp.declare.layers import LOSSES, REGISTRY, Loss
 from symbp.declare.net import Net, Placed
 from symbp.emit.module import (
-    _helper_source,
-    environment,
     function_stems,
     generate_module,
     wrap_line,
 )
 from symbp.errors import SymbpError
+from symbp.runtime.rows import _along_rows
 
 autograd = pytest.importorskip("autograd")
 anp = pytest.importorskip("autograd.numpy")
@@ -1306,9 +1305,7 @@ def test_a_big_product_plus_a_vector_is_built_up_in_the_products_array():
     rng = np.random.default_rng(3)
     for rows in (3, 400):  # 400 rows of 400: long rows of 21, one row left over
         scope = {"np": np, "gamma": rng.standard_normal(400), "beta": rng.standard_normal(400),
-                 "xhat": rng.standard_normal((rows, 400))}
-        for helper in ("row_vector", "along_rows"):
-            exec(_helper_source(environment(), helper), scope)  # noqa: S102 - our template
+                 "xhat": rng.standard_normal((rows, 400)), "_along_rows": _along_rows}
         exec("\n".join(statement.lines()), scope)  # noqa: S102 - our own printed code
         expected = scope["gamma"] * scope["xhat"] + scope["beta"]
         np.testing.assert_array_equal(scope["y"], expected)

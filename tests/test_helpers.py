@@ -1,14 +1,14 @@
-"""The generated modules' array helpers (templates/helpers.py.j2), each against a plain reference.
+"""The numerical runtime (symbp/runtime/), each helper against a plain reference.
 
 The helpers hold structure, not math (a matrix product in a chosen memory order, the scatter
 that is the adjoint of reading windows, an arg-max indicator); each is compared here with a
 reference that does the same thing the obvious way: ``np.tensordot``, ``np.add.at`` over
 explicitly computed target positions, ``np.argmax`` (which returns the first maximum).
+Generated modules hold copies of these functions (tests/test_runtime.py checks the copying).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import math
 import threading
 
@@ -17,19 +17,26 @@ import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from symbp.emit.module import _helper_source, environment
+from symbp import runtime
+from symbp.runtime.pooling import _first_argmax_mask, _first_max_col2im, _window_max
+from symbp.runtime.products import (
+    _banded_window_route,
+    _cheaper_banded_scatter,
+    _col2im_tensordot,
+    _contiguous_run,
+    _tensordot,
+    _window_tensordot,
+)
+from symbp.runtime.rows import _along_rows, _row_vector
+from symbp.runtime.special import _erf, _erfc
+from symbp.runtime.stable import _sigmoid, _softplus
+from symbp.runtime.threads import set_threads
+from symbp.runtime.windows import _col2im, _shifted
 
-
-@pytest.fixture(scope="module")
-def helpers():
-    env = environment()
-    namespace = {"np": np, "concurrent": concurrent, "math": math}
-    names = ("parts", "window_max", "first_maxima", "first_argmax_mask", "first_max_col2im",
-             "col2im", "tensordot", "shifted", "banded", "window_tensordot", "col2im_tensordot")
-    for name in (*names, "row_vector", "along_rows", "erf_fits", "erf_pieces", "erf", "erfc",
-                 "exp_minus_abs", "sigmoid", "softplus"):
-        exec(_helper_source(env, name), namespace)  # noqa: S102 - our own template
-    return namespace
+RUNTIME = (runtime.threads, runtime.rows, runtime.stable, runtime.special, runtime.windows,
+           runtime.pooling, runtime.products)
+#: The helpers tests name in their parameters.
+NAMED = {"_sigmoid": _sigmoid, "_softplus": _softplus, "_erf": _erf, "_erfc": _erfc}
 
 
 def _operands(rng, dtype):
@@ -53,11 +60,11 @@ def _operands(rng, dtype):
 @pytest.mark.parametrize(
     ("dtype", "size"), [(np.float32, 1024), (np.float64, 512), (np.float64, 2048)]
 )
-def test_row_vector_moves_page_multiple_vectors_to_a_longer_allocation(helpers, dtype, size):
+def test_row_vector_moves_page_multiple_vectors_to_a_longer_allocation(dtype, size):
     """A vector of 4 KiB, 8 KiB, ... comes back as an equal copy in its own allocation, whose
     size is not a multiple of 4 KiB (the case that made row-broadcast passes slow)."""
     v = np.random.default_rng(0).standard_normal(size).astype(dtype)
-    got = helpers["_row_vector"](v)
+    got = _row_vector(v)
     assert got is not v and not np.shares_memory(got, v)
     assert got.dtype == v.dtype and got.shape == v.shape and np.array_equal(got, v)
     assert got.base is not None and got.base.nbytes % 4096 != 0
@@ -66,30 +73,30 @@ def test_row_vector_moves_page_multiple_vectors_to_a_longer_allocation(helpers, 
 @pytest.mark.parametrize(
     ("dtype", "size"), [(np.float32, 1000), (np.float64, 256), (np.float32, 7)]
 )
-def test_row_vector_hands_back_other_vectors_untouched(helpers, dtype, size):
+def test_row_vector_hands_back_other_vectors_untouched(dtype, size):
     v = np.ones(size, dtype)
-    assert helpers["_row_vector"](v) is v
+    assert _row_vector(v) is v
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_tensordot_equals_numpys(helpers, dtype):
+def test_tensordot_equals_numpys(dtype):
     rng = np.random.default_rng(0)
     for a, b, axes_a, axes_b in _operands(rng, dtype):
-        got = helpers["_tensordot"](a, b, axes_a, axes_b)
+        got = _tensordot(a, b, axes_a, axes_b)
         expected = np.tensordot(a.astype(np.float64), b.astype(np.float64), (axes_a, axes_b))
         assert got.shape == expected.shape and got.dtype == dtype
         tolerance = 1e-12 if dtype == np.float64 else 1e-5
         assert np.allclose(got, expected, rtol=tolerance, atol=tolerance)
 
 
-def test_tensordot_of_an_empty_batch_is_empty(helpers):
+def test_tensordot_of_an_empty_batch_is_empty():
     a, b = np.zeros((0, 3, 4)), np.ones((3, 4, 5))
-    assert helpers["_tensordot"](a, b, (1, 2), (0, 1)).shape == (0, 5)
-    assert helpers["_tensordot"](b, a, (0, 1), (1, 2)).shape == (5, 0)
+    assert _tensordot(a, b, (1, 2), (0, 1)).shape == (0, 5)
+    assert _tensordot(b, a, (0, 1), (1, 2)).shape == (5, 0)
 
 
-def test_contiguous_run_measures_the_innermost_stretch(helpers):
-    run = helpers["_contiguous_run"]
+def test_contiguous_run_measures_the_innermost_stretch():
+    run = _contiguous_run
     a = np.zeros((4, 5, 6))
     assert run(a) == 120
     assert run(a[:, :, :3]) == 3
@@ -117,10 +124,10 @@ def _col2im_reference(cols, kernel, stride, dilation):
     [((3, 3), 1, 1), ((2, 3), 1, 1), ((3, 2), 2, 1), ((2, 2), 1, 2), ((3, 3), 2, 2),
      ((2, 2), 2, 1)],
 )
-def test_col2im_adds_each_entry_where_it_was_read(helpers, kernel, stride, dilation):
+def test_col2im_adds_each_entry_where_it_was_read(kernel, stride, dilation):
     rng = np.random.default_rng(1)
     cols = rng.standard_normal((2, 3, 4, 5, *kernel))
-    got = helpers["_col2im"](cols, kernel, stride, dilation)
+    got = _col2im(cols, kernel, stride, dilation)
     assert np.allclose(got, _col2im_reference(cols, kernel, stride, dilation), atol=1e-12)
     # The adjoint of reading windows: <windows(x), cols> = <x, col2im(cols)>.
     x = rng.standard_normal(got.shape)
@@ -130,26 +137,26 @@ def test_col2im_adds_each_entry_where_it_was_read(helpers, kernel, stride, dilat
     assert np.isclose(np.sum(windows * cols), np.sum(x * got), rtol=1e-12)
 
 
-def test_col2im_takes_columns_in_any_memory_order(helpers):
+def test_col2im_takes_columns_in_any_memory_order():
     rng = np.random.default_rng(2)
     memory = rng.standard_normal((3, 2, 2, 4, 5, 6))  # c, i, j, n, p, q
     cols = memory.transpose(3, 0, 4, 5, 1, 2)  # n, c, p, q, i, j
-    got = helpers["_col2im"](cols, (2, 2), 1, 1)
+    got = _col2im(cols, (2, 2), 1, 1)
     assert np.allclose(got, _col2im_reference(cols, (2, 2), 1, 1), atol=1e-12)
 
 
 @pytest.mark.parametrize("stride", [1, 2, 3])
-def test_first_argmax_mask_marks_the_first_maximum(helpers, stride):
+def test_first_argmax_mask_marks_the_first_maximum(stride):
     rng = np.random.default_rng(3)
     x = rng.integers(0, 3, size=(2, 3, 7, 8)).astype(float)  # many ties
     windows = sliding_window_view(x, (3, 2), axis=(-2, -1))[..., ::stride, ::stride, :, :]
-    mask = helpers["_first_argmax_mask"](windows)
+    mask = _first_argmax_mask(windows)
     flat = windows.reshape(*windows.shape[:-2], -1)
     expected = np.zeros(flat.shape)
     np.put_along_axis(expected, flat.argmax(axis=-1)[..., None], 1.0, axis=-1)
     assert mask.shape == windows.shape
     assert np.array_equal(mask.reshape(flat.shape), expected)
-    assert np.array_equal(helpers["_window_max"](windows), flat.max(axis=-1))
+    assert np.array_equal(_window_max(windows), flat.max(axis=-1))
 
 
 @pytest.mark.parametrize(
@@ -160,7 +167,7 @@ def test_first_argmax_mask_marks_the_first_maximum(helpers, stride):
 )
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_first_max_col2im_routes_each_window_gradient_to_its_first_maximum(
-    helpers, kernel, stride, dilation, size, dtype
+    kernel, stride, dilation, size, dtype
 ):
     """Max pooling's gradient: each window's g added at the position of its first maximum (in
     row-major kernel order, as np.argmax picks it), all else 0; the tiling (kernel = stride)
@@ -172,7 +179,7 @@ def test_first_max_col2im_routes_each_window_gradient_to_its_first_maximum(
     windows = sliding_window_view(x, extent, axis=(-2, -1))[
         ..., ::stride, ::stride, ::dilation, ::dilation]
     g = rng.standard_normal(windows.shape[:-2]).astype(dtype)
-    got = helpers["_first_max_col2im"](windows, g[..., None, None], kernel, stride, dilation)
+    got = _first_max_col2im(windows, g[..., None, None], kernel, stride, dilation)
     flat = windows.reshape(*windows.shape[:-2], -1)
     cols = np.zeros(flat.shape)
     np.put_along_axis(cols, flat.argmax(axis=-1)[..., None], g[..., None].astype(float), axis=-1)
@@ -184,19 +191,19 @@ def test_first_max_col2im_routes_each_window_gradient_to_its_first_maximum(
     expected = expected[..., : got.shape[-2], : got.shape[-1]]
     tolerance = 1e-12 if dtype == np.float64 else 1e-5
     assert np.allclose(got, expected, rtol=tolerance, atol=tolerance)
-    composed = helpers["_col2im"](
-        helpers["_first_argmax_mask"](windows) * g[..., None, None], kernel, stride, dilation)
+    composed = _col2im(
+        _first_argmax_mask(windows) * g[..., None, None], kernel, stride, dilation)
     assert np.array_equal(got, composed)
 
 
-def test_first_max_col2im_takes_a_g_that_varies_over_the_kernel_offsets(helpers):
+def test_first_max_col2im_takes_a_g_that_varies_over_the_kernel_offsets():
     """g broadcast against the windows, window axes included: each offset reads its own g."""
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 3, 8, 8))
     windows = sliding_window_view(x, (2, 2), axis=(-2, -1))[..., ::2, ::2, :, :]
     g = rng.standard_normal((3, 4, 4, 2, 2))  # no batch axis, one value per kernel offset
-    got = helpers["_first_max_col2im"](windows, g, (2, 2), 2, 1)
-    composed = helpers["_col2im"](helpers["_first_argmax_mask"](windows) * g, (2, 2), 2, 1)
+    got = _first_max_col2im(windows, g, (2, 2), 2, 1)
+    composed = _col2im(_first_argmax_mask(windows) * g, (2, 2), 2, 1)
     assert np.array_equal(got, composed)
 
 
@@ -213,7 +220,7 @@ def _sigmoid_points():
     ("_sigmoid", lambda v: 1 / (1 + mpmath.exp(-v))),
     ("_softplus", lambda v: mpmath.log1p(mpmath.exp(v))),
 ])
-def test_sigmoid_and_softplus_keep_relative_accuracy_without_overflow(helpers, name, exact, dtype):
+def test_sigmoid_and_softplus_keep_relative_accuracy_without_overflow(name, exact, dtype):
     """Within 2 ulp (float64; 3 in float32, whose exp and division round more coarsely) of
     the value computed with 40 digits, from -800 to 800 (both tails, where sigmoid is e**u or
     1 - e**-u and softplus e**u or u), with no overflow or invalid operation; 0 where the value
@@ -222,7 +229,7 @@ def test_sigmoid_and_softplus_keep_relative_accuracy_without_overflow(helpers, n
     with mpmath.workdps(40):
         expected = np.array([float(exact(mpmath.mpf(float(v)))) for v in x]).astype(dtype)
     with np.errstate(over="raise", divide="raise", invalid="raise"):
-        got = helpers[name](x)
+        got = NAMED[name](x)
     assert got.dtype == dtype and got.shape == x.shape
     normal = np.abs(expected) >= np.finfo(dtype).tiny
     ulps = np.abs(got[normal].astype(float) - expected[normal]) / np.spacing(expected[normal])
@@ -231,21 +238,21 @@ def test_sigmoid_and_softplus_keep_relative_accuracy_without_overflow(helpers, n
     assert np.all(np.abs(got[~normal]) <= 2 * np.finfo(dtype).tiny)
 
 
-def test_sigmoid_and_softplus_at_the_limits_and_in_any_layout(helpers):
+def test_sigmoid_and_softplus_at_the_limits_and_in_any_layout():
     special = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0])
-    assert np.array_equal(helpers["_sigmoid"](special), [1, 0, np.nan, 0.5, 0.5], equal_nan=True)
-    assert np.array_equal(helpers["_softplus"](special), [np.inf, 0, np.nan, np.log(2), np.log(2)],
+    assert np.array_equal(_sigmoid(special), [1, 0, np.nan, 0.5, 0.5], equal_nan=True)
+    assert np.array_equal(_softplus(special), [np.inf, 0, np.nan, np.log(2), np.log(2)],
                           equal_nan=True)
     a = np.random.default_rng(10).standard_normal((4, 6)) * 5
     for name, plain in (("_sigmoid", lambda v: 1 / (1 + np.exp(-v))),
                         ("_softplus", lambda v: np.log1p(np.exp(v)))):
-        assert np.allclose(helpers[name](a.T), plain(a.T), rtol=1e-14, atol=0)  # a view
-        assert helpers[name](np.array(1.5)).shape == ()
-        assert helpers[name](np.arange(3)).dtype == np.float64
+        assert np.allclose(NAMED[name](a.T), plain(a.T), rtol=1e-14, atol=0)  # a view
+        assert NAMED[name](np.array(1.5)).shape == ()
+        assert NAMED[name](np.arange(3)).dtype == np.float64
 
 
 # ------------------------------------------------------------------------------ erf, erfc
-#: The fits behind _erf and _erfc (templates/helpers.py.j2): what each approximates, over
+#: The fits behind _erf and _erfc (symbp/runtime/special.py): what each approximates, over
 #: which interval of its variable, at which degree.
 ERF_FITS = {
     "_ERF_NEAR_0": ("erf(x)/x in x**2", (0, 1), 11),
@@ -279,17 +286,17 @@ def _erf_fits():
     return fits
 
 
-def test_erf_fits_are_the_chebyshev_fits_they_say(helpers):
+def test_erf_fits_are_the_chebyshev_fits_they_say():
     fits = _erf_fits()
-    pieces = {f"_ERFCX_{k}": piece for k, piece in enumerate(helpers["_ERFCX_PIECES"])}
+    pieces = {f"_ERFCX_{k}": piece for k, piece in enumerate(runtime.special._ERFCX_PIECES)}
     for name, expected in fits.items():
         if name in pieces:
             lo, hi, got = pieces[name]
             assert (lo, hi) == ERF_FITS[name][1]
         else:
-            got = helpers[name]
+            got = getattr(runtime.special, name)
         assert np.allclose(got, expected, rtol=1e-12, atol=0), name
-    assert helpers["_ERFCX_TAIL_RANGE"] == ERF_FITS["_ERFCX_TAIL"][1]
+    assert runtime.special._ERFCX_TAIL_RANGE == ERF_FITS["_ERFCX_TAIL"][1]
 
 
 def _erf_points():
@@ -305,12 +312,12 @@ def _erf_points():
 
 @pytest.mark.parametrize(("name", "reference", "most_ulps"),
                          [("_erf", math.erf, 2), ("_erfc", math.erfc, 5)])
-def test_erf_and_erfc_agree_with_the_math_module(helpers, name, reference, most_ulps):
+def test_erf_and_erfc_agree_with_the_math_module(name, reference, most_ulps):
     """Within a few units in the last place of math.erf / math.erfc (glibc's, correct to about
     one) everywhere, piece edges included (subnormal results within one subnormal step), and
     exactly where the value is 1, -1 or 2, beyond 27.3 (0 for erfc) and at nan and +-inf."""
     x = _erf_points()
-    got = helpers[name](x)
+    got = NAMED[name](x)
     expected = np.array([reference(v) for v in x])
     assert got.dtype == np.float64 and got.shape == x.shape
     ulps = np.abs(got - expected) / np.spacing(np.abs(expected))
@@ -319,22 +326,22 @@ def test_erf_and_erfc_agree_with_the_math_module(helpers, name, reference, most_
     assert np.array_equal(got[exact], expected[exact])
     special = np.array([np.inf, -np.inf, np.nan, -0.0, 0.0])
     with np.errstate(all="raise"):
-        values = helpers[name](special)
+        values = NAMED[name](special)
     expected = [reference(v) for v in special]
     assert np.array_equal(values, expected, equal_nan=True)
     assert np.signbit(values[3]) == (name == "_erf")  # erf(-0.0) = -0.0
 
 
 @pytest.mark.parametrize("name", ["_erf", "_erfc"])
-def test_erf_keeps_the_dtype_and_shape_and_takes_any_layout(helpers, name):
+def test_erf_keeps_the_dtype_and_shape_and_takes_any_layout(name):
     reference = {"_erf": math.erf, "_erfc": math.erfc}[name]
     x = np.random.default_rng(9).standard_normal((5, 7)) * 3
-    got = helpers[name](x.T.astype(np.float32))  # a transposed view
+    got = NAMED[name](x.T.astype(np.float32))  # a transposed view
     expected = np.array([[reference(float(v)) for v in row] for row in x.T.astype(np.float32)])
     assert got.dtype == np.float32 and got.shape == (7, 5)
     assert np.array_equal(got, expected.astype(np.float32))
-    assert helpers[name](np.array(0.5)).shape == ()
-    assert helpers[name](np.arange(3)).dtype == np.float64
+    assert NAMED[name](np.array(0.5)).shape == ()
+    assert NAMED[name](np.arange(3)).dtype == np.float64
 
 
 def _shifted_reference(a, offsets, sizes):
@@ -375,32 +382,36 @@ def _window_view(x, kernel, stride, dilation):
         ..., ::stride, ::stride, ::dilation, ::dilation]
 
 
-def _force(helpers, route):
-    """A copy of the helpers whose cost models always answer route ("banded" or "im2col")."""
-    forced = dict(helpers)
-    exec(_helper_source(environment(), "window_tensordot"), forced)  # noqa: S102
-    exec(_helper_source(environment(), "col2im_tensordot"), forced)  # noqa: S102
+def _force(monkeypatch, route):
+    """The cost models of symbp/runtime/products.py made to answer route ("banded" or
+    "im2col") always, for one test."""
     if route == "banded":
-        forced["_banded_window_route"] = lambda size, shape, width, summed: (
-            None if ("j" in summed) == ("q" in summed) else "j" if "j" in summed else "q")
-        forced["_cheaper_banded_scatter"] = lambda *args: True
+        monkeypatch.setattr(runtime.products, "_banded_window_route",
+                            lambda size, shape, width, summed: (
+            None if ("j" in summed) == ("q" in summed) else "j" if "j" in summed else "q"))
+        monkeypatch.setattr(runtime.products, "_cheaper_banded_scatter", lambda *args: True)
     else:
-        forced["_banded_window_route"] = lambda *args: None
-        forced["_cheaper_banded_scatter"] = lambda *args: False
-    return forced
+        monkeypatch.setattr(runtime.products, "_banded_window_route", lambda *args: None)
+        monkeypatch.setattr(runtime.products, "_cheaper_banded_scatter", lambda *args: False)
+
+
+def _spy(monkeypatch, module, name):
+    """The list of the arguments of each call the runtime makes to module.name, for one test."""
+    calls = []
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args: calls.append(args) or original(*args))
+    return calls
 
 
 @pytest.mark.parametrize("route", ["banded", "im2col"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_window_tensordot_equals_numpys_on_either_route(helpers, route, dtype):
-    forced = _force(helpers, route)
-    calls = []
-    shift = forced["_shift"]
-    forced["_shift"] = lambda *args: calls.append(args) or shift(*args)
+def test_window_tensordot_equals_numpys_on_either_route(monkeypatch, route, dtype):
+    _force(monkeypatch, route)
+    calls = _spy(monkeypatch, runtime.products, "_shift")
     for name, (a, x, kernel, stride, dilation, axes_a, axes_w) in _window_cases(
             np.random.default_rng(7), dtype).items():
         calls.clear()
-        got = forced["_window_tensordot"](a, x, kernel, stride, dilation, axes_a, axes_w)
+        got = _window_tensordot(a, x, kernel, stride, dilation, axes_a, axes_w)
         windows = _window_view(x.astype(np.float64), kernel, stride, dilation)
         expected = np.tensordot(a.astype(np.float64), windows, (axes_a, axes_w))
         assert got.shape == expected.shape and got.dtype == dtype, name
@@ -413,21 +424,20 @@ def test_window_tensordot_equals_numpys_on_either_route(helpers, route, dtype):
 
 @pytest.mark.parametrize("chunks", [2, 3, "every sample"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_window_tensordot_in_batch_chunks_equals_numpys(helpers, dtype, chunks):
+def test_window_tensordot_in_batch_chunks_equals_numpys(monkeypatch, dtype, chunks):
     """im2col a chunk of the batch at a time (_CHUNK_BYTES set so that each case is cut into
     2 or 3 chunks, uneven ones among them, or one per sample): the same products, summed over
     the chunks where the batch is summed (the kernel gradient)."""
-    forced = _force(helpers, "im2col")
-    products = []
-    tensordot = forced["_tensordot"]
-    forced["_tensordot"] = lambda *args: products.append(args) or tensordot(*args)
+    _force(monkeypatch, "im2col")
+    products = _spy(monkeypatch, runtime.products, "_tensordot")
     for name, (a, x, kernel, stride, dilation, axes_a, axes_w) in _window_cases(
             np.random.default_rng(9), dtype).items():
         windows = _window_view(x.astype(np.float64), kernel, stride, dilation)
         size = windows.size * np.dtype(dtype).itemsize
-        forced["_CHUNK_BYTES"] = 1 if chunks == "every sample" else size // chunks
+        chunk_bytes = 1 if chunks == "every sample" else size // chunks
+        monkeypatch.setattr(runtime.products, "_CHUNK_BYTES", chunk_bytes)
         products.clear()
-        got = forced["_window_tensordot"](a, x, kernel, stride, dilation, axes_a, axes_w)
+        got = _window_tensordot(a, x, kernel, stride, dilation, axes_a, axes_w)
         expected = np.tensordot(a.astype(np.float64), windows, (axes_a, axes_w))
         assert got.shape == expected.shape and got.dtype == dtype, name
         tolerance = 1e-12 if dtype == np.float64 else 1e-4
@@ -453,15 +463,13 @@ def _scatter_cases(rng):
 
 
 @pytest.mark.parametrize("route", ["banded", "im2col"])
-def test_col2im_tensordot_equals_the_scatter_of_the_product_on_either_route(helpers, route):
-    forced = _force(helpers, route)
-    calls = []
-    shift = forced["_shift"]
-    forced["_shift"] = lambda *args: calls.append(args) or shift(*args)
+def test_col2im_tensordot_equals_the_scatter_of_the_product_on_either_route(monkeypatch, route):
+    _force(monkeypatch, route)
+    calls = _spy(monkeypatch, runtime.products, "_shift")
     for name, (a, b, axes_a, axes_b, order, kernel, stride, dilation) in _scatter_cases(
             np.random.default_rng(8)).items():
         calls.clear()
-        got = forced["_col2im_tensordot"](a, b, axes_a, axes_b, order, kernel, stride, dilation)
+        got = _col2im_tensordot(a, b, axes_a, axes_b, order, kernel, stride, dilation)
         cols = np.tensordot(a, b, (axes_a, axes_b)).transpose(order)
         expected = _col2im_reference(cols, kernel, stride, dilation)
         assert got.shape == expected.shape, name
@@ -486,8 +494,8 @@ def test_col2im_tensordot_equals_the_scatter_of_the_product_on_either_route(help
     ],
 )
 def test_the_banded_route_is_taken_where_it_measured_faster(
-        helpers, shape_a, window_shape, width, summed, banded):
-    assert helpers["_banded_window_route"](shape_a, window_shape, width, summed) == banded
+        shape_a, window_shape, width, summed, banded):
+    assert _banded_window_route(shape_a, window_shape, width, summed) == banded
 
 
 @pytest.mark.parametrize(
@@ -504,8 +512,8 @@ def test_the_banded_route_is_taken_where_it_measured_faster(
     ],
 )
 def test_the_banded_scatter_is_taken_where_it_measured_faster(
-        helpers, sizes, shape_w, shape_dy, width, banded):
-    cheaper = helpers["_cheaper_banded_scatter"]
+        sizes, shape_w, shape_dy, width, banded):
+    cheaper = _cheaper_banded_scatter
     kernel = shape_w[2:]
     assert cheaper(sizes, math.prod(shape_w), math.prod(shape_dy), True, ["s0"], kernel,
                    width) is banded
@@ -516,9 +524,9 @@ def test_the_banded_scatter_is_taken_where_it_measured_faster(
     [((0, 0), (5, 6)), ((1, 2), (3, 3)), ((-2, -1), (9, 8)), ((-2, 1), (4, 4)),
      ((3, -1), (4, 9)), ((6, 0), (2, 2)), ((-5, -5), (3, 3))],
 )
-def test_shifted_reads_at_an_offset_with_zeros_outside(helpers, offsets, sizes):
+def test_shifted_reads_at_an_offset_with_zeros_outside(offsets, sizes):
     a = np.random.default_rng(4).standard_normal((2, 3, 5, 6))
-    got = helpers["_shifted"](a, offsets, sizes)
+    got = _shifted(a, offsets, sizes)
     assert got.shape == (2, 3, *sizes)
     assert np.array_equal(got, _shifted_reference(a, offsets, sizes))
     extents = zip(offsets, sizes, a.shape[-2:], strict=True)
@@ -535,12 +543,12 @@ _UFUNCS = (np.add, np.subtract, np.multiply, np.divide)
     [(4096, 256), (256, 1024), (257, 1024), (1000, 100), (3, 4), (16, 8192), (140000, 1),
      (0, 300), (300, 0)],
 )
-def test_along_rows_is_the_plain_broadcast_to_the_bit(helpers, dtype, shape):
+def test_along_rows_is_the_plain_broadcast_to_the_bit(dtype, shape):
     """Every ufunc, the vector on either side, new output or in place: the same numbers as
     NumPy broadcasting the vector along the rows, and the same dtype; leftover rows (257 rows
     taken 8 at a time) and the shapes that take the plain route (short, long rows, empty)."""
     rng = np.random.default_rng(1)
-    along_rows = helpers["_along_rows"]
+    along_rows = _along_rows
     a = rng.uniform(0.5, 2.0, shape).astype(dtype)
     v = rng.uniform(0.5, 2.0, shape[1]).astype(dtype)
     for ufunc in _UFUNCS:
@@ -554,12 +562,12 @@ def test_along_rows_is_the_plain_broadcast_to_the_bit(helpers, dtype, shape):
         assert np.array_equal(inplace, ufunc(a, v))
 
 
-def test_along_rows_takes_long_rows_and_leaves_other_layouts_to_numpy(helpers, monkeypatch):
+def test_along_rows_takes_long_rows_and_leaves_other_layouts_to_numpy(monkeypatch):
     """The pass really runs on rows of at least np.getbufsize() numbers (a spy on the ufunc);
     a transposed view, a Fortran-ordered output and a small array go the plain way, with the
     right numbers."""
     rng = np.random.default_rng(2)
-    along_rows = helpers["_along_rows"]
+    along_rows = _along_rows
     a, v = rng.standard_normal((1000, 256)), rng.standard_normal(256)
     widths = []
 
@@ -581,19 +589,13 @@ def test_along_rows_takes_long_rows_and_leaves_other_layouts_to_numpy(helpers, m
     assert widths == [((1000, 256), (256,))] * 2 + [((20, 256), (256,))]
 
 
-def _threaded_helpers(part_size):
-    """The helpers in a namespace of their own, with parts of at least part_size elements, and a
-    record of their calls: per call of _in_parts, the length of the axis it cuts and the parts
-    it ran (first-axis slice, thread)."""
-    namespace = {"np": np, "concurrent": concurrent, "math": math}
-    env = environment()
-    names = ("parts", "window_max", "first_maxima", "first_argmax_mask", "first_max_col2im",
-             "col2im", "tensordot", "shifted", "banded", "window_tensordot", "col2im_tensordot")
-    for name in (*names, "row_vector"):
-        exec(_helper_source(env, name), namespace)  # noqa: S102 - our own template
-    namespace["_PART_SIZE"] = part_size
+def _threaded(monkeypatch, part_size):
+    """The runtime, for one test, with parts of at least part_size elements and a record of
+    its calls: per call of _in_parts, the length of the axis it cuts and the parts it ran
+    (first-axis slice, thread)."""
+    monkeypatch.setattr(runtime.threads, "_PART_SIZE", part_size)
     calls = []
-    in_parts = namespace["_in_parts"]
+    in_parts = runtime.threads._in_parts
 
     def recording_in_parts(work, out):
         parts = []
@@ -605,8 +607,11 @@ def _threaded_helpers(part_size):
 
         in_parts(recorded, out)
 
-    namespace["_in_parts"] = recording_in_parts
-    return namespace, calls
+    callers = [module for module in RUNTIME[1:] if getattr(module, "_in_parts", None) is in_parts]
+    assert callers  # windows, pooling, products
+    for module in callers:
+        monkeypatch.setattr(module, "_in_parts", recording_in_parts)
+    return calls
 
 
 def _helper_calls(rng):
@@ -617,36 +622,36 @@ def _helper_calls(rng):
     dy = rng.standard_normal((7, 4, 9, 8))
     cols = rng.standard_normal((7, 4, 9, 8, 3, 3))
     return {
-        "tensordot": lambda h: h["_tensordot"](windows, kernel, (1, 4, 5), (1, 2, 3)),
-        "tensordot, kernel gradient": lambda h: h["_tensordot"](
-            dy, windows, (0, 2, 3), (0, 2, 3)),
-        "col2im": lambda h: h["_col2im"](cols, (3, 3), 1, 1),
-        "col2im, tiling": lambda h: h["_col2im"](pooled, (2, 2), 2, 1),
-        "window_max": lambda h: h["_window_max"](pooled),
-        "first_argmax_mask": lambda h: h["_first_argmax_mask"](np.round(windows)),
-        "first_max_col2im": lambda h: h["_first_max_col2im"](
+        "tensordot": lambda: _tensordot(windows, kernel, (1, 4, 5), (1, 2, 3)),
+        "tensordot, kernel gradient": lambda: _tensordot(dy, windows, (0, 2, 3), (0, 2, 3)),
+        "col2im": lambda: _col2im(cols, (3, 3), 1, 1),
+        "col2im, tiling": lambda: _col2im(pooled, (2, 2), 2, 1),
+        "window_max": lambda: _window_max(pooled),
+        "first_argmax_mask": lambda: _first_argmax_mask(np.round(windows)),
+        "first_max_col2im": lambda: _first_max_col2im(
             np.round(windows), cols[:, :3], (3, 3), 1, 1),
-        "first_max_col2im, tiling": lambda h: h["_first_max_col2im"](
+        "first_max_col2im, tiling": lambda: _first_max_col2im(
             np.round(pooled), pooled[..., 0, 0, None, None], (2, 2), 2, 1),
-        "shifted": lambda h: h["_shifted"](dy, (-2, -2), (13, 12)),
-        "window_tensordot": lambda h: h["_window_tensordot"](
+        "shifted": lambda: _shifted(dy, (-2, -2), (13, 12)),
+        "window_tensordot": lambda: _window_tensordot(
             kernel, x, (3, 3), 1, 1, (1, 2, 3), (1, 4, 5)),
-        "window_tensordot, kernel gradient": lambda h: h["_window_tensordot"](
+        "window_tensordot, kernel gradient": lambda: _window_tensordot(
             dy, x, (3, 3), 1, 1, (0, 2, 3), (0, 2, 3)),
-        "col2im_tensordot": lambda h: h["_col2im_tensordot"](
+        "col2im_tensordot": lambda: _col2im_tensordot(
             kernel, dy, (0,), (1,), (3, 0, 4, 5, 1, 2), (3, 3), 1, 1),
     }
 
 
 @pytest.mark.parametrize("threads", [2, 3])
-def test_threads_give_the_same_bits_and_really_run_in_parts(threads):
-    serial, _ = _threaded_helpers(part_size=64)
-    parted, calls = _threaded_helpers(part_size=64)
-    parted["set_threads"](threads)
+def test_threads_give_the_same_bits_and_really_run_in_parts(monkeypatch, threads):
+    calls = _threaded(monkeypatch, part_size=64)
     try:
         for name, call in _helper_calls(np.random.default_rng(6)).items():
+            set_threads(1)
+            expected = call()
+            set_threads(threads)
             calls.clear()
-            expected, got = call(serial), call(parted)
+            got = call()
             assert got.dtype == expected.dtype and np.array_equal(got, expected), name
             assert calls, name
             for length, parts in calls:
@@ -658,22 +663,22 @@ def test_threads_give_the_same_bits_and_really_run_in_parts(threads):
                 assert threading.get_ident() in {thread for _, thread in parts}, name
                 assert len({thread for _, thread in parts}) >= 2, name
     finally:
-        parted["set_threads"](1)
+        set_threads(1)
 
 
-def test_small_work_stays_in_the_calling_thread():
-    helpers, calls = _threaded_helpers(part_size=2**20)
-    helpers["set_threads"](2)
+def test_small_work_stays_in_the_calling_thread(monkeypatch):
+    calls = _threaded(monkeypatch, part_size=2**20)
+    set_threads(2)
     try:
-        top = helpers["_window_max"](np.ones((4, 3, 5, 5, 2, 2)))
+        top = _window_max(np.ones((4, 3, 5, 5, 2, 2)))
         assert np.array_equal(top, np.ones((4, 3, 5, 5)))
         # One part, the whole axis, run inline in the calling thread.
         assert calls == [(4, [(slice(None), threading.get_ident())])]
     finally:
-        helpers["set_threads"](1)
+        set_threads(1)
 
 
 @pytest.mark.parametrize("count", [0, -1, 1.5, True, "2", None])
-def test_set_threads_refuses_what_is_not_a_positive_int(helpers, count):
+def test_set_threads_refuses_what_is_not_a_positive_int(count):
     with pytest.raises(ValueError, match="positive int"):
-        helpers["set_threads"](count)
+        set_threads(count)

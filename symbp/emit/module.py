@@ -41,6 +41,7 @@ from ..derive.arrays import (
 from ..derive.layer import Carried, LayerDerivation
 from ..derive.network import NetworkDerivation, derive_cached, derive_network
 from ..derive.readings import computed_form, reading
+from ..runtime import registry as runtime
 from . import template_folder
 from .numpy_printer import (
     RowVector,
@@ -56,11 +57,6 @@ RELU_LIKE = ("relu", "leaky_relu", "prelu", "rrelu", "elu")
 OVERWRITE_NOTE = "overwrite=True: {name} may be overwritten (the caller no longer needs it)."
 OUT_NOTE = "an array to write that gradient into (else a new one is made)."
 MAX_LINE = 99
-# Helpers that cut their work into parts on set_threads(...) threads (helper "parts").
-PARTED_HELPERS = {
-    "col2im", "col2im_tensordot", "first_argmax_mask", "first_max_col2im", "shifted",
-    "tensordot", "window_max", "window_tensordot",
-}
 
 
 def environment() -> jinja2.Environment:
@@ -129,7 +125,6 @@ class _Function:
 
     name: str
     source: str
-    helpers: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -534,6 +529,7 @@ class ModuleBuilder:
         self.net = derivation.net
         self.env = environment()
         self.functions: dict[str, _Function] = {}
+        #: The runtime helpers the printed code calls (symbp.runtime; their own calls follow).
         self.helpers: set[str] = set()
         self.forward_lines: list[str] = []
         self.backward_lines: list[str] = []
@@ -1269,24 +1265,19 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
     summary = [f"{item.name}: {item.layer.describe()}" for item in net.walk()]
     if net.loss is not None:
         summary.append(f"loss: {net.loss.kind}")
-    if builder.helpers & PARTED_HELPERS:
-        builder.helpers.add("parts")
-    imports = sorted(
-        ({"math"} if builder.helpers & {"banded", "tensordot"} else set())
-        | ({"concurrent.futures"} if "parts" in builder.helpers else set())
-    )
+    helpers = runtime.closure(builder.helpers)
     template = builder.env.get_template("module.py.j2")
     source = template.render(
-        threads="parts" in builder.helpers,
+        threads="set_threads" in helpers,
         net=net,
         version=__version__,
         summary=summary,
-        imports=imports,
+        imports=runtime.imports(helpers),
         param_shapes={k: tuple(v) for k, v in net.param_shapes.items()},
         state_shapes={k: tuple(v) for k, v in net.state_shapes.items()},
         input_shape=tuple(net.input_shape),
         output_shape=tuple(net.output_shape),
-        helpers=[_helper_source(builder.env, name) for name in sorted(builder.helpers)],
+        helpers=runtime.source(helpers),
         inits=builder.inits(),
         functions=[f.source for f in builder.functions.values()],
         uses_rng=builder.uses_rng,
@@ -1296,7 +1287,3 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
         loss=loss,
     )
     return source
-
-
-def _helper_source(env: jinja2.Environment, name: str) -> str:
-    return env.get_template("helpers.py.j2").module.__getattribute__(name)().rstrip("\n")

@@ -5,7 +5,8 @@ A :class:`~sympy.printing.numpy.NumPyPrinter` subclass: the array operations of
 the ``np.`` prefix, and number-valued constants (``sqrt(2)``, ``pi``) become Python float literals
 so that they never turn a float32 computation into float64 (NumPy scalars would, Python floats
 don't). The generated module needs NumPy alone; the few functions NumPy lacks (``erf``) are
-printed as calls to helpers the module template defines when used (see :data:`HELPERS`).
+printed as calls to helpers of :mod:`symbp.runtime` (see :data:`HELPERS`), which the module
+builder copies into the module with what they call.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from sympy.codegen.cfunctions import expm1, log1p
 from sympy.printing.numpy import NumPyPrinter
 from sympy.printing.precedence import PRECEDENCE, precedence
 
-#: Functions NumPy lacks: the name printed for them, and the helper the module must define.
+#: Functions NumPy lacks: the name printed for each, a function of :mod:`symbp.runtime` (the
+#: printer records the names it prints in ``helpers_used``).
 HELPERS = {
     "erf": "_erf",
     "erfc": "_erfc",
@@ -50,6 +52,8 @@ class SymbpNumPyPrinter(NumPyPrinter):
 
     def __init__(self, settings=None, shapes: dict[str, tuple] | None = None):
         super().__init__({"fully_qualified_modules": True, **(settings or {})})
+        #: The runtime helpers printed code calls (:data:`HELPERS`' values, functions of
+        #: :mod:`symbp.runtime`); what they call in turn is the registry's to find.
         self.helpers_used: set[str] = set()
         #: Optional shapes (tuples of sympy sizes) of the array symbols, by name. With them the
         #: printer chooses cheaper NumPy for the same value (see :meth:`_print_Mul` and
@@ -58,6 +62,12 @@ class SymbpNumPyPrinter(NumPyPrinter):
         #: Steps printed as NumPy booleans ``(u > 0)``: factors of a product with an array
         #: (see :meth:`_print_Step`).
         self._boolean_steps: frozenset = frozenset()
+
+    def _helper(self, key: str) -> str:
+        """The name printed for the helper :data:`HELPERS` lists under key, recorded as used."""
+        name = HELPERS[key]
+        self.helpers_used.add(name)
+        return name
 
     def _module_format(self, fqn, register=True):
         text = super()._module_format(fqn, register)
@@ -170,14 +180,13 @@ class SymbpNumPyPrinter(NumPyPrinter):
         other a vector broadcast along its rows (the helper hands NumPy long rows; the value
         is ``np.<ufunc>(first, second)``'s). The vector is read as it is: the helper copies it
         anyway, so a :class:`RowVector` around it is dropped."""
-        self.helpers_used |= {"along_rows", "row_vector"}
         args = [
             self._module_format("numpy." + ufunc),
             *(self._print(a.replace(RowVector, lambda v: v)) for a in (first, second)),
         ]
         if out is not None:
             args.append(f"out={out}")
-        return f"{HELPERS['along_rows']}({', '.join(args)})"
+        return f"{self._helper('along_rows')}({', '.join(args)})"
 
     def _print_Float(self, expr):
         # The double nearest the value, in the shortest form that reads back as that double.
@@ -284,13 +293,11 @@ class SymbpNumPyPrinter(NumPyPrinter):
 
     def _print_Sigmoid(self, expr):
         # 1/(1 + exp(-u)) by a helper that neither overflows nor loses relative accuracy.
-        self.helpers_used |= {"sigmoid", "exp_minus_abs"}
-        return f"{HELPERS['sigmoid']}({self._print(expr.args[0])})"
+        return f"{self._helper('sigmoid')}({self._print(expr.args[0])})"
 
     def _print_Softplus(self, expr):
         # log(1 + exp(u)) by a helper that neither overflows nor loses relative accuracy.
-        self.helpers_used |= {"softplus", "exp_minus_abs"}
-        return f"{HELPERS['softplus']}({self._print(expr.args[0])})"
+        return f"{self._helper('softplus')}({self._print(expr.args[0])})"
 
     def _print_Step(self, expr):
         # ``(u > 0)``, a boolean array, is the fastest form, but only right where NumPy turns
@@ -351,31 +358,28 @@ class SymbpNumPyPrinter(NumPyPrinter):
         return f'{self._module_format("numpy.einsum")}("{spec}", {arguments}{optimize})'
 
     def _print_TensorDot(self, expr):
-        self.helpers_used.add("tensordot")
         a, b, axes_a, axes_b, order = expr.args
         text = (
-            f"{HELPERS['tensordot']}({self._print(a)}, {self._print(b)}, "
+            f"{self._helper('tensordot')}({self._print(a)}, {self._print(b)}, "
             f"{self._print_tuple(tuple(axes_a))}, {self._print_tuple(tuple(axes_b))})"
         )
         return text + self._transposed(order)
 
     def _print_WindowTensorDot(self, expr):
-        self.helpers_used |= {"window_tensordot", "banded", "tensordot"}
         a, x, kernel, stride, dilation, axes_a, axes_windows, order = expr.args
         kernel_text = f"({', '.join(self._print(k) for k in kernel)})"
         text = (
-            f"{HELPERS['window_tensordot']}({self._print(a)}, {self._print(x)}, {kernel_text}, "
-            f"{self._print(stride)}, {self._print(dilation)}, "
+            f"{self._helper('window_tensordot')}({self._print(a)}, {self._print(x)}, "
+            f"{kernel_text}, {self._print(stride)}, {self._print(dilation)}, "
             f"{self._print_tuple(tuple(axes_a))}, {self._print_tuple(tuple(axes_windows))})"
         )
         return text + self._transposed(order)
 
     def _print_Col2ImTensorDot(self, expr):
-        self.helpers_used |= {"col2im_tensordot", "banded", "tensordot", "col2im"}
         a, b, axes_a, axes_b, order, kernel, stride, dilation = expr.args
         kernel_text = f"({', '.join(self._print(k) for k in kernel)})"
         return (
-            f"{HELPERS['col2im_tensordot']}({self._print(a)}, {self._print(b)}, "
+            f"{self._helper('col2im_tensordot')}({self._print(a)}, {self._print(b)}, "
             f"{self._print_tuple(tuple(axes_a))}, {self._print_tuple(tuple(axes_b))}, "
             f"{self._print_tuple(tuple(order))}, {kernel_text}, {self._print(stride)}, "
             f"{self._print(dilation)})"
@@ -403,50 +407,42 @@ class SymbpNumPyPrinter(NumPyPrinter):
         return f"{text}[..., {', '.join(steps)}]"
 
     def _print_Col2Im(self, expr):
-        self.helpers_used.add("col2im")
         cols, kernel, stride, dilation = expr.args
         kernel_text = f"({', '.join(self._print(k) for k in kernel)})"
         return (
-            f"{HELPERS['col2im']}({self._print(cols)}, {kernel_text}, {self._print(stride)}, "
+            f"{self._helper('col2im')}({self._print(cols)}, {kernel_text}, {self._print(stride)}, "
             f"{self._print(dilation)})"
         )
 
     def _print_Shifted(self, expr):
-        self.helpers_used.add("shifted")
         array, offsets, sizes = expr.args
         return (
-            f"{HELPERS['shifted']}({self._print(array)}, {self._print_tuple(tuple(offsets))}, "
+            f"{self._helper('shifted')}({self._print(array)}, {self._print_tuple(tuple(offsets))}, "
             f"{self._print_tuple(tuple(sizes))})"
         )
 
     def _print_WindowMaximum(self, expr):
-        self.helpers_used.add("window_max")
-        return f"{HELPERS['window_max']}({self._print(expr.args[0])})"
+        return f"{self._helper('window_max')}({self._print(expr.args[0])})"
 
     def _print_FirstArgmaxMask(self, expr):
-        self.helpers_used |= {"first_argmax_mask", "first_maxima", "window_max"}
-        return f"{HELPERS['first_argmax_mask']}({self._print(expr.args[0])})"
+        return f"{self._helper('first_argmax_mask')}({self._print(expr.args[0])})"
 
     def _print_FirstMaxCol2Im(self, expr):
-        self.helpers_used |= {"first_max_col2im", "first_maxima", "window_max", "col2im"}
         windows, g, kernel, stride, dilation = expr.args
         kernel_text = f"({', '.join(self._print(k) for k in kernel)})"
         return (
-            f"{HELPERS['first_max_col2im']}({self._print(windows)}, {self._print(g)}, "
+            f"{self._helper('first_max_col2im')}({self._print(windows)}, {self._print(g)}, "
             f"{kernel_text}, {self._print(stride)}, {self._print(dilation)})"
         )
 
     def _print_RowVector(self, expr):
-        self.helpers_used.add("row_vector")
-        return f"{HELPERS['row_vector']}({self._print(expr.args[0])})"
+        return f"{self._helper('row_vector')}({self._print(expr.args[0])})"
 
     def _print_erf(self, expr):
-        self.helpers_used |= {"erf", "erf_fits", "erf_pieces"}
-        return f"{HELPERS['erf']}({self._print(expr.args[0])})"
+        return f"{self._helper('erf')}({self._print(expr.args[0])})"
 
     def _print_erfc(self, expr):
-        self.helpers_used |= {"erfc", "erf_fits", "erf_pieces"}
-        return f"{HELPERS['erfc']}({self._print(expr.args[0])})"
+        return f"{self._helper('erfc')}({self._print(expr.args[0])})"
 
     _print_Erfc = _print_erfc
 
