@@ -4,6 +4,8 @@ not symbp's own:
 * max pooling with NaN: a plain loop that transcribes PyTorch's max-pooling rule (a value
   replaces the window's maximum so far when it is greater or NaN: NaN is the maximum and the
   last NaN of a window its arg-max; ATen's ``cpu_max_pool`` and the CUDA kernels);
+* softmax cross-entropy at large logits: the exact gradient at 60 digits (mpmath), and the
+  known softmax of tied maxima;
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import math
 
+import mpmath
 import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
@@ -120,3 +123,71 @@ def test_generated_max_pool_matches_pytorch_on_nan_input(kernel, stride):
     grads = module.backward({}, cache, g)
     expected = _torch_max_pool_backward(x, where, g.reshape(expected_out.shape))
     np.testing.assert_allclose(grads["x"], expected, rtol=1e-12, atol=1e-12)
+
+
+# -- item 7: softmax cross-entropy with large logits ---------------------------------------------
+def _identity_net(classes):
+    """One linear layer that the tests give W = I, b = 0: its output is x exactly, and the
+    input gradient is the gradient of the loss with respect to the logits, exactly."""
+    net = Net([symbp.linear(classes, name="fc")], input_features=classes,
+              loss="softmax_cross_entropy")
+    return load_module(generate_module(net), f"softmax_{classes}")
+
+
+def _exact_gradient(z, y):
+    """(softmax(z) - onehot(y))/N at 60 digits, from the float values of z."""
+    mpmath.mp.dps = 60
+    rows = []
+    for row, label in zip(z.astype(float).tolist(), y.tolist(), strict=True):
+        peak = max(row)
+        exps = [mpmath.exp(mpmath.mpf(v) - mpmath.mpf(peak)) for v in row]
+        total = mpmath.fsum(exps)
+        rows.append([e / total - (1 if c == label else 0) for c, e in enumerate(exps)])
+    n = len(rows)
+    return [[value / n for value in row] for row in rows]
+
+
+def _gradient_error(got, exact):
+    """max |got - exact| / max |exact|, in high precision."""
+    worst = max(abs(mpmath.mpf(float(g)) - e) for gr, er in zip(got, exact, strict=True)
+                for g, e in zip(gr, er, strict=True))
+    return float(worst / max(abs(e) for row in exact for e in row))
+
+
+@pytest.mark.parametrize(
+    "dtype, scale, bound",
+    [(np.float64, 1.0, 1e-15), (np.float64, 1e12, 1e-15), (np.float64, 1e16, 1e-15),
+     (np.float32, 1.0, 3e-7), (np.float32, 1e3, 3e-7), (np.float32, 1e4, 3e-7),
+     (np.float32, 1e30, 3e-7)],
+)
+def test_softmax_cross_entropy_gradient_keeps_full_precision_at_large_logits(dtype, scale, bound):
+    """Logits around +-scale with differences of order 1: the input gradient within a few ulp
+    of the exact (softmax - onehot)/N of the same float logits (PyTorch: 3e-8 in float32).
+    Before, it came from exp(z - lse) with lse rounded at the logits' magnitude: 1.6e-5 at
+    1e12 and 0.5 at 1e16 in float64, 1.5e-5 at 1e3 and 1e-4 at 1e4 in float32."""
+    classes, batch = 7, 16
+    module = _identity_net(classes)
+    params = {"fc.W": np.eye(classes, dtype=dtype), "fc.b": np.zeros(classes, dtype=dtype)}
+    rng = np.random.default_rng(7)
+    offsets = rng.standard_normal((batch, classes)) * 3
+    signs = np.where(rng.random((batch, 1)) < 0.5, -1.0, 1.0)
+    x = (signs * scale + offsets).astype(dtype)
+    y = rng.integers(0, classes, size=batch)
+    _, grads = module.loss_and_grads(params, x, y)
+    assert grads["x"].dtype == dtype
+    assert _gradient_error(grads["x"], _exact_gradient(x, y)) < bound
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_softmax_cross_entropy_splits_tied_maxima_exactly(dtype):
+    """Two tied maxima far above the rest: softmax (1/2, 1/2, 0, 0), so with N = 3 the
+    gradient of a row labelled 3 is (1/6, 1/6, 0, -1/3); it was (1/3, 1/3, 0, -1/3)."""
+    module = _identity_net(4)
+    big = 1e16 if dtype == np.float64 else 1e30
+    params = {"fc.W": np.eye(4, dtype=dtype), "fc.b": np.zeros(4, dtype=dtype)}
+    x = np.array([[big, big, 0.0, -big], [big, big, 0.0, -big], [0.0, 0.0, 0.0, 0.0]],
+                 dtype=dtype)
+    _, grads = module.loss_and_grads(params, x, np.array([3, 0, 3]))
+    exact = np.array([[1 / 6, 1 / 6, 0, -1 / 3], [-1 / 6, 1 / 6, 0, 0],
+                      [1 / 12, 1 / 12, 1 / 12, -1 / 4]])
+    np.testing.assert_allclose(grads["x"], exact, rtol=4 * np.finfo(dtype).eps, atol=0)

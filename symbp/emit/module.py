@@ -673,7 +673,9 @@ class ModuleBuilder:
         # a value computed from another carried value comes after it
         computed = sorted(carried, key=lambda c: sum(c.expr.has(o.expr) for o in carried))
         outputs = [
-            (c.name, lowering.lower(c.expr.xreplace(_without(kept, c.expr)), c.indices))
+            (c.name, lowering.lower(
+                (c.expr if c.computed is None else c.computed).xreplace(_without(kept, c.expr)),
+                c.indices))
             for c in computed
         ]
         outputs += [
