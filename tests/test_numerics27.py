@@ -6,6 +6,8 @@ not symbp's own:
   last NaN of a window its arg-max; ATen's ``cpu_max_pool`` and the CUDA kernels);
 * softmax cross-entropy at large logits: the exact gradient at 60 digits (mpmath), and the
   known softmax of tied maxima;
+* max/min ties in user expressions: one-sided finite differences of the generated forward (the
+  derivative at a tie lies between them) and ReLU'(0) = 0 where one side is a constant.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 import symbp
 from symbp.check.gradcheck import load_module
+from symbp.cli import main as cli_main
 from symbp.declare.net import Net
 from symbp.emit.module import _helper_source, environment, generate_module
 
@@ -191,3 +194,86 @@ def test_softmax_cross_entropy_splits_tied_maxima_exactly(dtype):
     exact = np.array([[1 / 6, 1 / 6, 0, -1 / 3], [-1 / 6, 1 / 6, 0, 0],
                       [1 / 12, 1 / 12, 1 / 12, -1 / 4]])
     np.testing.assert_allclose(grads["x"], exact, rtol=4 * np.finfo(dtype).eps, atol=0)
+
+
+# -- item 9: max/min ties in user expressions ----------------------------------------------------
+#: (expression, a point where two or more of its max/min arguments tie, whether two tie): both
+#: sides of each tie depend on x, so the derivative there is a share of the tied arguments'.
+TIES = [
+    ("max(x, 0.3*x)", 0.0, True),
+    ("max(x, x**2)", 1.0, True),
+    ("max(x, x**2)", 0.0, True),
+    ("min(x, 2*x)", 0.0, True),
+    ("min(x**3, x)", 1.0, True),
+    ("min(x**2, 2*x)", 2.0, True),
+    ("max(x**2, 3*x - 2) + x", 2.0, True),
+    ("max(x, 2*x, 3*x)", 0.0, False),
+]
+#: Ties with a constant keep ReLU'(0) = 0 (PyTorch's relu, relu6, hardtanh): derivative 0.
+CONSTANT_TIES = [("max(x, 0)", 0.0), ("max(0, x)", 0.0), ("min(max(x, 0), 6)", 6.0),
+                 ("min(x, 1)", 1.0)]
+
+
+def _one_sided(forward, point, h=2.0**-20):
+    """Left and right difference quotients of forward at point (forward: floats -> floats)."""
+    value = forward(point)
+    return (value - forward(point - h)) / h, (forward(point + h) - value) / h
+
+
+def _activation_module(expr, tag):
+    net = Net([symbp.activation(expr, name="act")], input_features=1, loss=None)
+    module = load_module(generate_module(net), f"tie_{tag}")
+
+    def forward(point):
+        return float(module.forward({}, np.array([[point]]))[0][0, 0])
+
+    def derivative(point):
+        _, cache = module.forward({}, np.array([[point]]))
+        return float(module.backward({}, cache, np.ones((1, 1)))["x"][0, 0])
+
+    return forward, derivative
+
+
+def _derive_expr_derivative(capsys, expr, forward):
+    """The whole-array backward line `symbp derive --expr` prints, as a function of x (dy = 1;
+    y, which it may read instead of x, from forward)."""
+    assert cli_main(["derive", "--expr", expr]) == 0
+    out = capsys.readouterr().out
+    (line,) = [s.strip() for s in out.splitlines() if s.strip().startswith("dx = ")]
+    code = line.removeprefix("dx = ")
+
+    def derivative(point):
+        names = {"np": np, "x": np.array([point]), "y": np.array([forward(point)]),
+                 "dy": np.ones(1)}
+        return float(eval(code, names)[0])  # noqa: S307 - symbp's own printed code
+
+    return derivative
+
+
+@pytest.mark.parametrize(("expr", "point", "pair"), TIES)
+def test_a_tie_of_max_or_min_gets_a_derivative_between_its_one_sided_ones(
+    capsys, expr, point, pair
+):
+    """At a tie the derivative lies within the one-sided derivatives (measured by one-sided
+    finite differences of the generated forward), in the generated module and in `symbp
+    derive --expr`; a tie of two arguments gets their mean, as torch.maximum's autograd."""
+    forward, derivative = _activation_module(expr, TIES.index((expr, point, pair)))
+    left, right = _one_sided(forward, point)
+    assert abs(left - right) > 0.1  # a real kink
+    low, high = min(left, right) - 1e-5, max(left, right) + 1e-5
+    printed = _derive_expr_derivative(capsys, expr, forward)
+    for value in (derivative(point), printed(point)):
+        assert low <= value <= high
+        if pair:
+            assert value == pytest.approx((left + right) / 2, abs=1e-5)
+
+
+@pytest.mark.parametrize(("expr", "point"), CONSTANT_TIES)
+def test_a_tie_with_a_constant_keeps_relu_convention(capsys, expr, point):
+    """max(x, 0) at 0 (and relu6's bounds) keep derivative 0, the constant's side, as
+    PyTorch's relu; the one-sided derivatives are 0 and 1, so 0 lies between them."""
+    forward, derivative = _activation_module(expr, f"c{CONSTANT_TIES.index((expr, point))}")
+    left, right = _one_sided(forward, point)
+    assert sorted([round(left, 6), round(right, 6)]) == [0, 1]
+    assert derivative(point) == 0
+    assert _derive_expr_derivative(capsys, expr, forward)(point) == 0

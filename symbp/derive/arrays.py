@@ -80,9 +80,10 @@ class Erfc(ArrayOp):
 
 
 class Step(ArrayOp):
-    """``1`` where ``u > 0`` else ``0``: ``Heaviside(u, 0)``, the kink convention applied."""
+    """``1`` where ``u > 0`` else ``0``: ``Heaviside(u, 0)``, the kink convention applied;
+    ``Step(u, 1/2)``: ``1/2`` at 0 (``Heaviside(u, 1/2)``, a tie of ``max``/``min``)."""
 
-    nargs = 1
+    nargs = (1, 2)
 
 
 class Einsum(ArrayOp):
@@ -230,7 +231,8 @@ class Lowering:
             raise DerivationError(f"a Kronecker delta survived elimination: {expr}")
         if isinstance(expr, sp.Heaviside):
             array, have = self._lower(expr.args[0])
-            return Step(array), have
+            at_zero = expr.args[1] if len(expr.args) > 1 else sp.S.Half
+            return (Step(array) if at_zero == 0 else Step(array, at_zero)), have
         if isinstance(expr, sp.log) and isinstance(expr.args[0], sp.Sum):
             lse = self._log_sum_exp(expr.args[0])
             if lse is not None:

@@ -25,7 +25,7 @@ from ..declare.forms import Array, Forward, Stage
 from ..errors import DerivationError
 from .arrays import ArrayOp, Erfc, Sigmoid, Softplus, log_sum_exp_terms, softmax_form, stabilize
 from .indexing import fresh_index, freshen_bound, simplify_indexed, sums_in
-from .kinks import apply_kink_convention
+from .kinks import differentiate
 from .readings import computed_form
 
 
@@ -175,7 +175,7 @@ def _staged_adjoints(form: Forward, names, *, unit_upstream: bool) -> list[Adjoi
             upstream = adjoint_array(stage.array)[stage.indices]
             if stage is output and unit_upstream:
                 upstream = sp.Integer(1)
-            derivative = sp.diff(stage.expr, element)
+            derivative = differentiate(stage.expr, element)  # the kink conventions applied
             contribution = upstream * derivative
             # Sum over the stage's own indices (they are bound in the chain rule).
             if stage.indices:
@@ -186,7 +186,6 @@ def _staged_adjoints(form: Forward, names, *, unit_upstream: bool) -> list[Adjoi
             total += contribution
         canonical = form.indices_for(target)
         expr = simplify_indexed(total, names).xreplace(dict(zip(free, canonical, strict=True)))
-        expr = apply_kink_convention(expr)
         adjoint = Adjoint(target, canonical, expr)
         adjoints.append(adjoint)
         known[target.name] = expr
