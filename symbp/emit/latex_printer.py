@@ -18,7 +18,8 @@ names as Greek letters). The gradient of the loss with respect to an array ``v``
 ``dv``) prints per ``notation``: ``"d2l"`` gives :math:`\\frac{\\partial J}{\\partial v}` (Dive
 into Deep Learning), ``"cs231n"`` gives :math:`\\mathrm{d}v` (the code names of CS231n).
 
-The step function (``Heaviside(u, 0)``, ``Step(u)``) prints as an indicator ``indicator[u > 0]``;
+The step function (``Heaviside(u, 0)``, ``Step(u)``) prints as an indicator ``indicator[u > 0]``
+(a tie's ``Heaviside(u, 1/2)`` as ``(indicator[u > 0] + 1/2 indicator[u = 0])``);
 KaTeX has ``\\mathbb{1}``, but amssymb's blackboard font has no digits, so LaTeX output uses
 ``\\mathbb{I}`` (the ``indicator`` setting).
 
@@ -508,14 +509,20 @@ class NotesLatexPrinter(LatexPrinter):
         return f"{head} {text}"
 
     # -- functions ------------------------------------------------------------------------------
-    def _indicator(self, argument) -> str:
-        return rf"{self._settings['indicator']}\left[{self._print(argument)} > 0\right]"
+    def _indicator(self, argument, at_zero=0) -> str:
+        indicator = self._settings["indicator"]
+        text = rf"{indicator}\left[{self._print(argument)} > 0\right]"
+        if at_zero == 0:
+            return text
+        # a tie of max/min: the value at 0 too (1/2)
+        zero = rf"{indicator}\left[{self._print(argument)} = 0\right]"
+        return rf"\left({text} + {self._print(at_zero)} {zero}\right)"
 
     def _print_Heaviside(self, expr, exp=None):
-        return self._indicator(expr.args[0])
+        return self._indicator(*expr.args[:2])
 
     def _print_Step(self, expr):
-        return self._indicator(expr.args[0])
+        return self._indicator(*expr.args[:2])
 
     def _print_Sigmoid(self, expr):
         return rf"\operatorname{{sigmoid}}\left({self._print(expr.args[0])}\right)"
