@@ -554,3 +554,137 @@ def test_cli_latex_real_power_activation(tmp_path, suffix):
     assert r"x^{\frac{3}{2}}_{nj}" in out.read_text(encoding="utf-8")
     net = symbp.Net([symbp.activation("x**(1/3)"), symbp.linear(2)], input_features=3, loss="mse")
     assert r"\sqrt[3]{x_{nj}}" in str(symbp.notes(net, fmt=suffix[1:], notation="cs231n"))
+
+
+# -- activation derivatives: each printed f' is the derivative of the printed f ------------------
+ALL_ELEMENTWISE_SPEC = """
+name = "every_activation"
+input = { features = 3 }
+loss = "mse"
+layers = [
+  { type = "sigmoid" }, { type = "tanh" }, { type = "relu" }, { type = "softplus" },
+  { type = "silu" }, { type = "gelu" }, { type = "leaky_relu", slope = 0.2 },
+  { type = "prelu", name = "shared" }, { type = "prelu", name = "per_feature", shared = false },
+  { type = "rrelu" }, { type = "elu", alpha = 0.5 },
+  { type = "activation", name = "kinked", expr = "max(x, 0.3*x) + abs(x)/2" },
+]
+"""
+
+
+def _activation_layers():
+    from symbp.declare.layers import Elementwise
+
+    specs = [(p.stem, load_spec(p)) for p in EXAMPLES]
+    specs.append(("every_activation", parse_spec(ALL_ELEMENTWISE_SPEC)))
+    for stem, net in specs:
+        derivation = derive_network(net)
+        seen = set()
+        for derived in derivation.layers:
+            if isinstance(derived.layer, Elementwise) and id(derived.derivation) not in seen:
+                seen.add(id(derived.derivation))
+                yield stem, derivation, derived
+
+
+def test_printed_activation_derivatives_are_the_derivative_of_the_printed_function():
+    """For every activation of every example (and every built-in kind), each ``f'`` row the
+    notes print equals sympy's own ``diff`` of the printed ``f``, at points away from the kinks,
+    with ``y = f(x)`` where a row reads the output and sample values for parameters (prelu's
+    alpha) and constants. prelu's notes once printed the gradient of alpha as ``f'``."""
+    from symbp.emit.latex_printer import NotesLatexPrinter
+    from symbp.emit.notes import X_SCALAR, Y_SCALAR, activation_formulas
+
+    checked = set()
+    points = (-2.3, -0.7, -0.15, 0.2, 0.9, 3.1)
+    for stem, network, derived in _activation_layers():
+        formulas = activation_formulas(derived.derivation)
+        form = derived.derivation.form
+        values = {s: v for s, v in form.constants.items()}
+        for array in form.params + form.aux:
+            values[sp.Symbol(array.name, real=True)] = sp.Rational(3, 7)
+        f = formulas.f.xreplace(values)
+        expected = sp.diff(f, X_SCALAR)  # sympy, independently of the engine
+        assert formulas.derivatives, (stem, derived.name)
+        for printed in formulas.derivatives:
+            fprime = printed.xreplace(values).xreplace({Y_SCALAR: f})
+            assert fprime.free_symbols <= {X_SCALAR}, (stem, derived.name, printed)
+            for point in points:
+                got = complex(fprime.subs(X_SCALAR, point).evalf())
+                want = complex(expected.subs(X_SCALAR, point).evalf())
+                assert abs(got - want) <= 1e-12 * max(1.0, abs(want)), (
+                    stem, derived.name, point, printed, got, want,
+                )
+        # and these are the rows the notes print
+        doc = render_notes(network, fmt="md")
+        printer = NotesLatexPrinter({"arrays": set()})
+        fx = sp.Function("f")(X_SCALAR)
+        for printed in formulas.derivatives:
+            assert printer.rows([(sp.Derivative(fx, X_SCALAR), printed)]) in doc
+        assert printer.rows([(fx, formulas.f)]) in doc
+        checked.add(derived.layer.kind)
+    assert {"prelu", "rrelu", "leaky_relu", "elu", "activation", "sigmoid"} <= checked
+
+
+# -- the notes' proof of a padded convolution: small, and still refutes wrong formulas -----------
+PADDED_CONV_SPEC = """
+name = "padded"
+input = { shape = [2, 5, 5] }
+loss = "mse"
+layers = [
+  { type = "conv2d", name = "conv", out_channels = 2, kernel = 3, padding = 1 },
+  { type = "flatten" },
+]
+"""
+
+
+@pytest.fixture(scope="module")
+def padded_conv():
+    return derive_network(parse_spec(PADDED_CONV_SPEC)).layer("conv").derivation
+
+
+def test_padded_proof_keeps_the_default_padded_input_size(padded_conv):
+    """The notes prove a padded layer on an image 2P smaller than the verifier's default, so
+    the padded input has the default size (the cost of scalar expansion grows with its square:
+    symbp latex of a padded net took 19 s)."""
+    from symbp.derive.verify import default_sizes
+    from symbp.emit.notes import proof_sizes
+
+    default = {s.name: v for s, v in default_sizes(padded_conv.form, batch=2).items()}
+    sizes = {s.name: v for s, v in proof_sizes(padded_conv, 2).items()}
+    P = sizes["padding"]
+    assert P >= 1
+    for dim in ("H", "W"):
+        assert sizes[f"{dim}_in"] + 2 * P == default[f"{dim}_in"]
+        # every output reads the padding on one side or the other, and some read only input
+        assert sizes[f"{dim}_out"] == sizes[f"{dim}_in"] + 2 * P - sizes[f"K_{dim[0].lower()}"] + 1
+        assert sizes[f"{dim}_out"] >= 3
+
+
+@pytest.mark.parametrize("mutant", ["kernel_not_flipped", "padding_one_side", "border_dropped"])
+def test_padded_proof_refutes_wrong_input_gradients(padded_conv, mutant):
+    """Wrong input gradients of a padded convolution are refuted at the notes' proof sizes."""
+    import dataclasses
+
+    from symbp.derive.verify import verify_layer
+    from symbp.emit.notes import proof_sizes
+
+    adjoint = padded_conv.vjp["x"]
+    expr = adjoint.expr
+    (kernel,) = [e for e in expr.atoms(sp.Indexed) if e.base.name == "W"]
+    padding = next(s for s in padded_conv.form.constants if s.name == "padding")
+    if mutant == "kernel_not_flipped":
+        o, c, k, k2 = kernel.indices
+        K_h, K_w = (next(s for s in expr.free_symbols if s.name == n) for n in ("K_h", "K_w"))
+        expr = expr.xreplace({kernel: kernel.base[o, c, K_h - 1 - k, K_w - 1 - k2]})
+    elif mutant == "padding_one_side":
+        h = adjoint.indices[2]
+        expr = expr.xreplace({h + padding: h})
+    else:
+        variable, low, high = expr.limits[0]
+        expr = sp.Sum(expr.function, (variable, low + 1, high), *expr.limits[1:])
+    assert expr != adjoint.expr
+    wrong = dataclasses.replace(
+        padded_conv, vjp={**padded_conv.vjp, "x": dataclasses.replace(adjoint, expr=expr)}
+    )
+    verdicts = verify_layer(wrong, proof_sizes(wrong, 2))
+    by_name = {v.name: v.proven for v in verdicts}
+    assert by_name == {"dx": False, "dW": True, "db": True}
