@@ -70,31 +70,31 @@ X_SCALAR = sp.Symbol("x", real=True)
 Y_SCALAR = sp.Symbol("y", real=True)
 
 
-@dataclass
+@dataclass(repr=False)
 class Notes:
-    """The notes in both formats; Jupyter shows them rendered."""
+    """The notes in both formats; Jupyter shows them rendered.
+
+    A notebook displays them through :meth:`_repr_markdown_`: Markdown with ``$...$`` and
+    ``$$...$$`` math, which every frontend renders (MathJax, KaTeX). There is deliberately no
+    ``_repr_latex_``: the LaTeX is a document (sections, tables, ``align*``), and a notebook's
+    ``text/latex`` renderer is MathJax, which shows only math; a frontend that preferred it
+    would print the document's commands as text.
+    """
 
     tex: str
     markdown: str
     #: what ``str()`` gives: ``"md"`` (the Markdown) or ``"tex"`` (the LaTeX)
     fmt: str = "md"
 
-    def _repr_latex_(self) -> str:
-        return render_fragment_for_jupyter(self.tex)
-
     def _repr_markdown_(self) -> str:
         return self.markdown
 
+    def __repr__(self) -> str:  # the text/plain fallback: not the whole document twice
+        first = self.markdown.lstrip().splitlines()[0] if self.markdown.strip() else ""
+        return f"<symbp Notes: {first.lstrip('# ')!r}, {len(self.markdown)} characters of Markdown>"
+
     def __str__(self) -> str:
         return self.tex if self.fmt == "tex" else self.markdown
-
-
-def render_fragment_for_jupyter(tex: str) -> str:
-    """Jupyter's LaTeX display wants math, not a document: keep the body only."""
-    begin, end = r"\begin{document}", r"\end{document}"
-    if begin in tex:
-        tex = tex.split(begin, 1)[1].split(end, 1)[0]
-    return tex
 
 
 def make_notes(
