@@ -763,11 +763,15 @@ RESIDUAL_SPEC = """
 name = "res"
 input = { features = 3 }
 loss = "mse"
-layers = [
-  { type = "linear", out = 3 },
-  { type = "residual", name = "block",
-    layers = [ { type = "linear", out = 3 }, { type = "tanh" } ] },
-]
+
+[[layers]]
+type = "linear"
+out = 3
+
+[[layers]]
+type = "residual"
+name = "block"
+layers = [ { type = "linear", out = 3 }, { type = "tanh" } ]
 """
 
 
