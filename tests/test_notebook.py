@@ -29,11 +29,13 @@ def executed():
 
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     # the kernel starts in the repository root, so that it imports this checkout's symbp
-    os.environ.setdefault("JUPYTER_PLATFORM_DIRS", "1")
     client = nbclient.NotebookClient(
         notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
     )
-    client.execute()
+    with pytest.MonkeyPatch.context() as patch:
+        # jupyter_core's own paths, without its warning about the coming change of default
+        patch.setenv("JUPYTER_PLATFORM_DIRS", os.environ.get("JUPYTER_PLATFORM_DIRS", "1"))
+        client.execute()
     return notebook
 
 
