@@ -14,9 +14,13 @@ setting:
 
 Names follow the problem (``xhat`` is :math:`\\hat{x}`, ``var`` :math:`\\sigma^2`, ``invstd``
 :math:`\\tilde{\\sigma}^{-1}` with :math:`\\tilde{\\sigma} = \\sqrt{\\sigma^2 + \\epsilon}`, Greek
-names as Greek letters). The gradient of the loss with respect to an array ``v`` (the array
-``dv``) prints per ``notation``: ``"d2l"`` gives :math:`\\frac{\\partial J}{\\partial v}` (Dive
-into Deep Learning), ``"cs231n"`` gives :math:`\\mathrm{d}v` (the code names of CS231n).
+names as Greek letters, a name of several letters upright: ``xp`` is :math:`\\mathrm{xp}`,
+``H_in`` :math:`H_{\\mathrm{in}}`, ``stride * p`` :math:`\\mathrm{stride}\\, p`). Constants print as
+a spec writes them (``0.1``, ``10^{-5}``; the float nearest 1/3 as :math:`\\frac{1}{3}`). The
+gradient of the loss with respect to an array ``v`` (the array ``dv``) prints per ``notation``:
+``"d2l"`` gives :math:`\\frac{\\partial J}{\\partial v}` (Dive into Deep Learning), ``"cs231n"``
+gives :math:`\\mathrm{d}v` (the code names of CS231n; ``dvar`` and ``dinvstd`` as they are, since
+:math:`\\mathrm{d}\\sigma^2` reads as a power of a differential).
 
 The step function (``Heaviside(u, 0)``, ``Step(u)``) prints as an indicator ``indicator[u > 0]``;
 KaTeX has ``\\mathbb{1}``, but amssymb's blackboard font has no digits, so LaTeX output uses
