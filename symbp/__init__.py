@@ -105,16 +105,20 @@ def notes(
     notation: str = "d2l",
     fragment: bool = False,
     flow: bool = False,
+    numbering: str = "all",
 ):
     """Study notes for ``net`` (a :class:`Net` or the path of a TOML spec): a ``Notes`` object
     whose ``str()`` is the text in ``fmt`` (``"md"`` or ``"tex"``) and which Jupyter displays
-    rendered; ``flow=True`` adds the gradient-flow bounds."""
-    from .emit.notes import FORMATS, NOTATIONS, make_notes
+    rendered; ``flow=True`` adds the gradient-flow bounds; ``numbering="params"`` numbers only
+    the layers with parameters (``W^{(2)}`` is the second weight layer)."""
+    from .emit.notes import FORMATS, NOTATIONS, NUMBERINGS, make_notes
 
     if fmt not in FORMATS:
         raise SpecError(f"fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if notation not in NOTATIONS:
         raise SpecError(f"notation must be one of {', '.join(NOTATIONS)}, got {notation!r}")
+    if numbering not in NUMBERINGS:
+        raise SpecError(f"numbering must be one of {', '.join(NUMBERINGS)}, got {numbering!r}")
     derivation = derive(net)
     rows = None
     if flow:
@@ -122,7 +126,13 @@ def notes(
 
         rows = flow_bounds(derivation)
     return make_notes(
-        derivation, steps=steps, notation=notation, fragment=fragment, flow=rows, fmt=fmt
+        derivation,
+        steps=steps,
+        notation=notation,
+        fragment=fragment,
+        flow=rows,
+        fmt=fmt,
+        numbering=numbering,
     )
 
 

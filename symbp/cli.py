@@ -67,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     latex.add_argument(
         "--flow", action="store_true", help="add the gradient-flow bounds (symbp flow)"
     )
+    latex.add_argument(
+        "--numbering",
+        choices=("all", "params"),
+        default="all",
+        help="number every layer (all) or only the layers with parameters (params: W^(2) is "
+        "the second weight layer, a layer without parameters is 1', 1'', ...)",
+    )
 
     add_flow_parser(commands)
     return parser
@@ -202,6 +209,7 @@ def _latex(args) -> int:
         notation=args.notation,
         fragment=args.fragment,
         flow=flow,
+        numbering=args.numbering,
     )
     if args.output == "-":
         sys.stdout.write(text)

@@ -233,7 +233,9 @@ def test_notes_object_for_jupyter(bn_derivation):
     notes = make_notes(bn_derivation)
     assert isinstance(notes, Notes)
     assert notes._repr_markdown_() == notes.markdown
-    assert r"\documentclass" not in notes._repr_latex_()
+    # no text/latex: the LaTeX is a document, which a notebook's MathJax cannot show
+    assert not hasattr(notes, "_repr_latex_")
+    assert len(repr(notes)) < 200
     with pytest.raises(ValueError):
         render_notes(bn_derivation, fmt="html")
     with pytest.raises(ValueError):
@@ -554,3 +556,304 @@ def test_cli_latex_real_power_activation(tmp_path, suffix):
     assert r"x^{\frac{3}{2}}_{nj}" in out.read_text(encoding="utf-8")
     net = symbp.Net([symbp.activation("x**(1/3)"), symbp.linear(2)], input_features=3, loss="mse")
     assert r"\sqrt[3]{x_{nj}}" in str(symbp.notes(net, fmt=suffix[1:], notation="cs231n"))
+
+
+# -- activation derivatives: each printed f' is the derivative of the printed f ------------------
+ALL_ELEMENTWISE_SPEC = """
+name = "every_activation"
+input = { features = 3 }
+loss = "mse"
+layers = [
+  { type = "sigmoid" }, { type = "tanh" }, { type = "relu" }, { type = "softplus" },
+  { type = "silu" }, { type = "gelu" }, { type = "leaky_relu", slope = 0.2 },
+  { type = "prelu", name = "shared" }, { type = "prelu", name = "per_feature", shared = false },
+  { type = "rrelu" }, { type = "elu", alpha = 0.5 },
+  { type = "activation", name = "kinked", expr = "max(x, 0.3*x) + abs(x)/2" },
+]
+"""
+
+
+def _activation_layers():
+    from symbp.declare.layers import Elementwise
+
+    specs = [(p.stem, load_spec(p)) for p in EXAMPLES]
+    specs.append(("every_activation", parse_spec(ALL_ELEMENTWISE_SPEC)))
+    for stem, net in specs:
+        derivation = derive_network(net)
+        seen = set()
+        for derived in derivation.layers:
+            if isinstance(derived.layer, Elementwise) and id(derived.derivation) not in seen:
+                seen.add(id(derived.derivation))
+                yield stem, derivation, derived
+
+
+def test_printed_activation_derivatives_are_the_derivative_of_the_printed_function():
+    """For every activation of every example (and every built-in kind), each ``f'`` row the
+    notes print equals sympy's own ``diff`` of the printed ``f``, at points away from the kinks,
+    with ``y = f(x)`` where a row reads the output and sample values for parameters (prelu's
+    alpha) and constants. prelu's notes once printed the gradient of alpha as ``f'``."""
+    from symbp.emit.latex_printer import NotesLatexPrinter
+    from symbp.emit.notes import X_SCALAR, Y_SCALAR, activation_formulas
+
+    checked = set()
+    points = (-2.3, -0.7, -0.15, 0.2, 0.9, 3.1)
+    for stem, network, derived in _activation_layers():
+        formulas = activation_formulas(derived.derivation)
+        form = derived.derivation.form
+        values = {s: v for s, v in form.constants.items()}
+        for array in form.params + form.aux:
+            values[sp.Symbol(array.name, real=True)] = sp.Rational(3, 7)
+        f = formulas.f.xreplace(values)
+        expected = sp.diff(f, X_SCALAR)  # sympy, independently of the engine
+        assert formulas.derivatives, (stem, derived.name)
+        for printed in formulas.derivatives:
+            fprime = printed.xreplace(values).xreplace({Y_SCALAR: f})
+            assert fprime.free_symbols <= {X_SCALAR}, (stem, derived.name, printed)
+            for point in points:
+                got = complex(fprime.subs(X_SCALAR, point).evalf())
+                want = complex(expected.subs(X_SCALAR, point).evalf())
+                assert abs(got - want) <= 1e-12 * max(1.0, abs(want)), (
+                    stem, derived.name, point, printed, got, want,
+                )
+        # and these are the rows the notes print
+        doc = render_notes(network, fmt="md")
+        printer = NotesLatexPrinter({"arrays": set()})
+        fx = sp.Function("f")(X_SCALAR)
+        for printed in formulas.derivatives:
+            assert printer.rows([(sp.Derivative(fx, X_SCALAR), printed)]) in doc
+        assert printer.rows([(fx, formulas.f)]) in doc
+        checked.add(derived.layer.kind)
+    assert {"prelu", "rrelu", "leaky_relu", "elu", "activation", "sigmoid"} <= checked
+
+
+# -- the notes' proof of a padded convolution: small, and still refutes wrong formulas -----------
+PADDED_CONV_SPEC = """
+name = "padded"
+input = { shape = [2, 5, 5] }
+loss = "mse"
+layers = [
+  { type = "conv2d", name = "conv", out_channels = 2, kernel = 3, padding = 1 },
+  { type = "flatten" },
+]
+"""
+
+
+@pytest.fixture(scope="module")
+def padded_conv():
+    return derive_network(parse_spec(PADDED_CONV_SPEC)).layer("conv").derivation
+
+
+def test_padded_proof_keeps_the_default_padded_input_size(padded_conv):
+    """The notes prove a padded layer on an image 2P smaller than the verifier's default, so
+    the padded input has the default size (the cost of scalar expansion grows with its square:
+    symbp latex of a padded net took 19 s)."""
+    from symbp.derive.verify import default_sizes
+    from symbp.emit.notes import proof_sizes
+
+    default = {s.name: v for s, v in default_sizes(padded_conv.form, batch=2).items()}
+    sizes = {s.name: v for s, v in proof_sizes(padded_conv, 2).items()}
+    P = sizes["padding"]
+    assert P >= 1
+    for dim in ("H", "W"):
+        assert sizes[f"{dim}_in"] + 2 * P == default[f"{dim}_in"]
+        # every output reads the padding on one side or the other, and some read only input
+        assert sizes[f"{dim}_out"] == sizes[f"{dim}_in"] + 2 * P - sizes[f"K_{dim[0].lower()}"] + 1
+        assert sizes[f"{dim}_out"] >= 3
+
+
+@pytest.mark.parametrize("mutant", ["kernel_not_flipped", "padding_one_side", "border_dropped"])
+def test_padded_proof_refutes_wrong_input_gradients(padded_conv, mutant):
+    """Wrong input gradients of a padded convolution are refuted at the notes' proof sizes."""
+    import dataclasses
+
+    from symbp.derive.verify import verify_layer
+    from symbp.emit.notes import proof_sizes
+
+    adjoint = padded_conv.vjp["x"]
+    expr = adjoint.expr
+    (kernel,) = [e for e in expr.atoms(sp.Indexed) if e.base.name == "W"]
+    padding = next(s for s in padded_conv.form.constants if s.name == "padding")
+    if mutant == "kernel_not_flipped":
+        o, c, k, k2 = kernel.indices
+        K_h, K_w = (next(s for s in expr.free_symbols if s.name == n) for n in ("K_h", "K_w"))
+        expr = expr.xreplace({kernel: kernel.base[o, c, K_h - 1 - k, K_w - 1 - k2]})
+    elif mutant == "padding_one_side":
+        h = adjoint.indices[2]
+        expr = expr.xreplace({h + padding: h})
+    else:
+        variable, low, high = expr.limits[0]
+        expr = sp.Sum(expr.function, (variable, low + 1, high), *expr.limits[1:])
+    assert expr != adjoint.expr
+    wrong = dataclasses.replace(
+        padded_conv, vjp={**padded_conv.vjp, "x": dataclasses.replace(adjoint, expr=expr)}
+    )
+    verdicts = verify_layer(wrong, proof_sizes(wrong, 2))
+    by_name = {v.name: v.proven for v in verdicts}
+    assert by_name == {"dx": False, "dW": True, "db": True}
+
+
+# -- typesetting: names, constants, notation ---------------------------------------------------
+@pytest.mark.parametrize(
+    ("expr", "settings", "expected"),
+    [
+        # several letters are one name, set upright; one letter stays italic
+        (sp.Symbol("H_in"), {}, r"H_{\mathrm{in}}"),
+        (sp.Symbol("K_h"), {}, r"K_{h}"),
+        (sp.IndexedBase("xp")[n, j], {"arrays": {"xp"}}, r"\mathrm{xp}_{nj}"),
+        (sp.Symbol("xp"), {"arrays": {"xp"}, "whole": True}, r"\mathbf{xp}"),
+        # a word before the letter it multiplies, with a thin space: not "pstride"
+        (sp.Symbol("p") * sp.Symbol("stride") + sp.Symbol("i"), {}, r"\mathrm{stride}\, p + i"),
+        # constants as people write them
+        (sp.Rational(1, 100000), {}, "10^{-5}"),
+        (sp.Rational(1, 1000), {}, "0.001"),
+        (sp.Rational(1, 10), {}, "0.1"),
+        (sp.Rational(3, 10) * sp.Symbol("x"), {}, "0.3 x"),
+        (sp.Rational(0.3333333333333333), {}, r"\frac{1}{3}"),  # the float nearest 1/3
+        (sp.Rational(1, 8), {}, r"\frac{1}{8}"),
+        (sp.Rational(1, 4), {}, r"\frac{1}{4}"),
+        # cs231n: the code's name where d\sigma^2 would read as a power of a differential
+        (
+            sp.IndexedBase("dvar")[j],
+            {"arrays": {"var"}, "notation": "cs231n"},
+            r"\mathrm{dvar}_{j}",
+        ),
+        (
+            sp.IndexedBase("dinvstd")[j],
+            {"arrays": {"invstd"}, "notation": "cs231n"},
+            r"\mathrm{dinvstd}_{j}",
+        ),
+        (sp.IndexedBase("dxhat")[n, j], {"arrays": {"xhat"}, "notation": "cs231n"},
+         r"\mathrm{d}\hat{x}_{nj}"),
+        (
+            sp.IndexedBase("dvar")[j],
+            {"arrays": {"var"}},
+            r"\frac{\partial J}{\partial \sigma^{2}_{j}}",
+        ),
+    ],
+)
+def test_printer_typesetting(expr, settings, expected):
+    assert latex(expr, **settings) == expected
+
+
+@pytest.fixture(scope="module")
+def cnn_bn_notes():
+    derivation = derive_network(load_spec(Path(__file__).resolve().parent.parent
+                                          / "examples" / "cnn_bn.toml"))
+    return {
+        notation: render_notes(derivation, fmt="md", notation=notation)
+        for notation in ("d2l", "cs231n")
+    }
+
+
+def test_no_numpy_spellings_or_italic_words_in_image_notes(cnn_bn_notes):
+    for doc in cnn_bn_notes.values():
+        assert r"\operatorname{sum}_{(" not in doc  # NumPy's axes, not mathematics
+        assert "NewAxis" not in doc
+        assert "H_{in}" not in doc and "W_{in}" not in doc and " xp_" not in doc
+        assert r"p \mathrm{stride}" not in doc
+        assert r"\epsilon = 10^{-5}" in doc
+        # batch norm on images: the per-channel mean written as a sum over the batch and pixels
+        mean = r"\mu^{(2)}_{c} &= \frac{1}{H_{\mathrm{in}} N W_{\mathrm{in}}} "
+        assert mean + r"\sum_{m,r,s} h^{(1)}_{mcrs}" in doc
+    assert r"\mathrm{d}\sigma" not in cnn_bn_notes["cs231n"]
+    assert r"\mathrm{dvar}_{c}" in cnn_bn_notes["cs231n"]
+
+
+RESIDUAL_SPEC = """
+name = "res"
+input = { features = 3 }
+loss = "mse"
+
+[[layers]]
+type = "linear"
+out = 3
+
+[[layers]]
+type = "residual"
+name = "block"
+layers = [ { type = "linear", out = 3 }, { type = "tanh" } ]
+"""
+
+
+def test_residual_block_input_is_explained_not_a_dangling_layer():
+    doc = render_notes(derive_network(parse_spec(RESIDUAL_SPEC)), fmt="md")
+    assert r"\mathbf{h}^{(2.0)}" not in doc  # the body reads the block's input h^{(1)}
+    assert r"\mathbf{h}^{(2.1)} &= \mathbf{h}^{(1)} \mathbf{W}^{(2.1)} + \mathbf{b}^{(2.1)}" in doc
+    skip = r"\boldsymbol{\delta}^{(1)} &= \boldsymbol{\delta}^{(2.0)} + \boldsymbol{\delta}^{(2)}"
+    assert skip in doc
+    assert r"$\boldsymbol{\delta}^{(l.0)}$ is the part of the gradient at the block's" in doc
+
+
+def test_rrelu_largest_derivative_uses_the_range_of_its_slope():
+    """f' is 1 or r with r in [lower, upper] = [1/8, 1/3]: the largest value is 1, not max(1, r)."""
+    spec = 'name = "r"\ninput = { features = 2 }\nloss = "mse"\nlayers = [ { type = "rrelu" } ]\n'
+    doc = render_notes(derive_network(parse_spec(spec)), fmt="md")
+    assert r"The largest value of the derivative is $1$." in doc
+    assert r"r \in \left[\mathrm{lower}, \mathrm{upper}\right]" in doc
+    assert r"\mathrm{upper} = \frac{1}{3}" in doc
+
+
+# -- numbering only the layers with parameters ---------------------------------------------------
+D2L_MLP = """
+name = "d2l_mlp"
+input = { features = 4 }
+loss = "mse"
+layers = [
+  { type = "linear", name = "hidden", out = 5 },
+  { type = "relu" },
+  { type = "linear", name = "output", out = 2 },
+]
+"""
+
+
+def test_numbering_params_numbers_the_weight_layers():
+    """d2l writes the second linear layer's weights W^{(2)}; numbering every layer: W^{(3)}."""
+    derivation = derive_network(parse_spec(D2L_MLP))
+    every = render_notes(derivation, fmt="md")
+    assert r"\mathbf{W}^{(3)}" in every
+    doc = render_notes(derivation, fmt="md", numbering="params")
+    assert r"\mathbf{W}^{(3)}" not in doc
+    assert r"\mathbf{h}^{(2)} &= \mathbf{h}^{(1')} \mathbf{W}^{(2)} + \mathbf{b}^{(2)}" in doc
+    assert r"\mathbf{h}^{(1')} &= \max\left(0, \mathbf{h}^{(1)}\right)" in doc
+    assert "| 1' | `relu2` (relu)" in doc
+    assert "Only the layers with parameters are numbered" in doc
+    tex = render_notes(derivation, fmt="tex", numbering="params")
+    assert r"\mathbf{W}^{(2)}" in tex and r"\mathbf{W}^{(3)}" not in tex
+    with pytest.raises(ValueError):
+        render_notes(derivation, numbering="weights")
+
+
+def test_numbering_params_from_python_and_the_command_line(tmp_path):
+    import symbp
+    from symbp.cli import main
+
+    net = parse_spec(D2L_MLP)
+    notes = symbp.notes(net, numbering="params")
+    assert r"\mathbf{W}^{(2)} \in" in notes.markdown and r"\mathbf{W}^{(3)}" not in notes.markdown
+    with pytest.raises(symbp.SpecError):
+        symbp.notes(net, numbering="weights")
+    spec = tmp_path / "mlp.toml"
+    spec.write_text(D2L_MLP, encoding="utf-8")
+    out = tmp_path / "notes.md"
+    assert main(["latex", str(spec), "-o", str(out), "--numbering", "params"]) == 0
+    text = out.read_text(encoding="utf-8")
+    assert r"\mathbf{W}^{(2)}" in text and r"\mathbf{W}^{(3)}" not in text
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_numbering_params_parses_with_katex(example):
+    if not have_node():
+        pytest.skip("node missing: .ci/install_render_tools.sh")
+    doc = render_notes(derive_network(load_spec(example)), fmt="md", numbering="params")
+    errors = katex_errors(extract_markdown_math(doc))
+    assert errors == [], errors[:3]
+
+
+@pytest.mark.skipif(not have_pdflatex(), reason="pdflatex missing: .ci/install_render_tools.sh")
+@pytest.mark.parametrize("spec", ["residual_mlp.toml", "cnn_bn.toml"])
+def test_numbering_params_compiles(spec, tmp_path):
+    path = Path(__file__).resolve().parent.parent / "examples" / spec
+    tex = render_notes(derive_network(load_spec(path)), fmt="tex", numbering="params")
+    ok, log, pdf = compile_latex(tex, tmp_path)
+    assert ok, log[-3000:]
+    assert overfull_boxes(log, min_pt=1.0) == []

@@ -304,6 +304,10 @@ class Elementwise(Layer):
         """Auxiliary per-element inputs (RReLU's random slopes)."""
         return (), {}
 
+    def aux_ranges(self) -> dict[str, tuple[sp.Expr, sp.Expr]]:
+        """The closed range of each auxiliary input, in the layer's constants, where known."""
+        return {}
+
     def constant_values(self):
         return {symbol.name: getattr(self, attr) for attr, symbol in self.constants.items()}
 
@@ -453,6 +457,9 @@ class Rrelu(Elementwise):
 
     def aux_form(self):
         return (Array("r", (N, F), positive=True),), {self.SLOPE: Array("r", (N, F), True)}
+
+    def aux_ranges(self):
+        return {"r": (self.constants["lower"], self.constants["upper"])}
 
     def forward_form(self, in_shape):
         if len(in_shape) != 1:

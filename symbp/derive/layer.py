@@ -23,9 +23,9 @@ import sympy as sp
 
 from ..declare.forms import Array, Forward, Stage
 from ..errors import DerivationError
-from .arrays import ArrayOp, Erfc, Sigmoid, Softplus, stabilize
+from .arrays import ArrayOp, Erfc, Sigmoid, Softplus, log_sum_exp_terms, softmax_form, stabilize
 from .indexing import fresh_index, freshen_bound, simplify_indexed, sums_in
-from .kinks import apply_kink_convention
+from .kinks import differentiate
 from .readings import computed_form
 
 
@@ -61,7 +61,10 @@ class Carried(Stage):
     """``array[indices] = expr``: a costly function value that the forward pass computes and
     the backward needs again (GELU's ``erf(x/sqrt(2))``, SiLU's ``sigmoid(x)``), kept from the
     forward pass instead of computed twice. ``expr`` is in the stable form the code prints
-    (:func:`~symbp.derive.arrays.stabilize`)."""
+    (:func:`~symbp.derive.arrays.stabilize`); ``computed``, where given, is an equal index
+    expression the forward pass computes it by instead (a softmax from shifted exponentials)."""
+
+    computed: sp.Expr | None = None
 
     @property
     def math(self) -> sp.Expr:
@@ -172,7 +175,7 @@ def _staged_adjoints(form: Forward, names, *, unit_upstream: bool) -> list[Adjoi
             upstream = adjoint_array(stage.array)[stage.indices]
             if stage is output and unit_upstream:
                 upstream = sp.Integer(1)
-            derivative = sp.diff(stage.expr, element)
+            derivative = differentiate(stage.expr, element)  # the kink conventions applied
             contribution = upstream * derivative
             # Sum over the stage's own indices (they are bound in the chain rule).
             if stage.indices:
@@ -183,7 +186,6 @@ def _staged_adjoints(form: Forward, names, *, unit_upstream: bool) -> list[Adjoi
             total += contribution
         canonical = form.indices_for(target)
         expr = simplify_indexed(total, names).xreplace(dict(zip(free, canonical, strict=True)))
-        expr = apply_kink_convention(expr)
         adjoint = Adjoint(target, canonical, expr)
         adjoints.append(adjoint)
         known[target.name] = expr
@@ -646,7 +648,7 @@ def carried_values(derivation: LayerDerivation) -> tuple[Carried, ...]:
     """
     form = derivation.form
     if not form.elementwise or len(form.stages) != 1:
-        return ()
+        return _softmax_values(derivation)
     stage = form.output
     upstream = derivation.upstream.name
     forward = stabilize(stage.expr)
@@ -668,6 +670,42 @@ def carried_values(derivation: LayerDerivation) -> tuple[Carried, ...]:
         name = _carried_name(node, form, taken)
         taken.add(name)
         carried.append(Carried(Array(name, stage.array.dims), stage.indices, node))
+    return tuple(carried)
+
+
+def _softmax_values(derivation: LayerDerivation) -> tuple[Carried, ...]:
+    """``exp(v - lse[I])`` read by a VJP, ``lse`` a stage ``log(Sum_k exp(u))`` (softmax
+    cross-entropy's ``exp(z[n, c] - lse[n])``, the softmax): kept by the forward pass, which
+    computes it from the shifted exponentials it takes for ``lse`` anyway
+    (:func:`~symbp.derive.arrays.softmax_form`), instead of from the rounded ``lse``."""
+    form = derivation.form
+    sums = {s.array.base: s for s in form.stages if log_sum_exp_terms(s.expr) is not None}
+    if not sums:
+        return ()
+    upstream = derivation.upstream.name
+    carried: list[Carried] = []
+    taken = set(form.arrays) | {s.name for s in form.constants} | {upstream}
+    for adjoint in derivation.vjp.values():
+        code = stabilize(computed_form(adjoint.expr, upstream, form.gather))
+        for node in sp.preorder_traversal(code):
+            if not isinstance(node, sp.exp) or any(c.expr == node for c in carried):
+                continue
+            elements = [e for e in node.atoms(sp.Indexed) if e.base in sums]
+            free = {i for i in node.free_symbols if _is_index(i, node)}
+            if len(elements) != 1 or free != set(adjoint.indices):
+                continue
+            (element,) = elements
+            if sp.diff(node.args[0], element) != -1:  # exp(v - lse), lse nowhere else
+                continue
+            inputs = [a.name for a in form.inputs if node.has(a.base)]
+            name, count = "softmax_" + "_".join(inputs or ["value"]), 1
+            while name in taken:
+                count += 1
+                name = f"softmax_{'_'.join(inputs or ['value'])}_{count}"
+            taken.add(name)
+            computed = softmax_form(node, element, sums[element.base])
+            array = Array(name, adjoint.array.dims)
+            carried.append(Carried(array, adjoint.indices, node, computed))
     return tuple(carried)
 
 

@@ -14,11 +14,16 @@ setting:
 
 Names follow the problem (``xhat`` is :math:`\\hat{x}`, ``var`` :math:`\\sigma^2`, ``invstd``
 :math:`\\tilde{\\sigma}^{-1}` with :math:`\\tilde{\\sigma} = \\sqrt{\\sigma^2 + \\epsilon}`, Greek
-names as Greek letters). The gradient of the loss with respect to an array ``v`` (the array
-``dv``) prints per ``notation``: ``"d2l"`` gives :math:`\\frac{\\partial J}{\\partial v}` (Dive
-into Deep Learning), ``"cs231n"`` gives :math:`\\mathrm{d}v` (the code names of CS231n).
+names as Greek letters, a name of several letters upright: ``xp`` is :math:`\\mathrm{xp}`,
+``H_in`` :math:`H_{\\mathrm{in}}`, ``stride * p`` :math:`\\mathrm{stride}\\, p`). Constants print as
+a spec writes them (``0.1``, ``10^{-5}``; the float nearest 1/3 as :math:`\\frac{1}{3}`). The
+gradient of the loss with respect to an array ``v`` (the array ``dv``) prints per ``notation``:
+``"d2l"`` gives :math:`\\frac{\\partial J}{\\partial v}` (Dive into Deep Learning), ``"cs231n"``
+gives :math:`\\mathrm{d}v` (the code names of CS231n; ``dvar`` and ``dinvstd`` as they are, since
+:math:`\\mathrm{d}\\sigma^2` reads as a power of a differential).
 
-The step function (``Heaviside(u, 0)``, ``Step(u)``) prints as an indicator ``indicator[u > 0]``;
+The step function (``Heaviside(u, 0)``, ``Step(u)``) prints as an indicator ``indicator[u > 0]``
+(a tie's ``Heaviside(u, 1/2)`` as ``(indicator[u > 0] + 1/2 indicator[u = 0])``);
 KaTeX has ``\\mathbb{1}``, but amssymb's blackboard font has no digits, so LaTeX output uses
 ``\\mathbb{I}`` (the ``indicator`` setting).
 
@@ -140,14 +145,33 @@ ROW_SEPARATOR = " \\\\\n"
 
 
 def _letter(name: str) -> str:
+    """A name's symbol: Greek names as Greek letters, one letter in italic, and a name of
+    several letters (``xp``, the ``in`` of ``H_in``) upright, so that it does not read as a
+    product of letters."""
     if name in OPERATOR_NAMES:
         return rf"\operatorname{{{name}}}"
-    return translate(name)
+    base, *subscripts = name.split("_")
+    if not base:
+        return translate(name)
+    tex = _word(base)
+    if subscripts:
+        tex = f"{tex}_{{{','.join(_word(sub) for sub in subscripts)}}}"
+    return tex
+
+
+def _word(part: str) -> str:
+    """One part of a name: a Greek letter, a letter (italic) or a word (upright)."""
+    translated = translate(part)
+    if translated != part or len(part) == 1 or not part.isalpha():
+        return translated
+    return rf"\mathrm{{{part}}}"
 
 
 def _bold(letter: str) -> str:
     if letter.startswith(r"\operatorname"):
         return letter
+    if letter.startswith(r"\mathrm{"):
+        return r"\mathbf{" + letter[len(r"\mathrm{") :]
     return rf"\boldsymbol{{{letter}}}" if letter.startswith("\\") else rf"\mathbf{{{letter}}}"
 
 
@@ -172,9 +196,7 @@ class NotesLatexPrinter(LatexPrinter):
 
     # -- public helpers -------------------------------------------------------------------------
     def doprint(self, expr) -> str:
-        # Broadcasting is implied in the notes: a[:, None] prints as a.
-        expr = sp.sympify(expr).replace(lambda e: isinstance(e, NewAxis), lambda e: e.args[0])
-        return super().doprint(expr)
+        return super().doprint(_implied_broadcasting(expr))
 
     def equation(self, lhs, rhs) -> str:
         """``lhs = rhs`` on one line."""
@@ -188,7 +210,7 @@ class NotesLatexPrinter(LatexPrinter):
         lines = []
         for lhs, rhs in pairs:
             left = self.doprint(lhs)
-            parts = self._broken(rhs, width)
+            parts = self._broken(_implied_broadcasting(rhs), width)
             lines.append(f"{left} &{symbol} {parts[0]}")
             lines += [rf"&\quad {part}" for part in parts[1:]]
         return ROW_SEPARATOR.join(lines)
@@ -301,6 +323,14 @@ class NotesLatexPrinter(LatexPrinter):
     ) -> str:
         bold = self._settings["whole"] and not sub
         if self._is_adjoint(name):
+            if self._settings["notation"] == "cs231n" and SYMBOLS.get(name[1:], (0, 0, 1))[2] != 1:
+                # the code's name: dvar, not d\sigma^2 (which reads as a power of a differential)
+                tex = _bold(rf"\mathrm{{{name}}}") if bold else rf"\mathrm{{{name}}}"
+                if layer:
+                    tex = f"{tex}^{{({layer})}}"
+                if sub:
+                    tex = f"{tex}_{{{sub}}}"
+                return rf"\left({tex}\right)^{{{self._power(power, False)}}}" if power != 1 else tex
             inner = self.name_tex(name[1:], sub=sub, layer=layer, bold=bold)
             tex = self.grad_tex(inner)
             return rf"\left({tex}\right)^{{{self._power(power, False)}}}" if power != 1 else tex
@@ -318,6 +348,8 @@ class NotesLatexPrinter(LatexPrinter):
         name = expr.name
         if len(name) > 1 and name.isalpha() and translate(name) == name:
             return rf"\mathrm{{{name}}}"  # a word (stride, dilation), not a product of letters
+        if "_" in name and name.replace("_", "").isalnum():
+            return _letter(name)  # H_in: H_{\mathrm{in}}; K_h: K_{h}
         return super()._print_Symbol(expr, style=style)
 
     def _print_Indexed(self, expr):
@@ -398,6 +430,15 @@ class NotesLatexPrinter(LatexPrinter):
                 return method in NotesLatexPrinter.__dict__
         return False
 
+    # -- numbers --------------------------------------------------------------------------------
+    def _print_Rational(self, expr):
+        nice = _nice_number(expr)
+        if isinstance(nice, str):
+            return nice
+        if nice != expr:
+            return self._print(nice)
+        return super()._print_Rational(expr)
+
     # -- products and sums ------------------------------------------------------------------------
     def _has_array(self, expr) -> bool:
         if isinstance(expr, sp.Indexed | AtLayer | Delta | ArrayOp):
@@ -418,7 +459,10 @@ class NotesLatexPrinter(LatexPrinter):
                 and not self._folds_power(factor.base, factor.exp)
             ):
                 denominator.append(factor.base ** (-factor.exp))
+            elif factor.is_Rational and isinstance(_nice_number(factor), str):
+                numerator.append(factor)  # 0.1, 10^{-5}: as written, not a fraction
             elif factor.is_Rational and factor.q != 1:
+                factor = _nice_number(factor)  # the float nearest 1/3 is 1/3
                 if factor.p != 1:
                     numerator.append(sp.Integer(factor.p))
                 denominator.append(sp.Integer(factor.q))
@@ -438,6 +482,8 @@ class NotesLatexPrinter(LatexPrinter):
                 tall = tall or self._has_array(factor)
             (rest if tall else lead_factors).append(factor)
         rest.sort(key=lambda f: (isinstance(f, sp.Add), isinstance(f, sp.Sum)))
+        # a word (stride) before the letters it multiplies: \mathrm{stride}\, p
+        lead_factors.sort(key=lambda f: not self._is_word(f))
         lead = self._product(lead_factors) if lead_factors else ""
         if denominator:
             lead = rf"\frac{{{lead or '1'}}}{{{self._product(denominator)}}}"
@@ -470,7 +516,13 @@ class NotesLatexPrinter(LatexPrinter):
             else:
                 texts.append(self._print(factor))
         if not whole:
-            return " ".join(texts)
+            out = ""
+            for position, text in enumerate(texts):
+                if position and self._is_word(factors[position - 1]):
+                    out = rf"{out}\, {text}"  # \mathrm{stride}\, p: a thin space after a word
+                else:
+                    out = f"{out} {text}" if out else text
+            return out
         # scalars by juxtaposition, arrays joined by the element-wise product
         out = ""
         for factor, text in zip(factors, texts, strict=True):
@@ -481,6 +533,17 @@ class NotesLatexPrinter(LatexPrinter):
             else:
                 out = f"{out} {text}"
         return out
+
+    def _is_word(self, factor) -> bool:
+        """A symbol printed as an upright word (stride, padding)."""
+        return (
+            isinstance(factor, sp.Symbol)
+            and not self._is_array(factor.name)
+            and factor.name not in SYMBOLS
+            and len(factor.name) > 1
+            and factor.name.isalpha()
+            and translate(factor.name) == factor.name
+        )
 
     def _has_array_before(self, factors, factor) -> bool:
         index = next(i for i, f in enumerate(factors) if f is factor)
@@ -508,14 +571,20 @@ class NotesLatexPrinter(LatexPrinter):
         return f"{head} {text}"
 
     # -- functions ------------------------------------------------------------------------------
-    def _indicator(self, argument) -> str:
-        return rf"{self._settings['indicator']}\left[{self._print(argument)} > 0\right]"
+    def _indicator(self, argument, at_zero=0) -> str:
+        indicator = self._settings["indicator"]
+        text = rf"{indicator}\left[{self._print(argument)} > 0\right]"
+        if at_zero == 0:
+            return text
+        # a tie of max/min: the value at 0 too (1/2)
+        zero = rf"{indicator}\left[{self._print(argument)} = 0\right]"
+        return rf"\left({text} + {self._print(at_zero)} {zero}\right)"
 
     def _print_Heaviside(self, expr, exp=None):
-        return self._indicator(expr.args[0])
+        return self._indicator(*expr.args[:2])
 
     def _print_Step(self, expr):
-        return self._indicator(expr.args[0])
+        return self._indicator(*expr.args[:2])
 
     def _print_Sigmoid(self, expr):
         return rf"\operatorname{{sigmoid}}\left({self._print(expr.args[0])}\right)"
@@ -635,6 +704,35 @@ class NotesLatexPrinter(LatexPrinter):
         # An indicator, not delta: the notes' delta is the backpropagated gradient.
         first, second = (self._print(a) for a in expr.args)
         return rf"{self._settings['indicator']}\left[{first} = {second}\right]"
+
+
+def _implied_broadcasting(expr):
+    """Broadcasting is implied in the notes: ``a[:, None]`` prints as ``a``."""
+    return sp.sympify(expr).replace(lambda e: isinstance(e, NewAxis), lambda e: e.args[0])
+
+
+def _nice_number(value: sp.Rational) -> sp.Rational | str:
+    """A constant as people write it: ``0.1``, ``0.25``, ``10^{-5}``, ``5 \\cdot 10^{-4}`` for a
+    decimal fraction (what a spec writes as ``1e-5``), ``1/3`` for the float nearest 1/3
+    (``3333333333333333/10^16``, a spec's ``1/3`` read as a float); otherwise the value itself
+    (printed as a fraction)."""
+    p, q = int(value.p), int(value.q)
+    k = len(str(q)) - 1
+    if q > 1 and q == 10**k:
+        if abs(p) < 10 and k >= 4:
+            power = rf"10^{{-{k}}}"
+            return power if p == 1 else (f"- {power}" if p == -1 else rf"{p} \cdot {power}")
+        if k <= 3:
+            sign = "-" if p < 0 else ""
+            whole, part = divmod(abs(p), q)
+            return f"{sign}{whole}.{str(part).rjust(k, '0').rstrip('0')}"
+    if q > 10**6:  # from a float: the simple fraction it rounds, if there is one
+        from fractions import Fraction
+
+        simple = Fraction(p, q).limit_denominator(1000)
+        if float(simple) == float(Fraction(p, q)):
+            return sp.Rational(simple.numerator, simple.denominator)
+    return value
 
 
 def _label(symbol) -> str:

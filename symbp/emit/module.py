@@ -82,7 +82,9 @@ class FormulaPrinter(sp.printing.str.StrPrinter):
         return f"sum_{under}({self._print(expr.function)})"
 
     def _print_Heaviside(self, expr):
-        return f"step({self._print(expr.args[0])})"
+        if expr.args[1:] in ((), (0,)):
+            return f"step({self._print(expr.args[0])})"
+        return f"heaviside({self._print(expr.args[0])}, {self._print(expr.args[1])})"
 
     def _print_KroneckerDelta(self, expr):
         return f"delta({self._print(expr.args[0])}, {self._print(expr.args[1])})"
@@ -669,7 +671,9 @@ class ModuleBuilder:
         # a value computed from another carried value comes after it
         computed = sorted(carried, key=lambda c: sum(c.expr.has(o.expr) for o in carried))
         outputs = [
-            (c.name, lowering.lower(c.expr.xreplace(_without(kept, c.expr)), c.indices))
+            (c.name, lowering.lower(
+                (c.expr if c.computed is None else c.computed).xreplace(_without(kept, c.expr)),
+                c.indices))
             for c in computed
         ]
         outputs += [

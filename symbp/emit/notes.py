@@ -60,6 +60,8 @@ from .latex_printer import (
 
 FORMATS = ("tex", "md")
 NOTATIONS = ("d2l", "cs231n")
+#: ``"all"``: every layer numbered; ``"params"``: only the layers with parameters (see _number)
+NUMBERINGS = ("all", "params")
 #: Batch sizes at which the notes' equality claims are proven by scalar expansion.
 VERIFY_BATCHES = (2,)
 #: Chains longer than this many Jacobians are written with an ellipsis.
@@ -70,31 +72,31 @@ X_SCALAR = sp.Symbol("x", real=True)
 Y_SCALAR = sp.Symbol("y", real=True)
 
 
-@dataclass
+@dataclass(repr=False)
 class Notes:
-    """The notes in both formats; Jupyter shows them rendered."""
+    """The notes in both formats; Jupyter shows them rendered.
+
+    A notebook displays them through :meth:`_repr_markdown_`: Markdown with ``$...$`` and
+    ``$$...$$`` math, which every frontend renders (MathJax, KaTeX). There is deliberately no
+    ``_repr_latex_``: the LaTeX is a document (sections, tables, ``align*``), and a notebook's
+    ``text/latex`` renderer is MathJax, which shows only math; a frontend that preferred it
+    would print the document's commands as text.
+    """
 
     tex: str
     markdown: str
     #: what ``str()`` gives: ``"md"`` (the Markdown) or ``"tex"`` (the LaTeX)
     fmt: str = "md"
 
-    def _repr_latex_(self) -> str:
-        return render_fragment_for_jupyter(self.tex)
-
     def _repr_markdown_(self) -> str:
         return self.markdown
 
+    def __repr__(self) -> str:  # the text/plain fallback: not the whole document twice
+        first = self.markdown.lstrip().splitlines()[0] if self.markdown.strip() else ""
+        return f"<symbp Notes: {first.lstrip('# ')!r}, {len(self.markdown)} characters of Markdown>"
+
     def __str__(self) -> str:
         return self.tex if self.fmt == "tex" else self.markdown
-
-
-def render_fragment_for_jupyter(tex: str) -> str:
-    """Jupyter's LaTeX display wants math, not a document: keep the body only."""
-    begin, end = r"\begin{document}", r"\end{document}"
-    if begin in tex:
-        tex = tex.split(begin, 1)[1].split(end, 1)[0]
-    return tex
 
 
 def make_notes(
@@ -105,9 +107,16 @@ def make_notes(
     fragment: bool = False,
     flow: list | None = None,
     fmt: str = "md",
+    numbering: str = "all",
 ) -> Notes:
     """Both formats at once (what ``symbp.notes`` returns); ``str()`` gives ``fmt``."""
-    options = {"steps": steps, "notation": notation, "fragment": fragment, "flow": flow}
+    options = {
+        "steps": steps,
+        "notation": notation,
+        "fragment": fragment,
+        "flow": flow,
+        "numbering": numbering,
+    }
     return Notes(
         tex=render_notes(derivation, fmt="tex", **options),
         markdown=render_notes(derivation, fmt="md", **options),
@@ -123,6 +132,7 @@ def render_notes(
     notation: str = "d2l",
     fragment: bool = False,
     flow: list | None = None,
+    numbering: str = "all",
 ) -> str:
     """The notes for one network as a LaTeX document (``fmt="tex"``) or Markdown (``"md"``).
 
@@ -132,12 +142,17 @@ def render_notes(
     ``flow`` adds a section "Gradient flow" from the rows of ``symbp.flow.flow_bounds`` (any
     objects with the attributes ``layer``, ``kind``, ``jacobian``, ``derivative``, ``bound``,
     ``product`` and ``reason``; this module does not import :mod:`symbp.flow`, which imports it).
+    ``numbering`` is ``"all"`` (every layer: ``1..L``, ``l.k`` inside residual block ``l``) or
+    ``"params"`` (only the layers with parameters ``1, 2, ...``, as textbooks number weight
+    layers; a layer without parameters is ``1'``, ``1''``, ...).
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     if notation not in NOTATIONS:
         raise ValueError(f"notation must be one of {NOTATIONS}, got {notation!r}")
-    builder = _Builder(derivation, fmt=fmt, steps=steps, notation=notation)
+    if numbering not in NUMBERINGS:
+        raise ValueError(f"numbering must be one of {NUMBERINGS}, got {numbering!r}")
+    builder = _Builder(derivation, fmt=fmt, steps=steps, notation=notation, numbering=numbering)
     context = builder.context()
     context["fragment"] = fragment
     context["flow"] = _Builder.flow_section(builder, flow) if flow is not None else None
@@ -207,16 +222,77 @@ def _text(value: str, fmt: str) -> str:
 _VERIFIED: dict[tuple[int, bool, int], tuple[LayerDerivation, bool]] = {}
 
 
+def _number(items: list[Placed], numbering: str):
+    """Each layer's label and its input's label (``0`` is the network input).
+
+    ``"all"``: ``1..L`` for the top level, ``l.k`` inside residual ``l``. ``"params"``: the layers
+    with parameters ``1, 2, ...`` in the order they compute (residual bodies included), as
+    textbooks number weight layers (d2l's second linear layer has ``W^{(2)}``); a layer
+    without parameters takes the label of the layer computed before it with a prime
+    (``1'``, ``1''``; ``0'`` before the first layer with parameters).
+    """
+    labels: dict[str, str] = {}
+    inputs: dict[str, str] = {}
+    if numbering == "all":
+
+        def visit(items, prefix, before):
+            for k, item in enumerate(items, start=1):
+                label = f"{prefix}{k}"
+                labels[item.name] = label
+                inputs[item.name] = before
+                if item.body:
+                    visit(item.body, f"{label}.", before)
+                before = label
+
+        visit(items, "", "0")
+        return labels, inputs
+    counter = 0
+    last = "0"
+
+    def visit_params(items, before):
+        nonlocal counter, last
+        for item in items:
+            inputs[item.name] = before
+            if item.body:
+                visit_params(item.body, before)
+            if item.layer.param_shapes(item.in_shape):
+                counter += 1
+                last = str(counter)
+            else:
+                last = f"{last}'"
+            labels[item.name] = last
+            before = last
+
+    visit_params(items, "0")
+    return labels, inputs
+
+
 def proof_sizes(derivation: LayerDerivation, batch: int) -> dict[sp.Symbol, int]:
-    """The sizes of the notes' proof: the verifier's defaults, with a layer that reads no
-    windows (batch norm on images) proven on 1 x 1 images: its per-channel reductions then run
-    over the batch as in the 2-D case, and the scalar expansion stays small enough to prove in
-    seconds."""
-    sizes = default_sizes(derivation.form, batch=batch)
-    if not derivation.form.window_dims:
+    """The sizes of the notes' proof: the verifier's defaults, with
+
+    * a layer that reads no windows (batch norm on images) proven on 1 x 1 images: its
+      per-channel reductions then run over the batch as in the 2-D case;
+    * a zero-padded layer (padding ``P``) proven on an image ``2P`` smaller than the default,
+      so that its *padded* input has the default's size: every output still reads the padding
+      on both sides and the input in between, and the scalar expansion (whose cost grows with
+      the square of the number of elements) stays as small as an unpadded layer's. At the
+      default sizes a padded convolution took 12 s to prove, the rest of the notes 1-5 s.
+    """
+    form = derivation.form
+    sizes = default_sizes(form, batch=batch)
+    if not form.window_dims:
         for symbol in sizes:
             if _spatial(symbol):
                 sizes[symbol] = 1
+        return sizes
+    padding = next((v for s, v in sizes.items() if s.name == "padding"), 0)
+    if padding:
+        smallest = max(sizes[s] for s in form.window_dims)  # the kernel fits the padded input
+        for symbol in sizes:
+            if symbol.name in ("H_in", "W_in"):
+                sizes[symbol] = max(sizes[symbol] - 2 * padding, smallest - 2 * padding, 1)
+        for symbol, rule in form.size_rules.items():
+            sizes[symbol] = int(rule.xreplace(sizes))
     return sizes
 
 
@@ -239,7 +315,15 @@ def _proven(derivation: LayerDerivation, *, staged: bool) -> bool:
 
 
 class _Builder:
-    def __init__(self, derivation: NetworkDerivation, *, fmt: str, steps: bool, notation: str):
+    def __init__(
+        self,
+        derivation: NetworkDerivation,
+        *,
+        fmt: str,
+        steps: bool,
+        notation: str,
+        numbering: str = "all",
+    ):
         self.derivation = derivation
         self.net = derivation.net
         self.fmt = fmt
@@ -250,9 +334,14 @@ class _Builder:
             "indicator": r"\mathbb{I}" if fmt == "tex" else r"\mathbb{1}",
             "loss_symbol": "J" if notation == "d2l" else "L",
         }
-        self.labels, self.inputs = self._number(self.net.placed)
-        self.top = [(item, str(k)) for k, item in enumerate(self.net.placed, start=1)]
-        self.depth = str(len(self.net.placed))
+        self.numbering = numbering
+        self.labels, self.inputs = _number(self.net.placed, numbering)
+        #: the label of the network's output (the last top-level layer)
+        self.depth = self.labels[self.net.placed[-1].name]
+        #: residual block -> the label of its input where the body starts (``l.0``)
+        self.block_input = {
+            item.name: f"{self.labels[item.name]}.0" for item in self.net.walk() if item.body
+        }
 
     # printers
     def index_printer(self, derivation: LayerDerivation) -> NotesLatexPrinter:
@@ -267,24 +356,6 @@ class _Builder:
         if self.derivation.loss is not None:
             known |= {a.name for a in self.derivation.loss.form.aux}
         return NotesLatexPrinter({**self.settings, "arrays": known, "whole": True})
-
-    def _number(self, items: list[Placed]):
-        """Labels ``1..L`` for the top level, ``l.k`` inside residual ``l``; and each layer's
-        input label (``0`` is the network input)."""
-        labels: dict[str, str] = {}
-        inputs: dict[str, str] = {}
-
-        def visit(items, prefix, before):
-            for k, item in enumerate(items, start=1):
-                label = f"{prefix}{k}"
-                labels[item.name] = label
-                inputs[item.name] = before
-                if item.body:
-                    visit(item.body, f"{label}.", before)
-                before = label
-
-        visit(items, "", "0")
-        return labels, inputs
 
     def context(self) -> dict[str, Any]:
         whole = self.whole_printer()
@@ -306,6 +377,18 @@ class _Builder:
             "deltas": self._deltas(),
             "activations": self._activations(),
             "steps": self.steps,
+            "numbering": self.numbering,
+            "block_input": self._block_input_names(),
+        }
+
+    def _block_input_names(self) -> dict[str, str] | None:
+        """How the notes write a residual block's input as the body sees it (``l.0``)."""
+        if not self.block_input:
+            return None
+        whole = self.whole_printer()
+        return {
+            "delta": whole.doprint(Delta(sp.Symbol("l.0"))),
+            "skip": whole.doprint(Delta(sp.Symbol("l"))),
         }
 
     # -- the network table ----------------------------------------------------------------------
@@ -340,7 +423,7 @@ class _Builder:
             mapping[name] = AtLayer(sp.Symbol(name), label)
         mapping[form.inputs[0].name] = AtLayer(H, before)
         if isinstance(item.layer, Residual):
-            last = f"{self.labels[item.name]}.{len(item.body)}"
+            last = self.labels[item.body[-1].name]
             mapping[form.inputs[1].name] = AtLayer(H, sp.Symbol(last))
         mapping[form.output.name] = AtLayer(H, label)
         mapping["d" + form.output.name] = Delta(label)
@@ -385,14 +468,13 @@ class _Builder:
             for item in items:
                 derived = by_name[item.name]
                 names = self._network_names(derived)
-                if item.body:
-                    first = AtLayer(H, sp.Symbol(f"{self.labels[item.name]}.0"))
-                    rows.append(
-                        whole.rows([(first, AtLayer(H, sp.Symbol(self.inputs[item.name])))])
-                    )
+                if item.body:  # the body reads the block's input, h^{(l-1)}
                     forward(item.body)
-                for stage in derived.derivation.form.stages:
-                    rhs = self._lowered(derived.derivation, stage.expr, stage.indices)
+                stages = derived.derivation.form.stages
+                lowered = [self._lowered(derived.derivation, s.expr, s.indices) for s in stages]
+                if any(rhs is None for rhs in lowered):  # the whole layer in index form
+                    lowered = [None] * len(stages)
+                for stage, rhs in zip(stages, lowered, strict=True):
                     if rhs is None:  # index form
                         lhs = self._index_form(derived, stage.array[stage.indices])
                         rows.append(index.rows([(lhs, self._index_form(derived, stage.expr))]))
@@ -531,17 +613,20 @@ class _Builder:
     # -- chain rule and delta recursion ---------------------------------------------------------
     def _path(self, name: str) -> list[str]:
         """Labels of the layers the gradient passes through from the output down to ``name``
-        (exclusive), top first."""
-        label = self.labels[name]
-        parts = label.split(".")
-        top = int(parts[0])
-        path = [str(k) for k in range(int(self.depth), top, -1)]
-        if len(parts) == 2:
-            residual = next(item for item in self.net.placed if self.labels[item.name] == parts[0])
-            path += [parts[0]] + [
-                f"{parts[0]}.{k}" for k in range(len(residual.body), int(parts[1]), -1)
-            ]
-        return path
+        (exclusive), top first: the layers above it, and each residual block it is in."""
+
+        def visit(items: list[Placed]) -> list[str] | None:
+            for position, item in enumerate(items):
+                above = [self.labels[i.name] for i in reversed(items[position + 1 :])]
+                if item.name == name:
+                    return above
+                if item.body:
+                    inner = visit(item.body)
+                    if inner is not None:
+                        return [*above, self.labels[item.name], *inner]
+            return None
+
+        return visit(self.net.placed) or []
 
     def _chains(self) -> str:
         whole = self.whole_printer()
@@ -571,7 +656,7 @@ class _Builder:
             if not item.body:
                 continue
             label = self.labels[item.name]
-            last = f"{label}.{len(item.body)}"
+            last = self.labels[item.body[-1].name]
             rhs = Identity() + Jacobian(
                 AtLayer(H, sp.Symbol(last)), AtLayer(H, sp.Symbol(self.inputs[item.name]))
             )
@@ -607,8 +692,7 @@ class _Builder:
                 names = self._network_names(derived)
                 form = derivation.form
                 if item.body:
-                    label = self.labels[item.name]
-                    last = f"{label}.{len(item.body)}"
+                    last = self.labels[item.body[-1].name]
                     skip = derivation.vjp[form.inputs[1].name]
                     lowered = self._lowered(derivation, skip.expr, skip.indices)
                     pairs.append((Delta(sp.Symbol(last)), lowered.xreplace(names)))
@@ -618,7 +702,8 @@ class _Builder:
                     pairs.append(
                         (
                             Delta(sp.Symbol(self.inputs[item.name])),
-                            lowered.xreplace(names) + Delta(sp.Symbol(f"{label}.0")),
+                            lowered.xreplace(names)
+                            + Delta(sp.Symbol(self.block_input[item.name])),
                         )
                     )
                     continue
@@ -634,8 +719,9 @@ class _Builder:
                 adjoint = derivation.vjp[form.inputs[0].name]
                 lowered = self._lowered(derivation, adjoint.expr, adjoint.indices)
                 target = Delta(sp.Symbol(self.inputs[item.name]))
-                if item is _first_in_body(self.net.placed, item):
-                    target = Delta(sp.Symbol(self.labels[item.name].rsplit(".", 1)[0] + ".0"))
+                block = _block_of(self.net.placed, item)
+                if block is not None and block.body[0] is item:
+                    target = Delta(sp.Symbol(self.block_input[block.name]))
                 if lowered is None:
                     row = self._index_row(index, derived, adjoint, target=target)
                     rows.append(row)
@@ -713,26 +799,19 @@ class _Builder:
         return entries
 
     def _activation(self, derived: DerivedLayer, count: int) -> dict[str, Any]:
-        derivation = derived.derivation
-        form = derivation.form
-        stage = form.output
-        scalars = {stage.array[stage.indices]: Y_SCALAR, form.inputs[0][stage.indices]: X_SCALAR}
-        scalars[derivation.upstream[stage.indices]] = sp.Integer(1)
-        for array in form.aux + form.params:
-            if array.dims:
-                scalars[array[tuple(stage.indices[: len(array.dims)])]] = sp.Symbol(
-                    array.name, real=True
-                )
+        formulas = activation_formulas(derived.derivation)
         printer = NotesLatexPrinter({**self.settings, "arrays": set()})
-        f = stage.expr.xreplace(scalars)
-        in_x = derivation.staged[-1].expr.xreplace(scalars)
-        compact = derivation.vjp[form.inputs[0].name].expr.xreplace(scalars)
         fx = sp.Function("f")(X_SCALAR)
         fprime = sp.Derivative(fx, X_SCALAR)
-        rows = [(fx, f), (fprime, in_x)]
-        if compact != in_x:
-            rows.append((fprime, compact))
-        bound = _largest_derivative(f, in_x, compact, form.constants)
+        rows = [(fx, formulas.f)] + [(fprime, d) for d in formulas.derivatives]
+        in_x, compact = formulas.derivatives[0], formulas.derivatives[-1]
+        form = derived.derivation.form
+        ranges = {
+            sp.Symbol(name, real=True): sp.Interval(*(sp.sympify(v).xreplace(form.constants)
+                                                      for v in span))
+            for name, span in derived.layer.aux_ranges().items()
+        }
+        bound = _largest_derivative(formulas.f, in_x, compact, form.constants, ranges)
         entry = {
             "name": _text(
                 derived.layer.kind if derived.layer.kind != "activation" else derived.name, self.fmt
@@ -741,7 +820,11 @@ class _Builder:
             "in_output": Y_SCALAR in compact.free_symbols,
             "output": printer.equation(Y_SCALAR, fx),
             "bound": printer.doprint(bound) if bound is not None else None,
-            "constants": [printer.equation(s, v) for s, v in form.constants.items()],
+            "constants": [
+                printer.doprint(sp.Contains(sp.Symbol(name, real=True), sp.Interval(*span)))
+                for name, span in derived.layer.aux_ranges().items()
+            ]
+            + [printer.equation(s, v) for s, v in form.constants.items()],
             "vanishing": None,
         }
         if bound is not None and bound.is_number and bound < 1 and count > 1:
@@ -750,6 +833,43 @@ class _Builder:
                 "product": printer.doprint(sp.Pow(bound, count, evaluate=False)),
             }
         return entry
+
+
+@dataclass
+class ActivationFormulas:
+    """What the notes print for an element-wise layer: ``f(x)`` and its derivative ``f'``, as
+    the engine derived it in the input ``x`` (staged) and, where it differs, in its compact
+    form (which may read the output ``y = f(x)``). Scalars: ``x``, ``y`` (:data:`X_SCALAR`,
+    :data:`Y_SCALAR`), a parameter or auxiliary array by its name (``alpha``)."""
+
+    f: sp.Expr
+    derivatives: list[sp.Expr]
+
+
+def activation_formulas(derivation: LayerDerivation) -> ActivationFormulas:
+    """``f`` and ``f'`` of an element-wise layer, read off the engine's derivation: the
+    gradient *of the input* ``x`` (a layer with a parameter, such as prelu's ``alpha``, has
+    the parameter's gradient among its adjoints too), at unit upstream gradient."""
+    form = derivation.form
+    stage = form.output
+    source = form.inputs[0]
+    scalars = {stage.array[stage.indices]: Y_SCALAR, source[stage.indices]: X_SCALAR}
+    scalars[derivation.upstream[stage.indices]] = sp.Integer(1)
+    # a parameter or auxiliary array, whatever it is indexed by (prelu's per-feature alpha_j)
+    named = {a.name: sp.Symbol(a.name, real=True) for a in form.aux + form.params if a.dims}
+
+    def scalar(expr):
+        expr = expr.xreplace(scalars)
+        return expr.replace(
+            lambda e: isinstance(e, sp.Indexed) and e.base.name in named,
+            lambda e: named[e.base.name],
+        )
+
+    staged = next(a for a in derivation.staged if a.array.name == source.name)
+    in_x = scalar(staged.expr)
+    compact = scalar(derivation.vjp[source.name].expr)
+    derivatives = [in_x] if compact == in_x else [in_x, compact]
+    return ActivationFormulas(f=scalar(stage.expr), derivatives=derivatives)
 
 
 class _RowList:
@@ -782,7 +902,14 @@ def _readable(lowered: sp.Expr) -> sp.Expr | None:
         return einsum
 
     lowered = lowered.replace(lambda e: isinstance(e, Einsum), as_sum)
-    return None if lowered.has(Einsum) else lowered
+    if lowered.has(Einsum):
+        return None
+    # a sum over the batch and the image (batch norm on images: axes 0, 2, 3) has no matrix
+    # notation; NumPy's spelling (sum over axes (0,2,3)) is not mathematics: index form
+    for total in lowered.atoms(SumOver):
+        if tuple(int(a) for a in total.args[1]) not in ((0,), (1,), (0, 1)):
+            return None
+    return lowered
 
 
 def _full_convolution(derivation: LayerDerivation) -> sp.Expr | None:
@@ -825,23 +952,27 @@ def _chain_args(factors) -> list:
     return [Ellipsis_ if f is Ellipsis else f for f in factors]
 
 
-def _first_in_body(placed: list[Placed], item: Placed) -> Placed | None:
+def _block_of(placed: list[Placed], item: Placed) -> Placed | None:
+    """The residual block whose body holds ``item`` directly, or ``None``."""
     for outer in placed:
         if outer.body:
-            if outer.body[0] is item:
-                return item
-            found = _first_in_body(outer.body, item)
+            if any(inner is item for inner in outer.body):
+                return outer
+            found = _block_of(outer.body, item)
             if found is not None:
                 return found
     return None
 
 
-def _largest_derivative(f, in_x, compact, constants) -> sp.Expr | None:
+def _largest_derivative(f, in_x, compact, constants, ranges=None) -> sp.Expr | None:
     """The largest value of ``f'`` over the reals, where sympy can find it exactly.
 
     A derivative written in the output ``y`` is maximized over the range of ``f`` (sigmoid:
-    ``y (1 - y)`` on ``(0, 1)`` gives 1/4); a piecewise one piece by piece.
+    ``y (1 - y)`` on ``(0, 1)`` gives 1/4); a piecewise one piece by piece. A piece in an
+    auxiliary input of known range (``ranges``: rrelu's slope ``r`` in ``[lower, upper]``) is
+    maximized over that range, so ``max(1, r)`` is 1 when ``upper <= 1``.
     """
+    ranges = ranges or {}
     values = {s: v for s, v in constants.items()}
     try:
         if Y_SCALAR in compact.free_symbols and compact.is_polynomial(Y_SCALAR):
@@ -859,6 +990,9 @@ def _largest_derivative(f, in_x, compact, constants) -> sp.Expr | None:
                 piece = piece.xreplace(values)
                 if where is sp.S.EmptySet:
                     continue
+                for symbol, span in ranges.items():
+                    if symbol in piece.free_symbols and piece.free_symbols <= {symbol}:
+                        piece = sp.maximum(piece, symbol, span)
                 if piece.free_symbols - {X_SCALAR}:
                     best.append(piece)  # a parameter: the bound is symbolic
                 elif X_SCALAR in piece.free_symbols:

@@ -305,10 +305,11 @@ class SymbpNumPyPrinter(NumPyPrinter):
         # Booleans add as "or" and cannot be negated, and a number times a boolean array is an
         # int64 or float64 array whatever the dtype of the rest; anywhere else it is
         # ``np.heaviside(u, 0)``, in u's dtype.
-        (u,) = expr.args
+        u, *at_zero = expr.args
         if expr in self._boolean_steps:
             return f"({self._print(u)} > 0)"
-        return f"{self._module_format('numpy.heaviside')}({self._print(u)}, 0)"
+        value = repr(float(at_zero[0])) if at_zero else "0"
+        return f"{self._module_format('numpy.heaviside')}({self._print(u)}, {value})"
 
     def _print_Max(self, expr):
         return self._pairwise("numpy.maximum", expr.args)
@@ -588,4 +589,4 @@ def numpy_code(expr: sp.Expr, printer: SymbpNumPyPrinter | None = None) -> str:
 def _is_step(factor: sp.Expr) -> bool:
     from ..derive.arrays import Step
 
-    return isinstance(factor, Step)
+    return isinstance(factor, Step) and len(factor.args) == 1  # 0 at 0: a boolean (u > 0)

@@ -30,7 +30,9 @@ def _window_max_into(out, windows):
 
 def _first_maxima(windows):
     """(i, j, first) for each kernel offset of the windows (last two axes) in row-major order:
-    first is True for the windows whose first maximum lies at offset (i, j).
+    first is True for the windows whose arg-max lies at offset (i, j): the first maximum, or in
+    a window that holds a NaN (whose maximum is NaN), its last NaN, as PyTorch's max pooling
+    picks it (it takes each value that is greater than the maximum so far, or NaN).
 
     One bool array, overwritten from one offset to the next: use it before taking the next.
     """
@@ -38,11 +40,25 @@ def _first_maxima(windows):
     _window_max_into(top, windows)
     taken = np.zeros(top.shape, dtype=bool)
     first = np.empty(top.shape, dtype=bool)
+    last_nan = _last_nan_offsets(windows, top)
     for i, j in np.ndindex(windows.shape[-2:]):
-        np.equal(windows[..., i, j], top, out=first)
+        np.equal(windows[..., i, j], top, out=first)  # never where the maximum is NaN
         np.greater(first, taken, out=first)  # a maximum, and none earlier in its window
+        if last_nan is not None:
+            first |= last_nan == i * windows.shape[-1] + j
         yield i, j, first
         taken |= first
+
+
+def _last_nan_offsets(windows, top):
+    """For each window, the row-major position i*K_w + j of its last NaN (-1 where it holds
+    none); None when no window holds a NaN (top, their maxima, has none: one pass over it)."""
+    if top.size == 0 or not np.isnan(top.max()):
+        return None
+    last = np.full(top.shape, -1, dtype=np.intp)
+    for i, j in np.ndindex(windows.shape[-2:]):
+        np.copyto(last, i * windows.shape[-1] + j, where=np.isnan(windows[..., i, j]))
+    return last
 
 
 def _first_argmax_mask(windows):
