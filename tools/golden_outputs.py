@@ -20,10 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-import symbp
-from symbp.check.gradcheck import load_module, make_inputs
-
 ROOT = Path(__file__).resolve().parents[1]
+# The symbp of this checkout (Python puts tools/ on the path, not the checkout, and an editable
+# install would otherwise give another checkout's symbp, e.g. from a git worktree).
+sys.path.insert(0, str(ROOT))
+
+import symbp  # noqa: E402
+from symbp.check.gradcheck import load_module, make_inputs  # noqa: E402
 
 
 def outputs() -> dict[str, np.ndarray]:
