@@ -343,3 +343,11 @@ def test_a_long_proof_reports_progress_on_stderr(monkeypatch, capsys):
     lines = err.splitlines()
     assert lines and all(line.startswith("symbp: proving dx (compact, N=2, F=2): element ")
                          for line in lines)
+
+
+@pytest.mark.parametrize("example", ["mlp_bn", "cnn_bn"])
+def test_ascii_output_fits_too(monkeypatch, capsys, example):
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = run(capsys, "derive", str(ROOT / "examples" / f"{example}.toml"), "--ascii")
+    assert code == 0 and out.isascii()
+    assert max(len(line) for line in out.splitlines()) <= 80

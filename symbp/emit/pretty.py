@@ -196,7 +196,7 @@ def _text_breaks(text: str, start: int) -> list[tuple[int, int]]:
             char == " "
             and position > start
             and position + 1 < len(text)
-            and text[position - 1] != " "
+            and text[position - 1] not in " ([{"
             and text[position + 1] != " "
         ):
             found.append((position, depth))
