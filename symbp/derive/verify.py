@@ -1,10 +1,19 @@
 """Prove derived formulas exact by an independent route: scalar expansion at small sizes.
 
-For concrete sizes (batch 2..4, widths 2..3) every array element becomes its own sympy symbol,
-every sum an explicit addition, and every stage a plain scalar expression of the inputs. The
-loss-side contraction ``L = sum(dy * y)`` is then differentiated *directly*, element by element,
-with sympy's scalar ``diff`` -- no index algebra, no delta elimination, no rewriting. The engine's
-whole-array formula, expanded the same way, must equal it: the difference must simplify to 0.
+For concrete sizes (:func:`default_sizes`: the smallest at which every index case occurs) every
+array element becomes its own sympy symbol, every sum an explicit addition, and every stage a
+plain scalar expression of the inputs. The loss-side contraction ``L = sum_p dy[p] * y[p]`` is
+then differentiated *directly* with sympy's scalar ``diff`` -- each output element ``y[p]`` by
+each element it contains, accumulated per element (by linearity the same as ``diff`` of ``L``):
+no index algebra, no delta elimination, no rewriting. The engine's formula, expanded the same
+way, must equal it element by element: the difference must be proved 0.
+
+The proof of 0 is exact throughout. It first tries the difference as a polynomial over the
+rationals (:func:`_polynomial_zero`: elements, and function values and roots taken as variables
+of their own; zero there is zero for every value, so for the true ones), which settles batch
+norm's roots without sympy cancelling rational functions of long sums; then sympy's
+``expand``, ``cancel`` and ``simplify``. Random points only ever *refute* (a quick
+``_numerically_nonzero``); they never prove.
 
 Where a formula has kinks (``Max``, ``Heaviside``, ``Piecewise``), the proof is done branch by
 branch: each element that appears in a kink condition is taken positive, negative and zero.

@@ -217,6 +217,7 @@ def _cut_picture(block: Picture, width: int) -> list[Piece] | None:
     # terms, before a product's dot, after an empty column, all outside one-row brackets
     # (``x[n, c]``, ``f(a, b)``); then after an empty column or an opening bracket inside them.
     kinds: list[list[int]] = [[], [], [], []]
+    depths: dict[int, int] = {}
     depth = 0
     start = len(_cells(INDENT))
     for column in range(total):
@@ -233,6 +234,7 @@ def _cut_picture(block: Picture, width: int) -> list[Piece] | None:
                 kinds[2].append(column)
             elif spaced or (previous in "([{" and char not in " )]}"):
                 kinds[3].append(column)
+                depths[column] = depth
         if char in "([{":
             depth += 1
         elif char in ")]}":
@@ -245,8 +247,13 @@ def _cut_picture(block: Picture, width: int) -> list[Piece] | None:
             pieces.append(_piece(grid, left, total, bool(pieces)))
             return pieces
         cut = None
-        for candidates in kinds:
+        for kind, candidates in enumerate(kinds):
             fits = [c for c in candidates if left < c and lead + _used(grid, left, c) <= width]
+            if fits and kind == 3:  # inside brackets: the outermost level, late in the room
+                late = [c for c in fits if lead + c - left >= width // 2] or fits
+                least = min(depths[c] for c in late)
+                cut = max(c for c in late if depths[c] == least)
+                break
             if fits:
                 cut = max(fits)
                 break
