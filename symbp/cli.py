@@ -37,7 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     derive.add_argument("--layer", help="only this layer")
     derive.add_argument("--expr", help="derive one activation given as an expression in x")
     derive.add_argument(
-        "--verify", action="store_true", help="prove each formula by scalar expansion"
+        "--verify",
+        action="store_true",
+        help="prove each formula by scalar expansion (each verdict printed as it is proved; "
+        "progress of a proof longer than 3 s on stderr)",
     )
     derive.add_argument("--ascii", action="store_true", help="ASCII instead of Unicode output")
 
@@ -122,11 +125,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _derive(args) -> int:
+    import shutil
+
     from .declare.layers import Activation
     from .declare.spec import load_spec
-    from .emit.pretty import derivation_report, expression_report
+    from .emit.pretty import Progress, derivation_blocks, expression_blocks
     from .errors import SpecError
 
+    progress = Progress(sys.stderr) if args.verify else None
     if args.expr is not None:
         if args.spec:
             raise SpecError("give either a spec or --expr, not both")
@@ -138,20 +144,26 @@ def _derive(args) -> int:
             layer = Activation(args.expr)
         except SpecError as err:
             raise err.located(field="--expr") from None
-        text, ok = expression_report(layer, verify=args.verify, unicode=not args.ascii)
-        print(text)
-        return 0 if ok else 1
-    if not args.spec:
-        raise SpecError("give a spec file or --expr")
-    net = load_spec(args.spec)
-    if args.layer is not None:
-        try:
-            net.find(args.layer)
-        except SpecError as err:
-            raise SpecError(err.message, file=args.spec, field="--layer") from None
-    text, ok = derivation_report(net, layer=args.layer, verify=args.verify, unicode=not args.ascii)
-    print(text)
-    return 0 if ok else 1
+        report = expression_blocks(
+            layer, verify=args.verify, unicode=not args.ascii, progress=progress
+        )
+    else:
+        if not args.spec:
+            raise SpecError("give a spec file or --expr")
+        net = load_spec(args.spec)
+        if args.layer is not None:
+            try:
+                net.find(args.layer)
+            except SpecError as err:
+                raise SpecError(err.message, file=args.spec, field="--layer") from None
+        report = derivation_blocks(
+            net, layer=args.layer, verify=args.verify, unicode=not args.ascii, progress=progress
+        )
+    # The terminal's width: COLUMNS, else the terminal's own, else 80 (not a terminal).
+    width = shutil.get_terminal_size().columns
+    for line in report.lines(width):
+        print(line, flush=True)  # each line as it is ready: a proof's verdict when proved
+    return 0 if report.ok else 1
 
 
 def _codegen(args) -> int:

@@ -3,15 +3,22 @@
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 import subprocess
 import sys
+import unicodedata
+from functools import cache
 from pathlib import Path
 
 import pytest
+import sympy as sp
 
 from symbp import cli
+from symbp.declare.layers import Activation
+from symbp.declare.spec import load_spec
+from symbp.derive.layer import derive_layer
 from symbp.derive.verify import Verdict
 from symbp.emit import pretty
 
@@ -146,7 +153,7 @@ def test_verify_on_a_small_spec_passes(tmp_path, capsys):
 def test_failed_proof_exits_1(monkeypatch, capsys):
     """Exit code 1 means a proof failed (here: a verifier that refutes everything)."""
 
-    def refute(derivation, sizes, *, staged=False):
+    def refute(derivation, sizes, *, staged=False, progress=None):
         return [Verdict("d" + a.name, {}, False, "refuted") for a in derivation.form.differentiable]
 
     monkeypatch.setattr(pretty, "verify_layer", refute)
@@ -226,3 +233,121 @@ def test_layer_and_spec_errors_name_the_file(tmp_path, capsys):
     assert (code, out) == (2, "")
     assert err == (f"symbp: error: {spec}: layer 'act1', field 'slope': unknown field for "
                    "sigmoid (allowed: name)\n")
+
+
+# -- terminal width: every line fits, and the pieces join back to the unwrapped text -----------
+EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
+
+
+def _width(line: str) -> int:
+    return sum(1 for char in line if not unicodedata.combining(char))
+
+
+def _unbreakable(line: str) -> bool:
+    """The documented exception: one word with no space and no opening bracket in it."""
+    word = line.strip()
+    return " " not in word and not any(bracket in word[:-1] for bracket in "([{")
+
+
+@cache
+def _blocks(example: Path):
+    return list(pretty.derivation_blocks(load_spec(str(example))).blocks())
+
+
+@pytest.mark.parametrize("width", [80, 120])
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_every_line_fits_the_terminal_width(monkeypatch, capsys, example, width):
+    monkeypatch.setenv("COLUMNS", str(width))
+    code, out, err = run(capsys, "derive", str(example))
+    assert code == 0 and err == ""
+    too_wide = [line for line in out.splitlines() if _width(line) > width]
+    assert all(_unbreakable(line) for line in too_wide), too_wide
+    # What the command printed is the report's blocks wrapped to that width.
+    wrapped = [line for block in _blocks(example) for line in pretty.render(block, width)]
+    assert out.splitlines() == wrapped
+
+
+@pytest.mark.parametrize("width", [80, 120])
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_wrapped_pieces_join_back_to_the_unwrapped_text(example, width):
+    for block in _blocks(example):
+        unwrapped = pretty.render(block, None)
+        pieces = pretty.wrap(block, width)
+        if pieces[0].linear and len(unwrapped) > 1:
+            # A picture too wide to cut is shown as its one-line form, wrapped as text.
+            unwrapped = [block.linear]
+        assert pretty.join(pieces, block) == [line.rstrip() for line in unwrapped]
+
+
+def test_the_widest_formulas_are_cut_between_terms_not_through_them(monkeypatch, capsys):
+    """Batch norm's staged dmu on images is three terms; at 80 columns each continuation
+    starts with the sign that joins it (a ``+`` or ``-`` at the continuation indent)."""
+    monkeypatch.setenv("COLUMNS", "80")
+    _, out, _ = run(capsys, "derive", str(ROOT / "examples" / "cnn_bn.toml"), "--layer", "bn1")
+    staged = out.split("backward, staged chain rule", 1)[1].split("backward (given dy)", 1)[0]
+    starts = [line[8:10] for line in staged.splitlines() if re.match(r"^        [+-] ", line)]
+    assert len(starts) >= 3
+
+
+def test_the_mish_derivative_is_printed_in_a_smaller_equal_form():
+    """The derived ``dx`` of mish is an expanded sum of three terms; what is printed is the
+    textbook grouping ``tanh(s) + x*e**x*(1 - tanh(s)**2)/(1 + e**x)`` (times dy), proved equal
+    to it and with fewer operations; checked here against sympy's own derivative of the
+    forward formula."""
+    derivation = derive_layer(Activation(MISH).forward_form((1,)))
+    derived = derivation.vjp["x"].expr
+    shown = pretty.simplest_form(derived)
+    assert sp.count_ops(shown) < sp.count_ops(derived)
+    (x_element,) = derivation.form.stages[-1].expr.atoms(sp.Indexed) & {
+        e for e in derived.atoms(sp.Indexed) if e.base.name == "x"
+    }
+    (dy_element,) = {e for e in derived.atoms(sp.Indexed) if e.base.name == "dy"}
+    t = sp.Symbol("t", real=True)
+    textbook = sp.diff(t * sp.tanh(sp.log(1 + sp.exp(t))), t)
+    for value in (-3, -0.5, 0.25, 2):
+        got = shown.xreplace({x_element: value, dy_element: 1}).evalf(30)
+        assert abs(got - textbook.subs(t, value).evalf(30)) < 1e-25
+    # ... and it is the form ``symbp derive`` prints.
+    text = pretty.expression_blocks(Activation(MISH)).text(None)
+    lhs = derivation.vjp["x"].lhs
+    def picture(expr):
+        return "\n".join(row.rstrip() for row in pretty._pretty(lhs, expr, True).rows)
+
+    assert picture(shown) in text and picture(derived) not in text
+
+
+def test_verify_prints_each_verdict_as_it_is_proved(monkeypatch, tmp_path):
+    """A layer's verdicts reach stdout before the next layer's proof starts."""
+    path = tmp_path / "small.toml"
+    path.write_text(SMALL_SPEC, encoding="utf-8")
+    out = io.StringIO()
+    seen = []
+    proved = pretty.verify_layer
+
+    def recording(derivation, sizes, **kwargs):
+        seen.append(out.getvalue().count("  verify "))
+        return proved(derivation, sizes, **kwargs)
+
+    monkeypatch.setattr(pretty, "verify_layer", recording)
+    monkeypatch.setattr(sys, "stdout", out)
+    assert cli.main(["derive", str(path), "--verify"]) == 0
+    assert seen[0] == 0 and seen == sorted(seen) and seen[-1] > 0
+    assert len(set(seen)) > 3  # verdicts were written between the proofs, not all at the end
+
+
+def test_a_long_proof_reports_progress_on_stderr(monkeypatch, capsys):
+    monkeypatch.setattr(pretty.Progress, "after", 0.0)
+    monkeypatch.setattr(pretty.Progress, "every", 0.0)
+    code, out, err = run(capsys, "derive", "--expr", "tanh(x)", "--verify")
+    assert code == 0 and "proven equal" in out
+    lines = err.splitlines()
+    assert lines and all(line.startswith("symbp: proving dx (compact, N=2, F=2): element ")
+                         for line in lines)
+
+
+@pytest.mark.parametrize("example", ["mlp_bn", "cnn_bn"])
+def test_ascii_output_fits_too(monkeypatch, capsys, example):
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = run(capsys, "derive", str(ROOT / "examples" / f"{example}.toml"), "--ascii")
+    assert code == 0 and out.isascii()
+    assert max(len(line) for line in out.splitlines()) <= 80

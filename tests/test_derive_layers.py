@@ -17,13 +17,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 import pytest
 import sympy as sp
 
 import symbp
-from symbp.declare import layers
+from symbp import cli
+from symbp.declare import conv, layers
 from symbp.declare.forms import N
+from symbp.declare.layers import BatchNorm
 from symbp.derive.arrays import Lowering
 from symbp.derive.layer import Adjoint, LayerDerivation, _peels, derive_layer
 from symbp.derive.verify import default_sizes, expand_forward, is_zero, verify_layer
@@ -513,3 +516,78 @@ def test_mish_derivative_matches_the_textbook_formula():
     textbook = sp.tanh(softplus) + u * (1 - sp.tanh(softplus) ** 2) / (1 + sp.exp(-u))
     derived = _as_function_of_x(derivation_of("activation_mish"))
     assert sp.simplify(derived - textbook) == 0
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- the verifier's sizes and its exact zero test ----------------------------------------------
+def _axis_cases(length, kernel, stride, padding, dilation):
+    """For one image axis: which kinds of index case the concrete sizes produce (computed here
+    from PyTorch's definition of a window, independently of the verifier)."""
+    out = (length + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    reads = {}
+    border = False
+    for p in range(out):
+        for i in range(kernel):
+            row = p * stride + i * dilation - padding
+            border |= not 0 <= row < length
+            reads.setdefault(row, []).append(p)
+    readers = [len(reads.get(row, [])) for row in range(length)]
+    return {"border": border, "unread": 0 in readers, "shared": any(n > 1 for n in readers)}
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [conv.Conv2d(2, 3, padding=1), conv.Conv2d(2, 3, stride=2), conv.MaxPool2d(2, stride=2),
+     conv.AvgPool2d(3, stride=2, padding=1)],
+    ids=lambda layer: layer.describe(),
+)
+def test_default_sizes_are_distinct_and_meet_every_index_case(layer):
+    form = layer.forward_form((2, 8, 8))
+    sizes = {str(k): v for k, v in default_sizes(form).items()}
+    assert sizes["K_h"] != sizes["K_w"] and sizes["H_in"] != sizes["W_in"]
+    assert len({sizes["N"], sizes["H_in"], sizes["W_in"]}) == 3
+    stride, padding = sizes.get("stride", 1), sizes.get("padding", 0)
+    cases = [
+        _axis_cases(sizes[f"{axis}_in"], sizes[kernel], stride, padding, sizes.get("dilation", 1))
+        for axis, kernel in (("H", "K_h"), ("W", "K_w"))
+    ]
+    if padding:
+        assert any(case["border"] for case in cases)  # a window reaches into the padding
+    if stride > 1:
+        assert any(case["unread"] for case in cases) or padding  # a row no window reads
+        assert any(case["shared"] for case in cases)  # a row two windows read
+
+
+def test_batchnorm_on_images_is_proved_at_sizes_that_tell_n_h_and_w_apart():
+    form = BatchNorm().forward_form((2, 8, 8))
+    runs = [{str(k): v for k, v in default_sizes(form, batch=b).items()} for b in (2, 3)]
+    assert all(run["H_in"] * run["W_in"] * run["N"] <= 18 for run in runs)  # small
+    assert min(runs[0][k] for k in ("N", "H_in", "W_in")) >= 2  # every reduced axis sums terms
+    assert len({runs[1][k] for k in ("N", "H_in", "W_in")}) == 3  # pairwise different
+
+
+def test_is_zero_proves_root_identities_and_refutes_wrong_ones():
+    a, b = sp.symbols("a b", positive=True)
+    base = a + b
+    assert is_zero(base ** sp.Rational(-3, 2) * base - 1 / sp.sqrt(base))
+    assert is_zero(sp.sqrt(base) ** 2 - base)
+    assert is_zero((a - b) * (a + b) / sp.sqrt(base) - (a**2 - b**2) * base ** sp.Rational(-1, 2))
+    assert not is_zero(1 / sp.sqrt(base) - 1 / base)
+    assert not is_zero(base ** sp.Rational(-3, 2) - base ** sp.Rational(-1, 2))
+    assert not is_zero(sp.exp(a) * (a + 1) - sp.exp(a) * a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "example", sorted((ROOT / "examples").glob("*.toml")), ids=lambda path: path.stem
+)
+def test_derive_verify_proves_every_example(example, capsys, monkeypatch):
+    """``symbp derive --verify`` on every example: every formula proved (cnn_bn ran for more
+    than 25 minutes before the verifier was restructured)."""
+    monkeypatch.setenv("COLUMNS", "1000")  # one verdict a line
+    assert cli.main(["derive", str(example), "--verify"]) == 0
+    out = capsys.readouterr().out
+    verdicts = [line for line in out.splitlines() if line.startswith("  verify ")]
+    assert verdicts and all("proven equal to direct differentiation" in v for v in verdicts)

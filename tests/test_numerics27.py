@@ -13,6 +13,8 @@ not symbp's own:
 from __future__ import annotations
 
 import math
+import os
+from unittest import mock
 
 import mpmath
 import numpy as np
@@ -233,8 +235,9 @@ def _activation_module(expr, tag):
 
 def _derive_expr_derivative(capsys, expr, forward):
     """The whole-array backward line `symbp derive --expr` prints, as a function of x (dy = 1;
-    y, which it may read instead of x, from forward)."""
-    assert cli_main(["derive", "--expr", expr]) == 0
+    y, which it may read instead of x, from forward), unwrapped: on a terminal this wide."""
+    with mock.patch.dict(os.environ, {"COLUMNS": "10000"}):
+        assert cli_main(["derive", "--expr", expr]) == 0
     out = capsys.readouterr().out
     (line,) = [s.strip() for s in out.splitlines() if s.strip().startswith("dx = ")]
     code = line.removeprefix("dx = ")

@@ -1,10 +1,19 @@
 """Prove derived formulas exact by an independent route: scalar expansion at small sizes.
 
-For concrete sizes (batch 2..4, widths 2..3) every array element becomes its own sympy symbol,
-every sum an explicit addition, and every stage a plain scalar expression of the inputs. The
-loss-side contraction ``L = sum(dy * y)`` is then differentiated *directly*, element by element,
-with sympy's scalar ``diff`` -- no index algebra, no delta elimination, no rewriting. The engine's
-whole-array formula, expanded the same way, must equal it: the difference must simplify to 0.
+For concrete sizes (:func:`default_sizes`: the smallest at which every index case occurs) every
+array element becomes its own sympy symbol, every sum an explicit addition, and every stage a
+plain scalar expression of the inputs. The loss-side contraction ``L = sum_p dy[p] * y[p]`` is
+then differentiated *directly* with sympy's scalar ``diff`` -- each output element ``y[p]`` by
+each element it contains, accumulated per element (by linearity the same as ``diff`` of ``L``):
+no index algebra, no delta elimination, no rewriting. The engine's formula, expanded the same
+way, must equal it element by element: the difference must be proved 0.
+
+The proof of 0 is exact throughout. It first tries the difference as a polynomial over the
+rationals (:func:`_polynomial_zero`: elements, and function values and roots taken as variables
+of their own; zero there is zero for every value, so for the true ones), which settles batch
+norm's roots without sympy cancelling rational functions of long sums; then sympy's
+``expand``, ``cancel`` and ``simplify``. Random points only ever *refute* (a quick
+``_numerically_nonzero``); they never prove.
 
 Where a formula has kinks (``Max``, ``Heaviside``, ``Piecewise``), the proof is done branch by
 branch: each element that appears in a kink condition is taken positive, negative and zero.
@@ -14,7 +23,9 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 
 import sympy as sp
 
@@ -42,6 +53,7 @@ class _Expander:
         self.sizes = sizes
         self.tables: dict[str, dict[tuple[int, ...], sp.Expr]] = {}
         self.ordering: dict[sp.Symbol, sp.Expr] = {}
+        self._compiled: dict[sp.Expr, object] = {}
 
     def symbols_for(self, array: Array, prefix: str = "", ordered: bool = False) -> None:
         """A symbol per element; ``ordered``: ``t + k`` with distinct integers k, so that
@@ -60,22 +72,25 @@ class _Expander:
 
     def expand(self, expr: sp.Expr, binding: dict[sp.Symbol, int]) -> sp.Expr:
         if isinstance(expr, sp.Sum):
-            body, limits = expr.function, expr.limits
-            ranges = []
-            for index, low, high in limits:
-                ranges.append(
-                    (index, range(self._integer(low, binding), self._integer(high, binding) + 1))
-                )
-            total = sp.Integer(0)
-            for values in itertools.product(*[r for _, r in ranges]):
-                inner = dict(binding)
-                inner.update({index: v for (index, _), v in zip(ranges, values, strict=True)})
-                total += self.expand(body, inner)
-            return total
+            return self._expand_sum(expr, binding)
         if isinstance(expr, sp.Indexed):
             position = tuple(self._integer(i, binding) for i in expr.indices)
             # Outside its range an array reads 0 (zero padding, windows at the border).
             return self.tables[expr.base.name].get(position, sp.Integer(0))
+        if isinstance(expr, sp.KroneckerDelta):
+            same = self._integer(expr.args[0], binding) == self._integer(expr.args[1], binding)
+            return sp.Integer(1 if same else 0)
+        if isinstance(expr, sp.Mul):
+            # Structural zeros first (a delta off its diagonal, an element outside its array):
+            # the rest of the product is then never built.
+            factors = sorted(expr.args, key=lambda a: not isinstance(a, _STRUCTURAL))
+            values = []
+            for factor in factors:
+                value = self.expand(factor, binding)
+                if value == 0 and isinstance(factor, _STRUCTURAL):
+                    return sp.Integer(0)
+                values.append(value)
+            return sp.Mul(*values)
         if isinstance(expr, WindowMax):
             return sp.Max(*self._window_values(expr, binding))
         if isinstance(expr, FirstArgmax):
@@ -98,10 +113,59 @@ class _Expander:
         return expr.func(*[self.expand(arg, binding) for arg in expr.args])
 
 
+    def _expand_sum(self, expr: sp.Sum, binding: dict[sp.Symbol, int]) -> sp.Expr:
+        """The sum written out term by term. A factor that can be zero structurally (a delta,
+        an element read outside its array) is tested as soon as the summation indices it uses
+        are bound, and a zero one skips the loops inside it: the terms it skips are zero."""
+        body, limits = expr.function, expr.limits
+        ranges = [
+            (index, range(self._integer(low, binding), self._integer(high, binding) + 1))
+            for index, low, high in limits
+        ]
+        order = {index: level for level, (index, _) in enumerate(ranges)}
+        guards: list[list[sp.Expr]] = [[] for _ in ranges]
+        for factor in sp.Mul.make_args(body):
+            if isinstance(factor, _STRUCTURAL):
+                levels = [order[s] for s in factor.free_symbols if s in order]
+                if levels:
+                    guards[max(levels)].append(factor)
+        terms: list[sp.Expr] = []
+
+        def loop(level: int, inner: dict[sp.Symbol, int]) -> None:
+            if level == len(ranges):
+                terms.append(self.expand(body, inner))
+                return
+            index, values = ranges[level]
+            for value in values:
+                inner[index] = value
+                if all(self._nonzero(guard, inner) for guard in guards[level]):
+                    loop(level + 1, inner)
+            del inner[index]
+
+        loop(0, dict(binding))
+        return sp.Add(*terms)
+
+    def _nonzero(self, factor: sp.Expr, binding: dict[sp.Symbol, int]) -> bool:
+        """Whether a delta or an element read is possibly nonzero (inside its array)."""
+        if isinstance(factor, sp.KroneckerDelta):
+            left, right = factor.args
+            return self._integer(left, binding) == self._integer(right, binding)
+        table = self.tables.get(factor.base.name)
+        if table is None:
+            return True
+        return tuple(self._integer(i, binding) for i in factor.indices) in table
+
     def _integer(self, expr, binding) -> int:
-        values = {**{k: sp.Integer(v) for k, v in binding.items()},
-                  **{k: sp.Integer(v) for k, v in self.sizes.items()}}
-        return int(sp.sympify(expr).xreplace(values))
+        """An index expression's value; compiled once per expression (this runs millions of
+        times: an element of a convolution's gradient reads hundreds of index expressions)."""
+        compiled = self._compiled.get(expr)
+        if compiled is None:
+            fixed = {k: sp.Integer(v) for k, v in self.sizes.items()}
+            compiled = self._compiled[expr] = _compile_integer(sp.sympify(expr).xreplace(fixed))
+        value = compiled(binding)
+        if value != int(value):
+            raise ValueError(f"index {expr} is not an integer at {binding}: {value}")
+        return int(value)
 
     def _ranges(self, window, binding):
         return [self._integer(high - low + 1, binding) for _, low, high in window.limits]
@@ -113,6 +177,39 @@ class _Expander:
             inner.update(zip(window.variables, offsets, strict=True))
             values.append(self.expand(window.function, inner))
         return values
+
+
+_STRUCTURAL = (sp.KroneckerDelta, sp.Indexed)
+
+
+def _compile_integer(expr: sp.Expr):
+    """``binding -> number`` for an index expression with only index symbols left free: sums and
+    products of integers and symbols are evaluated in Python; anything else through sympy."""
+    if expr.is_Rational:
+        value = Fraction(int(expr.p), int(expr.q)) if expr.q != 1 else int(expr)
+        return lambda binding: value
+    if expr.is_Symbol:
+        return lambda binding: binding[expr]
+    if expr.is_Add or expr.is_Mul:
+        parts = [_compile_integer(arg) for arg in expr.args]
+        if expr.is_Add:
+            return lambda binding: sum(part(binding) for part in parts)
+
+        def product(binding):
+            result = 1
+            for part in parts:
+                result *= part(binding)
+            return result
+
+        return product
+
+    def general(binding):
+        value = expr.xreplace({k: sp.Integer(v) for k, v in binding.items()})
+        if not value.is_Rational:
+            raise ValueError(f"index {expr} is not a number at {binding}: {value}")
+        return Fraction(int(value.p), int(value.q))
+
+    return general
 
 
 def _positions(array: Array, sizes: dict[sp.Symbol, int]):
@@ -141,16 +238,22 @@ def expand_forward(form: Forward, sizes: dict[sp.Symbol, int]) -> _Expander:
 
 
 def verify_layer(
-    derivation: LayerDerivation, sizes: dict[sp.Symbol, int], *, staged: bool = False
+    derivation: LayerDerivation,
+    sizes: dict[sp.Symbol, int],
+    *,
+    staged: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> list[Verdict]:
-    """Check every VJP (compact, or with ``staged`` the staged chain) against direct ``diff``."""
+    """Check every VJP (compact, or with ``staged`` the staged chain) against direct ``diff``.
+
+    The direct side is ``dL/de = sum_p dy[p] * d y[p] / d e`` for ``L = sum_p dy[p] * y[p]``,
+    every output element ``y[p]`` a scalar expression of the input, parameter and auxiliary
+    elements ``e``: sympy's ``diff`` of each ``y[p]`` by each element it contains (the same
+    derivative as ``diff`` of the whole contraction, by linearity, without differentiating a
+    sum of every output for each element). ``progress(what, done, total)`` is called as the
+    elements are compared."""
     form = derivation.form
     expander = expand_forward(form, sizes)
-    output = form.output
-    upstream = expander.tables[adjoint_array(output.array).name]
-    contraction = sp.Add(
-        *[upstream[p] * expander.tables[output.name][p] for p in expander.tables[output.name]]
-    )
     adjoints: dict[str, Adjoint]
     if staged:
         for adjoint in derivation.staged:  # in computation order
@@ -158,21 +261,42 @@ def verify_layer(
         adjoints = {a.array.name: a for a in derivation.staged}
     else:
         adjoints = derivation.vjp
+    expected = _direct_gradients(expander, form)
     verdicts = []
     named_sizes = {str(k): v for k, v in sizes.items()}
     for array in form.differentiable:
         adjoint = adjoints[array.name]
         table = _table_of(expander, adjoint, sizes)
         failures = []
-        for position, value in table.items():
+        for done, (position, value) in enumerate(table.items()):
+            if progress is not None:
+                progress(adjoint.name, done, len(table))
             element = expander.tables[array.name][position]
-            # The value at a kink is a convention, the same one the engine applies.
-            expected = differentiate(contraction, element)
-            if not is_zero((expected - value).xreplace(expander.ordering)):
+            if not is_zero((expected.get(element, 0) - value).xreplace(expander.ordering)):
                 failures.append(position)
         detail = "" if not failures else f"differs at {failures[:3]}"
         verdicts.append(Verdict(adjoint.name, named_sizes, not failures, detail))
     return verdicts
+
+
+def _direct_gradients(expander: _Expander, form: Forward) -> dict[sp.Symbol, sp.Expr]:
+    """``dL/de`` for every element symbol ``e`` of the differentiable arrays, by sympy's scalar
+    ``diff`` of each output element (with the engine's convention for the value at a kink)."""
+    output = form.output
+    upstream = expander.tables[adjoint_array(output.array).name]
+    wanted = {
+        symbol
+        for array in form.differentiable
+        for symbol in expander.tables[array.name].values()
+    }
+    terms: dict[sp.Symbol, list[sp.Expr]] = {}
+    for position, value in expander.tables[output.name].items():
+        kinked = value.has(*_KINKED)
+        for element in value.free_symbols & wanted:
+            # The value at a kink is a convention, the same one the engine applies.
+            derivative = differentiate(value, element) if kinked else sp.diff(value, element)
+            terms.setdefault(element, []).append(upstream[position] * derivative)
+    return {element: sp.Add(*parts) for element, parts in terms.items()}
 
 
 def _table_of(expander: _Expander, adjoint: Adjoint, sizes) -> dict:
@@ -208,14 +332,17 @@ def is_zero(expr: sp.Expr) -> bool:
 
 def _kink_symbols(expr: sp.Expr) -> set[sp.Symbol]:
     found: set[sp.Symbol] = set()
-    for node in sp.preorder_traversal(expr):
-        if isinstance(node, _KINKED):
-            found |= node.free_symbols
+    for node in expr.atoms(*_KINKED):
+        found |= node.free_symbols
     return found
 
 
 def _smooth_zero(expr: sp.Expr) -> bool:
     if expr == 0:
+        return True
+    # Exact and cheap first: the expression as a polynomial in its elements and in its other
+    # parts taken as variables of their own (below); zero there is zero here.
+    if _polynomial_zero(expr):
         return True
     if _numerically_nonzero(expr):
         return False
@@ -226,6 +353,78 @@ def _smooth_zero(expr: sp.Expr) -> bool:
     if together == 0:
         return True
     return sp.simplify(together) == 0
+
+
+class _NotPolynomial(Exception):
+    pass
+
+
+def _polynomial_zero(expr: sp.Expr) -> bool:
+    """Whether ``expr`` is zero as a polynomial with rational coefficients in its symbols and in
+    *generalized variables*: each function value (``exp(x_0)``, ``Heaviside(x_1, 0)``) and each
+    power ``B**(k/q)`` that is not a positive integer power (batch norm's
+    ``(epsilon + var)**(-1/2)`` and ``**(-3/2)``) becomes ``g**|k|`` for a variable ``g``
+    standing for ``B**(+-1/q)``, one per distinct function value or root.
+
+    Zero there proves ``expr`` zero: the polynomial vanishes for every value of its variables,
+    so also where each generalized variable takes the value it stands for. Nothing is lost in
+    that direction; the converse can fail (``g**2`` against ``B``, ``exp(a)*exp(-a)``), and
+    then this says False and the caller goes on with sympy's own cancellation. The arithmetic
+    is sympy's sparse polynomial ring (exact rationals), far cheaper than ``expand`` on
+    expressions: batch norm's proof on images would spend minutes there."""
+    generals: dict[tuple, sp.Dummy] = {}
+
+    def atom(key, make):
+        if key not in generals:
+            generals[key] = make()
+        return generals[key]
+
+    def convert(node):
+        """``node`` as a nested structure of ``('+'|'*'|'^', ...)`` over rationals and atoms."""
+        if node.is_Rational:
+            return node
+        if node.is_Float:
+            return sp.Rational(node)  # the float's exact binary value, on both sides alike
+        if node.is_Symbol:
+            return node
+        if node.is_Add or node.is_Mul:
+            return (node.func, [convert(arg) for arg in node.args])
+        if node.is_Pow and node.exp.is_Rational:
+            if node.exp.is_Integer and node.exp > 0:
+                return (sp.Pow, [convert(node.base), int(node.exp)])
+            sign = 1 if node.exp > 0 else -1
+            general = atom(("root", node.base, sign, int(node.exp.q)), lambda: sp.Dummy("g"))
+            return (sp.Pow, [general, abs(int(node.exp.p))])
+        if isinstance(node, (sp.Function, sp.Pow, sp.Max, sp.Min)) or node.is_NumberSymbol:
+            return atom(("value", node), lambda: sp.Dummy("g"))
+        raise _NotPolynomial(node)
+
+    try:
+        tree = convert(expr)
+    except _NotPolynomial:
+        return False
+    symbols = sorted(expr.free_symbols - set(generals.values()), key=sp.default_sort_key)
+    gens = symbols + list(generals.values())
+    if not gens:
+        return False
+    ring, *variables = sp.polys.rings.ring(gens, sp.QQ)
+    by_symbol = dict(zip(gens, variables, strict=True))
+
+    def evaluate(tree):
+        if isinstance(tree, tuple):
+            func, args = tree
+            if func is sp.Pow:
+                return evaluate(args[0]) ** args[1]
+            values = [evaluate(arg) for arg in args]
+            result = values[0]
+            for value in values[1:]:
+                result = result + value if func is sp.Add else result * value
+            return result
+        if tree.is_Rational:
+            return ring(sp.QQ(int(tree.p), int(tree.q)))
+        return by_symbol[tree]
+
+    return evaluate(tree) == 0
 
 
 def _numerically_nonzero(expr: sp.Expr, trials: int = 3) -> bool:
@@ -252,14 +451,58 @@ def _numerically_nonzero(expr: sp.Expr, trials: int = 3) -> bool:
     return False
 
 
+#: Structural constants, each at a value that makes its own index cases: a stride of 2 skips
+#: positions (an input row that no window starts at, one that two windows share or none reads),
+#: a padding of 1 puts windows across both borders, a dilation of 2 spaces a window's taps.
+STRUCTURE = {"stride": 2, "padding": 1, "dilation": 2}
+#: Kernel extents: two, and different, so that a formula that confuses K_h with K_w is caught;
+#: with padding 1, a kernel of 2 is a window that always reaches into the input and a kernel of 3
+#: one whose full convolution reads the upstream gradient outside its range at both ends.
+KERNEL = {"K_h": 2, "K_w": 3}
+#: Image extents of a layer that reads windows: different from each other, from the batch and
+#: from the channel counts; 5 rows with a stride of 2 and no padding leave the last row unread.
+WINDOWED_IMAGE = {"H_in": 5, "W_in": 6}
+
+
+def proof_batches(form: Forward) -> tuple[int, ...]:
+    """The batch sizes ``symbp derive --verify`` proves a layer at (see :func:`default_sizes`).
+
+    Two for layers whose samples interact (batch norm, the losses, a parameter summed over the
+    batch), so that the batch size is seen to enter only as it should; one for element-wise
+    layers (every element on its own) and for layers that read windows (samples enter only
+    through the parameter gradients' sum over the batch, which two samples exercise)."""
+    if form.elementwise or form.window_dims:
+        return (2,)
+    return (2, 3)
+
+
 def default_sizes(form: Forward, batch: int = 2, width: int = 2) -> dict[sp.Symbol, int]:
-    """Small concrete sizes for every symbolic size (and structural constant) the form uses."""
+    """Small concrete sizes for every symbolic size (and structural constant) the form uses.
+
+    Why small sizes prove the same thing as large ones: a layer's forward and derived formulas
+    are written once in the symbolic sizes; each element of a gradient is a sum, over index
+    ranges given by the sizes, of one body. What a concrete size can change is only *which case*
+    an index falls in: inside or outside an array (padding, windows at a border), a delta met or
+    not (stride), one term or several in a sum. So the sizes are the smallest at which every such
+    case occurs -- see :data:`STRUCTURE`, :data:`KERNEL`, :data:`WINDOWED_IMAGE` -- and at which
+    the sizes differ from each other, so that a formula that reads one size for another, or an
+    axis for another, gives a different value and fails:
+
+    * feature widths alternate 2 and 3 (``width`` and ``width + 1``), and a batch of 2 or 3;
+    * batch norm on images reduces over ``(N, H, W)`` per channel: at batch 2 the image is
+      3 x 2 (every reduced axis has two or more terms, H differs from N and W), at batch 3 it is
+      1 x 2 (N, H and W pairwise different); larger images add terms of the same body only, and
+      the cost of the expansion grows with the cube of the number reduced over.
+    """
     sizes: dict[sp.Symbol, int] = {}
     for symbol in form.constants:
         if symbol.is_integer:  # stride, padding, dilation: structure, so concrete here
-            sizes[symbol] = {"stride": 2, "padding": 1}.get(symbol.name, 1)
+            sizes[symbol] = STRUCTURE.get(symbol.name, 1)
     for symbol in form.window_dims:
-        sizes[symbol] = 2
+        sizes[symbol] = KERNEL.get(symbol.name, 2)
+    image = WINDOWED_IMAGE if form.window_dims else (
+        {"H_in": 3, "W_in": 2} if batch < 3 else {"H_in": 1, "W_in": 2}
+    )
     for array in form.arrays.values():
         for dim in array.dims:
             for symbol in sp.sympify(dim).free_symbols:
@@ -268,9 +511,9 @@ def default_sizes(form: Forward, batch: int = 2, width: int = 2) -> dict[sp.Symb
                 if symbol.name == "N":
                     sizes[symbol] = batch
                 elif symbol in form.window_dims:
-                    sizes[symbol] = 2
-                elif symbol.name in ("H_in", "W_in"):
-                    sizes[symbol] = 4
+                    sizes[symbol] = KERNEL.get(symbol.name, 2)
+                elif symbol.name in image:
+                    sizes[symbol] = image[symbol.name]
                 else:
                     sizes[symbol] = width + (len(sizes) + 1) % 2
     for symbol, rule in form.size_rules.items():
