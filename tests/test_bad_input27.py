@@ -3,13 +3,14 @@ command line with one line naming the file, the layer and the field (or the opti
 
 from __future__ import annotations
 
-import sympy as sp
 import pytest
+import sympy as sp
 
 import symbp
 from symbp.cli import main as cli_main
 from symbp.declare.expr import parse_expression
 from symbp.declare.layers import X
+from symbp.declare.net import MAX_NESTING
 from symbp.errors import SpecError
 
 
@@ -91,3 +92,35 @@ def test_codegen_of_a_nested_overflow_is_one_line(capsys, tmp_path, no_evalf_of_
     err = one_line_error(capsys, ["codegen", str(spec), "-o", str(tmp_path / "m.py")])
     assert str(spec) in err and "'act'" in err and "'expr'" in err and "float64" in err
     assert not (tmp_path / "m.py").exists()
+
+
+# -- 16: residual blocks nested deeply -----------------------------------------------------------
+
+
+def nested_residuals(depth: int) -> str:
+    inner = '{ type = "relu" }'
+    for _ in range(depth):
+        inner = f'{{ type = "residual", layers = [{inner}] }}'
+    return f"input = {{ features = 3 }}\nlayers = [{inner}]\n"
+
+
+def test_residual_blocks_nested_200_deep_are_one_line(capsys, tmp_path):
+    # the TOML reader ran out of Python's stack: a RecursionError traceback, exit 1
+    spec = tmp_path / "deep.toml"
+    spec.write_text(nested_residuals(200))
+    err = one_line_error(capsys, ["derive", str(spec)])
+    assert str(spec) in err and f"at most {MAX_NESTING} deep" in err
+
+
+def test_residual_nesting_is_limited_at_declaration(tmp_path):
+    assert MAX_NESTING == 16
+    symbp.parse_spec(nested_residuals(MAX_NESTING))  # as deep as allowed
+    with pytest.raises(SpecError, match=f"at most {MAX_NESTING} deep") as err:
+        symbp.parse_spec(nested_residuals(MAX_NESTING + 1))
+    assert err.value.field == "layers"
+    assert err.value.layer == "_".join(["residual1"] * (MAX_NESTING + 1))
+    layer = symbp.relu()
+    for _ in range(1000):  # the Python API: refused without recursing 1000 deep
+        layer = symbp.residual([layer])
+    with pytest.raises(SpecError, match=f"at most {MAX_NESTING} deep"):
+        symbp.Net([layer], input_features=3)

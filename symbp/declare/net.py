@@ -15,6 +15,9 @@ from ..naming import check_identifier, default_layer_name, param_key
 from .layers import REGISTRY, BatchNorm, Layer, Loss, Residual
 
 DTYPES = ("float64", "float32")
+#: How deeply residual blocks may nest inside each other: the names, the derivation and the
+#: TOML reader (which ran out of Python's stack at about 200) all recurse through the nesting.
+MAX_NESTING = 16
 
 
 @dataclass
@@ -92,7 +95,7 @@ class Net:
     def _place(self, layers: list[Layer]) -> list[Placed]:
         seen: set[str] = set()
 
-        def place(items, shape, prefix, start):
+        def place(items, shape, prefix, start, depth=0):
             placed = []
             for position, layer in enumerate(items, start=start):
                 if not isinstance(layer, Layer) or isinstance(layer, Loss):
@@ -103,7 +106,11 @@ class Net:
                 seen.add(name)
                 try:
                     if isinstance(layer, Residual):
-                        body = place(layer.layers, shape, name + "_", 1)
+                        if depth >= MAX_NESTING:
+                            raise SpecError(
+                                f"residual blocks nest at most {MAX_NESTING} deep", field="layers"
+                            )
+                        body = place(layer.layers, shape, name + "_", 1, depth + 1)
                         if body[-1].out_shape != shape:
                             raise SpecError(
                                 f"residual body maps width {list(shape)} to "

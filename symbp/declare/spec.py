@@ -26,7 +26,7 @@ from typing import Any
 from ..errors import SpecError
 from ..naming import default_layer_name
 from .layers import REGISTRY, Layer, Loss, Residual
-from .net import Net
+from .net import MAX_NESTING, Net
 
 TOP_LEVEL = {"name", "input", "loss", "layers", "dtype"}
 
@@ -56,6 +56,11 @@ def parse_spec(text: str) -> Net:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise SpecError(f"invalid TOML: {err}") from None
+    except RecursionError:  # the reader recurses through nested arrays and inline tables
+        raise SpecError(
+            "arrays or tables nest too deeply for the TOML reader (residual blocks nest at most "
+            f"{MAX_NESTING} deep)"
+        ) from None
     unknown = set(data) - TOP_LEVEL
     if unknown:
         raise SpecError(
