@@ -319,7 +319,7 @@ def test_malicious_cli_expression(capsys):
     assert cli.main(["derive", "--expr", "__import__('os').system('echo pwned')"]) == 2
     captured = capsys.readouterr()
     assert "pwned" not in captured.out
-    assert captured.err.startswith("symbp: error: field 'expr': function")
+    assert captured.err.startswith("symbp: error: field '--expr': function")
     assert len(captured.err.splitlines()) == 1
 
 
