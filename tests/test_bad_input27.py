@@ -124,3 +124,61 @@ def test_residual_nesting_is_limited_at_declaration(tmp_path):
         layer = symbp.residual([layer])
     with pytest.raises(SpecError, match=f"at most {MAX_NESTING} deep"):
         symbp.Net([layer], input_features=3)
+
+
+# -- 17, 18: sizes nobody can allocate -----------------------------------------------------------
+
+LINEAR3 = 'input = { features = 3 }\n[[layers]]\ntype = "linear"\n'
+CONV = 'input = { shape = [1, 4, 4] }\n[[layers]]\ntype = "conv2d"\nkernel = 3\n'
+TOO_BIG = {
+    "out 10**12": (LINEAR3 + "out = 1000000000000", "linear1", "out"),
+    "out 2**63 - 1": (LINEAR3 + "out = 9223372036854775807", "linear1", "out"),
+    "out beyond 64 bits": (LINEAR3 + "out = 1" + "0" * 30, "linear1", "out"),
+    "W of 3e9": (LINEAR3.replace("3", "3000") + "out = 1000000", "linear1", "out"),
+    "out_channels 10**12": (CONV + "out_channels = 1000000000000", "conv2d1", "out_channels"),
+    "conv W of 9e9": (CONV + "out_channels = 1000000000", "conv2d1", "out_channels"),
+    "padding 10**9": (CONV + "out_channels = 2\npadding = 1000000000", "conv2d1", "padding"),
+    "input 10**18": ('input = { shape = [1, 1000000000, 1000000000] }\n[[layers]]\n'
+                     'type = "flatten"', None, "input"),
+    "alpha beyond 64 bits": (LINEAR3.replace("linear", "elu") + "alpha = 1" + "0" * 30, "elu1",
+                             "alpha"),
+}
+
+
+@pytest.mark.parametrize("text, layer, field", TOO_BIG.values(), ids=TOO_BIG.keys())
+def test_sizes_nobody_can_allocate_are_refused_at_declaration(text, layer, field):
+    with pytest.raises(SpecError) as err:
+        symbp.parse_spec(text)
+    assert (err.value.layer, err.value.field) == (layer, field)
+    assert "2**31" in err.value.message or "64-bit" in err.value.message
+
+
+def test_an_integer_of_5000_digits_is_one_line(capsys, tmp_path):
+    # Python refuses to read it ("Exceeds the limit (4300 digits)"): a ValueError traceback
+    spec = tmp_path / "huge.toml"
+    spec.write_text(LINEAR3 + "out = 1" + "0" * 5000)
+    err = one_line_error(capsys, ["derive", str(spec)])
+    assert str(spec) in err and "64-bit" in err and "set_int_max_str_digits" not in err
+
+
+def test_check_of_a_padding_of_a_billion_is_one_line(capsys, tmp_path):
+    # numpy's "array is too big" traceback, exit 1, when the module padded its input
+    spec = tmp_path / "pad.toml"
+    spec.write_text(CONV + "out_channels = 2\npadding = 1000000000")
+    err = one_line_error(capsys, ["check", str(spec)])
+    assert str(spec) in err and "'conv2d1'" in err and "'padding'" in err
+
+
+def test_the_size_limits_are_2_to_the_31():
+    # the limits themselves, at and past the edge: parameters per layer, output per sample
+    symbp.Net([symbp.linear(2**31)], input_features=1)  # W (1, 2**31)
+    symbp.Net([symbp.linear(2**30)], input_features=2)  # W (2, 2**30)
+    symbp.Net([symbp.flatten()], input_shape=(2, 2**15, 2**15))
+    for make in (
+        lambda: symbp.linear(2**31 + 1),
+        lambda: symbp.Net([symbp.linear(2**30)], input_features=3),
+        lambda: symbp.Net([symbp.flatten()], input_shape=(3, 2**15, 2**15)),
+        lambda: symbp.Net([symbp.conv2d(2, 1, padding=2**15)], input_shape=(1, 1, 1)),
+    ):
+        with pytest.raises(SpecError, match="2\\*\\*31"):
+            make()

@@ -56,6 +56,8 @@ def parse_spec(text: str) -> Net:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise SpecError(f"invalid TOML: {err}") from None
+    except ValueError as err:  # Python refuses an integer of more than 4300 digits
+        raise SpecError(f"invalid TOML: {_short_reason(err)}") from None
     except RecursionError:  # the reader recurses through nested arrays and inline tables
         raise SpecError(
             "arrays or tables nest too deeply for the TOML reader (residual blocks nest at most "
@@ -94,6 +96,7 @@ def _input(value: Any) -> tuple[int | None, tuple[int, ...] | None]:
         )
     if set(value) - {"features", "shape"} or len(value) != 1:
         raise SpecError("takes exactly one of 'features' or 'shape'", field="input")
+    _check_64_bits(value, field="input")
     if "features" in value:
         features = value["features"]
         if isinstance(features, bool) or not isinstance(features, int) or features < 1:
@@ -128,6 +131,9 @@ def _layer(table: Any, position: int, parent: str = "") -> Layer:
         known = ", ".join(sorted(k for k, c in REGISTRY.items() if not issubclass(c, Loss)))
         raise SpecError(f"unknown layer type {kind!r} (known: {known})", layer=label, field="type")
     arguments = {k: v for k, v in table.items() if k != "type"}
+    for key, value in arguments.items():
+        if not (cls is Residual and key == "layers"):  # the body's layers are checked in theirs
+            _check_64_bits(value, layer=label, field=key)
     allowed = _fields(cls)
     for key in arguments:
         if key not in allowed:
@@ -148,6 +154,31 @@ def _layer(table: Any, position: int, parent: str = "") -> Layer:
         return cls(**arguments)
     except SpecError as err:
         raise err.located(layer=label) from None
+
+
+def _check_64_bits(value: Any, *, layer: str | None = None, field: str) -> None:
+    """Refuse an integer TOML does not allow: TOML's integers are 64-bit, Python's reader
+    takes any (``out = 10**30`` reached the layer as a Python int)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, int) and not -(2**63) <= item < 2**63:
+            raise SpecError(
+                "an integer outside TOML's 64-bit range (-2**63 to 2**63 - 1), "
+                f"of {item.bit_length()} bits",
+                layer=layer,
+                field=field,
+            )
+
+
+def _short_reason(err: ValueError) -> str:
+    if "integer string conversion" in str(err):
+        return "an integer of more than 4300 digits; TOML integers are 64-bit"
+    return str(err)
 
 
 def _fields(cls: type[Layer]) -> set[str]:
