@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -101,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"symbp: error: {err}", file=sys.stderr)
         return 2
     except MemoryError as err:  # sizes or a --batch that the arrays cannot be allocated for
-        print(f"symbp: error: not enough memory: {err or 'an allocation failed'}", file=sys.stderr)
+        print(f"symbp: error: {_memory_error(err, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # pragma: no cover
         return 130
@@ -112,6 +113,67 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signal.SIGPIPE
     parser.error(f"unknown command {args.command}")  # pragma: no cover
     return 2
+
+
+#: the options whose value is a batch size, per command
+BATCH_OPTIONS = {"check": ("batch",), "flow": ("grad_batch", "jacobian_batch", "batch")}
+
+
+def _memory_error(err: MemoryError, args: argparse.Namespace) -> SpecError:
+    """A MemoryError as bad input naming the spec, the option whose value was too large and
+    the layer whose array could not be allocated, as far as NumPy's message (``Unable to
+    allocate 8.53 PiB for an array with shape (100000000000000, 12) ...``) tells them."""
+    from .declare.spec import load_spec
+
+    text = str(err) or "an allocation failed"
+    spec = getattr(args, "spec", None)
+    match = re.search(r"with shape \(([0-9, ]*)\)", text)
+    shape = tuple(int(part) for part in match.group(1).split(",") if part.strip()) if match else ()
+    option = None
+    for name in BATCH_OPTIONS.get(args.command, ()):
+        value = getattr(args, name, None)
+        values = [value] if isinstance(value, int) else _batches(value)
+        if (shape and shape[0] in values) or (not shape and len(BATCH_OPTIONS[args.command]) == 1):
+            option = "--" + name.replace("_", "-")
+            break
+    layer = whose = None
+    try:
+        net = load_spec(spec) if spec else None
+    except SymbpError:
+        net = None
+    if net is not None and shape:
+        layer, whose = _array_owner(net, shape, batched=option is not None)
+    message = f"not enough memory{f' for {whose}' if whose else ''}: {text}"
+    return SpecError(message, file=spec, layer=layer, field=option)
+
+
+def _batches(text) -> list[int]:
+    try:
+        return [int(part) for part in str(text).split(",")]
+    except ValueError:
+        return []
+
+
+def _array_owner(net, shape: tuple[int, ...], *, batched: bool) -> tuple[str | None, str | None]:
+    """Which layer's array has ``shape``: a parameter, or (``batched``: the batch first) the
+    input, a layer's output or a padded input; ``(layer name, what)``, Nones if none."""
+    per_sample = shape[1:] if batched else None
+    if per_sample == net.input_shape:
+        return None, "the input x"
+    for item in net.walk():
+        if not batched:
+            for param, param_shape in item.layer.param_shapes(item.in_shape).items():
+                if tuple(param_shape) == shape:
+                    return item.name, f"its parameter {param} {list(shape)}"
+            continue
+        if per_sample == item.out_shape:
+            return item.name, "its output"
+        padding = getattr(item.layer, "padding", 0)
+        if padding and len(item.in_shape) == 3:
+            channels, height, width = item.in_shape
+            if per_sample == (channels, height + 2 * padding, width + 2 * padding):
+                return item.name, "its padded input"
+    return None, None
 
 
 def _derive(args) -> int:

@@ -3,15 +3,24 @@ command line with one line naming the file, the layer and the field (or the opti
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import pytest
 import sympy as sp
 
 import symbp
+from symbp.cli import _memory_error
 from symbp.cli import main as cli_main
 from symbp.declare.expr import parse_expression
 from symbp.declare.layers import X
 from symbp.declare.net import MAX_NESTING
+from symbp.declare.spec import MAX_SPEC_BYTES
 from symbp.errors import SpecError
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+BCE = str(EXAMPLES / "bce.toml")
+CNN_BN = str(EXAMPLES / "cnn_bn.toml")
 
 
 def one_line_error(capsys, argv) -> str:
@@ -182,3 +191,73 @@ def test_the_size_limits_are_2_to_the_31():
     ):
         with pytest.raises(SpecError, match="2\\*\\*31"):
             make()
+
+
+# -- 19: memory errors name the file, the option and the layer; the spec is a bounded file -------
+
+HUGE = "100000000000000"
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["check", BCE, "--batch", HUGE], "--batch"),
+        (["flow", BCE, "--grad-batch", HUGE], "--grad-batch"),
+        (["flow", BCE, "--batch", f"1,{HUGE}"], "--batch"),
+    ],
+    ids=["check", "flow grad", "flow memory table"],
+)
+def test_a_batch_too_big_for_memory_names_the_file_and_option(capsys, argv, option):
+    err = one_line_error(capsys, argv)
+    where = f"{BCE}: field '{option}': not enough memory for the input x"
+    assert err.startswith(f"symbp: error: {where}")
+
+
+def test_a_memory_error_names_the_layer_whose_array_it_is():
+    # NumPy's message gives the shape; the layer is the one whose array has it
+    net = symbp.load_spec(CNN_BN)
+    args = argparse.Namespace(command="check", spec=CNN_BN, batch=10**9)
+    first = net.placed[0]
+    shape = ", ".join(str(d) for d in (10**9, *first.out_shape))
+    err = _memory_error(MemoryError(f"Unable to allocate 1 PiB for an array with shape ({shape}) "
+                                    "and data type float64"), args)
+    assert (err.file, err.layer, err.field) == (CNN_BN, first.name, "--batch")
+    assert "its output" in err.message
+    weight = first.layer.param_shapes(first.in_shape)["W"]
+    shape = ", ".join(str(d) for d in weight)
+    err = _memory_error(MemoryError(f"Unable to allocate 1 PiB for an array with shape ({shape}) "
+                                    "and data type float64"), args)
+    assert (err.layer, err.field) == (first.name, None) and "parameter W" in err.message
+    err = _memory_error(MemoryError(), argparse.Namespace(command="check", spec=CNN_BN, batch=4))
+    assert (err.file, err.field) == (CNN_BN, "--batch") and "an allocation failed" in err.message
+
+
+def test_a_spec_is_read_up_to_1_mib(tmp_path):
+    spec = tmp_path / "long.toml"
+    body = (EXAMPLES / "bce.toml").read_text()
+    padding = "# " + "x" * 98 + "\n"
+    spec.write_text(body + padding * ((MAX_SPEC_BYTES - len(body)) // len(padding)))
+    assert spec.stat().st_size <= MAX_SPEC_BYTES == 2**20
+    symbp.load_spec(spec)
+    spec.write_text(body + padding * (MAX_SPEC_BYTES // len(padding) + 1))
+    with pytest.raises(SpecError, match="larger than 1 MiB") as err:
+        symbp.load_spec(spec)
+    assert err.value.file == str(spec)
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="no /dev/zero")
+def test_dev_zero_as_the_spec_is_one_line(capsys):
+    # it was read whole, 20 s of it, and then an empty "not enough memory: " line
+    err = one_line_error(capsys, ["derive", "/dev/zero"])
+    assert err == "symbp: error: /dev/zero: is larger than 1 MiB, symbp's limit on a spec file\n"
+
+
+# -- 21: a byte-order mark -------------------------------------------------------------------------
+
+
+def test_a_spec_with_a_utf8_byte_order_mark_is_read(tmp_path):
+    body = (EXAMPLES / "bce.toml").read_text()
+    spec = tmp_path / "bom.toml"
+    spec.write_bytes(b"\xef\xbb\xbf" + body.encode())  # what Notepad writes
+    assert symbp.codegen(spec) == symbp.codegen(EXAMPLES / "bce.toml")
+    assert symbp.parse_spec("\ufeff" + body).name == symbp.parse_spec(body).name == "bce"

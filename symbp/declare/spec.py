@@ -29,6 +29,8 @@ from .layers import REGISTRY, Layer, Loss, Residual
 from .net import MAX_NESTING, Net
 
 TOP_LEVEL = {"name", "input", "loss", "layers", "dtype"}
+#: The largest spec file symbp reads (the examples are under 2 KiB).
+MAX_SPEC_BYTES = 2**20
 
 
 def load_spec(path: str | Path) -> Net:
@@ -37,9 +39,18 @@ def load_spec(path: str | Path) -> Net:
         raise SpecError(f"a spec is the path of a TOML file, got {type(path).__name__}")
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as stream:
+            data = stream.read(MAX_SPEC_BYTES + 1)  # bounded: /dev/zero never ends
+        if len(data) > MAX_SPEC_BYTES:
+            raise SpecError(
+                f"is larger than {MAX_SPEC_BYTES // 2**20} MiB, symbp's limit on a spec file",
+                file=str(path),
+            )
+        text = data.decode("utf-8-sig")  # a byte-order mark, as some editors write, is fine
     except FileNotFoundError:
         raise SpecError("no such file", file=str(path)) from None
+    except IsADirectoryError:
+        raise SpecError("is a folder, not a spec file", file=str(path)) from None
     except (OSError, UnicodeDecodeError) as err:
         raise SpecError(f"cannot read: {err}", file=str(path)) from None
     try:
@@ -53,7 +64,7 @@ def parse_spec(text: str) -> Net:
     if not isinstance(text, str):
         raise SpecError(f"a spec is TOML text, got {type(text).__name__}")
     try:
-        data = tomllib.loads(text)
+        data = tomllib.loads(text.removeprefix("\ufeff"))
     except tomllib.TOMLDecodeError as err:
         raise SpecError(f"invalid TOML: {err}") from None
     except ValueError as err:  # Python refuses an integer of more than 4300 digits
