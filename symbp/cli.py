@@ -82,10 +82,29 @@ def _write(path: str, text: str) -> None:
     print(f"wrote {path}")
 
 
+def _refuse_overwriting_the_spec(args: argparse.Namespace) -> None:
+    """An output file (``-o``, ``--plot``) that is the spec itself would replace the spec."""
+    spec = getattr(args, "spec", None)
+    for option, name in (("-o", "output"), ("--plot", "plot")):
+        target = getattr(args, name, None)
+        if spec and target and target != "-" and _same_file(spec, target):
+            raise SpecError(
+                "is the spec file itself, which it would overwrite", file=spec, field=option
+            )
+
+
+def _same_file(first: str, second: str) -> bool:
+    try:
+        return os.path.samefile(first, second)  # hard and symbolic links too
+    except OSError:  # one does not exist (yet)
+        return Path(first).resolve() == Path(second).resolve()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        _refuse_overwriting_the_spec(args)
         if args.command == "derive":
             return _derive(args)
         if args.command == "codegen":

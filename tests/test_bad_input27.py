@@ -261,3 +261,32 @@ def test_a_spec_with_a_utf8_byte_order_mark_is_read(tmp_path):
     spec.write_bytes(b"\xef\xbb\xbf" + body.encode())  # what Notepad writes
     assert symbp.codegen(spec) == symbp.codegen(EXAMPLES / "bce.toml")
     assert symbp.parse_spec("\ufeff" + body).name == symbp.parse_spec(body).name == "bce"
+
+
+# -- 20: an output that is the spec -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command, target",
+    [
+        (["codegen", "{spec}", "-o", "{target}"], "net.toml"),
+        (["latex", "{spec}", "-o", "{target}", "--format", "md"], "./net.toml"),
+        (["flow", "{spec}", "--plot", "{target}"], "net.toml"),
+        (["codegen", "{spec}", "-o", "{target}"], "link.toml"),  # a symbolic link to it
+        (["codegen", "{spec}", "-o", "{target}"], "hard.toml"),  # a hard link to it
+        (["codegen", "{spec}", "-o", "{target}"], "sub/../net.toml"),
+    ],
+)
+def test_an_output_naming_the_spec_itself_is_refused(capsys, tmp_path, monkeypatch, command,
+                                                      target):
+    monkeypatch.chdir(tmp_path)
+    text = (EXAMPLES / "bce.toml").read_text()
+    Path("net.toml").write_text(text)
+    Path("sub").mkdir()
+    Path("link.toml").symlink_to("net.toml")
+    Path("hard.toml").hardlink_to("net.toml")
+    argv = [part.format(spec="net.toml", target=target) for part in command]
+    err = one_line_error(capsys, argv)
+    option = "--plot" if "--plot" in argv else "-o"
+    assert err.startswith(f"symbp: error: net.toml: field '{option}': is the spec file itself")
+    assert Path("net.toml").read_text() == text
