@@ -290,3 +290,26 @@ def test_an_output_naming_the_spec_itself_is_refused(capsys, tmp_path, monkeypat
     option = "--plot" if "--plot" in argv else "-o"
     assert err.startswith(f"symbp: error: net.toml: field '{option}': is the spec file itself")
     assert Path("net.toml").read_text() == text
+
+
+# -- 22: layers by place are counted so that nobody reads a 0-based index -------------------------
+
+
+@pytest.mark.parametrize(
+    "layers, shown",
+    [
+        ('[[layers]]\ntype = "relu"\n[[layers]]\nout = 3\n', "layer 2 of [[layers]], field 'type'"),
+        ('[[layers]]\ntype = "relu"\n[[layers]]\ntype = "relu"\nname = 5\n',
+         "layer 2 of [[layers]], field 'name'"),
+        ('[[layers]]\ntype = "residual"\nname = "res"\nlayers = [{ type = "relu" }, 7]\n',
+         "layer 2 of the block 'res': must be a table"),
+        ('[[layers]]\ntype = "residual"\nname = 4\nlayers = [{ type = "relu" }, {}]\n',
+         "layer 2 of the block 1 of [[layers]], field 'type'"),
+    ],
+)
+def test_a_layer_without_a_name_is_shown_by_its_place_from_1(capsys, tmp_path, layers, shown):
+    spec = tmp_path / "net.toml"
+    spec.write_text("input = { features = 3 }\n" + layers)
+    err = one_line_error(capsys, ["derive", str(spec)])
+    assert err.startswith(f"symbp: error: {spec}: {shown}"), err
+    assert "layers[" not in err

@@ -23,9 +23,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from ..errors import SpecError
+from ..errors import Position, SpecError
 from ..naming import default_layer_name
-from .layers import REGISTRY, Layer, Loss, Residual
+from .layers import REGISTRY, Layer, Loss, Residual, shown
 from .net import MAX_NESTING, Net
 
 TOP_LEVEL = {"name", "input", "loss", "layers", "dtype"}
@@ -123,15 +123,25 @@ def _layer(table: Any, position: int, parent: str = "") -> Layer:
     """The layer a ``[[layers]]`` table declares; ``parent``: the residual block it is in.
 
     Errors name the layer as the network will (its name, or its type and position, as
-    ``relu3`` or ``res1_linear1``), or by its place (``layers[3]``) where it has no type."""
-    where = f"{parent}.layers[{position}]" if parent else f"layers[{position}]"
+    ``relu3`` or ``res1_linear1``), or by its place, counted from 1 (``layer 3 of [[layers]]``,
+    ``layer 1 of the block 'res1'``), where it has no type or name."""
+    if not parent:
+        where = Position(f"{position} of [[layers]]")
+    else:
+        block = parent if isinstance(parent, Position) else f"'{parent}'"
+        where = Position(f"{position} of the block {block}")
     if not isinstance(table, dict):
-        raise SpecError(f"must be a table (one layer), got {table!r}", layer=where)
+        raise SpecError(f"must be a table (one layer), got {shown(table)}", layer=where)
     name = table.get("name")
     kind = table.get("type")
     if isinstance(name, str) and name:
         label = name
-    elif name is None and isinstance(kind, str) and kind in REGISTRY:
+    elif (
+        name is None
+        and isinstance(kind, str)
+        and kind in REGISTRY
+        and not isinstance(parent, Position)
+    ):
         label = (f"{parent}_" if parent else "") + default_layer_name(kind, position)
     else:
         label = where
