@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import __version__
 from .errors import SpecError, SymbpError
 
 
@@ -31,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="symbp", description="Derive backpropagation exactly, generate numpy, export notes."
     )
+    parser.add_argument("--version", action="version", version=f"symbp {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     derive = commands.add_parser("derive", help="print forward and derived backward formulas")

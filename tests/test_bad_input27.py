@@ -4,6 +4,7 @@ command line with one line naming the file, the layer and the field (or the opti
 from __future__ import annotations
 
 import argparse
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -313,3 +314,33 @@ def test_a_layer_without_a_name_is_shown_by_its_place_from_1(capsys, tmp_path, l
     err = one_line_error(capsys, ["derive", str(spec)])
     assert err.startswith(f"symbp: error: {spec}: {shown}"), err
     assert "layers[" not in err
+
+
+# -- small things: --version, flags that must be booleans --------------------------------------
+
+
+def test_version_prints_the_package_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli_main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out == f"symbp {symbp.__version__}\n"
+    # written in one place: the package metadata reads it from symbp.__version__
+    pyproject = tomllib.loads((EXAMPLES.parent / "pyproject.toml").read_text())
+    assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "symbp.__version__"}
+
+
+@pytest.mark.parametrize(
+    "call, field",
+    [
+        (lambda: symbp.notes(BCE, steps="yes"), "steps"),
+        (lambda: symbp.notes(BCE, fragment=1), "fragment"),
+        (lambda: symbp.notes(BCE, flow="no"), "flow"),  # "no" is truthy: it would add the flow
+        (lambda: symbp.check(BCE, full="yes"), "full"),
+    ],
+    ids=["steps", "fragment", "flow", "full"],
+)
+def test_flags_of_the_api_must_be_booleans(call, field):
+    with pytest.raises(SpecError, match="must be True or False") as err:
+        call()
+    assert err.value.field == field
