@@ -125,6 +125,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MemoryError as err:  # sizes or a --batch that the arrays cannot be allocated for
         print(f"symbp: error: {_memory_error(err, args)}", file=sys.stderr)
         return 2
+    except ValueError as err:
+        if not str(err).startswith(TOO_BIG_FOR_NUMPY):  # a bug: its traceback is wanted
+            raise
+        # NumPy's word for an array of more bytes than an address holds: a --batch of 10**16
+        print(f"symbp: error: {_memory_error(MemoryError(str(err)), args)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # pragma: no cover
         return 130
     except BrokenPipeError:
@@ -136,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+#: how NumPy's ValueErrors begin for an array whose size does not fit in an address
+TOO_BIG_FOR_NUMPY = ("array is too big", "Maximum allowed dimension exceeded")
 #: the options whose value is a batch size, per command
 BATCH_OPTIONS = {"check": ("batch",), "flow": ("grad_batch", "jacobian_batch", "batch")}
 

@@ -344,3 +344,10 @@ def test_flags_of_the_api_must_be_booleans(call, field):
     with pytest.raises(SpecError, match="must be True or False") as err:
         call()
     assert err.value.field == field
+
+
+def test_a_batch_beyond_numpy_addresses_is_one_line(capsys):
+    # 10**16 samples of 3*32*32 float64 are more bytes than an address holds: NumPy's
+    # "array is too big" ValueError was a traceback, exit 1
+    err = one_line_error(capsys, ["check", CNN_BN, "--batch", "10000000000000000"])
+    assert err.startswith(f"symbp: error: {CNN_BN}: field '--batch': not enough memory")
