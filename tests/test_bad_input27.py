@@ -81,11 +81,49 @@ def test_constants_overflowing_through_nested_functions_are_refused(no_evalf_of_
         parse_expression(text, variable=X)
 
 
-@pytest.mark.parametrize("text", ["exp(700)*x", "sin(exp(700))*x", "x*exp(-exp(700))",
-                                  "max(x, exp(700))", "x**(10**300)"])
+@pytest.mark.parametrize("text", ["exp(700)*x", "sin(exp(700))*x", "x*exp(-700)",
+                                  "max(x, exp(700))", "x**(10**300)", "x*1e-320"])
 def test_constants_within_float64_are_kept(text):
-    # exp(-exp(700)) underflows to 0 in float64, which is a value, not an overflow
     assert parse_expression(text, variable=X).has(X)
+
+
+@pytest.mark.parametrize("text", ["x*exp(-exp(700))", "x*exp(-1000)", "x*10**-300*10**-300",
+                                  "sinh(e*exp((-700)**pi)) + x", "x*erfc(-10**300)",
+                                  "log((10**300)**(abs(erfc(sinh(700)))))"])
+def test_constants_too_small_for_float64_are_refused(text):
+    # not 0 but below float64's smallest number: sympy's exact work on them (is sinh of one
+    # real? it takes the imaginary part modulo pi) computed powers of ten of millions of digits;
+    # mpmath's erfc of 10**300 (erfc(-a) is 2 - erfc(a)) raised an OverflowError
+    with pytest.raises(SpecError, match="beyond the float64 range \\(so small it is 0\\)"):
+        parse_expression(text, variable=X)
+
+
+def test_the_number_of_a_product_is_not_raised_to_a_huge_power_exactly(monkeypatch):
+    # sympy takes the number out of a power: (2*x)**(10**300) computed 2**(10**300) exactly
+    power = sp.Integer._eval_power
+
+    def guarded(self, exponent):
+        assert abs(exponent) < 10**6, f"{self}**{exponent} computed exactly"
+        return power(self, exponent)
+
+    monkeypatch.setattr(sp.Integer, "_eval_power", guarded)
+    for text in ["(2*x)**(10**300)", "(x/3)**(10**300)", "(exp(700)/(erf(x)*10))**(10**300)"]:
+        with pytest.raises(SpecError, match="beyond the float64 range"):
+            parse_expression(text, variable=X)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # sympy's Max asks whether the difference is real: sin(10**300)**(-e) has a complex
+        # part to it (a ValueError out of sympy's comparison)
+        "max(x*10**300 - sin(10**300)**(-e), 1)",
+        "min(tanh(x**(10**300) - sqrt(-1)/0.5), 1)",  # sympy's Heaviside of a complex number
+    ],
+)
+def test_what_sympy_itself_cannot_evaluate_is_one_line(text):
+    with pytest.raises(SpecError, match="^expression .*(sympy cannot evaluate|imaginary)"):
+        parse_expression(text, variable=X)
 
 
 def test_derive_expr_with_a_nested_overflow_is_one_line(capsys, no_evalf_of_nested_exp):

@@ -74,22 +74,34 @@ def parse_expression(text: object, *, variable: sp.Symbol) -> sp.Expr:
         raise SpecError(f"expression nests functions and powers more than {MAX_DEPTH} deep")
     names = {variable.name: variable, **CONSTANTS}
     try:
-        result = _convert(tree.body, names, _Floats())
+        return _checked(text, tree, names, variable)
     except RecursionError:
         raise SpecError(f"expression {text!r} is nested too deeply") from None
+    except (ArithmeticError, ValueError) as err:  # sympy's or mpmath's own limits
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        if len(reason) > 100:
+            reason = reason[:97] + "..."
+        raise SpecError(
+            f"expression {text!r} has a constant that sympy cannot evaluate ({reason})"
+        ) from None
+
+
+def _checked(text: str, tree: ast.Expression, names: dict, variable: sp.Symbol) -> sp.Expr:
+    """The expression of ``tree``, once it has passed every check (see parse_expression)."""
+    result = _convert(tree.body, names, _Floats())
     if not isinstance(result, sp.Expr) or result.free_symbols - {variable}:
         raise SpecError(f"expression {text!r} must be a number-valued expression in x")
     if result.has(sp.zoo, sp.nan, sp.oo, -sp.oo):
         raise SpecError(f"expression {text!r} is undefined (division by zero?)")
     if variable not in result.free_symbols:
         raise SpecError(f"expression {text!r} does not depend on x")
-    if sp.diff(result, variable).has(sp.zoo, sp.nan, sp.oo, -sp.oo):
-        raise SpecError(f"expression {text!r} has an undefined derivative (0**x, log(0)?)")
     if any(node.is_number and node.is_real is False for node in sp.preorder_traversal(result)):
         raise SpecError(
             f"expression {text!r} has an imaginary number (a root or log of a negative number?);"
             " activations are real-valued"
         )
+    if sp.diff(result, variable).has(sp.zoo, sp.nan, sp.oo, -sp.oo):
+        raise SpecError(f"expression {text!r} has an undefined derivative (0**x, log(0)?)")
     if not any(_real_at(result, variable, point) for point in SAMPLE_POINTS):
         points = ", ".join(str(point) for point in SAMPLE_POINTS)
         raise SpecError(
@@ -265,9 +277,10 @@ class _Floats:
         self.values: dict[sp.Basic, object] = {}
 
     def check(self, expr: sp.Basic) -> sp.Basic:
-        """``expr``, once every constant part of it has a finite float64 value; a SpecError
-        where one has not, or where one is undefined in floats although sympy's exact value
-        is defined (``log(exp(-10**3))`` once ``exp(-10**3)`` has underflowed to 0)."""
+        """``expr``, once every constant part of it has a finite, non-zero (unless exactly 0)
+        float64 value; a SpecError where one has not. Too small counts as much as too large:
+        sympy's exact work on ``exp(-exp(700))`` (rounding it, taking it modulo pi) computes
+        powers of ten of 10**304 digits."""
         pending = [expr]
         while pending:
             node = pending[-1]
@@ -297,6 +310,10 @@ class _Floats:
             value = None
         if value is None or not (math.isfinite(value.real) and math.isfinite(value.imag)):
             raise SpecError("a number in the expression is beyond the float64 range")
+        if value == 0 and node != 0:  # exactly 0 is sympy's S.Zero; anything else underflowed
+            raise SpecError(
+                "a number in the expression is beyond the float64 range (so small it is 0)"
+            )
         return value
 
 
@@ -351,8 +368,14 @@ def _complex_value(node: sp.Expr, args: list[complex]) -> complex:
 
 def _check_power(base: sp.Expr, exponent: sp.Expr) -> None:
     """Refuse a constant power beyond the float64 range before sympy computes it exactly
-    (``9**9**9`` has 370 million digits: sympy would take minutes)."""
-    if base.free_symbols or not exponent.is_Number or exponent == 0 or base.is_zero:
+    (``9**9**9`` has 370 million digits: sympy would take minutes); also the power of a
+    product's number, which sympy takes out of a power: ``(2*x)**(10**300)`` computes
+    ``2**(10**300)``."""
+    if not exponent.is_Number or exponent == 0:
+        return
+    if base.free_symbols:
+        base = base.as_coeff_Mul()[0]
+    if base.is_zero or base in (1, -1):
         return
     digits = abs(float(exponent)) * abs(float(sp.log(sp.Abs(base), 10).evalf(15)))
     if not digits <= MAX_DIGITS:
