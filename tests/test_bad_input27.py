@@ -4,6 +4,7 @@ command line with one line naming the file, the layer and the field (or the opti
 from __future__ import annotations
 
 import argparse
+import re
 import tomllib
 from pathlib import Path
 
@@ -110,6 +111,46 @@ def test_the_number_of_a_product_is_not_raised_to_a_huge_power_exactly(monkeypat
     for text in ["(2*x)**(10**300)", "(x/3)**(10**300)", "(exp(700)/(erf(x)*10))**(10**300)"]:
         with pytest.raises(SpecError, match="beyond the float64 range"):
             parse_expression(text, variable=X)
+
+
+@pytest.fixture
+def no_huge_exact_work(monkeypatch):
+    """Fail where sympy computes a power of an integer with an exponent of more than a million
+    exactly, or the minimal polynomial of a number (of degree 10**300 here): what hung."""
+    power = sp.Integer._eval_power
+
+    def guarded_power(self, exponent):
+        assert abs(exponent) < 10**6, f"{self}**{exponent} computed exactly"
+        return power(self, exponent)
+
+    def no_minimal_polynomial(number, *args, **kwargs):
+        raise AssertionError(f"minimal polynomial of {number}")
+
+    monkeypatch.setattr(sp.Integer, "_eval_power", guarded_power)
+    monkeypatch.setattr(sp.polys.numberfields, "minimal_polynomial", no_minimal_polynomial)
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        # sympy's exp combines r*log(c) in its argument into log(c**r): 2**(10**30) computed
+        # exactly, or 2**(1/10**300), whose sign sympy settles by its minimal polynomial
+        ("exp(1e30*log(2) + x)", "beyond the float64 range"),
+        ("erfc(x - (10**30*log(2))**x)", "beyond the float64 range"),
+        ("erfc(x - (1e-300*log(2))**x)", "root of degree 10**300 of 2"),
+        ("x*300**(1e-300) + sqrt(x)", "root of degree 10**300 of 300"),
+        ("(-1)**(1e-300)*x", "imaginary"),
+    ],
+)
+def test_numbers_sympy_would_compute_exactly_at_any_cost_are_refused(no_huge_exact_work, text,
+                                                                      words):
+    with pytest.raises(SpecError, match=re.escape(words)):
+        parse_expression(text, variable=X)
+
+
+def test_roots_of_a_reasonable_degree_are_kept():
+    assert parse_expression("x*2**0.123456789", variable=X).has(X)  # degree 10**9
+    assert parse_expression("x*log(2)*1e-20", variable=X).has(X)  # x keeps log(2) apart
 
 
 @pytest.mark.parametrize(

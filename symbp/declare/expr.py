@@ -302,6 +302,8 @@ class _Floats:
         args = [self.values[arg] for arg in node.args]
         if any(arg is self.NOT_CONSTANT for arg in args):
             return self.NOT_CONSTANT
+        if node.is_Mul:
+            _check_log_coefficient(node)
         if node.has(sp.zoo, sp.nan, sp.oo, -sp.oo):
             raise SpecError("a number in the expression is undefined (division by zero?)")
         try:
@@ -366,6 +368,28 @@ def _complex_value(node: sp.Expr, args: list[complex]) -> complex:
     raise SpecError(f"the number {node} in the expression cannot be computed in float64")
 
 
+def _digits(number: int) -> str:
+    return f"10**{len(str(number)) - 1}" if number >= 10**6 else str(number)
+
+
+#: The largest denominator of an exponent of a number: ``2**(1/q)`` is an algebraic number of
+#: degree q, and where sympy cannot settle a question about one by evaluating it (is
+#: ``2**(1/10**300) - 1`` positive?) it computes its minimal polynomial, of degree q.
+MAX_ROOT = 10**15
+
+
+def _check_log_coefficient(product: sp.Expr) -> None:
+    """Refuse ``r*log(c)`` with a number ``c`` whose power ``c**r`` sympy cannot compute:
+    sympy's ``exp`` combines the logs of its argument (``10**30*log(2)`` into
+    ``log(2**(10**30))``, computed exactly: it hung)."""
+    coefficient, rest = product.as_coeff_Mul()
+    if not coefficient.is_Rational or coefficient in (1, -1):
+        return
+    for factor in sp.Mul.make_args(rest):
+        if isinstance(factor, sp.log) and not factor.args[0].free_symbols:
+            _check_power(factor.args[0], coefficient)
+
+
 def _check_power(base: sp.Expr, exponent: sp.Expr) -> None:
     """Refuse a constant power beyond the float64 range before sympy computes it exactly
     (``9**9**9`` has 370 million digits: sympy would take minutes); also the power of a
@@ -377,6 +401,12 @@ def _check_power(base: sp.Expr, exponent: sp.Expr) -> None:
         base = base.as_coeff_Mul()[0]
     if base.is_zero or base in (1, -1):
         return
-    digits = abs(float(exponent)) * abs(float(sp.log(sp.Abs(base), 10).evalf(15)))
+    if exponent.is_Rational and exponent.q > MAX_ROOT and not base.free_symbols:
+        raise SpecError(
+            f"a number in the expression is a root of degree {_digits(exponent.q)} of {base}"
+            f" (r*log(c) is log(c**r) to sympy), more than sympy can work with"
+        )
+    magnitude = abs(complex(base.evalf(15)))  # within float64: the parser checked it so
+    digits = abs(float(exponent)) * abs(math.log10(magnitude)) if magnitude else 0.0
     if not digits <= MAX_DIGITS:
         raise SpecError("a number in the expression is beyond the float64 range")
