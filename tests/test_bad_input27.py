@@ -116,11 +116,13 @@ def test_the_number_of_a_product_is_not_raised_to_a_huge_power_exactly(monkeypat
 @pytest.fixture
 def no_huge_exact_work(monkeypatch):
     """Fail where sympy computes a power of an integer with an exponent of more than a million
-    exactly, or the minimal polynomial of a number (of degree 10**300 here): what hung."""
+    or a root of degree more than a million exactly, or the minimal polynomial of a number (of
+    degree 10**300 here): what hung."""
     power = sp.Integer._eval_power
 
     def guarded_power(self, exponent):
         assert abs(exponent) < 10**6, f"{self}**{exponent} computed exactly"
+        assert not exponent.is_Rational or exponent.q < 10**6, f"{self}**{exponent} computed"
         return power(self, exponent)
 
     def no_minimal_polynomial(number, *args, **kwargs):
@@ -140,6 +142,7 @@ def no_huge_exact_work(monkeypatch):
         ("erfc(x - (1e-300*log(2))**x)", "root of degree 10**300 of 2"),
         ("x*300**(1e-300) + sqrt(x)", "root of degree 10**300 of 300"),
         ("(-1)**(1e-300)*x", "imaginary"),
+        ("min(max((-702)**(2e-300 - pi)/(cos(702) + 700), 2), x)", "root of degree 10**299"),
     ],
 )
 def test_numbers_sympy_would_compute_exactly_at_any_cost_are_refused(no_huge_exact_work, text,

@@ -387,14 +387,18 @@ def _check_log_coefficient(product: sp.Expr) -> None:
         return
     for factor in sp.Mul.make_args(rest):
         if isinstance(factor, sp.log) and not factor.args[0].free_symbols:
-            _check_power(factor.args[0], coefficient)
+            _check_power(factor.args[0], coefficient, " (r*log(c) is log(c**r) to sympy)")
 
 
-def _check_power(base: sp.Expr, exponent: sp.Expr) -> None:
+def _check_power(base: sp.Expr, exponent: sp.Expr, note: str = "") -> None:
     """Refuse a constant power beyond the float64 range before sympy computes it exactly
     (``9**9**9`` has 370 million digits: sympy would take minutes); also the power of a
     product's number, which sympy takes out of a power: ``(2*x)**(10**300)`` computes
     ``2**(10**300)``."""
+    if exponent.is_Add and not base.free_symbols:  # c**(r - pi) is c**r*c**(-pi) to sympy
+        for term in exponent.args:
+            if term.is_Rational:
+                _check_power(base, term)
     if not exponent.is_Number or exponent == 0:
         return
     if base.free_symbols:
@@ -404,7 +408,7 @@ def _check_power(base: sp.Expr, exponent: sp.Expr) -> None:
     if exponent.is_Rational and exponent.q > MAX_ROOT and not base.free_symbols:
         raise SpecError(
             f"a number in the expression is a root of degree {_digits(exponent.q)} of {base}"
-            f" (r*log(c) is log(c**r) to sympy), more than sympy can work with"
+            f"{note}, more than sympy can work with"
         )
     magnitude = abs(complex(base.evalf(15)))  # within float64: the parser checked it so
     digits = abs(float(exponent)) * abs(math.log10(magnitude)) if magnitude else 0.0
