@@ -233,8 +233,8 @@ def _derive(args) -> int:
             )
         try:
             layer = Activation(args.expr)
-        except SpecError as err:
-            raise err.located(field="--expr") from None
+        except SpecError as err:  # the option names the text, not the layer field 'expr'
+            raise SpecError(err.message, field="--expr") from None
         report = expression_blocks(
             layer, verify=args.verify, unicode=not args.ascii, progress=progress
         )
