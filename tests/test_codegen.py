@@ -549,10 +549,10 @@ def test_overwrite_gives_the_same_values_in_the_argument_memory():
     x, dy = rng.standard_normal((6, 4)), rng.standard_normal((6, 4))
     gamma, beta = rng.uniform(0.5, 1.5, 4), rng.standard_normal(4)
 
-    y, (invstd, xhat), stats = module.batchnorm_forward(x, gamma, beta, epsilon=1e-5)
+    y, (invstd, xhat), stats = module.batchnorm_forward(x, gamma, beta, eps=1e-5)
     scratch = x.copy()
     y2, (invstd2, xhat2), _ = module.batchnorm_forward(
-        scratch, gamma, beta, epsilon=1e-5, overwrite=True
+        scratch, gamma, beta, eps=1e-5, overwrite=True
     )
     assert np.array_equal(y2, y) and np.array_equal(xhat2, xhat)
     assert np.shares_memory(xhat2, scratch)

@@ -87,7 +87,7 @@ def test_activation_bound_is_the_sampled_supremum(kind):
 
 
 def test_textbook_bounds_come_out_exactly():
-    """The classic facts: sigmoid' <= 1/4, tanh' <= 1, ReLU' in {0, 1}, leaky ReLU Max(1, a)."""
+    """The classic facts: sigmoid' <= 1/4, tanh' <= 1, ReLU' in {0, 1}, leaky ReLU Max(1, slope)."""
     rows = {
         kind: flow_bounds(symbp.derive(one_activation(ACTIVATIONS[kind][0])))[1]
         for kind in ("sigmoid", "tanh", "relu", "leaky_relu", "leaky_relu_steep")
@@ -97,7 +97,7 @@ def test_textbook_bounds_come_out_exactly():
     assert rows["relu"].bound == 1 and "{0, 1}" in rows["relu"].reason
     assert rows["leaky_relu"].bound == 1
     assert rows["leaky_relu_steep"].bound == 3
-    a = sp.Symbol("a", positive=True)
+    a = sp.Symbol("slope", positive=True)
     assert rows["leaky_relu"].bound_general.subs(a, 5) == 5
 
 

@@ -40,6 +40,7 @@ from ..declare.layers import BatchNorm
 from ..declare.net import Net
 from ..emit.module import generate_module
 from ..errors import SpecError
+from ..naming import forward_function
 
 #: The ladder of steps; at each step ``h`` the loss is evaluated at ``+-h`` and ``+-h/2``.
 STEPS = (1e-3, 1e-4, 1e-5, 1e-6)
@@ -282,7 +283,7 @@ def _loss_function(net: Net, module, y, rng) -> Callable[[dict[str, np.ndarray]]
     ``forward`` and the loss's own ``<stem>_forward`` function, as ``loss_and_grads`` calls
     them; labels become one-hot rows. Without a loss, ``sum(out * y)``."""
     loss_forward = None if net.loss is None else getattr(
-        module, f"{net.loss.function_stem}_forward", None
+        module, forward_function(net.loss.function_stem), None
     )
     target = y
     if net.loss is not None and net.loss.target_kind == "labels":

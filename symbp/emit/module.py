@@ -41,6 +41,7 @@ from ..derive.arrays import (
 from ..derive.layer import Carried, LayerDerivation
 from ..derive.network import NetworkDerivation, derive_cached, derive_network
 from ..derive.readings import computed_form, reading
+from ..naming import adjoint, backward_function, forward_function, predict_function
 from . import template_folder
 from .numpy_printer import (
     RowVector,
@@ -630,7 +631,7 @@ class ModuleBuilder:
         bindings = []
         free = set().union(*[e.free_symbols for e in exprs]) if exprs else set()
         arrays = {a.name: a for a in form.arrays.values()}
-        arrays.update({"d" + s.name: s.array for s in form.stages})
+        arrays.update({adjoint(s.name): s.array for s in form.stages})
         unbound = []
         for symbol in sorted(free, key=lambda s: s.name):
             if not (symbol.is_integer and symbol.is_positive) or symbol in form.constants:
@@ -696,15 +697,15 @@ class ModuleBuilder:
         writable = writable if writable not in cached else None
         statements = self._printed(outputs, form, args, returned, writable, carried=carried)
         kw = _with_sizes(kw, self.unbound)
-        self.size_keywords[f"{stem}_forward"] = self.unbound
+        self.size_keywords[forward_function(stem)] = self.unbound
         overwrites = any(st.overwrites for st in statements)
         if overwrites:
             kw += (", " if kw else ", *, ") + "overwrite=False"
-        self.overwrites[f"{stem}_forward"] = overwrites
+        self.overwrites[forward_function(stem)] = overwrites
         output = next(st for st in statements if st.target == form.output.name)
         self.owned_output[stem] = output.fresh and form.output.name not in cached
         source = self._render_function(
-            f"{stem}_forward",
+            forward_function(stem),
             ", ".join(args) + kw,
             f"Forward pass of {layer.kind}; returns the output and what backward needs.",
             [formula(c.array[c.indices], c.math) for c in computed]
@@ -715,16 +716,16 @@ class ModuleBuilder:
         )
         # One layer's math under two stems (a convolution whose input gradient is computed two
         # ways, chosen by its sizes) shares one forward function when the two read the same.
-        key = (type(layer), layer.function_stem, source.replace(f"{stem}_forward", "{name}"))
-        twin = self.forward_sources.setdefault(key, f"{stem}_forward")
-        if twin == f"{stem}_forward":
+        key = (type(layer), layer.function_stem, source.replace(forward_function(stem), "{name}"))
+        twin = self.forward_sources.setdefault(key, forward_function(stem))
+        if twin == forward_function(stem):
             self.functions[twin] = _Function(twin, source)
         self.forward_names[stem] = twin
 
         # backward
         upstream = derivation.upstream.name
         params_read = [p.name for p in derivation.params_read]
-        grads = [(f"d{a.name}", derivation.vjp[a.name]) for a in form.differentiable]
+        grads = [(adjoint(a.name), derivation.vjp[a.name]) for a in form.differentiable]
         exprs = [computed_form(a.expr, upstream, form.gather) for _, a in grads]
         outputs = [
             (t, lowering.lower(stabilize(e).xreplace(kept), a.indices))
@@ -739,38 +740,38 @@ class ModuleBuilder:
             [*given, *cached, *params_read],
             {t for t, _ in grads},
             upstream if given else None,
-            {f"d{p.name}" for p in form.params},
+            {adjoint(p.name) for p in form.params},
             carried=carried,
         )
         kw = _with_sizes(kw, self.unbound)
-        self.size_keywords[f"{stem}_backward"] = self.unbound
+        self.size_keywords[backward_function(stem)] = self.unbound
         signature = ", ".join([*given, *cached, *params_read]) + kw
         optional = ()
         if form.params:
             signature += (", " if kw else ", *, ") + "input_grad=True"
-            optional = _only_for({f"d{a.name}" for a in form.inputs}, statements)
+            optional = _only_for({adjoint(a.name) for a in form.inputs}, statements)
         overwrites = any(st.overwrites for st in statements)
         if overwrites:
             signature += (", " if "*" in signature else ", *, ") + "overwrite=False"
-        self.overwrites[f"{stem}_backward"] = overwrites
+        self.overwrites[backward_function(stem)] = overwrites
         outs = [st.target for st in statements if st.into]
         for target in outs:
             signature += (", " if "*" in signature else ", *, ") + f"{target}_out=None"
-        self.outs[f"{stem}_backward"] = [t[1:] for t in outs]
+        self.outs[backward_function(stem)] = [t[1:] for t in outs]
         notes = [OVERWRITE_NOTE.format(name=upstream)] if overwrites else []
-        for (target, adjoint), expr in zip(grads, exprs, strict=True):
-            if expr != adjoint.expr:  # computed in the gather form: say what that is
+        for (target, vjp), expr in zip(grads, exprs, strict=True):
+            if expr != vjp.expr:  # computed in the gather form: say what that is
                 notes.append(f"{target}: {reading(expr, upstream)}.")
         for c in carried:
             notes.append(f"{formula(c.array[c.indices], c.math)}, kept by the forward pass.")
         if outs:
             notes.append(f"{', '.join(t + '_out' for t in outs)}: {OUT_NOTE}")
-        first = f"d{form.differentiable[0].name}"
+        first = adjoint(form.differentiable[0].name)
         self.owned_grad[stem] = any(st.target == first and st.fresh for st in statements)
-        self.functions[f"{stem}_backward"] = _Function(
-            f"{stem}_backward",
+        self.functions[backward_function(stem)] = _Function(
+            backward_function(stem),
             self._render_function(
-                f"{stem}_backward",
+                backward_function(stem),
                 signature,
                 f"Backward pass of {layer.kind}, derived by symbp"
                 + (f": gradients from {upstream}." if given else ": gradient of the loss."),
@@ -791,10 +792,10 @@ class ModuleBuilder:
             args = [a.name for a in eval_form.inputs + eval_form.params + eval_form.aux]
             ekw = (", *, " + ", ".join(eval_constants)) if eval_constants else ""
             low.preferred = ()
-            self.functions[f"{stem}_predict"] = _Function(
-                f"{stem}_predict",
+            self.functions[predict_function(stem)] = _Function(
+                predict_function(stem),
                 self._render_function(
-                    f"{stem}_predict",
+                    predict_function(stem),
                     ", ".join(args) + ekw,
                     f"Evaluation-mode forward pass of {layer.kind}.",
                     [formula(stage.array[stage.indices], stage.expr)],
@@ -864,7 +865,7 @@ class ModuleBuilder:
             skip = f"skip_{item.name}"
             forward.append(f"{indent}{skip} = h")
             self.place(item.body, indent)
-            forward.append(_wrap_call(f"h, {key} = ", f"{stem}_forward", [skip, "h"], indent))
+            forward.append(_wrap_call(f"h, {key} = ", forward_function(stem), [skip, "h"], indent))
             self.h_owned = self.owned_output[stem]
             return
         if isinstance(layer, BatchNorm):
@@ -907,7 +908,10 @@ class ModuleBuilder:
             predict_constants = [c for c in constants if not c.startswith("overwrite=")]
             forward.append(
                 _wrap_call(
-                    "h = ", f"{stem}_predict", ["h", *params, *state, *predict_constants], inner
+                    "h = ",
+                    predict_function(stem),
+                    ["h", *params, *state, *predict_constants],
+                    inner,
                 )
             )
             self.h_owned = self.owned_output[stem]  # the prediction is a new array as well
@@ -925,7 +929,9 @@ class ModuleBuilder:
             )
             forward.append(f"{indent}else:")
             eval_constants = self._constants(layer, eval_form)
-            forward.append(_wrap_call("h = ", f"{stem}_predict", ["h", *eval_constants], inner))
+            forward.append(
+                _wrap_call("h = ", predict_function(stem), ["h", *eval_constants], inner)
+            )
             return
         forward.append(
             _wrap_call(f"h, {key} = ", forward_name, ["h", *params, *constants], indent)
@@ -953,7 +959,7 @@ class ModuleBuilder:
             return
         if layer.kind == "residual":
             skip = f"dskip_{item.name}"
-            lines.append(_wrap_call(f"{skip}, dh = ", f"{stem}_backward", ["dh"]))
+            lines.append(_wrap_call(f"{skip}, dh = ", backward_function(stem), ["dh"]))
             self.dh_owned = False  # dh and the skip's gradient are one array
             self.backward_for(item.body, guard_bottom=False)
             lines.append(f"dh = {skip} + dh")
@@ -961,17 +967,18 @@ class ModuleBuilder:
             return
         params_read = [f'params["{item.name}.{p.name}"]' for p in derivation.params_read]
         constants = self._constants(layer, form, [a.expr for a in derivation.vjp.values()])
-        constants += _size_arguments(item, form, self.size_keywords.get(f"{stem}_backward", []))
+        sizes = self.size_keywords.get(backward_function(stem), [])
+        constants += _size_arguments(item, form, sizes)
         args = ["dh", f'*cache["{item.name}"]', *params_read, *constants]
         targets = ["dh"] + [f'grads["{item.name}.{p.name}"]' for p in form.params]
         if form.params and optional:
             args.append("input_grad=wrt_input")
-        if self.dh_owned and self.overwrites.get(f"{stem}_backward"):
+        if self.dh_owned and self.overwrites.get(backward_function(stem)):
             args.append("overwrite=True")
-        for param in self.outs.get(f"{stem}_backward", []):
+        for param in self.outs.get(backward_function(stem), []):
             args.append(f'd{param}_out=reuse.get("{item.name}.{param}")')
         self.dh_owned = self.owned_grad[stem]
-        call = _wrap_call(f"{', '.join(targets)} = ", f"{stem}_backward", args)
+        call = _wrap_call(f"{', '.join(targets)} = ", backward_function(stem), args)
         if not form.params and optional:
             lines.append("if wrt_input:")
             call = "\n".join("    " + line for line in call.splitlines())
@@ -1022,7 +1029,7 @@ def _array_shapes(form: Forward) -> dict[str, tuple | None]:
     shapes: dict[str, tuple | None] = {}
     for name, array in form.arrays.items():
         shapes[name] = tuple(array.dims)
-        shapes["d" + name] = tuple(array.dims)
+        shapes[adjoint(name)] = tuple(array.dims)
     return shapes
 
 
@@ -1265,8 +1272,8 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
         )
         loss = dict(
             kind=net.loss.kind,
-            forward=f"{stem}_forward",
-            backward=f"{stem}_backward",
+            forward=forward_function(stem),
+            backward=backward_function(stem),
             target=target,
             classes=net.output_shape[0] if net.loss.target_kind == "labels" else None,
         )

@@ -13,7 +13,7 @@ a bound on its spectral norm ``||J||_2`` that follows from the formula itself:
 * **projection** (batch norm, ``dx = c (dy - sum_k g_k <g_k, dy> / N)`` per feature): if the
   ``g_k`` are pairwise orthogonal and ``|g_k|^2 / N <= 2`` -- both checked with the sum
   identities the engine proved from the forward definitions (``sum_m xhat[m, j] = 0``,
-  ``sum_m xhat[m, j]**2 = N (1 - epsilon invstd[j]**2)``) -- then ``I - G G^T / N`` has
+  ``sum_m xhat[m, j]**2 = N (1 - eps invstd[j]**2)``) -- then ``I - G G^T / N`` has
   eigenvalues ``1`` and ``1 - |g_k|^2 / N`` in [-1, 1], so ``||J||_2 <= max_j |c_j|`` (batch
   norm: ``|gamma[j]| invstd[j]``).
 
@@ -94,7 +94,7 @@ class LocalJacobian:
     (Kronecker deltas for the indices it is diagonal in). ``structure`` is ``diagonal``,
     ``matrix``, ``projection``, ``sum`` (residual) or ``other``. For element-wise layers
     ``derivative`` is ``f'`` in the kept arrays and ``derivative_x`` the same in :data:`X`.
-    ``bound_general`` keeps hyper-parameters as symbols (leaky ReLU: ``Max(1, a)``), ``bound``
+    ``bound_general`` keeps hyper-parameters as symbols (leaky ReLU: ``Max(1, slope)``), ``bound``
     has their values; both ``None`` when no bound was found. ``reason`` says how it was proved
     (or why not), in one line.
     """
