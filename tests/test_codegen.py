@@ -1356,14 +1356,14 @@ def test_row_broadcast_passes_go_through_along_rows():
     forward = _function_body(source, "batchnorm_forward")
     backward = _function_body(source, "batchnorm_backward")
     predict = _function_body(source, "batchnorm_predict")
-    assert "common0 = _along_rows(np.subtract, x, mu, out=x if overwrite else None)" in forward
-    assert "xhat = _along_rows(np.multiply, common0, invstd, out=common0)" in forward
+    assert "x_minus_mu = _along_rows(np.subtract, x, mu, out=x if overwrite else None)" in forward
+    assert "xhat = _along_rows(np.multiply, x_minus_mu, invstd, out=x_minus_mu)" in forward
     assert forward[-3:-1] == [
         "y = _along_rows(np.multiply, xhat, gamma)", "_along_rows(np.add, y, beta, out=y)"
     ]
-    assert "dx = _along_rows(np.multiply, xhat, common1/N)" in backward
+    assert "dx = _along_rows(np.multiply, xhat, sum_dy_xhat/N)" in backward
     assert "np.subtract(dy, dx, out=dx)" in backward
-    assert "_along_rows(np.subtract, dx, common0/N, out=dx)" in backward
+    assert "_along_rows(np.subtract, dx, sum_dy/N, out=dx)" in backward
     assert "_along_rows(np.multiply, dx, gamma*invstd, out=dx)" in backward
     assert predict[0].startswith("y = _along_rows(np.multiply, x - running_mean, gamma/np.sqrt(")
     assert "def _along_rows(ufunc, a, b, out=None):" in source

@@ -10,6 +10,7 @@ calls ``linear_forward``), and the network's ``forward``/``backward`` call them 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ from .numpy_printer import (
     is_smaller,
     numpy_code,
 )
+from .value_names import value_name
 
 RELU_LIKE = ("relu", "leaky_relu", "prelu", "rrelu", "elu")
 OVERWRITE_NOTE = "overwrite=True: {name} may be overwritten (the caller no longer needs it)."
@@ -604,12 +606,23 @@ class ModuleBuilder:
         outputs = [*named, *outputs]
         exprs = [value for _, value in named] + exprs
         replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("common"), order="none")
-        # Trivial "common" values (1/N) read better inline.
+        # Trivial common values (1/N) read better inline.
         trivial = {s: v for s, v in replacements if sp.count_ops(v) <= 1 and not _has_array(v)}
         kept = [(s, v) for s, v in replacements if s not in trivial]
         renames = {s: sp.Symbol(f"common{i}") for i, (s, _) in enumerate(kept)}
         trivial = {s: v.xreplace(renames) for s, v in trivial.items()}
         renames.update(trivial)
+        # The others are named after what they compute (sum_dy), unique in the function. The
+        # names replace the placeholders ``common<i>`` in the printed code: sympy orders the
+        # terms of a sum by their symbols' names, and the order of a floating-point sum is
+        # part of its value.
+        taken = {t for t, _ in outputs} | set(available)
+        taken |= {s.name for e in exprs for s in e.free_symbols}
+        described = dict(trivial)
+        names = {}
+        for s, v in kept:
+            names[str(renames[s])] = value_name(v.xreplace(described), taken)
+            described[s] = sp.Symbol(names[str(renames[s])])
         items = [(str(renames[s]), v.xreplace(renames)) for s, v in kept]
         items += [(t, v.xreplace(renames)) for (t, _), v in zip(outputs, reduced, strict=True)]
         ordered = _dependency_order(items, set(available))
@@ -623,7 +636,9 @@ class ModuleBuilder:
             statements = _reuse_memory(ordered, shapes, returned, writable, printer, into)
         self.helpers |= printer.helpers_used
         sizes, self.unbound = self._size_bindings([v for _, v in ordered], form, available)
-        return [_Statement(t, code) for t, code in sizes] + statements
+        return [_Statement(t, code) for t, code in sizes] + [
+            _renamed(st, names) for st in statements
+        ]
 
     @staticmethod
     def _size_bindings(exprs, form: Forward, available: list[str]) -> list[tuple[str, str]]:
@@ -1018,6 +1033,26 @@ class ModuleBuilder:
 
         visit(self.net.placed)
         return result
+
+
+def _renamed(statement: _Statement, names: dict[str, str]) -> _Statement:
+    """``statement`` with the placeholders ``common<i>`` replaced by their ``names``."""
+    if not names:
+        return statement
+
+    def rename(text: str) -> str:
+        return re.sub(r"\bcommon\d+\b", lambda m: names.get(m.group(0), m.group(0)), text)
+
+    call = statement.call
+    if call is not None:
+        call = (call[0], [rename(a) for a in call[1]])
+    return dataclasses.replace(
+        statement,
+        target=rename(statement.target),
+        code=rename(statement.code),
+        extra=[rename(line) for line in statement.extra],
+        call=call,
+    )
 
 
 def _without(mapping: dict, key) -> dict:

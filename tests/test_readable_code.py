@@ -1,0 +1,114 @@
+"""Generated code that reads like its formulas (issue 23, item 6) and the names it uses (item 5)."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sympy as sp
+
+import symbp
+from symbp import naming
+from symbp.declare.net import Net
+from symbp.derive.arrays import Einsum, MaxOver, NewAxis, SumOver
+from symbp.emit.module import generate_module
+from symbp.emit.value_names import GENERIC, describe, value_name
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("*.toml"))
+
+dy, xhat, z, x, mu = sp.symbols("dy xhat z x mu")
+N, H = sp.symbols("N H_in", integer=True, positive=True)
+
+
+@pytest.mark.parametrize(
+    ("expr", "name"),
+    [
+        (SumOver(dy, sp.Tuple(0)), "sum_dy"),
+        (SumOver(dy * xhat, sp.Tuple(0)), "sum_dy_xhat"),
+        (Einsum(sp.Symbol("ij,ij->j"), dy, xhat), "sum_dy_xhat"),
+        (MaxOver(z, sp.Tuple(1)), "max_z"),
+        # exp of z shifted by its own row maximum: the stable form of exp(z)
+        (sp.exp(z - NewAxis(sp.Symbol("max_z"), sp.Tuple(1))), "exp_z"),
+        (x - mu, "x_minus_mu"),
+        (x + NewAxis(-mu, sp.Tuple(1)), "x_minus_mu"),
+        (sp.StrictGreaterThan(x, 0), "x_positive"),
+        (1 / (N * H), "inv_count"),
+    ],
+)
+def test_common_values_are_named_after_what_they_compute(expr, name):
+    assert describe(expr) == name
+
+
+def test_value_names_are_fresh_identifiers():
+    taken = {"sum_dy", "x"}
+    first = value_name(SumOver(dy, sp.Tuple(0)), taken)
+    second = value_name(SumOver(dy, sp.Tuple(0)), taken)
+    assert (first, second) == ("sum_dy_2", "sum_dy_3")
+    # nothing to read off (a window product), or too long: the generic name, numbered
+    unknown = sp.Function("Opaque")(x, z)
+    assert value_name(unknown, taken) == GENERIC
+    assert value_name(unknown, taken) == f"{GENERIC}_2"
+    assert value_name(sp.Symbol("s" * 40) * dy, taken) == f"{GENERIC}_3"
+    # never a builtin or a keyword
+    assert value_name(sp.Symbol("sum"), set()) == "sum_2"
+
+
+def _assigned_names(source: str) -> set[str]:
+    return {
+        target.id
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
+
+
+@pytest.mark.parametrize("spec", EXAMPLES, ids=lambda p: p.stem)
+def test_no_numbered_common_values_in_generated_modules(spec):
+    source = symbp.codegen(symbp.load_spec(spec))
+    assert not re.search(r"\bcommon\d+\b", source)
+    assert all(name.isidentifier() for name in _assigned_names(source))
+
+
+def test_batchnorm_backward_reads_like_its_formulas():
+    """dbeta is the sum of dy over the batch and dgamma the sum of dy*xhat: the generated code
+    says so by its names, and the values are those sums."""
+    net = Net([symbp.linear(6), symbp.batchnorm()], input_features=3, loss="mse")
+    source = generate_module(net)
+    body = source.split("def batchnorm_backward(", 1)[1].split("\ndef ", 1)[0]
+    assert "dgamma = sum_dy_xhat" in body and "dbeta = sum_dy" in body
+    namespace: dict = {}
+    exec(compile(source, "generated", "exec"), namespace)
+    rng = np.random.default_rng(0)
+    g, h, invstd, gamma = (rng.standard_normal(s) for s in ((5, 6), (5, 6), 6, 6))
+    _, dgamma, dbeta = namespace["batchnorm_backward"](g, invstd, h, gamma)
+    np.testing.assert_allclose(dbeta, g.sum(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(dgamma, (g * h).sum(axis=0), rtol=1e-12)
+
+
+def test_user_names_of_hyper_parameters_are_kept():
+    """batchnorm(eps=...) and leaky_relu(slope=...) take ``eps`` and ``slope`` in the generated
+    functions, as the user wrote them."""
+    net = Net(
+        [symbp.linear(4), symbp.batchnorm(eps=1e-3), symbp.leaky_relu(slope=0.2)],
+        input_features=3,
+        loss="mse",
+    )
+    source = generate_module(net)
+    assert "def batchnorm_forward(x, gamma, beta, *, eps" in source
+    assert "eps=0.001" in source and "epsilon" not in source
+    assert re.search(r"def leaky_relu_forward\(x, \*, slope", source)
+    assert "slope=0.2" in source
+
+
+def test_generated_names_come_from_the_naming_module():
+    net = Net([symbp.linear(4), symbp.relu()], input_features=3, loss="mse")
+    source = generate_module(net)
+    for stem in ("linear", "relu", "mse"):
+        assert f"def {naming.forward_function(stem)}(" in source
+        assert f"def {naming.backward_function(stem)}(" in source
+    assert naming.adjoint("x") == "dx" and naming.predict_function("bn") == "bn_predict"
