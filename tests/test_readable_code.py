@@ -112,3 +112,42 @@ def test_generated_names_come_from_the_naming_module():
         assert f"def {naming.forward_function(stem)}(" in source
         assert f"def {naming.backward_function(stem)}(" in source
     assert naming.adjoint("x") == "dx" and naming.predict_function("bn") == "bn_predict"
+
+
+def _docstring(source: str, name: str) -> str:
+    return source.split(f"def {name}(", 1)[1].split('"""')[1]
+
+
+def test_docstrings_name_the_users_layer():
+    """A custom activation's functions say its name (``mish``), not "activation"; a built-in
+    layer's say its type."""
+    net = Net(
+        [symbp.linear(4), symbp.activation("x*tanh(log(1 + exp(x)))", name="mish")],
+        input_features=3,
+        loss="mse",
+    )
+    source = generate_module(net)
+    assert _docstring(source, "mish_forward").startswith("Forward pass of mish;")
+    assert _docstring(source, "mish_backward").startswith("Backward pass of mish,")
+    assert _docstring(source, "linear_forward").startswith("Forward pass of linear;")
+    assert "pass of activation" not in source
+
+
+def test_conv_and_pooling_docstrings_read_their_gradients():
+    """Beside the index formulas, the reading the derivation gives: a convolution's input
+    gradient is a full convolution of dy with the flipped kernel (stride 1), its kernel
+    gradient a correlation of the input with dy; max pooling routes dy to each window's
+    first arg-max."""
+    net = Net(
+        [symbp.conv2d(3, 3), symbp.relu(), symbp.maxpool2d(2), symbp.flatten(), symbp.linear(2)],
+        input_shape=(2, 8, 8),
+        loss="mse",
+    )
+    source = generate_module(net)
+    conv = _docstring(source, "conv2d_backward")
+    assert "dx: a full convolution of dy with the flipped kernel W" in conv
+    assert "dW: a correlation of x with dy" in conv
+    pool = _docstring(source, "maxpool2d_strided_backward")
+    assert "dx: dy routed to the (first) arg-max of each window." in pool
+    # A layer without windows has no such reading.
+    assert "dx:" not in _docstring(source, "linear_backward")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import textwrap
 from dataclasses import dataclass, field
 
 import jinja2
@@ -722,7 +723,7 @@ class ModuleBuilder:
         source = self._render_function(
             forward_function(stem),
             ", ".join(args) + kw,
-            f"Forward pass of {layer.kind}; returns the output and what backward needs.",
+            f"Forward pass of {_title(layer)}; returns the output and what backward needs.",
             [formula(c.array[c.indices], c.math) for c in computed]
             + [formula(s.array[s.indices], s.expr) for s in form.stages],
             statements,
@@ -774,9 +775,10 @@ class ModuleBuilder:
             signature += (", " if "*" in signature else ", *, ") + f"{target}_out=None"
         self.outs[backward_function(stem)] = [t[1:] for t in outs]
         notes = [OVERWRITE_NOTE.format(name=upstream)] if overwrites else []
-        for (target, vjp), expr in zip(grads, exprs, strict=True):
-            if expr != vjp.expr:  # computed in the gather form: say what that is
-                notes.append(f"{target}: {reading(expr, upstream)}.")
+        for (target, _), expr in zip(grads, exprs, strict=True):
+            plain = reading(expr, upstream)  # what the derivation says the formula computes
+            if plain is not None:
+                notes.append(_sentence(f"{target}: {plain}."))
         for c in carried:
             notes.append(f"{formula(c.array[c.indices], c.math)}, kept by the forward pass.")
         if outs:
@@ -788,7 +790,7 @@ class ModuleBuilder:
             self._render_function(
                 backward_function(stem),
                 signature,
-                f"Backward pass of {layer.kind}, derived by symbp"
+                f"Backward pass of {_title(layer)}, derived by symbp"
                 + (f": gradients from {upstream}." if given else ": gradient of the loss."),
                 [formula(a.lhs, e) for (_, a), e in zip(grads, exprs, strict=True)],
                 statements,
@@ -812,7 +814,7 @@ class ModuleBuilder:
                 self._render_function(
                     predict_function(stem),
                     ", ".join(args) + ekw,
-                    f"Evaluation-mode forward pass of {layer.kind}.",
+                    f"Evaluation-mode forward pass of {_title(layer)}.",
                     [formula(stage.array[stage.indices], stage.expr)],
                     self._printed(outputs, eval_form, args),
                     stage.name,
@@ -1033,6 +1035,19 @@ class ModuleBuilder:
 
         visit(self.net.placed)
         return result
+
+
+def _sentence(text: str) -> str:
+    """``text`` cut into docstring lines (the template indents them)."""
+    return "\n    ".join(textwrap.wrap(text, MAX_LINE - 4, subsequent_indent="    "))
+
+
+def _title(layer: Layer) -> str:
+    """What a layer function's docstring calls its layer: the user's name for a layer whose
+    functions carry it (a custom activation ``mish``), else the layer type (``linear``)."""
+    return layer.name if layer.name is not None and layer.function_stem == layer.name else (
+        layer.kind
+    )
 
 
 def _renamed(statement: _Statement, names: dict[str, str]) -> _Statement:
