@@ -151,3 +151,29 @@ def test_conv_and_pooling_docstrings_read_their_gradients():
     assert "dx: dy routed to the (first) arg-max of each window." in pool
     # A layer without windows has no such reading.
     assert "dx:" not in _docstring(source, "linear_backward")
+
+
+def test_one_function_per_math_whatever_the_rank():
+    """ReLU on images and on feature vectors prints the same code: one relu_forward /
+    relu_backward pair serves both (no relu_2); the gradients still match finite differences.
+    Batch norm's statistics are per feature on one and per channel on the other: two
+    functions."""
+    net = Net(
+        [symbp.conv2d(2, 3), symbp.relu(), symbp.flatten(), symbp.linear(5), symbp.relu(),
+         symbp.linear(2)],
+        input_shape=(1, 6, 6),
+        loss="mse",
+    )
+    source = generate_module(net)
+    assert source.count("def relu_forward(") == 1 and "relu_2" not in source
+    assert source.count("= relu_forward(h") == 2 and source.count("= relu_backward(dh") == 2
+    assert "    y[...] = Max(0, x[...])\n" in source  # the docstring reads for any rank
+    assert symbp.check(net).passed
+    norms = Net(
+        [symbp.conv2d(2, 3), symbp.batchnorm(), symbp.flatten(), symbp.linear(5),
+         symbp.batchnorm(), symbp.linear(2)],
+        input_shape=(1, 6, 6),
+        loss="mse",
+    )
+    two = generate_module(norms)
+    assert "def batchnorm_forward(" in two and "def batchnorm_2_forward(" in two

@@ -103,6 +103,7 @@ def formula(lhs: sp.Expr, rhs: sp.Expr) -> str:
     at spaces outside index brackets (``dy[n, o, h - k]`` and ``sum_{m, r, s}`` stay whole)
     where that fits."""
     printer = FormulaPrinter()
+    lhs, rhs = _rank_free(lhs, rhs)
     text = f"{printer.doprint(lhs)} = {printer.doprint(rhs)}"
     width = MAX_LINE - 8
     words = _outside_brackets(text)
@@ -115,6 +116,24 @@ def formula(lhs: sp.Expr, rhs: sp.Expr) -> str:
         else:
             lines.append("    " + word)
     return "\n    ".join(lines)
+
+
+def _rank_free(lhs: sp.Expr, rhs: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
+    """An element-wise formula over a batch, every array read at the left side's own indices
+    and nothing summed, as ``y[...] = Max(0, x[...])``: the same text for inputs of any rank,
+    so that the layer's functions on (N, F) and (N, C, H, W) inputs are one function."""
+    if not isinstance(lhs, sp.Indexed) or len(lhs.indices) < 2:
+        return lhs, rhs
+    if rhs.has(sp.Sum, sp.KroneckerDelta):
+        return lhs, rhs
+    elements = rhs.atoms(sp.Indexed)
+    if not elements or any(e.indices != lhs.indices for e in elements):
+        return lhs, rhs
+    every = sp.Symbol("...")
+    read = rhs.xreplace({e: e.base[every] for e in elements})
+    if read.free_symbols & set(lhs.indices):
+        return lhs, rhs  # an index outside the arrays (a position-dependent value)
+    return lhs.base[every], read
 
 
 def _outside_brackets(text: str) -> list[str]:
@@ -535,9 +554,10 @@ def wrap_line(line: str, width: int = MAX_LINE) -> list[str]:
 class ModuleBuilder:
     """Collects the layer functions and the network's forward/backward lines."""
 
-    def __init__(self, derivation: NetworkDerivation):
+    def __init__(self, derivation: NetworkDerivation | None, stems: dict | None = None):
+        """``derivation`` None: a builder of layer functions alone (see :func:`function_stems`)."""
         self.derivation = derivation
-        self.net = derivation.net
+        self.net = derivation.net if derivation is not None else None
         self.env = environment()
         self.functions: dict[str, _Function] = {}
         self.helpers: set[str] = set()
@@ -558,7 +578,7 @@ class ModuleBuilder:
         #: stem -> the name of its forward function (another stem's, when they read the same)
         self.forward_names: dict[str, str] = {}
         self.forward_sources: dict[tuple, str] = {}  # (type, base stem, source) -> its name
-        self.stems = function_stems(self.net)
+        self.stems = stems if stems is not None else function_stems(self.net)
         self.h_owned = False  # h is a new array that nothing else holds (forward lines)
         self.dh_owned = False  # the same for dh (backward lines)
 
@@ -1134,23 +1154,38 @@ def function_stems(net: Net) -> dict[str | None, str]:
     type's own stem (``linear``, ``batchnorm``) goes to that type first; a layer named by the
     user (a custom activation) is called by its name, or ``<name>_<kind>`` when that name is
     another type's stem; two different maths that would share a stem (two unnamed custom
-    activations, a layer type on inputs of two ranks) get ``_2``, ``_3``, ... in order.
+    activations) get ``_2``, ``_3``, ... in order. A layer type on inputs of two ranks whose
+    functions print the same (``relu`` on images and on feature vectors) has one stem.
     """
-    entries: list[tuple[str | None, tuple, str, bool]] = []
+    entries: list[tuple[str | None, tuple, str, bool, Placed | None]] = []
     for item in net.walk():
         layer = item.layer
         stem = layer.stem_for(item.in_shape)
         identity = (type(layer), layer.math_key(item.in_shape), stem)
         named = layer.name is not None and stem == layer.name != layer.kind
-        entries.append((item.name, identity, stem, named))
+        entries.append((item.name, identity, stem, named, item))
     if net.loss is not None:
         loss = net.loss
-        entries.append((None, (type(loss), loss.kind), loss.function_stem, False))
+        entries.append((None, (type(loss), loss.kind), loss.function_stem, False, None))
     by_identity: dict[tuple, str] = {}
     taken: set[str] = set()
+    placed: dict[tuple, Placed] = {}  # identity -> a layer of that math (to print its functions)
+    printed: dict[tuple, tuple[str, ...]] = {}
     for want_named in (False, True):  # the types' own stems first
-        for _, identity, preferred, named in entries:
+        for _, identity, preferred, named, item in entries:
             if named != want_named or identity in by_identity:
+                continue
+            if item is not None:
+                placed[identity] = item
+            same = [
+                other for other, stem in by_identity.items()
+                if other[0] == identity[0] and other[2] == identity[2] and other in placed
+                and item is not None
+                and _printed_functions(placed[other], printed)
+                == _printed_functions(item, printed)
+            ]
+            if same:
+                by_identity[identity] = by_identity[same[0]]
                 continue
             stem = preferred
             if stem in taken and named:
@@ -1162,7 +1197,24 @@ def function_stems(net: Net) -> dict[str | None, str]:
                 stem = f"{base}_{count}"
             by_identity[identity] = stem
             taken.add(stem)
-    return {name: by_identity[identity] for name, identity, _, _ in entries}
+    return {name: by_identity[identity] for name, identity, _, _, _ in entries}
+
+
+def _printed_functions(item: Placed, printed: dict) -> tuple[str, ...]:
+    """The source of the functions of ``item``'s layer math, its stem left out (cached in
+    ``printed`` by the layer's identity)."""
+    layer = item.layer
+    key = (type(layer), layer.math_key(item.in_shape), layer.stem_for(item.in_shape))
+    if key not in printed:
+        builder = ModuleBuilder(None, stems={})
+        stem = "symbp_stem"
+        builder.layer_functions(
+            stem, layer, derive_cached(layer, item.in_shape), layer.eval_form(item.in_shape)
+        )
+        printed[key] = tuple(
+            f.source.replace(stem, "{stem}") for f in builder.functions.values()
+        )
+    return printed[key]
 
 
 def size_values(item: Placed, form: Forward) -> dict[str, int]:
