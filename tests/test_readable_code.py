@@ -177,3 +177,22 @@ def test_one_function_per_math_whatever_the_rank():
     )
     two = generate_module(norms)
     assert "def batchnorm_forward(" in two and "def batchnorm_2_forward(" in two
+
+
+def test_no_shift_by_nothing():
+    """A stride-1 convolution's scattered input gradient already has the input's size
+    ((H_out - 1) + (K_h - 1) + 1 = H_in): it is not copied through ``_shifted`` by (0, 0).
+    Max pooling by 2 keeps its shift, which pads the rows its windows never read (an odd
+    height), and both gradients still match finite differences (a 7x7 image into the pool)."""
+    net = Net(
+        [symbp.conv2d(2, 3), symbp.relu(), symbp.maxpool2d(2), symbp.flatten(),
+         symbp.linear(2)],
+        input_shape=(1, 9, 9),
+        loss="mse",
+    )
+    source = generate_module(net)
+    conv = source.split("def conv2d_backward(", 1)[1].split("\ndef ", 1)[0]
+    assert "_shifted" not in conv
+    pool = source.split("def maxpool2d_strided_backward(", 1)[1].split("\ndef ", 1)[0]
+    assert "_shifted(" in pool
+    assert symbp.check(net).passed
