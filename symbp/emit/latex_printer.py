@@ -542,6 +542,7 @@ class NotesLatexPrinter(LatexPrinter):
             isinstance(factor, sp.Symbol)
             and not self._is_array(factor.name)
             and factor.name not in SYMBOLS
+            and factor.name != "eps"  # printed as the letter epsilon
             and len(factor.name) > 1
             and factor.name.isalpha()
             and translate(factor.name) == factor.name
