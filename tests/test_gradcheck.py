@@ -115,6 +115,29 @@ def test_a_kink_a_little_further_is_resolved_by_the_smaller_steps(distance):
     assert wrong.error > TOLERANCE and not wrong.kink
 
 
+@pytest.mark.parametrize("seed", [3, 13, 32, 0, 1])
+def test_many_kinks_within_the_large_steps_are_stepped_under(seed):
+    # A deep network behind batch norm at a small batch, in one variable: a line with 200 kinks
+    # of random slope change between 3e-6 and 2e-5 from the point, on both sides. Steps above
+    # that cross all of them: their central differences are all about 0.5 + (sum of the
+    # changes) / 2, so the estimates at 1e-3 and 1e-4 agree with each other, while the slope at
+    # the point is 0.5 + (sum of the changes left of it). The check once failed these (seeds 3,
+    # 13 and 32, relative error 0.4); the steps from 1e-6 on see the slope at the point.
+    rng = np.random.default_rng(seed)
+    kinks = rng.uniform(-2e-5, 2e-5, 200)
+    kinks = kinks[np.abs(kinks) > 3e-6]
+    changes = rng.normal(0.0, 0.05, kinks.size)
+
+    def f(t):
+        return 0.5 * t + 0.2 * t * t + float(np.sum(changes * np.maximum(t - kinks, 0.0)))
+
+    derivative = 0.5 + float(np.sum(changes[kinks < 0]))
+    result = check_1d(f, derivative)
+    assert result.error < TOLERANCE and not result.kink and result.refined
+    wrong = check_1d(f, derivative * (1 + 1e-4))
+    assert wrong.error > TOLERANCE and not wrong.kink
+
+
 def test_the_denominator_guard_is_the_measured_rounding_noise():
     # A loss of size 2 with a tiny slope (1e-9) and an added noise of known size (1e-13 per
     # value, 500 times the loss's rounding): the difference quotients are noise-dominated.
