@@ -372,3 +372,22 @@ def test_a_deep_batch_norm_relu_network_passes_at_the_defaults_and_a_wrong_gradi
         failed = {row.name for row in report.rows if not row.passed}
         assert name in failed, report.table()
         assert failed <= {name} | {row.name for row in report.rows if row.name.startswith("vjp")}
+
+
+def test_a_loss_too_rough_for_finite_differences_is_named_in_the_report():
+    # What 64 blocks of linear -> batch norm -> relu at batch 4 look like to the check (the
+    # loss, 2.3, changes by about 5 when x moves by 1e-11): a loss that moves by 0.05 at
+    # random under the smallest changes of x. The table says why it cannot be checked.
+    net = Net([symbp.linear(3), symbp.tanh(), symbp.linear(2)], input_features=3, loss="mse")
+    module = load_module(generate_module(net))
+    proxy = types.SimpleNamespace(**vars(module))
+
+    def loss_and_grads(params, x, y, **kwargs):
+        loss, grads = module.loss_and_grads(params, x, y, **kwargs)
+        digest = hashlib.sha256(np.asarray(x).tobytes()).digest()
+        return loss + 0.05 * (digest[0] / 255 - 0.5), grads
+
+    proxy.loss_and_grads = loss_and_grads
+    report = check_module(net, proxy)
+    assert report.notes and "too large for finite differences" in report.table()
+    assert not check_module(net, module).notes  # the module itself: no note
