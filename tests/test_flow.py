@@ -101,6 +101,20 @@ def test_textbook_bounds_come_out_exactly():
     assert rows["leaky_relu"].bound_general.subs(a, 5) == 5
 
 
+@pytest.mark.parametrize(("lower", "upper", "bound"), [(0.125, 1 / 3, 1), (0.5, 2.0, 2)])
+def test_rrelu_bound_is_its_largest_slope_over_the_declared_range(lower, upper, bound):
+    """RReLU's f' is 1 or a slope r drawn from [lower, upper]: sup |f'| = max(1, upper), a
+    number, not a maximum over the entries of r (the notes printed max(1, r_nj))."""
+    net = symbp.Net([symbp.rrelu(lower=lower, upper=upper)], input_features=3, loss="mse")
+    (row,) = flow_bounds(symbp.derive(net))
+    assert row.bound == bound and not row.bound.has(LayerMax)
+    assert "r in [lower, upper]" in row.reason
+    upper_symbol = next(s for s in row.bound_general.free_symbols if s.name == "upper")
+    assert row.bound_general.subs(upper_symbol, 5) == 5
+    notes = str(symbp.notes(net, fmt="md", flow=True))
+    assert "\\max\\left(1, r_{nj}\\right)" not in notes
+
+
 def test_supremum_by_calculus():
     assert supremum_abs(sp.diff(1 / (1 + sp.exp(-X)), X), X).value == sp.Rational(1, 4)
     found = supremum_abs(X * sp.exp(-(X**2)), X)  # max at x = 1/sqrt(2)
