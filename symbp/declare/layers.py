@@ -197,7 +197,7 @@ class BatchNorm(Layer):
 
     kind = "batchnorm"
     init = {"gamma": "ones", "beta": "zeros"}
-    EPS = sp.Symbol("epsilon", positive=True)
+    EPS = sp.Symbol("eps", positive=True)  # named as the user writes it
     MOMENTUM = sp.Symbol("momentum", positive=True)
 
     def __init__(self, *, eps: float = 1e-5, momentum: float = 0.1, name: str | None = None):
@@ -221,7 +221,7 @@ class BatchNorm(Layer):
         return {"running_mean": in_shape[:1], "running_var": in_shape[:1]}
 
     def constant_values(self):
-        return {"epsilon": self.eps, "momentum": self.momentum}
+        return {"eps": self.eps, "momentum": self.momentum}
 
     @staticmethod
     def _layout(in_shape):
@@ -373,7 +373,7 @@ class LeakyRelu(Elementwise):
     """``x`` for x > 0, ``slope * x`` otherwise (slope 0.01 by default)."""
 
     kind = "leaky_relu"
-    constants = {"slope": sp.Symbol("a", positive=True)}
+    constants = {"slope": sp.Symbol("slope", positive=True)}
 
     def __init__(self, slope: float = 0.01, *, name: str | None = None):
         super().__init__(name=name)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
+from .. import naming
 from ..declare.forms import Array, Forward, Stage
 from ..errors import DerivationError
 from .arrays import ArrayOp, Erfc, Sigmoid, Softplus, log_sum_exp_terms, softmax_form, stabilize
@@ -39,7 +40,7 @@ class Adjoint:
 
     @property
     def name(self) -> str:
-        return "d" + self.array.name
+        return naming.adjoint(self.array.name)
 
     @property
     def lhs(self) -> sp.Expr:
@@ -109,7 +110,7 @@ class LayerDerivation:
 
 
 def adjoint_array(array: Array) -> Array:
-    return Array("d" + array.name, array.dims)
+    return Array(naming.adjoint(array.name), array.dims)
 
 
 def derive_layer(form: Forward) -> LayerDerivation:
@@ -399,7 +400,7 @@ def _rules_towards(form: Forward, keep: tuple[str, ...]) -> list[Rule]:
 
     For a kept stage ``K[I] = E`` and a quantity ``U`` in ``E`` (an array with the same indices,
     or a sum), solve ``K[I] = E`` for ``U``. Batch norm: ``x[n, j] -> mu[j] + xhat[n, j] /
-    invstd[j]`` and ``var[j] -> invstd[j]**-2 - epsilon``; sigmoid: ``x -> log(y / (1 - y))``.
+    invstd[j]`` and ``var[j] -> invstd[j]**-2 - eps``; sigmoid: ``x -> log(y / (1 - y))``.
     """
     rules: list[Rule] = []
     arrays = form.arrays
@@ -540,7 +541,7 @@ def _compact(adjoint, by_name, rules, identities, names, form):
 def _inline(expr: sp.Expr, by_name: dict[str, Adjoint], form: Forward) -> sp.Expr:
     """Substitute every intermediate adjoint ``dS[..]`` by its formula, repeatedly."""
     intermediate = {s.name for s in form.stages[:-1]}
-    formulas = {"d" + name: by_name[name] for name in intermediate}
+    formulas = {naming.adjoint(name): by_name[name] for name in intermediate}
 
     def is_pending(element) -> bool:
         if isinstance(element, sp.Indexed):

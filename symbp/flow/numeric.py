@@ -31,6 +31,7 @@ from ..declare.net import Net, Placed
 from ..derive.layer import LayerDerivation
 from ..derive.network import derive_cached
 from ..emit.module import function_stems, generate_module, size_values
+from ..naming import backward_function, forward_function
 from .bounds import LayerMax, OperatorNorm
 
 #: Jacobians are built only when every layer's input and output has at most this many entries.
@@ -74,7 +75,7 @@ def _backward(items, module, params, cache, upstream, trace: Trace, stems):
             trace.grad_in[item.name] = upstream
             continue
         derivation = derive_cached(layer, item.in_shape)
-        backward = getattr(module, f"{stems[item.name]}_backward")
+        backward = getattr(module, backward_function(stems[item.name]))
         if isinstance(layer, Residual):
             skip, body = backward(upstream)
             upstream = skip + _backward(item.body, module, params, cache, body, trace, stems)
@@ -103,8 +104,8 @@ def loss_gradient(net: Net, module: types.ModuleType, out: np.ndarray, y) -> tup
     """The loss and dL/d(out) with the module's loss functions (as ``loss_and_grads`` does)."""
     stem = function_stems(net)[None]
     target = np.eye(out.shape[1], dtype=out.dtype)[y] if net.loss.target_kind == "labels" else y
-    loss, loss_cache = getattr(module, f"{stem}_forward")(out, target)
-    return float(loss), getattr(module, f"{stem}_backward")(*loss_cache)
+    loss, loss_cache = getattr(module, forward_function(stem))(out, target)
+    return float(loss), getattr(module, backward_function(stem))(*loss_cache)
 
 
 # -- bounds at given values ---------------------------------------------------------------------
