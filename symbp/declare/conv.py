@@ -333,6 +333,7 @@ class Flatten(Layer):
     """``(C, H, W)`` per sample to ``C*H*W`` features, in C order (NumPy's reshape)."""
 
     kind = "flatten"
+    reshapes = True
 
     def output_shape(self, in_shape):
         total = 1

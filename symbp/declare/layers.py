@@ -68,6 +68,27 @@ class Layer:
     #: what an initializer must do for each parameter: "fan", "zeros", "ones" or a number
     init: ClassVar[dict[str, Any]] = {}
 
+    # What differs between layer types, declared here and read by the network plan
+    # (symbp.derive.plan) and every output target; nothing outside symbp.declare tests a kind.
+    #: an activation (element-wise ``y = f(x)``): the notes list its derivative
+    activation: ClassVar[bool] = False
+    #: weights feeding this activation are drawn with He's gain (2 / fan_in, PyTorch's
+    #: ``kaiming_normal_``) instead of Glorot's (2 / (fan_in + fan_out))
+    he_gain_before: ClassVar[bool] = False
+    #: an initializer looks through this layer for the activation after it (batch norm)
+    init_looks_through: ClassVar[bool] = False
+    #: a reshape: the same numbers, one row per sample in C order (flatten); a target may print
+    #: it as a reshape rather than call a function
+    reshapes: ClassVar[bool] = False
+    #: arrays the training forward returns besides output and cache, for :meth:`state_updates`
+    train_returns: ClassVar[tuple[str, ...]] = ()
+    #: fewest values each training statistic averages (batch norm: 2, an unbiased variance),
+    #: and what the error says when a batch has fewer
+    min_values_per_statistic: ClassVar[int] = 1
+    too_few_values: ClassVar[str] = ""
+    #: the docstring of the generated state update (see :meth:`state_updates`)
+    state_update_doc: ClassVar[str] = "Move the running state towards the batch's."
+
     def __init__(self, *, name: str | None = None) -> None:
         self.name = None if name is None else check_identifier(name, what="layer name")
 
@@ -106,6 +127,28 @@ class Layer:
 
     def describe(self) -> str:
         return self.kind
+
+    def title(self, placed_name: str) -> str:
+        """What the notes call this layer's math (a user activation: the layer's name)."""
+        return self.kind
+
+    # -- state and randomness ---------------------------------------------------------------
+    def state_shapes(self, in_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        """Running state kept between training steps (batch norm's running statistics)."""
+        return {}
+
+    def state_updates(self) -> dict[str, sp.Expr]:
+        """Each state array's new value (scalar form) from :attr:`train_returns` and ``N``."""
+        return {}
+
+    def statistics_over(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The axes (batch axis 0 included) that each training statistic averages over."""
+        return ()
+
+    def draws(self) -> dict[str, tuple[str, tuple[float, ...]]]:
+        """Auxiliary inputs drawn at random in training: name -> (``numpy.random.Generator``
+        method, its arguments); rrelu: ``{"r": ("uniform", (lower, upper))}``."""
+        return {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
@@ -182,6 +225,11 @@ class BatchNorm(Layer):
 
     kind = "batchnorm"
     init = {"gamma": "ones", "beta": "zeros"}
+    init_looks_through = True
+    train_returns = ("mu", "var")
+    min_values_per_statistic = 2
+    too_few_values = "batch norm needs more than one value per channel to train"
+    state_update_doc = "Move the running statistics towards the batch's (unbiased variance)."
     EPS = sp.Symbol("epsilon", positive=True)
     MOMENTUM = sp.Symbol("momentum", positive=True)
 
@@ -204,6 +252,9 @@ class BatchNorm(Layer):
 
     def state_shapes(self, in_shape) -> dict[str, tuple[int, ...]]:
         return {"running_mean": in_shape[:1], "running_var": in_shape[:1]}
+
+    def statistics_over(self, in_shape):
+        return (0, *range(2, len(in_shape) + 1))  # every axis but the feature (channel) axis
 
     def constant_values(self):
         return {"epsilon": self.eps, "momentum": self.momentum}
@@ -292,6 +343,7 @@ class Elementwise(Layer):
 
     #: hyper-parameter symbols of ``f`` and the names of their constructor arguments
     constants: ClassVar[dict[str, sp.Symbol]] = {}
+    activation = True
 
     def expression(self) -> sp.Expr:
         raise NotImplementedError
@@ -336,18 +388,27 @@ class Elementwise(Layer):
         return (self.kind, len(in_shape))
 
 
-def _activation(kind: str, expression: sp.Expr, doc: str) -> type[Elementwise]:
+def _activation(
+    kind: str, expression: sp.Expr, doc: str, *, he_gain_before: bool = False
+) -> type[Elementwise]:
     cls = type(
         kind.capitalize(),
         (Elementwise,),
-        {"kind": kind, "expression": lambda self: expression, "__doc__": doc},
+        {
+            "kind": kind,
+            "expression": lambda self: expression,
+            "__doc__": doc,
+            "he_gain_before": he_gain_before,
+        },
     )
     return register(cls)
 
 
 Sigmoid = _activation("sigmoid", 1 / (1 + sp.exp(-X)), "``1 / (1 + exp(-x))``")
 Tanh = _activation("tanh", sp.tanh(X), "``tanh(x)``")
-Relu = _activation("relu", sp.Max(0, X), "``max(0, x)``; ReLU'(0) = 0 by convention")
+Relu = _activation(
+    "relu", sp.Max(0, X), "``max(0, x)``; ReLU'(0) = 0 by convention", he_gain_before=True
+)
 Softplus = _activation("softplus", sp.log(1 + sp.exp(X)), "``log(1 + exp(x))``")
 Silu = _activation("silu", X / (1 + sp.exp(-X)), "``x * sigmoid(x)``")
 Gelu = _activation("gelu", X * (1 + sp.erf(X / sp.sqrt(2))) / 2, "exact GELU, erf form")
@@ -358,6 +419,7 @@ class LeakyRelu(Elementwise):
     """``x`` for x > 0, ``slope * x`` otherwise (slope 0.01 by default)."""
 
     kind = "leaky_relu"
+    he_gain_before = True
     constants = {"slope": sp.Symbol("a", positive=True)}
 
     def __init__(self, slope: float = 0.01, *, name: str | None = None):
@@ -373,6 +435,7 @@ class Elu(Elementwise):
     """``x`` for x > 0, ``alpha * (exp(x) - 1)`` otherwise (alpha 1.0 by default)."""
 
     kind = "elu"
+    he_gain_before = True
     constants = {"alpha": sp.Symbol("alpha", positive=True)}
 
     def __init__(self, alpha: float = 1.0, *, name: str | None = None):
@@ -391,6 +454,7 @@ class Prelu(Elementwise):
     """
 
     kind = "prelu"
+    he_gain_before = True
     SLOPE = sp.Symbol("alpha", real=True)
 
     def __init__(self, *, shared: bool = True, init: float = 0.25, name: str | None = None):
@@ -439,6 +503,7 @@ class Rrelu(Elementwise):
     """
 
     kind = "rrelu"
+    he_gain_before = True
     SLOPE = sp.Symbol("r", positive=True)
     constants = {
         "lower": sp.Symbol("lower", positive=True),
@@ -460,6 +525,9 @@ class Rrelu(Elementwise):
 
     def aux_ranges(self):
         return {"r": (self.constants["lower"], self.constants["upper"])}
+
+    def draws(self):
+        return {"r": ("uniform", (self.lower, self.upper))}
 
     def forward_form(self, in_shape):
         if len(in_shape) != 1:
@@ -509,6 +577,9 @@ class Activation(Elementwise):
     def describe(self):
         return f"activation({self.text})"
 
+    def title(self, placed_name):
+        return placed_name
+
 
 ACTIVATIONS = tuple(kind for kind, cls in REGISTRY.items() if issubclass(cls, Elementwise))
 
@@ -554,6 +625,8 @@ class Loss(Layer):
 
     #: "labels" (integer class per sample) or "targets" (same shape as the output)
     target_kind: ClassVar[str] = "targets"
+    #: the closed range targets must lie in, where the loss needs one (probabilities)
+    target_range: ClassVar[tuple[float, float] | None] = None
 
     def check_output(self, out_shape: tuple[int, ...]) -> None:
         if len(out_shape) != 1:
@@ -623,6 +696,7 @@ class BceWithLogits(Loss):
     """Binary cross-entropy on logits, mean over all elements (targets in [0, 1])."""
 
     kind = "bce_with_logits"
+    target_range = (0.0, 1.0)
 
     def forward_form(self, in_shape):
         z, t = Array("z", (N, F)), Array("t", (N, F))

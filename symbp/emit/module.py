@@ -10,7 +10,6 @@ calls ``linear_forward``), and the network's ``forward``/``backward`` call them 
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 
@@ -19,8 +18,8 @@ import sympy as sp
 
 from .. import __version__
 from ..declare.forms import Forward
-from ..declare.layers import BatchNorm, Elementwise, Layer, Rrelu
-from ..declare.net import Net, Placed
+from ..declare.layers import Layer
+from ..declare.net import Net
 from ..derive.arrays import (
     Col2Im,
     Col2ImTensorDot,
@@ -39,9 +38,11 @@ from ..derive.arrays import (
     stabilize,
 )
 from ..derive.layer import Carried, LayerDerivation
-from ..derive.network import NetworkDerivation, derive_cached, derive_network
+from ..derive.network import NetworkDerivation, derive_network
+from ..derive.plan import build_plan
 from ..derive.readings import computed_form, reading
 from . import template_folder
+from .network import backward_steps, forward_steps, inits, size_values  # noqa: F401
 from .numpy_printer import (
     RowVector,
     SymbpNumPyPrinter,
@@ -52,7 +53,6 @@ from .numpy_printer import (
     numpy_code,
 )
 
-RELU_LIKE = ("relu", "leaky_relu", "prelu", "rrelu", "elu")
 OVERWRITE_NOTE = "overwrite=True: {name} may be overwritten (the caller no longer needs it)."
 OUT_NOTE = "an array to write that gradient into (else a new one is made)."
 MAX_LINE = 99
@@ -514,6 +514,13 @@ def wrap_line(line: str, width: int = MAX_LINE) -> list[str]:
     content = line[start + 1 : end]
     inner = indent + "    "
     head, tail = line[: start + 1], indent + line[end:]
+    if len(head) > width:  # long assignment targets (long layer names): one per line
+        split = _top_level_split(line.strip(), (" = ",))
+        targets = _top_level_split(split[0][1], (", ",)) if len(split) == 2 else []
+        if len(targets) > 1:
+            rest = wrap_line(f"{indent}_ = {split[1][1]}", width)  # "_" stands for ")"
+            rest[0] = f"{indent}){rest[0][len(indent) + 1 :]}"
+            return [f"{indent}(", *[f"{inner}{t}," for _, t in targets], *rest]
     if len(inner + content) <= width and len(tail) <= width:
         return [head, inner + content, tail]  # the bracket's contents fit on a line of their own
     args = _top_level_split(content, (", ",))
@@ -537,8 +544,6 @@ class ModuleBuilder:
         self.env = environment()
         self.functions: dict[str, _Function] = {}
         self.helpers: set[str] = set()
-        self.forward_lines: list[str] = []
-        self.backward_lines: list[str] = []
         self.uses_rng = False
         self.uses_state = False
         #: function name -> whether it takes ``overwrite=`` (may compute in its first argument)
@@ -689,9 +694,9 @@ class ModuleBuilder:
         kw = keywords([e for _, e in outputs])
         returns = f"{form.output.name}, ({', '.join(cached)}{',' if len(cached) == 1 else ''})"
         returned = {form.output.name, *cached}
-        if isinstance(layer, BatchNorm):
-            returns += ", (mu, var)"
-            returned |= {"mu", "var"}
+        if layer.train_returns:  # declared: what the state update reads (batch norm's mu, var)
+            returns += f", ({', '.join(layer.train_returns)})"
+            returned |= set(layer.train_returns)
         writable = form.inputs[0].name if len(form.inputs) == 1 else None
         writable = writable if writable not in cached else None
         statements = self._printed(outputs, form, args, returned, writable, carried=carried)
@@ -802,215 +807,32 @@ class ModuleBuilder:
                     stage.name,
                 ),
             )
-        if isinstance(layer, BatchNorm):
-            self._running_stats_function(layer)
 
-    def _running_stats_function(self, layer: BatchNorm):
+    def state_update_function(self, stem: str, layer: Layer) -> str:
+        """``<stem>_running_stats``: the layer's declared state update, printed once."""
+        name = f"{stem}_running_stats"
+        if name in self.functions:
+            return name
         updates = layer.state_updates()
         printer = SymbpNumPyPrinter()
         assignments = [_Statement(f"new_{k}", printer.doprint(v)) for k, v in updates.items()]
-        self.functions["batchnorm_running_stats"] = _Function(
-            "batchnorm_running_stats",
+        used = {s.name for e in updates.values() for s in e.free_symbols}
+        constants = [k for k in layer.constant_values() if k in used]
+        signature = ", ".join([*updates, *layer.train_returns, "N"])
+        if constants:
+            signature += ", *, " + ", ".join(constants)
+        self.functions[name] = _Function(
+            name,
             self._render_function(
-                "batchnorm_running_stats",
-                "running_mean, running_var, mu, var, N, *, momentum",
-                "Move the running statistics towards the batch's (unbiased variance).",
+                name,
+                signature,
+                layer.state_update_doc,
                 [f"{k} <- {v}" for k, v in updates.items()],
                 assignments,
                 ", ".join(st.target for st in assignments),
             ),
         )
-
-    # -- network lines ------------------------------------------------------------------------
-    def _constants(self, layer: Layer, form: Forward, exprs=None) -> list[str]:
-        """Keyword arguments for the constants used (by ``exprs``, default: the forward)."""
-        values = layer.constant_values()
-        exprs = exprs if exprs is not None else [s.expr for s in form.stages]
-        used = set().union(*[e.free_symbols for e in exprs]) if exprs else set()
-        return [f"{s.name}={values[s.name]!r}" for s in form.constants if s in used]
-
-    def place(self, items: list[Placed], indent: str = "") -> None:
-        for item in items:
-            self._place_one(item, indent)
-
-    def _place_one(self, item: Placed, indent: str) -> None:
-        layer = item.layer
-        if layer.kind == "flatten":
-            # A reshape, not arithmetic: the same numbers, one row per sample (C order).
-            # The width is spelled out: an empty batch has no -1 to infer.
-            shape = " x ".join(str(length) for length in item.in_shape)
-            width = math.prod(item.in_shape)
-            self.forward_lines.append(
-                f"{indent}h = h.reshape(len(h), {width})  # {item.name}: {shape}"
-            )
-            self.h_owned = False  # a view of the input
-            return
-        derivation = derive_cached(layer, item.in_shape)
-        eval_form = layer.eval_form(item.in_shape)
-        stem = self.stems[item.name]
-        self.layer_functions(stem, layer, derivation, eval_form)
-        forward_name = self.forward_names[stem]
-        form = derivation.form
-        params = [f'params["{item.name}.{p.name}"]' for p in form.params]
-        constants = self._constants(layer, form) + _size_arguments(
-            item, form, self.size_keywords.get(forward_name, [])
-        )
-        key = f'cache["{item.name}"]'
-        forward = self.forward_lines
-        owned, self.h_owned = self.h_owned, False
-        if self.overwrites.get(forward_name) and owned:
-            constants = [*constants, "overwrite=True"]
-        if layer.kind == "residual":
-            skip = f"skip_{item.name}"
-            forward.append(f"{indent}{skip} = h")
-            self.place(item.body, indent)
-            forward.append(_wrap_call(f"h, {key} = ", f"{stem}_forward", [skip, "h"], indent))
-            self.h_owned = self.owned_output[stem]
-            return
-        if isinstance(layer, BatchNorm):
-            self.uses_state = True
-            state = [f'state["{item.name}.running_mean"]', f'state["{item.name}.running_var"]']
-            momentum = f"momentum={layer.momentum!r}"
-            # the number of values each statistic averages: N, or N*H*W per channel
-            count = "h.shape[0]" if len(item.in_shape) == 1 else "h.size // h.shape[1]"
-            forward.append(f"{indent}if train:")
-            inner = indent + "    "
-            # One value a statistic: the variance is 0 and its unbiased form 0/0 (PyTorch
-            # refuses such a batch as well); none (an empty batch): the mean is 0/0.
-            values = "N" if len(item.in_shape) == 1 else "N*H*W"
-            message = [
-                f'"{item.name}: batch norm needs more than one value per"',
-                f'f" channel to train ({values} = {{{count}}})"',
-            ]
-            forward.append(f"{inner}if {count} < 2:")
-            forward.append(f"{inner}    raise ValueError(")
-            forward.extend(f"{inner}        {part}" for part in message)
-            forward.append(f"{inner}    )")
-            forward.append(
-                _wrap_call(
-                    f"h, {key}, stats = ", forward_name, ["h", *params, *constants], inner
-                )
-            )
-            forward.append(f"{inner}if state is not None:")
-            deeper = inner + "    "
-            forward.append(f"{deeper}mean = {state[0]}")
-            forward.append(f"{deeper}var = {state[1]}")
-            forward.append(
-                _wrap_call(
-                    "mean[...], var[...] = ",
-                    "batchnorm_running_stats",
-                    ["mean", "var", "*stats", count, momentum],
-                    deeper,
-                )
-            )
-            forward.append(f"{indent}else:")
-            predict_constants = [c for c in constants if not c.startswith("overwrite=")]
-            forward.append(
-                _wrap_call(
-                    "h = ", f"{stem}_predict", ["h", *params, *state, *predict_constants], inner
-                )
-            )
-            self.h_owned = self.owned_output[stem]  # the prediction is a new array as well
-            return
-        if isinstance(layer, Rrelu):
-            self.uses_rng = True
-            inner = indent + "    "
-            forward.append(f"{indent}if train:")
-            forward.append(
-                f"{inner}r = rng.uniform({layer.lower!r}, {layer.upper!r}, size=h.shape)"
-                ".astype(h.dtype)"
-            )
-            forward.append(
-                _wrap_call(f"h, {key} = ", forward_name, ["h", "r", *constants], inner)
-            )
-            forward.append(f"{indent}else:")
-            eval_constants = self._constants(layer, eval_form)
-            forward.append(_wrap_call("h = ", f"{stem}_predict", ["h", *eval_constants], inner))
-            return
-        forward.append(
-            _wrap_call(f"h, {key} = ", forward_name, ["h", *params, *constants], indent)
-        )
-        self.h_owned = self.owned_output[stem]
-
-    def backward_for(self, items: list[Placed], guard_bottom: bool) -> None:
-        """Backward lines for ``items`` in reverse; ``guard_bottom``: the input grad is optional."""
-        for position in range(len(items) - 1, -1, -1):
-            item = items[position]
-            layer = item.layer
-            below_has_params = any(p.param_shapes or p.body for p in items[:position])
-            optional = guard_bottom and not below_has_params
-            derivation = derive_cached(layer, item.in_shape)
-            self._backward_one(item, derivation, optional)
-
-    def _backward_one(self, item: Placed, derivation: LayerDerivation, optional: bool) -> None:
-        layer, stem = item.layer, self.stems[item.name]
-        form = derivation.form
-        lines = self.backward_lines
-        if layer.kind == "flatten":
-            shape = ", ".join(str(length) for length in item.in_shape)
-            line = f"dh = dh.reshape(len(dh), {shape})  # {item.name}"
-            lines.extend(["if wrt_input:", "    " + line] if optional else [line])
-            return
-        if layer.kind == "residual":
-            skip = f"dskip_{item.name}"
-            lines.append(_wrap_call(f"{skip}, dh = ", f"{stem}_backward", ["dh"]))
-            self.dh_owned = False  # dh and the skip's gradient are one array
-            self.backward_for(item.body, guard_bottom=False)
-            lines.append(f"dh = {skip} + dh")
-            self.dh_owned = True
-            return
-        params_read = [f'params["{item.name}.{p.name}"]' for p in derivation.params_read]
-        constants = self._constants(layer, form, [a.expr for a in derivation.vjp.values()])
-        constants += _size_arguments(item, form, self.size_keywords.get(f"{stem}_backward", []))
-        args = ["dh", f'*cache["{item.name}"]', *params_read, *constants]
-        targets = ["dh"] + [f'grads["{item.name}.{p.name}"]' for p in form.params]
-        if form.params and optional:
-            args.append("input_grad=wrt_input")
-        if self.dh_owned and self.overwrites.get(f"{stem}_backward"):
-            args.append("overwrite=True")
-        for param in self.outs.get(f"{stem}_backward", []):
-            args.append(f'd{param}_out=reuse.get("{item.name}.{param}")')
-        self.dh_owned = self.owned_grad[stem]
-        call = _wrap_call(f"{', '.join(targets)} = ", f"{stem}_backward", args)
-        if not form.params and optional:
-            lines.append("if wrt_input:")
-            call = "\n".join("    " + line for line in call.splitlines())
-        lines.append(call)
-
-    # -- inits --------------------------------------------------------------------------------
-    def inits(self) -> list[dict]:
-        result = []
-
-        def visit(items: list[Placed]):
-            for position, item in enumerate(items):
-                if item.body:
-                    visit(item.body)
-                for param, shape in item.layer.param_shapes(item.in_shape).items():
-                    key = f"{item.name}.{param}"
-                    rule = item.layer.init.get(param, "zeros")
-                    if rule == "fan":
-                        if len(shape) == 4:  # a kernel (out, in, kh, kw), as PyTorch counts
-                            field = shape[2] * shape[3]
-                            fan_in, fan_out = shape[1] * field, shape[0] * field
-                        else:
-                            fan_in, fan_out = shape[0], shape[-1]
-                        relu_next = _next_activation(items, position) in RELU_LIKE
-                        std = (
-                            math.sqrt(2 / fan_in)
-                            if relu_next
-                            else math.sqrt(2 / (fan_in + fan_out))
-                        )
-                        result.append(
-                            dict(key=key, kind="normal", std=repr(std), shape=tuple(shape))
-                        )
-                    else:
-                        value = {"zeros": 0.0, "ones": 1.0}.get(rule, rule)
-                        result.append(
-                            dict(key=key, kind="full", value=repr(float(value)), shape=tuple(shape))
-                        )
-
-        visit(self.net.placed)
-        return result
+        return name
 
 
 def _without(mapping: dict, key) -> dict:
@@ -1106,22 +928,6 @@ def function_stems(net: Net) -> dict[str | None, str]:
             by_identity[identity] = stem
             taken.add(stem)
     return {name: by_identity[identity] for name, identity, _, _ in entries}
-
-
-def size_values(item: Placed, form: Forward) -> dict[str, int]:
-    """The per-sample sizes of a placed layer by name (``{"H_in": 28, ...}``)."""
-    values = {}
-    for array, shape in ((form.inputs[0], item.in_shape), (form.output.array, item.out_shape)):
-        for dim, length in zip(array.dims[1:], shape, strict=True):
-            if isinstance(dim, sp.Symbol):
-                values[dim.name] = length
-    return values
-
-
-def _size_arguments(item: Placed, form: Forward, names: list[str]) -> list[str]:
-    """``H_in=28``: the sizes a layer function takes as keywords, from the declared shapes."""
-    values = size_values(item, form)
-    return [f"{name}={values[name]}" for name in names]
 
 
 def _with_sizes(keywords: str, sizes: list[str]) -> str:
@@ -1239,21 +1045,13 @@ def _dependency_order(items, defined: set[str]):
     return ordered
 
 
-def _next_activation(items: list[Placed], position: int) -> str | None:
-    """The kind of the first element-wise layer after ``position`` (skipping batch norm)."""
-    for item in items[position + 1 :]:
-        if isinstance(item.layer, BatchNorm):
-            continue
-        return item.layer.kind if isinstance(item.layer, Elementwise) else None
-    return None
-
-
 def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> str:
     """The source of the generated module (deterministic: same net, same bytes)."""
     derivation = derivation or derive_network(net)
     builder = ModuleBuilder(derivation)
-    builder.place(net.placed)
-    builder.backward_for(net.placed, guard_bottom=True)
+    plan = build_plan(net, derivation)
+    forward = forward_steps(builder, plan)
+    backward = backward_steps(builder, plan)
     loss = None
     if net.loss is not None:
         loss_derivation = derivation.loss
@@ -1270,7 +1068,7 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
             target=target,
             classes=net.output_shape[0] if net.loss.target_kind == "labels" else None,
         )
-    summary = [f"{item.name}: {item.layer.describe()}" for item in net.walk()]
+    summary = [f"{item.name}: {item.layer.describe()}" for item in derivation.layers]
     if net.loss is not None:
         summary.append(f"loss: {net.loss.kind}")
     if builder.helpers & PARTED_HELPERS:
@@ -1291,12 +1089,12 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
         input_shape=tuple(net.input_shape),
         output_shape=tuple(net.output_shape),
         helpers=[_helper_source(builder.env, name) for name in sorted(builder.helpers)],
-        inits=builder.inits(),
+        inits=inits(plan),
         functions=[f.source for f in builder.functions.values()],
         uses_rng=builder.uses_rng,
         uses_state=builder.uses_state,
-        forward_lines=[line for block in builder.forward_lines for line in block.splitlines()],
-        backward_lines=[line for block in builder.backward_lines for line in block.splitlines()],
+        forward_steps=forward,
+        backward_steps=backward,
         loss=loss,
     )
     return source
