@@ -149,6 +149,19 @@ class Plan:
     def output(self) -> str:
         return self.forward[-1].output if self.forward else INPUT
 
+    def backward_of(self, name: str) -> list[Vjp | Sum]:
+        """The backward entries from step ``name``'s output gradient to its input gradient
+        (a block: its own VJP, its body's and the sum of the two)."""
+        entries = self.backward
+        start = next(i for i, e in enumerate(entries) if isinstance(e, Vjp) and e.name == name)
+        value = self.step(name).inputs[0]
+        readers = self.readers[value]
+        if len(readers) == 1 or readers[-1] != name:  # not a block closing a fan-out
+            return entries[start : start + 1]
+        sums = [i for i, e in enumerate(entries) if isinstance(e, Sum) and e.value == value]
+        end = next(i for i in sums if i > start)
+        return entries[start : end + 1]
+
     def grad_name(self, value: str, reader: str | None = None) -> str:
         """The gradient of ``value``; with ``reader``, the part that one reader hands back."""
         if reader is not None and len(self.readers.get(value, ())) > 1:

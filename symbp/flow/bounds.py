@@ -143,8 +143,8 @@ def local_jacobian(layer: Layer, derivation: LayerDerivation, name: str) -> Loca
 
 def _classify(layer: Layer, derivation: LayerDerivation, entry, name: str) -> LocalJacobian:
     form = derivation.form
-    if layer.kind == "residual":
-        return _residual(derivation, entry)
+    if len(form.inputs) == 2:  # y = a x + b f (a residual block's sum)
+        return _residual(layer, derivation, entry)
     if len(form.inputs) != 1:
         return LocalJacobian(layer.kind, "other", entry, None, None, "no bound found")
     vjp = derivation.vjp[form.inputs[0].name]
@@ -381,17 +381,17 @@ def _reduce_sum(body: sp.Expr, m: sp.Symbol, size: sp.Expr, derivation: LayerDer
 
 
 # -- residual -----------------------------------------------------------------------------------
-def _residual(derivation: LayerDerivation, entry) -> LocalJacobian:
+def _residual(layer: Layer, derivation: LayerDerivation, entry) -> LocalJacobian:
     coefficients = []
     for source in derivation.form.inputs:
         vjp = derivation.vjp[source.name]
         dy = adjoint_array(derivation.form.output.array)[vjp.indices]
         coefficients.append(sp.diff(vjp.expr, dy))
     if any(c.free_symbols for c in coefficients):
-        return LocalJacobian("residual", "other", entry, None, None, "no bound found")
+        return LocalJacobian(layer.kind, "other", entry, None, None, "no bound found")
     skip, body = (sp.Abs(c) for c in coefficients)
     return LocalJacobian(
-        "residual",
+        layer.kind,
         "sum",
         entry,
         skip,  # the skip's share; the body's product is added by the network bound
