@@ -22,7 +22,6 @@ from typing import Any
 import jinja2
 import sympy as sp
 
-from ..declare.layers import Elementwise, Residual
 from ..declare.net import Placed
 from ..derive.arrays import (
     Col2Im,
@@ -37,6 +36,7 @@ from ..derive.arrays import (
 from ..derive.indexing import simplify_indexed
 from ..derive.layer import LayerDerivation, bound_names
 from ..derive.network import DerivedLayer, NetworkDerivation
+from ..derive.plan import Sum, build_plan
 from ..derive.verify import default_sizes, verify_layer
 from ..errors import DerivationError
 from . import template_folder
@@ -335,6 +335,7 @@ class _Builder:
             "loss_symbol": "J" if notation == "d2l" else "L",
         }
         self.numbering = numbering
+        self.plan = build_plan(self.net, derivation)
         self.labels, self.inputs = _number(self.net.placed, numbering)
         #: the label of the network's output (the last top-level layer)
         self.depth = self.labels[self.net.placed[-1].name]
@@ -422,9 +423,9 @@ class _Builder:
         for name in form.arrays:
             mapping[name] = AtLayer(sp.Symbol(name), label)
         mapping[form.inputs[0].name] = AtLayer(H, before)
-        if isinstance(item.layer, Residual):
-            last = self.labels[item.body[-1].name]
-            mapping[form.inputs[1].name] = AtLayer(H, sp.Symbol(last))
+        step = self.plan.step(item.name)
+        for array, value in zip(form.inputs[1:], step.inputs[1:], strict=True):  # a block's body
+            mapping[array.name] = AtLayer(H, sp.Symbol(self.labels[value]))
         mapping[form.output.name] = AtLayer(H, label)
         mapping["d" + form.output.name] = Delta(label)
         mapping["d" + form.inputs[0].name] = Delta(before)
@@ -464,28 +465,24 @@ class _Builder:
         rows = [whole.rows([(AtLayer(H, sp.Symbol("0")), sp.Symbol("x"))])]
         by_name = {d.name: d for d in self.derivation.layers}
 
-        def forward(items: list[Placed]) -> None:
-            for item in items:
-                derived = by_name[item.name]
-                names = self._network_names(derived)
-                if item.body:  # the body reads the block's input, h^{(l-1)}
-                    forward(item.body)
-                stages = derived.derivation.form.stages
-                lowered = [self._lowered(derived.derivation, s.expr, s.indices) for s in stages]
-                if any(rhs is None for rhs in lowered):  # the whole layer in index form
-                    lowered = [None] * len(stages)
-                for stage, rhs in zip(stages, lowered, strict=True):
-                    if rhs is None:  # index form
-                        lhs = self._index_form(derived, stage.array[stage.indices])
-                        rows.append(index.rows([(lhs, self._index_form(derived, stage.expr))]))
-                        continue
-                    rows.append(
-                        whole.rows(
-                            [(names[sp.Symbol(stage.name, real=True)], rhs.xreplace(names))]
-                        )
+        for step in self.plan.forward:  # a block's body before the block's sum
+            derived = by_name[step.name]
+            names = self._network_names(derived)
+            stages = derived.derivation.form.stages
+            lowered = [self._lowered(derived.derivation, s.expr, s.indices) for s in stages]
+            if any(rhs is None for rhs in lowered):  # the whole layer in index form
+                lowered = [None] * len(stages)
+            for stage, rhs in zip(stages, lowered, strict=True):
+                if rhs is None:  # index form
+                    lhs = self._index_form(derived, stage.array[stage.indices])
+                    rows.append(index.rows([(lhs, self._index_form(derived, stage.expr))]))
+                    continue
+                rows.append(
+                    whole.rows(
+                        [(names[sp.Symbol(stage.name, real=True)], rhs.xreplace(names))]
                     )
+                )
 
-        forward(self.net.placed)
         generic = whole.equation(
             AtLayer(H, sp.Symbol("l")), Apply(sp.Symbol("l"), AtLayer(H, sp.Symbol("l-1")))
         )
@@ -613,20 +610,16 @@ class _Builder:
     # -- chain rule and delta recursion ---------------------------------------------------------
     def _path(self, name: str) -> list[str]:
         """Labels of the layers the gradient passes through from the output down to ``name``
-        (exclusive), top first: the layers above it, and each residual block it is in."""
+        (exclusive), top first: the layers above it, and each residual block it is in.
 
-        def visit(items: list[Placed]) -> list[str] | None:
-            for position, item in enumerate(items):
-                above = [self.labels[i.name] for i in reversed(items[position + 1 :])]
-                if item.name == name:
-                    return above
-                if item.body:
-                    inner = visit(item.body)
-                    if inner is not None:
-                        return [*above, self.labels[item.name], *inner]
-            return None
-
-        return visit(self.net.placed) or []
+        Followed up the plan's values: past a value read twice (a block's input), through the
+        block that reads it last, whose Jacobian holds its body's."""
+        path = []
+        readers = self.plan.readers.get(self.plan.step(name).output, [])
+        while readers:
+            path.append(self.labels[readers[-1]])
+            readers = self.plan.readers.get(self.plan.step(readers[-1]).output, [])
+        return path[::-1]
 
     def _chains(self) -> str:
         whole = self.whole_printer()
@@ -684,51 +677,51 @@ class _Builder:
             mapping = {sp.Symbol(form.inputs[0].name, real=True): output}
             pairs.append((Delta(sp.Symbol(self.depth)), lowered.xreplace(mapping)))
         by_name = {d.name: d for d in self.derivation.layers}
-
-        def backward(items: list[Placed]):
-            for item in reversed(items):
-                derived = by_name[item.name]
-                derivation = derived.derivation
-                names = self._network_names(derived)
-                form = derivation.form
-                if item.body:
-                    last = self.labels[item.body[-1].name]
-                    skip = derivation.vjp[form.inputs[1].name]
-                    lowered = self._lowered(derivation, skip.expr, skip.indices)
-                    pairs.append((Delta(sp.Symbol(last)), lowered.xreplace(names)))
-                    backward(item.body)
-                    direct = derivation.vjp[form.inputs[0].name]
-                    lowered = self._lowered(derivation, direct.expr, direct.indices)
-                    pairs.append(
-                        (
-                            Delta(sp.Symbol(self.inputs[item.name])),
-                            lowered.xreplace(names)
-                            + Delta(sp.Symbol(self.block_input[item.name])),
-                        )
+        for entry in self.plan.backward:
+            if isinstance(entry, Sum):  # the block's input: its skip's gradient and its body's
+                block = self.plan.readers[entry.value][-1]
+                derived = by_name[block]
+                derivation, form = derived.derivation, derived.derivation.form
+                direct = derivation.vjp[form.inputs[0].name]
+                lowered = self._lowered(derivation, direct.expr, direct.indices)
+                pairs.append(
+                    (
+                        Delta(sp.Symbol(self.inputs[block])),
+                        lowered.xreplace(self._network_names(derived))
+                        + Delta(sp.Symbol(self.block_input[block])),
                     )
-                    continue
-                for param in form.params:
-                    adjoint = derivation.vjp[param.name]
-                    lowered = self._lowered(derivation, adjoint.expr, adjoint.indices)
-                    if lowered is None:
-                        rows.append(self._index_row(index, derived, adjoint))
-                        continue
-                    pairs.append(
-                        (names[sp.Symbol("d" + param.name, real=True)], lowered.xreplace(names))
-                    )
-                adjoint = derivation.vjp[form.inputs[0].name]
+                )
+                continue
+            step = entry.step
+            derived = by_name[step.name]
+            derivation = derived.derivation
+            names = self._network_names(derived)
+            form = derivation.form
+            if len(step.inputs) > 1:  # a block: the gradient its body's output gets
+                last = self.labels[step.inputs[1]]
+                skip = derivation.vjp[form.inputs[1].name]
+                lowered = self._lowered(derivation, skip.expr, skip.indices)
+                pairs.append((Delta(sp.Symbol(last)), lowered.xreplace(names)))
+                continue
+            for param in form.params:
+                adjoint = derivation.vjp[param.name]
                 lowered = self._lowered(derivation, adjoint.expr, adjoint.indices)
-                target = Delta(sp.Symbol(self.inputs[item.name]))
-                block = _block_of(self.net.placed, item)
-                if block is not None and block.body[0] is item:
-                    target = Delta(sp.Symbol(self.block_input[block.name]))
                 if lowered is None:
-                    row = self._index_row(index, derived, adjoint, target=target)
-                    rows.append(row)
+                    rows.append(self._index_row(index, derived, adjoint))
                     continue
-                pairs.append((target, lowered.xreplace(names)))
-
-        backward(self.net.placed)
+                pairs.append(
+                    (names[sp.Symbol("d" + param.name, real=True)], lowered.xreplace(names))
+                )
+            adjoint = derivation.vjp[form.inputs[0].name]
+            lowered = self._lowered(derivation, adjoint.expr, adjoint.indices)
+            target = Delta(sp.Symbol(self.inputs[step.name]))
+            readers = self.plan.readers[step.inputs[0]]
+            if len(readers) > 1 and readers[0] == step.name:  # the first layer of a body
+                target = Delta(sp.Symbol(self.block_input[readers[-1]]))
+            if lowered is None:
+                rows.append(self._index_row(index, derived, adjoint, target=target))
+                continue
+            pairs.append((target, lowered.xreplace(names)))
         return {"rows": ROW_SEPARATOR.join(rows)}
 
     def _index_row(self, printer, derived: DerivedLayer, adjoint, *, target=None) -> str:
@@ -788,11 +781,11 @@ class _Builder:
         seen: set[int] = set()
         counts: dict[int, int] = {}
         for derived in self.derivation.layers:
-            if isinstance(derived.layer, Elementwise):
+            if derived.layer.activation:
                 counts[id(derived.derivation)] = counts.get(id(derived.derivation), 0) + 1
         for derived in self.derivation.layers:
             layer, derivation = derived.layer, derived.derivation
-            if not isinstance(layer, Elementwise) or id(derivation) in seen:
+            if not layer.activation or id(derivation) in seen:
                 continue
             seen.add(id(derivation))
             entries.append(self._activation(derived, counts[id(derivation)]))
@@ -813,9 +806,7 @@ class _Builder:
         }
         bound = _largest_derivative(formulas.f, in_x, compact, form.constants, ranges)
         entry = {
-            "name": _text(
-                derived.layer.kind if derived.layer.kind != "activation" else derived.name, self.fmt
-            ),
+            "name": _text(derived.layer.title(derived.name), self.fmt),
             "rows": printer.rows(rows),
             "in_output": Y_SCALAR in compact.free_symbols,
             "output": printer.equation(Y_SCALAR, fx),
@@ -950,18 +941,6 @@ def _full_convolution(derivation: LayerDerivation) -> sp.Expr | None:
 
 def _chain_args(factors) -> list:
     return [Ellipsis_ if f is Ellipsis else f for f in factors]
-
-
-def _block_of(placed: list[Placed], item: Placed) -> Placed | None:
-    """The residual block whose body holds ``item`` directly, or ``None``."""
-    for outer in placed:
-        if outer.body:
-            if any(inner is item for inner in outer.body):
-                return outer
-            found = _block_of(outer.body, item)
-            if found is not None:
-                return found
-    return None
 
 
 def _largest_derivative(f, in_x, compact, constants, ranges=None) -> sp.Expr | None:
