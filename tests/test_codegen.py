@@ -35,12 +35,12 @@ from symbp.check.gradcheck import check_spec, load_module, make_inputs
 from symbp.cli import main as cli_main
 from symbp.declare.layers import LOSSES, REGISTRY, Loss
 from symbp.declare.net import Net, Placed
+from symbp.emit.layout import wrap_line
 from symbp.emit.module import (
     _helper_source,
     environment,
     function_stems,
     generate_module,
-    wrap_line,
 )
 from symbp.errors import SymbpError
 
@@ -1262,7 +1262,7 @@ def test_building_up_in_place_never_starts_from_a_view():
     import sympy as sp
 
     from symbp.derive.arrays import Permute
-    from symbp.emit.module import _accumulate
+    from symbp.emit.memory_plan import _accumulate
     from symbp.emit.numpy_printer import SymbpNumPyPrinter
 
     m, f = sp.symbols("M F", integer=True, positive=True)
@@ -1289,7 +1289,7 @@ def test_a_big_product_plus_a_vector_is_built_up_in_the_products_array():
     that the result is a new array in C order."""
     import sympy as sp
 
-    from symbp.emit.module import _accumulate
+    from symbp.emit.memory_plan import _accumulate
     from symbp.emit.numpy_printer import SymbpNumPyPrinter
 
     n, f = sp.symbols("N F", integer=True, positive=True)
