@@ -77,9 +77,6 @@ class Layer:
     he_gain_before: ClassVar[bool] = False
     #: an initializer looks through this layer for the activation after it (batch norm)
     init_looks_through: ClassVar[bool] = False
-    #: a reshape: the same numbers, one row per sample in C order (flatten); a target may print
-    #: it as a reshape rather than call a function
-    reshapes: ClassVar[bool] = False
     #: arrays the training forward returns besides output and cache, for :meth:`state_updates`
     train_returns: ClassVar[tuple[str, ...]] = ()
     #: fewest values each training statistic averages (batch norm: 2, an unbiased variance),

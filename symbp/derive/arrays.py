@@ -42,6 +42,18 @@ class Permute(ArrayOp):
     """``a.T`` (2-D) or an axis permutation ``(a, perm)``."""
 
 
+class Reshape(ArrayOp):
+    """``a`` reshaped to ``dims`` in C order (the batch axis first): ``a.reshape(N, ...)``."""
+
+
+def c_order_position(indices, dims) -> sp.Expr:
+    """The flat position of ``indices`` in an array of ``dims``, C order."""
+    flat, stride = sp.Integer(0), sp.Integer(1)
+    for index, dim in zip(reversed(tuple(indices)), reversed(tuple(dims)), strict=True):
+        flat, stride = flat + index * stride, stride * dim
+    return sp.expand(flat)
+
+
 class SumOver(ArrayOp):
     """``a.sum(axis=axes)``; ``axes`` is a Tuple of integers."""
 
@@ -192,10 +204,45 @@ class Lowering:
     def lower(self, expr: sp.Expr, axes: Sequence[sp.Symbol]) -> sp.Expr:
         """``expr`` as a whole-array expression whose axes are ``axes``, in that order."""
         self.preferred = tuple(axes)
+        reshaped = self._reshape(expr, tuple(axes))
+        if reshaped is not None:
+            return reshaped
         array, have = self._lower(expr)
         if set(have) - set(axes):
             raise DerivationError(f"{expr} has free indices {have} beyond {tuple(axes)}")
         return align(array, have, tuple(axes), full=True)
+
+    def _reshape(self, expr: sp.Expr, axes: Axes) -> sp.Expr | None:
+        """``Reshape(a, dims)`` when ``expr`` at ``axes`` moves the numbers of one array, batch
+        row by batch row, to the same C-order flat positions: ``a[n, c*H*W + h*W + w]`` at
+        ``(n, c, h, w)`` (unflatten) or ``sum_{c,h,w} delta(k, c*H*W + h*W + w) a[n, c, h, w]``
+        at ``(n, k)`` (flatten)."""
+        if len(axes) < 2 or any(a not in self.sizes for a in axes):
+            return None
+        # (an array read at its own indices is no reshape: both ranks must differ)
+        if isinstance(expr, sp.Indexed) and len(expr.indices) == 2 and len(axes) > 2:
+            batch, position = expr.indices
+            if batch == axes[0]:
+                want = c_order_position(axes[1:], [self.sizes[a] for a in axes[1:]])
+                if sp.expand(position - want) == 0:
+                    dims = [self.sizes[a] for a in axes]
+                    return Reshape(self.symbol(expr.base.name), *dims)
+        if isinstance(expr, sp.Sum) and len(axes) == 2 and isinstance(expr.function, sp.Mul):
+            deltas = [f for f in expr.function.args if isinstance(f, sp.KroneckerDelta)]
+            arrays = [f for f in expr.function.args if isinstance(f, sp.Indexed)]
+            if len(deltas) != 1 or len(arrays) != 1 or len(expr.function.args) != 2:
+                return None
+            if len(expr.limits) < 2:
+                return None
+            (delta,), (array,) = deltas, arrays
+            inner = tuple(array.indices[1:])
+            if array.indices[0] != axes[0] or tuple(expr.variables) != inner:
+                return None
+            dims = [upper - lower + 1 for _, lower, upper in expr.limits]
+            position = c_order_position(inner, dims)
+            if axes[1] in delta.args and sp.expand(sum(delta.args) - axes[1] - position) == 0:
+                return Reshape(self.symbol(array.base.name), self.sizes[axes[0]], sp.Mul(*dims))
+        return None
 
     # -- recursive lowering -------------------------------------------------------------------
     def _lower(self, expr: sp.Expr) -> tuple[sp.Expr, Axes]:

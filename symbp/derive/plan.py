@@ -28,6 +28,7 @@ from ..declare.net import Net, Placed
 from ..naming import param_key
 from .layer import LayerDerivation
 from .network import NetworkDerivation, derive_cached, derive_network
+from .reshape import is_reshape
 
 INPUT = "x"
 
@@ -56,7 +57,8 @@ class Step:
 
     @property
     def reshape(self) -> bool:
-        return self.layer.reshapes
+        """A C-order reshape (flatten), read off the derivation (:mod:`.reshape`)."""
+        return is_reshape(self.derivation)
 
     @property
     def params(self) -> list[str]:

@@ -602,6 +602,11 @@ class NotesLatexPrinter(LatexPrinter):
             return rf"\left({text}\right)"
         return text
 
+    def _print_Reshape(self, expr):
+        array, *dims = expr.args
+        shape = r" \times ".join(self._print(d) for d in dims)
+        return rf"\operatorname{{reshape}}_{{{shape}}}\left({self._print(array)}\right)"
+
     def _print_Permute(self, expr):
         if len(expr.args) == 1:
             operand = expr.args[0]

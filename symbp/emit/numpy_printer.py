@@ -208,6 +208,11 @@ class SymbpNumPyPrinter(NumPyPrinter):
         level = PRECEDENCE["Mul"]
         return f"{self.parenthesize(left, level)} @ {self.parenthesize(right, level + 1)}"
 
+    def _print_Reshape(self, expr):
+        array, *dims = expr.args
+        shape = ", ".join(self._print(d) for d in dims)
+        return f"{self.parenthesize(array, PRECEDENCE['Atom'], strict=True)}.reshape({shape})"
+
     def _print_Permute(self, expr):
         if len(expr.args) == 1:
             return f"{self.parenthesize(expr.args[0], PRECEDENCE['Atom'], strict=True)}.T"

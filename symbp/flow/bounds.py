@@ -36,6 +36,7 @@ from ..declare.forms import Forward
 from ..declare.layers import Layer, X, exact
 from ..derive.indexing import simplify_indexed
 from ..derive.layer import LayerDerivation, adjoint_array, apply_rules, bound_names
+from ..derive.reshape import is_reshape
 from .supremum import Supremum, supremum_abs
 
 #: where an unproved derivative is sampled, for display only
@@ -92,7 +93,8 @@ class LocalJacobian:
 
     ``entry`` is ``(lhs, rhs)``: ``d out[...] / d in[...]`` and its value from the derived VJP
     (Kronecker deltas for the indices it is diagonal in). ``structure`` is ``diagonal``,
-    ``matrix``, ``projection``, ``sum`` (residual) or ``other``. For element-wise layers
+    ``matrix``, ``projection``, ``permutation`` (a reshape), ``sum`` (residual) or ``other``.
+    For element-wise layers
     ``derivative`` is ``f'`` in the kept arrays and ``derivative_x`` the same in :data:`X`.
     ``bound_general`` keeps hyper-parameters as symbols (leaky ReLU: ``Max(1, a)``), ``bound``
     has their values; both ``None`` when no bound was found. ``reason`` says how it was proved
@@ -145,6 +147,10 @@ def _classify(layer: Layer, derivation: LayerDerivation, entry, name: str) -> Lo
     form = derivation.form
     if len(form.inputs) == 2:  # y = a x + b f (a residual block's sum)
         return _residual(layer, derivation, entry)
+    if is_reshape(derivation):  # J moves every entry to one place: a permutation
+        reason = "a reshape: J permutes the entries, so ||J||_2 = 1"
+        one = sp.Integer(1)
+        return LocalJacobian(layer.kind, "permutation", entry, one, one, reason)
     if len(form.inputs) != 1:
         return LocalJacobian(layer.kind, "other", entry, None, None, "no bound found")
     vjp = derivation.vjp[form.inputs[0].name]

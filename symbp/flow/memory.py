@@ -73,7 +73,9 @@ def memory_model(net: Net) -> list[LayerMemory]:
         form = step.derivation.form
         stage = form.output
         token = {form.inputs[0].name: tokens[step.inputs[0]]}
-        aliases_input = len(step.inputs) == 1 and stage.expr == form.inputs[0][stage.indices]
+        aliases_input = step.reshape or (
+            len(step.inputs) == 1 and stage.expr == form.inputs[0][stage.indices]
+        )
         token[stage.name] = token[form.inputs[0].name] if aliases_input else next(counter)
         tokens[step.output] = token[stage.name]
         sizes = _sizes(step.placed, form)
