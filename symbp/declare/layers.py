@@ -85,6 +85,12 @@ class Layer:
     too_few_values: ClassVar[str] = ""
     #: the docstring of the generated state update (see :meth:`state_updates`)
     state_update_doc: ClassVar[str] = "Move the running state towards the batch's."
+    #: each state array's initial value (:meth:`state_shapes`)
+    state_initial: ClassVar[dict[str, float]] = {}
+    #: what the generated module's docstrings say this layer does in training and in evaluation
+    #: mode, where the two differ (:meth:`eval_form`)
+    training_doc: ClassVar[str] = ""
+    evaluation_doc: ClassVar[str] = ""
 
     def __init__(self, *, name: str | None = None) -> None:
         self.name = None if name is None else check_identifier(name, what="layer name")
@@ -227,6 +233,12 @@ class BatchNorm(Layer):
     min_values_per_statistic = 2
     too_few_values = "batch norm needs more than one value per channel to train"
     state_update_doc = "Move the running statistics towards the batch's (unbiased variance)."
+    state_initial = {"running_mean": 0.0, "running_var": 1.0}
+    training_doc = (
+        "In training mode batch norm uses the batch statistics and, when ``state`` is given, "
+        "moves its running statistics in place; in evaluation mode ``state`` holds them."
+    )
+    evaluation_doc = "batch norm uses the running statistics in ``state``"
     EPS = sp.Symbol("epsilon", positive=True)
     MOMENTUM = sp.Symbol("momentum", positive=True)
 
@@ -525,6 +537,9 @@ class Rrelu(Elementwise):
 
     def draws(self):
         return {"r": ("uniform", (self.lower, self.upper))}
+
+    training_doc = "``rng`` (a ``np.random.Generator``) draws the rrelu slopes in training mode."
+    evaluation_doc = "rrelu uses the mean of its slope range"
 
     def forward_form(self, in_shape):
         if len(in_shape) != 1:

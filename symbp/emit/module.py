@@ -10,6 +10,7 @@ calls ``linear_forward``), and the network's ``forward``/``backward`` call them 
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 
 import jinja2
@@ -488,6 +489,27 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
         ({"math"} if builder.helpers & {"banded", "tensordot"} else set())
         | ({"concurrent.futures"} if "parts" in builder.helpers else set())
     )
+    state_initial = [
+        (key, repr(float(step.layer.state_initial[key.rsplit(".", 1)[1]])))
+        for step in plan.forward
+        for key in step.state
+    ]
+    layers = list({type(step.layer): step.layer for step in plan.forward}.values())
+    training_docs = [
+        textwrap.fill(layer.training_doc, MAX_LINE - 4, initial_indent="    ",
+                      subsequent_indent="    ")
+        for layer in layers
+        if layer.training_doc
+    ]
+    evaluation = "; ".join(layer.evaluation_doc for layer in layers if layer.evaluation_doc)
+    evaluation_doc = ""
+    if evaluation:
+        evaluation_doc = f'    """Evaluation mode: {evaluation}."""'
+        if len(evaluation_doc) > MAX_LINE:
+            text = textwrap.fill(f"Evaluation mode: {evaluation}.", MAX_LINE - 4,
+                                 initial_indent="    ", subsequent_indent="    ")
+            evaluation_doc = f'    """{text.strip()}\n    """'
+    refuses = [layer.too_few_values for layer in layers if layer.min_values_per_statistic > 1]
     template = builder.env.get_template("module.py.j2")
     source = template.render(
         threads="parts" in builder.helpers,
@@ -504,6 +526,10 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
         functions=[f.source for f in builder.functions.values()],
         uses_rng=builder.uses_rng,
         uses_state=builder.uses_state,
+        state_initial=state_initial,
+        training_docs=training_docs,
+        evaluation_doc=evaluation_doc,
+        refuses_empty=refuses[0] if refuses else "",
         forward_steps=forward,
         backward_steps=backward,
         loss=loss,
