@@ -23,10 +23,11 @@ import sympy as sp
 
 from ..declare.forms import Array, Forward, Stage
 from ..errors import DerivationError
-from .arrays import ArrayOp, Erfc, Sigmoid, Softplus, log_sum_exp_terms, softmax_form, stabilize
+from .arrays import ArrayOp, Erfc, Sigmoid, Softplus
 from .indexing import fresh_index, freshen_bound, simplify_indexed, sums_in
 from .kinks import differentiate
 from .readings import computed_form
+from .stable import log_sum_exp_terms, softmax_form, stabilize
 
 
 @dataclass
@@ -61,7 +62,7 @@ class Carried(Stage):
     """``array[indices] = expr``: a costly function value that the forward pass computes and
     the backward needs again (GELU's ``erf(x/sqrt(2))``, SiLU's ``sigmoid(x)``), kept from the
     forward pass instead of computed twice. ``expr`` is in the stable form the code prints
-    (:func:`~symbp.derive.arrays.stabilize`); ``computed``, where given, is an equal index
+    (:func:`~symbp.derive.stable.stabilize`); ``computed``, where given, is an equal index
     expression the forward pass computes it by instead (a softmax from shifted exponentials)."""
 
     computed: sp.Expr | None = None
@@ -677,7 +678,7 @@ def _softmax_values(derivation: LayerDerivation) -> tuple[Carried, ...]:
     """``exp(v - lse[I])`` read by a VJP, ``lse`` a stage ``log(Sum_k exp(u))`` (softmax
     cross-entropy's ``exp(z[n, c] - lse[n])``, the softmax): kept by the forward pass, which
     computes it from the shifted exponentials it takes for ``lse`` anyway
-    (:func:`~symbp.derive.arrays.softmax_form`), instead of from the rounded ``lse``."""
+    (:func:`~symbp.derive.stable.softmax_form`), instead of from the rounded ``lse``."""
     form = derivation.form
     sums = {s.array.base: s for s in form.stages if log_sum_exp_terms(s.expr) is not None}
     if not sums:

@@ -2,7 +2,7 @@
 
 The module's structure comes from ``templates/module.py.j2`` and ``templates/function.py.j2``;
 every expression in it comes from the engine's derivation, lowered to whole-array form
-(:mod:`symbp.derive.arrays`), made numerically safe (:func:`~symbp.derive.arrays.stabilize`),
+(:mod:`symbp.derive.arrays`), made numerically safe (:func:`~symbp.derive.stable.stabilize`),
 shared where it repeats (sympy ``cse``) and printed by :class:`SymbpNumPyPrinter`.
 One forward/backward function pair is emitted per distinct layer math (every ``linear`` layer
 calls ``linear_forward``), and the network's ``forward``/``backward`` call them in order.
@@ -20,11 +20,12 @@ from .. import __version__
 from ..declare.forms import Forward
 from ..declare.layers import Layer
 from ..declare.net import Net
-from ..derive.arrays import Lowering, stabilize
+from ..derive.arrays import Lowering
 from ..derive.layer import Carried, LayerDerivation
 from ..derive.network import NetworkDerivation, derive_network
 from ..derive.plan import build_plan
 from ..derive.readings import computed_form, reading
+from ..derive.stable import stabilize
 from . import template_folder
 from .layout import MAX_LINE, formula, wrap_line, wrap_lines
 from .memory_plan import (
