@@ -28,7 +28,8 @@ from symbp.declare import conv, layers
 from symbp.declare.forms import N
 from symbp.declare.layers import BatchNorm
 from symbp.derive.arrays import Lowering
-from symbp.derive.layer import Adjoint, LayerDerivation, _peels, derive_layer
+from symbp.derive.keep import _peels
+from symbp.derive.layer import Adjoint, LayerDerivation, derive_layer
 from symbp.derive.verify import default_sizes, expand_forward, is_zero, verify_layer
 from symbp.emit.numpy_printer import numpy_code
 
