@@ -209,9 +209,8 @@ class SymbpNumPyPrinter(NumPyPrinter):
         return f"{self.parenthesize(left, level)} @ {self.parenthesize(right, level + 1)}"
 
     def _print_Reshape(self, expr):
-        array, *dims = expr.args
-        shape = ", ".join(self._print(d) for d in dims)
-        return f"{self.parenthesize(array, PRECEDENCE['Atom'], strict=True)}.reshape({shape})"
+        array, *dims = (self._print(a) for a in expr.args)
+        return f"{array}.reshape({', '.join(dims)})"
 
     def _print_Permute(self, expr):
         if len(expr.args) == 1:
