@@ -113,6 +113,7 @@ def notes(
     the layers with parameters (``W^{(2)}`` is the second weight layer)."""
     from .emit.notes import FORMATS, NOTATIONS, NUMBERINGS, make_notes
 
+    _flags(steps=steps, fragment=fragment, flow=flow)
     if fmt not in FORMATS:
         raise SpecError(f"fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if notation not in NOTATIONS:
@@ -144,7 +145,16 @@ def check(net, *, batch: int = 4, seed: int = 0, full: bool = False):
     for the first time sets it as an attribute of its parent, which would replace this
     function if that happened after its definition (``symbp.derive`` is the same).
     """
+    _flags(full=full)
     return _gradcheck.check_spec(_as_net(net), batch=batch, seed=seed, full=full)
+
+
+def _flags(**flags) -> None:
+    """Refuse a keyword that must be True or False given anything else (``steps="yes"``),
+    as a spec's ``bias = "yes"`` is refused."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise SpecError(f"must be True or False, got {value!r}", field=name)
 
 
 __all__ = [

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import __version__
 from .errors import SpecError, SymbpError
 
 
@@ -30,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="symbp", description="Derive backpropagation exactly, generate numpy, export notes."
     )
+    parser.add_argument("--version", action="version", version=f"symbp {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     derive = commands.add_parser("derive", help="print forward and derived backward formulas")
@@ -91,10 +94,29 @@ def _write(path: str, text: str) -> None:
     print(f"wrote {path}")
 
 
+def _refuse_overwriting_the_spec(args: argparse.Namespace) -> None:
+    """An output file (``-o``, ``--plot``) that is the spec itself would replace the spec."""
+    spec = getattr(args, "spec", None)
+    for option, name in (("-o", "output"), ("--plot", "plot")):
+        target = getattr(args, name, None)
+        if spec and target and target != "-" and _same_file(spec, target):
+            raise SpecError(
+                "is the spec file itself, which it would overwrite", file=spec, field=option
+            )
+
+
+def _same_file(first: str, second: str) -> bool:
+    try:
+        return os.path.samefile(first, second)  # hard and symbolic links too
+    except OSError:  # one does not exist (yet)
+        return Path(first).resolve() == Path(second).resolve()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        _refuse_overwriting_the_spec(args)
         if args.command == "derive":
             return _derive(args)
         if args.command == "codegen":
@@ -111,7 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"symbp: error: {err}", file=sys.stderr)
         return 2
     except MemoryError as err:  # sizes or a --batch that the arrays cannot be allocated for
-        print(f"symbp: error: not enough memory: {err or 'an allocation failed'}", file=sys.stderr)
+        print(f"symbp: error: {_memory_error(err, args)}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        if not str(err).startswith(TOO_BIG_FOR_NUMPY):  # a bug: its traceback is wanted
+            raise
+        # NumPy's word for an array of more bytes than an address holds: a --batch of 10**16
+        print(f"symbp: error: {_memory_error(MemoryError(str(err)), args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # pragma: no cover
         return 130
@@ -122,6 +150,69 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signal.SIGPIPE
     parser.error(f"unknown command {args.command}")  # pragma: no cover
     return 2
+
+
+#: how NumPy's ValueErrors begin for an array whose size does not fit in an address
+TOO_BIG_FOR_NUMPY = ("array is too big", "Maximum allowed dimension exceeded")
+#: the options whose value is a batch size, per command
+BATCH_OPTIONS = {"check": ("batch",), "flow": ("grad_batch", "jacobian_batch", "batch")}
+
+
+def _memory_error(err: MemoryError, args: argparse.Namespace) -> SpecError:
+    """A MemoryError as bad input naming the spec, the option whose value was too large and
+    the layer whose array could not be allocated, as far as NumPy's message (``Unable to
+    allocate 8.53 PiB for an array with shape (100000000000000, 12) ...``) tells them."""
+    from .declare.spec import load_spec
+
+    text = str(err) or "an allocation failed"
+    spec = getattr(args, "spec", None)
+    match = re.search(r"with shape \(([0-9, ]*)\)", text)
+    shape = tuple(int(part) for part in match.group(1).split(",") if part.strip()) if match else ()
+    option = None
+    for name in BATCH_OPTIONS.get(args.command, ()):
+        value = getattr(args, name, None)
+        values = [value] if isinstance(value, int) else _batches(value)
+        if (shape and shape[0] in values) or (not shape and len(BATCH_OPTIONS[args.command]) == 1):
+            option = "--" + name.replace("_", "-")
+            break
+    layer = whose = None
+    try:
+        net = load_spec(spec) if spec else None
+    except SymbpError:
+        net = None
+    if net is not None and shape:
+        layer, whose = _array_owner(net, shape, batched=option is not None)
+    message = f"not enough memory{f' for {whose}' if whose else ''}: {text}"
+    return SpecError(message, file=spec, layer=layer, field=option)
+
+
+def _batches(text) -> list[int]:
+    try:
+        return [int(part) for part in str(text).split(",")]
+    except ValueError:
+        return []
+
+
+def _array_owner(net, shape: tuple[int, ...], *, batched: bool) -> tuple[str | None, str | None]:
+    """Which layer's array has ``shape``: a parameter, or (``batched``: the batch first) the
+    input, a layer's output or a padded input; ``(layer name, what)``, Nones if none."""
+    per_sample = shape[1:] if batched else None
+    if per_sample == net.input_shape:
+        return None, "the input x"
+    for item in net.walk():
+        if not batched:
+            for param, param_shape in item.layer.param_shapes(item.in_shape).items():
+                if tuple(param_shape) == shape:
+                    return item.name, f"its parameter {param} {list(shape)}"
+            continue
+        if per_sample == item.out_shape:
+            return item.name, "its output"
+        padding = getattr(item.layer, "padding", 0)
+        if padding and len(item.in_shape) == 3:
+            channels, height, width = item.in_shape
+            if per_sample == (channels, height + 2 * padding, width + 2 * padding):
+                return item.name, "its padded input"
+    return None, None
 
 
 def _derive(args) -> int:
@@ -142,8 +233,8 @@ def _derive(args) -> int:
             )
         try:
             layer = Activation(args.expr)
-        except SpecError as err:
-            raise err.located(field="--expr") from None
+        except SpecError as err:  # the option names the text, not the layer field 'expr'
+            raise SpecError(err.message, field="--expr") from None
         report = expression_blocks(
             layer, verify=args.verify, unicode=not args.ascii, progress=progress
         )

@@ -12,6 +12,12 @@ class SymbpError(Exception):
     """Base class of every error symbp raises on purpose."""
 
 
+class Position(str):
+    """A layer named by its place, where it has no name yet (no type, a name that is not a
+    string): ``2 of [[layers]]``, 1-based as people count, shown unquoted (``layer 2 of
+    [[layers]]``), unlike a name (``layer 'fc1'``)."""
+
+
 class SpecError(SymbpError):
     """Bad input: a spec file, a layer declaration or an expression string.
 
@@ -46,7 +52,9 @@ class SpecError(SymbpError):
 
     def __str__(self) -> str:
         where = []
-        if self.layer is not None:
+        if isinstance(self.layer, Position):
+            where.append(f"layer {self.layer}")
+        elif self.layer is not None:
             where.append(f"layer '{self.layer}'")
         if self.field is not None:
             where.append(f"field '{self.field}'")

@@ -65,12 +65,24 @@ def default_layer_name(layer_type: str, position: int) -> str:
     return f"{layer_type}{position}"
 
 
-def forward_function(kind: str) -> str:
-    return f"{kind}_forward"
+def forward_function(stem: str) -> str:
+    """The generated forward function of a layer math: ``<stem>_forward``."""
+    return f"{stem}_forward"
 
 
-def backward_function(kind: str) -> str:
-    return f"{kind}_backward"
+def backward_function(stem: str) -> str:
+    """The generated backward function of a layer math: ``<stem>_backward``."""
+    return f"{stem}_backward"
+
+
+def predict_function(stem: str) -> str:
+    """The generated evaluation-mode forward function of a layer math: ``<stem>_predict``."""
+    return f"{stem}_predict"
+
+
+def state_update_function(stem: str) -> str:
+    """The generated function moving a layer's running state (``batchnorm_running_stats``)."""
+    return f"{stem}_running_stats"
 
 
 def adjoint(name: str) -> str:

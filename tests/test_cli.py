@@ -124,7 +124,7 @@ def test_check_runs_on_one_sample_without_batch_norm():
 def test_a_batch_too_big_for_memory_is_one_line(capsys, argv):
     assert cli_main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("symbp: error: not enough memory") and err.count("\n") == 1
+    assert "not enough memory" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize(

@@ -218,7 +218,7 @@ BAD_EXPRESSIONS = {
 def test_bad_expression_exits_2_with_one_line(capsys, text, words):
     code, out, err = run(capsys, "derive", "--expr", text)
     assert code == 2 and out == ""
-    assert err.startswith("symbp: error: field 'expr': ") and err.count("\n") == 1
+    assert err.startswith("symbp: error: field '--expr': ") and err.count("\n") == 1
     assert words in err
 
 
@@ -230,7 +230,7 @@ def test_bad_expression_in_a_real_process_is_refused_not_run(tmp_path):
         capture_output=True, text=True, cwd=ROOT,
     )
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.startswith("symbp: error: field 'expr': function ")
+    assert result.stderr.startswith("symbp: error: field '--expr': function ")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert not marker.exists()
 

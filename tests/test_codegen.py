@@ -549,10 +549,10 @@ def test_overwrite_gives_the_same_values_in_the_argument_memory():
     x, dy = rng.standard_normal((6, 4)), rng.standard_normal((6, 4))
     gamma, beta = rng.uniform(0.5, 1.5, 4), rng.standard_normal(4)
 
-    y, (invstd, xhat), stats = module.batchnorm_forward(x, gamma, beta, epsilon=1e-5)
+    y, (invstd, xhat), stats = module.batchnorm_forward(x, gamma, beta, eps=1e-5)
     scratch = x.copy()
     y2, (invstd2, xhat2), _ = module.batchnorm_forward(
-        scratch, gamma, beta, epsilon=1e-5, overwrite=True
+        scratch, gamma, beta, eps=1e-5, overwrite=True
     )
     assert np.array_equal(y2, y) and np.array_equal(xhat2, xhat)
     assert np.shares_memory(xhat2, scratch)
@@ -1356,14 +1356,14 @@ def test_row_broadcast_passes_go_through_along_rows():
     forward = _function_body(source, "batchnorm_forward")
     backward = _function_body(source, "batchnorm_backward")
     predict = _function_body(source, "batchnorm_predict")
-    assert "common0 = _along_rows(np.subtract, x, mu, out=x if overwrite else None)" in forward
-    assert "xhat = _along_rows(np.multiply, common0, invstd, out=common0)" in forward
+    assert "x_minus_mu = _along_rows(np.subtract, x, mu, out=x if overwrite else None)" in forward
+    assert "xhat = _along_rows(np.multiply, x_minus_mu, invstd, out=x_minus_mu)" in forward
     assert forward[-3:-1] == [
         "y = _along_rows(np.multiply, xhat, gamma)", "_along_rows(np.add, y, beta, out=y)"
     ]
-    assert "dx = _along_rows(np.multiply, xhat, common1/N)" in backward
+    assert "dx = _along_rows(np.multiply, xhat, sum_dy_xhat/N)" in backward
     assert "np.subtract(dy, dx, out=dx)" in backward
-    assert "_along_rows(np.subtract, dx, common0/N, out=dx)" in backward
+    assert "_along_rows(np.subtract, dx, sum_dy/N, out=dx)" in backward
     assert "_along_rows(np.multiply, dx, gamma*invstd, out=dx)" in backward
     assert predict[0].startswith("y = _along_rows(np.multiply, x - running_mean, gamma/np.sqrt(")
     assert "def _along_rows(ufunc, a, b, out=None):" in source

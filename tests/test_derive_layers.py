@@ -440,7 +440,7 @@ def test_sympy_alone_would_give_relu_half_at_zero():
 # negative-side slope at 0 (``x > 0 ? g : g * slope``); elu's negative branch alpha*exp(x) at 0.
 KINKS = {
     "relu": (0, 0, 1),
-    "leaky_relu": (sp.Symbol("a", positive=True),) * 2 + (1,),
+    "leaky_relu": (sp.Symbol("slope", positive=True),) * 2 + (1,),
     "prelu_shared": (sp.Symbol("alpha", real=True),) * 2 + (1,),
     "rrelu": (array("r", positive=True)[n, j],) * 2 + (1,),
     "elu": (sp.Symbol("alpha", positive=True) * sp.exp(-1), sp.Symbol("alpha", positive=True), 1),

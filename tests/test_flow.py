@@ -87,7 +87,7 @@ def test_activation_bound_is_the_sampled_supremum(kind):
 
 
 def test_textbook_bounds_come_out_exactly():
-    """The classic facts: sigmoid' <= 1/4, tanh' <= 1, ReLU' in {0, 1}, leaky ReLU Max(1, a)."""
+    """The classic facts: sigmoid' <= 1/4, tanh' <= 1, ReLU' in {0, 1}, leaky ReLU Max(1, slope)."""
     rows = {
         kind: flow_bounds(symbp.derive(one_activation(ACTIVATIONS[kind][0])))[1]
         for kind in ("sigmoid", "tanh", "relu", "leaky_relu", "leaky_relu_steep")
@@ -97,8 +97,22 @@ def test_textbook_bounds_come_out_exactly():
     assert rows["relu"].bound == 1 and "{0, 1}" in rows["relu"].reason
     assert rows["leaky_relu"].bound == 1
     assert rows["leaky_relu_steep"].bound == 3
-    a = sp.Symbol("a", positive=True)
+    a = sp.Symbol("slope", positive=True)
     assert rows["leaky_relu"].bound_general.subs(a, 5) == 5
+
+
+@pytest.mark.parametrize(("lower", "upper", "bound"), [(0.125, 1 / 3, 1), (0.5, 2.0, 2)])
+def test_rrelu_bound_is_its_largest_slope_over_the_declared_range(lower, upper, bound):
+    """RReLU's f' is 1 or a slope r drawn from [lower, upper]: sup |f'| = max(1, upper), a
+    number, not a maximum over the entries of r (the notes printed max(1, r_nj))."""
+    net = symbp.Net([symbp.rrelu(lower=lower, upper=upper)], input_features=3, loss="mse")
+    (row,) = flow_bounds(symbp.derive(net))
+    assert row.bound == bound and not row.bound.has(LayerMax)
+    assert "r in [lower, upper]" in row.reason
+    upper_symbol = next(s for s in row.bound_general.free_symbols if s.name == "upper")
+    assert row.bound_general.subs(upper_symbol, 5) == 5
+    notes = str(symbp.notes(net, fmt="md", flow=True))
+    assert "\\max\\left(1, r_{nj}\\right)" not in notes
 
 
 def test_supremum_by_calculus():

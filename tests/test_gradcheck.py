@@ -88,16 +88,54 @@ def test_a_kink_near_the_point_is_stepped_around(distance, side):
     assert check_1d(f, derivative * (1 + 1e-4)).error > 5e-5
 
 
-@pytest.mark.parametrize("distance", [0.0, 1e-7, -2e-7, 7e-7])
+@pytest.mark.parametrize("distance", [0.0, 1e-13, -2e-13, 4e-13])
 def test_a_kink_within_the_smallest_step_is_reported_not_failed(distance):
     # At the kink itself the convention (ReLU'(0) = 0: the left slope) is no limit of
     # difference quotients; so close to it no step on the ladder resolves the two sides.
     def f(t):
         return 0.5 * t + 1.5 * max(t - distance, 0.0)
 
+    assert gradcheck.STEPS[-1] / 2 > abs(distance)
     derivative = 0.5 if distance >= 0 else 2.0
     result = check_1d(f, derivative)
     assert result.kink
+
+
+@pytest.mark.parametrize("distance", [1e-7, -2e-7, 7e-7, -3e-9])
+def test_a_kink_a_little_further_is_resolved_by_the_smaller_steps(distance):
+    # Kinks as close as a deep network behind batch norm puts them (1e-9 to 1e-6 at 32 blocks
+    # of linear-batchnorm-relu at batch 4): the ladder goes on down to 1e-12.
+    def f(t):
+        return 0.5 * t + 1.5 * max(t - distance, 0.0) + 0.3 * t * t
+
+    derivative = 0.5 if distance >= 0 else 2.0
+    result = check_1d(f, derivative)
+    assert result.error < TOLERANCE and not result.kink
+    wrong = check_1d(f, derivative * (1 + 1e-4))
+    assert wrong.error > TOLERANCE and not wrong.kink
+
+
+@pytest.mark.parametrize("seed", [3, 13, 32, 0, 1])
+def test_many_kinks_within_the_large_steps_are_stepped_under(seed):
+    # A deep network behind batch norm at a small batch, in one variable: a line with 200 kinks
+    # of random slope change between 3e-6 and 2e-5 from the point, on both sides. Steps above
+    # that cross all of them: their central differences are all about 0.5 + (sum of the
+    # changes) / 2, so the estimates at 1e-3 and 1e-4 agree with each other, while the slope at
+    # the point is 0.5 + (sum of the changes left of it). The check once failed these (seeds 3,
+    # 13 and 32, relative error 0.4); the steps from 1e-6 on see the slope at the point.
+    rng = np.random.default_rng(seed)
+    kinks = rng.uniform(-2e-5, 2e-5, 200)
+    kinks = kinks[np.abs(kinks) > 3e-6]
+    changes = rng.normal(0.0, 0.05, kinks.size)
+
+    def f(t):
+        return 0.5 * t + 0.2 * t * t + float(np.sum(changes * np.maximum(t - kinks, 0.0)))
+
+    derivative = 0.5 + float(np.sum(changes[kinks < 0]))
+    result = check_1d(f, derivative)
+    assert result.error < TOLERANCE and not result.kink and result.refined
+    wrong = check_1d(f, derivative * (1 + 1e-4))
+    assert wrong.error > TOLERANCE and not wrong.kink
 
 
 def test_the_denominator_guard_is_the_measured_rounding_noise():
@@ -296,3 +334,60 @@ def test_the_same_check_gives_the_same_table():
     first = check_module(net, module, batch=3, seed=7)
     assert first.passed, first.table()
     assert check_module(net, module, batch=3, seed=7).table() == first.table()
+
+
+# --------------------------------------------------------------------------- deep networks
+
+
+def deep_spec(tmp_path, blocks, width):
+    """``blocks`` times linear(width) -> batchnorm -> relu, then a linear layer to 10 classes."""
+    block = ('[[layers]]\ntype = "linear"\nout = {width}\n\n[[layers]]\ntype = "batchnorm"\n\n'
+             '[[layers]]\ntype = "relu"\n\n')
+    text = (f'name = "deep"\ninput = {{ features = {width} }}\n'
+            'loss = "softmax_cross_entropy"\n\n' + block.format(width=width) * blocks
+            + '[[layers]]\ntype = "linear"\nout = 10\n')
+    path = tmp_path / "deep.toml"
+    path.write_text(text)
+    return symbp.load_spec(path)
+
+
+@pytest.mark.slow
+def test_a_deep_batch_norm_relu_network_passes_at_the_defaults_and_a_wrong_gradient_fails(
+    tmp_path,
+):
+    # 16 blocks at batch 4: batch norm's gradient explosion (the input gradient is about 70,
+    # 1e7 at 32 blocks) moves thousands of pre-activations per unit step, so the ReLU kinks
+    # nearest the point are 1e-6 to 1e-5 away (1e-9 at 32 blocks): every step above that
+    # crosses many of them, and the estimates there are smooth-looking averages of the slope,
+    # a few percent from the derivative and from one another. The check once took two of them
+    # agreeing for convergence and failed 14 of 70 rows (PyTorch agrees with the module).
+    net = deep_spec(tmp_path, 16, 64)
+    module = load_module(generate_module(net))
+    report = check_module(net, module)
+    assert report.passed, report.table()
+    assert sum(row.refined for row in report.rows) > 0  # the kinks were there, and stepped under
+    # ... and a gradient made wrong by 1e-3 still fails, also where the kinks are densest.
+    for name in ["x", "batchnorm2.gamma"]:
+        report = check_module(net, wrong(module, scaled(name, 1 + 1e-3)))
+        failed = {row.name for row in report.rows if not row.passed}
+        assert name in failed, report.table()
+        assert failed <= {name} | {row.name for row in report.rows if row.name.startswith("vjp")}
+
+
+def test_a_loss_too_rough_for_finite_differences_is_named_in_the_report():
+    # What 64 blocks of linear -> batch norm -> relu at batch 4 look like to the check (the
+    # loss, 2.3, changes by about 5 when x moves by 1e-11): a loss that moves by 0.05 at
+    # random under the smallest changes of x. The table says why it cannot be checked.
+    net = Net([symbp.linear(3), symbp.tanh(), symbp.linear(2)], input_features=3, loss="mse")
+    module = load_module(generate_module(net))
+    proxy = types.SimpleNamespace(**vars(module))
+
+    def loss_and_grads(params, x, y, **kwargs):
+        loss, grads = module.loss_and_grads(params, x, y, **kwargs)
+        digest = hashlib.sha256(np.asarray(x).tobytes()).digest()
+        return loss + 0.05 * (digest[0] / 255 - 0.5), grads
+
+    proxy.loss_and_grads = loss_and_grads
+    report = check_module(net, proxy)
+    assert report.notes and "too large for finite differences" in report.table()
+    assert not check_module(net, module).notes  # the module itself: no note

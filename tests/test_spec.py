@@ -89,7 +89,8 @@ BAD = {
         _layer('type = "conv2d"\nkernel = 3'), "conv2d1", "out_channels", "missing"
     ),
     "residual_entry_not_a_table": Bad(
-        _layer('type = "residual"\nname = "res"\nlayers = [5]'), "res.layers[1]", None, "table"
+        _layer('type = "residual"\nname = "res"\nlayers = [5]'),
+        "1 of the block 'res'", None, "table",
     ),
     "out_string": Bad(_layer('type = "linear"\nname = "fc1"\nout = "abc"'), "fc1", "out", "abc"),
     "out_zero": Bad(_layer('type = "linear"\nname = "fc1"\nout = 0'), "fc1", "out", "positive"),
@@ -134,9 +135,11 @@ BAD = {
         _layer('type = "relu"\nname = "forward"'), "forward", "name", "reserved"
     ),
     "name_not_a_string": Bad(
-        _layer('type = "relu"\nname = 3'), "layers[1]", "name", "string"
+        _layer('type = "relu"\nname = 3'), "1 of [[layers]]", "name", "string"
     ),
-    "name_empty": Bad(_layer('type = "relu"\nname = ""'), "layers[1]", "name", "identifier"),
+    "name_empty": Bad(
+        _layer('type = "relu"\nname = ""'), "1 of [[layers]]", "name", "identifier"
+    ),
     "network_name": Bad(
         _layer('type = "relu"', header='name = "my-net"\ninput = { features = 4 }\n'),
         None, "name", "identifier",
@@ -222,6 +225,11 @@ def _error(path: Path) -> SpecError:
     return info.value
 
 
+def _layer_text(layer: str) -> str:
+    """How an error shows a layer: a name quoted, a place (``1 of [[layers]]``) not."""
+    return f"layer {layer}" if " of " in layer else f"layer '{layer}'"
+
+
 @pytest.mark.parametrize("bad", list(BAD.values()), ids=list(BAD))
 def test_bad_spec_error_names_file_layer_and_field(bad, write):
     path = write(bad.text)
@@ -233,7 +241,7 @@ def test_bad_spec_error_names_file_layer_and_field(bad, write):
     text = str(error)
     assert text.startswith(f"{path}: ")
     if bad.layer is not None:
-        assert f"layer '{bad.layer}'" in text
+        assert _layer_text(bad.layer) in text
     if bad.field is not None:
         assert f"field '{bad.field}'" in text
 
@@ -249,7 +257,7 @@ def test_cli_reports_bad_spec_in_one_line_with_exit_2(bad, write, capsys):
     assert lines[0].startswith(f"symbp: error: {path}: ")
     assert bad.words in lines[0]
     if bad.layer is not None:
-        assert f"layer '{bad.layer}'" in lines[0]
+        assert _layer_text(bad.layer) in lines[0]
     if bad.field is not None:
         assert f"field '{bad.field}'" in lines[0]
     assert "Traceback" not in captured.err
@@ -319,7 +327,7 @@ def test_malicious_cli_expression(capsys):
     assert cli.main(["derive", "--expr", "__import__('os').system('echo pwned')"]) == 2
     captured = capsys.readouterr()
     assert "pwned" not in captured.out
-    assert captured.err.startswith("symbp: error: field 'expr': function")
+    assert captured.err.startswith("symbp: error: field '--expr': function")
     assert len(captured.err.splitlines()) == 1
 
 

@@ -35,6 +35,16 @@ NETWORKS = {
     "residual (sigmoid)": dict(activation="sigmoid", residual=True),
     "residual (relu)": dict(activation="relu", residual=True),
 }
+#: One colour and marker per network, fixed (not the style's cycle, which some matplotlib
+#: styles and versions repeat within six lines: tanh and relu + batchnorm once shared a red).
+STYLES = {
+    "sigmoid": ("#1f77b4", "o"),
+    "tanh": ("#ff7f0e", "s"),
+    "relu": ("#2ca02c", "^"),
+    "relu + batchnorm": ("#d62728", "D"),
+    "residual (sigmoid)": ("#9467bd", "v"),
+    "residual (relu)": ("#8c564b", "P"),
+}
 DEPTHS = [2, 4, 8, 12, 16, 20, 24, 28, 32]
 QUICK_DEPTHS = [2, 8]
 BATCH = 128
@@ -98,8 +108,10 @@ def _summary(rows, depths):
 def _plot(path: Path, summary, depths) -> None:
     fig, (axes,) = figure(1, width=6.4, height=4.2)
     for label, curve in summary.items():
-        line = axes.plot(depths, curve["geometric_mean"], "o-", label=label, markersize=4)[0]
-        axes.fill_between(depths, curve["min"], curve["max"], color=line.get_color(), alpha=0.15)
+        colour, marker = STYLES[label]
+        axes.plot(depths, curve["geometric_mean"], "-", marker=marker, color=colour, label=label,
+                  markersize=4)
+        axes.fill_between(depths, curve["min"], curve["max"], color=colour, alpha=0.15)
     axes.set_yscale("log")
     axes.set_xlabel("depth (hidden layers / blocks)")
     axes.set_ylabel("||dL/dW|| of the first layer at init")

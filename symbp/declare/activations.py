@@ -98,7 +98,7 @@ class LeakyRelu(Elementwise):
 
     kind = "leaky_relu"
     he_gain_before = True
-    constants = {"slope": sp.Symbol("a", positive=True)}
+    constants = {"slope": sp.Symbol("slope", positive=True)}
 
     def __init__(self, slope: float = 0.01, *, name: str | None = None):
         super().__init__(name=name)

@@ -41,9 +41,9 @@ def register(cls: type[Layer]) -> type[Layer]:
 
 def _number(value: Any, *, field: str, positive: bool = False, minimum=None) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SpecError(f"must be a number, got {value!r}", field=field)
+        raise SpecError(f"must be a number, got {shown(value)}", field=field)
     if not abs(value) <= sys.float_info.max:  # nan, inf, or an integer beyond float64
-        raise SpecError(f"must be a finite number, got {value!r}", field=field)
+        raise SpecError(f"must be a finite number, got {shown(value)}", field=field)
     if positive and not value > 0:
         raise SpecError(f"must be positive, got {value!r}", field=field)
     if minimum is not None and value < minimum:
@@ -51,9 +51,24 @@ def _number(value: Any, *, field: str, positive: bool = False, minimum=None) -> 
     return float(value)
 
 
+#: The most elements a size may give (a width, a channel count, a kernel's extent), a parameter
+#: array may have, and a layer's output (or padded input) may have per sample; see Net.
+MAX_ELEMENTS = 2**31
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, short for a huge integer (Python refuses to print one of 4300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**20:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)
+
+
 def _integer(value: Any, *, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SpecError(f"must be a positive integer, got {value!r}", field=field)
+        raise SpecError(f"must be a positive integer, got {shown(value)}", field=field)
+    if value > MAX_ELEMENTS:
+        raise SpecError(f"must be at most 2**31 (symbp's limit on sizes), got {shown(value)}",
+                        field=field)
     return value
 
 

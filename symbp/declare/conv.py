@@ -18,7 +18,7 @@ import sympy as sp
 
 from ..errors import SpecError
 from .forms import Array, Forward, N, Stage, WindowMax, index, size
-from .layers import Layer, _integer, register
+from .layers import MAX_ELEMENTS, Layer, _integer, register, shown
 
 C, H, W = size("C"), size("H_in"), size("W_in")
 CO, KH, KW = size("O"), size("K_h"), size("K_w")
@@ -63,7 +63,11 @@ class _Windowed(Layer):
         self.kernel = _pair(kernel, "kernel")
         self.stride = _pair(stride if stride is not None else self.kernel, "stride")
         if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-            raise SpecError(f"must be a non-negative integer, got {padding!r}", field="padding")
+            raise SpecError(f"must be a non-negative integer, got {shown(padding)}",
+                            field="padding")
+        if padding > MAX_ELEMENTS:
+            raise SpecError(f"must be at most 2**31 (symbp's limit on sizes), got "
+                            f"{shown(padding)}", field="padding")
         self.padding = padding
         self.dilation = _pair(dilation, "dilation")
         if stride is None and len(set(self.stride)) != 1:

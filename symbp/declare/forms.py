@@ -74,7 +74,7 @@ class Forward:
     ``keep`` names what the backward pass may read from the forward pass besides the inputs and
     parameters it needs anyway; ``None`` lets the engine choose (for element-wise layers it
     prefers the output when the derivative is cheaper in terms of it, as for sigmoid).
-    ``constants`` are hyper-parameter symbols (``epsilon``, a leaky slope) with their values.
+    ``constants`` are hyper-parameter symbols (``eps``, a leaky ``slope``) with their values.
     ``letters`` names the index used for each size, for readable formulas.
     """
 

@@ -30,6 +30,7 @@ from .base import (
     F_OUT,
     IMAGE_DIMS,
     LETTERS,
+    MAX_ELEMENTS,
     REGISTRY,
     F,
     Layer,
@@ -38,15 +39,17 @@ from .base import (
     _number,
     exact,
     register,
+    shown,
 )
 from .forms import Array, Forward, N, Stage, index, size
 from .losses import LOSSES, BceWithLogits, Loss, Mse, SoftmaxCrossEntropy
 
 __all__ = [
-    "ACTIVATIONS", "F", "F_IN", "F_OUT", "IMAGE_DIMS", "LETTERS", "LOSSES", "REGISTRY", "X",
+    "ACTIVATIONS", "MAX_ELEMENTS", "F", "F_IN", "F_OUT", "IMAGE_DIMS", "LETTERS", "LOSSES",
+    "REGISTRY", "X",
     "Activation", "BatchNorm", "BceWithLogits", "Elementwise", "Elu", "Gelu", "Layer",
     "LeakyRelu", "Linear", "Loss", "Mse", "Prelu", "Relu", "Residual", "Rrelu", "Sigmoid", "Silu",
-    "SoftmaxCrossEntropy", "Softplus", "Tanh", "_integer", "_number", "exact", "register",
+    "SoftmaxCrossEntropy", "Softplus", "Tanh", "_integer", "_number", "exact", "register", "shown",
 ]
 
 
@@ -132,7 +135,7 @@ class BatchNorm(Layer):
         "moves its running statistics in place; in evaluation mode ``state`` holds them."
     )
     evaluation_doc = "batch norm uses the running statistics in ``state``"
-    EPS = sp.Symbol("epsilon", positive=True)
+    EPS = sp.Symbol("eps", positive=True)  # named as the user writes it
     MOMENTUM = sp.Symbol("momentum", positive=True)
 
     def __init__(self, *, eps: float = 1e-5, momentum: float = 0.1, name: str | None = None):
@@ -159,7 +162,7 @@ class BatchNorm(Layer):
         return (0, *range(2, len(in_shape) + 1))  # every axis but the feature (channel) axis
 
     def constant_values(self):
-        return {"epsilon": self.eps, "momentum": self.momentum}
+        return {"eps": self.eps, "momentum": self.momentum}
 
     @staticmethod
     def _layout(in_shape):

@@ -7,14 +7,18 @@ that do not fit the output -- all as :class:`~symbp.errors.SpecError` naming the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..errors import SpecError
 from ..naming import check_identifier, default_layer_name, param_key
-from .layers import REGISTRY, Layer, Loss, Residual
+from .layers import MAX_ELEMENTS, REGISTRY, Layer, Loss, Residual
 
 DTYPES = ("float64", "float32")
+#: How deeply residual blocks may nest inside each other: the names, the derivation and the
+#: TOML reader (which ran out of Python's stack at about 200) all recurse through the nesting.
+MAX_NESTING = 16
 
 
 @dataclass
@@ -73,6 +77,12 @@ class Net:
                 f"part of it), got {list(input_shape)}",
                 field="input",
             )
+        if math.prod(input_shape) > MAX_ELEMENTS:
+            raise SpecError(
+                f"{list(input_shape)} has {math.prod(input_shape)} elements per sample, more than "
+                "symbp's limit of 2**31",
+                field="input",
+            )
         self.input_shape = tuple(input_shape)
         if dtype not in DTYPES:
             raise SpecError(f"must be one of {', '.join(DTYPES)}, got {dtype!r}", field="dtype")
@@ -92,7 +102,7 @@ class Net:
     def _place(self, layers: list[Layer]) -> list[Placed]:
         seen: set[str] = set()
 
-        def place(items, shape, prefix, start):
+        def place(items, shape, prefix, start, depth=0):
             placed = []
             for position, layer in enumerate(items, start=start):
                 if not isinstance(layer, Layer) or isinstance(layer, Loss):
@@ -103,7 +113,11 @@ class Net:
                 seen.add(name)
                 try:
                     if isinstance(layer, Residual):
-                        body = place(layer.layers, shape, name + "_", 1)
+                        if depth >= MAX_NESTING:
+                            raise SpecError(
+                                f"residual blocks nest at most {MAX_NESTING} deep", field="layers"
+                            )
+                        body = place(layer.layers, shape, name + "_", 1, depth + 1)
                         if body[-1].out_shape != shape:
                             raise SpecError(
                                 f"residual body maps width {list(shape)} to "
@@ -113,6 +127,7 @@ class Net:
                         placed.append(Placed(layer, name, shape, shape, body))
                         continue
                     out = layer.output_shape(shape)
+                    _check_sizes(layer, shape, out)
                     layer.forward_form(shape)  # declaration errors surface now, not later
                 except SpecError as err:
                     raise err.located(layer=name) from None
@@ -156,6 +171,36 @@ class Net:
 
     def __repr__(self) -> str:
         return f"Net({self.name!r}, {len(self.placed)} layers, loss={self.loss and self.loss.kind})"
+
+
+def _check_sizes(layer: Layer, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> None:
+    """Refuse a layer whose arrays nobody can allocate: a parameter array of more than
+    MAX_ELEMENTS (2**31) elements, or an output or padded input of more per sample, naming the
+    field that sets the size (``out``, ``out_channels``, ``padding``)."""
+    limit = "more than symbp's limit of 2**31"
+    padding = getattr(layer, "padding", 0)
+    if padding and len(in_shape) == 3:
+        channels, height, width = in_shape
+        padded = channels * (height + 2 * padding) * (width + 2 * padding)
+        if padded > MAX_ELEMENTS:
+            raise SpecError(
+                f"the padded input would have {padded} elements per sample, {limit}",
+                field="padding",
+            )
+    field = next((name for name in ("out", "out_channels") if hasattr(layer, name)), None)
+    for name, shape in layer.param_shapes(in_shape).items():
+        if math.prod(shape) > MAX_ELEMENTS:
+            raise SpecError(
+                f"its parameter {name} {list(shape)} would have {math.prod(shape)} elements, "
+                f"{limit}",
+                field=field,
+            )
+    if math.prod(out_shape) > MAX_ELEMENTS:
+        raise SpecError(
+            f"its output {list(out_shape)} would have {math.prod(out_shape)} elements per sample, "
+            f"{limit}",
+            field=field,
+        )
 
 
 def _make_loss(loss) -> Loss | None:

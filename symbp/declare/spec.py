@@ -23,12 +23,14 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from ..errors import SpecError
+from ..errors import Position, SpecError
 from ..naming import default_layer_name
-from .layers import REGISTRY, Layer, Loss, Residual
-from .net import Net
+from .layers import REGISTRY, Layer, Loss, Residual, shown
+from .net import MAX_NESTING, Net
 
 TOP_LEVEL = {"name", "input", "loss", "layers", "dtype"}
+#: The largest spec file symbp reads (the examples are under 2 KiB).
+MAX_SPEC_BYTES = 2**20
 
 
 def load_spec(path: str | Path) -> Net:
@@ -37,9 +39,18 @@ def load_spec(path: str | Path) -> Net:
         raise SpecError(f"a spec is the path of a TOML file, got {type(path).__name__}")
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as stream:
+            data = stream.read(MAX_SPEC_BYTES + 1)  # bounded: /dev/zero never ends
+        if len(data) > MAX_SPEC_BYTES:
+            raise SpecError(
+                f"is larger than {MAX_SPEC_BYTES // 2**20} MiB, symbp's limit on a spec file",
+                file=str(path),
+            )
+        text = data.decode("utf-8-sig")  # a byte-order mark, as some editors write, is fine
     except FileNotFoundError:
         raise SpecError("no such file", file=str(path)) from None
+    except IsADirectoryError:
+        raise SpecError("is a folder, not a spec file", file=str(path)) from None
     except (OSError, UnicodeDecodeError) as err:
         raise SpecError(f"cannot read: {err}", file=str(path)) from None
     try:
@@ -53,9 +64,16 @@ def parse_spec(text: str) -> Net:
     if not isinstance(text, str):
         raise SpecError(f"a spec is TOML text, got {type(text).__name__}")
     try:
-        data = tomllib.loads(text)
+        data = tomllib.loads(text.removeprefix("\ufeff"))
     except tomllib.TOMLDecodeError as err:
         raise SpecError(f"invalid TOML: {err}") from None
+    except ValueError as err:  # Python refuses an integer of more than 4300 digits
+        raise SpecError(f"invalid TOML: {_short_reason(err)}") from None
+    except RecursionError:  # the reader recurses through nested arrays and inline tables
+        raise SpecError(
+            "arrays or tables nest too deeply for the TOML reader (residual blocks nest at most "
+            f"{MAX_NESTING} deep)"
+        ) from None
     unknown = set(data) - TOP_LEVEL
     if unknown:
         raise SpecError(
@@ -89,6 +107,7 @@ def _input(value: Any) -> tuple[int | None, tuple[int, ...] | None]:
         )
     if set(value) - {"features", "shape"} or len(value) != 1:
         raise SpecError("takes exactly one of 'features' or 'shape'", field="input")
+    _check_64_bits(value, field="input")
     if "features" in value:
         features = value["features"]
         if isinstance(features, bool) or not isinstance(features, int) or features < 1:
@@ -104,15 +123,25 @@ def _layer(table: Any, position: int, parent: str = "") -> Layer:
     """The layer a ``[[layers]]`` table declares; ``parent``: the residual block it is in.
 
     Errors name the layer as the network will (its name, or its type and position, as
-    ``relu3`` or ``res1_linear1``), or by its place (``layers[3]``) where it has no type."""
-    where = f"{parent}.layers[{position}]" if parent else f"layers[{position}]"
+    ``relu3`` or ``res1_linear1``), or by its place, counted from 1 (``layer 3 of [[layers]]``,
+    ``layer 1 of the block 'res1'``), where it has no type or name."""
+    if not parent:
+        where = Position(f"{position} of [[layers]]")
+    else:
+        block = parent if isinstance(parent, Position) else f"'{parent}'"
+        where = Position(f"{position} of the block {block}")
     if not isinstance(table, dict):
-        raise SpecError(f"must be a table (one layer), got {table!r}", layer=where)
+        raise SpecError(f"must be a table (one layer), got {shown(table)}", layer=where)
     name = table.get("name")
     kind = table.get("type")
     if isinstance(name, str) and name:
         label = name
-    elif name is None and isinstance(kind, str) and kind in REGISTRY:
+    elif (
+        name is None
+        and isinstance(kind, str)
+        and kind in REGISTRY
+        and not isinstance(parent, Position)
+    ):
         label = (f"{parent}_" if parent else "") + default_layer_name(kind, position)
     else:
         label = where
@@ -123,6 +152,9 @@ def _layer(table: Any, position: int, parent: str = "") -> Layer:
         known = ", ".join(sorted(k for k, c in REGISTRY.items() if not issubclass(c, Loss)))
         raise SpecError(f"unknown layer type {kind!r} (known: {known})", layer=label, field="type")
     arguments = {k: v for k, v in table.items() if k != "type"}
+    for key, value in arguments.items():
+        if not (cls is Residual and key == "layers"):  # the body's layers are checked in theirs
+            _check_64_bits(value, layer=label, field=key)
     allowed = _fields(cls)
     for key in arguments:
         if key not in allowed:
@@ -143,6 +175,31 @@ def _layer(table: Any, position: int, parent: str = "") -> Layer:
         return cls(**arguments)
     except SpecError as err:
         raise err.located(layer=label) from None
+
+
+def _check_64_bits(value: Any, *, layer: str | None = None, field: str) -> None:
+    """Refuse an integer TOML does not allow: TOML's integers are 64-bit, Python's reader
+    takes any (``out = 10**30`` reached the layer as a Python int)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, int) and not -(2**63) <= item < 2**63:
+            raise SpecError(
+                "an integer outside TOML's 64-bit range (-2**63 to 2**63 - 1), "
+                f"of {item.bit_length()} bits",
+                layer=layer,
+                field=field,
+            )
+
+
+def _short_reason(err: ValueError) -> str:
+    if "integer string conversion" in str(err):
+        return "an integer of more than 4300 digits; TOML integers are 64-bit"
+    return str(err)
 
 
 def _fields(cls: type[Layer]) -> set[str]:

@@ -188,8 +188,10 @@ class Lowering:
         self.preferred: Axes = ()
         self.sizes: dict[sp.Symbol, sp.Expr] = {}
         self.window_dims = frozenset()
+        self.size_rules: dict[sp.Symbol, sp.Expr] = {}
         if form is not None:
             self.window_dims = form.window_dims
+            self.size_rules = dict(form.size_rules)
             for stage in form.stages:
                 self.sizes.update(zip(stage.indices, stage.array.dims, strict=True))
             for array in form.arrays.values():
@@ -412,7 +414,17 @@ class Lowering:
         scattered = Col2Im(array, kernel, pairs[0][2], pairs[0][3])
         offsets = sp.Tuple(*[p[5] for p in pairs])
         sizes = sp.Tuple(*[self.sizes[p[4]] for p in pairs])
-        return Shifted(scattered, offsets, sizes), lead + tuple(p[4] for p in pairs)
+        axes = lead + tuple(p[4] for p in pairs)
+        # The scatter's extent, (P - 1)*S + (K - 1)*D + 1 per axis: when it is the target's
+        # size and nothing is shifted, the shift would copy the array as it is.
+        extents = [((self.sizes[p[0]] - 1) * p[2] + (self.sizes[p[1]] - 1) * p[3] + 1)
+                   .xreplace(self.size_rules) for p in pairs]
+        if all(o == 0 for o in offsets) and all(
+            sp.simplify(e - size.xreplace(self.size_rules)) == 0
+            for e, size in zip(extents, sizes, strict=True)
+        ):
+            return scattered, axes
+        return Shifted(scattered, offsets, sizes), axes
 
     def _lower_sum(self, expr: sp.Sum) -> tuple[sp.Expr, Axes]:
         bound = [limit[0] for limit in expr.limits]

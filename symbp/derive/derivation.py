@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
+from .. import naming
 from ..declare.forms import Array, Forward, Stage
 from .arrays import Erfc, Sigmoid, Softplus
 
@@ -24,7 +25,7 @@ class Adjoint:
 
     @property
     def name(self) -> str:
-        return "d" + self.array.name
+        return naming.adjoint(self.array.name)
 
     @property
     def lhs(self) -> sp.Expr:
@@ -94,7 +95,7 @@ class LayerDerivation:
 
 
 def adjoint_array(array: Array) -> Array:
-    return Array("d" + array.name, array.dims)
+    return Array(naming.adjoint(array.name), array.dims)
 
 
 

@@ -224,7 +224,7 @@ def _rules_towards(form: Forward, keep: tuple[str, ...]) -> list[Rule]:
 
     For a kept stage ``K[I] = E`` and a quantity ``U`` in ``E`` (an array with the same indices,
     or a sum), solve ``K[I] = E`` for ``U``. Batch norm: ``x[n, j] -> mu[j] + xhat[n, j] /
-    invstd[j]`` and ``var[j] -> invstd[j]**-2 - epsilon``; sigmoid: ``x -> log(y / (1 - y))``.
+    invstd[j]`` and ``var[j] -> invstd[j]**-2 - eps``; sigmoid: ``x -> log(y / (1 - y))``.
     """
     rules: list[Rule] = []
     arrays = form.arrays

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sympy as sp
 
+from .. import naming
 from ..declare.forms import Array, Forward
 from ..errors import DerivationError
 from .arrays import ArrayOp, Erfc, Sigmoid, Softplus
@@ -146,7 +147,7 @@ def _compact(adjoint, by_name, rules, identities, names, form):
 def _inline(expr: sp.Expr, by_name: dict[str, Adjoint], form: Forward) -> sp.Expr:
     """Substitute every intermediate adjoint ``dS[..]`` by its formula, repeatedly."""
     intermediate = {s.name for s in form.stages[:-1]}
-    formulas = {"d" + name: by_name[name] for name in intermediate}
+    formulas = {naming.adjoint(name): by_name[name] for name in intermediate}
 
     def is_pending(element) -> bool:
         if isinstance(element, sp.Indexed):

@@ -363,7 +363,7 @@ def _polynomial_zero(expr: sp.Expr) -> bool:
     """Whether ``expr`` is zero as a polynomial with rational coefficients in its symbols and in
     *generalized variables*: each function value (``exp(x_0)``, ``Heaviside(x_1, 0)``) and each
     power ``B**(k/q)`` that is not a positive integer power (batch norm's
-    ``(epsilon + var)**(-1/2)`` and ``**(-3/2)``) becomes ``g**|k|`` for a variable ``g``
+    ``(eps + var)**(-1/2)`` and ``**(-3/2)``) becomes ``g**|k|`` for a variable ``g``
     standing for ``B**(+-1/q)``, one per distinct function value or root.
 
     Zero there proves ``expr`` zero: the polynomial vanishes for every value of its variables,

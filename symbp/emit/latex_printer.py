@@ -346,6 +346,8 @@ class NotesLatexPrinter(LatexPrinter):
         if self._is_array(expr.name) or expr.name in SYMBOLS or expr.name == "L":
             return self._array_tex(expr.name)
         name = expr.name
+        if name == "eps":  # batch norm's eps, as the user writes it, is the epsilon of papers
+            return r"\epsilon"
         if len(name) > 1 and name.isalpha() and translate(name) == name:
             return rf"\mathrm{{{name}}}"  # a word (stride, dilation), not a product of letters
         if "_" in name and name.replace("_", "").isalnum():
@@ -540,6 +542,7 @@ class NotesLatexPrinter(LatexPrinter):
             isinstance(factor, sp.Symbol)
             and not self._is_array(factor.name)
             and factor.name not in SYMBOLS
+            and factor.name != "eps"  # printed as the letter epsilon
             and len(factor.name) > 1
             and factor.name.isalpha()
             and translate(factor.name) == factor.name

@@ -39,6 +39,7 @@ def formula(lhs: sp.Expr, rhs: sp.Expr) -> str:
     at spaces outside index brackets (``dy[n, o, h - k]`` and ``sum_{m, r, s}`` stay whole)
     where that fits."""
     printer = FormulaPrinter()
+    lhs, rhs = _rank_free(lhs, rhs)
     text = f"{printer.doprint(lhs)} = {printer.doprint(rhs)}"
     width = MAX_LINE - 8
     words = _outside_brackets(text)
@@ -51,6 +52,24 @@ def formula(lhs: sp.Expr, rhs: sp.Expr) -> str:
         else:
             lines.append("    " + word)
     return "\n    ".join(lines)
+
+
+def _rank_free(lhs: sp.Expr, rhs: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
+    """An element-wise formula over a batch, every array read at the left side's own indices
+    and nothing summed, as ``y[...] = Max(0, x[...])``: the same text for inputs of any rank,
+    so that the layer's functions on (N, F) and (N, C, H, W) inputs are one function."""
+    if not isinstance(lhs, sp.Indexed) or len(lhs.indices) < 2:
+        return lhs, rhs
+    if rhs.has(sp.Sum, sp.KroneckerDelta):
+        return lhs, rhs
+    elements = rhs.atoms(sp.Indexed)
+    if not elements or any(e.indices != lhs.indices for e in elements):
+        return lhs, rhs
+    every = sp.Symbol("...")
+    read = rhs.xreplace({e: e.base[every] for e in elements})
+    if read.free_symbols & set(lhs.indices):
+        return lhs, rhs  # an index outside the arrays (a position-dependent value)
+    return lhs.base[every], read
 
 
 def _outside_brackets(text: str) -> list[str]:

@@ -10,6 +10,8 @@ calls ``linear_forward``), and the network's ``forward``/``backward`` call them 
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import textwrap
 from dataclasses import dataclass, field
 
@@ -19,13 +21,20 @@ import sympy as sp
 from .. import __version__
 from ..declare.forms import Forward
 from ..declare.layers import Layer
-from ..declare.net import Net
+from ..declare.net import Net, Placed
 from ..derive.arrays import Lowering
 from ..derive.layer import Carried, LayerDerivation
-from ..derive.network import NetworkDerivation, derive_network
+from ..derive.network import NetworkDerivation, derive_cached, derive_network
 from ..derive.plan import build_plan
 from ..derive.readings import computed_form, reading
 from ..derive.stable import stabilize
+from ..naming import (
+    adjoint,
+    backward_function,
+    forward_function,
+    predict_function,
+    state_update_function,
+)
 from . import template_folder
 from .layout import MAX_LINE, formula, wrap_line, wrap_lines
 from .memory_plan import (
@@ -44,6 +53,7 @@ from .numpy_printer import (
     float_constants,
     numpy_code,
 )
+from .value_names import value_name
 from .windows import _name_windows
 
 OVERWRITE_NOTE = "overwrite=True: {name} may be overwritten (the caller no longer needs it)."
@@ -68,6 +78,7 @@ def environment() -> jinja2.Environment:
     return env
 
 
+
 @dataclass
 class _Function:
     """What one generated function needs: its code and how to call it."""
@@ -76,16 +87,18 @@ class _Function:
     source: str
     helpers: set[str] = field(default_factory=set)
 
-
 class ModuleBuilder:
     """Collects the layer functions and the network's forward/backward lines."""
 
-    def __init__(self, derivation: NetworkDerivation):
+    def __init__(self, derivation: NetworkDerivation | None, stems: dict | None = None):
+        """``derivation`` None: a builder of layer functions alone (see :func:`function_stems`)."""
         self.derivation = derivation
-        self.net = derivation.net
+        self.net = derivation.net if derivation is not None else None
         self.env = environment()
         self.functions: dict[str, _Function] = {}
         self.helpers: set[str] = set()
+        self.forward_lines: list[str] = []
+        self.backward_lines: list[str] = []
         self.uses_rng = False
         self.uses_state = False
         #: function name -> whether it takes ``overwrite=`` (may compute in its first argument)
@@ -101,7 +114,7 @@ class ModuleBuilder:
         #: stem -> the name of its forward function (another stem's, when they read the same)
         self.forward_names: dict[str, str] = {}
         self.forward_sources: dict[tuple, str] = {}  # (type, base stem, source) -> its name
-        self.stems = function_stems(self.net)
+        self.stems = stems if stems is not None else function_stems(self.net)
         self.h_owned = False  # h is a new array that nothing else holds (forward lines)
         self.dh_owned = False  # the same for dh (backward lines)
 
@@ -150,12 +163,23 @@ class ModuleBuilder:
         outputs = [*named, *outputs]
         exprs = [value for _, value in named] + exprs
         replacements, reduced = sp.cse(exprs, symbols=sp.numbered_symbols("common"), order="none")
-        # Trivial "common" values (1/N) read better inline.
+        # Trivial common values (1/N) read better inline.
         trivial = {s: v for s, v in replacements if sp.count_ops(v) <= 1 and not _has_array(v)}
         kept = [(s, v) for s, v in replacements if s not in trivial]
         renames = {s: sp.Symbol(f"common{i}") for i, (s, _) in enumerate(kept)}
         trivial = {s: v.xreplace(renames) for s, v in trivial.items()}
         renames.update(trivial)
+        # The others are named after what they compute (sum_dy), unique in the function. The
+        # names replace the placeholders ``common<i>`` in the printed code: sympy orders the
+        # terms of a sum by their symbols' names, and the order of a floating-point sum is
+        # part of its value.
+        taken = {t for t, _ in outputs} | set(available)
+        taken |= {s.name for e in exprs for s in e.free_symbols}
+        described = dict(trivial)
+        names = {}
+        for s, v in kept:
+            names[str(renames[s])] = value_name(v.xreplace(described), taken)
+            described[s] = sp.Symbol(names[str(renames[s])])
         items = [(str(renames[s]), v.xreplace(renames)) for s, v in kept]
         items += [(t, v.xreplace(renames)) for (t, _), v in zip(outputs, reduced, strict=True)]
         ordered = _dependency_order(items, set(available))
@@ -169,7 +193,9 @@ class ModuleBuilder:
             statements = _reuse_memory(ordered, shapes, returned, writable, printer, into)
         self.helpers |= printer.helpers_used
         sizes, self.unbound = self._size_bindings([v for _, v in ordered], form, available)
-        return [_Statement(t, code) for t, code in sizes] + statements
+        return [_Statement(t, code) for t, code in sizes] + [
+            _renamed(st, names) for st in statements
+        ]
 
     @staticmethod
     def _size_bindings(exprs, form: Forward, available: list[str]) -> list[tuple[str, str]]:
@@ -177,7 +203,7 @@ class ModuleBuilder:
         bindings = []
         free = set().union(*[e.free_symbols for e in exprs]) if exprs else set()
         arrays = {a.name: a for a in form.arrays.values()}
-        arrays.update({"d" + s.name: s.array for s in form.stages})
+        arrays.update({adjoint(s.name): s.array for s in form.stages})
         unbound = []
         for symbol in sorted(free, key=lambda s: s.name):
             if not (symbol.is_integer and symbol.is_positive) or symbol in form.constants:
@@ -243,17 +269,17 @@ class ModuleBuilder:
         writable = writable if writable not in cached else None
         statements = self._printed(outputs, form, args, returned, writable, carried=carried)
         kw = _with_sizes(kw, self.unbound)
-        self.size_keywords[f"{stem}_forward"] = self.unbound
+        self.size_keywords[forward_function(stem)] = self.unbound
         overwrites = any(st.overwrites for st in statements)
         if overwrites:
             kw += (", " if kw else ", *, ") + "overwrite=False"
-        self.overwrites[f"{stem}_forward"] = overwrites
+        self.overwrites[forward_function(stem)] = overwrites
         output = next(st for st in statements if st.target == form.output.name)
         self.owned_output[stem] = output.fresh and form.output.name not in cached
         source = self._render_function(
-            f"{stem}_forward",
+            forward_function(stem),
             ", ".join(args) + kw,
-            f"Forward pass of {layer.kind}; returns the output and what backward needs.",
+            f"Forward pass of {_title(layer)}; returns the output and what backward needs.",
             [formula(c.array[c.indices], c.math) for c in computed]
             + [formula(s.array[s.indices], s.expr) for s in form.stages],
             statements,
@@ -262,16 +288,16 @@ class ModuleBuilder:
         )
         # One layer's math under two stems (a convolution whose input gradient is computed two
         # ways, chosen by its sizes) shares one forward function when the two read the same.
-        key = (type(layer), layer.function_stem, source.replace(f"{stem}_forward", "{name}"))
-        twin = self.forward_sources.setdefault(key, f"{stem}_forward")
-        if twin == f"{stem}_forward":
+        key = (type(layer), layer.function_stem, source.replace(forward_function(stem), "{name}"))
+        twin = self.forward_sources.setdefault(key, forward_function(stem))
+        if twin == forward_function(stem):
             self.functions[twin] = _Function(twin, source)
         self.forward_names[stem] = twin
 
         # backward
         upstream = derivation.upstream.name
         params_read = [p.name for p in derivation.params_read]
-        grads = [(f"d{a.name}", derivation.vjp[a.name]) for a in form.differentiable]
+        grads = [(adjoint(a.name), derivation.vjp[a.name]) for a in form.differentiable]
         exprs = [computed_form(a.expr, upstream, form.gather) for _, a in grads]
         outputs = [
             (t, lowering.lower(stabilize(e).xreplace(kept), a.indices))
@@ -286,40 +312,41 @@ class ModuleBuilder:
             [*given, *cached, *params_read],
             {t for t, _ in grads},
             upstream if given else None,
-            {f"d{p.name}" for p in form.params},
+            {adjoint(p.name) for p in form.params},
             carried=carried,
         )
         kw = _with_sizes(kw, self.unbound)
-        self.size_keywords[f"{stem}_backward"] = self.unbound
+        self.size_keywords[backward_function(stem)] = self.unbound
         signature = ", ".join([*given, *cached, *params_read]) + kw
         optional = ()
         if form.params:
             signature += (", " if kw else ", *, ") + "input_grad=True"
-            optional = _only_for({f"d{a.name}" for a in form.inputs}, statements)
+            optional = _only_for({adjoint(a.name) for a in form.inputs}, statements)
         overwrites = any(st.overwrites for st in statements)
         if overwrites:
             signature += (", " if "*" in signature else ", *, ") + "overwrite=False"
-        self.overwrites[f"{stem}_backward"] = overwrites
+        self.overwrites[backward_function(stem)] = overwrites
         outs = [st.target for st in statements if st.into]
         for target in outs:
             signature += (", " if "*" in signature else ", *, ") + f"{target}_out=None"
-        self.outs[f"{stem}_backward"] = [t[1:] for t in outs]
+        self.outs[backward_function(stem)] = [t[1:] for t in outs]
         notes = [OVERWRITE_NOTE.format(name=upstream)] if overwrites else []
-        for (target, adjoint), expr in zip(grads, exprs, strict=True):
-            if expr != adjoint.expr:  # computed in the gather form: say what that is
-                notes.append(f"{target}: {reading(expr, upstream)}.")
+        for (target, _), expr in zip(grads, exprs, strict=True):
+            plain = reading(expr, upstream)  # what the derivation says the formula computes
+            if plain is not None:
+                notes.append(_sentence(f"{target}: {plain}."))
         for c in carried:
             notes.append(f"{formula(c.array[c.indices], c.math)}, kept by the forward pass.")
         if outs:
             notes.append(f"{', '.join(t + '_out' for t in outs)}: {OUT_NOTE}")
-        first = f"d{form.differentiable[0].name}"
+        first = adjoint(form.differentiable[0].name)
         self.owned_grad[stem] = any(st.target == first and st.fresh for st in statements)
-        self.functions[f"{stem}_backward"] = _Function(
-            f"{stem}_backward",
+        self.functions[backward_function(stem)] = _Function(
+            backward_function(stem),
             self._render_function(
-                f"{stem}_backward",
+                backward_function(stem),
                 signature,
-                f"Backward pass of {layer.kind}, derived by symbp"
+                f"Backward pass of {_title(layer)}, derived by symbp"
                 + (f": gradients from {upstream}." if given else ": gradient of the loss."),
                 [formula(a.lhs, e) for (_, a), e in zip(grads, exprs, strict=True)],
                 statements,
@@ -338,12 +365,12 @@ class ModuleBuilder:
             args = [a.name for a in eval_form.inputs + eval_form.params + eval_form.aux]
             ekw = (", *, " + ", ".join(eval_constants)) if eval_constants else ""
             low.preferred = ()
-            self.functions[f"{stem}_predict"] = _Function(
-                f"{stem}_predict",
+            self.functions[predict_function(stem)] = _Function(
+                predict_function(stem),
                 self._render_function(
-                    f"{stem}_predict",
+                    predict_function(stem),
                     ", ".join(args) + ekw,
-                    f"Evaluation-mode forward pass of {layer.kind}.",
+                    f"Evaluation-mode forward pass of {_title(layer)}.",
                     [formula(stage.array[stage.indices], stage.expr)],
                     self._printed(outputs, eval_form, args),
                     stage.name,
@@ -352,7 +379,7 @@ class ModuleBuilder:
 
     def state_update_function(self, stem: str, layer: Layer) -> str:
         """``<stem>_running_stats``: the layer's declared state update, printed once."""
-        name = f"{stem}_running_stats"
+        name = state_update_function(stem)
         if name in self.functions:
             return name
         updates = layer.state_updates()
@@ -377,6 +404,39 @@ class ModuleBuilder:
         return name
 
 
+def _sentence(text: str) -> str:
+    """``text`` cut into docstring lines (the template indents them)."""
+    return "\n    ".join(textwrap.wrap(text, MAX_LINE - 4, subsequent_indent="    "))
+
+
+def _title(layer: Layer) -> str:
+    """What a layer function's docstring calls its layer: the user's name for a layer whose
+    functions carry it (a custom activation ``mish``), else the layer type (``linear``)."""
+    return layer.name if layer.name is not None and layer.function_stem == layer.name else (
+        layer.kind
+    )
+
+
+def _renamed(statement: _Statement, names: dict[str, str]) -> _Statement:
+    """``statement`` with the placeholders ``common<i>`` replaced by their ``names``."""
+    if not names:
+        return statement
+
+    def rename(text: str) -> str:
+        return re.sub(r"\bcommon\d+\b", lambda m: names.get(m.group(0), m.group(0)), text)
+
+    call = statement.call
+    if call is not None:
+        call = (call[0], [rename(a) for a in call[1]])
+    return dataclasses.replace(
+        statement,
+        target=rename(statement.target),
+        code=rename(statement.code),
+        extra=[rename(line) for line in statement.extra],
+        call=call,
+    )
+
+
 def _without(mapping: dict, key) -> dict:
     return {k: v for k, v in mapping.items() if k != key}
 
@@ -386,9 +446,8 @@ def _array_shapes(form: Forward) -> dict[str, tuple | None]:
     shapes: dict[str, tuple | None] = {}
     for name, array in form.arrays.items():
         shapes[name] = tuple(array.dims)
-        shapes["d" + name] = tuple(array.dims)
+        shapes[adjoint(name)] = tuple(array.dims)
     return shapes
-
 
 def function_stems(net: Net) -> dict[str | None, str]:
     """The stem of each layer's generated functions, by layer name (``None``: the loss).
@@ -397,23 +456,38 @@ def function_stems(net: Net) -> dict[str | None, str]:
     type's own stem (``linear``, ``batchnorm``) goes to that type first; a layer named by the
     user (a custom activation) is called by its name, or ``<name>_<kind>`` when that name is
     another type's stem; two different maths that would share a stem (two unnamed custom
-    activations, a layer type on inputs of two ranks) get ``_2``, ``_3``, ... in order.
+    activations) get ``_2``, ``_3``, ... in order. A layer type on inputs of two ranks whose
+    functions print the same (``relu`` on images and on feature vectors) has one stem.
     """
-    entries: list[tuple[str | None, tuple, str, bool]] = []
+    entries: list[tuple[str | None, tuple, str, bool, Placed | None]] = []
     for item in net.walk():
         layer = item.layer
         stem = layer.stem_for(item.in_shape)
         identity = (type(layer), layer.math_key(item.in_shape), stem)
         named = layer.name is not None and stem == layer.name != layer.kind
-        entries.append((item.name, identity, stem, named))
+        entries.append((item.name, identity, stem, named, item))
     if net.loss is not None:
         loss = net.loss
-        entries.append((None, (type(loss), loss.kind), loss.function_stem, False))
+        entries.append((None, (type(loss), loss.kind), loss.function_stem, False, None))
     by_identity: dict[tuple, str] = {}
     taken: set[str] = set()
+    placed: dict[tuple, Placed] = {}  # identity -> a layer of that math (to print its functions)
+    printed: dict[tuple, tuple[str, ...]] = {}
     for want_named in (False, True):  # the types' own stems first
-        for _, identity, preferred, named in entries:
+        for _, identity, preferred, named, item in entries:
             if named != want_named or identity in by_identity:
+                continue
+            if item is not None:
+                placed[identity] = item
+            same = [
+                other for other, stem in by_identity.items()
+                if other[0] == identity[0] and other[2] == identity[2] and other in placed
+                and item is not None
+                and _printed_functions(placed[other], printed)
+                == _printed_functions(item, printed)
+            ]
+            if same:
+                by_identity[identity] = by_identity[same[0]]
                 continue
             stem = preferred
             if stem in taken and named:
@@ -425,15 +499,30 @@ def function_stems(net: Net) -> dict[str | None, str]:
                 stem = f"{base}_{count}"
             by_identity[identity] = stem
             taken.add(stem)
-    return {name: by_identity[identity] for name, identity, _, _ in entries}
+    return {name: by_identity[identity] for name, identity, _, _, _ in entries}
 
+
+def _printed_functions(item: Placed, printed: dict) -> tuple[str, ...]:
+    """The source of the functions of ``item``'s layer math, its stem left out (cached in
+    ``printed`` by the layer's identity)."""
+    layer = item.layer
+    key = (type(layer), layer.math_key(item.in_shape), layer.stem_for(item.in_shape))
+    if key not in printed:
+        builder = ModuleBuilder(None, stems={})
+        stem = "symbp_stem"
+        builder.layer_functions(
+            stem, layer, derive_cached(layer, item.in_shape), layer.eval_form(item.in_shape)
+        )
+        printed[key] = tuple(
+            f.source.replace(stem, "{stem}") for f in builder.functions.values()
+        )
+    return printed[key]
 
 def _with_sizes(keywords: str, sizes: list[str]) -> str:
     """Keyword-only arguments ``keywords`` plus sizes no argument's shape tells."""
     if not sizes:
         return keywords
     return keywords + (", " if keywords else ", *, ") + ", ".join(sizes)
-
 
 def _has_array(expr: sp.Expr) -> bool:
     return any(not (s.is_integer and s.is_positive) for s in expr.free_symbols)
@@ -457,7 +546,6 @@ def _dependency_order(items, defined: set[str]):
             raise ValueError(f"circular assignments: {[t for t, _ in pending]}")
     return ordered
 
-
 def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> str:
     """The source of the generated module (deterministic: same net, same bytes)."""
     derivation = derivation or derive_network(net)
@@ -476,8 +564,8 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
         )
         loss = dict(
             kind=net.loss.kind,
-            forward=f"{stem}_forward",
-            backward=f"{stem}_backward",
+            forward=forward_function(stem),
+            backward=backward_function(stem),
             target=target,
             classes=net.output_shape[0] if net.loss.target_kind == "labels" else None,
         )

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import sympy as sp
 
 from ..derive.plan import Plan, Step, Sum, Vjp
+from ..naming import backward_function, param_key, predict_function
 
 if TYPE_CHECKING:
     from .module import ModuleBuilder
@@ -113,7 +114,12 @@ def forward_steps(builder: ModuleBuilder, plan: Plan) -> list[dict]:
             row["predict"] = _predict_call(step, stem)
             minimum = step.layer.min_values_per_statistic
             axes = step.layer.statistics_over(step.placed.in_shape)
-            count = "len(h)" if axes == (0,) else " * ".join(f"h.shape[{a}]" for a in axes)
+            others = [a for a in range(len(step.placed.in_shape) + 1) if a not in axes]
+            count = " * ".join(f"h.shape[{a}]" for a in axes)
+            if axes == (0,):
+                count = "len(h)"
+            elif len(others) == 1:  # every axis but one: the size over that one's length
+                count = f"h.size // h.shape[{others[0]}]"
             if minimum > 1:
                 dims = [form.inputs[0].dims[a] for a in axes]
                 label = "*".join(form.letters.get(d, str(d)).upper() for d in dims)
@@ -146,10 +152,10 @@ def forward_steps(builder: ModuleBuilder, plan: Plan) -> list[dict]:
 
 def _predict_call(step: Step, stem: str) -> str:
     eval_form = step.eval_form
-    params = [f'params["{step.name}.{p.name}"]' for p in eval_form.params]
-    state = [f'state["{step.name}.{a.name}"]' for a in eval_form.aux if f"{step.name}.{a.name}"
-             in step.state]
-    return _call(f"{stem}_predict", ["h", *params, *state, *_keywords(step.eval_constants())])
+    params = [f'params["{param_key(step.name, p.name)}"]' for p in eval_form.params]
+    keys = [param_key(step.name, a.name) for a in eval_form.aux]
+    state = [f'state["{key}"]' for key in keys if key in step.state]
+    return _call(predict_function(stem), ["h", *params, *state, *_keywords(step.eval_constants())])
 
 
 def backward_steps(builder: ModuleBuilder, plan: Plan) -> list[dict]:
@@ -174,7 +180,7 @@ def _vjp_row(builder: ModuleBuilder, plan: Plan, entry: Vjp) -> dict:
         line = f"dh = dh.reshape(len(dh), {shape})  # {step.name}"
         return dict(guard=optional, line=line)
     stem = builder.stems[step.name]
-    function = f"{stem}_backward"
+    function = backward_function(stem)
     form = step.derivation.form
     keep = [f'*cache["{step.name}"]'] if step.kept else []
     params_read = [f'params["{key}"]' for key in step.params_read]
@@ -202,7 +208,7 @@ def inits(plan: Plan) -> list[dict]:
     result = []
     for step in plan.forward:
         for param, shape in step.layer.param_shapes(step.placed.in_shape).items():
-            key = f"{step.name}.{param}"
+            key = param_key(step.name, param)
             rule = step.layer.init.get(param, "zeros")
             if rule != "fan":
                 value = {"zeros": 0.0, "ones": 1.0}.get(rule, rule)

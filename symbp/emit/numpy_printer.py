@@ -236,7 +236,10 @@ class SymbpNumPyPrinter(NumPyPrinter):
         """Sums that NumPy computes faster another way, when the operands' shapes are known.
 
         ``sum(a*b)`` of two arrays of one shape is ``np.einsum`` (no product array in memory);
-        the sum over the first axis of one 2-D array is a BLAS matrix-vector product with ones.
+        the sum over the first axis of one 2-D array is a BLAS matrix-vector product with ones:
+        ``a.sum(axis=0)`` took 1.1-1.9x its time (float64) and 1.2-3.2x (float32) on shapes
+        (64, 256) to (4096, 256), one BLAS thread (issue 23's measurement), so that spelling
+        stays.
         """
         if self.shapes is None:
             return None

@@ -13,7 +13,7 @@ a bound on its spectral norm ``||J||_2`` that follows from the formula itself:
 * **projection** (batch norm, ``dx = c (dy - sum_k g_k <g_k, dy> / N)`` per feature): if the
   ``g_k`` are pairwise orthogonal and ``|g_k|^2 / N <= 2`` -- both checked with the sum
   identities the engine proved from the forward definitions (``sum_m xhat[m, j] = 0``,
-  ``sum_m xhat[m, j]**2 = N (1 - epsilon invstd[j]**2)``) -- then ``I - G G^T / N`` has
+  ``sum_m xhat[m, j]**2 = N (1 - eps invstd[j]**2)``) -- then ``I - G G^T / N`` has
   eigenvalues ``1`` and ``1 - |g_k|^2 / N`` in [-1, 1], so ``||J||_2 <= max_j |c_j|`` (batch
   norm: ``|gamma[j]| invstd[j]``).
 
@@ -96,7 +96,7 @@ class LocalJacobian:
     ``matrix``, ``projection``, ``permutation`` (a reshape), ``sum`` (residual) or ``other``.
     For element-wise layers
     ``derivative`` is ``f'`` in the kept arrays and ``derivative_x`` the same in :data:`X`.
-    ``bound_general`` keeps hyper-parameters as symbols (leaky ReLU: ``Max(1, a)``), ``bound``
+    ``bound_general`` keeps hyper-parameters as symbols (leaky ReLU: ``Max(1, slope)``), ``bound``
     has their values; both ``None`` when no bound was found. ``reason`` says how it was proved
     (or why not), in one line.
     """
@@ -211,6 +211,11 @@ def _diagonal(layer, derivation: LayerDerivation, entry, element, name: str) -> 
     constants = {symbol: exact(values[symbol.name]) for symbol in form.constants}
     specific = sp.simplify(general.xreplace(constants))
     reason = _supremum_reason(found)
+    ranged = _over_ranges(layer, arrays, general, specific, constants)
+    if ranged is not None:  # every entry lies in a declared range (RReLU's slopes)
+        general, specific, spans = ranged
+        reason += f", at most {sp.sstr(specific)} for {spans}"
+        arrays = {}
     if arrays:  # a learned or random slope: the bound is a maximum over its entries
         restore = {symbol: value for symbol, value in arrays.items()}
         general = LayerMax(general.xreplace(restore), sp.Symbol(name))
@@ -218,6 +223,39 @@ def _diagonal(layer, derivation: LayerDerivation, entry, element, name: str) -> 
     return LocalJacobian(
         layer.kind, "diagonal", entry, specific, general, reason, coefficient, derivative_x, found
     )
+
+
+def _over_ranges(layer, arrays, general, specific, constants):
+    """The bound's largest value over the declared ranges of its per-entry symbols
+    (:meth:`~symbp.declare.layers.Layer.aux_ranges`: RReLU's ``r`` in ``[lower, upper]``), as
+    ``(general, specific, text)``; None where a symbol has no range or the largest value is not
+    settled (sympy's interval arithmetic, with a ``Max`` of a range read at its top)."""
+    spans = layer.aux_ranges()
+    if not arrays or any(symbol.name not in spans for symbol in arrays):
+        return None
+    ranges = {symbol: sp.AccumBounds(*spans[symbol.name]) for symbol in arrays}
+    general = _top(general.xreplace(ranges))
+    specific = _top(specific.xreplace({s: r.xreplace(constants) for s, r in ranges.items()}))
+    if general is None or specific is None or not specific.is_number:
+        return None
+    text = ", ".join(
+        f"{symbol.name} in [{sp.sstr(spans[symbol.name][0])}, {sp.sstr(spans[symbol.name][1])}]"
+        for symbol in arrays
+    )
+    return general, specific, text
+
+
+def _top(expr: sp.Expr) -> sp.Expr | None:
+    """The largest value of ``expr``, a function of ranges (``AccumBounds``): a range by its top;
+    a ``Max`` of a range by the ``Max`` of its top, as ``Max`` grows with each argument; None
+    where a range sits anywhere else."""
+    if isinstance(expr, sp.AccumBounds):
+        return expr.max
+    expr = expr.replace(
+        lambda e: isinstance(e, sp.Max),
+        lambda e: sp.Max(*[a.max if isinstance(a, sp.AccumBounds) else a for a in e.args]),
+    )
+    return None if expr.has(sp.AccumBounds) else expr
 
 
 def _in_scalar_variable(coefficient: sp.Expr, form: Forward, indices):

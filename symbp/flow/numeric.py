@@ -34,6 +34,7 @@ from ..derive.network import derive_cached
 from ..derive.plan import Plan, Step, Sum, build_plan
 from ..emit.module import function_stems, generate_module
 from ..emit.network import size_values
+from ..naming import backward_function, forward_function
 from .bounds import LayerMax, OperatorNorm
 
 #: Jacobians are built only when every layer's input and output has at most this many entries.
@@ -90,7 +91,7 @@ def backward_trace(
 
 def _run_vjp(module, params, cache, step: Step, stem: str, upstream) -> tuple:
     """``<stem>_backward`` with the arguments the generated ``backward`` passes."""
-    backward = getattr(module, f"{stem}_backward")
+    backward = getattr(module, backward_function(stem))
     read = [params[key] for key in step.params_read]
     keywords = step.backward_constants()
     # sizes that no argument's shape tells (e.g. a padded pooling's input height)
@@ -115,8 +116,8 @@ def loss_gradient(net: Net, module: types.ModuleType, out: np.ndarray, y) -> tup
     """The loss and dL/d(out) with the module's loss functions (as ``loss_and_grads`` does)."""
     stem = function_stems(net)[None]
     target = np.eye(out.shape[1], dtype=out.dtype)[y] if net.loss.target_kind == "labels" else y
-    loss, loss_cache = getattr(module, f"{stem}_forward")(out, target)
-    return float(loss), getattr(module, f"{stem}_backward")(*loss_cache)
+    loss, loss_cache = getattr(module, forward_function(stem))(out, target)
+    return float(loss), getattr(module, backward_function(stem))(*loss_cache)
 
 
 # -- bounds at given values ---------------------------------------------------------------------

@@ -14,7 +14,7 @@ at the closed endpoints, and of the limits at open or infinite endpoints. So:
 Anything sympy cannot settle -- a critical-point equation it cannot solve (SiLU's
 ``x tanh(x/2) = 2``), a branch condition in another variable, a function not known to be
 continuous -- gives ``None``: no bound found, rather than a guess. Constant symbols may remain
-(leaky ReLU's slope ``a`` gives ``Max(1, a)``) when their assumptions decide the comparisons.
+(leaky ReLU's ``slope`` gives ``Max(1, slope)``) when their assumptions decide the comparisons.
 """
 
 from __future__ import annotations
