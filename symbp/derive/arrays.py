@@ -45,6 +45,10 @@ class Permute(ArrayOp):
 class Reshape(ArrayOp):
     """``a`` reshaped to ``dims`` in C order (the batch axis first): ``a.reshape(N, ...)``."""
 
+    def _numpycode(self, printer) -> str:  # how NumPy printers print it
+        array, *dims = (printer._print(a) for a in self.args)
+        return f"{array}.reshape({', '.join(dims)})"
+
 
 def c_order_position(indices, dims) -> sp.Expr:
     """The flat position of ``indices`` in an array of ``dims``, C order."""

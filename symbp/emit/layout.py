@@ -10,6 +10,9 @@ outside index brackets.
 
 from __future__ import annotations
 
+import re
+import textwrap
+
 import sympy as sp
 
 #: the longest line of generated code (ruff's limit in the projects that read it)
@@ -167,3 +170,70 @@ def wrap_line(line: str, width: int = MAX_LINE) -> list[str]:
     for part in body:
         wrapped += wrap_line(part, width)
     return [*wrapped, tail]
+
+
+def _sentence(text: str) -> str:
+    """``text`` cut into docstring lines (the template indents them)."""
+    return "\n    ".join(textwrap.wrap(text, MAX_LINE - 4, subsequent_indent="    "))
+
+
+# -- LaTeX (the notes) ---------------------------------------------------------------------
+_COMMAND = re.compile(r"\\[A-Za-z]+|[{}^_]")
+#: Tokens that bind to what follows them when a long line is broken.
+_OPERATORS = {"+", "-", r"\odot", "="}
+
+
+def split_latex(text: str, width: int) -> list[str]:
+    """Break printed math that is wider than ``width`` at spaces outside braces and
+    ``\\left...\\right`` groups (between factors of a product), never inside a group, and never
+    right after an operator. A line-breaking pass over the printer's own output: it chooses
+    where lines end, it does not change the math."""
+    if visible_length(text) <= width:
+        return [text]
+    tokens, depth, start, k = [], 0, 0, 0
+    while k < len(text):
+        if text.startswith(r"\left", k) and not text[k + 5 : k + 6].isalpha():
+            depth += 1
+            k += 5
+            continue
+        if text.startswith(r"\right", k) and not text[k + 6 : k + 7].isalpha():
+            depth -= 1
+            k += 6
+            continue
+        char = text[k]
+        if char == "\\":
+            k += 2
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+        elif char == " " and depth == 0:
+            tokens.append(text[start:k])
+            start = k + 1
+        k += 1
+    tokens.append(text[start:])
+    words: list[str] = []
+    for token in tokens:
+        if words and words[-1].split(" ")[-1] in _OPERATORS | {r"\sum"} | {""}:
+            words[-1] = f"{words[-1]} {token}"
+        elif words and words[-1].startswith(r"\sum") and " " not in words[-1]:
+            words[-1] = f"{words[-1]} {token}"  # a sum keeps its first factor
+        elif token in _OPERATORS and words:
+            words.append(token)
+        else:
+            words.append(token)
+    lines, current = [], ""
+    for word in words:
+        if current and visible_length(f"{current} {word}") > width:
+            lines.append(current)
+            current = word
+        else:
+            current = f"{current} {word}".strip()
+    lines.append(current)
+    return lines
+
+
+def visible_length(text: str) -> int:
+    """A rough width of printed LaTeX: commands and braces count as little as they show."""
+    return len(_COMMAND.sub("", text)) + text.count(r"\frac") * 2

@@ -393,3 +393,26 @@ def _only_for(targets: set[str], statements) -> set[str]:
                 optional.add(statement.target)
                 changed = True
     return optional
+
+
+def _has_array(expr: sp.Expr) -> bool:
+    return any(not (s.is_integer and s.is_positive) for s in expr.free_symbols)
+
+
+def _dependency_order(items, defined: set[str]):
+    """Assignments in their given order, except that each comes after what it reads."""
+    pending = list(items)
+    targets = {t for t, _ in items}
+    done = set(defined)
+    ordered = []
+    while pending:
+        for position, (target, value) in enumerate(pending):
+            needs = {s.name for s in value.free_symbols} & targets
+            if needs <= done:
+                ordered.append((target, value))
+                done.add(target)
+                del pending[position]
+                break
+        else:
+            raise ValueError(f"circular assignments: {[t for t, _ in pending]}")
+    return ordered

@@ -10,8 +10,6 @@ calls ``linear_forward``), and the network's ``forward``/``backward`` call them 
 
 from __future__ import annotations
 
-import dataclasses
-import re
 import textwrap
 from dataclasses import dataclass, field
 
@@ -36,8 +34,10 @@ from ..naming import (
     state_update_function,
 )
 from . import template_folder
-from .layout import MAX_LINE, formula, wrap_line, wrap_lines
+from .layout import MAX_LINE, _sentence, formula, wrap_line, wrap_lines
 from .memory_plan import (
+    _dependency_order,
+    _has_array,
     _is_fresh,
     _only_for,
     _place_rows,
@@ -53,7 +53,7 @@ from .numpy_printer import (
     float_constants,
     numpy_code,
 )
-from .value_names import value_name
+from .value_names import _renamed, value_name
 from .windows import _name_windows
 
 OVERWRITE_NOTE = "overwrite=True: {name} may be overwritten (the caller no longer needs it)."
@@ -404,36 +404,11 @@ class ModuleBuilder:
         return name
 
 
-def _sentence(text: str) -> str:
-    """``text`` cut into docstring lines (the template indents them)."""
-    return "\n    ".join(textwrap.wrap(text, MAX_LINE - 4, subsequent_indent="    "))
-
-
 def _title(layer: Layer) -> str:
     """What a layer function's docstring calls its layer: the user's name for a layer whose
     functions carry it (a custom activation ``mish``), else the layer type (``linear``)."""
     return layer.name if layer.name is not None and layer.function_stem == layer.name else (
         layer.kind
-    )
-
-
-def _renamed(statement: _Statement, names: dict[str, str]) -> _Statement:
-    """``statement`` with the placeholders ``common<i>`` replaced by their ``names``."""
-    if not names:
-        return statement
-
-    def rename(text: str) -> str:
-        return re.sub(r"\bcommon\d+\b", lambda m: names.get(m.group(0), m.group(0)), text)
-
-    call = statement.call
-    if call is not None:
-        call = (call[0], [rename(a) for a in call[1]])
-    return dataclasses.replace(
-        statement,
-        target=rename(statement.target),
-        code=rename(statement.code),
-        extra=[rename(line) for line in statement.extra],
-        call=call,
     )
 
 
@@ -524,27 +499,9 @@ def _with_sizes(keywords: str, sizes: list[str]) -> str:
         return keywords
     return keywords + (", " if keywords else ", *, ") + ", ".join(sizes)
 
-def _has_array(expr: sp.Expr) -> bool:
-    return any(not (s.is_integer and s.is_positive) for s in expr.free_symbols)
+def _helper_source(env: jinja2.Environment, name: str) -> str:
+    return env.get_template("helpers.py.j2").module.__getattribute__(name)().rstrip("\n")
 
-
-def _dependency_order(items, defined: set[str]):
-    """Assignments in their given order, except that each comes after what it reads."""
-    pending = list(items)
-    targets = {t for t, _ in items}
-    done = set(defined)
-    ordered = []
-    while pending:
-        for position, (target, value) in enumerate(pending):
-            needs = {s.name for s in value.free_symbols} & targets
-            if needs <= done:
-                ordered.append((target, value))
-                done.add(target)
-                del pending[position]
-                break
-        else:
-            raise ValueError(f"circular assignments: {[t for t, _ in pending]}")
-    return ordered
 
 def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> str:
     """The source of the generated module (deterministic: same net, same bytes)."""
@@ -624,7 +581,3 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
         loss=loss,
     )
     return source
-
-
-def _helper_source(env: jinja2.Environment, name: str) -> str:
-    return env.get_template("helpers.py.j2").module.__getattribute__(name)().rstrip("\n")

@@ -208,10 +208,6 @@ class SymbpNumPyPrinter(NumPyPrinter):
         level = PRECEDENCE["Mul"]
         return f"{self.parenthesize(left, level)} @ {self.parenthesize(right, level + 1)}"
 
-    def _print_Reshape(self, expr):
-        array, *dims = (self._print(a) for a in expr.args)
-        return f"{array}.reshape({', '.join(dims)})"
-
     def _print_Permute(self, expr):
         if len(expr.args) == 1:
             return f"{self.parenthesize(expr.args[0], PRECEDENCE['Atom'], strict=True)}.T"
