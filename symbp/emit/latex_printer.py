@@ -314,7 +314,7 @@ class NotesLatexPrinter(NetworkNodePrinting, LatexPrinter):
         for cls in type(expr).__mro__:
             method = "_print_" + cls.__name__
             if hasattr(self, method):
-                return method in NotesLatexPrinter.__dict__
+                return any(method in c.__dict__ for c in (NotesLatexPrinter, NetworkNodePrinting))
         return False
 
     # -- numbers --------------------------------------------------------------------------------
