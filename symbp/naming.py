@@ -80,6 +80,11 @@ def predict_function(stem: str) -> str:
     return f"{stem}_predict"
 
 
+def state_update_function(stem: str) -> str:
+    """The generated function moving a layer's running state (``batchnorm_running_stats``)."""
+    return f"{stem}_running_stats"
+
+
 def adjoint(name: str) -> str:
     """The name of the gradient of the loss with respect to ``name``: ``d<name>``."""
     return f"d{name}"

@@ -21,6 +21,7 @@ from symbp.declare.spec import load_spec
 from symbp.derive.layer import derive_layer
 from symbp.derive.verify import Verdict
 from symbp.emit import pretty
+from symbp.emit.module import generate_module
 
 ROOT = Path(__file__).resolve().parent.parent
 MLP_BN = str(ROOT / "examples" / "mlp_bn.toml")
@@ -65,11 +66,20 @@ def test_derive_spec_shows_whole_array_formulas(capsys):
 
 
 def test_derive_spec_shows_the_backward_order(capsys):
-    """Reverse order of the forward pass; a residual block's body before the block's sum."""
+    """The order the generated backward runs: the reverse of the forward pass, a residual
+    block's own step (handing dy to its skip and its body) before its body, and the two
+    gradients of the block's input summed once both are there."""
     _, out, _ = run(capsys, "derive", MLP_BN)
     order = out.split("== backward order", 1)[1].splitlines()[1:]
     names = [line.split(":")[0].strip() for line in order]
-    assert names == ["out", "mish", "res1_linear1", "res1", "relu3", "bn1", "fc1"]
+    assert names == ["out", "res1", "mish", "res1_linear1", "sum", "relu3", "bn1", "fc1"]
+    assert "  sum: drelu3 = drelu3@res1 + drelu3@res1_linear1" in order
+    # ... the order the generated module's backward runs them in
+    source = generate_module(load_spec(MLP_BN))
+    backward = source.split("\ndef backward(", 1)[1].split("\ndef ", 1)[0]
+    steps = ["residual_add_backward(", "mish_backward(", "dh = dskip_res1 + dh", "relu_backward("]
+    positions = [backward.index(step) for step in steps]
+    assert positions == sorted(positions)
 
 
 def test_derive_one_layer(capsys):

@@ -35,10 +35,10 @@ from symbp.check.gradcheck import check_spec, load_module, make_inputs
 from symbp.cli import main as cli_main
 from symbp.declare.layers import LOSSES, REGISTRY, Loss
 from symbp.declare.net import Net, Placed
+from symbp.emit.layout import wrap_line
 from symbp.emit.module import (
     function_stems,
     generate_module,
-    wrap_line,
 )
 from symbp.errors import SymbpError
 from symbp.runtime.rows import _along_rows
@@ -1261,7 +1261,7 @@ def test_building_up_in_place_never_starts_from_a_view():
     import sympy as sp
 
     from symbp.derive.arrays import Permute
-    from symbp.emit.module import _accumulate
+    from symbp.emit.memory_plan import _accumulate
     from symbp.emit.numpy_printer import SymbpNumPyPrinter
 
     m, f = sp.symbols("M F", integer=True, positive=True)
@@ -1288,7 +1288,7 @@ def test_a_big_product_plus_a_vector_is_built_up_in_the_products_array():
     that the result is a new array in C order."""
     import sympy as sp
 
-    from symbp.emit.module import _accumulate
+    from symbp.emit.memory_plan import _accumulate
     from symbp.emit.numpy_printer import SymbpNumPyPrinter
 
     n, f = sp.symbols("N F", integer=True, positive=True)

@@ -593,7 +593,7 @@ def test_printed_activation_derivatives_are_the_derivative_of_the_printed_functi
     with ``y = f(x)`` where a row reads the output and sample values for parameters (prelu's
     alpha) and constants. prelu's notes once printed the gradient of alpha as ``f'``."""
     from symbp.emit.latex_printer import NotesLatexPrinter
-    from symbp.emit.notes import X_SCALAR, Y_SCALAR, activation_formulas
+    from symbp.emit.notes_math import X_SCALAR, Y_SCALAR, activation_formulas
 
     checked = set()
     points = (-2.3, -0.7, -0.15, 0.2, 0.9, 3.1)

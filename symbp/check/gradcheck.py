@@ -63,7 +63,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..declare.layers import BatchNorm
 from ..declare.net import Net
 from ..emit.module import generate_module
 from ..errors import SpecError
@@ -173,8 +172,8 @@ def make_inputs(net: Net, module, *, batch: int, seed: int):
         y = rng.standard_normal((batch, *net.output_shape))
     elif net.loss.target_kind == "labels":
         y = rng.integers(0, net.output_shape[0], size=batch)
-    elif net.loss.kind == "bce_with_logits":
-        y = rng.uniform(0.0, 1.0, size=(batch, *net.output_shape))
+    elif net.loss.target_range is not None:  # probabilities
+        y = rng.uniform(*net.loss.target_range, size=(batch, *net.output_shape))
     else:
         y = rng.standard_normal((batch, *net.output_shape))
     return params, x, y
@@ -436,9 +435,10 @@ def check_spec(net: Net, *, batch: int = 4, seed: int = 0, full: bool = False) -
     A batch too small for the network (batch norm trains on more than one value per feature)
     or a seed NumPy's generators refuse is bad input: a :class:`SpecError` naming the argument.
     """
-    least = 2 if any(isinstance(item.layer, BatchNorm) for item in net.walk()) else 1
+    needs = {item.layer.min_values_per_statistic: item.layer for item in net.walk()}
+    least = max(needs)
     if not _is_int(batch) or batch < least:
-        why = " (batch norm needs more than one sample to train)" if least == 2 else ""
+        why = f" ({needs[least].too_few_values})" if least > 1 else ""
         message = f"must be an integer of at least {least}{why}, got {batch!r}"
         raise SpecError(message, field="batch")
     if not _is_int(seed) or seed < 0:

@@ -345,16 +345,25 @@ class Flatten(Layer):
         return (total,)
 
     def forward_form(self, in_shape):
+        # y[n, k] = x[n, c, h, w] where k = c*H*W + h*W + w (C order): a sum over the input's
+        # entries picking the one whose flat position is k. The backward is derived from it
+        # (dx[n, c, h, w] = dy[n, c*H*W + h*W + w]); a target that recognises the pair as a
+        # reshape prints one (symbp.derive.plan).
         dims = (N, C, H, W)[: len(in_shape) + 1]
         idx = tuple(index(LETTERS[d]) for d in dims)
         x = Array("x", dims)
+        flat, stride = sp.Integer(0), sp.Integer(1)
+        for i, d in zip(reversed(idx[1:]), reversed(dims[1:]), strict=True):
+            flat, stride = flat + i * stride, stride * d
+        k = index("k")
+        limits = [(i, 0, d - 1) for i, d in zip(idx[1:], dims[1:], strict=True)]
+        picked = sp.Sum(x[idx] * sp.KroneckerDelta(k, flat), *limits)
         return Forward(
             inputs=(x,),
             params=(),
-            stages=(Stage(Array("y", dims), idx, x[idx]),),
+            stages=(Stage(Array("y", (N, stride)), (idx[0], k), picked),),
             keep=(),
             letters=LETTERS,
-            elementwise=True,
         )
 
     def math_key(self, in_shape):

@@ -1,129 +1,56 @@
 """Layer types: each one registered class holding its parameters and its forward definition.
 
-Registering a class (``@register``) makes its ``kind`` available to the Python API, the TOML
-loader, the derivation engine, both printers and the command line. A layer type declares only its
-forward computation (:meth:`Layer.forward_form`, in index notation); its backward pass is derived.
-
-Shapes here are per sample (batch excluded): ``(features,)`` for the dense layers.
+This module holds the dense layers (linear, batch norm) and the residual block, and gathers the
+declarations of :mod:`.base` (``Layer``, ``register``), :mod:`.activations` and :mod:`.losses`
+under one name; the image layers are in :mod:`.conv`.
 """
 
 from __future__ import annotations
 
-import sys
-from typing import Any, ClassVar
-
 import sympy as sp
 
 from ..errors import SpecError
-from ..naming import check_identifier
-from .expr import parse_expression
+from .activations import (
+    ACTIVATIONS,
+    Activation,
+    Elementwise,
+    Elu,
+    Gelu,
+    LeakyRelu,
+    Prelu,
+    Relu,
+    Rrelu,
+    Sigmoid,
+    Silu,
+    Softplus,
+    Tanh,
+)
+from .base import (
+    F_IN,
+    F_OUT,
+    IMAGE_DIMS,
+    LETTERS,
+    MAX_ELEMENTS,
+    REGISTRY,
+    F,
+    Layer,
+    X,
+    _integer,
+    _number,
+    exact,
+    register,
+    shown,
+)
 from .forms import Array, Forward, N, Stage, index, size
+from .losses import LOSSES, BceWithLogits, Loss, Mse, SoftmaxCrossEntropy
 
-REGISTRY: dict[str, type[Layer]] = {}
-
-#: The scalar variable that activation expressions are written in.
-X = sp.Symbol("x", real=True)
-
-# Feature sizes used by the dense layers' forward definitions.
-F = size("F")
-F_IN = size("I")
-F_OUT = size("O")
-#: per-sample sizes of images (channels, height, width), as the image layers name them
-IMAGE_DIMS = (size("C"), size("H_in"), size("W_in"))
-LETTERS = {N: "n", F: "j", F_IN: "i", F_OUT: "j", **dict(zip(IMAGE_DIMS, "chw", strict=True))}
-
-
-def register(cls: type[Layer]) -> type[Layer]:
-    REGISTRY[cls.kind] = cls
-    return cls
-
-
-def _number(value: Any, *, field: str, positive: bool = False, minimum=None) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SpecError(f"must be a number, got {shown(value)}", field=field)
-    if not abs(value) <= sys.float_info.max:  # nan, inf, or an integer beyond float64
-        raise SpecError(f"must be a finite number, got {shown(value)}", field=field)
-    if positive and not value > 0:
-        raise SpecError(f"must be positive, got {value!r}", field=field)
-    if minimum is not None and value < minimum:
-        raise SpecError(f"must be at least {minimum}, got {value!r}", field=field)
-    return float(value)
-
-
-#: The most elements a size may give (a width, a channel count, a kernel's extent), a parameter
-#: array may have, and a layer's output (or padded input) may have per sample; see Net.
-MAX_ELEMENTS = 2**31
-
-
-def shown(value: Any) -> str:
-    """``repr(value)``, short for a huge integer (Python refuses to print one of 4300 digits)."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**20:
-        return f"an integer of {value.bit_length()} bits"
-    return repr(value)
-
-
-def _integer(value: Any, *, field: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SpecError(f"must be a positive integer, got {shown(value)}", field=field)
-    if value > MAX_ELEMENTS:
-        raise SpecError(f"must be at most 2**31 (symbp's limit on sizes), got {shown(value)}",
-                        field=field)
-    return value
-
-
-def exact(value: float) -> sp.Expr:
-    """A float hyper-parameter as an exact rational (``0.01`` -> ``1/100``)."""
-    return sp.Rational(repr(float(value)))
-
-
-class Layer:
-    """A layer of a network. Subclasses set ``kind`` and define :meth:`forward_form`."""
-
-    kind: ClassVar[str]
-    #: what an initializer must do for each parameter: "fan", "zeros", "ones" or a number
-    init: ClassVar[dict[str, Any]] = {}
-
-    def __init__(self, *, name: str | None = None) -> None:
-        self.name = None if name is None else check_identifier(name, what="layer name")
-
-    # -- shapes -------------------------------------------------------------------------------
-    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
-        return in_shape
-
-    def param_shapes(self, in_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-        return {}
-
-    # -- math ---------------------------------------------------------------------------------
-    def forward_form(self, in_shape: tuple[int, ...]) -> Forward:
-        raise NotImplementedError
-
-    def eval_form(self, in_shape: tuple[int, ...]) -> Forward | None:
-        """The evaluation-mode forward, where it differs from training (batchnorm, rrelu)."""
-        return None
-
-    def constant_values(self) -> dict[str, float]:
-        """Values of the hyper-parameter symbols used in :meth:`forward_form`."""
-        return {}
-
-    def math_key(self, in_shape: tuple[int, ...]) -> tuple:
-        """Layers with equal keys share one derivation (their sizes are symbolic)."""
-        return (self.kind, len(in_shape))
-
-    @property
-    def function_stem(self) -> str:
-        """The stem of the generated function names for this layer's math."""
-        return self.kind
-
-    def stem_for(self, in_shape: tuple[int, ...]) -> str:
-        """:attr:`function_stem` for this layer on inputs of ``in_shape`` (a way of computing
-        chosen at concrete sizes may add to it)."""
-        return self.function_stem
-
-    def describe(self) -> str:
-        return self.kind
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r})"
+__all__ = [
+    "ACTIVATIONS", "MAX_ELEMENTS", "F", "F_IN", "F_OUT", "IMAGE_DIMS", "LETTERS", "LOSSES",
+    "REGISTRY", "X",
+    "Activation", "BatchNorm", "BceWithLogits", "Elementwise", "Elu", "Gelu", "Layer",
+    "LeakyRelu", "Linear", "Loss", "Mse", "Prelu", "Relu", "Residual", "Rrelu", "Sigmoid", "Silu",
+    "SoftmaxCrossEntropy", "Softplus", "Tanh", "_integer", "_number", "exact", "register", "shown",
+]
 
 
 def _dense_arrays(in_shape: tuple[int, ...]) -> tuple[Array, tuple[sp.Symbol, ...]]:
@@ -197,6 +124,17 @@ class BatchNorm(Layer):
 
     kind = "batchnorm"
     init = {"gamma": "ones", "beta": "zeros"}
+    init_looks_through = True
+    train_returns = ("mu", "var")
+    min_values_per_statistic = 2
+    too_few_values = "batch norm needs more than one value per channel to train"
+    state_update_doc = "Move the running statistics towards the batch's (unbiased variance)."
+    state_initial = {"running_mean": 0.0, "running_var": 1.0}
+    training_doc = (
+        "In training mode batch norm uses the batch statistics and, when ``state`` is given, "
+        "moves its running statistics in place; in evaluation mode ``state`` holds them."
+    )
+    evaluation_doc = "batch norm uses the running statistics in ``state``"
     EPS = sp.Symbol("eps", positive=True)  # named as the user writes it
     MOMENTUM = sp.Symbol("momentum", positive=True)
 
@@ -219,6 +157,9 @@ class BatchNorm(Layer):
 
     def state_shapes(self, in_shape) -> dict[str, tuple[int, ...]]:
         return {"running_mean": in_shape[:1], "running_var": in_shape[:1]}
+
+    def statistics_over(self, in_shape):
+        return (0, *range(2, len(in_shape) + 1))  # every axis but the feature (channel) axis
 
     def constant_values(self):
         return {"eps": self.eps, "momentum": self.momentum}
@@ -302,232 +243,6 @@ class BatchNorm(Layer):
         return "batchnorm"
 
 
-class Elementwise(Layer):
-    """``y = f(x)`` applied to every element; ``f`` is a sympy expression in :data:`X`."""
-
-    #: hyper-parameter symbols of ``f`` and the names of their constructor arguments
-    constants: ClassVar[dict[str, sp.Symbol]] = {}
-
-    def expression(self) -> sp.Expr:
-        raise NotImplementedError
-
-    def params_form(self) -> tuple[tuple[Array, ...], dict[sp.Symbol, sp.Expr]]:
-        """Parameters of ``f`` (PReLU's slope) and how ``f``'s symbols map onto them."""
-        return (), {}
-
-    def aux_form(self) -> tuple[tuple[Array, ...], dict[sp.Symbol, sp.Expr]]:
-        """Auxiliary per-element inputs (RReLU's random slopes)."""
-        return (), {}
-
-    def aux_ranges(self) -> dict[str, tuple[sp.Expr, sp.Expr]]:
-        """The closed range of each auxiliary input, in the layer's constants, where known."""
-        return {}
-
-    def constant_values(self):
-        return {symbol.name: getattr(self, attr) for attr, symbol in self.constants.items()}
-
-    def forward_form(self, in_shape):
-        rank = len(in_shape) + 1
-        dims = (N, F) if rank == 2 else (N, *IMAGE_DIMS[: rank - 1])
-        idx = tuple(index(LETTERS[d]) for d in dims)
-        x = Array("x", dims)
-        params, param_subs = self.params_form()
-        aux, aux_subs = self.aux_form()
-        subs = {X: x[idx]}
-        subs.update({s: (v if not isinstance(v, Array) else v[idx]) for s, v in aux_subs.items()})
-        subs.update(param_subs)
-        expr = self.expression().xreplace(subs)
-        return Forward(
-            inputs=(x,),
-            params=params,
-            aux=aux,
-            stages=(Stage(Array("y", dims), idx, expr),),
-            constants={s: exact(getattr(self, a)) for a, s in self.constants.items()},
-            letters=LETTERS,
-            elementwise=True,
-        )
-
-    def math_key(self, in_shape):
-        return (self.kind, len(in_shape))
-
-
-def _activation(kind: str, expression: sp.Expr, doc: str) -> type[Elementwise]:
-    cls = type(
-        kind.capitalize(),
-        (Elementwise,),
-        {"kind": kind, "expression": lambda self: expression, "__doc__": doc},
-    )
-    return register(cls)
-
-
-Sigmoid = _activation("sigmoid", 1 / (1 + sp.exp(-X)), "``1 / (1 + exp(-x))``")
-Tanh = _activation("tanh", sp.tanh(X), "``tanh(x)``")
-Relu = _activation("relu", sp.Max(0, X), "``max(0, x)``; ReLU'(0) = 0 by convention")
-Softplus = _activation("softplus", sp.log(1 + sp.exp(X)), "``log(1 + exp(x))``")
-Silu = _activation("silu", X / (1 + sp.exp(-X)), "``x * sigmoid(x)``")
-Gelu = _activation("gelu", X * (1 + sp.erf(X / sp.sqrt(2))) / 2, "exact GELU, erf form")
-
-
-@register
-class LeakyRelu(Elementwise):
-    """``x`` for x > 0, ``slope * x`` otherwise (slope 0.01 by default)."""
-
-    kind = "leaky_relu"
-    constants = {"slope": sp.Symbol("slope", positive=True)}
-
-    def __init__(self, slope: float = 0.01, *, name: str | None = None):
-        super().__init__(name=name)
-        self.slope = _number(slope, field="slope", positive=True)
-
-    def expression(self):
-        return sp.Piecewise((X, X > 0), (self.constants["slope"] * X, True))
-
-
-@register
-class Elu(Elementwise):
-    """``x`` for x > 0, ``alpha * (exp(x) - 1)`` otherwise (alpha 1.0 by default)."""
-
-    kind = "elu"
-    constants = {"alpha": sp.Symbol("alpha", positive=True)}
-
-    def __init__(self, alpha: float = 1.0, *, name: str | None = None):
-        super().__init__(name=name)
-        self.alpha = _number(alpha, field="alpha", positive=True)
-
-    def expression(self):
-        return sp.Piecewise((X, X > 0), (self.constants["alpha"] * (sp.exp(X) - 1), True))
-
-
-@register
-class Prelu(Elementwise):
-    """``x`` for x > 0, ``alpha * x`` otherwise, with a learnable slope ``alpha``.
-
-    ``shared=True`` (default) learns one slope; ``shared=False`` one per feature.
-    """
-
-    kind = "prelu"
-    SLOPE = sp.Symbol("alpha", real=True)
-
-    def __init__(self, *, shared: bool = True, init: float = 0.25, name: str | None = None):
-        super().__init__(name=name)
-        if not isinstance(shared, bool):
-            raise SpecError(f"must be true or false, got {shared!r}", field="shared")
-        self.shared = shared
-        self.init_value = _number(init, field="init")
-
-    @property
-    def init(self):  # type: ignore[override]
-        return {"alpha": self.init_value}
-
-    def param_shapes(self, in_shape):
-        return {"alpha": () if self.shared else in_shape[:1]}
-
-    def expression(self):
-        return sp.Piecewise((X, X > 0), (self.SLOPE * X, True))
-
-    def params_form(self):
-        if self.shared:
-            alpha = Array("alpha", ())
-            return (alpha,), {self.SLOPE: alpha.base}
-        alpha = Array("alpha", (F,))
-        return (alpha,), {self.SLOPE: alpha[index("j")]}
-
-    def forward_form(self, in_shape):
-        if not self.shared and len(in_shape) != 1:
-            raise SpecError("a per-feature prelu needs feature vectors", field="shared")
-        return super().forward_form(in_shape)
-
-    def math_key(self, in_shape):
-        return (self.kind, len(in_shape), self.shared)
-
-    @property
-    def function_stem(self):
-        return "prelu" if self.shared else "prelu_per_feature"
-
-
-@register
-class Rrelu(Elementwise):
-    """Randomized leaky ReLU: ``x`` for x > 0, ``r * x`` otherwise.
-
-    In training ``r`` is drawn per element, uniformly from [lower, upper]; in evaluation it is
-    ``(lower + upper) / 2``.
-    """
-
-    kind = "rrelu"
-    SLOPE = sp.Symbol("r", positive=True)
-    constants = {
-        "lower": sp.Symbol("lower", positive=True),
-        "upper": sp.Symbol("upper", positive=True),
-    }
-
-    def __init__(self, lower: float = 1 / 8, upper: float = 1 / 3, *, name: str | None = None):
-        super().__init__(name=name)
-        self.lower = _number(lower, field="lower", positive=True)
-        self.upper = _number(upper, field="upper", positive=True)
-        if self.upper < self.lower:
-            raise SpecError(f"upper ({upper}) is below lower ({lower})", field="upper")
-
-    def expression(self):
-        return sp.Piecewise((X, X > 0), (self.SLOPE * X, True))
-
-    def aux_form(self):
-        return (Array("r", (N, F), positive=True),), {self.SLOPE: Array("r", (N, F), True)}
-
-    def aux_ranges(self):
-        return {"r": (self.constants["lower"], self.constants["upper"])}
-
-    def forward_form(self, in_shape):
-        if len(in_shape) != 1:
-            raise SpecError("rrelu expects feature vectors")
-        return super().forward_form(in_shape)
-
-    def eval_form(self, in_shape):
-        form = super().forward_form(in_shape)
-        low, high = self.constants["lower"], self.constants["upper"]
-        stage = form.output
-        r = Array("r", (N, F), True)
-        expr = stage.expr.xreplace({r[stage.indices]: (low + high) / 2})
-        return Forward(
-            inputs=form.inputs,
-            params=(),
-            stages=(Stage(stage.array, stage.indices, expr),),
-            constants=form.constants,
-            letters=form.letters,
-            elementwise=True,
-        )
-
-
-@register
-class Activation(Elementwise):
-    """A user activation: any expression in ``x`` (parsed safely, see :mod:`.expr`)."""
-
-    kind = "activation"
-
-    def __init__(self, expr: str, *, name: str | None = None):
-        super().__init__(name=name)
-        try:
-            self.expr = parse_expression(expr, variable=X)
-        except SpecError as err:
-            raise err.located(field="expr") from None
-        self.text = expr
-
-    def expression(self):
-        return self.expr
-
-    def math_key(self, in_shape):
-        return (self.kind, len(in_shape), sp.srepr(self.expr))
-
-    @property
-    def function_stem(self):
-        return self.name or "activation"
-
-    def describe(self):
-        return f"activation({self.text})"
-
-
-ACTIVATIONS = tuple(kind for kind, cls in REGISTRY.items() if issubclass(cls, Elementwise))
-
-
 @register
 class Residual(Layer):
     """``y = x + F(x)`` where ``F`` is a list of layers that must keep the width."""
@@ -562,97 +277,3 @@ class Residual(Layer):
 
     def describe(self):
         return "residual(" + ", ".join(layer.describe() for layer in self.layers) + ")"
-
-
-class Loss(Layer):
-    """A loss: reduces the network output ``z`` and targets to a scalar."""
-
-    #: "labels" (integer class per sample) or "targets" (same shape as the output)
-    target_kind: ClassVar[str] = "targets"
-
-    def check_output(self, out_shape: tuple[int, ...]) -> None:
-        if len(out_shape) != 1:
-            raise SpecError(f"{self.kind} needs a feature-vector output, got {list(out_shape)}")
-
-
-@register
-class Mse(Loss):
-    """Mean squared error, mean over all elements."""
-
-    kind = "mse"
-
-    def forward_form(self, in_shape):
-        z, t = Array("z", (N, F)), Array("t", (N, F))
-        n, j = index("n"), index("j")
-        loss = sp.Sum((z[n, j] - t[n, j]) ** 2, (n, 0, N - 1), (j, 0, F - 1)) / (N * F)
-        return Forward(
-            inputs=(z,),
-            params=(),
-            aux=(t,),
-            stages=(Stage(Array("L", ()), (), loss),),
-            keep=(),
-            letters=LETTERS,
-        )
-
-
-@register
-class SoftmaxCrossEntropy(Loss):
-    """Softmax cross-entropy with integer labels, mean over the batch."""
-
-    kind = "softmax_cross_entropy"
-    target_kind = "labels"
-
-    def check_output(self, out_shape):
-        super().check_output(out_shape)
-        if out_shape[0] < 2:
-            raise SpecError(
-                "softmax_cross_entropy needs at least 2 outputs (one per class); "
-                "for one output use bce_with_logits"
-            )
-
-    def forward_form(self, in_shape):
-        C = size("C")
-        z, Y = Array("z", (N, C)), Array("Y", (N, C))
-        lse = Array("lse", (N,))
-        n, c = index("n"), index("c")
-        stages = (
-            Stage(lse, (n,), sp.log(sp.Sum(sp.exp(z[n, c]), (c, 0, C - 1)))),
-            Stage(
-                Array("L", ()),
-                (),
-                sp.Sum(lse[n] - sp.Sum(Y[n, c] * z[n, c], (c, 0, C - 1)), (n, 0, N - 1)) / N,
-            ),
-        )
-        return Forward(
-            inputs=(z,),
-            params=(),
-            aux=(Y,),
-            stages=stages,
-            keep=("lse",),
-            letters={N: "n", C: "c"},
-        )
-
-
-@register
-class BceWithLogits(Loss):
-    """Binary cross-entropy on logits, mean over all elements (targets in [0, 1])."""
-
-    kind = "bce_with_logits"
-
-    def forward_form(self, in_shape):
-        z, t = Array("z", (N, F)), Array("t", (N, F))
-        n, j = index("n"), index("j")
-        # -(t log s(z) + (1 - t) log(1 - s(z))) == log(1 + exp(z)) - t z, exactly.
-        per_element = sp.log(1 + sp.exp(z[n, j])) - t[n, j] * z[n, j]
-        loss = sp.Sum(per_element, (n, 0, N - 1), (j, 0, F - 1)) / (N * F)
-        return Forward(
-            inputs=(z,),
-            params=(),
-            aux=(t,),
-            stages=(Stage(Array("L", ()), (), loss),),
-            keep=(),
-            letters=LETTERS,
-        )
-
-
-LOSSES = tuple(kind for kind, cls in REGISTRY.items() if issubclass(cls, Loss))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ..errors import SpecError
 from ..naming import check_identifier, default_layer_name, param_key
-from .layers import MAX_ELEMENTS, REGISTRY, BatchNorm, Layer, Loss, Residual
+from .layers import MAX_ELEMENTS, REGISTRY, Layer, Loss, Residual
 
 DTYPES = ("float64", "float32")
 #: How deeply residual blocks may nest inside each other: the names, the derivation and the
@@ -165,9 +165,8 @@ class Net:
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         shapes = {}
         for item in self.walk():
-            if isinstance(item.layer, BatchNorm):
-                for key, shape in item.layer.state_shapes(item.in_shape).items():
-                    shapes[param_key(item.name, key)] = shape
+            for key, shape in item.layer.state_shapes(item.in_shape).items():
+                shapes[param_key(item.name, key)] = shape
         return shapes
 
     def __repr__(self) -> str:

@@ -42,6 +42,22 @@ class Permute(ArrayOp):
     """``a.T`` (2-D) or an axis permutation ``(a, perm)``."""
 
 
+class Reshape(ArrayOp):
+    """``a`` reshaped to ``dims`` in C order (the batch axis first): ``a.reshape(N, ...)``."""
+
+    def _numpycode(self, printer) -> str:  # how NumPy printers print it
+        array, *dims = (printer._print(a) for a in self.args)
+        return f"{array}.reshape({', '.join(dims)})"
+
+
+def c_order_position(indices, dims) -> sp.Expr:
+    """The flat position of ``indices`` in an array of ``dims``, C order."""
+    flat, stride = sp.Integer(0), sp.Integer(1)
+    for index, dim in zip(reversed(tuple(indices)), reversed(tuple(dims)), strict=True):
+        flat, stride = flat + index * stride, stride * dim
+    return sp.expand(flat)
+
+
 class SumOver(ArrayOp):
     """``a.sum(axis=axes)``; ``axes`` is a Tuple of integers."""
 
@@ -194,10 +210,45 @@ class Lowering:
     def lower(self, expr: sp.Expr, axes: Sequence[sp.Symbol]) -> sp.Expr:
         """``expr`` as a whole-array expression whose axes are ``axes``, in that order."""
         self.preferred = tuple(axes)
+        reshaped = self._reshape(expr, tuple(axes))
+        if reshaped is not None:
+            return reshaped
         array, have = self._lower(expr)
         if set(have) - set(axes):
             raise DerivationError(f"{expr} has free indices {have} beyond {tuple(axes)}")
         return align(array, have, tuple(axes), full=True)
+
+    def _reshape(self, expr: sp.Expr, axes: Axes) -> sp.Expr | None:
+        """``Reshape(a, dims)`` when ``expr`` at ``axes`` moves the numbers of one array, batch
+        row by batch row, to the same C-order flat positions: ``a[n, c*H*W + h*W + w]`` at
+        ``(n, c, h, w)`` (unflatten) or ``sum_{c,h,w} delta(k, c*H*W + h*W + w) a[n, c, h, w]``
+        at ``(n, k)`` (flatten)."""
+        if len(axes) < 2 or any(a not in self.sizes for a in axes):
+            return None
+        # (an array read at its own indices is no reshape: both ranks must differ)
+        if isinstance(expr, sp.Indexed) and len(expr.indices) == 2 and len(axes) > 2:
+            batch, position = expr.indices
+            if batch == axes[0]:
+                want = c_order_position(axes[1:], [self.sizes[a] for a in axes[1:]])
+                if sp.expand(position - want) == 0:
+                    dims = [self.sizes[a] for a in axes]
+                    return Reshape(self.symbol(expr.base.name), *dims)
+        if isinstance(expr, sp.Sum) and len(axes) == 2 and isinstance(expr.function, sp.Mul):
+            deltas = [f for f in expr.function.args if isinstance(f, sp.KroneckerDelta)]
+            arrays = [f for f in expr.function.args if isinstance(f, sp.Indexed)]
+            if len(deltas) != 1 or len(arrays) != 1 or len(expr.function.args) != 2:
+                return None
+            if len(expr.limits) < 2:
+                return None
+            (delta,), (array,) = deltas, arrays
+            inner = tuple(array.indices[1:])
+            if array.indices[0] != axes[0] or tuple(expr.variables) != inner:
+                return None
+            dims = [upper - lower + 1 for _, lower, upper in expr.limits]
+            position = c_order_position(inner, dims)
+            if axes[1] in delta.args and sp.expand(sum(delta.args) - axes[1] - position) == 0:
+                return Reshape(self.symbol(array.base.name), self.sizes[axes[0]], sp.Mul(*dims))
+        return None
 
     # -- recursive lowering -------------------------------------------------------------------
     def _lower(self, expr: sp.Expr) -> tuple[sp.Expr, Axes]:
@@ -547,128 +598,3 @@ def align(array: sp.Expr, have: Axes, target: Axes, *, full: bool = False) -> sp
         shift = 0 if full else first
         array = NewAxis(array, sp.Tuple(*[p - shift for p in missing]))
     return array
-
-
-# -- numerically stable rewrites ----------------------------------------------------------------
-def stabilize(expr: sp.Expr) -> sp.Expr:
-    """Exact rewrites of an index expression into forms whose printed code cannot overflow."""
-    expr = expr.replace(_is_log1p_exp, lambda e: Softplus(_exp_argument(e.args[0])))
-    expr = _sigmoid_form(expr)
-    expr = expr.replace(lambda e: isinstance(e, sp.Add), _erfc_of_minus)
-    return expr.replace(lambda e: isinstance(e, sp.Piecewise), _guard_branches)
-
-
-def log_sum_exp_terms(expr: sp.Expr) -> tuple[sp.Expr, tuple] | None:
-    """``(u, limits)`` when ``expr`` is ``log(Sum(exp(u), *limits))``, else None."""
-    if not (isinstance(expr, sp.log) and isinstance(expr.args[0], sp.Sum)):
-        return None
-    total = expr.args[0]
-    if not isinstance(total.function, sp.exp):
-        return None
-    return total.function.args[0], total.limits
-
-
-def softmax_form(node: sp.exp, element: sp.Indexed, stage) -> sp.Expr:
-    """``exp(v - lse[I])`` (``node``; ``element`` is ``lse[I]``, ``stage`` its definition
-    ``lse[J] = log(Sum_k exp(u))``) as ``exp(v - m)/Sum_k exp(u - m)`` with ``m = max_k u``
-    (at ``J = I``): the same value, which the printed code computes to full precision.
-
-    ``exp(v - lse)`` computed from a rounded ``lse`` loses the digits that rounding dropped
-    (softmax cross-entropy's input gradient at logits of 1e12: relative error 1.6e-5 in
-    float64; at 1e16 a row with two tied maxima got 1/3 instead of 1/6); the shifted
-    exponentials are 1 at the maximum, and their sum lies between 1 and the number of terms.
-    """
-    u, limits = log_sum_exp_terms(stage.expr)
-    at = dict(zip(stage.indices, element.indices, strict=True))
-    at.update({v: sp.Dummy(v.name, integer=True) for v, *_ in limits})  # the sum's own, apart
-    u = u.xreplace(at)
-    limits = [(at[v], low.xreplace(at), high.xreplace(at)) for v, low, high in limits]
-    peak = WindowMax(u, *limits)
-    return sp.exp(node.args[0] + element - peak) / sp.Sum(sp.exp(u - peak), *limits)
-
-
-def _erfc_of_minus(total: sp.Add) -> sp.Expr:
-    """``2 - erfc(u)`` (sympy's form of ``erfc(-u)``) as ``erfc(-u)``, computed directly."""
-    terms = list(total.args)
-    if sp.Integer(2) not in terms:
-        return total
-    for term in terms:
-        if term.could_extract_minus_sign() and isinstance(-term, sp.erfc):
-            rest = [t for t in terms if t is not term]
-            rest.remove(sp.Integer(2))
-            return sp.Add(*rest, Erfc(-(-term).args[0]))
-    return total
-
-
-_GROWING = (sp.exp, sp.sinh, sp.cosh)
-
-
-def _guard_branches(piecewise: sp.Piecewise) -> sp.Piecewise:
-    """Keep a branch's ``exp`` from overflowing where an earlier branch is taken.
-
-    ``np.where`` computes every branch everywhere: ELU's ``alpha*(exp(x) - 1)`` overflowed at
-    ``x = 1000``, where ``x > 0`` takes the other branch. A branch taken only where ``u <= c``
-    may read ``min(u, c)`` instead of ``u`` inside ``exp`` (and ``sinh``, ``cosh``): the same
-    values where it is taken, no overflow where it is not.
-    """
-    pairs, bounds = [], {}
-    for branch, condition in piecewise.args:
-        if bounds:
-            branch = branch.replace(
-                lambda e: isinstance(e, _GROWING), lambda e: e.xreplace(bounds)
-            )
-        pairs.append((branch, condition))
-        if isinstance(condition, sp.StrictGreaterThan | sp.GreaterThan):
-            side, limit = condition.lhs, condition.rhs
-        elif isinstance(condition, sp.StrictLessThan | sp.LessThan):
-            side, limit = condition.rhs, condition.lhs
-        else:
-            continue
-        if isinstance(side, sp.Indexed) and limit.is_number and side not in bounds:
-            bounds[side] = sp.Min(side, limit)  # later branches: side <= limit
-    return sp.Piecewise(*pairs, evaluate=False)
-
-
-def _exp_argument(total: sp.Expr) -> sp.Expr:
-    return next(a.args[0] for a in sp.Add.make_args(total) if isinstance(a, sp.exp))
-
-
-def _is_log1p_exp(node) -> bool:
-    if not isinstance(node, sp.log):
-        return False
-    terms = sp.Add.make_args(node.args[0])
-    return len(terms) == 2 and 1 in terms and any(isinstance(t, sp.exp) for t in terms)
-
-
-def _sigmoid_form(expr: sp.Expr) -> sp.Expr:
-    """Write rational functions of ``exp(u)`` as polynomials in ``sigmoid(u)`` where possible."""
-    arguments = []
-    for node in expr.atoms(sp.exp):
-        if any(isinstance(s, sp.Sum) for s in (expr,)) and node.has(sp.Sum):
-            continue
-        argument = node.args[0]
-        if argument.could_extract_minus_sign():
-            argument = -argument
-        if argument not in arguments:
-            arguments.append(argument)
-    for argument in sorted(arguments, key=sp.default_sort_key):
-        if argument.is_number:  # a constant: nothing overflows
-            continue
-        s = sp.Dummy("s")
-        candidate = expr.xreplace({sp.exp(argument): s / (1 - s), sp.exp(-argument): (1 - s) / s})
-        candidate = sp.factor_terms(sp.cancel(sp.together(candidate)))
-        if candidate.has(sp.exp(argument)) or not _polynomial_in(candidate, s):
-            continue
-        expr = candidate.xreplace({s: Sigmoid(argument)})
-    return expr
-
-
-def _polynomial_in(expr: sp.Expr, s: sp.Symbol) -> bool:
-    """Whether ``expr`` is a polynomial in ``s`` whose coefficients do not contain it: ``s``
-    inside ``max``, ``abs`` or a function (``max(2, s/(1 - s))``) would compute ``exp(u)`` as
-    ``s/(1 - s)``, which is ``1/0`` once ``s`` rounds to 1."""
-    try:
-        sp.Poly(expr, s)
-    except sp.PolynomialError:
-        return False
-    return True

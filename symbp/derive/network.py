@@ -1,5 +1,6 @@
 """The network's backward pass: each layer's derived VJP, chained in reverse order.
 
+The order of the steps is the network plan's (:mod:`symbp.derive.plan`).
 Backprop is the chain rule evaluated as dynamic programming: the gradient arriving at a layer's
 output is computed once and reused for every quantity below it. Each layer type is derived once
 (its sizes are symbolic), so deriving a network costs one derivation per distinct layer type plus
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..declare.forms import Forward
-from ..declare.layers import Layer, Residual
+from ..declare.layers import Layer
 from ..declare.net import Net, Placed
 from .layer import LayerDerivation, derive_layer
 
@@ -58,27 +59,6 @@ class NetworkDerivation:
             if item.name == name:
                 return item
         raise KeyError(name)
-
-    def backward_chain(self) -> list[tuple[str, str, str]]:
-        """(layer, upstream gradient name, what it produces), in the order backward runs."""
-        chain: list[tuple[str, str, str]] = []
-
-        def visit(items: list[Placed], upstream: str) -> str:
-            for item in reversed(items):
-                if isinstance(item.layer, Residual):
-                    body_out = visit(item.body, upstream)
-                    chain.append(
-                        (item.name, upstream, f"d{item.name}_in = {upstream} + {body_out}")
-                    )
-                    upstream = f"d{item.name}_in"
-                    continue
-                produced = f"d{item.name}_in"
-                chain.append((item.name, upstream, produced))
-                upstream = produced
-            return upstream
-
-        visit(self.net.placed, "dout")
-        return chain
 
 
 def derive_network(net: Net) -> NetworkDerivation:

@@ -12,11 +12,7 @@ setting:
   ``^{\\top}``, a sum over the batch as ``\\mathbf{1}^{\\top}``, element-wise products as
   ``\\odot`` and element-wise powers as ``^{\\odot 2}``.
 
-Names follow the problem (``xhat`` is :math:`\\hat{x}`, ``var`` :math:`\\sigma^2`, ``invstd``
-:math:`\\tilde{\\sigma}^{-1}` with :math:`\\tilde{\\sigma} = \\sqrt{\\sigma^2 + \\epsilon}`, Greek
-names as Greek letters, a name of several letters upright: ``xp`` is :math:`\\mathrm{xp}`,
-``H_in`` :math:`H_{\\mathrm{in}}`, ``stride * p`` :math:`\\mathrm{stride}\\, p`). Constants print as
-a spec writes them (``0.1``, ``10^{-5}``; the float nearest 1/3 as :math:`\\frac{1}{3}`). The
+Names and numbers print as :mod:`.latex_names` says. The
 gradient of the loss with respect to an array ``v`` (the array ``dv``) prints per ``notation``:
 ``"d2l"`` gives :math:`\\frac{\\partial J}{\\partial v}` (Dive into Deep Learning), ``"cs231n"``
 gives :math:`\\mathrm{d}v` (the code names of CS231n; ``dvar`` and ``dinvstd`` as they are, since
@@ -27,155 +23,44 @@ The step function (``Heaviside(u, 0)``, ``Step(u)``) prints as an indicator ``in
 KaTeX has ``\\mathbb{1}``, but amssymb's blackboard font has no digits, so LaTeX output uses
 ``\\mathbb{I}`` (the ``indicator`` setting).
 
-The network-level nodes below (:class:`AtLayer`, :class:`Delta`, :class:`Grad`,
-:class:`Jacobian`, :class:`Apply`, :class:`Compose`, :class:`Shape`, :class:`InSpace`) exist
-only to be printed: the notes build the network's equations from them and from the engine's
-expressions, never from strings.
+The network-level nodes (:mod:`.notes_nodes`) exist only to be printed: the notes build the
+network's equations from them and from the engine's expressions, never from strings.
 """
 
 from __future__ import annotations
-
-import re
 
 import sympy as sp
 from sympy.printing.latex import LatexPrinter, translate
 from sympy.printing.precedence import PRECEDENCE
 
 from ..derive.arrays import ArrayOp, Dot, MaxOver, NewAxis, Permute, Step, SumOver
+from .latex_names import SYMBOLS, _bold, _letter, _nice_number
+from .layout import split_latex as _split_top_level
+from .layout import visible_length as _visible_length
+from .notes_nodes import (
+    Apply,
+    AtLayer,
+    Chain,
+    Compose,
+    Delta,
+    Element,
+    Ellipsis_,
+    Grad,
+    Identity,
+    InSpace,
+    Jacobian,
+    NetworkNodePrinting,
+    Norm,
+    Shape,
+    _label,
+)
 
 NOTATIONS = ("d2l", "cs231n")
 
-#: Names with a conventional symbol: (accent, letter, power). ``invstd`` is the inverse of
-#: ``\tilde{\sigma} = \sqrt{\sigma^2 + \epsilon}``, so its powers combine: ``invstd**2`` prints
-#: as ``\tilde{\sigma}^{-2}``.
-SYMBOLS: dict[str, tuple[str | None, str, int]] = {
-    "xhat": ("hat", "x", 1),
-    "var": (None, "sigma", 2),
-    "invstd": ("tilde", "sigma", -1),
-    "running_mean": ("bar", "mu", 1),
-    "running_var": ("bar", "sigma", 2),
-}
-
-#: Multi-letter names printed as an operator name.
-OPERATOR_NAMES = {"lse"}
-
-
-# -- printing-only nodes for the network-level equations ------------------------------------
-class NotesNode(sp.Function):
-    """Base of the nodes that only the notes print; never differentiated or evaluated."""
-
-    is_real = True
-
-
-class AtLayer(NotesNode):
-    """``AtLayer(Symbol(name), Symbol(label))``: the array ``name`` of layer ``label``,
-    printed with the layer as a superscript: ``\\mathbf{W}^{(2)}``."""
-
-    nargs = 2
-
-
-class Delta(NotesNode):
-    """``Delta(Symbol(label))``: the gradient of the loss with respect to ``h^{(label)}``."""
-
-    nargs = 1
-
-
-class Grad(NotesNode):
-    """``Grad(v)``: the gradient of the loss with respect to ``v``, in the chosen notation."""
-
-    nargs = 1
-
-
-class Jacobian(NotesNode):
-    """``Jacobian(y, x)``: the Jacobian of ``y`` with respect to ``x``."""
-
-    nargs = 2
-
-
-class Apply(NotesNode):
-    """``Apply(Symbol(label), x)``: the function ``f_label`` applied to ``x``."""
-
-    nargs = 2
-
-
-class Compose(NotesNode):
-    """``Compose(Symbol(last), Symbol(first), x)``: ``f_last o ... o f_first (x)``."""
-
-    nargs = 3
-
-
-class Shape(NotesNode):
-    """``Shape(N, 784)``: an array shape, printed ``N \\times 784``."""
-
-
-class InSpace(NotesNode):
-    """``InSpace(v, Shape(...))``: ``v`` is a real array of that shape."""
-
-    nargs = 2
-
-
-class Chain(NotesNode):
-    """A product of Jacobians, printed in the given order (matrix products do not commute);
-    the symbol :data:`Ellipsis_` stands for the factors left out of a long chain."""
-
-
-#: The factors left out of a long :class:`Chain`, printed ``\cdots``.
-Ellipsis_ = sp.Symbol("...")
-
-
-class Identity(NotesNode):
-    """The identity matrix (the Jacobian of a skip connection)."""
-
-    nargs = 0
-
-
-class Norm(NotesNode):
-    """``Norm(A)``: the spectral norm of ``A``, printed ``\\lVert A \\rVert_2``."""
-
-    nargs = 1
-
-
-class Element(NotesNode):
-    """``Element(node, *indices)``: one element of a network-level array (an :class:`AtLayer`
-    or a :class:`Delta`), for layers written in index form: ``h^{(2)}_{ncpq}``."""
-
-
-#: Separator of the rows of an ``aligned`` block (what :meth:`NotesLatexPrinter.rows` joins with).
 ROW_SEPARATOR = " \\\\\n"
 
 
-def _letter(name: str) -> str:
-    """A name's symbol: Greek names as Greek letters, one letter in italic, and a name of
-    several letters (``xp``, the ``in`` of ``H_in``) upright, so that it does not read as a
-    product of letters."""
-    if name in OPERATOR_NAMES:
-        return rf"\operatorname{{{name}}}"
-    base, *subscripts = name.split("_")
-    if not base:
-        return translate(name)
-    tex = _word(base)
-    if subscripts:
-        tex = f"{tex}_{{{','.join(_word(sub) for sub in subscripts)}}}"
-    return tex
-
-
-def _word(part: str) -> str:
-    """One part of a name: a Greek letter, a letter (italic) or a word (upright)."""
-    translated = translate(part)
-    if translated != part or len(part) == 1 or not part.isalpha():
-        return translated
-    return rf"\mathrm{{{part}}}"
-
-
-def _bold(letter: str) -> str:
-    if letter.startswith(r"\operatorname"):
-        return letter
-    if letter.startswith(r"\mathrm{"):
-        return r"\mathbf{" + letter[len(r"\mathrm{") :]
-    return rf"\boldsymbol{{{letter}}}" if letter.startswith("\\") else rf"\mathbf{{{letter}}}"
-
-
-class NotesLatexPrinter(LatexPrinter):
+class NotesLatexPrinter(NetworkNodePrinting, LatexPrinter):
     """LaTeX for the notes; see the module docstring for the settings."""
 
     printmethod = "_latex"  # sympy classes (pi, E) print themselves
@@ -429,7 +314,7 @@ class NotesLatexPrinter(LatexPrinter):
         for cls in type(expr).__mro__:
             method = "_print_" + cls.__name__
             if hasattr(self, method):
-                return method in NotesLatexPrinter.__dict__
+                return any(method in c.__dict__ for c in (NotesLatexPrinter, NetworkNodePrinting))
         return False
 
     # -- numbers --------------------------------------------------------------------------------
@@ -605,6 +490,11 @@ class NotesLatexPrinter(LatexPrinter):
             return rf"\left({text}\right)"
         return text
 
+    def _print_Reshape(self, expr):
+        array, *dims = expr.args
+        shape = r" \times ".join(self._print(d) for d in dims)
+        return rf"\operatorname{{reshape}}_{{{shape}}}\left({self._print(array)}\right)"
+
     def _print_Permute(self, expr):
         if len(expr.args) == 1:
             operand = expr.args[0]
@@ -640,57 +530,6 @@ class NotesLatexPrinter(LatexPrinter):
         listed = ",".join(str(int(a)) for a in axes)
         return rf"\operatorname{{max}}_{{({listed})}}\left({self._print(array)}\right)"
 
-    # -- network-level nodes --------------------------------------------------------------------
-    def _print_AtLayer(self, expr):
-        name, label = expr.args
-        return self._array_tex(name.name, layer=_label(label))
-
-    def _print_Delta(self, expr):
-        return rf"\boldsymbol{{\delta}}^{{({_label(expr.args[0])})}}"
-
-    def _print_Grad(self, expr):
-        return self.grad_tex(self._print(expr.args[0]))
-
-    def _print_Jacobian(self, expr):
-        top, bottom = (self._print(a) for a in expr.args)
-        return rf"\frac{{\partial {top}}}{{\partial {bottom}}}"
-
-    def _print_Apply(self, expr):
-        label, argument = expr.args
-        return rf"f_{{{_label(label)}}}\left({self._print(argument)}\right)"
-
-    def _print_Compose(self, expr):
-        last, first, argument = expr.args
-        return (
-            rf"f_{{{_label(last)}}} \circ \cdots \circ f_{{{_label(first)}}}"
-            rf"\left({self._print(argument)}\right)"
-        )
-
-    def _print_Shape(self, expr):
-        return r" \times ".join(self._print(d) for d in expr.args) or "1"
-
-    def _print_InSpace(self, expr):
-        value, shape = expr.args
-        space = r"\mathbb{R}" if not shape.args else rf"\mathbb{{R}}^{{{self._print(shape)}}}"
-        return rf"{self._print(value)} \in {space}"
-
-    def _print_Chain(self, expr):
-        return " ".join(r"\cdots" if a == Ellipsis_ else self._print(a) for a in expr.args)
-
-    def _print_Identity(self, expr):
-        return r"\mathbf{I}"
-
-    def _print_Norm(self, expr):
-        return rf"\left\lVert {self._print(expr.args[0])} \right\rVert_2"
-
-    def _print_Element(self, expr):
-        node, *indices = expr.args
-        sub = self._indices_tex(indices)
-        if isinstance(node, Delta):
-            return rf"\delta^{{({_label(node.args[0])})}}_{{{sub}}}"
-        name, label = node.args
-        return self.name_tex(name.name, sub=sub, layer=_label(label))
-
     # -- windows (pooling, convolution) ---------------------------------------------------------
     def _print_WindowMax(self, expr):
         indices = ",".join(self._print(v) for v in expr.variables)
@@ -714,34 +553,6 @@ def _implied_broadcasting(expr):
     return sp.sympify(expr).replace(lambda e: isinstance(e, NewAxis), lambda e: e.args[0])
 
 
-def _nice_number(value: sp.Rational) -> sp.Rational | str:
-    """A constant as people write it: ``0.1``, ``0.25``, ``10^{-5}``, ``5 \\cdot 10^{-4}`` for a
-    decimal fraction (what a spec writes as ``1e-5``), ``1/3`` for the float nearest 1/3
-    (``3333333333333333/10^16``, a spec's ``1/3`` read as a float); otherwise the value itself
-    (printed as a fraction)."""
-    p, q = int(value.p), int(value.q)
-    k = len(str(q)) - 1
-    if q > 1 and q == 10**k:
-        if abs(p) < 10 and k >= 4:
-            power = rf"10^{{-{k}}}"
-            return power if p == 1 else (f"- {power}" if p == -1 else rf"{p} \cdot {power}")
-        if k <= 3:
-            sign = "-" if p < 0 else ""
-            whole, part = divmod(abs(p), q)
-            return f"{sign}{whole}.{str(part).rjust(k, '0').rstrip('0')}"
-    if q > 10**6:  # from a float: the simple fraction it rounds, if there is one
-        from fractions import Fraction
-
-        simple = Fraction(p, q).limit_denominator(1000)
-        if float(simple) == float(Fraction(p, q)):
-            return sp.Rational(simple.numerator, simple.denominator)
-    return value
-
-
-def _label(symbol) -> str:
-    return symbol.name if isinstance(symbol, sp.Symbol) else str(symbol)
-
-
 def _array_name(expr) -> str | None:
     if isinstance(expr, sp.Indexed):
         return expr.base.name
@@ -757,67 +568,6 @@ def _is_adjoint_node(expr, printer: NotesLatexPrinter) -> bool:
         return False
     name = _array_name(expr) or (expr.name if isinstance(expr, sp.Symbol) else None)
     return name is not None and printer._is_adjoint(name)
-
-
-_COMMAND = re.compile(r"\\[A-Za-z]+|[{}^_]")
-#: Tokens that bind to what follows them when a long line is broken.
-_OPERATORS = {"+", "-", r"\odot", "="}
-
-
-def _split_top_level(text: str, width: int) -> list[str]:
-    """Break printed math that is wider than ``width`` at spaces outside braces and
-    ``\\left...\\right`` groups (between factors of a product), never inside a group, and never
-    right after an operator. A line-breaking pass over the printer's own output: it chooses
-    where lines end, it does not change the math."""
-    if _visible_length(text) <= width:
-        return [text]
-    tokens, depth, start, k = [], 0, 0, 0
-    while k < len(text):
-        if text.startswith(r"\left", k) and not text[k + 5 : k + 6].isalpha():
-            depth += 1
-            k += 5
-            continue
-        if text.startswith(r"\right", k) and not text[k + 6 : k + 7].isalpha():
-            depth -= 1
-            k += 6
-            continue
-        char = text[k]
-        if char == "\\":
-            k += 2
-            continue
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-        elif char == " " and depth == 0:
-            tokens.append(text[start:k])
-            start = k + 1
-        k += 1
-    tokens.append(text[start:])
-    words: list[str] = []
-    for token in tokens:
-        if words and words[-1].split(" ")[-1] in _OPERATORS | {r"\sum"} | {""}:
-            words[-1] = f"{words[-1]} {token}"
-        elif words and words[-1].startswith(r"\sum") and " " not in words[-1]:
-            words[-1] = f"{words[-1]} {token}"  # a sum keeps its first factor
-        elif token in _OPERATORS and words:
-            words.append(token)
-        else:
-            words.append(token)
-    lines, current = [], ""
-    for word in words:
-        if current and _visible_length(f"{current} {word}") > width:
-            lines.append(current)
-            current = word
-        else:
-            current = f"{current} {word}".strip()
-    lines.append(current)
-    return lines
-
-
-def _visible_length(text: str) -> int:
-    """A rough width of printed LaTeX: commands and braces count as little as they show."""
-    return len(_COMMAND.sub("", text)) + text.count(r"\frac") * 2
 
 
 def latex(expr, **settings) -> str:

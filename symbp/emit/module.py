@@ -2,7 +2,7 @@
 
 The module's structure comes from ``templates/module.py.j2`` and ``templates/function.py.j2``;
 every expression in it comes from the engine's derivation, lowered to whole-array form
-(:mod:`symbp.derive.arrays`), made numerically safe (:func:`~symbp.derive.arrays.stabilize`),
+(:mod:`symbp.derive.arrays`), made numerically safe (:func:`~symbp.derive.stable.stabilize`),
 shared where it repeats (sympy ``cse``) and printed by :class:`SymbpNumPyPrinter`.
 One forward/backward function pair is emitted per distinct layer math (every ``linear`` layer
 calls ``linear_forward``), and the network's ``forward``/``backward`` call them in order.
@@ -10,57 +10,55 @@ calls ``linear_forward``), and the network's ``forward``/``backward`` call them 
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import re
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import jinja2
 import sympy as sp
 
 from .. import __version__
 from ..declare.forms import Forward
-from ..declare.layers import BatchNorm, Elementwise, Layer, Rrelu
+from ..declare.layers import Layer
 from ..declare.net import Net, Placed
-from ..derive.arrays import (
-    Col2Im,
-    Col2ImTensorDot,
-    Dot,
-    FirstArgmaxMask,
-    FirstMaxCol2Im,
-    Flipped,
-    Lowering,
-    NewAxis,
-    Permute,
-    Shifted,
-    Step,
-    TensorDot,
-    Windows,
-    WindowTensorDot,
-    stabilize,
-)
+from ..derive.arrays import Lowering
 from ..derive.layer import Carried, LayerDerivation
 from ..derive.network import NetworkDerivation, derive_cached, derive_network
+from ..derive.plan import build_plan
 from ..derive.readings import computed_form, reading
-from ..naming import adjoint, backward_function, forward_function, predict_function
+from ..derive.stable import stabilize
+from ..naming import (
+    adjoint,
+    backward_function,
+    forward_function,
+    predict_function,
+    state_update_function,
+)
 from ..runtime import registry as runtime
 from . import template_folder
+from .layout import MAX_LINE, _sentence, formula, wrap_line, wrap_lines
+from .memory_plan import (
+    _dependency_order,
+    _has_array,
+    _is_fresh,
+    _only_for,
+    _place_rows,
+    _reuse_memory,
+    _Statement,
+    spread_factors,
+)
+from .network import backward_steps, forward_steps, inits
 from .numpy_printer import (
-    RowVector,
     SymbpNumPyPrinter,
     accurate_forms,
     array_shape,
     float_constants,
-    is_smaller,
     numpy_code,
 )
-from .value_names import value_name
+from .value_names import _renamed, value_name
+from .windows import _name_windows
 
-RELU_LIKE = ("relu", "leaky_relu", "prelu", "rrelu", "elu")
 OVERWRITE_NOTE = "overwrite=True: {name} may be overwritten (the caller no longer needs it)."
 OUT_NOTE = "an array to write that gradient into (else a new one is made)."
-MAX_LINE = 99
 
 
 def environment() -> jinja2.Environment:
@@ -76,73 +74,6 @@ def environment() -> jinja2.Environment:
     return env
 
 
-class FormulaPrinter(sp.printing.str.StrPrinter):
-    """One-line index formulas: ``z[n, j] = sum_i(W[i, j]*x[n, i]) + b[j]``,
-    ``sum_{c, i, j}(...)`` over several indices, ``step(u)``, ``delta(h, k + p)``."""
-
-    def _print_Sum(self, expr):
-        indices = [self._print(limit[0]) for limit in expr.limits]
-        under = indices[0] if len(indices) == 1 else "{" + ", ".join(indices) + "}"
-        return f"sum_{under}({self._print(expr.function)})"
-
-    def _print_Heaviside(self, expr):
-        if expr.args[1:] in ((), (0,)):
-            return f"step({self._print(expr.args[0])})"
-        return f"heaviside({self._print(expr.args[0])}, {self._print(expr.args[1])})"
-
-    def _print_KroneckerDelta(self, expr):
-        return f"delta({self._print(expr.args[0])}, {self._print(expr.args[1])})"
-
-
-def formula(lhs: sp.Expr, rhs: sp.Expr) -> str:
-    """``lhs = rhs`` on one line, or wrapped with a hanging indent when longer than a line,
-    at spaces outside index brackets (``dy[n, o, h - k]`` and ``sum_{m, r, s}`` stay whole)
-    where that fits."""
-    printer = FormulaPrinter()
-    lhs, rhs = _rank_free(lhs, rhs)
-    text = f"{printer.doprint(lhs)} = {printer.doprint(rhs)}"
-    width = MAX_LINE - 8
-    words = _outside_brackets(text)
-    if max(map(len, words)) > width - 4:  # an index expression longer than a line
-        words = text.split(" ")
-    lines = [words[0]]
-    for word in words[1:]:
-        if len(lines[-1]) + 1 + len(word) <= width:
-            lines[-1] += " " + word
-        else:
-            lines.append("    " + word)
-    return "\n    ".join(lines)
-
-
-def _rank_free(lhs: sp.Expr, rhs: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
-    """An element-wise formula over a batch, every array read at the left side's own indices
-    and nothing summed, as ``y[...] = Max(0, x[...])``: the same text for inputs of any rank,
-    so that the layer's functions on (N, F) and (N, C, H, W) inputs are one function."""
-    if not isinstance(lhs, sp.Indexed) or len(lhs.indices) < 2:
-        return lhs, rhs
-    if rhs.has(sp.Sum, sp.KroneckerDelta):
-        return lhs, rhs
-    elements = rhs.atoms(sp.Indexed)
-    if not elements or any(e.indices != lhs.indices for e in elements):
-        return lhs, rhs
-    every = sp.Symbol("...")
-    read = rhs.xreplace({e: e.base[every] for e in elements})
-    if read.free_symbols & set(lhs.indices):
-        return lhs, rhs  # an index outside the arrays (a position-dependent value)
-    return lhs.base[every], read
-
-
-def _outside_brackets(text: str) -> list[str]:
-    """``text`` split at its spaces that are not inside square brackets or braces (the
-    indices of a sum)."""
-    words, depth, start = [], 0, 0
-    for position, char in enumerate(text):
-        depth += {"[": 1, "]": -1, "{": 1, "}": -1}.get(char, 0)
-        if char == " " and depth == 0:
-            words.append(text[start:position])
-            start = position + 1
-    return [*words, text[start:]]
-
 
 @dataclass
 class _Function:
@@ -150,401 +81,6 @@ class _Function:
 
     name: str
     source: str
-
-
-@dataclass
-class _Statement:
-    """``target = code``, then ``extra`` lines updating ``target`` in place."""
-
-    target: str
-    code: str
-    extra: list[str] = field(default_factory=list)
-    overwrites: bool = False  # writes into the argument the caller lets it overwrite
-    fresh: bool = True  # the value is a new array (or the memory of a dead one), not a view
-    call: tuple[str, list[str]] | None = None  # (function, arguments) when ``code`` is a call
-    into: bool = False  # written into the array the keyword ``<target>_out`` gives
-
-    def lines(self, optional: bool = False) -> list[str]:
-        """The statement's lines; ``optional``: computed only ``if input_grad``."""
-        if not optional:
-            return [*self._first(4), *self.extra]
-        if not self.extra and self.call is None:
-            return [f"{self.target} = {self.code} if input_grad else None"]
-        body = [*self._first(8), *self.extra]
-        return [f"{self.target} = None", "if input_grad:", *["    " + line for line in body]]
-
-    def _first(self, indent: int) -> list[str]:
-        line = f"{self.target} = {self.code}"
-        if self.call is None or indent + len(line) <= MAX_LINE + 1:
-            return [line]
-        function, args = self.call
-        return [f"{self.target} = {function}(", *[f"    {a}," for a in args], ")"]
-
-
-#: Node types whose NumPy result is a new array of numbers (not a view, not booleans).
-_FRESH = (sp.Add, sp.Mul, sp.Pow, sp.Function, sp.Max, sp.Min, sp.Piecewise)
-#: Node types NumPy computes as a view of their argument (axes moved, inserted, cut or flipped).
-_VIEWS = (Permute, NewAxis, Shifted, Flipped)
-
-
-def _is_fresh(value: sp.Expr) -> bool:
-    if isinstance(value, _VIEWS):  # views: of a new array, new too
-        return not isinstance(value.args[0], sp.Symbol) and _is_fresh(value.args[0])
-    if isinstance(value, Windows | Step):  # overlapping views; a bool array
-        return False
-    return isinstance(value, _FRESH) and not isinstance(value, sp.Rel)
-
-
-def _reuse_memory(
-    ordered, shapes, returned: set[str], writable: str | None, printer, into: set[str] = frozenset()
-):
-    """Print ``ordered`` assignments, computing element-wise results into dead arrays.
-
-    A donor is a big array of the result's shape that no later statement reads and the
-    function does not return: a temporary computed earlier in the function, or ``writable``
-    (an argument; used only when the caller passes ``overwrite=True``). The result is computed
-    by a NumPy ufunc with ``out=`` the donor, and the remaining terms of a sum are added in
-    place (``dx -= ...``): the same operations, in the same order, without new memory.
-    A matrix product assigned to a name in ``into`` goes to ``<name>_out`` (a keyword argument:
-    an array the caller lets the function overwrite, or None for a new one).
-    """
-    statements = []
-    local: set[str] = set()
-    for position, (target, value) in enumerate(ordered):
-        later = set().union(*[v.free_symbols for _, v in ordered[position + 1 :]])
-        later_names = {s.name for s in later} | returned
-        shape = shapes.get(target)
-        donors = []
-        for symbol in sorted(value.free_symbols, key=lambda s: s.name):
-            name = symbol.name
-            if name in later_names or shape is None or shapes.get(name) != shape:
-                continue
-            if name in local or name == writable:
-                donors.append(symbol)
-        donors.sort(key=lambda s: s.name == writable)  # temporaries first: no flag needed
-        statement = None
-        if target in into and isinstance(value, Dot):
-            matmul = printer._module_format("numpy.matmul")
-            args = [*(printer.doprint(a) for a in value.args), f"out={target}_out"]
-            code = f"{matmul}({', '.join(args)})"
-            statement = _Statement(target, code, call=(matmul, args), into=True)
-        for donor in donors if statement is None else []:
-            statement = _into(target, value, donor, donor.name == writable, printer)
-            if statement is not None:
-                break
-        if statement is None and shape is not None and sum(d != 1 for d in shape) >= 2:
-            statement = _accumulate(target, value, shape, shapes, printer)
-        if statement is None:
-            statement = _Statement(target, printer.doprint(value))
-        statement.fresh = _is_fresh(value)
-        statements.append(statement)
-        if _is_fresh(value):
-            local.add(target)
-    return statements
-
-
-def _into(target: str, value: sp.Expr, donor: sp.Symbol, flagged: bool, printer):
-    """``target = value`` computed in the memory of ``donor``, or None if it does not fit."""
-    out = f"{donor.name} if overwrite else None" if flagged else donor.name
-
-    def ufunc(name, first, second):
-        if printer.is_row_of(second, first) or printer.is_row_of(first, second):
-            code = printer.row_pass(name, first, second, out=out)
-            return code, None
-        function = printer._module_format("numpy." + name)
-        factor = printer.factor_code if name == "multiply" else printer.doprint
-        args = [printer.doprint(first), factor(second), f"out={out}"]
-        return f"{function}({', '.join(args)})", (function, args)
-
-    def product(term):  # ``donor * rest`` if the donor is a direct factor of ``term``
-        factors = list(sp.Mul.make_args(term))
-        if factors.count(donor) != 1 or any(f.has(donor) for f in factors if f != donor):
-            return None
-        factors.remove(donor)
-        return sp.Mul(*factors)
-
-    if isinstance(value, sp.Mul):
-        rest = product(value)
-        if rest is None:
-            return None
-        code, call = ufunc("multiply", donor, rest)
-        return _Statement(target, code, overwrites=flagged, call=call)
-    if isinstance(value, sp.Max | sp.Min) and len(value.args) == 2 and donor in value.args:
-        other = value.args[1] if value.args[0] == donor else value.args[0]
-        if other.has(donor):
-            return None
-        name = "maximum" if isinstance(value, sp.Max) else "minimum"
-        code, call = ufunc(name, donor, other)
-        return _Statement(target, code, overwrites=flagged, call=call)
-    if not isinstance(value, sp.Add):
-        return None
-    terms = list(printer._as_ordered_terms(value))
-    carrying = [t for t in terms if t.has(donor)]
-    if len(carrying) != 1:
-        return None
-    (term,) = carrying
-    others = [t for t in terms if t is not term]
-    if term == donor:
-        second = others.pop(0)
-        if second.could_extract_minus_sign():
-            code, call = ufunc("subtract", donor, -second)
-        else:
-            code, call = ufunc("add", donor, second)
-    else:
-        rest = product(term)
-        if rest is None:
-            return None
-        code, call = ufunc("multiply", donor, rest)
-    extra = [
-        _update(target, "-", -t, printer)
-        if t.could_extract_minus_sign()
-        else _update(target, "+", t, printer)
-        for t in others
-    ]
-    return _Statement(target, code, extra, overwrites=flagged, call=call)
-
-
-def _place_rows(ordered, shapes):
-    """Wrap the vectors each element-wise pass over a big array broadcasts along its rows in
-    :class:`RowVector` when the function computes them (``gamma*invstd``, a local ``mu``);
-    vectors the function is given (parameters, cached statistics) are left as they are."""
-    computed = {target for target, _ in ordered}
-    placed = []
-    for target, value in ordered:
-        shape = shapes.get(target)
-        if shape is not None and sum(d != 1 for d in shape) >= 2:
-            value = _rows_in(value, shape, shapes, computed)
-        placed.append((target, value))
-    return placed
-
-
-def _rows_in(expr: sp.Expr, shape, shapes, computed: set[str]) -> sp.Expr:
-    """``expr`` (of ``shape``) with its computed row-vector operands wrapped in RowVector."""
-
-    def row(operand):  # a vector as long as a row: broadcast along the rows
-        own = array_shape(operand, shapes)
-        return own is not None and len(own) == 1 and own[0] == shape[-1] and own[0] != 1
-
-    def scalar(operand):
-        return array_shape(operand, shapes) == ()
-
-    def fresh(vector):  # computed in every call, not handed in
-        return not vector.is_Symbol or vector.name in computed
-
-    def operand(arg):
-        if row(arg):
-            coefficient, vector = arg.as_coeff_Mul()
-            return coefficient * RowVector(vector) if fresh(vector) else arg
-        return _rows_in(arg, shape, shapes, computed)
-
-    if isinstance(expr, sp.Mul):
-        # The row-sized factors and the scalars multiplying them form one vector (NumPy
-        # computes ``c/N*xhat`` as ``(c/N)*xhat``): that product is what gets wrapped.
-        coefficient, rest = expr.as_coeff_Mul()
-        factors = sp.Mul.make_args(rest)
-        small = [f for f in factors if row(f) or scalar(f)]
-        if any(row(f) for f in small) and len(small) < len(factors):
-            others = [operand(f) for f in factors if f not in small]
-            vector = sp.Mul(*small)
-            wrapped = RowVector(vector) if fresh(vector) else vector
-            return sp.Mul(coefficient, wrapped, *others)
-        if len(small) < len(factors):
-            return sp.Mul(coefficient, *[operand(f) for f in factors])
-        return expr
-    if isinstance(expr, sp.Add | sp.Max | sp.Min | sp.Pow | sp.Piecewise) or (
-        isinstance(expr, sp.Function) and not isinstance(expr, RowVector)
-    ):
-        if type(expr).__module__.endswith("arrays"):
-            return expr  # windows, products, scatters: not element-wise passes
-        args = [operand(a) for a in expr.args]
-        return expr.func(*args) if args != list(expr.args) else expr
-    return expr
-
-
-def _c_ordered(value: sp.Expr) -> bool:
-    """Whether NumPy computes ``value`` as a new array in C order (not a permuted view)."""
-    if isinstance(value, _VIEWS):
-        return False
-    if isinstance(value, TensorDot):  # its axes come out of the product in ``order``
-        order = [int(k) for k in value.args[4]]
-        return order == sorted(order)
-    return not isinstance(value, WindowTensorDot)  # its route decides its memory order
-
-
-def _accumulate(target: str, value: sp.Expr, shape, shapes, printer):
-    """``k*(A + B + ...)`` (or a plain sum) built up in one new array, or None.
-
-    The array starts as one product term of the sum (the only new memory); the other terms are
-    added in place, a bare array ``A`` by ``np.subtract(A, target, out=target)`` when the
-    array holds a negated partial sum, and the small factor ``k`` multiplies last, in place.
-    NumPy evaluating the one-line form needs a second array for ``A - B*C`` (it cannot reuse
-    the right operand of a subtraction).
-    """
-    factor, body = sp.S.One, value
-    if isinstance(value, sp.Mul):
-        small = [f for f in value.args if is_smaller(f, shape, shapes)]
-        big = [f for f in value.args if f not in small]
-        if len(big) != 1 or not isinstance(big[0], sp.Add):
-            return None
-        factor, body = sp.Mul(*small), big[0]
-    if not isinstance(body, sp.Add):
-        return None
-
-    def bare(term):
-        return magnitude(term).is_Symbol
-
-    def magnitude(term):
-        return -term if term.could_extract_minus_sign() else term
-
-    terms = list(printer._as_ordered_terms(body))
-    # The start must print as a new array (``A.T`` is a view of ``A``: never start there).
-    products = [
-        t
-        for t in terms
-        if not is_smaller(t, shape, shapes) and not bare(t) and _is_fresh(magnitude(t))
-    ]
-    bares = [t for t in terms if not is_smaller(t, shape, shapes) and bare(t)]
-    if not bares and factor == 1:
-        # ``x @ W + b`` on one line makes NumPy write the sum into a second big array (it
-        # reuses a temporary's memory only when the other operand is a scalar): adding ``b``
-        # in place took half the time (78 against 154 us at (256, 1024) float32). Only from an
-        # array in C order: a permuted view would hand its layout on to the result.
-        products = [t for t in products if _c_ordered(magnitude(t))]
-    if not products:
-        return None
-    start = next((t for t in products if not t.could_extract_minus_sign()), products[0])
-    negated = start.could_extract_minus_sign()  # the array holds minus the partial sum
-    code = printer.doprint(-start if negated else start)
-    extra = []
-    ufunc = printer._module_format
-
-    for term in bares:
-        array = magnitude(term)
-        positive = not term.could_extract_minus_sign()
-        if negated and positive:  # -(partial) + A
-            extra.append(f"{ufunc('numpy.subtract')}({array}, {target}, out={target})")
-            negated = False
-        elif negated:  # -(partial) - A = -(partial + A)
-            extra.append(f"{target} += {array}")
-        else:
-            extra.append(f"{target} {'+' if positive else '-'}= {array}")
-    for term in [t for t in terms if t is not start and t not in bares]:
-        subtract = term.could_extract_minus_sign() != negated
-        extra.append(_update(target, "-" if subtract else "+", magnitude(term), printer))
-    if negated:  # the array holds minus the sum: negate it, or fold the sign into the factor
-        if factor == 1:
-            extra.append(f"{ufunc('numpy.negative')}({target}, out={target})")
-        else:
-            factor = -factor
-    if factor != 1:
-        extra.append(_update(target, "*", factor, printer))
-    return _Statement(target, code, extra)
-
-
-_UFUNCS = {"+": "add", "-": "subtract", "*": "multiply"}
-
-
-def _update(target: str, operator: str, term: sp.Expr, printer) -> str:
-    """``target <operator>= term``, through ``_along_rows`` (the printer's ``row_pass``) when
-    ``term`` is a vector broadcast along the rows of the 2-D ``target``."""
-    array = sp.Symbol(target)
-    if printer.is_row_of(term, array):
-        return printer.row_pass(_UFUNCS[operator], array, term, out=target)
-    return f"{target} {operator}= {printer.doprint(term)}"
-
-
-def _wrap_call(prefix: str, call: str, args: list[str], indent: str = "") -> str:
-    """``prefix + call(args)``, split one argument per line when it would be too long; an
-    assignment's targets (``prefix``, ``"a, b = "``) too, in parentheses, where even the
-    first line would be (long layer names)."""
-    line = f"{indent}{prefix}{call}({', '.join(args)})"
-    if len(line) + 4 <= MAX_LINE:  # the template indents the body by 4
-        return line
-    inner = indent + "    "
-    if len(f"{indent}{prefix}{call}(") + 4 > MAX_LINE and prefix.endswith(" = "):
-        targets = "".join(f"{inner}{t},\n" for _, t in _top_level_split(prefix[:-3], (", ",)))
-        prefix = f"(\n{targets}{indent}) = "
-    body = "".join(f"{inner}{arg},\n" for arg in args)
-    return f"{indent}{prefix}{call}(\n{body}{indent})"
-
-
-def wrap_lines(text: str) -> str:
-    """:func:`wrap_line` on every line of ``text`` (a jinja2 filter for template lines that
-    carry long names)."""
-    return "\n".join(wrapped for line in text.split("\n") for wrapped in wrap_line(line))
-
-
-def _scan(code: str):
-    """``(position, char, depth)`` for each character outside string literals; ``depth``
-    counts the brackets open before it (a closing bracket has its pair's depth)."""
-    depth, quote = 0, None
-    for position, char in enumerate(code):
-        if quote:
-            quote = None if char == quote else quote
-            continue
-        if char in "\"'":
-            quote = char
-            continue
-        if char in ")]}":
-            depth -= 1
-        yield position, char, depth
-        if char in "([{":
-            depth += 1
-
-
-def _outer_brackets(code: str) -> list[tuple[int, int]]:
-    """``(open, close)`` positions of the outermost bracket pairs, string literals skipped."""
-    pairs, start = [], 0
-    for position, char, depth in _scan(code):
-        if depth == 0 and char in "([{":
-            start = position
-        elif depth == 0 and char in ")]}":
-            pairs.append((start, position))
-    return pairs
-
-
-def _top_level_split(code: str, separators: tuple[str, ...]) -> list[tuple[str, str]]:
-    """``code`` split at separators outside brackets and strings: ``(separator, part)`` pairs."""
-    parts, last, before, skip_to = [], 0, "", 0
-    for position, char, depth in _scan(code):
-        if position < skip_to or depth or char in "([{)]}":
-            continue
-        found = next((s for s in separators if code.startswith(s, position)), None)
-        if found:
-            parts.append((before, code[last:position].strip()))
-            before, last = found.strip(), position + len(found)
-            skip_to = last
-    parts.append((before, code[last:].strip()))
-    return parts
-
-
-def wrap_line(line: str, width: int = MAX_LINE) -> list[str]:
-    """A long line of generated code split inside its longest bracket pair, as black would."""
-    if len(line) <= width:
-        return [line]
-    indent = line[: len(line) - len(line.lstrip())]
-    pairs = _outer_brackets(line)
-    if not pairs:
-        return [line]
-    # calls before subscripts: params[\n"key"\n] = ... reads badly
-    calls = [pair for pair in pairs if line[pair[0]] == "("]
-    start, end = max(calls or pairs, key=lambda pair: pair[1] - pair[0])
-    content = line[start + 1 : end]
-    inner = indent + "    "
-    head, tail = line[: start + 1], indent + line[end:]
-    if len(inner + content) <= width and len(tail) <= width:
-        return [head, inner + content, tail]  # the bracket's contents fit on a line of their own
-    args = _top_level_split(content, (", ",))
-    if len(args) > 1:
-        body = [f"{inner}{arg}," for _, arg in args]
-    else:
-        terms = _top_level_split(content, (" + ", " - "))
-        body = [f"{inner}{sign} {term}" if sign else inner + term for sign, term in terms]
-    wrapped = [head]
-    for part in body:
-        wrapped += wrap_line(part, width)
-    return [*wrapped, tail]
-
 
 class ModuleBuilder:
     """Collects the layer functions and the network's forward/backward lines."""
@@ -722,9 +258,9 @@ class ModuleBuilder:
         kw = keywords([e for _, e in outputs])
         returns = f"{form.output.name}, ({', '.join(cached)}{',' if len(cached) == 1 else ''})"
         returned = {form.output.name, *cached}
-        if isinstance(layer, BatchNorm):
-            returns += ", (mu, var)"
-            returned |= {"mu", "var"}
+        if layer.train_returns:  # declared: what the state update reads (batch norm's mu, var)
+            returns += f", ({', '.join(layer.train_returns)})"
+            returned |= set(layer.train_returns)
         writable = form.inputs[0].name if len(form.inputs) == 1 else None
         writable = writable if writable not in cached else None
         statements = self._printed(outputs, form, args, returned, writable, carried=carried)
@@ -836,226 +372,32 @@ class ModuleBuilder:
                     stage.name,
                 ),
             )
-        if isinstance(layer, BatchNorm):
-            self._running_stats_function(layer)
 
-    def _running_stats_function(self, layer: BatchNorm):
+    def state_update_function(self, stem: str, layer: Layer) -> str:
+        """``<stem>_running_stats``: the layer's declared state update, printed once."""
+        name = state_update_function(stem)
+        if name in self.functions:
+            return name
         updates = layer.state_updates()
         printer = SymbpNumPyPrinter()
         assignments = [_Statement(f"new_{k}", printer.doprint(v)) for k, v in updates.items()]
-        self.functions["batchnorm_running_stats"] = _Function(
-            "batchnorm_running_stats",
+        used = {s.name for e in updates.values() for s in e.free_symbols}
+        constants = [k for k in layer.constant_values() if k in used]
+        signature = ", ".join([*updates, *layer.train_returns, "N"])
+        if constants:
+            signature += ", *, " + ", ".join(constants)
+        self.functions[name] = _Function(
+            name,
             self._render_function(
-                "batchnorm_running_stats",
-                "running_mean, running_var, mu, var, N, *, momentum",
-                "Move the running statistics towards the batch's (unbiased variance).",
+                name,
+                signature,
+                layer.state_update_doc,
                 [f"{k} <- {v}" for k, v in updates.items()],
                 assignments,
                 ", ".join(st.target for st in assignments),
             ),
         )
-
-    # -- network lines ------------------------------------------------------------------------
-    def _constants(self, layer: Layer, form: Forward, exprs=None) -> list[str]:
-        """Keyword arguments for the constants used (by ``exprs``, default: the forward)."""
-        values = layer.constant_values()
-        exprs = exprs if exprs is not None else [s.expr for s in form.stages]
-        used = set().union(*[e.free_symbols for e in exprs]) if exprs else set()
-        return [f"{s.name}={values[s.name]!r}" for s in form.constants if s in used]
-
-    def place(self, items: list[Placed], indent: str = "") -> None:
-        for item in items:
-            self._place_one(item, indent)
-
-    def _place_one(self, item: Placed, indent: str) -> None:
-        layer = item.layer
-        if layer.kind == "flatten":
-            # A reshape, not arithmetic: the same numbers, one row per sample (C order).
-            # The width is spelled out: an empty batch has no -1 to infer.
-            shape = " x ".join(str(length) for length in item.in_shape)
-            width = math.prod(item.in_shape)
-            self.forward_lines.append(
-                f"{indent}h = h.reshape(len(h), {width})  # {item.name}: {shape}"
-            )
-            self.h_owned = False  # a view of the input
-            return
-        derivation = derive_cached(layer, item.in_shape)
-        eval_form = layer.eval_form(item.in_shape)
-        stem = self.stems[item.name]
-        self.layer_functions(stem, layer, derivation, eval_form)
-        forward_name = self.forward_names[stem]
-        form = derivation.form
-        params = [f'params["{item.name}.{p.name}"]' for p in form.params]
-        constants = self._constants(layer, form) + _size_arguments(
-            item, form, self.size_keywords.get(forward_name, [])
-        )
-        key = f'cache["{item.name}"]'
-        forward = self.forward_lines
-        owned, self.h_owned = self.h_owned, False
-        if self.overwrites.get(forward_name) and owned:
-            constants = [*constants, "overwrite=True"]
-        if layer.kind == "residual":
-            skip = f"skip_{item.name}"
-            forward.append(f"{indent}{skip} = h")
-            self.place(item.body, indent)
-            forward.append(_wrap_call(f"h, {key} = ", forward_function(stem), [skip, "h"], indent))
-            self.h_owned = self.owned_output[stem]
-            return
-        if isinstance(layer, BatchNorm):
-            self.uses_state = True
-            state = [f'state["{item.name}.running_mean"]', f'state["{item.name}.running_var"]']
-            momentum = f"momentum={layer.momentum!r}"
-            # the number of values each statistic averages: N, or N*H*W per channel
-            count = "h.shape[0]" if len(item.in_shape) == 1 else "h.size // h.shape[1]"
-            forward.append(f"{indent}if train:")
-            inner = indent + "    "
-            # One value a statistic: the variance is 0 and its unbiased form 0/0 (PyTorch
-            # refuses such a batch as well); none (an empty batch): the mean is 0/0.
-            values = "N" if len(item.in_shape) == 1 else "N*H*W"
-            message = [
-                f'"{item.name}: batch norm needs more than one value per"',
-                f'f" channel to train ({values} = {{{count}}})"',
-            ]
-            forward.append(f"{inner}if {count} < 2:")
-            forward.append(f"{inner}    raise ValueError(")
-            forward.extend(f"{inner}        {part}" for part in message)
-            forward.append(f"{inner}    )")
-            forward.append(
-                _wrap_call(
-                    f"h, {key}, stats = ", forward_name, ["h", *params, *constants], inner
-                )
-            )
-            forward.append(f"{inner}if state is not None:")
-            deeper = inner + "    "
-            forward.append(f"{deeper}mean = {state[0]}")
-            forward.append(f"{deeper}var = {state[1]}")
-            forward.append(
-                _wrap_call(
-                    "mean[...], var[...] = ",
-                    "batchnorm_running_stats",
-                    ["mean", "var", "*stats", count, momentum],
-                    deeper,
-                )
-            )
-            forward.append(f"{indent}else:")
-            predict_constants = [c for c in constants if not c.startswith("overwrite=")]
-            forward.append(
-                _wrap_call(
-                    "h = ",
-                    predict_function(stem),
-                    ["h", *params, *state, *predict_constants],
-                    inner,
-                )
-            )
-            self.h_owned = self.owned_output[stem]  # the prediction is a new array as well
-            return
-        if isinstance(layer, Rrelu):
-            self.uses_rng = True
-            inner = indent + "    "
-            forward.append(f"{indent}if train:")
-            forward.append(
-                f"{inner}r = rng.uniform({layer.lower!r}, {layer.upper!r}, size=h.shape)"
-                ".astype(h.dtype)"
-            )
-            forward.append(
-                _wrap_call(f"h, {key} = ", forward_name, ["h", "r", *constants], inner)
-            )
-            forward.append(f"{indent}else:")
-            eval_constants = self._constants(layer, eval_form)
-            forward.append(
-                _wrap_call("h = ", predict_function(stem), ["h", *eval_constants], inner)
-            )
-            return
-        forward.append(
-            _wrap_call(f"h, {key} = ", forward_name, ["h", *params, *constants], indent)
-        )
-        self.h_owned = self.owned_output[stem]
-
-    def backward_for(self, items: list[Placed], guard_bottom: bool) -> None:
-        """Backward lines for ``items`` in reverse; ``guard_bottom``: the input grad is optional."""
-        for position in range(len(items) - 1, -1, -1):
-            item = items[position]
-            layer = item.layer
-            below_has_params = any(p.param_shapes or p.body for p in items[:position])
-            optional = guard_bottom and not below_has_params
-            derivation = derive_cached(layer, item.in_shape)
-            self._backward_one(item, derivation, optional)
-
-    def _backward_one(self, item: Placed, derivation: LayerDerivation, optional: bool) -> None:
-        layer, stem = item.layer, self.stems[item.name]
-        form = derivation.form
-        lines = self.backward_lines
-        if layer.kind == "flatten":
-            shape = ", ".join(str(length) for length in item.in_shape)
-            line = f"dh = dh.reshape(len(dh), {shape})  # {item.name}"
-            lines.extend(["if wrt_input:", "    " + line] if optional else [line])
-            return
-        if layer.kind == "residual":
-            skip = f"dskip_{item.name}"
-            lines.append(_wrap_call(f"{skip}, dh = ", backward_function(stem), ["dh"]))
-            self.dh_owned = False  # dh and the skip's gradient are one array
-            self.backward_for(item.body, guard_bottom=False)
-            lines.append(f"dh = {skip} + dh")
-            self.dh_owned = True
-            return
-        params_read = [f'params["{item.name}.{p.name}"]' for p in derivation.params_read]
-        constants = self._constants(layer, form, [a.expr for a in derivation.vjp.values()])
-        sizes = self.size_keywords.get(backward_function(stem), [])
-        constants += _size_arguments(item, form, sizes)
-        args = ["dh", f'*cache["{item.name}"]', *params_read, *constants]
-        targets = ["dh"] + [f'grads["{item.name}.{p.name}"]' for p in form.params]
-        if form.params and optional:
-            args.append("input_grad=wrt_input")
-        if self.dh_owned and self.overwrites.get(backward_function(stem)):
-            args.append("overwrite=True")
-        for param in self.outs.get(backward_function(stem), []):
-            args.append(f'd{param}_out=reuse.get("{item.name}.{param}")')
-        self.dh_owned = self.owned_grad[stem]
-        call = _wrap_call(f"{', '.join(targets)} = ", backward_function(stem), args)
-        if not form.params and optional:
-            lines.append("if wrt_input:")
-            call = "\n".join("    " + line for line in call.splitlines())
-        lines.append(call)
-
-    # -- inits --------------------------------------------------------------------------------
-    def inits(self) -> list[dict]:
-        result = []
-
-        def visit(items: list[Placed]):
-            for position, item in enumerate(items):
-                if item.body:
-                    visit(item.body)
-                for param, shape in item.layer.param_shapes(item.in_shape).items():
-                    key = f"{item.name}.{param}"
-                    rule = item.layer.init.get(param, "zeros")
-                    if rule == "fan":
-                        if len(shape) == 4:  # a kernel (out, in, kh, kw), as PyTorch counts
-                            field = shape[2] * shape[3]
-                            fan_in, fan_out = shape[1] * field, shape[0] * field
-                        else:
-                            fan_in, fan_out = shape[0], shape[-1]
-                        relu_next = _next_activation(items, position) in RELU_LIKE
-                        std = (
-                            math.sqrt(2 / fan_in)
-                            if relu_next
-                            else math.sqrt(2 / (fan_in + fan_out))
-                        )
-                        result.append(
-                            dict(key=key, kind="normal", std=repr(std), shape=tuple(shape))
-                        )
-                    else:
-                        value = {"zeros": 0.0, "ones": 1.0}.get(rule, rule)
-                        result.append(
-                            dict(key=key, kind="full", value=repr(float(value)), shape=tuple(shape))
-                        )
-
-        visit(self.net.placed)
-        return result
-
-
-def _sentence(text: str) -> str:
-    """``text`` cut into docstring lines (the template indents them)."""
-    return "\n    ".join(textwrap.wrap(text, MAX_LINE - 4, subsequent_indent="    "))
+        return name
 
 
 def _title(layer: Layer) -> str:
@@ -1063,26 +405,6 @@ def _title(layer: Layer) -> str:
     functions carry it (a custom activation ``mish``), else the layer type (``linear``)."""
     return layer.name if layer.name is not None and layer.function_stem == layer.name else (
         layer.kind
-    )
-
-
-def _renamed(statement: _Statement, names: dict[str, str]) -> _Statement:
-    """``statement`` with the placeholders ``common<i>`` replaced by their ``names``."""
-    if not names:
-        return statement
-
-    def rename(text: str) -> str:
-        return re.sub(r"\bcommon\d+\b", lambda m: names.get(m.group(0), m.group(0)), text)
-
-    call = statement.call
-    if call is not None:
-        call = (call[0], [rename(a) for a in call[1]])
-    return dataclasses.replace(
-        statement,
-        target=rename(statement.target),
-        code=rename(statement.code),
-        extra=[rename(line) for line in statement.extra],
-        call=call,
     )
 
 
@@ -1097,51 +419,6 @@ def _array_shapes(form: Forward) -> dict[str, tuple | None]:
         shapes[name] = tuple(array.dims)
         shapes[adjoint(name)] = tuple(array.dims)
     return shapes
-
-
-def spread_factors(expr: sp.Expr, shapes: dict[str, tuple | None]) -> sp.Expr:
-    """Multiply small factors into the terms of a big sum when that saves passes over memory.
-
-    ``k*(N*dy - c*xhat - s)`` with per-feature ``k``, ``c``, ``s`` costs five passes over the
-    batch (``N*dy``, ``c*xhat``, two subtractions, the product with ``k``); written as
-    ``(k*N)*dy - (k*c)*xhat - k*s`` it costs four, and the small products are cheap. It is
-    done only when every big term already carries a factor (so no new pass appears); the value
-    is the same, exactly.
-    """
-    if expr.is_Atom or not isinstance(expr, sp.Add | sp.Mul | sp.Pow | sp.Function):
-        return expr
-    args = [spread_factors(a, shapes) for a in expr.args]
-    if args != list(expr.args):
-        expr = expr.func(*args)
-    if not isinstance(expr, sp.Mul):
-        return expr
-    shape = array_shape(expr, shapes)
-    if shape is None:
-        return expr
-    small = [f for f in expr.args if is_smaller(f, shape, shapes)]
-    big = [f for f in expr.args if f not in small]
-    if not small or len(big) != 1 or not isinstance(big[0], sp.Add):
-        return expr
-    factor, total = sp.Mul(*small), big[0]
-    coefficients = [
-        sp.Mul(*[f for f in sp.Mul.make_args(term) if is_smaller(f, shape, shapes)])
-        for term in total.args
-        if not is_smaller(term, shape, shapes)
-    ]
-    if any(c in (sp.S.One, sp.S.NegativeOne) for c in coefficients):
-        return expr  # a bare big term: built up in place from the others (_accumulate)
-    for coefficient in coefficients:
-        # A coefficient that cannot be zero (a number, a size) is divided out instead:
-        # k*(N*dy - c*xhat) = (k*N)*(dy - (c/N)*xhat), which builds up in one array.
-        if coefficient.is_number or all(
-            f.is_Number or (f.is_Symbol and f.is_integer and f.is_positive)
-            for f in sp.Mul.make_args(coefficient)
-        ):
-            normalized = sp.Add(*[term / coefficient for term in total.args])
-            scale = factor * coefficient
-            return normalized if scale == 1 else sp.Mul(scale, normalized, evaluate=False)
-    return sp.Add(*[factor * term for term in total.args])
-
 
 def function_stems(net: Net) -> dict[str | None, str]:
     """The stem of each layer's generated functions, by layer name (``None``: the loss).
@@ -1213,22 +490,6 @@ def _printed_functions(item: Placed, printed: dict) -> tuple[str, ...]:
     return printed[key]
 
 
-def size_values(item: Placed, form: Forward) -> dict[str, int]:
-    """The per-sample sizes of a placed layer by name (``{"H_in": 28, ...}``)."""
-    values = {}
-    for array, shape in ((form.inputs[0], item.in_shape), (form.output.array, item.out_shape)):
-        for dim, length in zip(array.dims[1:], shape, strict=True):
-            if isinstance(dim, sp.Symbol):
-                values[dim.name] = length
-    return values
-
-
-def _size_arguments(item: Placed, form: Forward, names: list[str]) -> list[str]:
-    """``H_in=28``: the sizes a layer function takes as keywords, from the declared shapes."""
-    values = size_values(item, form)
-    return [f"{name}={values[name]}" for name in names]
-
-
 def _with_sizes(keywords: str, sizes: list[str]) -> str:
     """Keyword-only arguments ``keywords`` plus sizes no argument's shape tells."""
     if not sizes:
@@ -1236,129 +497,13 @@ def _with_sizes(keywords: str, sizes: list[str]) -> str:
     return keywords + (", " if keywords else ", *, ") + ", ".join(sizes)
 
 
-def _only_for(targets: set[str], statements) -> set[str]:
-    """``targets`` and the intermediates that only they read (computed ``if input_grad``)."""
-    optional = set(targets)
-    changed = True
-    while changed:
-        changed = False
-        for statement in statements:
-            if statement.target in optional or re.fullmatch(r"\w+\.shape\[\d+\]", statement.code):
-                continue  # sizes are free to read
-            word = re.compile(rf"\b{re.escape(statement.target)}\b")
-            readers = [other.target for other in statements if word.search(other.code)
-                       and other.target != statement.target]
-            if readers and all(reader in optional for reader in readers):
-                optional.add(statement.target)
-                changed = True
-    return optional
-
-
-def _name_windows(exprs: list[sp.Expr]) -> tuple[list[tuple[str, sp.Expr]], list[sp.Expr]]:
-    """Name each window view (``x_windows``) and each scattered array (``cols``).
-
-    They are the big intermediates of convolutions and pooling; named, each is computed once and
-    the lines that use them stay short enough to read. A matrix product of windows, and the
-    scatter of a matrix product, become one node each (``_window_tensordot``,
-    ``_col2im_tensordot``): their helpers choose how to compute them for the shapes they get.
-    """
-    named: dict[sp.Expr, sp.Symbol] = {}
-
-    def name(node: sp.Expr, base: str) -> sp.Symbol:
-        if node not in named:
-            taken = {str(symbol) for symbol in named.values()}
-            text, number = base, 1
-            while text in taken:
-                number += 1
-                text = f"{base}{number}"
-            named[node] = sp.Symbol(text, real=True)
-        return named[node]
-
-    def padded(array: sp.Expr) -> sp.Expr:
-        if isinstance(array, Shifted) and array.args[0].is_Symbol:  # a zero-padded gradient
-            return name(array, f"{array.args[0]}_padded")
-        return array
-
-    def visit(expr: sp.Expr) -> sp.Expr:
-        if not isinstance(expr, sp.Basic) or not expr.has(Windows, Col2Im):
-            return expr
-        if isinstance(expr, TensorDot) and isinstance(expr.args[1], Windows):
-            a, windows, axes_a, axes_windows, order = expr.args
-            array, *geometry = windows.args
-            return WindowTensorDot(visit(a), padded(visit(array)), *geometry, axes_a,
-                                   axes_windows, order)
-        if (isinstance(expr, Col2Im) and isinstance(expr.args[0], TensorDot)
-                and not expr.args[0].has(Windows)):
-            product, *geometry = expr.args
-            a, b, *axes = product.args
-            return Col2ImTensorDot(visit(a), visit(b), *axes, *geometry)
-        routed = _first_max_routing(expr)
-        if routed is not None:
-            windows, g = routed
-            return FirstMaxCol2Im(visit(windows), visit(g), *expr.args[1:])
-        expr = expr.func(*[visit(arg) for arg in expr.args])
-        if isinstance(expr, Windows):
-            expr = expr.func(padded(expr.args[0]), *expr.args[1:])
-        if isinstance(expr, Windows) and expr.args[0].is_Symbol:
-            return name(expr, f"{expr.args[0]}_windows")
-        if isinstance(expr, Col2Im) and not expr.args[0].is_Symbol:
-            return expr.func(name(expr.args[0], "cols"), *expr.args[1:])
-        return expr
-
-    exprs = [visit(e) for e in exprs]
-    return [(str(symbol), node) for node, symbol in named.items()], exprs
-
-
-def _first_max_routing(expr: sp.Expr) -> tuple[sp.Expr, sp.Expr] | None:
-    """``(windows, g)`` when ``expr`` is ``Col2Im(FirstArgmaxMask(windows) * g, ...)``."""
-    if not isinstance(expr, Col2Im):
-        return None
-    factors = sp.Mul.make_args(expr.args[0])
-    masks = [f for f in factors if isinstance(f, FirstArgmaxMask)]
-    if len(masks) != 1 or len(factors) < 2:
-        return None
-    (mask,) = masks
-    return mask.args[0], sp.Mul(*[f for f in factors if f is not mask])
-
-
-def _has_array(expr: sp.Expr) -> bool:
-    return any(not (s.is_integer and s.is_positive) for s in expr.free_symbols)
-
-
-def _dependency_order(items, defined: set[str]):
-    """Assignments in their given order, except that each comes after what it reads."""
-    pending = list(items)
-    targets = {t for t, _ in items}
-    done = set(defined)
-    ordered = []
-    while pending:
-        for position, (target, value) in enumerate(pending):
-            needs = {s.name for s in value.free_symbols} & targets
-            if needs <= done:
-                ordered.append((target, value))
-                done.add(target)
-                del pending[position]
-                break
-        else:
-            raise ValueError(f"circular assignments: {[t for t, _ in pending]}")
-    return ordered
-
-
-def _next_activation(items: list[Placed], position: int) -> str | None:
-    """The kind of the first element-wise layer after ``position`` (skipping batch norm)."""
-    for item in items[position + 1 :]:
-        if isinstance(item.layer, BatchNorm):
-            continue
-        return item.layer.kind if isinstance(item.layer, Elementwise) else None
-    return None
-
-
 def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> str:
     """The source of the generated module (deterministic: same net, same bytes)."""
     derivation = derivation or derive_network(net)
     builder = ModuleBuilder(derivation)
-    builder.place(net.placed)
-    builder.backward_for(net.placed, guard_bottom=True)
+    plan = build_plan(net, derivation)
+    forward = forward_steps(builder, plan)
+    backward = backward_steps(builder, plan)
     loss = None
     if net.loss is not None:
         loss_derivation = derivation.loss
@@ -1375,10 +520,31 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
             target=target,
             classes=net.output_shape[0] if net.loss.target_kind == "labels" else None,
         )
-    summary = [f"{item.name}: {item.layer.describe()}" for item in net.walk()]
+    summary = [f"{item.name}: {item.layer.describe()}" for item in derivation.layers]
     if net.loss is not None:
         summary.append(f"loss: {net.loss.kind}")
     helpers = runtime.closure(builder.helpers)
+    state_initial = [
+        (key, repr(float(step.layer.state_initial[key.rsplit(".", 1)[1]])))
+        for step in plan.forward
+        for key in step.state
+    ]
+    layers = list({type(step.layer): step.layer for step in plan.forward}.values())
+    training_docs = [
+        textwrap.fill(layer.training_doc, MAX_LINE - 4, initial_indent="    ",
+                      subsequent_indent="    ")
+        for layer in layers
+        if layer.training_doc
+    ]
+    evaluation = "; ".join(layer.evaluation_doc for layer in layers if layer.evaluation_doc)
+    evaluation_doc = ""
+    if evaluation:
+        evaluation_doc = f'    """Evaluation mode: {evaluation}."""'
+        if len(evaluation_doc) > MAX_LINE:
+            text = textwrap.fill(f"Evaluation mode: {evaluation}.", MAX_LINE - 4,
+                                 initial_indent="    ", subsequent_indent="    ")
+            evaluation_doc = f'    """{text.strip()}\n    """'
+    refuses = [layer.too_few_values for layer in layers if layer.min_values_per_statistic > 1]
     template = builder.env.get_template("module.py.j2")
     source = template.render(
         threads="set_threads" in helpers,
@@ -1391,12 +557,16 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
         input_shape=tuple(net.input_shape),
         output_shape=tuple(net.output_shape),
         helpers=runtime.source(helpers),
-        inits=builder.inits(),
+        inits=inits(plan),
         functions=[f.source for f in builder.functions.values()],
         uses_rng=builder.uses_rng,
         uses_state=builder.uses_state,
-        forward_lines=[line for block in builder.forward_lines for line in block.splitlines()],
-        backward_lines=[line for block in builder.backward_lines for line in block.splitlines()],
+        state_initial=state_initial,
+        training_docs=training_docs,
+        evaluation_doc=evaluation_doc,
+        refuses_empty=refuses[0] if refuses else "",
+        forward_steps=forward,
+        backward_steps=backward,
         loss=loss,
     )
     return source

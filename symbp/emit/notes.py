@@ -22,21 +22,13 @@ from typing import Any
 import jinja2
 import sympy as sp
 
-from ..declare.layers import Elementwise, Residual
 from ..declare.net import Placed
 from ..derive.arrays import (
-    Col2Im,
-    Einsum,
-    FirstArgmaxMask,
     Lowering,
-    MaxOver,
-    Shifted,
-    SumOver,
-    Windows,
 )
-from ..derive.indexing import simplify_indexed
-from ..derive.layer import LayerDerivation, bound_names
+from ..derive.layer import LayerDerivation
 from ..derive.network import DerivedLayer, NetworkDerivation
+from ..derive.plan import build_plan
 from ..derive.verify import default_sizes, verify_layer
 from ..errors import DerivationError
 from . import template_folder
@@ -44,19 +36,16 @@ from .latex_printer import (
     ROW_SEPARATOR,
     Apply,
     AtLayer,
-    Chain,
     Compose,
     Delta,
     Element,
-    Ellipsis_,
     Grad,
-    Identity,
     InSpace,
-    Jacobian,
-    Norm,
     NotesLatexPrinter,
     Shape,
 )
+from .notes_backprop import BackpropSections
+from .notes_math import _full_convolution, _readable, _text
 
 FORMATS = ("tex", "md")
 NOTATIONS = ("d2l", "cs231n")
@@ -64,12 +53,8 @@ NOTATIONS = ("d2l", "cs231n")
 NUMBERINGS = ("all", "params")
 #: Batch sizes at which the notes' equality claims are proven by scalar expansion.
 VERIFY_BATCHES = (2,)
-#: Chains longer than this many Jacobians are written with an ellipsis.
-MAX_CHAIN = 8
 
 H = sp.Symbol("h")
-X_SCALAR = sp.Symbol("x", real=True)
-Y_SCALAR = sp.Symbol("y", real=True)
 
 
 @dataclass(repr=False)
@@ -190,38 +175,7 @@ def _environment() -> jinja2.Environment:
     )
 
 
-def _code(value: str, fmt: str) -> str:
-    """Plain text for a code span: ``\\texttt`` in LaTeX, backticks in Markdown."""
-    return _text(value, fmt) if fmt == "tex" else value.replace("`", "'")
-
-
 # -- building the context -----------------------------------------------------------------------
-_TEX_SPECIAL = {
-    "\\": r"\textbackslash{}",
-    "_": r"\_",
-    "&": r"\&",
-    "%": r"\%",
-    "#": r"\#",
-    "$": r"\$",
-    "{": r"\{",
-    "}": r"\}",
-    "^": r"\^{}",
-    "~": r"\~{}",
-}
-
-
-def _text(value: str, fmt: str) -> str:
-    """Plain text (a layer name) made safe for the format."""
-    if fmt == "tex":
-        return "".join(_TEX_SPECIAL.get(c, c) for c in value)
-    return value.replace("|", r"\|")
-
-
-#: Verdicts by (derivation, staged, batch); the derivation itself is kept so that an id is never
-#: reused for another one while its verdict is cached.
-_VERIFIED: dict[tuple[int, bool, int], tuple[LayerDerivation, bool]] = {}
-
-
 def _number(items: list[Placed], numbering: str):
     """Each layer's label and its input's label (``0`` is the network input).
 
@@ -265,6 +219,10 @@ def _number(items: list[Placed], numbering: str):
 
     visit_params(items, "0")
     return labels, inputs
+
+
+#: proofs done, by (derivation, staged, batch): (the derivation, whether every claim held)
+_VERIFIED: dict[tuple[int, bool, int], tuple[LayerDerivation, bool]] = {}
 
 
 def proof_sizes(derivation: LayerDerivation, batch: int) -> dict[sp.Symbol, int]:
@@ -314,7 +272,7 @@ def _proven(derivation: LayerDerivation, *, staged: bool) -> bool:
     return True
 
 
-class _Builder:
+class _Builder(BackpropSections):
     def __init__(
         self,
         derivation: NetworkDerivation,
@@ -335,6 +293,7 @@ class _Builder:
             "loss_symbol": "J" if notation == "d2l" else "L",
         }
         self.numbering = numbering
+        self.plan = build_plan(self.net, derivation)
         self.labels, self.inputs = _number(self.net.placed, numbering)
         #: the label of the network's output (the last top-level layer)
         self.depth = self.labels[self.net.placed[-1].name]
@@ -422,9 +381,9 @@ class _Builder:
         for name in form.arrays:
             mapping[name] = AtLayer(sp.Symbol(name), label)
         mapping[form.inputs[0].name] = AtLayer(H, before)
-        if isinstance(item.layer, Residual):
-            last = self.labels[item.body[-1].name]
-            mapping[form.inputs[1].name] = AtLayer(H, sp.Symbol(last))
+        step = self.plan.step(item.name)
+        for array, value in zip(form.inputs[1:], step.inputs[1:], strict=True):  # a block's body
+            mapping[array.name] = AtLayer(H, sp.Symbol(self.labels[value]))
         mapping[form.output.name] = AtLayer(H, label)
         mapping["d" + form.output.name] = Delta(label)
         mapping["d" + form.inputs[0].name] = Delta(before)
@@ -464,28 +423,24 @@ class _Builder:
         rows = [whole.rows([(AtLayer(H, sp.Symbol("0")), sp.Symbol("x"))])]
         by_name = {d.name: d for d in self.derivation.layers}
 
-        def forward(items: list[Placed]) -> None:
-            for item in items:
-                derived = by_name[item.name]
-                names = self._network_names(derived)
-                if item.body:  # the body reads the block's input, h^{(l-1)}
-                    forward(item.body)
-                stages = derived.derivation.form.stages
-                lowered = [self._lowered(derived.derivation, s.expr, s.indices) for s in stages]
-                if any(rhs is None for rhs in lowered):  # the whole layer in index form
-                    lowered = [None] * len(stages)
-                for stage, rhs in zip(stages, lowered, strict=True):
-                    if rhs is None:  # index form
-                        lhs = self._index_form(derived, stage.array[stage.indices])
-                        rows.append(index.rows([(lhs, self._index_form(derived, stage.expr))]))
-                        continue
-                    rows.append(
-                        whole.rows(
-                            [(names[sp.Symbol(stage.name, real=True)], rhs.xreplace(names))]
-                        )
+        for step in self.plan.forward:  # a block's body before the block's sum
+            derived = by_name[step.name]
+            names = self._network_names(derived)
+            stages = derived.derivation.form.stages
+            lowered = [self._lowered(derived.derivation, s.expr, s.indices) for s in stages]
+            if any(rhs is None for rhs in lowered):  # the whole layer in index form
+                lowered = [None] * len(stages)
+            for stage, rhs in zip(stages, lowered, strict=True):
+                if rhs is None:  # index form
+                    lhs = self._index_form(derived, stage.array[stage.indices])
+                    rows.append(index.rows([(lhs, self._index_form(derived, stage.expr))]))
+                    continue
+                rows.append(
+                    whole.rows(
+                        [(names[sp.Symbol(stage.name, real=True)], rhs.xreplace(names))]
                     )
+                )
 
-        forward(self.net.placed)
         generic = whole.equation(
             AtLayer(H, sp.Symbol("l")), Apply(sp.Symbol("l"), AtLayer(H, sp.Symbol("l-1")))
         )
@@ -609,397 +564,3 @@ class _Builder:
                 sp.Symbol(form.inputs[0].name, real=True), AtLayer(H, sp.Symbol(self.depth))
             ),
         }
-
-    # -- chain rule and delta recursion ---------------------------------------------------------
-    def _path(self, name: str) -> list[str]:
-        """Labels of the layers the gradient passes through from the output down to ``name``
-        (exclusive), top first: the layers above it, and each residual block it is in."""
-
-        def visit(items: list[Placed]) -> list[str] | None:
-            for position, item in enumerate(items):
-                above = [self.labels[i.name] for i in reversed(items[position + 1 :])]
-                if item.name == name:
-                    return above
-                if item.body:
-                    inner = visit(item.body)
-                    if inner is not None:
-                        return [*above, self.labels[item.name], *inner]
-            return None
-
-        return visit(self.net.placed) or []
-
-    def _chains(self) -> str:
-        whole = self.whole_printer()
-        loss = sp.Symbol(self.settings["loss_symbol"])
-        chains = []
-        for item in self.net.walk():
-            for key in item.layer.param_shapes(item.in_shape):
-                label = sp.Symbol(self.labels[item.name])
-                param = AtLayer(sp.Symbol(key), label)
-                factors = [Jacobian(loss, AtLayer(H, sp.Symbol(self.depth)))]
-                path = self._path(item.name)
-                below = [*path[1:], self.labels[item.name]]
-                for step, under in zip(path, below, strict=False):
-                    factors.append(
-                        Jacobian(AtLayer(H, sp.Symbol(step)), AtLayer(H, sp.Symbol(under)))
-                    )
-                factors.append(Jacobian(AtLayer(H, label), param))
-                if len(factors) > MAX_CHAIN:
-                    factors = factors[:3] + [Ellipsis] + factors[-3:]
-                chains.append((Grad(param), Chain(*_chain_args(factors))))
-        return whole.rows(chains)
-
-    def _residual_jacobians(self) -> list[str]:
-        whole = self.whole_printer()
-        rows = []
-        for item in self.net.walk():
-            if not item.body:
-                continue
-            label = self.labels[item.name]
-            last = self.labels[item.body[-1].name]
-            rhs = Identity() + Jacobian(
-                AtLayer(H, sp.Symbol(last)), AtLayer(H, sp.Symbol(self.inputs[item.name]))
-            )
-            rows.append(
-                whole.equation(
-                    Jacobian(
-                        AtLayer(H, sp.Symbol(label)), AtLayer(H, sp.Symbol(self.inputs[item.name]))
-                    ),
-                    rhs,
-                )
-            )
-        return rows
-
-    def _deltas(self) -> dict[str, Any]:
-        whole = self.whole_printer()
-        index = self.network_index_printer()
-        rows: list[str] = []
-        pairs = _RowList(rows, whole)
-        loss = self.derivation.loss
-        if loss is not None:
-            form = loss.form
-            adjoint = loss.vjp[form.inputs[0].name]
-            lowered = self._lowered(loss, adjoint.expr, adjoint.indices)
-            output = AtLayer(H, sp.Symbol(self.depth))
-            mapping = {sp.Symbol(form.inputs[0].name, real=True): output}
-            pairs.append((Delta(sp.Symbol(self.depth)), lowered.xreplace(mapping)))
-        by_name = {d.name: d for d in self.derivation.layers}
-
-        def backward(items: list[Placed]):
-            for item in reversed(items):
-                derived = by_name[item.name]
-                derivation = derived.derivation
-                names = self._network_names(derived)
-                form = derivation.form
-                if item.body:
-                    last = self.labels[item.body[-1].name]
-                    skip = derivation.vjp[form.inputs[1].name]
-                    lowered = self._lowered(derivation, skip.expr, skip.indices)
-                    pairs.append((Delta(sp.Symbol(last)), lowered.xreplace(names)))
-                    backward(item.body)
-                    direct = derivation.vjp[form.inputs[0].name]
-                    lowered = self._lowered(derivation, direct.expr, direct.indices)
-                    pairs.append(
-                        (
-                            Delta(sp.Symbol(self.inputs[item.name])),
-                            lowered.xreplace(names)
-                            + Delta(sp.Symbol(self.block_input[item.name])),
-                        )
-                    )
-                    continue
-                for param in form.params:
-                    adjoint = derivation.vjp[param.name]
-                    lowered = self._lowered(derivation, adjoint.expr, adjoint.indices)
-                    if lowered is None:
-                        rows.append(self._index_row(index, derived, adjoint))
-                        continue
-                    pairs.append(
-                        (names[sp.Symbol("d" + param.name, real=True)], lowered.xreplace(names))
-                    )
-                adjoint = derivation.vjp[form.inputs[0].name]
-                lowered = self._lowered(derivation, adjoint.expr, adjoint.indices)
-                target = Delta(sp.Symbol(self.inputs[item.name]))
-                block = _block_of(self.net.placed, item)
-                if block is not None and block.body[0] is item:
-                    target = Delta(sp.Symbol(self.block_input[block.name]))
-                if lowered is None:
-                    row = self._index_row(index, derived, adjoint, target=target)
-                    rows.append(row)
-                    continue
-                pairs.append((target, lowered.xreplace(names)))
-
-        backward(self.net.placed)
-        return {"rows": ROW_SEPARATOR.join(rows)}
-
-    def _index_row(self, printer, derived: DerivedLayer, adjoint, *, target=None) -> str:
-        """One backward row in index form and network names."""
-        lhs = self._index_form(derived, adjoint.lhs)
-        if target is not None:
-            lhs = Element(target, *adjoint.indices)
-        return printer.rows([(lhs, self._index_form(derived, adjoint.expr))])
-
-    # -- gradient flow (rows computed by symbp.flow) ---------------------------------------------
-    def flow_section(self, rows: list) -> dict[str, Any]:
-        """Each distinct local Jacobian once, with its proven bound; the bound on the product
-        of the Jacobians from the output down to each layer."""
-        index = NotesLatexPrinter({**self.settings, "arrays": set()})
-        whole = self.whole_printer()
-        output = AtLayer(H, sp.Symbol(self.depth))
-        entries, products = [], []
-        first: dict[tuple, str] = {}
-        for row in rows:
-            label = self.labels[row.layer]
-            read = row.jacobian  # None where the VJP is no formula in dy (max pooling)
-            key = (row.kind, sp.srepr(read[1]) if read else None, row.reason)
-            entry: dict[str, Any] = {
-                "label": label,
-                "name": _text(row.layer, self.fmt),
-                "kind": _text(row.kind, self.fmt),
-                "same_as": first.get(key),
-                "bound": index.doprint(row.bound) if row.bound is not None else None,
-                "reason": _code(row.reason, self.fmt),
-            }
-            if entry["same_as"] is None:
-                first[key] = label
-                entry["jacobian"] = (
-                    index.rows([(Jacobian(read[0].expr, read[0].variables[0]), read[1])])
-                    if read is not None
-                    else None
-                )
-                derivative = getattr(row, "derivative", None)
-                entry["derivative"] = (
-                    index.rows([(sp.Derivative(sp.Function("f")(X_SCALAR), X_SCALAR), derivative)])
-                    if derivative is not None
-                    else None
-                )
-            entries.append(entry)
-            if row.product is not None:
-                below = AtLayer(H, sp.Symbol(self.inputs[row.layer]))
-                products.append((Norm(Jacobian(output, below)), row.product))
-        return {
-            "entries": entries,
-            "products": index.rows(products, relation="<=") if products else None,
-            "output": whole.doprint(output),
-        }
-
-    # -- activations ----------------------------------------------------------------------------
-    def _activations(self) -> list[dict[str, Any]]:
-        entries = []
-        seen: set[int] = set()
-        counts: dict[int, int] = {}
-        for derived in self.derivation.layers:
-            if isinstance(derived.layer, Elementwise):
-                counts[id(derived.derivation)] = counts.get(id(derived.derivation), 0) + 1
-        for derived in self.derivation.layers:
-            layer, derivation = derived.layer, derived.derivation
-            if not isinstance(layer, Elementwise) or id(derivation) in seen:
-                continue
-            seen.add(id(derivation))
-            entries.append(self._activation(derived, counts[id(derivation)]))
-        return entries
-
-    def _activation(self, derived: DerivedLayer, count: int) -> dict[str, Any]:
-        formulas = activation_formulas(derived.derivation)
-        printer = NotesLatexPrinter({**self.settings, "arrays": set()})
-        fx = sp.Function("f")(X_SCALAR)
-        fprime = sp.Derivative(fx, X_SCALAR)
-        rows = [(fx, formulas.f)] + [(fprime, d) for d in formulas.derivatives]
-        in_x, compact = formulas.derivatives[0], formulas.derivatives[-1]
-        form = derived.derivation.form
-        ranges = {
-            sp.Symbol(name, real=True): sp.Interval(*(sp.sympify(v).xreplace(form.constants)
-                                                      for v in span))
-            for name, span in derived.layer.aux_ranges().items()
-        }
-        bound = _largest_derivative(formulas.f, in_x, compact, form.constants, ranges)
-        entry = {
-            "name": _text(
-                derived.layer.kind if derived.layer.kind != "activation" else derived.name, self.fmt
-            ),
-            "rows": printer.rows(rows),
-            "in_output": Y_SCALAR in compact.free_symbols,
-            "output": printer.equation(Y_SCALAR, fx),
-            "bound": printer.doprint(bound) if bound is not None else None,
-            "constants": [
-                printer.doprint(sp.Contains(sp.Symbol(name, real=True), sp.Interval(*span)))
-                for name, span in derived.layer.aux_ranges().items()
-            ]
-            + [printer.equation(s, v) for s, v in form.constants.items()],
-            "vanishing": None,
-        }
-        if bound is not None and bound.is_number and bound < 1 and count > 1:
-            entry["vanishing"] = {
-                "count": count,
-                "product": printer.doprint(sp.Pow(bound, count, evaluate=False)),
-            }
-        return entry
-
-
-@dataclass
-class ActivationFormulas:
-    """What the notes print for an element-wise layer: ``f(x)`` and its derivative ``f'``, as
-    the engine derived it in the input ``x`` (staged) and, where it differs, in its compact
-    form (which may read the output ``y = f(x)``). Scalars: ``x``, ``y`` (:data:`X_SCALAR`,
-    :data:`Y_SCALAR`), a parameter or auxiliary array by its name (``alpha``)."""
-
-    f: sp.Expr
-    derivatives: list[sp.Expr]
-
-
-def activation_formulas(derivation: LayerDerivation) -> ActivationFormulas:
-    """``f`` and ``f'`` of an element-wise layer, read off the engine's derivation: the
-    gradient *of the input* ``x`` (a layer with a parameter, such as prelu's ``alpha``, has
-    the parameter's gradient among its adjoints too), at unit upstream gradient."""
-    form = derivation.form
-    stage = form.output
-    source = form.inputs[0]
-    scalars = {stage.array[stage.indices]: Y_SCALAR, source[stage.indices]: X_SCALAR}
-    scalars[derivation.upstream[stage.indices]] = sp.Integer(1)
-    # a parameter or auxiliary array, whatever it is indexed by (prelu's per-feature alpha_j)
-    named = {a.name: sp.Symbol(a.name, real=True) for a in form.aux + form.params if a.dims}
-
-    def scalar(expr):
-        expr = expr.xreplace(scalars)
-        return expr.replace(
-            lambda e: isinstance(e, sp.Indexed) and e.base.name in named,
-            lambda e: named[e.base.name],
-        )
-
-    staged = next(a for a in derivation.staged if a.array.name == source.name)
-    in_x = scalar(staged.expr)
-    compact = scalar(derivation.vjp[source.name].expr)
-    derivatives = [in_x] if compact == in_x else [in_x, compact]
-    return ActivationFormulas(f=scalar(stage.expr), derivatives=derivatives)
-
-
-class _RowList:
-    """Collects ``(lhs, rhs)`` pairs as printed rows, in order with rows printed otherwise."""
-
-    def __init__(self, rows: list[str], printer: NotesLatexPrinter):
-        self.rows, self.printer = rows, printer
-
-    def append(self, pair) -> None:
-        self.rows.append(self.printer.rows([pair]))
-
-
-def _readable(lowered: sp.Expr) -> sp.Expr | None:
-    """A whole-array form that reads as matrix notation, or ``None``.
-
-    ``einsum`` of two arrays with the same subscripts summed over some axes is the sum of their
-    element-wise product over those axes; sliding windows (convolution, pooling) have no
-    notation that reads better than the index form, so those layers keep the index form.
-    """
-    if lowered.has(Windows, Col2Im, Shifted, FirstArgmaxMask, MaxOver):
-        return None
-
-    def as_sum(einsum):
-        spec, *operands = einsum.args
-        inputs, output = str(spec.name if isinstance(spec, sp.Symbol) else spec).split("->")
-        parts = inputs.split(",")
-        if len(parts) == len(operands) and len(set(parts)) == 1 and set(output) <= set(parts[0]):
-            axes = [k for k, letter in enumerate(parts[0]) if letter not in output]
-            return SumOver(sp.Mul(*operands), sp.Tuple(*axes))
-        return einsum
-
-    lowered = lowered.replace(lambda e: isinstance(e, Einsum), as_sum)
-    if lowered.has(Einsum):
-        return None
-    # a sum over the batch and the image (batch norm on images: axes 0, 2, 3) has no matrix
-    # notation; NumPy's spelling (sum over axes (0,2,3)) is not mathematics: index form
-    for total in lowered.atoms(SumOver):
-        if tuple(int(a) for a in total.args[1]) not in ((0,), (1,), (0, 1)):
-            return None
-    return lowered
-
-
-def _full_convolution(derivation: LayerDerivation) -> sp.Expr | None:
-    """The input gradient read as a full convolution, where it is one.
-
-    With the layer's constants (stride, dilation) substituted, solving the Kronecker deltas of
-    the input gradient for the summation indices (``scatter=False``) leaves a parameter read
-    at ``free index - summation index`` (``W_{o,c,h-p,w-q}``): a convolution of the upstream
-    gradient with the kernel, i.e. a cross-correlation with the flipped kernel. ``None`` if the
-    derived formula does not have that shape.
-    """
-    form = derivation.form
-    if not form.params:
-        return None
-    adjoint = derivation.vjp[form.inputs[0].name]
-    if not adjoint.expr.has(sp.KroneckerDelta):
-        return None
-    expr = adjoint.expr.xreplace(form.constants)
-    solved = simplify_indexed(expr, bound_names(form), scatter=False)
-    if solved.has(sp.KroneckerDelta) or not isinstance(solved, sp.Sum):
-        return None
-    free, bound = set(adjoint.indices), set(solved.variables)
-    params = {p.name for p in form.params}
-    flipped = 0
-    for element in solved.atoms(sp.Indexed):
-        if element.base.name not in params:
-            continue
-        for position in element.indices:
-            terms = sp.Add.make_args(sp.expand(position))
-            if (
-                len(terms) == 2
-                and any(t in free for t in terms)
-                and any(-t in bound for t in terms)
-            ):
-                flipped += 1
-    return solved if flipped else None
-
-
-def _chain_args(factors) -> list:
-    return [Ellipsis_ if f is Ellipsis else f for f in factors]
-
-
-def _block_of(placed: list[Placed], item: Placed) -> Placed | None:
-    """The residual block whose body holds ``item`` directly, or ``None``."""
-    for outer in placed:
-        if outer.body:
-            if any(inner is item for inner in outer.body):
-                return outer
-            found = _block_of(outer.body, item)
-            if found is not None:
-                return found
-    return None
-
-
-def _largest_derivative(f, in_x, compact, constants, ranges=None) -> sp.Expr | None:
-    """The largest value of ``f'`` over the reals, where sympy can find it exactly.
-
-    A derivative written in the output ``y`` is maximized over the range of ``f`` (sigmoid:
-    ``y (1 - y)`` on ``(0, 1)`` gives 1/4); a piecewise one piece by piece. A piece in an
-    auxiliary input of known range (``ranges``: rrelu's slope ``r`` in ``[lower, upper]``) is
-    maximized over that range, so ``max(1, r)`` is 1 when ``upper <= 1``.
-    """
-    ranges = ranges or {}
-    values = {s: v for s, v in constants.items()}
-    try:
-        if Y_SCALAR in compact.free_symbols and compact.is_polynomial(Y_SCALAR):
-            if compact.free_symbols - {Y_SCALAR}:
-                return None
-            span = sp.calculus.util.function_range(f, X_SCALAR, sp.S.Reals)
-            return sp.maximum(compact, Y_SCALAR, span)
-        derivative = in_x.rewrite(sp.Piecewise) if in_x.has(sp.Heaviside) else in_x
-        if isinstance(derivative, sp.Piecewise):
-            best = []
-            remaining = sp.S.Reals
-            for piece, condition in derivative.args:
-                where = remaining if condition == sp.true else condition.as_set() & remaining
-                remaining = remaining - where
-                piece = piece.xreplace(values)
-                if where is sp.S.EmptySet:
-                    continue
-                for symbol, span in ranges.items():
-                    if symbol in piece.free_symbols and piece.free_symbols <= {symbol}:
-                        piece = sp.maximum(piece, symbol, span)
-                if piece.free_symbols - {X_SCALAR}:
-                    best.append(piece)  # a parameter: the bound is symbolic
-                elif X_SCALAR in piece.free_symbols:
-                    best.append(sp.maximum(piece, X_SCALAR, where))
-                else:
-                    best.append(piece)
-            return sp.Max(*best)
-    except (NotImplementedError, ValueError, TypeError):
-        return None
-    return None

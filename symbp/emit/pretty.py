@@ -27,11 +27,12 @@ from sympy.printing.pretty.pretty import PrettyPrinter
 from sympy.printing.pretty.pretty_symbology import pretty_use_unicode
 from sympy.printing.pretty.stringpict import prettyForm
 
-from ..declare.layers import Elementwise, Layer, Residual
+from ..declare.layers import Elementwise, Layer
 from ..declare.net import Net
 from ..derive.arrays import Lowering
 from ..derive.layer import LayerDerivation, derive_layer
 from ..derive.network import DerivedLayer, derive_network
+from ..derive.plan import Sum, build_plan
 from ..derive.readings import computed_form, gather_form, reading
 from ..derive.verify import default_sizes, is_zero, proof_batches, verify_layer
 from .numpy_printer import numpy_code
@@ -519,8 +520,10 @@ def derivation_blocks(
         verified = set()
         for item in items:
             yield _heading(item)
-            if isinstance(item.layer, Residual):
-                yield Text(f"  y = x + F(x), F = {', '.join(b.name for b in item.placed.body)}")
+            if item.placed.body:  # a block: its formulas read the body's output as ``f``
+                body = ", ".join(b.name for b in item.placed.body)
+                body_input = item.derivation.form.inputs[1].name
+                yield Text(f"  {body_input}: the output of its body, {body}")
             yield from layer_report(item.derivation, unicode)
             if verify and id(item.derivation) not in verified:
                 verified.add(id(item.derivation))
@@ -532,8 +535,12 @@ def derivation_blocks(
                 yield from _proofs(report, derivation.loss, "loss", progress)
         if layer is None:
             yield Text("== backward order (each upstream gradient computed once and reused):")
-            for name, upstream, produced in derivation.backward_chain():
-                yield Text(f"  {name}: from {upstream} -> {produced}")
+            for entry in build_plan(net, derivation).backward:
+                if isinstance(entry, Sum):
+                    yield Text(f"  sum: {entry.target} = {' + '.join(entry.parts)}")
+                else:
+                    yield Text(f"  {entry.name}: from {entry.upstream} -> "
+                               f"{', '.join(entry.produces)}")
 
     return Report(blocks)
 

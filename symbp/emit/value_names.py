@@ -12,7 +12,9 @@ network always gives the same names.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import keyword
+import re
 
 import sympy as sp
 
@@ -134,3 +136,23 @@ def value_name(expr: sp.Expr, taken: set[str]) -> str:
         name = f"{base}_{count}"
     taken.add(name)
     return name
+
+
+def _renamed(statement, names: dict[str, str]):
+    """``statement`` with the placeholders ``common<i>`` replaced by their ``names``."""
+    if not names:
+        return statement
+
+    def rename(text: str) -> str:
+        return re.sub(r"\bcommon\d+\b", lambda m: names.get(m.group(0), m.group(0)), text)
+
+    call = statement.call
+    if call is not None:
+        call = (call[0], [rename(a) for a in call[1]])
+    return dataclasses.replace(
+        statement,
+        target=rename(statement.target),
+        code=rename(statement.code),
+        extra=[rename(line) for line in statement.extra],
+        call=call,
+    )

@@ -36,6 +36,7 @@ from ..declare.forms import Forward
 from ..declare.layers import Layer, X, exact
 from ..derive.indexing import simplify_indexed
 from ..derive.layer import LayerDerivation, adjoint_array, apply_rules, bound_names
+from ..derive.reshape import is_reshape
 from .supremum import Supremum, supremum_abs
 
 #: where an unproved derivative is sampled, for display only
@@ -92,7 +93,8 @@ class LocalJacobian:
 
     ``entry`` is ``(lhs, rhs)``: ``d out[...] / d in[...]`` and its value from the derived VJP
     (Kronecker deltas for the indices it is diagonal in). ``structure`` is ``diagonal``,
-    ``matrix``, ``projection``, ``sum`` (residual) or ``other``. For element-wise layers
+    ``matrix``, ``projection``, ``permutation`` (a reshape), ``sum`` (residual) or ``other``.
+    For element-wise layers
     ``derivative`` is ``f'`` in the kept arrays and ``derivative_x`` the same in :data:`X`.
     ``bound_general`` keeps hyper-parameters as symbols (leaky ReLU: ``Max(1, slope)``), ``bound``
     has their values; both ``None`` when no bound was found. ``reason`` says how it was proved
@@ -143,8 +145,12 @@ def local_jacobian(layer: Layer, derivation: LayerDerivation, name: str) -> Loca
 
 def _classify(layer: Layer, derivation: LayerDerivation, entry, name: str) -> LocalJacobian:
     form = derivation.form
-    if layer.kind == "residual":
-        return _residual(derivation, entry)
+    if len(form.inputs) == 2:  # y = a x + b f (a residual block's sum)
+        return _residual(layer, derivation, entry)
+    if is_reshape(derivation):  # J moves every entry to one place: a permutation
+        reason = "a reshape: J permutes the entries, so ||J||_2 = 1"
+        one = sp.Integer(1)
+        return LocalJacobian(layer.kind, "permutation", entry, one, one, reason)
     if len(form.inputs) != 1:
         return LocalJacobian(layer.kind, "other", entry, None, None, "no bound found")
     vjp = derivation.vjp[form.inputs[0].name]
@@ -419,17 +425,17 @@ def _reduce_sum(body: sp.Expr, m: sp.Symbol, size: sp.Expr, derivation: LayerDer
 
 
 # -- residual -----------------------------------------------------------------------------------
-def _residual(derivation: LayerDerivation, entry) -> LocalJacobian:
+def _residual(layer: Layer, derivation: LayerDerivation, entry) -> LocalJacobian:
     coefficients = []
     for source in derivation.form.inputs:
         vjp = derivation.vjp[source.name]
         dy = adjoint_array(derivation.form.output.array)[vjp.indices]
         coefficients.append(sp.diff(vjp.expr, dy))
     if any(c.free_symbols for c in coefficients):
-        return LocalJacobian("residual", "other", entry, None, None, "no bound found")
+        return LocalJacobian(layer.kind, "other", entry, None, None, "no bound found")
     skip, body = (sp.Abs(c) for c in coefficients)
     return LocalJacobian(
-        "residual",
+        layer.kind,
         "sum",
         entry,
         skip,  # the skip's share; the body's product is added by the network bound

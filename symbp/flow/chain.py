@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from ..declare.layers import Layer, Residual
+from ..declare.layers import Layer
 from ..declare.net import Placed
 from ..derive.layer import LayerDerivation
 from ..derive.network import NetworkDerivation
+from ..derive.plan import Plan, Sum, build_plan
 from .bounds import LocalJacobian, local_jacobian
 
 _PLACEHOLDER = sp.Symbol("_layer")
@@ -84,9 +85,10 @@ def flow_bounds(derivation: NetworkDerivation) -> list[FlowBound]:
         for item in derivation.layers
     }
     products: dict[str, sp.Expr | None] = {}
-    _down(derivation.net.placed, sp.Integer(1), jacobians, products)
+    plan = build_plan(derivation.net, derivation)
+    _down(plan, jacobians, products)
     rows = []
-    depths = _depths(derivation.net.placed)
+    depths = {step.name: step.depth for step in plan.forward}
     for item in derivation.layers:
         jac = jacobians[item.name]
         rows.append(
@@ -108,31 +110,39 @@ def flow_bounds(derivation: NetworkDerivation) -> list[FlowBound]:
     return rows
 
 
-def _down(items: list[Placed], above, jacobians, products) -> sp.Expr | None:
-    """Fill ``products`` for ``items`` given the bound ``above`` past the last of them."""
-    current = above
-    for item in reversed(items):
-        if isinstance(item.layer, Residual):
-            # Past the block the bound is ``current * (skip + body_scale * prod(body))``: one
-            # factor per block, so the expression grows linearly with depth (the expanded sum
-            # ``current * skip + [body's chain]`` repeats ``current`` and doubles per block).
-            jac = jacobians[item.name]
+def _down(plan: Plan, jacobians, products) -> None:
+    """Fill ``products`` by running the plan's backward steps on bounds instead of arrays.
+
+    A block's product is ``above * (skip + body_scale * prod(body))``: one factor per block, so
+    the expression grows linearly with depth (the expanded sum ``above * skip + [body's
+    chain]`` would repeat ``above`` and double per block).
+    """
+    bounds: dict[str, sp.Expr | None] = {"dout": sp.Integer(1)}
+    above: dict[str, sp.Expr | None] = {}  # a fan-out value -> the bound at its block's output
+    for entry in plan.backward:
+        if isinstance(entry, Sum):
+            block = plan.step(plan.readers[entry.value][-1])
+            current, factor = above[entry.value], _block_bound(block.placed, jacobians)
+            bounds[entry.target] = None if current is None or factor is None else current * factor
+            products[block.name] = bounds[entry.target]
+            continue
+        step, current = entry.step, bounds[entry.upstream]
+        jac = jacobians[step.name]
+        if len(step.inputs) > 1:  # a block: the body gets ``above * body_scale``
+            above[step.inputs[0]] = current
             known = current is not None and jac.bound is not None
-            _down(item.body, current * jac.body_scale if known else None, jacobians, products)
-            block = _block_bound(item, jacobians)
-            current = None if current is None or block is None else current * block
-        else:
-            bound = jacobians[item.name].bound
-            current = None if current is None or bound is None else current * bound
-        products[item.name] = current
-    return current
+            bounds[entry.produces[1]] = current * jac.body_scale if known else None
+            continue
+        bound = jac.bound
+        bounds[entry.produces[0]] = None if current is None or bound is None else current * bound
+        products[step.name] = bounds[entry.produces[0]]
 
 
 def _block_bound(placed: Placed, jacobians, *, general: bool = False) -> sp.Expr | None:
     """A layer's own bound; for a residual block ``skip + body_scale * prod(body bounds)``."""
     jac = jacobians[placed.name]
     own = jac.bound_general if general else jac.bound
-    if not isinstance(placed.layer, Residual):
+    if not placed.body:
         return own
     body = sp.Integer(1)
     for item in placed.body:
@@ -141,11 +151,3 @@ def _block_bound(placed: Placed, jacobians, *, general: bool = False) -> sp.Expr
             return None
         body *= factor
     return own + jac.body_scale * body
-
-
-def _depths(items: list[Placed], depth: int = 0) -> dict[str, int]:
-    result = {}
-    for item in items:
-        result[item.name] = depth
-        result.update(_depths(item.body, depth + 1))
-    return result

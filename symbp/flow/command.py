@@ -18,7 +18,7 @@ from pathlib import Path
 
 import sympy as sp
 
-from ..emit.module import FormulaPrinter
+from ..emit.layout import FormulaPrinter
 from ..errors import SpecError, SymbpError
 
 

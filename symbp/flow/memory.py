@@ -23,9 +23,8 @@ import numpy as np
 import sympy as sp
 
 from ..declare.forms import Array, Forward, N
-from ..declare.layers import Residual
 from ..declare.net import Net, Placed
-from ..derive.network import derive_cached
+from ..derive.plan import INPUT, build_plan
 
 
 @dataclass
@@ -59,45 +58,36 @@ class LayerMemory:
 
 
 def memory_model(net: Net) -> list[LayerMemory]:
-    """The cache of ``net``'s generated forward pass, layer by layer (forward order)."""
+    """The cache of ``net``'s generated forward pass, layer by layer (declaration order).
+
+    The plan's forward steps give each value's array: a step's output is a new array unless
+    its forward is its input itself (a reshape, an identity); a step reading several values
+    (a residual block's ``x + F(x)``) keeps what its VJP needs, which for a sum is nothing.
+    """
     counter = itertools.count()
     origin: dict[int, str] = {}  # array token -> the entry that first kept it
-    result: list[LayerMemory] = []
-
-    def place(items: list[Placed], current: int) -> int:
-        for item in items:
-            if isinstance(item.layer, Residual):  # keeps nothing; y = x + F(x) is a new array
-                result.append(LayerMemory(item.name, []))
-                place(item.body, current)
-                current = next(counter)
-                continue
-            current = _place_layer(item, current, counter, origin, result)
-        return current
-
-    place(net.placed, next(counter))
-    return result
-
-
-def _place_layer(item: Placed, current: int, counter, origin, result) -> int:
-    derivation = derive_cached(item.layer, item.in_shape)
-    form = derivation.form
-    sizes = _sizes(item, form)
-    stage = form.output
-    aliases_input = stage.expr == form.inputs[0][stage.indices]
-    tokens = {form.inputs[0].name: current}
-    output = current if aliases_input else next(counter)
-    tokens[stage.name] = output
-    entries = []
-    for array in derivation.cached:
-        name = array.name
-        token = tokens.setdefault(name, next(counter))
-        elements = sp.expand(sp.Mul(*array.dims).xreplace(sizes))
-        label = f"{item.name}.{name}"
-        shared = origin.get(token)
-        origin.setdefault(token, label)
-        entries.append(CacheEntry(name, array.dims, elements, shared))
-    result.append(LayerMemory(item.name, entries))
-    return output
+    tokens = {INPUT: next(counter)}  # value -> the array it is
+    rows: dict[str, LayerMemory] = {}
+    plan = build_plan(net)
+    for step in plan.forward:
+        form = step.derivation.form
+        stage = form.output
+        token = {form.inputs[0].name: tokens[step.inputs[0]]}
+        aliases_input = step.reshape or (
+            len(step.inputs) == 1 and stage.expr == form.inputs[0][stage.indices]
+        )
+        token[stage.name] = token[form.inputs[0].name] if aliases_input else next(counter)
+        tokens[step.output] = token[stage.name]
+        sizes = _sizes(step.placed, form)
+        entries = []
+        for array in step.derivation.cached:
+            kept = token.setdefault(array.name, next(counter))
+            elements = sp.expand(sp.Mul(*array.dims).xreplace(sizes))
+            shared = origin.get(kept)
+            origin.setdefault(kept, f"{step.name}.{array.name}")
+            entries.append(CacheEntry(array.name, array.dims, elements, shared))
+        rows[step.name] = LayerMemory(step.name, entries)
+    return [rows[item.name] for item in plan.derivation.layers]
 
 
 def _sizes(item: Placed, form: Forward) -> dict[sp.Symbol, sp.Expr]:

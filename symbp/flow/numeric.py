@@ -1,8 +1,9 @@
 """Gradient flow measured with the generated code: norms, Jacobians, bounds evaluated.
 
 The generated module's ``backward`` returns parameter gradients only. To see the gradient at
-every activation, :func:`backward_trace` walks the network in reverse itself and calls the
-module's own per-layer ``<stem>_backward`` functions, with the same arguments the generated
+every activation, :func:`backward_trace` runs the network plan's backward steps
+(:mod:`symbp.derive.plan`, the steps ``backward`` is printed from) with the module's own
+per-layer ``<stem>_backward`` functions, with the same arguments the generated
 ``backward`` passes (upstream gradient, ``*cache[name]``, the parameters the VJP reads, the
 hyper-parameters it uses); the tests check that its parameter gradients equal ``backward``'s.
 
@@ -20,17 +21,19 @@ import functools
 import inspect
 import math
 import types
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
 import sympy as sp
 
 from ..check.gradcheck import load_module, make_inputs
-from ..declare.layers import Residual
 from ..declare.net import Net, Placed
 from ..derive.layer import LayerDerivation
 from ..derive.network import derive_cached
-from ..emit.module import function_stems, generate_module, size_values
+from ..derive.plan import Plan, Step, Sum, build_plan
+from ..emit.module import function_stems, generate_module
+from ..emit.network import size_values
 from ..naming import backward_function, forward_function
 from .bounds import LayerMax, OperatorNorm
 
@@ -57,47 +60,56 @@ class Trace:
 
 
 def backward_trace(
-    net: Net, module: types.ModuleType, params, cache, dout, items: list[Placed] | None = None
+    net: Net, module: types.ModuleType, params, cache, dout, layer: str | None = None
 ) -> Trace:
-    """Run the backward pass layer by layer with the module's functions, recording gradients."""
+    """Run the plan's backward steps with the module's functions, recording gradients (with
+    ``layer``: only that layer's, a block's body included, from ``dout`` at its output)."""
     trace = Trace()
+    plan = plan_for(net)
     stems = function_stems(net)
-    _backward(items if items is not None else net.placed, module, params, cache, dout, trace, stems)
+    entries = plan.backward if layer is None else plan.backward_of(layer)
+    values = {entries[0].upstream: dout}
+    for entry in entries:
+        if isinstance(entry, Sum):
+            total = values[entry.parts[0]]
+            for part in entry.parts[1:]:
+                total = total + values[part]
+            values[entry.target] = total
+            trace.grad_in[plan.readers[entry.value][-1]] = total  # the block that reads it last
+            continue
+        step, upstream = entry.step, values[entry.upstream]
+        trace.grad_out[step.name] = upstream
+        if step.reshape:  # a reshape in the generated code, no function of its own
+            result = (upstream.reshape(len(upstream), *step.placed.in_shape),)
+        else:
+            result = _run_vjp(module, params, cache, step, stems[step.name], upstream)
+        values.update(zip(entry.produces, result, strict=False))
+        trace.grads.update(zip(step.grads, result[len(step.inputs) :], strict=True))
+        trace.grad_in[step.name] = result[0]
     return trace
 
 
-def _backward(items, module, params, cache, upstream, trace: Trace, stems):
-    for item in reversed(items):
-        trace.grad_out[item.name] = upstream
-        layer = item.layer
-        if layer.kind == "flatten":  # a reshape in the generated code, no function of its own
-            upstream = upstream.reshape(len(upstream), *item.in_shape)
-            trace.grad_in[item.name] = upstream
-            continue
-        derivation = derive_cached(layer, item.in_shape)
-        backward = getattr(module, backward_function(stems[item.name]))
-        if isinstance(layer, Residual):
-            skip, body = backward(upstream)
-            upstream = skip + _backward(item.body, module, params, cache, body, trace, stems)
-            trace.grad_in[item.name] = upstream
-            continue
-        form = derivation.form
-        read = [params[f"{item.name}.{p.name}"] for p in derivation.params_read]
-        used = set().union(*[a.expr.free_symbols for a in derivation.vjp.values()])
-        values = layer.constant_values()
-        keywords = {s.name: values[s.name] for s in form.constants if s in used}
-        # sizes that no argument's shape tells (e.g. a padded pooling's input height)
-        accepted = inspect.signature(backward).parameters
-        keywords.update({k: v for k, v in size_values(item, form).items() if k in accepted})
-        result = backward(upstream, *cache[item.name], *read, **keywords)
-        if len(form.differentiable) == 1:
-            result = (result,)
-        for array, grad in zip(form.differentiable, result, strict=True):
-            if array in form.params:
-                trace.grads[f"{item.name}.{array.name}"] = grad
-        upstream = result[0]
-        trace.grad_in[item.name] = upstream
-    return upstream
+def _run_vjp(module, params, cache, step: Step, stem: str, upstream) -> tuple:
+    """``<stem>_backward`` with the arguments the generated ``backward`` passes."""
+    backward = getattr(module, backward_function(stem))
+    read = [params[key] for key in step.params_read]
+    keywords = step.backward_constants()
+    # sizes that no argument's shape tells (e.g. a padded pooling's input height)
+    accepted = inspect.signature(backward).parameters
+    sizes = size_values(step, step.derivation.form)
+    keywords.update({k: v for k, v in sizes.items() if k in accepted})
+    result = backward(upstream, *cache[step.name], *read, **keywords)
+    return result if len(step.derivation.form.differentiable) > 1 else (result,)
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def plan_for(net: Net) -> Plan:
+    """The network's plan, built once per net."""
+    if net not in _PLANS:
+        _PLANS[net] = build_plan(net)
+    return _PLANS[net]
 
 
 def loss_gradient(net: Net, module: types.ModuleType, out: np.ndarray, y) -> tuple[float, object]:
@@ -191,7 +203,7 @@ def layer_jacobian_matrix(net, module, params, cache, item: Placed, batch: int) 
     shape = (batch, *item.out_shape)
 
     def vjp(upstream):
-        return backward_trace(net, module, params, cache, upstream, [item]).grad_in[item.name]
+        return backward_trace(net, module, params, cache, upstream, item.name).grad_in[item.name]
 
     return _basis_rows(shape, vjp)
 

@@ -112,7 +112,7 @@ def _in_blocks(work, a):
     for start in range(0, v.size, _ERF_BLOCK):
         block = v[start : start + _ERF_BLOCK]
         block[...] = work(block)
-    return v.reshape(x.shape).astype(x.dtype if x.dtype.kind == "f" else np.float64)
+    return v.reshape(x.shape).astype(x.dtype if np.issubdtype(x.dtype, np.floating) else np.float64)
 
 
 def _erfc_from(v):

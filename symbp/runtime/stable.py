@@ -10,7 +10,8 @@ import numpy as np
 
 def _exp_minus_abs(u):
     """e**-|u| (at most 1) for the array u, flattened, in u's float dtype (float64 for ints)."""
-    e = np.abs(u.reshape(-1)).astype(u.dtype if u.dtype.kind == "f" else np.float64, copy=False)
+    dtype = u.dtype if np.issubdtype(u.dtype, np.floating) else np.float64
+    e = np.abs(u.reshape(-1)).astype(dtype, copy=False)
     np.negative(e, out=e)
     return np.exp(e, out=e)
 

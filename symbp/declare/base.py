@@ -1,0 +1,173 @@
+"""The base of every layer type: :class:`Layer`, the registry, and the declaration helpers.
+
+Registering a class (``@register``) makes its ``kind`` available to the Python API, the TOML
+loader, the derivation engine, both printers and the command line. A layer type declares its
+forward computation (:meth:`Layer.forward_form`, in index notation; its backward pass is
+derived) and, as class attributes and hooks, whatever else differs between layer types: state,
+random draws, evaluation forms, initialisation (see :class:`Layer`).
+
+Shapes here are per sample (batch excluded): ``(features,)`` for the dense layers.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, ClassVar
+
+import sympy as sp
+
+from ..errors import SpecError
+from ..naming import check_identifier
+from .forms import Forward, N, size
+
+REGISTRY: dict[str, type[Layer]] = {}
+
+#: The scalar variable that activation expressions are written in.
+X = sp.Symbol("x", real=True)
+
+# Feature sizes used by the dense layers' forward definitions.
+F = size("F")
+F_IN = size("I")
+F_OUT = size("O")
+#: per-sample sizes of images (channels, height, width), as the image layers name them
+IMAGE_DIMS = (size("C"), size("H_in"), size("W_in"))
+LETTERS = {N: "n", F: "j", F_IN: "i", F_OUT: "j", **dict(zip(IMAGE_DIMS, "chw", strict=True))}
+
+
+def register(cls: type[Layer]) -> type[Layer]:
+    REGISTRY[cls.kind] = cls
+    return cls
+
+
+def _number(value: Any, *, field: str, positive: bool = False, minimum=None) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SpecError(f"must be a number, got {shown(value)}", field=field)
+    if not abs(value) <= sys.float_info.max:  # nan, inf, or an integer beyond float64
+        raise SpecError(f"must be a finite number, got {shown(value)}", field=field)
+    if positive and not value > 0:
+        raise SpecError(f"must be positive, got {value!r}", field=field)
+    if minimum is not None and value < minimum:
+        raise SpecError(f"must be at least {minimum}, got {value!r}", field=field)
+    return float(value)
+
+
+#: The most elements a size may give (a width, a channel count, a kernel's extent), a parameter
+#: array may have, and a layer's output (or padded input) may have per sample; see Net.
+MAX_ELEMENTS = 2**31
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, short for a huge integer (Python refuses to print one of 4300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**20:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)
+
+
+def _integer(value: Any, *, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SpecError(f"must be a positive integer, got {shown(value)}", field=field)
+    if value > MAX_ELEMENTS:
+        raise SpecError(f"must be at most 2**31 (symbp's limit on sizes), got {shown(value)}",
+                        field=field)
+    return value
+
+
+def exact(value: float) -> sp.Expr:
+    """A float hyper-parameter as an exact rational (``0.01`` -> ``1/100``)."""
+    return sp.Rational(repr(float(value)))
+
+
+class Layer:
+    """A layer of a network. Subclasses set ``kind`` and define :meth:`forward_form`."""
+
+    kind: ClassVar[str]
+    #: what an initializer must do for each parameter: "fan", "zeros", "ones" or a number
+    init: ClassVar[dict[str, Any]] = {}
+
+    # What differs between layer types, declared here and read by the network plan
+    # (symbp.derive.plan) and every output target; nothing outside symbp.declare tests a kind.
+    #: an activation (element-wise ``y = f(x)``): the notes list its derivative
+    activation: ClassVar[bool] = False
+    #: weights feeding this activation are drawn with He's gain (2 / fan_in, PyTorch's
+    #: ``kaiming_normal_``) instead of Glorot's (2 / (fan_in + fan_out))
+    he_gain_before: ClassVar[bool] = False
+    #: an initializer looks through this layer for the activation after it (batch norm)
+    init_looks_through: ClassVar[bool] = False
+    #: arrays the training forward returns besides output and cache, for :meth:`state_updates`
+    train_returns: ClassVar[tuple[str, ...]] = ()
+    #: fewest values each training statistic averages (batch norm: 2, an unbiased variance),
+    #: and what the error says when a batch has fewer
+    min_values_per_statistic: ClassVar[int] = 1
+    too_few_values: ClassVar[str] = ""
+    #: the docstring of the generated state update (see :meth:`state_updates`)
+    state_update_doc: ClassVar[str] = "Move the running state towards the batch's."
+    #: each state array's initial value (:meth:`state_shapes`)
+    state_initial: ClassVar[dict[str, float]] = {}
+    #: what the generated module's docstrings say this layer does in training and in evaluation
+    #: mode, where the two differ (:meth:`eval_form`)
+    training_doc: ClassVar[str] = ""
+    evaluation_doc: ClassVar[str] = ""
+
+    def __init__(self, *, name: str | None = None) -> None:
+        self.name = None if name is None else check_identifier(name, what="layer name")
+
+    # -- shapes -------------------------------------------------------------------------------
+    def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return in_shape
+
+    def param_shapes(self, in_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    # -- math ---------------------------------------------------------------------------------
+    def forward_form(self, in_shape: tuple[int, ...]) -> Forward:
+        raise NotImplementedError
+
+    def eval_form(self, in_shape: tuple[int, ...]) -> Forward | None:
+        """The evaluation-mode forward, where it differs from training (batchnorm, rrelu)."""
+        return None
+
+    def constant_values(self) -> dict[str, float]:
+        """Values of the hyper-parameter symbols used in :meth:`forward_form`."""
+        return {}
+
+    def math_key(self, in_shape: tuple[int, ...]) -> tuple:
+        """Layers with equal keys share one derivation (their sizes are symbolic)."""
+        return (self.kind, len(in_shape))
+
+    @property
+    def function_stem(self) -> str:
+        """The stem of the generated function names for this layer's math."""
+        return self.kind
+
+    def stem_for(self, in_shape: tuple[int, ...]) -> str:
+        """:attr:`function_stem` for this layer on inputs of ``in_shape`` (a way of computing
+        chosen at concrete sizes may add to it)."""
+        return self.function_stem
+
+    def describe(self) -> str:
+        return self.kind
+
+    def title(self, placed_name: str) -> str:
+        """What the notes call this layer's math (a user activation: the layer's name)."""
+        return self.kind
+
+    # -- state and randomness ---------------------------------------------------------------
+    def state_shapes(self, in_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        """Running state kept between training steps (batch norm's running statistics)."""
+        return {}
+
+    def state_updates(self) -> dict[str, sp.Expr]:
+        """Each state array's new value (scalar form) from :attr:`train_returns` and ``N``."""
+        return {}
+
+    def statistics_over(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The axes (batch axis 0 included) that each training statistic averages over."""
+        return ()
+
+    def draws(self) -> dict[str, tuple[str, tuple[float, ...]]]:
+        """Auxiliary inputs drawn at random in training: name -> (``numpy.random.Generator``
+        method, its arguments); rrelu: ``{"r": ("uniform", (lower, upper))}``."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"

@@ -1,0 +1,238 @@
+"""The network's ``forward`` and ``backward`` bodies, printed from the plan.
+
+:func:`forward_steps` and :func:`backward_steps` turn each step of the
+:class:`~symbp.derive.plan.Plan` into the values ``templates/network.py.j2`` fills in: which
+generated function is called on which variables with which parameters, constants and sizes,
+where training and evaluation differ (random draws, running state), and where memory may be
+reused (``overwrite=True`` on an array nobody else holds). The chain's current value lives in
+``h`` (its gradient in ``dh``); a value that more than one step reads is held as
+``skip_<reader>`` for the later readers, and their gradients are summed where the plan says.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import TYPE_CHECKING
+
+import sympy as sp
+
+from ..derive.plan import Plan, Step, Sum, Vjp
+from ..naming import backward_function, param_key, predict_function
+
+if TYPE_CHECKING:
+    from .module import ModuleBuilder
+
+MESSAGE_WIDTH = 56  # characters of an error message per line of the generated source
+
+
+def size_values(step_or_placed, form) -> dict[str, int]:
+    """The per-sample sizes of a placed layer by name (``{"H_in": 28, ...}``)."""
+    item = getattr(step_or_placed, "placed", step_or_placed)
+    values = {}
+    for array, shape in ((form.inputs[0], item.in_shape), (form.output.array, item.out_shape)):
+        for dim, length in zip(array.dims[1:], shape, strict=True):
+            if isinstance(dim, sp.Symbol):
+                values[dim.name] = length
+    return values
+
+
+def _call(function: str, args: list[str]) -> str:
+    return f"{function}({', '.join(args)})"
+
+
+def _keywords(values: dict) -> list[str]:
+    return [f"{name}={value!r}" for name, value in values.items()]
+
+
+def _held(plan: Plan, step: Step, value: str) -> bool:
+    """Whether ``step`` reads ``value`` from a held copy (it is not the value's first reader)."""
+    readers = plan.readers[value]
+    return len(readers) > 1 and readers[0] != step.name
+
+
+def _message_parts(text: str) -> list[str]:
+    """An f-string's text cut at spaces into literals of at most :data:`MESSAGE_WIDTH`
+    characters; only the parts with a replacement field are f-strings."""
+    parts, line = [], ""
+    for word in re.findall(r"(?:\{[^}]*\}|[^ {])+", text):  # a replacement field is one word
+        if line and len(line) + 1 + len(word) > MESSAGE_WIDTH:
+            parts.append(line + " ")
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    parts.append(line)
+    return [("f" if "{" in part else "") + f'"{part}"' for part in parts]
+
+
+def forward_steps(builder: ModuleBuilder, plan: Plan) -> list[dict]:
+    """The forward body's steps, for ``network.forward_step``."""
+    rows = []
+    for step in plan.forward:
+        holds = []
+        value = step.inputs[0]
+        if len(plan.readers[value]) > 1 and plan.readers[value][0] == step.name:
+            holds = [f"skip_{reader}" for reader in plan.readers[value][1:]]
+        owned = builder.h_owned and not holds
+        row: dict = dict(name=step.name, holds=holds, reshape=None, modes=False)
+        if step.reshape:
+            # The same numbers, one row per sample (C order); the width is spelled out: an empty
+            # batch has no -1 to infer.
+            shape = " x ".join(str(length) for length in step.placed.in_shape)
+            row["reshape"] = dict(width=math.prod(step.placed.in_shape), shape=shape)
+            builder.h_owned = False  # a view of its input
+            rows.append(row)
+            continue
+        stem = builder.stems[step.name]
+        builder.layer_functions(stem, step.layer, step.derivation, step.eval_form)
+        function = builder.forward_names[stem]
+        form = step.derivation.form
+        inputs = [f"skip_{step.name}" if _held(plan, step, v) else "h" for v in step.inputs]
+        params = [f'params["{key}"]' for key in step.params]
+        draws = [
+            dict(name=name, method=method, args=", ".join(map(repr, args)))
+            for name, (method, args) in step.draws.items()
+        ]
+        constants = _keywords(step.constants()) + [
+            f"{name}={size_values(step, form)[name]}"
+            for name in builder.size_keywords.get(function, [])
+        ]
+        if builder.overwrites.get(function) and owned:
+            constants.append("overwrite=True")
+        targets = f'h, cache["{step.name}"]'
+        returns = step.layer.train_returns
+        if returns:
+            targets += ", stats"
+        row.update(
+            targets=targets,
+            call=_call(function, [*inputs, *params, *[d["name"] for d in draws], *constants]),
+        )
+        builder.h_owned = builder.owned_output[stem]
+        if step.eval_form is not None:
+            builder.uses_rng |= bool(draws)
+            row.update(modes=True, draws=draws, too_few=None, state_update=None)
+            row["predict"] = _predict_call(step, stem)
+            minimum = step.layer.min_values_per_statistic
+            axes = step.layer.statistics_over(step.placed.in_shape)
+            others = [a for a in range(len(step.placed.in_shape) + 1) if a not in axes]
+            count = " * ".join(f"h.shape[{a}]" for a in axes)
+            if axes == (0,):
+                count = "len(h)"
+            elif len(others) == 1:  # every axis but one: the size over that one's length
+                count = f"h.size // h.shape[{others[0]}]"
+            if minimum > 1:
+                dims = [form.inputs[0].dims[a] for a in axes]
+                label = "*".join(form.letters.get(d, str(d)).upper() for d in dims)
+                row["too_few"] = dict(
+                    count=count,
+                    minimum=minimum,
+                    message=_message_parts(
+                        f"{step.name}: {step.layer.too_few_values} ({label} = {{{count}}})"
+                    ),
+                )
+            if step.state:
+                builder.uses_state = True
+                update = builder.state_update_function(stem, step.layer)
+                locals_ = [key.rsplit(".", 1)[1] for key in step.state]
+                updates = step.layer.state_updates()
+                used = {s.name for e in updates.values() for s in e.free_symbols}
+                values = step.layer.constant_values()
+                row["state_update"] = dict(
+                    state=list(zip(locals_, step.state, strict=True)),
+                    targets=", ".join(f"{local}[...]" for local in locals_),
+                    call=_call(
+                        update,
+                        [*locals_, "*stats", count]
+                        + [f"{k}={v!r}" for k, v in values.items() if k in used],
+                    ),
+                )
+        rows.append(row)
+    return rows
+
+
+def _predict_call(step: Step, stem: str) -> str:
+    eval_form = step.eval_form
+    params = [f'params["{param_key(step.name, p.name)}"]' for p in eval_form.params]
+    keys = [param_key(step.name, a.name) for a in eval_form.aux]
+    state = [f'state["{key}"]' for key in keys if key in step.state]
+    return _call(predict_function(stem), ["h", *params, *state, *_keywords(step.eval_constants())])
+
+
+def backward_steps(builder: ModuleBuilder, plan: Plan) -> list[dict]:
+    """The backward body's steps, for ``network.backward_step``."""
+    rows = []
+    for entry in plan.backward:
+        if isinstance(entry, Sum):
+            held = [part.split("@", 1)[1] for part in entry.parts[:-1]]
+            line = "dh = " + " + ".join([*(f"dskip_{r}" for r in held), "dh"])
+            rows.append(dict(guard=False, line=line))
+            builder.dh_owned = True
+            continue
+        rows.append(_vjp_row(builder, plan, entry))
+    return rows
+
+
+def _vjp_row(builder: ModuleBuilder, plan: Plan, entry: Vjp) -> dict:
+    step = entry.step
+    optional = step.input_grad_optional
+    if step.reshape:
+        shape = ", ".join(str(length) for length in step.placed.in_shape)
+        line = f"dh = dh.reshape(len(dh), {shape})  # {step.name}"
+        return dict(guard=optional, line=line)
+    stem = builder.stems[step.name]
+    function = backward_function(stem)
+    form = step.derivation.form
+    keep = [f'*cache["{step.name}"]'] if step.kept else []
+    params_read = [f'params["{key}"]' for key in step.params_read]
+    constants = _keywords(step.backward_constants()) + [
+        f"{name}={size_values(step, form)[name]}"
+        for name in builder.size_keywords.get(function, [])
+    ]
+    args = ["dh", *keep, *params_read, *constants]
+    targets = [
+        f"dskip_{step.name}" if _held(plan, step, value) else "dh" for value in step.inputs
+    ] + [f'grads["{key}"]' for key in step.grads]
+    if step.params and optional:
+        args.append("input_grad=wrt_input")
+    if builder.dh_owned and builder.overwrites.get(function):
+        args.append("overwrite=True")
+    for param in builder.outs.get(function, []):
+        args.append(f'd{param}_out=reuse.get("{step.name}.{param}")')
+    builder.dh_owned = builder.owned_grad[stem] and len(step.inputs) == 1
+    line = f"{', '.join(targets)} = {_call(function, args)}"
+    return dict(guard=optional and not step.params, line=line)
+
+
+def inits(plan: Plan) -> list[dict]:
+    """Each parameter's initializer: He's gain before a ReLU-like activation, else Glorot's."""
+    result = []
+    for step in plan.forward:
+        for param, shape in step.layer.param_shapes(step.placed.in_shape).items():
+            key = param_key(step.name, param)
+            rule = step.layer.init.get(param, "zeros")
+            if rule != "fan":
+                value = {"zeros": 0.0, "ones": 1.0}.get(rule, rule)
+                result.append(dict(key=key, kind="full", value=repr(float(value)), shape=shape))
+                continue
+            if len(shape) == 4:  # a kernel (out, in, kh, kw), as PyTorch counts
+                field = shape[2] * shape[3]
+                fan_in, fan_out = shape[1] * field, shape[0] * field
+            else:
+                fan_in, fan_out = shape[0], shape[-1]
+            he = _next_activation(plan, step)
+            std = math.sqrt(2 / fan_in) if he else math.sqrt(2 / (fan_in + fan_out))
+            result.append(dict(key=key, kind="normal", std=repr(std), shape=tuple(shape)))
+    return result
+
+
+def _next_activation(plan: Plan, step: Step) -> bool:
+    """Whether the one step reading ``step``'s output (through layers an initializer looks
+    through, batch norm) declares He's gain."""
+    while True:
+        readers = plan.readers.get(step.output, [])
+        if len(readers) != 1:
+            return False
+        step = plan.step(readers[0])
+        if not step.layer.init_looks_through:
+            return step.layer.he_gain_before
+
