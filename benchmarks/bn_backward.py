@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 import symbp
-from symbp.check.gradcheck import load_module
+from symbp.checking.gradcheck import load_module
 from symbp.emit.module import generate_module
 
 GOAL = 1.5

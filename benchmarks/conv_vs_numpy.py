@@ -296,7 +296,7 @@ def torch_loss_and_grads_factory(net: str, params, x, y):
 
 def problem(net: str, dtype, batch: int | None = None, shape=None, seed: int = 0):
     """The generated module, parameters, a batch and labels."""
-    from symbp.check.gradcheck import load_module
+    from symbp.checking.gradcheck import load_module
     from symbp.declare.spec import parse_spec
     from symbp.emit.module import generate_module
 

@@ -5,10 +5,10 @@ activation cycling through sigmoid, tanh, relu and a user expression (mish), sof
 cross-entropy on top. For each depth, from a cleared cache (symbp's per-layer-type cache and
 sympy's own), it times:
 
-* ``derive``: :func:`symbp.derive.network.derive_network` -- every layer type derived once, then
+* ``derive``: :func:`symbp.derivation.network.derive_network` -- every layer type derived once, then
   one chain-rule step per layer;
 * ``+ arrays``: the same, plus the whole-array form of every layer's forward stages and backward
-  formulas (:class:`~symbp.derive.arrays.Lowering` and
+  formulas (:class:`~symbp.derivation.arrays.Lowering` and
   :func:`~symbp.emit.numpy_printer.numpy_code`), done per layer, as code generation does.
 
 The goal (issue 2): linear growth, ratio 64/8 at most 10, and under 2 s for 64 blocks.
@@ -28,8 +28,8 @@ import sympy.core.cache
 
 from symbp.declare import layers
 from symbp.declare.net import Net
-from symbp.derive.arrays import Lowering
-from symbp.derive.network import NetworkDerivation, clear_cache, derive_network
+from symbp.derivation.arrays import Lowering
+from symbp.derivation.network import NetworkDerivation, clear_cache, derive_network
 from symbp.emit.numpy_printer import numpy_code
 
 MISH = "x*tanh(log(1 + exp(x)))"

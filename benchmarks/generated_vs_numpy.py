@@ -6,7 +6,7 @@ The network is the reference MLP of ``benchmarks/reference_mlp.py``::
             -> softmax cross-entropy (integer labels, mean over the batch)
 
 The generated side is ``symbp.emit.module.generate_module(net)`` for the same network declared
-as a :class:`symbp.Net`, loaded with :func:`symbp.check.gradcheck.load_module` and run through
+as a :class:`symbp.Net`, loaded with :func:`symbp.checking.gradcheck.load_module` and run through
 its ``loss_and_grads(params, x, y, wrt_input=False, reuse=previous)`` (the hand-written pass
 does not compute the input's gradient either, and it overwrites the gradient arrays it
 returned the call before; ``reuse`` does the same).  ``generated_fresh`` is the same call
@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 import symbp
-from symbp.check.gradcheck import load_module
+from symbp.checking.gradcheck import load_module
 from symbp.emit.module import generate_module
 
 GOALS = {"handwritten": 1.0, "gemm_only": 1.10, "torch": 1.0}

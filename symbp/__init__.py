@@ -11,24 +11,22 @@ exact formulas, generate a NumPy module, check it against finite differences, ex
 >>> source = symbp.codegen(net)
 """
 
-__version__ = "0.1.0"
+import os
 
-import os  # noqa: E402
-
-from .check import gradcheck as _gradcheck  # noqa: E402 - before check() below, see there
-from .declare.conv import (  # noqa: E402
+from .checking import gradcheck as _gradcheck
+from .declare.conv import (
     AvgPool2d as avgpool2d,
 )
-from .declare.conv import (  # noqa: E402
+from .declare.conv import (
     Conv2d as conv2d,
 )
-from .declare.conv import (  # noqa: E402
+from .declare.conv import (
     Flatten as flatten,
 )
-from .declare.conv import (  # noqa: E402
+from .declare.conv import (
     MaxPool2d as maxpool2d,
 )
-from .declare.layers import (  # noqa: E402 - the version is defined first for the generator
+from .declare.layers import (
     Activation as activation,
 )
 from .declare.layers import (
@@ -70,11 +68,12 @@ from .declare.layers import (
 from .declare.layers import (
     Tanh as tanh,
 )
-from .declare.net import Net  # noqa: E402
-from .declare.spec import load_spec, parse_spec  # noqa: E402
-from .derive.network import derive_network as _derive_network  # noqa: E402
-from .emit.module import generate_module as _generate_module  # noqa: E402
-from .errors import DerivationError, SpecError, SymbpError  # noqa: E402
+from .declare.net import Net
+from .declare.spec import load_spec, parse_spec
+from .derivation.network import derive_network as _derive_network
+from .emit.module import generate_module as _generate_module
+from .errors import DerivationError, SpecError, SymbpError
+from .version import __version__ as __version__  # re-exported: symbp.__version__
 
 
 def _as_net(net) -> Net:
@@ -140,10 +139,6 @@ def notes(
 def check(net, *, batch: int = 4, seed: int = 0, full: bool = False):
     """Generate the module of ``net`` (a :class:`Net` or a spec path) and compare its
     gradients with finite differences.
-
-    The subpackage ``symbp.check`` is imported at the top of this file: importing a submodule
-    for the first time sets it as an attribute of its parent, which would replace this
-    function if that happened after its definition (``symbp.derive`` is the same).
     """
     _flags(full=full)
     return _gradcheck.check_spec(_as_net(net), batch=batch, seed=seed, full=full)

@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
 from .errors import SpecError, SymbpError
+from .version import __version__
 
 
 class _Parser(argparse.ArgumentParser):
@@ -270,7 +270,7 @@ def _codegen(args) -> int:
 
 
 def _check(args) -> int:
-    from .check.gradcheck import check_spec
+    from .checking.gradcheck import check_spec
     from .declare.spec import load_spec
     from .errors import SpecError
 
@@ -287,7 +287,7 @@ def _check(args) -> int:
 
 def _latex(args) -> int:
     from .declare.spec import load_spec
-    from .derive.network import derive_network
+    from .derivation.network import derive_network
     from .emit.notes import render_notes
     from .errors import SpecError
 

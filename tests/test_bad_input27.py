@@ -409,7 +409,8 @@ def test_version_prints_the_package_version(capsys):
     # written in one place: the package metadata reads it from symbp.__version__
     pyproject = tomllib.loads((EXAMPLES.parent / "pyproject.toml").read_text())
     assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
-    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "symbp.__version__"}
+    dynamic = pyproject["tool"]["setuptools"]["dynamic"]
+    assert dynamic["version"] == {"attr": "symbp.version.__version__"}
 
 
 @pytest.mark.parametrize(

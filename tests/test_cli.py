@@ -75,11 +75,11 @@ TINY = dict(input_features=2, loss="mse")
 
 def test_symbp_check_stays_the_function_after_importing_its_subpackage():
     # Importing a submodule sets it as an attribute of its parent package: once, that replaced
-    # symbp.check (the function) by symbp.check (the package) after the first call or after
-    # importing symbp.flow, which imports the checker.
-    import symbp.check.gradcheck  # noqa: F401
+    # symbp.check (the function) by symbp.check (the package, now symbp.checking) after the
+    # first call or after importing symbp.flow, which imports the checker.
+    import symbp.checking.gradcheck  # noqa: F401
     import symbp.flow.numeric  # noqa: F401
-    from symbp.check import gradcheck
+    from symbp.checking import gradcheck
 
     net = symbp.Net([symbp.linear(3), symbp.tanh(), symbp.linear(2)], **TINY)
     assert callable(symbp.check) and callable(symbp.derive)

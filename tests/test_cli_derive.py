@@ -18,8 +18,8 @@ import sympy as sp
 from symbp import cli
 from symbp.declare.layers import Activation
 from symbp.declare.spec import load_spec
-from symbp.derive.layer import derive_layer
-from symbp.derive.verify import Verdict
+from symbp.derivation.layer import derive_layer
+from symbp.derivation.verify import Verdict
 from symbp.emit import pretty
 from symbp.emit.module import generate_module
 

@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
 import symbp
-from symbp.check.gradcheck import check_spec, load_module, make_inputs
+from symbp.checking.gradcheck import check_spec, load_module, make_inputs
 from symbp.cli import main as cli_main
 from symbp.declare.layers import LOSSES, REGISTRY, Loss
 from symbp.declare.net import Net, Placed
@@ -1245,7 +1245,7 @@ def test_check_exits_2_for_a_missing_file_or_a_batch_of_one(tmp_path, capsys):
 
 
 def test_check_exits_1_when_a_gradient_fails(monkeypatch, capsys):
-    from symbp.check import gradcheck
+    from symbp.checking import gradcheck
 
     def failing(net, **kwargs):
         return gradcheck.Report([gradcheck.Row("fc1.W", (2, 2), 4, 1.0)])
@@ -1260,7 +1260,7 @@ def test_building_up_in_place_never_starts_from_a_view():
     view ``A.T`` (updating it in place would change ``A``); the lines compute the value."""
     import sympy as sp
 
-    from symbp.derive.arrays import Permute
+    from symbp.derivation.arrays import Permute
     from symbp.emit.memory_plan import _accumulate
     from symbp.emit.numpy_printer import SymbpNumPyPrinter
 

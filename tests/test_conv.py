@@ -27,14 +27,14 @@ from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
 import symbp
-from symbp.check.gradcheck import check_spec, load_module, make_inputs
+from symbp.checking.gradcheck import check_spec, load_module, make_inputs
 from symbp.cli import main as cli_main
 from symbp.declare.conv import AvgPool2d, Conv2d, Flatten, MaxPool2d
 from symbp.declare.layers import BatchNorm
 from symbp.declare.net import Net
 from symbp.declare.spec import load_spec
-from symbp.derive.layer import derive_layer
-from symbp.derive.verify import default_sizes, verify_layer
+from symbp.derivation.layer import derive_layer
+from symbp.derivation.verify import default_sizes, verify_layer
 from symbp.emit.module import generate_module
 from symbp.errors import SymbpError
 

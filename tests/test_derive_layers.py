@@ -2,7 +2,7 @@
 
 The main table runs over every registered layer type (losses and the residual add included) and
 proves each derived formula -- the staged chain rule and the compact form -- equal to direct
-scalar differentiation at small concrete sizes (:func:`symbp.derive.verify.verify_layer`: every
+scalar differentiation at small concrete sizes (:func:`symbp.derivation.verify.verify_layer`: every
 array element its own symbol, every sum written out, ``diff`` applied element by element).
 
 The facts below it are the textbook results, written out here by hand with sympy and compared
@@ -27,10 +27,10 @@ from symbp import cli
 from symbp.declare import conv, layers
 from symbp.declare.forms import N
 from symbp.declare.layers import BatchNorm
-from symbp.derive.arrays import Lowering
-from symbp.derive.keep import _peels
-from symbp.derive.layer import Adjoint, LayerDerivation, derive_layer
-from symbp.derive.verify import default_sizes, expand_forward, is_zero, verify_layer
+from symbp.derivation.arrays import Lowering
+from symbp.derivation.keep import _peels
+from symbp.derivation.layer import Adjoint, LayerDerivation, derive_layer
+from symbp.derivation.verify import default_sizes, expand_forward, is_zero, verify_layer
 from symbp.emit.numpy_printer import numpy_code
 
 MISH = "x*tanh(log(1 + exp(x)))"
@@ -371,7 +371,7 @@ def test_nested_values_are_kept_outermost_first_and_the_input_is_dropped():
 
 
 def test_every_kept_value_is_in_the_forward_formula_and_read_by_the_backward():
-    from symbp.derive.stable import stabilize
+    from symbp.derivation.stable import stabilize
 
     for case_id in ["gelu", "silu"]:
         derivation = derivation_of(case_id)

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 import symbp
-from symbp.check import gradcheck
-from symbp.check.gradcheck import (
+from symbp.checking import gradcheck
+from symbp.checking.gradcheck import (
     SAMPLE,
     TOLERANCE,
     check_module,

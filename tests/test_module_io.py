@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import symbp
-from symbp.check.gradcheck import load_module
+from symbp.checking.gradcheck import load_module
 from symbp.declare.net import Net
 from symbp.emit.module import generate_module
 

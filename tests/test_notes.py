@@ -26,8 +26,8 @@ from render.tools import (
 
 from symbp.declare.forms import N, index
 from symbp.declare.spec import load_spec, parse_spec
-from symbp.derive.arrays import Dot, Permute, Step, SumOver
-from symbp.derive.network import derive_network
+from symbp.derivation.arrays import Dot, Permute, Step, SumOver
+from symbp.derivation.network import derive_network
 from symbp.emit.latex_printer import AtLayer, Delta, Jacobian, latex
 from symbp.emit.notes import Notes, make_notes, render_notes
 
@@ -647,7 +647,7 @@ def test_padded_proof_keeps_the_default_padded_input_size(padded_conv):
     """The notes prove a padded layer on an image 2P smaller than the verifier's default, so
     the padded input has the default size (the cost of scalar expansion grows with its square:
     symbp latex of a padded net took 19 s)."""
-    from symbp.derive.verify import default_sizes
+    from symbp.derivation.verify import default_sizes
     from symbp.emit.notes import proof_sizes
 
     default = {s.name: v for s, v in default_sizes(padded_conv.form, batch=2).items()}
@@ -666,7 +666,7 @@ def test_padded_proof_refutes_wrong_input_gradients(padded_conv, mutant):
     """Wrong input gradients of a padded convolution are refuted at the notes' proof sizes."""
     import dataclasses
 
-    from symbp.derive.verify import verify_layer
+    from symbp.derivation.verify import verify_layer
     from symbp.emit.notes import proof_sizes
 
     adjoint = padded_conv.vjp["x"]

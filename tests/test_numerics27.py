@@ -22,7 +22,7 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 import symbp
-from symbp.check.gradcheck import load_module
+from symbp.checking.gradcheck import load_module
 from symbp.cli import main as cli_main
 from symbp.declare.net import Net
 from symbp.emit.module import generate_module

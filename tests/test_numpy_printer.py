@@ -1,5 +1,5 @@
 """The NumPy printer, at two levels: the exact code it prints for small whole-array expressions
-(the nodes of :mod:`symbp.derive.arrays` and the sympy functions the engine produces), and the
+(the nodes of :mod:`symbp.derivation.arrays` and the sympy functions the engine produces), and the
 numbers that code computes, compared with NumPy written independently here.
 
 Also the known ways a sympy-to-NumPy printer goes silently wrong: the imaginary unit or an
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import sympy as sp
 
-from symbp.derive.arrays import (
+from symbp.derivation.arrays import (
     Dot,
     Einsum,
     Lowering,

@@ -1,4 +1,4 @@
-"""The network plan (symbp.derive.plan) and layers that carry their own behaviour.
+"""The network plan (symbp.derivation.plan) and layers that carry their own behaviour.
 
 Expected values come from the network's structure as declared (which layer reads which value),
 from NumPy's C-order reshape, and from finite differences of the generated module.
@@ -14,10 +14,10 @@ import pytest
 import sympy as sp
 
 import symbp
-from symbp.check.gradcheck import check_spec, load_module
+from symbp.checking.gradcheck import check_spec, load_module
 from symbp.declare.forms import Array, N
 from symbp.declare.layers import REGISTRY, Elementwise, Layer, X
-from symbp.derive.plan import INPUT, Sum, Vjp, build_plan
+from symbp.derivation.plan import INPUT, Sum, Vjp, build_plan
 from symbp.emit.module import generate_module
 
 ROOT = Path(__file__).resolve().parent.parent

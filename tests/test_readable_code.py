@@ -13,7 +13,7 @@ import sympy as sp
 import symbp
 from symbp import naming
 from symbp.declare.net import Net
-from symbp.derive.arrays import Einsum, MaxOver, NewAxis, SumOver
+from symbp.derivation.arrays import Einsum, MaxOver, NewAxis, SumOver
 from symbp.emit.module import generate_module
 from symbp.emit.value_names import GENERIC, describe, value_name
 

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import symbp  # noqa: E402
-from symbp.check.gradcheck import load_module, make_inputs  # noqa: E402
+from symbp.checking.gradcheck import load_module, make_inputs  # noqa: E402
 
 
 def outputs() -> dict[str, np.ndarray]:

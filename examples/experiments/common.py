@@ -23,7 +23,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 import symbp  # noqa: E402
-from symbp.check.gradcheck import load_module  # noqa: E402
+from symbp.checking.gradcheck import load_module  # noqa: E402
 
 WIDTH = 32
 CLASSES = 2

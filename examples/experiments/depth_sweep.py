@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from common import compile_net, figure, first_weight, mlp, two_spirals, write_csv, write_json
 
-from symbp.derive.network import derive_network
+from symbp.derivation.network import derive_network
 from symbp.flow.chain import flow_bounds
 from symbp.flow.numeric import measure
 

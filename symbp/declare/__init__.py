@@ -1,6 +1,6 @@
 """Declaration: what a network is (layers, shapes, parameters), from Python or from TOML.
 
-Nothing here differentiates anything; :mod:`symbp.derive` does that from the forward
+Nothing here differentiates anything; :mod:`symbp.derivation` does that from the forward
 definitions declared here.
 """
 

@@ -85,7 +85,7 @@ class Layer:
     init: ClassVar[dict[str, Any]] = {}
 
     # What differs between layer types, declared here and read by the network plan
-    # (symbp.derive.plan) and every output target; nothing outside symbp.declare tests a kind.
+    # (symbp.derivation.plan) and every output target; nothing outside symbp.declare tests a kind.
     #: an activation (element-wise ``y = f(x)``): the notes list its derivative
     activation: ClassVar[bool] = False
     #: weights feeding this activation are drawn with He's gain (2 / fan_in, PyTorch's

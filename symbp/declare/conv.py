@@ -348,7 +348,7 @@ class Flatten(Layer):
         # y[n, k] = x[n, c, h, w] where k = c*H*W + h*W + w (C order): a sum over the input's
         # entries picking the one whose flat position is k. The backward is derived from it
         # (dx[n, c, h, w] = dy[n, c*H*W + h*W + w]); a target that recognises the pair as a
-        # reshape prints one (symbp.derive.plan).
+        # reshape prints one (symbp.derivation.plan).
         dims = (N, C, H, W)[: len(in_shape) + 1]
         idx = tuple(index(LETTERS[d]) for d in dims)
         x = Array("x", dims)

@@ -3,7 +3,7 @@
 A :class:`Forward` lists the layer's arrays (differentiable inputs, parameters, auxiliary data
 such as random slopes or labels) with symbolic sizes, and a sequence of named :class:`Stage`
 definitions, each ``name[indices] = expression`` in terms of earlier arrays. The last stage is the
-layer's output. Nothing here says how to differentiate: :mod:`symbp.derive` works that out.
+layer's output. Nothing here says how to differentiate: :mod:`symbp.derivation` works that out.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ setting:
   ``\\sum_{m}``, products by juxtaposition, a scalar factor as a leading fraction:
   ``\\frac{\\gamma_{j} \\tilde{\\sigma}^{-1}_{j}}{N} \\left(N \\frac{\\partial J}{\\partial
   y_{nj}} - \\dots\\right)``;
-* whole-array form (``whole=True``, the output of :class:`symbp.derive.arrays.Lowering`): arrays
+* whole-array form (``whole=True``, the output of :class:`symbp.derivation.arrays.Lowering`): arrays
   bold (``\\mathbf{W}``, ``\\boldsymbol{\\gamma}``), ``Dot`` as juxtaposition, ``Permute`` as
   ``^{\\top}``, a sum over the batch as ``\\mathbf{1}^{\\top}``, element-wise products as
   ``\\odot`` and element-wise powers as ``^{\\odot 2}``.
@@ -33,7 +33,7 @@ import sympy as sp
 from sympy.printing.latex import LatexPrinter, translate
 from sympy.printing.precedence import PRECEDENCE
 
-from ..derive.arrays import ArrayOp, Dot, MaxOver, NewAxis, Permute, Step, SumOver
+from ..derivation.arrays import ArrayOp, Dot, MaxOver, NewAxis, Permute, Step, SumOver
 from .latex_names import SYMBOLS, _bold, _letter, _nice_number
 from .layout import split_latex as _split_top_level
 from .layout import visible_length as _visible_length

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from ..derive.arrays import (
+from ..derivation.arrays import (
     Dot,
     Flipped,
     NewAxis,

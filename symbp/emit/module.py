@@ -2,7 +2,8 @@
 
 The module's structure comes from ``templates/module.py.j2`` and ``templates/function.py.j2``;
 every expression in it comes from the engine's derivation, lowered to whole-array form
-(:mod:`symbp.derive.arrays`), made numerically safe (:func:`~symbp.derive.stable.stabilize`),
+(:mod:`symbp.derivation.arrays`), made numerically safe
+(:func:`~symbp.derivation.stable.stabilize`),
 shared where it repeats (sympy ``cse``) and printed by :class:`SymbpNumPyPrinter`.
 One forward/backward function pair is emitted per distinct layer math (every ``linear`` layer
 calls ``linear_forward``), and the network's ``forward``/``backward`` call them in order.
@@ -16,16 +17,15 @@ from dataclasses import dataclass
 import jinja2
 import sympy as sp
 
-from .. import __version__
 from ..declare.forms import Forward
 from ..declare.layers import Layer
 from ..declare.net import Net, Placed
-from ..derive.arrays import Lowering
-from ..derive.layer import Carried, LayerDerivation
-from ..derive.network import NetworkDerivation, derive_cached, derive_network
-from ..derive.plan import build_plan
-from ..derive.readings import computed_form, reading
-from ..derive.stable import stabilize
+from ..derivation.arrays import Lowering
+from ..derivation.layer import Carried, LayerDerivation
+from ..derivation.network import NetworkDerivation, derive_cached, derive_network
+from ..derivation.plan import build_plan
+from ..derivation.readings import computed_form, reading
+from ..derivation.stable import stabilize
 from ..naming import (
     adjoint,
     backward_function,
@@ -34,6 +34,7 @@ from ..naming import (
     state_update_function,
 )
 from ..runtime import registry as runtime
+from ..version import __version__
 from . import template_folder
 from .layout import MAX_LINE, _sentence, formula, wrap_line, wrap_lines
 from .memory_plan import (

@@ -1,7 +1,7 @@
 """The network's ``forward`` and ``backward`` bodies, printed from the plan.
 
 :func:`forward_steps` and :func:`backward_steps` turn each step of the
-:class:`~symbp.derive.plan.Plan` into the values ``templates/network.py.j2`` fills in: which
+:class:`~symbp.derivation.plan.Plan` into the values ``templates/network.py.j2`` fills in: which
 generated function is called on which variables with which parameters, constants and sizes,
 where training and evaluation differ (random draws, running state), and where memory may be
 reused (``overwrite=True`` on an array nobody else holds). The chain's current value lives in
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import sympy as sp
 
-from ..derive.plan import Plan, Step, Sum, Vjp
+from ..derivation.plan import Plan, Step, Sum, Vjp
 from ..naming import backward_function, param_key, predict_function
 
 if TYPE_CHECKING:

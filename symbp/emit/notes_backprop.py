@@ -2,7 +2,7 @@
 activations.
 
 :class:`BackpropSections` is mixed into the notes builder (:mod:`symbp.emit.notes`); it reads
-the network plan (:mod:`symbp.derive.plan`): the delta recursion follows its backward steps, a
+the network plan (:mod:`symbp.derivation.plan`): the delta recursion follows its backward steps, a
 block's ``Sum`` giving the row where the skip's and the body's gradients meet, and each chain
 rule follows the plan's readers from a layer up to the output.
 """
@@ -13,8 +13,8 @@ from typing import Any
 
 import sympy as sp
 
-from ..derive.network import DerivedLayer
-from ..derive.plan import Sum
+from ..derivation.network import DerivedLayer
+from ..derivation.plan import Sum
 from .latex_printer import (
     ROW_SEPARATOR,
     AtLayer,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from ..derive.arrays import (
+from ..derivation.arrays import (
     Col2Im,
     Einsum,
     FirstArgmaxMask,
@@ -21,8 +21,8 @@ from ..derive.arrays import (
     SumOver,
     Windows,
 )
-from ..derive.indexing import simplify_indexed
-from ..derive.layer import LayerDerivation, bound_names
+from ..derivation.indexing import simplify_indexed
+from ..derivation.layer import LayerDerivation, bound_names
 
 X_SCALAR = sp.Symbol("x", real=True)
 Y_SCALAR = sp.Symbol("y", real=True)

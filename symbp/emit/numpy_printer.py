@@ -1,7 +1,7 @@
 """Print whole-array sympy expressions as NumPy code.
 
 A :class:`~sympy.printing.numpy.NumPyPrinter` subclass: the array operations of
-:mod:`symbp.derive.arrays` get their own ``_print_<Class>`` methods, functions are printed with
+:mod:`symbp.derivation.arrays` get their own ``_print_<Class>`` methods, functions are printed with
 the ``np.`` prefix, and number-valued constants (``sqrt(2)``, ``pi``) become Python float literals
 so that they never turn a float32 computation into float64 (NumPy scalars would, Python floats
 don't). The generated module needs NumPy alone; the few functions NumPy lacks (``erf``) are
@@ -205,7 +205,7 @@ class SymbpNumPyPrinter(NumPyPrinter):
     def parenthesize(self, item, level, strict=False):
         # Python gives ``@`` the precedence of ``*``: a matrix product inside a product or a
         # power needs its parentheses (``C*(A @ B)``, not ``C*A @ B`` = ``(C*A) @ B``).
-        from ..derive.arrays import Dot
+        from ..derivation.arrays import Dot
 
         if isinstance(item, Dot) and level >= PRECEDENCE["Mul"]:
             return f"({self._print(item)})"
@@ -470,7 +470,7 @@ _ELEMENTWISE = (sp.Add, sp.Mul, sp.Pow, sp.Function, sp.Rel, sp.Piecewise, sp.Ma
 def array_shape(expr: sp.Expr, shapes: dict[str, tuple]) -> tuple | None:
     """The shape of a whole-array expression (sympy sizes, 1 for inserted axes), or None when
     it cannot be told. ``shapes`` gives the array symbols' shapes; other symbols are scalars."""
-    from ..derive.arrays import Dot, Einsum, MaxOver, NewAxis, Permute, SumOver, TensorDot
+    from ..derivation.arrays import Dot, Einsum, MaxOver, NewAxis, Permute, SumOver, TensorDot
 
     if isinstance(expr, sp.Symbol):
         if expr.name not in shapes:
@@ -590,6 +590,6 @@ def numpy_code(expr: sp.Expr, printer: SymbpNumPyPrinter | None = None) -> str:
 
 
 def _is_step(factor: sp.Expr) -> bool:
-    from ..derive.arrays import Step
+    from ..derivation.arrays import Step
 
     return isinstance(factor, Step) and len(factor.args) == 1  # 0 at 0: a boolean (u > 0)

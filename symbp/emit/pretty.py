@@ -29,12 +29,12 @@ from sympy.printing.pretty.stringpict import prettyForm
 
 from ..declare.layers import Elementwise, Layer
 from ..declare.net import Net
-from ..derive.arrays import Lowering
-from ..derive.layer import LayerDerivation, derive_layer
-from ..derive.network import DerivedLayer, derive_network
-from ..derive.plan import Sum, build_plan
-from ..derive.readings import computed_form, gather_form, reading
-from ..derive.verify import default_sizes, is_zero, proof_batches, verify_layer
+from ..derivation.arrays import Lowering
+from ..derivation.layer import LayerDerivation, derive_layer
+from ..derivation.network import DerivedLayer, derive_network
+from ..derivation.plan import Sum, build_plan
+from ..derivation.readings import computed_form, gather_form, reading
+from ..derivation.verify import default_sizes, is_zero, proof_batches, verify_layer
 from .numpy_printer import numpy_code
 
 INDENT = "    "
@@ -344,7 +344,7 @@ def simplest_form(expr: sp.Expr) -> sp.Expr:
     Candidates: the terms of a sum grouped in pairs by ``factor_terms`` while that saves
     operations (mish: ``x*e**x*(1 - tanh(s)**2)/(e**x + 1) + tanh(s)``), and ``factor_terms``,
     ``together``, ``factor``, ``simplify`` of the whole. A candidate is taken only if the
-    verifier proves it equal to the derived expression (:func:`symbp.derive.verify.is_zero` of
+    verifier proves it equal to the derived expression (:func:`symbp.derivation.verify.is_zero` of
     the difference). Only element-wise derivatives of at most :data:`SIMPLIFY_MAX_OPS`
     operations are tried, so that the time stays bounded; the result is deterministic."""
     if expr.has(sp.Sum) or sp.count_ops(expr) > SIMPLIFY_MAX_OPS:

@@ -18,7 +18,7 @@ import re
 
 import sympy as sp
 
-from ..derive.arrays import (
+from ..derivation.arrays import (
     Dot,
     Einsum,
     MaxOver,

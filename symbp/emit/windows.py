@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sympy as sp
 
-from ..derive.arrays import (
+from ..derivation.arrays import (
     Col2Im,
     Col2ImTensorDot,
     FirstArgmaxMask,

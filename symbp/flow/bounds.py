@@ -34,9 +34,9 @@ import sympy as sp
 
 from ..declare.forms import Forward
 from ..declare.layers import Layer, X, exact
-from ..derive.indexing import simplify_indexed
-from ..derive.layer import LayerDerivation, adjoint_array, apply_rules, bound_names
-from ..derive.reshape import is_reshape
+from ..derivation.indexing import simplify_indexed
+from ..derivation.layer import LayerDerivation, adjoint_array, apply_rules, bound_names
+from ..derivation.reshape import is_reshape
 from .supremum import Supremum, supremum_abs
 
 #: where an unproved derivative is sampled, for display only

@@ -18,9 +18,9 @@ import sympy as sp
 
 from ..declare.layers import Layer
 from ..declare.net import Placed
-from ..derive.layer import LayerDerivation
-from ..derive.network import NetworkDerivation
-from ..derive.plan import Plan, Sum, build_plan
+from ..derivation.layer import LayerDerivation
+from ..derivation.network import NetworkDerivation
+from ..derivation.plan import Plan, Sum, build_plan
 from .bounds import LocalJacobian, local_jacobian
 
 _PLACEHOLDER = sp.Symbol("_layer")

@@ -83,7 +83,7 @@ def run_flow(args: argparse.Namespace) -> int:
     and the memory formula are still printed) or a measured cache differs from the formula.
     """
     from ..declare.spec import load_spec
-    from ..derive.network import derive_network
+    from ..derivation.network import derive_network
     from .chain import flow_bounds
     from .memory import memory_model
     from .numeric import measure
@@ -138,7 +138,7 @@ def _check_plot_path(path: str) -> None:
 
 def _generated_module(net):
     """The network's generated module, or ``(None, why)`` when code generation fails."""
-    from ..check.gradcheck import load_module
+    from ..checking.gradcheck import load_module
     from ..emit.module import generate_module
 
     try:

@@ -24,7 +24,7 @@ import sympy as sp
 
 from ..declare.forms import Array, Forward, N
 from ..declare.net import Net, Placed
-from ..derive.plan import INPUT, build_plan
+from ..derivation.plan import INPUT, build_plan
 
 
 @dataclass

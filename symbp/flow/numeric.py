@@ -2,7 +2,7 @@
 
 The generated module's ``backward`` returns parameter gradients only. To see the gradient at
 every activation, :func:`backward_trace` runs the network plan's backward steps
-(:mod:`symbp.derive.plan`, the steps ``backward`` is printed from) with the module's own
+(:mod:`symbp.derivation.plan`, the steps ``backward`` is printed from) with the module's own
 per-layer ``<stem>_backward`` functions, with the same arguments the generated
 ``backward`` passes (upstream gradient, ``*cache[name]``, the parameters the VJP reads, the
 hyper-parameters it uses); the tests check that its parameter gradients equal ``backward``'s.
@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import sympy as sp
 
-from ..check.gradcheck import load_module, make_inputs
+from ..checking.gradcheck import load_module, make_inputs
 from ..declare.net import Net, Placed
-from ..derive.layer import LayerDerivation
-from ..derive.network import derive_cached
-from ..derive.plan import Plan, Step, Sum, build_plan
+from ..derivation.layer import LayerDerivation
+from ..derivation.network import derive_cached
+from ..derivation.plan import Plan, Step, Sum, build_plan
 from ..emit.module import function_stems, generate_module
 from ..emit.network import size_values
 from ..naming import backward_function, forward_function

@@ -284,7 +284,7 @@ def _softmax_values(derivation: LayerDerivation) -> tuple[Carried, ...]:
     """``exp(v - lse[I])`` read by a VJP, ``lse`` a stage ``log(Sum_k exp(u))`` (softmax
     cross-entropy's ``exp(z[n, c] - lse[n])``, the softmax): kept by the forward pass, which
     computes it from the shifted exponentials it takes for ``lse`` anyway
-    (:func:`~symbp.derive.stable.softmax_form`), instead of from the rounded ``lse``."""
+    (:func:`~symbp.derivation.stable.softmax_form`), instead of from the rounded ``lse``."""
     form = derivation.form
     sums = {s.array.base: s for s in form.stages if log_sum_exp_terms(s.expr) is not None}
     if not sums:

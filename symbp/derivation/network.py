@@ -1,6 +1,6 @@
 """The network's backward pass: each layer's derived VJP, chained in reverse order.
 
-The order of the steps is the network plan's (:mod:`symbp.derive.plan`).
+The order of the steps is the network plan's (:mod:`symbp.derivation.plan`).
 Backprop is the chain rule evaluated as dynamic programming: the gradient arriving at a layer's
 output is computed once and reused for every quantity below it. Each layer type is derived once
 (its sizes are symbolic), so deriving a network costs one derivation per distinct layer type plus

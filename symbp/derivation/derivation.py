@@ -1,6 +1,6 @@
 """What the engine derives for one layer type: its adjoints, rules and kept values.
 
-:class:`LayerDerivation` is built by :func:`symbp.derive.layer.derive_layer`; the printers,
+:class:`LayerDerivation` is built by :func:`symbp.derivation.layer.derive_layer`; the printers,
 the proofs and the plan read it.
 """
 
@@ -47,7 +47,7 @@ class Carried(Stage):
     """``array[indices] = expr``: a costly function value that the forward pass computes and
     the backward needs again (GELU's ``erf(x/sqrt(2))``, SiLU's ``sigmoid(x)``), kept from the
     forward pass instead of computed twice. ``expr`` is in the stable form the code prints
-    (:func:`~symbp.derive.stable.stabilize`); ``computed``, where given, is an equal index
+    (:func:`~symbp.derivation.stable.stabilize`); ``computed``, where given, is an equal index
     expression the forward pass computes it by instead (a softmax from shifted exponentials)."""
 
     computed: sp.Expr | None = None
