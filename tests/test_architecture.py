@@ -25,8 +25,8 @@ ALLOWED = {
     "declare": BOTTOM,
     "derivation": BOTTOM | {"declare"},
     "emit": BOTTOM | {"declare", "derivation", "runtime"},
-    "checking": BOTTOM | {"declare", "derivation", "emit"},
-    "flow": BOTTOM | {"declare", "derivation", "emit", "checking"},
+    "checking": BOTTOM | {"declare", "derivation", "emit", "runtime"},
+    "flow": BOTTOM | {"declare", "derivation", "emit", "checking", "runtime"},
 }
 
 

@@ -183,3 +183,15 @@ def test_a_dense_sigmoid_net_gets_the_sigmoid_alone():
     assert defined == {"_sigmoid", "_exp_minus_abs", "set_threads"}
     assert "import math" not in source and "import concurrent" not in source
     assert "_PARTS" not in source and "def set_threads(count):" in source  # the template's
+
+
+def test_one_hot_rows_put_a_one_at_each_label_in_the_outputs_dtype():
+    from symbp.runtime.targets import _one_hot
+
+    y = np.array([2, 0, 2, 1])
+    out = np.zeros((4, 3), dtype=np.float32)
+    rows = _one_hot(y, out)
+    assert rows.dtype == np.float32 and rows.shape == (4, 3)
+    for n, label in enumerate(y):  # one 1, in the label's column
+        assert rows[n, label] == 1 and rows[n].sum() == 1
+    assert _one_hot(np.array([], dtype=int), out).shape == (0, 3)

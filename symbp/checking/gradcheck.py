@@ -67,6 +67,7 @@ from ..declare.net import Net
 from ..emit.module import generate_module
 from ..errors import SpecError
 from ..naming import forward_function
+from ..runtime.targets import _one_hot
 
 #: The ladder of steps; at each step ``h`` the loss is evaluated at ``+-h`` and ``+-h/2``.
 STEPS = tuple(10.0**-k for k in range(3, 13))
@@ -391,9 +392,7 @@ def _loss_function(net: Net, module, y, rng) -> Callable[[dict[str, np.ndarray]]
     loss_forward = None if net.loss is None else getattr(
         module, forward_function(net.loss.function_stem), None
     )
-    target = y
-    if net.loss is not None and net.loss.target_kind == "labels":
-        target = np.eye(net.output_shape[0])[y]
+    labels = net.loss is not None and net.loss.target_kind == "labels"
 
     def loss_of(values: dict[str, np.ndarray]) -> float:
         p = {k: v for k, v in values.items() if k != "x"}
@@ -402,7 +401,7 @@ def _loss_function(net: Net, module, y, rng) -> Callable[[dict[str, np.ndarray]]
             return float(np.sum(out * y))
         if loss_forward is None:
             return float(module.loss_and_grads(p, values["x"], y, rng=rng(), wrt_input=False)[0])
-        return float(loss_forward(out, target)[0])
+        return float(loss_forward(out, _one_hot(y, out) if labels else y)[0])
 
     return loss_of
 

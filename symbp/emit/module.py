@@ -511,9 +511,10 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
         assert loss_derivation is not None
         stem = builder.stems[None]
         builder.layer_functions(stem, net.loss, loss_derivation, None)
-        target = (
-            "np.eye(out.shape[1], dtype=out.dtype)[y]" if net.loss.target_kind == "labels" else "y"
-        )
+        target = "y"
+        if net.loss.target_kind == "labels":  # one-hot rows, by the runtime's helper
+            builder.helpers.add("_one_hot")
+            target = "_one_hot(y, out)"
         loss = dict(
             kind=net.loss.kind,
             forward=forward_function(stem),

@@ -35,6 +35,7 @@ from ..derivation.plan import Plan, Step, Sum, build_plan
 from ..emit.module import function_stems, generate_module
 from ..emit.network import size_values
 from ..naming import backward_function, forward_function
+from ..runtime.targets import _one_hot
 from .bounds import LayerMax, OperatorNorm
 
 #: Jacobians are built only when every layer's input and output has at most this many entries.
@@ -115,7 +116,7 @@ def plan_for(net: Net) -> Plan:
 def loss_gradient(net: Net, module: types.ModuleType, out: np.ndarray, y) -> tuple[float, object]:
     """The loss and dL/d(out) with the module's loss functions (as ``loss_and_grads`` does)."""
     stem = function_stems(net)[None]
-    target = np.eye(out.shape[1], dtype=out.dtype)[y] if net.loss.target_kind == "labels" else y
+    target = _one_hot(y, out) if net.loss.target_kind == "labels" else y
     loss, loss_cache = getattr(module, forward_function(stem))(out, target)
     return float(loss), getattr(module, backward_function(stem))(*loss_cache)
 

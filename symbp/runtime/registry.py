@@ -29,7 +29,9 @@ from dataclasses import dataclass
 from functools import cache
 
 #: The helper modules, in the order their helpers are copied into a generated module.
-MODULES = ("threads", "rows", "stable", "special", "windows", "pooling", "products")
+MODULES = (
+    "threads", "rows", "stable", "special", "windows", "pooling", "products", "targets",
+)
 
 #: The import every helper module and every generated module has: not listed by imports().
 NUMPY_IMPORT = "import numpy as np"
