@@ -1,11 +1,19 @@
-"""Layout of generated text: one line breaker for code and docstring formulas.
+"""Layout of generated text: one line breaker for code, docstring formulas and LaTeX.
 
-:func:`wrap_line` breaks a long line of generated Python inside its longest bracket pair, as
-black would (the arguments of a call on one line of their own, else one per line; long
-assignment targets in parentheses); the templates apply it to every line they assemble
-(the ``wrap_lines`` filter) and the function builder to every statement. :func:`formula`
-writes an index formula for a docstring on one line, or with a hanging indent at spaces
-outside index brackets.
+Every long line symbp writes is broken the same way: :func:`_scan` reads the text's groups
+(brackets, and string literals in code; index brackets in formulas; braces and
+``\\left...\\right`` in LaTeX), :func:`_top_level_split` cuts it at separators outside every
+group, and :func:`_fill` packs the pieces greedily into lines of a width. The three kinds of
+text differ only in their groups, their separators and the width they measure:
+
+- :func:`wrap_line` breaks a long line of generated Python inside its longest bracket pair, as
+  black would (the arguments of a call on one line of their own, else one per line; long
+  assignment targets in parentheses); the templates apply it to every line they assemble
+  (the ``wrap_lines`` filter) and the function builder to every statement;
+- :func:`formula` writes an index formula for a docstring on one line, or with a hanging
+  indent at spaces outside index brackets;
+- :func:`split_latex` breaks printed math at spaces outside braces, keeping an operator with
+  the term after it, and measures the width the math shows (:func:`visible_length`).
 """
 
 from __future__ import annotations
@@ -45,16 +53,10 @@ def formula(lhs: sp.Expr, rhs: sp.Expr) -> str:
     lhs, rhs = _rank_free(lhs, rhs)
     text = f"{printer.doprint(lhs)} = {printer.doprint(rhs)}"
     width = MAX_LINE - 8
-    words = _outside_brackets(text)
+    words = _words(text, opening="[{")
     if max(map(len, words)) > width - 4:  # an index expression longer than a line
         words = text.split(" ")
-    lines = [words[0]]
-    for word in words[1:]:
-        if len(lines[-1]) + 1 + len(word) <= width:
-            lines[-1] += " " + word
-        else:
-            lines.append("    " + word)
-    return "\n    ".join(lines)
+    return "\n    ".join(_fill(words, width, indent="    "))
 
 
 def _rank_free(lhs: sp.Expr, rhs: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
@@ -75,40 +77,45 @@ def _rank_free(lhs: sp.Expr, rhs: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
     return lhs.base[every], read
 
 
-def _outside_brackets(text: str) -> list[str]:
-    """``text`` split at its spaces that are not inside square brackets or braces (the
-    indices of a sum)."""
-    words, depth, start = [], 0, 0
-    for position, char in enumerate(text):
-        depth += {"[": 1, "]": -1, "{": 1, "}": -1}.get(char, 0)
-        if char == " " and depth == 0:
-            words.append(text[start:position])
-            start = position + 1
-    return [*words, text[start:]]
-
-
 def wrap_lines(text: str) -> str:
     """:func:`wrap_line` on every line of ``text`` (a jinja2 filter for template lines that
     carry long names)."""
     return "\n".join(wrapped for line in text.split("\n") for wrapped in wrap_line(line))
 
 
-def _scan(code: str):
-    """``(position, char, depth)`` for each character outside string literals; ``depth``
-    counts the brackets open before it (a closing bracket has its pair's depth)."""
-    depth, quote = 0, None
-    for position, char in enumerate(code):
+_CLOSING = {"(": ")", "[": "]", "{": "}"}
+
+
+def _scan(text: str, opening: str = "([{", quotes: bool = True, latex: bool = False):
+    """``(position, char, depth)`` for each character outside string literals (``quotes``);
+    ``depth`` counts the groups open before it: the bracket pairs of ``opening`` and, in
+    ``latex``, ``\\left...\\right`` (a closing bracket has its pair's depth). In LaTeX a
+    command's backslash and the character after it are skipped (``\\{`` is no brace)."""
+    closing = "".join(_CLOSING[char] for char in opening)
+    depth, quote, position = 0, None, 0
+    while position < len(text):
+        char = text[position]
         if quote:
             quote = None if char == quote else quote
-            continue
-        if char in "\"'":
+        elif quotes and char in "\"'":
             quote = char
+        elif latex and char == "\\":
+            for command, step in ((r"\left", 1), (r"\right", -1)):
+                end = position + len(command)
+                if text.startswith(command, position) and not text[end : end + 1].isalpha():
+                    depth += step
+                    position = end
+                    break
+            else:
+                position += 2
             continue
-        if char in ")]}":
-            depth -= 1
-        yield position, char, depth
-        if char in "([{":
-            depth += 1
+        else:
+            if char in closing:
+                depth -= 1
+            yield position, char, depth
+            if char in opening:
+                depth += 1
+        position += 1
 
 
 def _outer_brackets(code: str) -> list[tuple[int, int]]:
@@ -122,11 +129,12 @@ def _outer_brackets(code: str) -> list[tuple[int, int]]:
     return pairs
 
 
-def _top_level_split(code: str, separators: tuple[str, ...]) -> list[tuple[str, str]]:
-    """``code`` split at separators outside brackets and strings: ``(separator, part)`` pairs."""
+def _top_level_split(code: str, separators: tuple[str, ...], **groups) -> list[tuple[str, str]]:
+    """``code`` split at separators outside groups (:func:`_scan`'s, ``groups`` its keywords):
+    ``(separator, part)`` pairs, the separator before each part stripped (``""`` first)."""
     parts, last, before, skip_to = [], 0, "", 0
-    for position, char, depth in _scan(code):
-        if position < skip_to or depth or char in "([{)]}":
+    for position, _, depth in _scan(code, **groups):
+        if position < skip_to or depth:
             continue
         found = next((s for s in separators if code.startswith(s, position)), None)
         if found:
@@ -135,6 +143,26 @@ def _top_level_split(code: str, separators: tuple[str, ...]) -> list[tuple[str, 
             skip_to = last
     parts.append((before, code[last:].strip()))
     return parts
+
+
+def _words(text: str, **groups) -> list[str]:
+    """``text`` split at its spaces outside groups (:func:`_scan`'s, no string literals)."""
+    return [word for _, word in _top_level_split(text, (" ",), quotes=False, **groups)]
+
+
+def _fill(words: list[str], width: int, indent: str = "", measure=len) -> list[str]:
+    """``words`` packed greedily into lines at most ``width`` wide by ``measure`` (a word wider
+    than that gets a line of its own); lines after the first start with ``indent``."""
+    lines: list[str] = []
+    current = ""
+    for word in words:
+        joined = f"{current} {word}" if current and word else current or word
+        if current and measure(joined) > width:
+            lines.append(current)
+            current = indent + word
+        else:
+            current = joined
+    return [*lines, current]
 
 
 def wrap_line(line: str, width: int = MAX_LINE) -> list[str]:
@@ -190,29 +218,7 @@ def split_latex(text: str, width: int) -> list[str]:
     where lines end, it does not change the math."""
     if visible_length(text) <= width:
         return [text]
-    tokens, depth, start, k = [], 0, 0, 0
-    while k < len(text):
-        if text.startswith(r"\left", k) and not text[k + 5 : k + 6].isalpha():
-            depth += 1
-            k += 5
-            continue
-        if text.startswith(r"\right", k) and not text[k + 6 : k + 7].isalpha():
-            depth -= 1
-            k += 6
-            continue
-        char = text[k]
-        if char == "\\":
-            k += 2
-            continue
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-        elif char == " " and depth == 0:
-            tokens.append(text[start:k])
-            start = k + 1
-        k += 1
-    tokens.append(text[start:])
+    tokens = _words(text, opening="{", latex=True)
     words: list[str] = []
     for token in tokens:
         if words and words[-1].split(" ")[-1] in _OPERATORS | {r"\sum"} | {""}:
@@ -223,15 +229,7 @@ def split_latex(text: str, width: int) -> list[str]:
             words.append(token)
         else:
             words.append(token)
-    lines, current = [], ""
-    for word in words:
-        if current and visible_length(f"{current} {word}") > width:
-            lines.append(current)
-            current = word
-        else:
-            current = f"{current} {word}".strip()
-    lines.append(current)
-    return lines
+    return _fill(words, width, measure=visible_length)
 
 
 def visible_length(text: str) -> int:
