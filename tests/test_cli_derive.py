@@ -361,3 +361,28 @@ def test_ascii_output_fits_too(monkeypatch, capsys, example):
     code, out, _ = run(capsys, "derive", str(ROOT / "examples" / f"{example}.toml"), "--ascii")
     assert code == 0 and out.isascii()
     assert max(len(line) for line in out.splitlines()) <= 80
+
+
+@pytest.mark.parametrize("power", [18, 500, 123456789])
+def test_simplest_form_leaves_high_powers_as_derived(monkeypatch, power):
+    """Issue 27, item 15: ``derive --expr "(min(x, 1) + max(x, 2))**5000"`` ran for minutes in
+    sympy's simplify, which expands powers. Above SIMPLIFY_MAX_POWER no transform is tried (a
+    call to any of them fails this test) and the derivative is shown as derived."""
+    x = sp.Symbol("x")
+    derived = sp.Symbol("dy") * sp.diff((sp.Min(x, 1) + sp.Max(x, 2)) ** power, x)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a simplification was tried on a high power")
+
+    for name in ("simplify", "factor", "together", "factor_terms"):
+        monkeypatch.setattr(pretty.sp, name, refused)
+    assert pretty.simplest_form(derived) == derived
+    monkeypatch.undo()
+    low = sp.Symbol("dy") * sp.diff((x + 1) ** 2 * x, x)  # small powers are still simplified
+    assert sp.count_ops(pretty.simplest_form(low)) <= sp.count_ops(low)
+
+
+def test_derive_expr_with_a_huge_power_of_min_ends(capsys):
+    assert cli.main(["derive", "--expr", "(min(x, 1) + max(x, 2))**5000"]) in (0, None)
+    out = capsys.readouterr().out
+    assert "**4999" in out  # the derived power, shown as the engine derived it
