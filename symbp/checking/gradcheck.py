@@ -64,9 +64,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..declare.net import Net
+from ..derivation.plan import INPUT, Plan
 from ..emit.module import generate_module
 from ..errors import SpecError
 from ..naming import forward_function
+from . import local
 
 #: The ladder of steps; at each step ``h`` the loss is evaluated at ``+-h`` and ``+-h/2``.
 STEPS = tuple(10.0**-k for k in range(3, 13))
@@ -80,7 +82,10 @@ DIRECTIONS = 3
 #: Rounding noise of the loss beyond this fraction of its value: the check cannot resolve it
 #: (64 blocks of linear -> batch norm -> relu at batch 4: gradients of 1e12, noise of 5 on a
 #: loss of 2.3), and the report says so.
-CHAOTIC = 1e-3
+CHAOTIC = 1e-10
+#: ... or a slope beyond this many times the loss: finite differences of the whole network
+#: cannot resolve it (see :func:`_resolvable`).
+STEEP = 1e6
 #: A bound on one loss value's rounding error, in measured standard deviations.
 NOISE_BOUND = 5.0
 #: Spacing of the evaluations that measure the rounding noise (third differences).
@@ -107,10 +112,25 @@ class Row:
     refined: int = 0
     #: the worst entry, e.g. ``[1, 0]: analytic 0.1234, finite differences 0.1236``
     worst: str = ""
+    #: whose backward the row checks: a layer (its parameters, or the value it reads), the
+    #: loss, or the whole ``network``
+    layer: str = ""
+    #: a whole-network direction that the loss's rounding noise does not let the finite
+    #: differences resolve (neither passed nor failed; the layer rows stand)
+    unresolved: bool = False
+    #: also checked along one random direction (the entries were a sample)
+    direction: bool = False
 
     @property
     def passed(self) -> bool:
-        return self.max_error < TOLERANCE
+        return self.unresolved or self.max_error < TOLERANCE
+
+
+LEGEND = (
+    "each layer's backward against finite differences of that layer alone (its upstream "
+    "gradient from the layers above; a sample of entries, and one random direction where "
+    "the sample leaves some out); then the whole network along random directions"
+)
 
 
 @dataclass
@@ -124,27 +144,37 @@ class Report:
         return all(row.passed for row in self.rows)
 
     def table(self) -> str:
-        header = f"{'gradient':<24} {'shape':<14} {'checked':>7} {'max rel err':>12}  result"
+        width = max([24, *(len(row.name) + 1 for row in self.rows)])
+        layer_width = max([12, *(len(row.layer) + 1 for row in self.rows)])
+        header = (f"{'gradient':<{width}} {'backward of':<{layer_width}} {'shape':<14} "
+                  f"{'checked':>7} {'max rel err':>12}  result")
         lines = [header, "-" * len(header)]
         for row in self.rows:
             notes = []
+            if row.direction:
+                notes.append("+ a direction")
             if row.refined:
                 notes.append(f"{row.refined} at a smaller step")
             if row.kinks:
                 notes.append(f"{row.kinks} at a kink, skipped")
             result = "pass" if row.passed else "FAIL"
-            if notes:
+            if row.unresolved:
+                result = "unresolved (too rough, see the note)"
+            elif notes:
                 result += f" ({'; '.join(notes)})"
             lines.append(
-                f"{row.name:<24} {str(row.shape):<14} {row.checked:>7} {row.max_error:>12.2e}  "
-                f"{result}"
+                f"{row.name:<{width}} {row.layer:<{layer_width}} {str(row.shape):<14} "
+                f"{row.checked:>7} {row.max_error:>12.2e}  {result}"
             )
-        total = sum(r.passed for r in self.rows)
-        lines.append(f"{total} passed, {len(self.rows) - total} failed")
+        unresolved = sum(r.unresolved for r in self.rows)
+        total = sum(r.passed and not r.unresolved for r in self.rows)
+        summary = f"{total} passed, {len(self.rows) - total - unresolved} failed"
+        lines.append(summary + (f", {unresolved} unresolved" if unresolved else ""))
         for row in self.rows:
             if not row.passed and row.worst:
-                lines.append(f"worst {row.name}{row.worst}")
-        lines.extend(f"note: {note}" for note in self.notes)
+                lines.append(f"worst {row.name}{row.worst}"
+                             + (f" (backward of {row.layer})" if row.layer else ""))
+        lines.extend(f"note: {note}" for note in [LEGEND, *self.notes])
         return "\n".join(lines)
 
 
@@ -159,6 +189,8 @@ class Estimate:
     #: the index in :data:`STEPS` of the deciding step: the next entry of the tensor starts
     #: one above it (see :func:`estimate`'s ``start``)
     rung: int = 0
+    #: failed by successive steps that agree with one another and not with the derivative
+    decided: bool = False
 
 
 def make_inputs(net: Net, module, *, batch: int, seed: int):
@@ -198,6 +230,7 @@ def estimate(
     errors: list[float] = []
     rungs: list[tuple[float, float, float, float]] = []  # (numeric, kink, rounding, difference)
     kink = difference = 0.0
+    kinked = False
     numeric = math.nan
     for rung in range(start, len(STEPS)):
         nominal = STEPS[rung]
@@ -223,9 +256,13 @@ def estimate(
             return Estimate(error, numeric, refined=rung > 0, rung=rung)
         errors.append(error)
         kink = max(0.0, abs(gap1 - 2 * gap2) - 20 * noise / step)
+        if kink > difference / 4:
+            kinked = True
+        elif 20 * noise / step < difference / 4:  # the kink test could have seen one here
+            kinked = False
         rungs.append((numeric, kink, rounding, difference))
         if _converged_and_wrong(rungs[-CONVERGED_RUNGS:]):
-            return Estimate(error, numeric, refined=True, rung=rung)
+            return Estimate(error, numeric, refined=True, rung=rung, decided=True)
         if (
             len(rungs) > 1
             and rounding * STEPS[0] / STEPS[1] > difference / 4
@@ -235,7 +272,7 @@ def estimate(
             # A disagreement that no longer changes with the step, and the next step's rounding
             # would reach it: comparing with the noise would hide it. Stop here.
             break
-    if kink > difference / 4:
+    if kinked:  # at the smallest step where the kink test could see one
         result = Estimate(0.0, numeric, kink=True, refined=True, rung=len(STEPS) - 1)
     else:
         result = Estimate(min(errors), numeric, refined=True, rung=len(STEPS) - 1)
@@ -267,7 +304,9 @@ def _converged_and_wrong(rungs: list[tuple[float, float, float, float]]) -> bool
     )
 
 
-def rounding_noise(phi: Callable[[float], float | tuple[float, float]], center: float) -> float:
+def rounding_noise(
+    phi: Callable[[float], float | tuple[float, float]], center: float, magnitude: float = 0.0
+) -> float:
     """A bound on the rounding error of one value of the loss, from the loss itself.
 
     :data:`NOISE_POINTS` values along a direction, :data:`NOISE_SPACING` apart: their third
@@ -276,24 +315,32 @@ def rounding_noise(phi: Callable[[float], float | tuple[float, float]], center: 
     difference of independent errors has 20 times their variance). Where ``phi`` also returns
     the offset actually taken (an entry: ``p + t`` is rounded), the third differences are
     divided differences at the actual offsets, which cancel the smooth part just as well.
-    Never below one unit of rounding of the loss's value.
+    Never below one unit of rounding of the loss's value, or of ``magnitude`` (the sum of the
+    absolute values of its terms, where they cancel).
     """
     half = NOISE_POINTS // 2
     points = [phi(k * NOISE_SPACING) for k in range(-half, half + 1)]
     if isinstance(points[0], tuple):
         third = np.array([value for value, _ in points])
         offsets = np.array([offset for _, offset in points])
-        for order in range(1, 4):  # divided differences, scaled back to equal spacing's
-            third = np.diff(third) / (offsets[order:] - offsets[:-order]) * (order * NOISE_SPACING)
+        # (an entry so large that the spacing is below its unit of rounding repeats offsets:
+        # those differences are left out)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for order in range(1, 4):  # divided differences, scaled back to equal spacing's
+                third = (np.diff(third) / (offsets[order:] - offsets[:-order])
+                         * (order * NOISE_SPACING))
+        third = third[np.isfinite(third)]
     else:
         third = np.diff(np.array(points), 3)
-    deviation = float(np.median(np.abs(third))) / 0.6745 / math.sqrt(20)
+    deviation = float(np.median(np.abs(third))) / 0.6745 / math.sqrt(20) if third.size else 0.0
     if not math.isfinite(deviation):
         deviation = 0.0
-    return NOISE_BOUND * max(deviation, EPS * abs(center))
+    return NOISE_BOUND * max(deviation, EPS * abs(center), EPS * magnitude)
 
 
 def check_module(net: Net, module, *, batch: int = 4, seed: int = 0, full: bool = False) -> Report:
+    """Check ``module`` (generated for ``net``) at a seeded random batch: layer by layer (see
+    :mod:`.local`), then the whole network along :data:`DIRECTIONS` random directions."""
     params, x, y = make_inputs(net, module, batch=batch, seed=seed)
     generator = np.random.default_rng(seed + 1)
     drawn = generator.bit_generator.state
@@ -313,11 +360,13 @@ def check_module(net: Net, module, *, batch: int = 4, seed: int = 0, full: bool 
 
     values = {**params, "x": x}
     center, analytic = grads_of(values)
+    report = Report()
+    rows, plan = _layer_rows(net, module, params, x, y, rng, analytic, seed, full)
+    report.rows.extend(rows)
+
     loss_of = _loss_function(net, module, y, rng)
     if loss_of(values) != center:  # the forward-only shortcut must be the same computation
         loss_of = lambda values: grads_of(values)[0]  # noqa: E731
-
-    directions = np.random.default_rng(seed + 3)
 
     def along(direction):
         def phi(t: float) -> float:
@@ -326,62 +375,165 @@ def check_module(net: Net, module, *, batch: int = 4, seed: int = 0, full: bool 
 
         return phi
 
-    probe = {n: directions.standard_normal(v.shape) for n, v in values.items()}
-    # Along a direction of every tensor the moved point is itself rounded (p + t v to the
-    # nearest float64), which adds |grad| * ulp(p) of noise per entry: far above the loss's
-    # own rounding error where the gradients are large (a deep network). The entries' steps
-    # are exact (see _entry_phi), so their noise is measured for each tensor along its first
-    # checked entry: rounding errors made upstream of a tensor do not vary with it, and a deep
-    # network's early layers amplify theirs a millionfold.
-    noise_along = rounding_noise(along(probe), center)
-    noise = rounding_noise(along({"x": probe["x"]}), center)
-
-    report = Report()
-    if noise > CHAOTIC * max(abs(center), 1.0):
+    # The network's rows move every tensor; where that is too rough for float64 (a deep
+    # network with batch norm at a small batch), the parameters of the later half of the
+    # layers, of the later quarter, ...: the layers before compute the same bits, so the loss
+    # is as smooth as the part that moves (see :func:`_resolvable`).
+    directions = np.random.default_rng(seed + 3)
+    count = len(plan.forward)
+    start, moved, noise, whole = 0, [], math.inf, math.inf
+    while start < count:
+        moved = ["x"] * (start == 0) + [
+            key for step in plan.forward[start:] for key in step.params
+        ]
+        probe = {n: directions.standard_normal(values[n].shape) for n in moved}
+        # Along a direction the moved point is itself rounded (p + t v to the nearest float64),
+        # which adds |grad| * ulp(p) of noise: measured here, with the loss's own.
+        noise = rounding_noise(along(probe), center)
+        whole = noise if start == 0 else whole
+        slope = math.sqrt(sum(float(np.sum(np.square(analytic[n]))) for n in moved))
+        if moved and _resolvable(noise, slope, center):
+            break
+        start = count - (count - start) // 2 if count - start > 1 else count
+    if start > 0:
+        first = plan.forward[start].name if start < count else None
         report.notes.append(
-            f"the loss ({center:.4g}) changes by about {noise:.2g} when x moves by "
-            f"{NOISE_SPACING:g}: its gradients are too large for finite differences in float64 "
-            "to resolve (a deep network with batch norm at a small batch explodes them); "
-            "failures here say nothing about the module; a larger --batch may help"
+            f"the loss ({center:.4g}) changes by about {whole:.2g} when the point moves by "
+            f"{NOISE_SPACING:g}, or its gradients are too large for finite differences of the "
+            "whole network in float64 to resolve (a deep network with batch norm at a small "
+            "batch explodes them): "
+            + (f"the network's rows move the parameters from layer {first} on"
+               if first else "the network's rows are left unresolved")
+            + "; the layer-by-layer rows above do not depend on it"
         )
-    picker = np.random.default_rng(seed + 2)
-    for name, value in values.items():
-        grad = analytic[name]
-        flat_count = value.size
-        if full or flat_count <= SMALL:
-            entries = np.arange(flat_count)
-        else:
-            entries = np.sort(picker.choice(flat_count, size=SAMPLE, replace=False))
-        worst, kinks, refined, detail, start = 0.0, 0, 0, "", 0
-        for entry in entries:
-            position = np.unravel_index(entry, value.shape) if value.shape else ()
-            exact = float(grad[position])
-            result = estimate(
-                _entry_phi(loss_of, values, name, position), center, exact, noise, start
-            )
-            if result.error < TOLERANCE and not result.kink:
-                start = max(0, result.rung - 1)
-            kinks += result.kink
-            refined += result.refined and not result.kink
-            if result.error > worst:
-                worst = result.error
-                index = ", ".join(str(int(i)) for i in position)
-                detail = (f"[{index}]: analytic {exact:.10g}, finite differences "
-                          f"{result.numeric:.10g}")
-        report.rows.append(
-            Row(name, tuple(value.shape), len(entries), worst, kinks, refined, detail)
-        )
+    layer = "network" if start == 0 else f"network from {plan.forward[start].name}" if (
+        start < count) else "network"
     for k in range(DIRECTIONS):
-        direction = {n: directions.standard_normal(v.shape) for n, v in values.items()}
+        if start >= count:
+            report.rows.append(Row(f"vjp direction {k + 1}", (), 0, math.nan, layer=layer,
+                                   unresolved=True))
+            continue
+        direction = {n: directions.standard_normal(values[n].shape) for n in moved}
         exact = sum(float(np.sum(analytic[n] * d)) for n, d in direction.items())
         phi = along(direction)
-        result = estimate(lambda t, phi=phi: (phi(t), t), center, exact, noise_along)
+        result = estimate(lambda t, phi=phi: (phi(t), t), center, exact, noise)
         detail = f": analytic {exact:.10g}, finite differences {result.numeric:.10g}"
         report.rows.append(
             Row(f"vjp direction {k + 1}", (), 1, result.error, int(result.kink),
-                int(result.refined and not result.kink), detail)
+                int(result.refined and not result.kink), detail, layer=layer)
         )
     return report
+
+
+def _layer_rows(net, module, params, x, y, rng, analytic, seed, full) -> tuple[list[Row], Plan]:
+    """The layer-by-layer rows (:mod:`.local`), in backward order: the loss, then per step
+    its parameters and the inputs whose gradient it completes."""
+    loss_calls = local.step_calls(net, module)[2]
+    target = y
+    if net.loss is not None and net.loss.target_kind == "labels":
+        target = np.eye(net.output_shape[0])[y]
+
+    def dout_of(out):
+        if loss_calls is None:
+            return y.astype(out.dtype)
+        return loss_calls[1](*loss_calls[0](out, target.astype(out.dtype))[1])
+
+    run = local.sweep(net, module, params, x, rng(), dout_of)
+    plan = run.plan
+    out, _ = module.forward(params, x, train=True, rng=rng())
+    mine = run.values[plan.output]
+    scale = max(float(np.max(np.abs(out), initial=0.0)), np.finfo(float).tiny)
+    difference = float(np.max(np.abs(out - mine), initial=0.0)) / scale
+    rows = [Row("forward", tuple(out.shape), out.size,
+                difference if np.isfinite(difference) else math.inf, layer="network",
+                worst=": the module's forward differs from its layer functions run in the "
+                      "plan's order" if difference else "")]
+    picker = np.random.default_rng(seed + 2)
+    directions = np.random.default_rng(seed + 4)
+
+    def row(name, layer, evaluate, magnitude, base, grad):
+        return _tensor_row(name, layer, evaluate, magnitude, base, np.asarray(grad), picker,
+                           directions, full)
+
+    if loss_calls is not None:
+        def loss_of(u):
+            return float(loss_calls[0](u, target.astype(u.dtype))[0])
+
+        grad = analytic["x"] if plan.output == INPUT else run.grads[plan.output]
+        name = "x" if plan.output == INPUT else f"d{plan.output}"
+        rows.append(row(name, f"loss ({net.loss.kind})", loss_of,
+                        abs(float(np.sum(np.abs(mine * grad)))), mine, grad))
+    for step in reversed(plan.forward):
+        for key in step.params:
+            evaluate, magnitude = local.local_function(run, params, param=key)
+            rows.append(row(key, step.name, evaluate, magnitude, params[key], analytic[key]))
+        for value in dict.fromkeys(step.inputs):
+            if plan.readers[value][0] != step.name:
+                continue  # its gradient is complete at its first reader
+            evaluate, magnitude = local.local_function(run, params, value=value)
+            grad = analytic["x"] if value == INPUT else run.grads[value]
+            name = "x" if value == INPUT else f"d{value}"
+            rows.append(row(name, local.readers_of(plan, value), evaluate, magnitude,
+                            run.values[value], grad))
+    return rows, plan
+
+
+def _resolvable(noise: float, slope: float, loss: float) -> bool:
+    """Whether finite differences of the loss along a random direction can be trusted: its
+    rounding noise at most :data:`CHAOTIC` of the loss, and its slope (the norm of the gradient
+    of what moves) at most :data:`STEEP` times the loss. A loss of 2 with a slope of 4e13 (64
+    blocks of linear -> batch norm -> relu at batch 4) is linear only within 1e-13 of the
+    point, below the smallest step: the estimates at every step are O(1) / step, agree with
+    one another to their rounding, and once failed a right module as "converged and wrong".
+    """
+    scale = max(abs(loss), 1.0)
+    return noise <= CHAOTIC * scale and slope <= STEEP * scale
+
+
+def _tensor_row(name, layer, evaluate, magnitude, base, grad, picker, directions, full) -> Row:
+    """One gradient against the derivative of ``evaluate`` (a function of one array): a
+    sample of its entries (all with ``full`` or when small) and, when some are left out, the
+    whole of it along one random direction."""
+    array = np.array(base, dtype=np.float64)
+    center = evaluate(array)
+    count = array.size
+    sampled = not (full or count <= SMALL)
+    entries = np.sort(picker.choice(count, size=SAMPLE, replace=False)) if sampled else range(
+        count)
+    worst, kinks, refined, detail, start, noise = 0.0, 0, 0, "", 0, None
+    for entry in entries:
+        position = np.unravel_index(entry, array.shape) if array.shape else ()
+        phi = _entry_phi(evaluate, array, position)
+        if noise is None:  # the rounding noise of F, measured along its first checked entry
+            noise = rounding_noise(phi, center, magnitude)
+        exact = float(grad[position])
+        result = estimate(phi, center, exact, noise, start)
+        if result.error < TOLERANCE and not result.kink:
+            start = max(0, result.rung - 1)
+        kinks += result.kink
+        refined += result.refined and not result.kink
+        if result.error > worst or (math.isnan(result.error) and not detail):
+            worst = result.error if not math.isnan(result.error) else math.inf
+            index = ", ".join(str(int(i)) for i in position)
+            detail = (f"[{index}]: analytic {exact:.10g}, finite differences "
+                      f"{result.numeric:.10g}")
+    if sampled:
+        direction = directions.standard_normal(array.shape)
+        exact = float(np.sum(grad * direction))
+
+        def along(t: float) -> float:
+            return evaluate(array + t * direction)
+
+        noise = rounding_noise(along, center, magnitude)
+        result = estimate(lambda t: (along(t), t), center, exact, noise)
+        kinks += result.kink
+        refined += result.refined and not result.kink
+        if result.error > worst:
+            worst = result.error
+            detail = (f" along a random direction: analytic {exact:.10g}, finite differences "
+                      f"{result.numeric:.10g}")
+    return Row(name, tuple(array.shape), len(entries), worst, kinks, refined, detail,
+               layer=layer, direction=sampled)
 
 
 def _loss_function(net: Net, module, y, rng) -> Callable[[dict[str, np.ndarray]], float]:
@@ -407,14 +559,13 @@ def _loss_function(net: Net, module, y, rng) -> Callable[[dict[str, np.ndarray]]
     return loss_of
 
 
-def _entry_phi(loss_of, values, name, position):
-    """The loss as a function of one entry's offset, with the step actually taken.
+def _entry_phi(evaluate, array, position):
+    """``evaluate(array)`` as a function of one entry's offset, with the step actually taken.
 
     Offsets are scaled up for entries beyond 2**20 in size, so that even the smallest step
     of the ladder moves them by 1e-12 of their value or more (at 1e17 a step of 1e-3 was lost
     to rounding altogether); smaller entries take the offsets as they are.
     """
-    array = values[name]
     original = array[position]
     scale = max(1.0, abs(float(original)) / 2**20)
 
@@ -422,7 +573,7 @@ def _entry_phi(loss_of, values, name, position):
         moved = original + offset * scale
         array[position] = moved
         try:
-            return loss_of(values), float(moved - original)
+            return evaluate(array), float(moved - original)
         finally:
             array[position] = original
 
