@@ -18,7 +18,7 @@ network plan (:mod:`symbp.derivation.plan`) is executed with the module's own la
   ``F(u) = <g_s, f_s(..., P := u)>``; for the loss, ``F`` is the loss of the output. ``F``
   costs one layer's forward, not the network's, and is as well conditioned as the layer: its
   derivative is estimated entry by entry (a seeded sample, or all) and along one random
-  direction, with :func:`~symbp.checking.gradcheck.estimate` and the rounding noise measured
+  direction, with :func:`~symbp.checking.finite.estimate` and the rounding noise measured
   on ``F`` itself. The gradient compared is the module's own (``loss_and_grads``) for the
   parameters and ``x``, the sweep's for the values in between.
 
