@@ -268,7 +268,8 @@ def _layer_rows(
 ) -> tuple[list[Row], Plan, str]:
     """The layer-by-layer rows (:mod:`.local`), in backward order: the loss, then per step
     its parameters and the inputs whose gradient it completes."""
-    loss_calls = local.step_calls(net, module)[2]
+    prepared = local.step_calls(net, module)
+    loss_calls = prepared[2]
     target = y
     if net.loss is not None and net.loss.target_kind == "labels":
         target = np.eye(net.output_shape[0])[y]
@@ -278,7 +279,7 @@ def _layer_rows(
             return y.astype(out.dtype)
         return loss_calls[1](*loss_calls[0](out, target.astype(out.dtype))[1])
 
-    run = local.sweep(net, module, params, x, rng(), dout_of)
+    run = local.sweep(net, module, params, x, rng(), dout_of, prepared)
     plan = run.plan
     out, _ = module.forward(params, x, train=True, rng=rng())
     mine = run.values[plan.output]
@@ -299,7 +300,9 @@ def _layer_rows(
         def loss_of(u):
             return float(loss_calls[0](u, target.astype(u.dtype))[0])
 
-        grad = analytic["x"] if plan.output == INPUT else run.grads[plan.output]
+        grad = run.grads[plan.output]
+        if plan.output == INPUT:
+            grad = analytic.get("x", grad)
         name = "x" if plan.output == INPUT else f"d{plan.output}"
         rows.append(row(name, f"loss ({net.loss.kind})", loss_of,
                         abs(float(np.sum(np.abs(mine * grad)))), mine, grad))
@@ -311,7 +314,7 @@ def _layer_rows(
             if plan.readers[value][0] != step.name:
                 continue  # its gradient is complete at its first reader
             evaluate, magnitude = local.local_function(run, params, value=value)
-            grad = analytic["x"] if value == INPUT else run.grads[value]
+            grad = analytic.get("x", run.grads[INPUT]) if value == INPUT else run.grads[value]
             name = "x" if value == INPUT else f"d{value}"
             rows.append(row(name, local.readers_of(plan, value), evaluate, magnitude,
                             run.values[value], grad))

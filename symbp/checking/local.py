@@ -127,10 +127,10 @@ def run_vjp(calls: Calls, upstream, cache, params: dict) -> tuple:
 
 
 def sweep(net: Net, module, params: dict, x: np.ndarray, rng: np.random.Generator,
-          dout_of: Callable[[np.ndarray], np.ndarray]) -> Sweep:
+          dout_of: Callable[[np.ndarray], np.ndarray], prepared=None) -> Sweep:
     """Run the plan forward (drawing from ``rng`` as ``forward`` does) and backward from
-    ``dout_of(output)``."""
-    plan, calls, _ = step_calls(net, module)
+    ``dout_of(output)``; ``prepared``: :func:`step_calls`'s result, if the caller has it."""
+    plan, calls, _ = prepared or step_calls(net, module)
     values = {INPUT: x}
     caches: dict[str, tuple] = {}
     draws: dict[str, list[np.ndarray]] = {}
