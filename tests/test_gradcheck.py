@@ -33,6 +33,7 @@ from symbp.checking.gradcheck import (
 )
 from symbp.cli import main as cli_main
 from symbp.declare.net import Net
+from symbp.derivation.plan import build_plan
 from symbp.emit.module import generate_module
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -339,39 +340,125 @@ def test_the_same_check_gives_the_same_table():
 # --------------------------------------------------------------------------- deep networks
 
 
-def deep_spec(tmp_path, blocks, width):
-    """``blocks`` times linear(width) -> batchnorm -> relu, then a linear layer to 10 classes."""
-    block = ('[[layers]]\ntype = "linear"\nout = {width}\n\n[[layers]]\ntype = "batchnorm"\n\n'
-             '[[layers]]\ntype = "relu"\n\n')
-    text = (f'name = "deep"\ninput = {{ features = {width} }}\n'
-            'loss = "softmax_cross_entropy"\n\n' + block.format(width=width) * blocks
-            + '[[layers]]\ntype = "linear"\nout = 10\n')
-    path = tmp_path / "deep.toml"
-    path.write_text(text)
-    return symbp.load_spec(path)
+def deep_net(blocks, width=64, leaky=None):
+    """``deep_spec`` as a Net, block ``leaky`` (0-based) with a leaky ReLU instead of a ReLU:
+    the one layer whose backward is ``leaky_relu_backward``."""
+    stack = []
+    for block in range(blocks):
+        activation = symbp.leaky_relu(slope=0.1) if block == leaky else symbp.relu()
+        stack += [symbp.linear(width), symbp.batchnorm(), activation]
+    stack.append(symbp.linear(10))
+    return Net(stack, input_features=width, loss="softmax_cross_entropy")
+
+
+#: A wrong line in the generated leaky_relu_backward: the slope for negative inputs off by 1e-3.
+LEAKY_LINE = "dx = np.where(x > 0, dy, slope*dy)"
+LEAKY_WRONG = "dx = np.where(x > 0, dy, 1.001*slope*dy)"
+
+
+def wrong_leaky(net):
+    source = generate_module(net)
+    assert source.count(LEAKY_LINE) == 1
+    return load_module(source.replace(LEAKY_LINE, LEAKY_WRONG))
+
+
+def failed_rows(report):
+    return [row for row in report.rows if not row.passed and not row.name.startswith("vjp")]
+
+
+def test_a_wrong_line_in_one_layers_backward_fails_that_layers_row_only():
+    # 8 blocks; block 5's activation is the only leaky ReLU. Its generated backward is made
+    # wrong (by construction: the slope of the negative side off by 1e-3); the layers' rows
+    # check each layer against its own forward, so exactly the row of the gradient that layer
+    # hands down fails, and names it. The module's other gradients are right given that
+    # (wrong) upstream gradient: they come from the same chain, and their rows pass.
+    net = deep_net(8, width=16, leaky=5)
+    assert check_module(net, load_module(generate_module(net))).passed
+    report = check_module(net, wrong_leaky(net))
+    (row,) = failed_rows(report)
+    assert (row.name, row.layer) == ("dbatchnorm17", "leaky_relu18")
+    assert "backward of leaky_relu18" in report.table()
+
+
+def test_a_wrong_sum_in_the_networks_backward_fails_the_layers_below_it():
+    # The skip of res2 subtracted instead of added in the generated backward (a wrong network,
+    # right layer functions): every layer's own row passes, the module's gradients below res2
+    # fail (they are not the chain rule's any more), and a note says where they first differ.
+    net = symbp.load_spec(ROOT / "examples" / "residual_mlp.toml")
+    source = generate_module(net)
+    assert source.count("dh = dskip_res2 + dh") == 1
+    report = check_module(net, load_module(source.replace("dh = dskip_res2 + dh",
+                                                          "dh = dskip_res2 - dh")))
+    order = [step.name for step in build_plan(net).forward]
+    below = set(order[: order.index("res1") + 1])  # res1 and what comes before it
+    failed = failed_rows(report)
+    assert failed and {row.layer for row in failed} <= below
+    assert {row.name for row in failed} >= {"x", "stem.W", "res1_linear1.W"}
+    assert all(row.passed for row in report.rows if row.name.startswith("d"))
+    assert any("res1_batchnorm2.gamma differs from its layer functions chained" in note
+               for note in report.notes)
+
+
+def test_every_layer_has_rows_naming_its_backward():
+    net = symbp.load_spec(ROOT / "examples" / "mlp_bn.toml")
+    report = check_module(net, load_module(generate_module(net)))
+    assert report.passed, report.table()
+    layers = {row.layer for row in report.rows}
+    assert {item.name for item in net.walk()} - {"out"} <= layers  # out: the loss's input
+    assert "loss (softmax_cross_entropy)" in layers and "network" in layers
+    assert next(r for r in report.rows if r.name == "dout").layer.startswith("loss")
+
+
+def test_the_work_grows_linearly_with_depth():
+    # Count the calls, not the time: the layer functions the layer rows evaluate, and the
+    # whole-network evaluations of the network's rows. The old check ran the whole network
+    # once per estimate, so doubling the depth doubled both the estimates and their cost.
+    def calls(blocks):
+        net = deep_net(blocks, width=16)
+        module = load_module(generate_module(net))
+        proxy = types.SimpleNamespace(**vars(module))
+        counts = {"layers": 0, "network": 0}
+
+        def counted(function, kind):
+            def call(*args, **kwargs):
+                counts[kind] += 1
+                return function(*args, **kwargs)
+
+            return call
+
+        for name, value in vars(module).items():
+            if name.endswith("_forward") and callable(value):
+                setattr(proxy, name, counted(value, "layers"))
+        proxy.forward = counted(module.forward, "network")
+        proxy.loss_and_grads = counted(module.loss_and_grads, "network")
+        assert check_module(net, proxy).passed
+        return counts
+
+    shallow, deep = calls(4), calls(8)
+    assert 1.6 < deep["layers"] / shallow["layers"] < 2.5
+    assert deep["network"] <= 1.3 * shallow["network"]
 
 
 @pytest.mark.slow
-def test_a_deep_batch_norm_relu_network_passes_at_the_defaults_and_a_wrong_gradient_fails(
-    tmp_path,
-):
-    # 16 blocks at batch 4: batch norm's gradient explosion (the input gradient is about 70,
-    # 1e7 at 32 blocks) moves thousands of pre-activations per unit step, so the ReLU kinks
-    # nearest the point are 1e-6 to 1e-5 away (1e-9 at 32 blocks): every step above that
-    # crosses many of them, and the estimates there are smooth-looking averages of the slope,
-    # a few percent from the derivative and from one another. The check once took two of them
-    # agreeing for convergence and failed 14 of 70 rows (PyTorch agrees with the module).
-    net = deep_spec(tmp_path, 16, 64)
+def test_64_blocks_of_batch_norm_and_relu_pass_at_the_defaults_and_a_wrong_layer_is_named():
+    # 64 blocks at batch 4: batch norm's gradient explosion (the input gradient is about 70 at
+    # 16 blocks, 1e7 at 32 and 1e13 at 64) puts the ReLU kinks of the whole network below the
+    # smallest step: finite differences of the whole loss see O(1)/step. The check once
+    # failed 16, 32 and 64 blocks (PyTorch agrees with the module to 5e-12). One layer alone is
+    # well conditioned: the right module passes at the defaults, ...
+    net = deep_net(64, leaky=10)
     module = load_module(generate_module(net))
     report = check_module(net, module)
     assert report.passed, report.table()
-    assert sum(row.refined for row in report.rows) > 0  # the kinks were there, and stepped under
-    # ... and a gradient made wrong by 1e-3 still fails, also where the kinks are densest.
-    for name in ["x", "batchnorm2.gamma"]:
+    assert len(report.rows) > 3 * 64 and report.notes  # every layer; the note on the network
+    # ... a wrong line in the backward of one layer 160 layers below the loss fails its row ...
+    report = check_module(net, wrong_leaky(net))
+    (row,) = failed_rows(report)
+    assert (row.name, row.layer) == ("dbatchnorm32", "leaky_relu33")
+    # ... and a gradient the module returns made wrong by 1e-3 still fails, deep or not.
+    for name in ["x", "batchnorm32.gamma", "linear190.W"]:
         report = check_module(net, wrong(module, scaled(name, 1 + 1e-3)))
-        failed = {row.name for row in report.rows if not row.passed}
-        assert name in failed, report.table()
-        assert failed <= {name} | {row.name for row in report.rows if row.name.startswith("vjp")}
+        assert {row.name for row in failed_rows(report)} == {name}, report.table()
 
 
 def test_a_loss_too_rough_for_finite_differences_is_named_in_the_report():
