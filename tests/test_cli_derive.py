@@ -366,7 +366,7 @@ def test_ascii_output_fits_too(monkeypatch, capsys, example):
 @pytest.mark.parametrize("power", [18, 500, 123456789])
 def test_simplest_form_leaves_high_powers_as_derived(monkeypatch, power):
     """Issue 27, item 15: ``derive --expr "(min(x, 1) + max(x, 2))**5000"`` ran for minutes in
-    sympy's simplify, which expands powers. Above SIMPLIFY_MAX_POWER no transform is tried (a
+    sympy's simplify, which expands powers. Above budget.MAX_POWER no transform is tried (a
     call to any of them fails this test) and the derivative is shown as derived."""
     x = sp.Symbol("x")
     derived = sp.Symbol("dy") * sp.diff((sp.Min(x, 1) + sp.Max(x, 2)) ** power, x)

@@ -478,3 +478,18 @@ def test_a_loss_too_rough_for_finite_differences_is_named_in_the_report():
     report = check_module(net, proxy)
     assert report.notes and "too large for finite differences" in report.table()
     assert not check_module(net, module).notes  # the module itself: no note
+
+
+def test_a_network_that_overflows_is_reported_not_checked(recwarn):
+    """An activation that overflows float64 at the check's inputs: one row naming the layer
+    and a note saying why nothing was checked (it printed NumPy's RuntimeWarnings and nine rows
+    of nan, with notes blaming the module's sums)."""
+    net = symbp.Net(
+        [symbp.activation("(min(x, 1) + max(x, 2))**5000", name="act"), symbp.linear(2)],
+        input_features=3, loss="mse",
+    )
+    report = symbp.check(net)
+    assert not report.passed
+    assert [(row.name, row.layer) for row in report.rows] == [("forward", "act")]
+    assert any("not finite" in note and "'act'" in note for note in report.notes)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

@@ -195,6 +195,10 @@ def check_module(net: Net, module, *, batch: int = 4, seed: int = 0, full: bool 
         loss, grads = module.loss_and_grads(p, values["x"], y, rng=rng())
         return float(loss), grads
 
+    with np.errstate(all="ignore"):
+        out, _ = module.forward(params, x, train=True, rng=rng())
+    if not np.isfinite(out).all():
+        return _not_finite(net, module, params, x, rng())
     values = {**params, "x": x}
     center, analytic = grads_of(values)
     report = Report()
@@ -419,6 +423,38 @@ def _loss_function(net: Net, module, y, rng) -> Callable[[dict[str, np.ndarray]]
         return float(loss_forward(out, _one_hot(y, out) if labels else y)[0])
 
     return loss_of
+
+
+def _not_finite(net: Net, module, params, x, rng) -> Report:
+    """The report on a network whose output overflows (inf or nan) at the check's inputs:
+    finite differences of it mean nothing, so nothing else is checked; the row names the first
+    layer whose values are not finite."""
+    plan, calls, _ = local.step_calls(net, module)
+    values, first = {INPUT: x}, None
+    with np.errstate(all="ignore"):
+        for step in plan.forward:
+            inputs = [values[v] for v in step.inputs]
+            drawn = [
+                getattr(rng, method)(*args, size=inputs[0].shape).astype(inputs[0].dtype)
+                for method, args in step.draws.values()
+            ]
+            result = local.run_step(calls[step.name], inputs, [params[k] for k in step.params],
+                                    drawn)
+            values[step.output] = result[0]
+            if not np.isfinite(result[0]).all():
+                first = step.name
+                break
+    out = values.get(plan.output, x)
+    layer = first or "network"
+    report = Report()
+    report.rows.append(Row("forward", tuple(np.shape(out)), int(np.size(out)), math.inf,
+                           layer=layer, worst=": inf or nan in the forward values"))
+    report.notes.append(
+        f"not checked: the forward values are not finite at the check's inputs (layer "
+        f"'{layer}' gives inf or nan: an overflow), so finite differences cannot test the "
+        "gradients; an activation that grows this fast needs inputs of a smaller scale"
+    )
+    return report
 
 
 def check_spec(net: Net, *, batch: int = 4, seed: int = 0, full: bool = False) -> Report:

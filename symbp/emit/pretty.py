@@ -30,6 +30,7 @@ from sympy.printing.pretty.stringpict import prettyForm
 from ..declare.layers import Elementwise, Layer
 from ..declare.net import Net
 from ..derivation.arrays import Lowering
+from ..derivation.budget import too_costly
 from ..derivation.layer import LayerDerivation, derive_layer
 from ..derivation.network import DerivedLayer, derive_network
 from ..derivation.plan import Sum, build_plan
@@ -335,9 +336,6 @@ def layer_report(derivation: LayerDerivation, unicode: bool = True) -> list[Bloc
 
 #: Expressions with more operations than this are shown as derived (simplify's time grows fast).
 SIMPLIFY_MAX_OPS = 80
-#: ... and so are those with an integer power beyond this: simplify expands powers, and its time
-#: grows with the exponent ((min(x, 1) + max(x, 2))**500 took 6 s, **5000 minutes).
-SIMPLIFY_MAX_POWER = 16
 
 
 def simplest_form(expr: sp.Expr) -> sp.Expr:
@@ -349,9 +347,10 @@ def simplest_form(expr: sp.Expr) -> sp.Expr:
     ``together``, ``factor``, ``simplify`` of the whole. A candidate is taken only if the
     verifier proves it equal to the derived expression (:func:`symbp.derivation.verify.is_zero` of
     the difference). Only element-wise derivatives of at most :data:`SIMPLIFY_MAX_OPS`
-    operations and no integer power beyond :data:`SIMPLIFY_MAX_POWER` are tried, so that the
-    time stays bounded; the result is deterministic."""
-    if expr.has(sp.Sum) or sp.count_ops(expr) > SIMPLIFY_MAX_OPS or _high_power(expr):
+    operations and no integer power beyond :data:`~symbp.derivation.budget.MAX_POWER` (simplify
+    expands powers: (min(x, 1) + max(x, 2))**500 took 6 s) are tried, so that the time stays
+    bounded; the result is deterministic."""
+    if expr.has(sp.Sum) or sp.count_ops(expr) > SIMPLIFY_MAX_OPS or too_costly(expr):
         return expr
     best, cost = expr, _cost(expr)
     for candidate in _candidates(expr):
@@ -359,13 +358,6 @@ def simplest_form(expr: sp.Expr) -> sp.Expr:
         if candidate_cost < cost and is_zero(candidate - expr):
             best, cost = candidate, candidate_cost
     return best
-
-
-def _high_power(expr: sp.Expr) -> bool:
-    """Whether ``expr`` raises something to an integer power beyond :data:`SIMPLIFY_MAX_POWER`."""
-    return any(
-        power.exp.is_Integer and abs(power.exp) > SIMPLIFY_MAX_POWER for power in expr.atoms(sp.Pow)
-    )
 
 
 def _cost(expr: sp.Expr) -> tuple[int, int]:

@@ -34,6 +34,7 @@ import sympy as sp
 
 from ..declare.forms import Forward
 from ..declare.layers import Layer, X, exact
+from ..derivation.budget import MAX_POWER, too_costly
 from ..derivation.indexing import simplify_indexed
 from ..derivation.layer import LayerDerivation, adjoint_array, apply_rules, bound_names
 from ..derivation.reshape import is_reshape
@@ -193,13 +194,19 @@ def _diagonal(layer, derivation: LayerDerivation, entry, element, name: str) -> 
     form = derivation.form
     vjp = derivation.vjp[form.inputs[0].name]
     coefficient = sp.diff(vjp.expr, element)
-    if coefficient.has(element.base) or sp.simplify(vjp.expr.subs(element, 0)) != 0:
+    at_zero = vjp.expr.subs(element, 0)
+    if coefficient.has(element.base) or (
+        at_zero != 0 and (too_costly(at_zero) or sp.simplify(at_zero) != 0)
+    ):
         return LocalJacobian(layer.kind, "other", entry, None, None, "VJP not linear in dy")
     in_x, arrays = _in_scalar_variable(coefficient, form, vjp.indices)
-    found = supremum_abs(in_x, X) if in_x is not None else None
-    derivative_x = sp.simplify(in_x) if in_x is not None else None
+    costly = in_x is not None and too_costly(in_x)  # no closed form sought: see budget.py
+    found = supremum_abs(in_x, X) if in_x is not None and not costly else None
+    derivative_x = sp.simplify(in_x) if in_x is not None and not costly else in_x
     if found is None or not found.bounded:
         reason = "unbounded" if found is not None else "no bound found (sympy cannot settle sup)"
+        if costly:
+            reason = f"no bound sought (a power beyond {MAX_POWER}: sympy's work grows with it)"
         sampled = _sampled_sup(in_x, layer) if found is None and in_x is not None else None
         if sampled is not None:
             reason += f"; sampled max |f'| = {sampled:.6g} on [-{SAMPLE_RANGE}, {SAMPLE_RANGE}]"
