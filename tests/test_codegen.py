@@ -1022,7 +1022,6 @@ def test_other_processes_and_hash_seeds_give_the_same_bytes(tmp_path, everything
     assert outputs[0] == outputs[1] == everything_source.encode("utf-8")
 
 
-@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")
 def long_names_net(stretch: bool = True) -> Net:
     """A network whose layer names are 32 characters long (or short, ``stretch=False``)."""
     def name(short: str) -> str:
@@ -1062,6 +1061,7 @@ def test_long_layer_names_compute_what_short_ones_do():
     assert not np.array_equal(next(iter(state.values())), 0)  # the running mean moved
 
 
+@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")
 def test_generated_modules_are_ruff_clean(tmp_path, everything_source):
     paths = [tmp_path / "everything.py"]
     paths[0].write_text(everything_source, encoding="utf-8")
