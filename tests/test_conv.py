@@ -65,10 +65,11 @@ def _sizes(derivation, **override):
     [
         Conv2d(2, 2),
         Conv2d(2, 2, padding=1, stride=2),
-        Conv2d(2, 2, dilation=2),
+        pytest.param(Conv2d(2, 2, dilation=2), marks=pytest.mark.slow),
         Conv2d(2, [2, 1], bias=False, stride=2),
         MaxPool2d(2),
-        MaxPool2d(2, stride=1),
+        # overlapping windows: the slowest expansion here (about 10 s); CI runs it
+        pytest.param(MaxPool2d(2, stride=1), marks=pytest.mark.slow),
         AvgPool2d(2, padding=1),
         Flatten(),
     ],
@@ -266,8 +267,16 @@ def test_the_nets_cover_every_image_layer_type():
     assert {"conv2d", "maxpool2d", "avgpool2d", "flatten", "batchnorm"} <= covered
 
 
-@pytest.mark.parametrize("route", [None, "banded", "im2col", "chunked"])
-@pytest.mark.parametrize("name", sorted(CONV_NETS))
+#: The net every route of the window products runs on by default; the others run each route with
+#: -m slow (their default route runs by default too).
+EVERY_ROUTE_NET = "padded_strided_dilated"
+
+
+@pytest.mark.parametrize("name, route", [
+    pytest.param(name, route, marks=() if route is None or name == EVERY_ROUTE_NET
+                 else pytest.mark.slow)
+    for name in sorted(CONV_NETS) for route in (None, "banded", "im2col", "chunked")
+])
 def test_generated_conv_nets_agree_with_autograd(name, route):
     """On either route of the window products (and the one their cost model picks), and on
     im2col a sample at a time."""
@@ -388,14 +397,28 @@ def conv_nets(draw):
     return net
 
 
+def _random_conv_net_case(net, seed, route):
+    assert_agrees_with_oracle(net, batch=3, seed=seed, route=route)
+    report = check_spec(net, batch=3, seed=seed)
+    assert report.passed, report.table()
+
+
+# A few draws in the default run, the full number with -m slow (CI).
+@settings(max_examples=3, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(conv_nets(), st.integers(0, 2**16),
+       st.sampled_from([None, "banded", "im2col", "chunked"]))
+def test_a_few_random_conv_nets_agree_with_autograd_and_pass_check(net, seed, route):
+    _random_conv_net_case(net, seed, route)
+
+
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(conv_nets(), st.integers(0, 2**16),
        st.sampled_from([None, "banded", "im2col", "chunked"]))
 def test_random_conv_nets_agree_with_autograd_and_pass_check(net, seed, route):
-    assert_agrees_with_oracle(net, batch=3, seed=seed, route=route)
-    report = check_spec(net, batch=3, seed=seed)
-    assert report.passed, report.table()
+    _random_conv_net_case(net, seed, route)
 
 
 # --------------------------------------------------------------------------- declarations

@@ -33,6 +33,16 @@ FD_STEP = 1e-5
 REL_TOL = 1e-6
 
 
+@pytest.fixture
+def quick_gc(monkeypatch):
+    """The timing helpers run a full garbage collection before timing: in the test session's
+    heap (sympy's caches) that takes about half a second each time, and it is no part of what
+    these tests check."""
+    import gc
+
+    monkeypatch.setattr(gc, "collect", lambda *args: 0)
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -209,7 +219,7 @@ def test_gemm_only_does_the_eleven_products_of_the_pass():
     np.testing.assert_allclose(out, a @ b, rtol=1e-5, atol=1e-6)
 
 
-def test_time_alternating_returns_a_median_per_callable():
+def test_time_alternating_returns_a_median_per_callable(quick_gc):
     calls = []
     times = mlp.time_alternating(
         {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=4, warmup=1
@@ -218,7 +228,7 @@ def test_time_alternating_returns_a_median_per_callable():
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
 
 
-def test_time_in_blocks_runs_each_callable_in_blocks_that_alternate():
+def test_time_in_blocks_runs_each_callable_in_blocks_that_alternate(quick_gc):
     calls = []
     blocks = mlp.time_in_blocks(
         {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, blocks=3, per_block=2
@@ -297,7 +307,7 @@ def test_aligned_empty_places_data_at_the_page_offset():
         assert a.ctypes.data % 4096 == offset
 
 
-def test_bn_backward_benchmark_checks_then_times_in_blocks():
+def test_bn_backward_benchmark_checks_then_times_in_blocks(quick_gc):
     bench = _load("bn_backward")
     result = bench.benchmark((64, 8), threads=1, repeats=6, warmup=1, include_torch=False)
     # The generated function was compared with the hand-written compact form before timing.
@@ -305,7 +315,7 @@ def test_bn_backward_benchmark_checks_then_times_in_blocks():
     assert set(result["times_s"]) == {"generated", "handwritten"}
 
 
-def test_time_blocks_warms_up_then_times_about_repeats_calls_in_blocks():
+def test_time_blocks_warms_up_then_times_about_repeats_calls_in_blocks(quick_gc):
     calls = []
     times, blocks = mlp.time_blocks({"a": lambda: calls.append("a")}, repeats=10, warmup=2,
                                     per_block=5)
