@@ -1161,6 +1161,7 @@ def test_docstring_formulas_wrap_outside_index_brackets():
 
 
 def test_sums_over_several_indices_name_them_in_braces():
+    # exact text: the docstring's formula is the feature
     source = generate_module(symbp.load_spec(ROOT / "examples" / "lenet.toml"))
     forward = _docstrings(source)["conv2d_forward"]
     assert "y[n, o, p, q] = b[o] + sum_{c, i, j}(W[o, c, i, j]*x[n, c, i + p, j + q])" in forward
