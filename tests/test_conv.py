@@ -596,27 +596,43 @@ def test_a_gathered_input_gradient_equals_the_scattered_one():
     assert np.allclose(gathered[0], dx, rtol=0, atol=1e-12)
 
 
+def _lines_run(module, params, x, y) -> int:
+    """How many lines of Python ``module``'s code (its helpers included) runs for one
+    ``loss_and_grads``."""
+    import sys
+
+    count = 0
+
+    def local(frame, event, arg):
+        nonlocal count
+        count += event == "line"
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_globals is module.__dict__ else None
+
+    sys.settrace(tracer)
+    try:
+        module.loss_and_grads(params, x, y)
+    finally:
+        sys.settrace(None)
+    return count
+
+
 def test_generated_conv_module_has_no_python_loop_over_pixels_or_batch():
-    source = generate_module(load_spec(CONV_EXAMPLES[1]))
-    body = source.split("def forward(", 1)[0]
-    # The only loops over data are the scatter-add's and the pooling's over kernel offsets
-    # (K_h * K_w iterations), the banded scatter's over kernel rows and the window products'
-    # over chunks of the batch (cache blocking, _CHUNK_BYTES at a time); init_state loops over
-    # the batch norms' statistics, the matrix product over an array's axes (to find how its
-    # memory is laid out), the shift over the two image axes, and set_threads's parts wait for
-    # their threads.
-    loops = [line.strip() for line in body.splitlines()
-             if line.strip().startswith("for ") and line.endswith(":")]  # not comprehensions
-    data_loops = [line for line in loops if "STATE_SHAPES" not in line and ".strides" not in line]
-    kernel_offsets = {"for i, j in np.ndindex(kernel_rows, kernel_columns):",
-                      "for j in range(kernel_columns):", "for i in range(1, kernel_rows):",
-                      "for i, j in offsets:", "for i, j in np.ndindex(windows.shape[-2:]):",
-                      "for i, j, first in _first_maxima(windows):",
-                      "for i in range(kernel_rows):", "for chunk in rest:",
-                      "for future in futures:",
-                      "for o, s, n in zip(offsets, sizes, a.shape[lead:], strict=True):"}
-    assert data_loops and set(data_loops) <= kernel_offsets
-    assert "sliding_window_view" in source
+    """The Python lines a training step of cnn_bn runs (loops over kernel offsets, axes and
+    chunks included) are as many for 2 images as for 5, and for 16x16 images as for 32x32:
+    no Python loop runs over the batch or the pixels."""
+    text = CONV_EXAMPLES[1].read_text(encoding="utf-8")
+    assert "shape = [3, 32, 32]" in text
+    counts = set()
+    for size, batch in ((16, 2), (16, 5), (32, 2), (32, 5)):
+        net = symbp.parse_spec(text.replace("shape = [3, 32, 32]", f"shape = [3, {size}, {size}]"))
+        module = load_module(generate_module(net), f"cnn_bn_{size}_{batch}")
+        params, x, y = make_inputs(net, module, batch=batch, seed=0)
+        module.loss_and_grads(params, x, y)  # first calls (imports, caches) not counted
+        counts.add(_lines_run(module, params, x, y))
+    assert len(counts) == 1 and counts.pop() > 100
 
 
 @pytest.mark.parametrize("name", ["pools", "batchnorm2d", "gather", "padded_strided_dilated"])
