@@ -503,8 +503,9 @@ def _first_statement(lines: list[str]) -> str:
 
 
 def test_derive_shows_array_code_that_computes_the_input_gradient(capsys):
-    """cnn_bn's conv2 (16 -> 16 channels, padding 1) gathers, its conv1 (3 -> 16) scatters:
-    the ``dx = ...`` code derive prints for each, run with the module's helpers, computes the
+    """cnn_bn's conv2 (16 -> 16 channels, padding 1) gathers (no scatter-add runs), its conv1
+    (3 -> 16) scatters: the ``dx = ...`` code derive prints for each, run with the module's
+    helpers, computes the
     input gradient of its definition, dx[n, c, h, w] = sum W[o, c, i, j] dy[n, o, p, q] over
     h = p + i - padding, w = q + j - padding."""
     net = load_spec(CONV_EXAMPLES[1])
@@ -523,7 +524,12 @@ def test_derive_shows_array_code_that_computes_the_input_gradient(capsys):
         dy = rng.standard_normal((2, out, rows, columns))
         scope = {**vars(module), "W": W, "dy": dy, "padding": pad, "K_h": k, "K_w": k,
                  "H_in": height, "W_in": width}
+        scatters = []  # the col2im helpers (a scatter-add) the printed code calls
+        for name in [name for name in scope if "col2im" in name]:
+            scope[name] = lambda *a, _name=name, _helper=scope[name], _seen=scatters, **kw: (
+                _seen.append(_name), _helper(*a, **kw))[1]
         exec(code, scope)  # noqa: S102 - symbp's own printed code
+        assert bool(scatters) == (layer == "conv1"), (layer, scatters)  # conv2 gathers
         padded = np.zeros((2, channels, height + 2 * pad, width + 2 * pad))
         for i, j in np.ndindex(k, k):
             padded[:, :, i:i + rows, j:j + columns] += np.einsum("nopq,oc->ncpq", dy, W[:, :, i, j])
