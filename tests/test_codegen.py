@@ -1322,8 +1322,9 @@ def test_building_up_in_place_never_starts_from_a_view():
 def test_a_big_product_plus_a_vector_is_built_up_in_the_products_array():
     """``gamma*xhat + beta`` becomes ``y = gamma*xhat`` then ``y += beta``: NumPy would write the
     sum of the one-line form into a second big array. A product that NumPy hands back as a
-    permuted view (a convolution's ``_tensordot(...).transpose(...)``) stays on one line, so
-    that the result is a new array in C order."""
+    permuted view (a convolution's ``_tensordot(...).transpose(...)``) stays on one line: the
+    sum is a new array, not that view updated in place (NumPy keeps the view's axis order in
+    it, so it is not C-contiguous)."""
     import sympy as sp
 
     from symbp.emit.memory_plan import _accumulate
