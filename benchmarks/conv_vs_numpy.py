@@ -356,6 +356,37 @@ def run(net: str, dtype, repeats: int, threads: int, quick: bool,
     return times
 
 
+def against(rev: str, nets: list[str], dtypes: list[str], repeats: int, quick: bool) -> int:
+    """This checkout's generated modules against those git revision ``rev`` generates from the
+    same spec text (benchmarks/against.py), one thread, interleaved call by call."""
+    import tempfile
+
+    import against as vs
+
+    with tempfile.TemporaryDirectory(prefix="symbp-old-modules-") as folder:
+        old = vs.old_modules(rev, {net: spec_text(net) for net in nets}, Path(folder))
+        print(blas_description())
+        print(vs.header(rev))
+        for net in nets:
+            for name in dtypes:
+                module, params, x, y = problem(net, np.dtype(name).type, batch=8 if quick else None)
+                for each in (module, old[net]):
+                    if hasattr(each, "set_threads"):
+                        each.set_threads(1)
+                difference = vs.largest_difference(
+                    module.loss_and_grads(params, x, y, wrt_input=False),
+                    old[net].loss_and_grads(params, x, y, wrt_input=False))
+                with blas_threads(1):
+                    result = vs.race(
+                        lambda m=module, p=params, x=x, y=y: m.loss_and_grads(p, x, y,
+                                                                              wrt_input=False),
+                        lambda m=old[net], p=params, x=x, y=y: m.loss_and_grads(p, x, y,
+                                                                                wrt_input=False),
+                        repeats=repeats)
+                print(vs.row(net, name, result, difference), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
@@ -369,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--helper-threads", action="store_true",
                         help="the generated helpers get as many threads as BLAS (rerun in a "
                         f"child process with {HELPER_THREADS_ENV})")
+    parser.add_argument("--against", metavar="REV",
+                        help="time the generated modules against those git revision REV "
+                        "generates, one thread, interleaved (benchmarks/against.py)")
     add_native_blas_argument(parser)
     args = parser.parse_args(argv)
     rerun = rerun_with_native_blas(__file__, argv, args.native_blas)
@@ -378,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         return rerun_keeping_freed_memory(__file__, argv)
     if args.helper_threads and not HELPER_THREADS_ENV.items() <= os.environ.items():
         return rerun_with_env(__file__, argv, HELPER_THREADS_ENV)
+    if args.against:
+        return against(args.against, args.nets.split(","), ["float32", "float64"],
+                       3 if args.quick else 3 * args.repeats, args.quick)
     dtype = np.dtype(args.dtype).type
     repeats = 2 if args.quick else args.repeats
     print(blas_description())

@@ -70,6 +70,57 @@ def generated_module(widths: tuple[int, ...] = ref.DEFAULT_WIDTHS):
     return source, load_module(source, "symbp_generated_mlp")
 
 
+def reference_spec_text(widths: tuple[int, ...] = ref.DEFAULT_WIDTHS) -> str:
+    """:func:`reference_net` as TOML spec text (what another revision's symbp reads)."""
+    lines = ['name = "mlp"', f"input = {{ features = {widths[0]} }}",
+             'loss = "softmax_cross_entropy"']
+    for i, width in enumerate(widths[1:-1], start=1):
+        lines += ["[[layers]]", 'type = "linear"', f'name = "fc{i}"', f"out = {width}",
+                  "[[layers]]", 'type = "batchnorm"', f'name = "bn{i}"', f"eps = {ref.BN_EPS!r}",
+                  "[[layers]]", 'type = "relu"', f'name = "relu{i}"']
+    lines += ["[[layers]]", 'type = "linear"', 'name = "out"', f"out = {widths[-1]}"]
+    return "\n".join(lines) + "\n"
+
+
+def against(rev: str, dtypes: list[str], batch: int, repeats: int) -> int:
+    """This checkout's generated module against the one ``rev`` generates (benchmarks/against.py):
+    both agree with the hand-written pass, then race with one BLAS thread."""
+    import tempfile
+
+    import against as vs
+
+    _, new = generated_module()
+    with tempfile.TemporaryDirectory(prefix="symbp-old-modules-") as folder:
+        old = vs.old_modules(rev, {"mlp": reference_spec_text()}, Path(folder))["mlp"]
+        print(ref.blas_description())
+        print(vs.header(rev))
+        for name in dtypes:
+            dtype = np.dtype(name)
+            params = ref.make_params(0, dtype)
+            x, y = ref.make_batch(0, dtype, batch)
+            check_agreement(new, params, x, y)
+            check_agreement(old, params, x, y)
+            difference = vs.largest_difference(
+                new.loss_and_grads(params, x, y, wrt_input=False),
+                old.loss_and_grads(params, x, y, wrt_input=False),
+            )
+            previous = {
+                "new": new.loss_and_grads(params, x, y, wrt_input=False)[1],
+                "old": old.loss_and_grads(params, x, y, wrt_input=False)[1],
+            }
+
+            def step(key, module, previous=previous, params=params, x=x, y=y):
+                # overwrites the previous call's gradients, as the main benchmark's does
+                previous[key] = module.loss_and_grads(
+                    params, x, y, wrt_input=False, reuse=previous[key])[1]
+
+            with ref.blas_threads(1):
+                result = vs.race(lambda: step("new", new), lambda: step("old", old),
+                                 repeats=repeats)
+            print(vs.row("mlp", dtype.name, result, difference), flush=True)
+    return 0
+
+
 def check_agreement(module, params, x, y) -> float:
     """Largest relative difference between the generated and hand-written loss/gradients
     (raises if it is above what the dtype's rounding explains)."""
@@ -158,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         "freed memory, so fresh arrays do not page-fault; the hand-written pass reuses its "
         "buffers and never does)",
     )
+    parser.add_argument(
+        "--against", metavar="REV",
+        help="time this checkout's generated module against the one git revision REV "
+        "generates, one thread, interleaved (benchmarks/against.py)",
+    )
     ref.add_native_blas_argument(parser)
     args = parser.parse_args(argv)
     rerun = ref.rerun_with_native_blas(__file__, argv, args.native_blas)
@@ -166,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep_freed_memory:
         return ref.rerun_keeping_freed_memory(__file__, argv)
 
+    if args.against:
+        return against(args.against, args.dtypes, args.batch, args.repeats)
     source, module = generated_module()
     if args.show_source:
         print(source)

@@ -264,7 +264,8 @@ def _blocks(example: Path):
     return list(pretty.derivation_blocks(load_spec(str(example))).blocks())
 
 
-@pytest.mark.parametrize("width", [80, 120])
+# each run derives the whole example again: the wider terminal with -m slow (CI)
+@pytest.mark.parametrize("width", [80, pytest.param(120, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
 def test_every_line_fits_the_terminal_width(monkeypatch, capsys, example, width):
     monkeypatch.setenv("COLUMNS", str(width))

@@ -15,12 +15,15 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import math
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import types
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -371,8 +374,10 @@ def test_function_names_follow_the_layer_math():
     ]
     assert stems[None] == "mse"
     source = generate_module(net)
+    # the function names are the feature here: one forward function per stem
+    defined = [node.name for node in ast.parse(source).body if isinstance(node, ast.FunctionDef)]
     for stem in set(stems.values()) - {"mse"}:
-        assert source.count(f"def {stem}_forward(") == 1
+        assert defined.count(f"{stem}_forward") == 1
     compare_with_oracle(net)
 
 
@@ -386,12 +391,19 @@ def test_gelu_computes_erf_once_for_both_passes():
     net = Net([symbp.linear(5, name="fc"), symbp.gelu(name="gelu"), symbp.linear(3)],
               input_features=4, loss="mse")
     source = generate_module(net)
-    assert _function_source(source, "gelu_forward").count("_erf(") == 1
-    backward = _function_source(source, "gelu_backward")
-    assert "_erf(" not in backward and "def gelu_backward(dy, x, erf_x" in backward
     module = load_module(source)
     params, x, y, state = random_problem(net, batch=6, seed=3)
-    _, cache = module.forward(params, x)
+    erf_calls = []
+    erf = module._erf
+    module._erf = lambda *args: erf_calls.append(len(args)) or erf(*args)
+    try:
+        out, cache = module.forward(params, x)
+        assert len(erf_calls) == 1  # the forward pass computes erf once
+        module.backward(params, cache, np.ones_like(out))
+        assert len(erf_calls) == 1  # the backward pass reads the kept value
+    finally:
+        module._erf = erf
+    assert "erf_x" in inspect.signature(module.gelu_backward).parameters
     h = x @ params["fc.W"] + params["fc.b"]
     expected = np.vectorize(math.erf)(h / math.sqrt(2))
     np.testing.assert_allclose(cache["gelu"][1], expected, rtol=4e-16, atol=0)
@@ -648,26 +660,50 @@ def describe(net: Net, batch: int) -> str:
             f"batch={batch}")
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(architectures(), st.integers(0, 2**16))
-def test_random_architectures_agree_with_autograd(drawn, seed):
+def _agrees_with_autograd(drawn, seed):
     net, batch = drawn
     note(describe(net, batch))
     assume(saturation(net, batch=batch, seed=seed) < 6)  # see SATURATING; rarely rejects
     compare_with_oracle(net, batch=batch, seed=seed)
 
 
-# symbp check fails some correct modules (about 1 random draw in 20: the xfail below), so
-# these draws are fixed (derandomize) rather than new on every run; once check is reliable,
-# drop derandomize and let hypothesis explore.
-@settings(max_examples=15, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
-@given(architectures(), st.integers(0, 2**16))
-def test_random_architectures_pass_check(drawn, seed):
+def _passes_check(drawn, seed):
     net, batch = drawn
     note(describe(net, batch))
     report = check_spec(net, batch=batch, seed=seed)
     assert report.passed, report.table()
+
+
+# A few draws in the default run, the full number with -m slow (CI).
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(architectures(), st.integers(0, 2**16))
+def test_a_few_random_architectures_agree_with_autograd(drawn, seed):
+    _agrees_with_autograd(drawn, seed)
+
+
+@pytest.mark.slow
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(architectures(), st.integers(0, 2**16))
+def test_random_architectures_agree_with_autograd(drawn, seed):
+    _agrees_with_autograd(drawn, seed)
+
+
+# symbp check fails some correct modules (about 1 random draw in 20: the xfail below), so
+# these draws are fixed (derandomize) rather than new on every run; once check is reliable,
+# drop derandomize and let hypothesis explore.
+@settings(max_examples=4, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(architectures(), st.integers(0, 2**16))
+def test_a_few_random_architectures_pass_check(drawn, seed):
+    _passes_check(drawn, seed)
+
+
+@pytest.mark.slow
+@settings(max_examples=15, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(architectures(), st.integers(0, 2**16))
+def test_random_architectures_pass_check(drawn, seed):
+    _passes_check(drawn, seed)
 
 
 #: (layers, input features, loss, batch, seed): correct modules (autograd agrees on check's
@@ -1022,7 +1058,6 @@ def test_other_processes_and_hash_seeds_give_the_same_bytes(tmp_path, everything
     assert outputs[0] == outputs[1] == everything_source.encode("utf-8")
 
 
-@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")
 def long_names_net(stretch: bool = True) -> Net:
     """A network whose layer names are 32 characters long (or short, ``stretch=False``)."""
     def name(short: str) -> str:
@@ -1062,6 +1097,7 @@ def test_long_layer_names_compute_what_short_ones_do():
     assert not np.array_equal(next(iter(state.values())), 0)  # the running mean moved
 
 
+@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")
 def test_generated_modules_are_ruff_clean(tmp_path, everything_source):
     paths = [tmp_path / "everything.py"]
     paths[0].write_text(everything_source, encoding="utf-8")
@@ -1125,6 +1161,7 @@ def test_docstring_formulas_wrap_outside_index_brackets():
 
 
 def test_sums_over_several_indices_name_them_in_braces():
+    # exact text: the docstring's formula is the feature
     source = generate_module(symbp.load_spec(ROOT / "examples" / "lenet.toml"))
     forward = _docstrings(source)["conv2d_forward"]
     assert "y[n, o, p, q] = b[o] + sum_{c, i, j}(W[o, c, i, j]*x[n, c, i + p, j + q])" in forward
@@ -1273,7 +1310,8 @@ def test_building_up_in_place_never_starts_from_a_view():
     for sign in (1, -1):
         value = g * (sign * Permute(a) - b * b)
         statement = _accumulate("t", value, (m, f), shapes, SymbpNumPyPrinter(shapes=shapes))
-        assert statement is not None and statement.lines()[0] == "t = B**2"
+        # (the first line must make a new array: that A is left as it was is checked below)
+        assert statement is not None
         scope = {"np": np, **{k: v.copy() for k, v in arrays.items()}}
         exec("\n".join(statement.lines()), scope)  # noqa: S102 - our own printed code
         expected = arrays["g"] * (sign * arrays["A"].T - arrays["B"] ** 2)
@@ -1284,8 +1322,9 @@ def test_building_up_in_place_never_starts_from_a_view():
 def test_a_big_product_plus_a_vector_is_built_up_in_the_products_array():
     """``gamma*xhat + beta`` becomes ``y = gamma*xhat`` then ``y += beta``: NumPy would write the
     sum of the one-line form into a second big array. A product that NumPy hands back as a
-    permuted view (a convolution's ``_tensordot(...).transpose(...)``) stays on one line, so
-    that the result is a new array in C order."""
+    permuted view (a convolution's ``_tensordot(...).transpose(...)``) stays on one line: the
+    sum is a new array, not that view updated in place (NumPy keeps the view's axis order in
+    it, so it is not C-contiguous)."""
     import sympy as sp
 
     from symbp.emit.memory_plan import _accumulate
@@ -1297,25 +1336,36 @@ def test_a_big_product_plus_a_vector_is_built_up_in_the_products_array():
     statement = _accumulate(
         "y", gamma * xhat + beta, (n, f), shapes, SymbpNumPyPrinter(shapes=shapes)
     )
-    # Both passes broadcast a vector along the rows: they go through _along_rows.
-    assert statement is not None and statement.lines() == [
-        "y = _along_rows(np.multiply, xhat, gamma)",
-        "_along_rows(np.add, y, beta, out=y)",
-    ]
+    assert statement is not None
     rng = np.random.default_rng(3)
     for rows in (3, 400):  # 400 rows of 400: long rows of 21, one row left over
+        calls: list = []
+        holder = types.SimpleNamespace(_along_rows=_along_rows)
+        _recording_along_rows(holder, calls)
         scope = {"np": np, "gamma": rng.standard_normal(400), "beta": rng.standard_normal(400),
-                 "xhat": rng.standard_normal((rows, 400)), "_along_rows": _along_rows}
+                 "xhat": rng.standard_normal((rows, 400)), "_along_rows": holder._along_rows}
         exec("\n".join(statement.lines()), scope)  # noqa: S102 - our own printed code
         expected = scope["gamma"] * scope["xhat"] + scope["beta"]
         np.testing.assert_array_equal(scope["y"], expected)
+        # Both passes broadcast a vector along the rows (through _along_rows); the second
+        # adds into the first one's array.
+        assert calls == [("multiply", True, False), ("add", True, True)]
 
-    lenet = generate_module(symbp.load_spec(ROOT / "examples" / "lenet.toml"))
-    assert _function_body(lenet, "linear_forward")[:2] == [
-        "z = x @ W", "_along_rows(np.add, z, b, out=z)"
-    ]
-    conv = _function_body(lenet, "conv2d_forward")
-    assert any(line.endswith(".transpose(1, 0, 2, 3) + b[:, None, None]") for line in conv)
+    lenet = load_module(generate_module(symbp.load_spec(ROOT / "examples" / "lenet.toml")))
+    x, w, b = rng.standard_normal((5, 12)), rng.standard_normal((12, 7)), rng.standard_normal(7)
+    calls = []
+    _recording_along_rows(lenet, calls)
+    z, _ = lenet.linear_forward(x, w, b)
+    assert calls == [("add", True, True)]  # x @ W, then + b into that array
+    np.testing.assert_allclose(z, x @ w + b, rtol=1e-13)
+    # The convolution's product comes back from the window helper as a permuted view: the
+    # bias is added in the same expression, into a new array (not into that view).
+    x, w, b = rng.standard_normal((2, 3, 6, 6)), rng.standard_normal((4, 3, 3, 3)), np.ones(4)
+    y = lenet.conv2d_forward(x, w, b)[0]
+    windows = np.lib.stride_tricks.sliding_window_view(x, (3, 3), axis=(2, 3))
+    direct = np.einsum("ncpqij,ocij->nopq", windows, w) + b[:, None, None]
+    np.testing.assert_allclose(y, direct, rtol=1e-12)
+    assert y.flags.owndata
 
 
 def test_the_linear_forward_pass_holds_one_big_array_at_a_time():
@@ -1337,38 +1387,73 @@ def test_the_linear_forward_pass_holds_one_big_array_at_a_time():
     assert z.nbytes <= peak < 1.5 * z.nbytes
 
 
-def _function_body(source: str, name: str) -> list[str]:
-    """The code lines of one generated function (its docstring left out)."""
-    body = source.split(f"def {name}(", 1)[1].split("\ndef ", 1)[0]
-    return [line.strip() for line in body.split('"""')[2].splitlines() if line.strip()]
+def _recording_along_rows(module, calls: list):
+    """Replace ``module._along_rows`` by a wrapper that appends, per call, the ufunc's name,
+    whether ``b`` is a vector as long as ``a``'s rows, and whether it wrote into ``a``."""
+    helper = module._along_rows
+
+    def recorded(ufunc, a, b, out=None):
+        row_vector = np.ndim(a) == 2 and np.shape(b) == np.shape(a)[1:]
+        calls.append((ufunc.__name__, row_vector, out is not None and out is a))
+        return helper(ufunc, a, b, out=out)
+
+    module._along_rows = recorded
+    return helper
+
+
+def _names_used(source: str) -> set[str]:
+    import ast
+
+    return {node.id for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Name)}
 
 
 def test_row_broadcast_passes_go_through_along_rows():
-    """Each pass of a 2-D (batch, feature) array with a vector broadcast along its rows is
-    printed as a call of ``_along_rows`` (the mean batch norm subtracts, 1/std, gamma and
-    beta, the sums over the batch, the linear layer's bias); in place where the plain code
-    was; nothing else is."""
+    """Each pass of a 2-D (batch, feature) array with a vector broadcast along its rows is a
+    call of ``_along_rows`` (the mean batch norm subtracts, 1/std, gamma and beta, the sums
+    over the batch, the linear layer's bias), in place where a new array is not needed; the
+    calls are counted by running the module's functions, and the values are NumPy's plain
+    broadcasts; nothing else calls the helper."""
     net = Net([symbp.linear(8), symbp.batchnorm(), symbp.relu()], input_features=3, loss="mse")
-    source = generate_module(net)
-    forward = _function_body(source, "batchnorm_forward")
-    backward = _function_body(source, "batchnorm_backward")
-    predict = _function_body(source, "batchnorm_predict")
-    assert "x_minus_mu = _along_rows(np.subtract, x, mu, out=x if overwrite else None)" in forward
-    assert "xhat = _along_rows(np.multiply, x_minus_mu, invstd, out=x_minus_mu)" in forward
-    assert forward[-3:-1] == [
-        "y = _along_rows(np.multiply, xhat, gamma)", "_along_rows(np.add, y, beta, out=y)"
-    ]
-    assert "dx = _along_rows(np.multiply, xhat, sum_dy_xhat/N)" in backward
-    assert "np.subtract(dy, dx, out=dx)" in backward
-    assert "_along_rows(np.subtract, dx, sum_dy/N, out=dx)" in backward
-    assert "_along_rows(np.multiply, dx, gamma*invstd, out=dx)" in backward
-    assert predict[0].startswith("y = _along_rows(np.multiply, x - running_mean, gamma/np.sqrt(")
-    assert "def _along_rows(ufunc, a, b, out=None):" in source
-    # Without batch norm or bias, no pass broadcasts a vector along rows.
+    module = load_module(generate_module(net))
+    rng = np.random.default_rng(2)
+    x, w, b = rng.standard_normal((6, 3)), rng.standard_normal((3, 8)), rng.standard_normal(8)
+    gamma, beta = rng.standard_normal(8), rng.standard_normal(8)
+    calls: list = []
+    _recording_along_rows(module, calls)
+
+    z, _ = module.linear_forward(x, w, b)
+    assert calls == [("add", True, True)]  # the bias added into the product's array
+    np.testing.assert_allclose(z, x @ w + b, rtol=1e-13)
+
+    calls.clear()
+    y, (invstd, xhat), _ = module.batchnorm_forward(z.copy(), gamma, beta, eps=1e-5)
+    # x - mu, (x - mu)*invstd in place, gamma*xhat into a new array, + beta in place
+    assert calls == [("subtract", True, False), ("multiply", True, True),
+                     ("multiply", True, False), ("add", True, True)]
+    mu, var = z.mean(axis=0), z.var(axis=0)
+    np.testing.assert_allclose(xhat, (z - mu) / np.sqrt(var + 1e-5), rtol=1e-12)
+    np.testing.assert_allclose(y, gamma * xhat + beta, rtol=1e-12)
+
+    calls.clear()
+    dy = rng.standard_normal(y.shape)
+    dx, _, _ = module.batchnorm_backward(dy, invstd, xhat, gamma)
+    # xhat*c into a new dx, then - s and *k in place (dy - dx is no row broadcast)
+    assert calls == [("multiply", True, False), ("subtract", True, True),
+                     ("multiply", True, True)]
+    n = len(dy)  # the textbook batch-norm input gradient
+    expected = gamma * invstd / n * (n * dy - dy.sum(axis=0) - xhat * (dy * xhat).sum(axis=0))
+    np.testing.assert_allclose(dx, expected, rtol=1e-10, atol=1e-12)
+
+    calls.clear()
+    out = module.batchnorm_predict(z, gamma, beta, mu, var, eps=1e-5)
+    assert [name for name, row, _ in calls if row] == ["multiply"]
+    np.testing.assert_allclose(out, gamma * (z - mu) / np.sqrt(var + 1e-5) + beta, rtol=1e-12)
+
+    # Without batch norm or bias, no pass broadcasts a vector along rows: no helper at all.
     plain = generate_module(
         Net([symbp.linear(8, bias=False), symbp.relu()], input_features=3, loss="mse")
     )
-    assert "_along_rows" not in plain and "_row_vector" not in plain
+    assert not _names_used(plain) & {"_along_rows", "_row_vector"}
 
 
 def test_along_rows_changes_no_bit_of_the_results():

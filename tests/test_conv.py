@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import textwrap
@@ -64,10 +65,11 @@ def _sizes(derivation, **override):
     [
         Conv2d(2, 2),
         Conv2d(2, 2, padding=1, stride=2),
-        Conv2d(2, 2, dilation=2),
+        pytest.param(Conv2d(2, 2, dilation=2), marks=pytest.mark.slow),
         Conv2d(2, [2, 1], bias=False, stride=2),
         MaxPool2d(2),
-        MaxPool2d(2, stride=1),
+        # overlapping windows: the slowest expansion here (about 10 s); CI runs it
+        pytest.param(MaxPool2d(2, stride=1), marks=pytest.mark.slow),
         AvgPool2d(2, padding=1),
         Flatten(),
     ],
@@ -265,8 +267,16 @@ def test_the_nets_cover_every_image_layer_type():
     assert {"conv2d", "maxpool2d", "avgpool2d", "flatten", "batchnorm"} <= covered
 
 
-@pytest.mark.parametrize("route", [None, "banded", "im2col", "chunked"])
-@pytest.mark.parametrize("name", sorted(CONV_NETS))
+#: The net every route of the window products runs on by default; the others run each route with
+#: -m slow (their default route runs by default too).
+EVERY_ROUTE_NET = "padded_strided_dilated"
+
+
+@pytest.mark.parametrize("name, route", [
+    pytest.param(name, route, marks=() if route is None or name == EVERY_ROUTE_NET
+                 else pytest.mark.slow)
+    for name in sorted(CONV_NETS) for route in (None, "banded", "im2col", "chunked")
+])
 def test_generated_conv_nets_agree_with_autograd(name, route):
     """On either route of the window products (and the one their cost model picks), and on
     im2col a sample at a time."""
@@ -387,14 +397,28 @@ def conv_nets(draw):
     return net
 
 
+def _random_conv_net_case(net, seed, route):
+    assert_agrees_with_oracle(net, batch=3, seed=seed, route=route)
+    report = check_spec(net, batch=3, seed=seed)
+    assert report.passed, report.table()
+
+
+# A few draws in the default run, the full number with -m slow (CI).
+@settings(max_examples=3, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(conv_nets(), st.integers(0, 2**16),
+       st.sampled_from([None, "banded", "im2col", "chunked"]))
+def test_a_few_random_conv_nets_agree_with_autograd_and_pass_check(net, seed, route):
+    _random_conv_net_case(net, seed, route)
+
+
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(conv_nets(), st.integers(0, 2**16),
        st.sampled_from([None, "banded", "im2col", "chunked"]))
 def test_random_conv_nets_agree_with_autograd_and_pass_check(net, seed, route):
-    assert_agrees_with_oracle(net, batch=3, seed=seed, route=route)
-    report = check_spec(net, batch=3, seed=seed)
-    assert report.passed, report.table()
+    _random_conv_net_case(net, seed, route)
 
 
 # --------------------------------------------------------------------------- declarations
@@ -467,16 +491,50 @@ def test_derive_says_what_the_conv_gradients_are(capsys):
     assert "arg-max" in capsys.readouterr().out
 
 
-def test_derive_shows_the_array_code_the_module_runs_for_a_gathered_input_gradient(capsys):
-    # cnn_bn's conv2 (16 -> 16 channels, padding 1) gathers; its conv1 (3 -> 16) scatters.
-    assert cli_main(["derive", str(CONV_EXAMPLES[1]), "--layer", "conv2"]) == 0
-    dx_line = next(line for line in capsys.readouterr().out.splitlines()
-                   if line.strip().startswith("dx = "))
-    assert "W[:, :, ::-1, ::-1]" in dx_line and "_col2im" not in dx_line
-    assert cli_main(["derive", str(CONV_EXAMPLES[1]), "--layer", "conv1"]) == 0
-    dx_line = next(line for line in capsys.readouterr().out.splitlines()
-                   if line.strip().startswith("dx = "))
-    assert "_col2im" in dx_line
+def _first_statement(lines: list[str]) -> str:
+    """The statement the first of ``lines`` starts (it may go on over the next lines)."""
+    for end in range(1, len(lines) + 1):
+        try:
+            ast.parse(" ".join(lines[:end]))
+        except SyntaxError:
+            continue
+        return " ".join(lines[:end])
+    raise AssertionError(f"no statement in {lines[:3]}")
+
+
+def test_derive_shows_array_code_that_computes_the_input_gradient(capsys):
+    """cnn_bn's conv2 (16 -> 16 channels, padding 1) gathers (no scatter-add runs), its conv1
+    (3 -> 16) scatters: the ``dx = ...`` code derive prints for each, run with the module's
+    helpers, computes the
+    input gradient of its definition, dx[n, c, h, w] = sum W[o, c, i, j] dy[n, o, p, q] over
+    h = p + i - padding, w = q + j - padding."""
+    net = load_spec(CONV_EXAMPLES[1])
+    module = load_module(generate_module(net))
+    rng = np.random.default_rng(4)
+    for layer in ("conv2", "conv1"):
+        item = next(item for item in net.walk() if item.name == layer)
+        (channels, height, width), conv = item.in_shape, item.layer
+        out, k, pad = conv.out_channels, conv.kernel[0], conv.padding
+        assert cli_main(["derive", str(CONV_EXAMPLES[1]), "--layer", layer]) == 0
+        lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+        code = _first_statement(lines[next(i for i, x in enumerate(lines)
+                                           if x.startswith("dx = ")):])
+        W = rng.standard_normal((out, channels, k, k))
+        rows, columns = height + 2 * pad - k + 1, width + 2 * pad - k + 1
+        dy = rng.standard_normal((2, out, rows, columns))
+        scope = {**vars(module), "W": W, "dy": dy, "padding": pad, "K_h": k, "K_w": k,
+                 "H_in": height, "W_in": width}
+        scatters = []  # the col2im helpers (a scatter-add) the printed code calls
+        for name in [name for name in scope if "col2im" in name]:
+            scope[name] = lambda *a, _name=name, _helper=scope[name], _seen=scatters, **kw: (
+                _seen.append(_name), _helper(*a, **kw))[1]
+        exec(code, scope)  # noqa: S102 - symbp's own printed code
+        assert bool(scatters) == (layer == "conv1"), (layer, scatters)  # conv2 gathers
+        padded = np.zeros((2, channels, height + 2 * pad, width + 2 * pad))
+        for i, j in np.ndindex(k, k):
+            padded[:, :, i:i + rows, j:j + columns] += np.einsum("nopq,oc->ncpq", dy, W[:, :, i, j])
+        expected = padded[:, :, pad:pad + height, pad:pad + width]
+        np.testing.assert_allclose(scope["dx"], expected, rtol=1e-10, atol=1e-12, err_msg=layer)
 
 
 def test_strided_input_gradient_is_read_as_a_transposed_convolution(capsys):
@@ -510,18 +568,29 @@ def test_a_gathered_input_gradient_equals_the_scattered_one():
                symbp.flatten(), symbp.linear(2)], input_shape=(2, 7, 5), loss="mse")
     source = generate_module(net)
     module = load_module(source)
-    assert "def conv2d_padded_backward(" in source  # 2 -> 4 channels: scatter
-    assert "def conv2d_padded_gather_backward(" in source  # 4 -> 4 channels: gather
-    assert "def conv2d_padded_gather_forward(" not in source
-    assert source.count("= conv2d_padded_forward(") == 2
-    gather = source.split("def conv2d_padded_gather_backward(", 1)[1].split("\ndef ", 1)[0]
-    assert "W[:, :, ::-1, ::-1]" in gather and "_col2im" not in gather
-    assert "a full convolution of dy with the flipped kernel W" in gather
+    tree = ast.parse(source)
+    defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+    assert "conv2d_padded_backward" in defined  # 2 -> 4 channels: scatter
+    assert "conv2d_padded_gather_backward" in defined  # 4 -> 4 channels: gather
+    assert "conv2d_padded_gather_forward" not in defined
+    called = [ast.unparse(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)]
+    assert called.count("conv2d_padded_forward") == 2
+    # the reading of the docstring is the feature here: the text is what a reader gets
+    assert "a full convolution of dy with the flipped kernel W" in (
+        module.conv2d_padded_gather_backward.__doc__)
     rng = np.random.default_rng(3)
     xp = rng.standard_normal((3, 4, 9, 7))
     W, dy = rng.standard_normal((4, 4, 3, 3)), rng.standard_normal((3, 4, 7, 5))
+    scatters = []  # the col2im helpers (a scatter-add) that run, by name
+    for name in [name for name in vars(module) if "col2im" in name]:
+        helper = getattr(module, name)
+        setattr(module, name, lambda *a, _name=name, _helper=helper, **k: (
+            scatters.append(_name), _helper(*a, **k))[1])
     scattered = module.conv2d_padded_backward(dy, xp, W, padding=1)
+    assert scatters
+    scatters.clear()
     gathered = module.conv2d_padded_gather_backward(dy, xp, W, padding=1)
+    assert scatters == []  # gathered: no scatter-add
     for a, b in zip(scattered, gathered, strict=True):
         assert a.shape == b.shape and np.allclose(a, b, rtol=0, atol=1e-12)
     # The input gradient itself, entry by entry from the formula dx = sum W * dy.
@@ -533,27 +602,43 @@ def test_a_gathered_input_gradient_equals_the_scattered_one():
     assert np.allclose(gathered[0], dx, rtol=0, atol=1e-12)
 
 
+def _lines_run(module, params, x, y) -> int:
+    """How many lines of Python ``module``'s code (its helpers included) runs for one
+    ``loss_and_grads``."""
+    import sys
+
+    count = 0
+
+    def local(frame, event, arg):
+        nonlocal count
+        count += event == "line"
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_globals is module.__dict__ else None
+
+    sys.settrace(tracer)
+    try:
+        module.loss_and_grads(params, x, y)
+    finally:
+        sys.settrace(None)
+    return count
+
+
 def test_generated_conv_module_has_no_python_loop_over_pixels_or_batch():
-    source = generate_module(load_spec(CONV_EXAMPLES[1]))
-    body = source.split("def forward(", 1)[0]
-    # The only loops over data are the scatter-add's and the pooling's over kernel offsets
-    # (K_h * K_w iterations), the banded scatter's over kernel rows and the window products'
-    # over chunks of the batch (cache blocking, _CHUNK_BYTES at a time); init_state loops over
-    # the batch norms' statistics, the matrix product over an array's axes (to find how its
-    # memory is laid out), the shift over the two image axes, and set_threads's parts wait for
-    # their threads.
-    loops = [line.strip() for line in body.splitlines()
-             if line.strip().startswith("for ") and line.endswith(":")]  # not comprehensions
-    data_loops = [line for line in loops if "STATE_SHAPES" not in line and ".strides" not in line]
-    kernel_offsets = {"for i, j in np.ndindex(kernel_rows, kernel_columns):",
-                      "for j in range(kernel_columns):", "for i in range(1, kernel_rows):",
-                      "for i, j in offsets:", "for i, j in np.ndindex(windows.shape[-2:]):",
-                      "for i, j, first in _first_maxima(windows):",
-                      "for i in range(kernel_rows):", "for chunk in rest:",
-                      "for future in futures:",
-                      "for o, s, n in zip(offsets, sizes, a.shape[lead:], strict=True):"}
-    assert data_loops and set(data_loops) <= kernel_offsets
-    assert "sliding_window_view" in source
+    """The Python lines a training step of cnn_bn runs (loops over kernel offsets, axes and
+    chunks included) are as many for 2 images as for 5, and for 16x16 images as for 32x32:
+    no Python loop runs over the batch or the pixels."""
+    text = CONV_EXAMPLES[1].read_text(encoding="utf-8")
+    assert "shape = [3, 32, 32]" in text
+    counts = set()
+    for size, batch in ((16, 2), (16, 5), (32, 2), (32, 5)):
+        net = symbp.parse_spec(text.replace("shape = [3, 32, 32]", f"shape = [3, {size}, {size}]"))
+        module = load_module(generate_module(net), f"cnn_bn_{size}_{batch}")
+        params, x, y = make_inputs(net, module, batch=batch, seed=0)
+        module.loss_and_grads(params, x, y)  # first calls (imports, caches) not counted
+        counts.add(_lines_run(module, params, x, y))
+    assert len(counts) == 1 and counts.pop() > 100
 
 
 @pytest.mark.parametrize("name", ["pools", "batchnorm2d", "gather", "padded_strided_dilated"])
@@ -634,22 +719,55 @@ def test_channel_batchnorm_backward_keeps_float32_accuracy_over_many_values():
     assert np.max(np.abs(got - exact)) < 1e-4 * np.max(np.abs(exact))
 
 
-@pytest.mark.parametrize("input_shape", [(2, 5, 5), None])
-def test_batchnorm_backward_builds_dx_in_four_passes_for_either_rank(input_shape):
+@pytest.mark.parametrize("input_shape", [(2, 25, 32), None])
+def test_batchnorm_backward_builds_dx_in_one_array_without_scaling_dy_by_the_count(input_shape):
     """k*(count*dy - c*xhat - s) as (k*count)*(dy - (c/count)*xhat - s/count): one new array,
-    built in place, for per-channel statistics (count = N*H*W) as for per-feature ones."""
+    built in place (the backward's peak memory is about one dx), for per-channel statistics
+    (count = N*H*W) as for per-feature ones; dy is never multiplied by the count (float32 dy
+    near 1e36, count 2000 or 25600: count*dy would overflow to inf)."""
+    import tracemalloc
+
     layers = [symbp.batchnorm()]
     net = (Net(layers, input_shape=input_shape, loss=None) if input_shape
-           else Net(layers, input_features=5, loss=None))
-    source = generate_module(net)
-    body = source.split("def batchnorm_backward(", 1)[1].split("\ndef ", 1)[0]
-    code = [line.strip() for line in body.split('"""')[2].splitlines()]
-    in_place = ("dx ", "np.subtract(", "_along_rows(")  # a new dx, or a pass into dx
-    passes = [line for line in code if line.startswith(in_place) and line != "dx = None"]
-    assert all(line.endswith("out=dx)") for line in passes if not line.startswith("dx "))
-    assert len(passes) == 4, passes
-    assert "np.subtract(dy, dx, out=dx)" in passes
-    assert not any("*dy" in line for line in code)  # dy is never scaled up by the count
+           else Net(layers, input_features=64, loss=None))
+    module = load_module(generate_module(net))
+    rng = np.random.default_rng(11)
+    # 2000 and 25600 values per statistic; dx of 1 MB and 410 kB, beside which the vectors (and
+    # _along_rows's repeated vector, at most 64 kB) are small
+    shape = (32, *input_shape) if input_shape else (2000, 64)
+    x = rng.standard_normal(shape)
+    params = {k: v + 0.1 * rng.standard_normal(v.shape) for k, v in module.init_params().items()}
+    gamma = params[next(k for k in params if k.endswith("gamma"))]
+    axes = (0, 2, 3) if input_shape else (0,)
+    along = (slice(None), None, None) if input_shape else (slice(None),)
+
+    def textbook(dy):  # float64, from the definition of the batch-norm input gradient
+        count = x.size // x.shape[1]
+        xhat = (x - x.mean(axis=axes, keepdims=True)) / np.sqrt(
+            x.var(axis=axes, keepdims=True) + 1e-5)
+        return (gamma[along] / np.sqrt(x.var(axis=axes, keepdims=True) + 1e-5) / count
+                * (count * dy - dy.sum(axis=axes, keepdims=True)
+                   - xhat * (dy * xhat).sum(axis=axes, keepdims=True)))
+
+    _, cache = module.forward(params, x)
+    dy = rng.standard_normal(shape)
+    module.backward(params, cache, dy)
+    tracemalloc.start()
+    try:
+        dx = module.backward(params, cache, dy)["x"]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_allclose(dx, textbook(dy), rtol=1e-9, atol=1e-12)
+    assert dx.nbytes <= peak < 1.5 * dx.nbytes
+
+    params32 = {k: v.astype(np.float32) for k, v in params.items()}
+    _, cache32 = module.forward(params32, x.astype(np.float32))
+    huge = (1e36 * rng.choice([-1.0, 1.0], size=shape)).astype(np.float32)
+    dx32 = module.backward(params32, cache32, huge)["x"]
+    assert dx32.dtype == np.float32 and np.all(np.isfinite(dx32))
+    expected = textbook(huge.astype(np.float64))
+    assert np.max(np.abs(dx32 - expected)) < 1e-4 * np.max(np.abs(expected))
 
 
 def test_the_gradient_out_of_pooling_is_reused_by_the_next_layer_back():
@@ -657,14 +775,20 @@ def test_the_gradient_out_of_pooling_is_reused_by_the_next_layer_back():
     may compute in it (``overwrite=True``), which saves an image-sized array per pool. A view
     of an argument (a padded convolution's ``_shifted(x, ...)``) is never written into."""
     lenet = load_spec(ROOT / "examples" / "lenet.toml")
-    module_source = generate_module(lenet)
-    backward = module_source.split("\ndef backward(", 1)[1].split("\ndef ", 1)[0]
-    # the ReLUs on images (those on feature vectors call the same function)
-    images = [f'cache["{item.name}"]' for item in lenet.walk()
-              if item.layer.kind == "relu" and len(item.in_shape) == 3]
-    after_pool = [line.strip() for line in backward.splitlines()
-                  if "= relu_backward(" in line and any(key in line for key in images)]
-    assert len(after_pool) == 2 and all(line.endswith("overwrite=True)") for line in after_pool)
+    module = load_module(generate_module(lenet))
+    in_place = []  # per ReLU backward on images: whether it computed in the pool's gradient
+    relu_backward = module.relu_backward
+
+    def recorded(dy, *args, **kwargs):
+        dx = relu_backward(dy, *args, **kwargs)
+        if dy.ndim == 4:
+            in_place.append(np.shares_memory(dx, dy))
+        return dx
+
+    module.relu_backward = recorded
+    params, x, y = make_inputs(lenet, module, batch=2, seed=1)
+    module.loss_and_grads(params, x, y)
+    assert in_place == [True, True]  # the two ReLUs on images, each right before a pool
 
     net = Net([Conv2d(2, 3, padding=1, name="c"), symbp.relu(), Flatten(), symbp.linear(2)],
               input_shape=(1, 4, 4), loss="mse")

@@ -105,12 +105,15 @@ def derivation_of(case_id: str) -> LayerDerivation:
 
 
 def _verify_params():
+    """Every case, compact and staged; the first sizes of each in the default run, the other
+    sizes with -m slow (CI)."""
     for case in CASES:
         for which, schedule in (("compact", case.compact), ("staged", case.staged)):
-            for batch, width in schedule:
+            for position, (batch, width) in enumerate(schedule):
                 yield pytest.param(
                     case.id, batch, width, which == "staged",
                     id=f"{case.id}-{which}-N{batch}-w{width}",
+                    marks=pytest.mark.slow if position else (),
                 )
 
 

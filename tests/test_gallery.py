@@ -18,6 +18,7 @@ from symbp.emit.notes import gallery
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # the notes of every example (about 10 s); CI runs it
 def test_gallery_is_up_to_date():
     expected = gallery(ROOT / "examples")
     current = (ROOT / "docs" / "gallery.md").read_text(encoding="utf-8")

@@ -19,6 +19,10 @@ from render.tools import extract_markdown_math, have_node, katex_errors
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "examples" / "notebook.ipynb"
 
+# Starting a Jupyter kernel that derives a network takes several seconds: CI runs these
+# (python -m pytest -m slow), the default run does not.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def executed():

@@ -32,6 +32,15 @@ from symbp.emit.latex_printer import AtLayer, Delta, Jacobian, latex
 from symbp.emit.notes import Notes, make_notes, render_notes
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.toml"))
+#: The examples rendered by pdflatex and KaTeX in the default run: images (conv, batch norm,
+#: pooling, a strided convolution) and a residual block; the others run with ``-m slow``.
+RENDERED = ("cnn_bn", "residual_mlp")
+
+
+def _rendered_first(paths):
+    """``paths`` as pytest params, those not in :data:`RENDERED` marked slow."""
+    return [pytest.param(p, id=p.stem, marks=() if p.stem in RENDERED else pytest.mark.slow)
+            for p in paths]
 
 BN_SPEC = """
 name = "bn_net"
@@ -243,7 +252,7 @@ def test_notes_object_for_jupyter(bn_derivation):
 
 
 # -- real renderers ------------------------------------------------------------------------------
-@pytest.fixture(scope="module", params=EXAMPLES, ids=[p.stem for p in EXAMPLES])
+@pytest.fixture(scope="module", params=_rendered_first(EXAMPLES))
 def example(request):
     return derive_network(load_spec(request.param))
 
@@ -469,7 +478,11 @@ out = 2
 """
 
 
-@pytest.fixture(scope="module", params=REAL_POWERS)
+@pytest.fixture(scope="module", params=[
+    # three in the default run: a power of x, an irrational exponent, x to a function of x
+    pytest.param(text, marks=() if text in ("x**1.5", "x**pi", "x**sin(x)") else pytest.mark.slow)
+    for text in REAL_POWERS
+])
 def real_power_notes(request):
     from symbp.flow import flow_bounds
 
@@ -573,11 +586,14 @@ layers = [
 """
 
 
-def _activation_layers():
+def _activation_layers(examples: bool):
+    """The activations of the examples (``examples``) or of the spec with every built-in kind."""
     from symbp.declare.layers import Elementwise
 
-    specs = [(p.stem, load_spec(p)) for p in EXAMPLES]
-    specs.append(("every_activation", parse_spec(ALL_ELEMENTWISE_SPEC)))
+    if examples:
+        specs = [(p.stem, load_spec(p)) for p in EXAMPLES]
+    else:
+        specs = [("every_activation", parse_spec(ALL_ELEMENTWISE_SPEC))]
     for stem, net in specs:
         derivation = derive_network(net)
         seen = set()
@@ -587,17 +603,19 @@ def _activation_layers():
                 yield stem, derivation, derived
 
 
-def test_printed_activation_derivatives_are_the_derivative_of_the_printed_function():
-    """For every activation of every example (and every built-in kind), each ``f'`` row the
+@pytest.mark.parametrize("examples", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["every_kind", "examples"])
+def test_printed_activation_derivatives_are_the_derivative_of_the_printed_function(examples):
+    """For every built-in kind (and every activation of every example), each ``f'`` row the
     notes print equals sympy's own ``diff`` of the printed ``f``, at points away from the kinks,
     with ``y = f(x)`` where a row reads the output and sample values for parameters (prelu's
     alpha) and constants. prelu's notes once printed the gradient of alpha as ``f'``."""
     from symbp.emit.latex_printer import NotesLatexPrinter
     from symbp.emit.notes_math import X_SCALAR, Y_SCALAR, activation_formulas
 
-    checked = set()
+    checked, docs = set(), {}
     points = (-2.3, -0.7, -0.15, 0.2, 0.9, 3.1)
-    for stem, network, derived in _activation_layers():
+    for stem, network, derived in _activation_layers(examples):
         formulas = activation_formulas(derived.derivation)
         form = derived.derivation.form
         values = {s: v for s, v in form.constants.items()}
@@ -615,15 +633,19 @@ def test_printed_activation_derivatives_are_the_derivative_of_the_printed_functi
                 assert abs(got - want) <= 1e-12 * max(1.0, abs(want)), (
                     stem, derived.name, point, printed, got, want,
                 )
-        # and these are the rows the notes print
-        doc = render_notes(network, fmt="md")
+        # and these are the rows the notes print (one rendering per network)
+        if stem not in docs:
+            docs[stem] = render_notes(network, fmt="md")
+        doc = docs[stem]
         printer = NotesLatexPrinter({"arrays": set()})
         fx = sp.Function("f")(X_SCALAR)
         for printed in formulas.derivatives:
             assert printer.rows([(sp.Derivative(fx, X_SCALAR), printed)]) in doc
         assert printer.rows([(fx, formulas.f)]) in doc
         checked.add(derived.layer.kind)
-    assert {"prelu", "rrelu", "leaky_relu", "elu", "activation", "sigmoid"} <= checked
+    if not examples:
+        assert {"prelu", "rrelu", "leaky_relu", "elu", "activation", "sigmoid"} <= checked
+    assert checked
 
 
 # -- the notes' proof of a padded convolution: small, and still refutes wrong formulas -----------
@@ -661,7 +683,8 @@ def test_padded_proof_keeps_the_default_padded_input_size(padded_conv):
         assert sizes[f"{dim}_out"] >= 3
 
 
-@pytest.mark.parametrize("mutant", ["kernel_not_flipped", "padding_one_side", "border_dropped"])
+@pytest.mark.parametrize("mutant", ["kernel_not_flipped", pytest.param(
+    "padding_one_side", marks=pytest.mark.slow), "border_dropped"])
 def test_padded_proof_refutes_wrong_input_gradients(padded_conv, mutant):
     """Wrong input gradients of a padded convolution are refuted at the notes' proof sizes."""
     import dataclasses
@@ -840,7 +863,7 @@ def test_numbering_params_from_python_and_the_command_line(tmp_path):
     assert r"\mathbf{W}^{(2)}" in text and r"\mathbf{W}^{(3)}" not in text
 
 
-@pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+@pytest.mark.parametrize("example", _rendered_first(EXAMPLES))
 def test_numbering_params_parses_with_katex(example):
     if not have_node():
         pytest.skip("node missing: .ci/install_render_tools.sh")

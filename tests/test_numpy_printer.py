@@ -125,6 +125,9 @@ CASES = [
 ]
 
 
+# Exact strings: the printer's spelling is the feature here (readable whole-array NumPy, sums
+# spelled as sums, issue 23 item 6); the companion tests run each printed line against its
+# reference, so a change of spelling only touches these tables.
 @pytest.mark.parametrize(("expr", "code", "reference"), CASES, ids=[c[1] for c in CASES])
 def test_exact_code(expr, code, reference):
     assert numpy_code(expr) == code

@@ -7,6 +7,7 @@ from NumPy's C-order reshape, and from finite differences of the generated modul
 from __future__ import annotations
 
 import ast
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -173,10 +174,31 @@ def test_a_layer_declared_in_one_place_is_drawn_trained_and_checked(jitter):
                     input_features=8, loss="mse")
     source = generate_module(net)
     module = load_module(source)
-    assert "rng.uniform(0.5, 1.5, size=h.shape)" in source
     params = module.init_params(seed=0)
-    assert np.std(params["fc.W"]) == pytest.approx(np.sqrt(2 / 8), rel=0.1)  # He: 2 / fan_in
     x = np.random.default_rng(3).standard_normal((4, 8))
+    draws = []
+
+    class Recording:  # a generator that says what it was asked for
+        def __init__(self):
+            self.generator = np.random.default_rng(5)
+
+        def __getattr__(self, name):
+            method = getattr(self.generator, name)
+            return lambda *args, **kwargs: draws.append((name, args, kwargs)) or method(
+                *args, **kwargs)
+
+    out, _ = module.forward(params, x, rng=Recording())
+    assert len(draws) == 1  # one draw of r in training, uniform on [0.5, 1.5], h's shape
+    name, args, kwargs = draws[0]
+    bound = inspect.signature(getattr(np.random.Generator, name)).bind(None, *args, **kwargs)
+    bound.apply_defaults()
+    assert name == "uniform" and (bound.arguments["low"], bound.arguments["high"]) == (0.5, 1.5)
+    assert tuple(np.atleast_1d(bound.arguments["size"])) == (4, 64)
+    r = np.random.default_rng(5).uniform(0.5, 1.5, (4, 64))
+    hidden = (x @ params["fc.W"] + params["fc.b"]) * r
+    np.testing.assert_allclose(out, hidden @ params["linear3.W"] + params["linear3.b"],
+                               rtol=1e-12)
+    assert np.std(params["fc.W"]) == pytest.approx(np.sqrt(2 / 8), rel=0.1)  # He: 2 / fan_in
     np.testing.assert_allclose(module.predict(params, x), module.forward(params, x, train=False)[0])
     direct = x @ params["fc.W"] + params["fc.b"]  # r = 1 in evaluation
     expected = direct @ params["linear3.W"] + params["linear3.b"]

@@ -33,6 +33,16 @@ FD_STEP = 1e-5
 REL_TOL = 1e-6
 
 
+@pytest.fixture
+def quick_gc(monkeypatch):
+    """The timing helpers run a full garbage collection before timing: in the test session's
+    heap (sympy's caches) that takes about half a second each time, and it is no part of what
+    these tests check."""
+    import gc
+
+    monkeypatch.setattr(gc, "collect", lambda *args: 0)
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -209,7 +219,7 @@ def test_gemm_only_does_the_eleven_products_of_the_pass():
     np.testing.assert_allclose(out, a @ b, rtol=1e-5, atol=1e-6)
 
 
-def test_time_alternating_returns_a_median_per_callable():
+def test_time_alternating_returns_a_median_per_callable(quick_gc):
     calls = []
     times = mlp.time_alternating(
         {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=4, warmup=1
@@ -218,7 +228,7 @@ def test_time_alternating_returns_a_median_per_callable():
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
 
 
-def test_time_in_blocks_runs_each_callable_in_blocks_that_alternate():
+def test_time_in_blocks_runs_each_callable_in_blocks_that_alternate(quick_gc):
     calls = []
     blocks = mlp.time_in_blocks(
         {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, blocks=3, per_block=2
@@ -297,7 +307,7 @@ def test_aligned_empty_places_data_at_the_page_offset():
         assert a.ctypes.data % 4096 == offset
 
 
-def test_bn_backward_benchmark_checks_then_times_in_blocks():
+def test_bn_backward_benchmark_checks_then_times_in_blocks(quick_gc):
     bench = _load("bn_backward")
     result = bench.benchmark((64, 8), threads=1, repeats=6, warmup=1, include_torch=False)
     # The generated function was compared with the hand-written compact form before timing.
@@ -305,7 +315,7 @@ def test_bn_backward_benchmark_checks_then_times_in_blocks():
     assert set(result["times_s"]) == {"generated", "handwritten"}
 
 
-def test_time_blocks_warms_up_then_times_about_repeats_calls_in_blocks():
+def test_time_blocks_warms_up_then_times_about_repeats_calls_in_blocks(quick_gc):
     calls = []
     times, blocks = mlp.time_blocks({"a": lambda: calls.append("a")}, repeats=10, warmup=2,
                                     per_block=5)
@@ -366,3 +376,59 @@ def test_blas_description_names_the_kernel_and_what_forces_it(monkeypatch):
     monkeypatch.delenv("OPENBLAS_CORETYPE")
     monkeypatch.delenv("OPENBLAS_L2_SIZE", raising=False)
     assert "forced" not in mlp.blas_description()
+
+
+# --------------------------------------------------------------------------- old vs new
+
+
+def test_race_alternates_new_and_old_and_pairs_the_rounds(monkeypatch):
+    against = _load("against")
+    calls = []
+    clock = iter(range(1000))  # each reading one tick later: every call takes 1 tick
+    monkeypatch.setattr(against.time, "perf_counter", lambda: next(clock))
+    cpu = iter(range(0, 2000, 2))  # and 2 ticks of CPU time
+    monkeypatch.setattr(against.time, "process_time", lambda: next(cpu))
+    result = against.race(lambda: calls.append("n"), lambda: calls.append("o"), repeats=4,
+                          warmup=1)
+    # one warm-up round, then new first, old first, new first, old first
+    assert "".join(calls) == "no" "no" "on" "no" "on"
+    assert result["wall_ratio"] == result["cpu_ratio"] == 1.0
+    assert result["new_wall_s"] == result["old_wall_s"] == 1 and result["new_cpu_s"] == 2
+
+
+def test_largest_difference_is_relative_to_the_largest_gradient():
+    against = _load("against")
+    grads = {"a": np.array([4.0, -8.0]), "b": np.array([1.0])}
+    moved = {"a": grads["a"], "b": np.array([1.08])}
+    assert against.largest_difference((2.0, moved), (2.0, grads)) == pytest.approx(0.01)
+    with pytest.raises(AssertionError, match="names"):
+        against.largest_difference((2.0, {"a": grads["a"]}), (2.0, grads))
+
+
+@pytest.mark.slow
+def test_old_sources_are_generated_by_the_revisions_own_symbp(tmp_path):
+    """The committed tree of HEAD, unpacked and run in a child, generates a module that
+    computes what this checkout's generates (the same spec)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None or subprocess.run(
+        ["git", "-C", str(BENCH_DIR), "rev-parse", "HEAD"], capture_output=True
+    ).returncode:
+        pytest.skip("not a git checkout")
+    against = _load("against")
+    text = ('input = { features = 3 }\nloss = "mse"\n[[layers]]\ntype = "linear"\nout = 2\n'
+            '[[layers]]\ntype = "tanh"\n')
+    old = against.old_modules("HEAD", {"tiny": text}, tmp_path)["tiny"]
+    assert Path(old.__file__).parent == tmp_path
+    rng = np.random.default_rng(0)
+    params = old.init_params(seed=1)
+    x, y = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    loss, grads = old.loss_and_grads(params, x, y)
+    W, b = params["linear1.W"], params["linear1.b"]
+    out = np.tanh(x @ W + b)
+    assert np.isclose(loss, np.mean((out - y) ** 2), rtol=1e-12)  # mse: mean over all entries
+    # d/dW of mean((tanh(xW + b) - y)^2) = x^T [2 (out - y) (1 - out^2) / size]
+    dz = 2 * (out - y) * (1 - out**2) / out.size
+    np.testing.assert_allclose(grads["linear1.W"], x.T @ dz, rtol=1e-10)
+    np.testing.assert_allclose(grads["linear1.b"], dz.sum(axis=0), rtol=1e-10)
