@@ -51,6 +51,9 @@ class Carried(Stage):
     expression the forward pass computes it by instead (a softmax from shifted exponentials)."""
 
     computed: sp.Expr | None = None
+    #: ``None``: the layer's float type; ``"bool"``: a 0/1 step; ``"index"``: a small unsigned
+    #: integer (a window's arg-max position)
+    dtype: str | None = None
 
     @property
     def math(self) -> sp.Expr:

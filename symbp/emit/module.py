@@ -20,7 +20,8 @@ import sympy as sp
 from ..declare.forms import Forward
 from ..declare.layers import Layer
 from ..declare.net import Net, Placed
-from ..derivation.arrays import Lowering
+from ..derivation.arrays import Lowering, Step
+from ..derivation.kept import carried_read
 from ..derivation.layer import Carried, LayerDerivation
 from ..derivation.network import NetworkDerivation, derive_cached, derive_network
 from ..derivation.plan import build_plan
@@ -245,9 +246,9 @@ class ModuleBuilder:
         # a value computed from another carried value comes after it
         computed = sorted(carried, key=lambda c: sum(c.expr.has(o.expr) for o in carried))
         outputs = [
-            (c.name, lowering.lower(
+            (c.name, _kept_type(c, lowering.lower(
                 (c.expr if c.computed is None else c.computed).xreplace(_without(kept, c.expr)),
-                c.indices))
+                c.indices)))
             for c in computed
         ]
         outputs += [
@@ -277,8 +278,10 @@ class ModuleBuilder:
             forward_function(stem),
             ", ".join(args) + kw,
             f"Forward pass of {_title(layer)}; returns the output and what backward needs.",
-            [formula(c.array[c.indices], c.math) for c in computed]
-            + [formula(s.array[s.indices], s.expr) for s in form.stages],
+            # in the order they are computed: a kept step of the output after the output
+            [formula(c.array[c.indices], c.math) for c in computed if c.dtype != "bool"]
+            + [formula(s.array[s.indices], s.expr) for s in form.stages]
+            + [formula(c.array[c.indices], c.math) for c in computed if c.dtype == "bool"],
             statements,
             returns,
             notes=[OVERWRITE_NOTE.format(name=writable)] if overwrites else [],
@@ -297,7 +300,7 @@ class ModuleBuilder:
         grads = [(adjoint(a.name), derivation.vjp[a.name]) for a in form.differentiable]
         exprs = [computed_form(a.expr, upstream, form.gather) for _, a in grads]
         outputs = [
-            (t, lowering.lower(stabilize(e).xreplace(kept), a.indices))
+            (t, lowering.lower(carried_read(stabilize(e), carried), a.indices))
             for (t, a), e in zip(grads, exprs, strict=True)
         ]
         kw = keywords([e for _, e in outputs])
@@ -407,6 +410,24 @@ def _title(layer: Layer) -> str:
     return layer.name if layer.name is not None and layer.function_stem == layer.name else (
         layer.kind
     )
+
+
+class Positive(sp.Function):
+    """``(u > 0)``, a NumPy bool array: a step kept by the forward pass, one byte an element,
+    which the backward multiplies by (``np.multiply(dy, y_positive)``: the numbers of
+    ``np.heaviside(u, 0)``)."""
+
+    nargs = 1
+
+    def _numpycode(self, printer) -> str:  # how NumPy printers print it (as Reshape)
+        return f"({printer._print(self.args[0])} > 0)"
+
+
+def _kept_type(carried: Carried, lowered: sp.Expr) -> sp.Expr:
+    """A kept step as a bool array, ``(y > 0)``, not in the float type (one byte an element)."""
+    if carried.dtype == "bool" and isinstance(lowered, Step):
+        return Positive(lowered.args[0])
+    return lowered
 
 
 def _without(mapping: dict, key) -> dict:
