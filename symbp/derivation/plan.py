@@ -30,6 +30,7 @@ from ..declare.forms import Forward
 from ..declare.layers import Layer
 from ..declare.net import Net, Placed
 from ..naming import param_key
+from .arrays import c_order_position
 from .kept import sign_variant
 from .layer import LayerDerivation
 from .network import NetworkDerivation, derive_cached, derive_network
@@ -161,13 +162,15 @@ class Kept:
     token: int
     padded: bool = False
     view: tuple[str, str] | None = None
+    value: str | None = None  # the plan's value it is (a step's input or output), if any
 
 
 @dataclass(frozen=True)
 class KeptView:
     """``holder``'s kept ``array`` read from ``source``'s kept ``source_array``: ``element``,
     in the index notation of ``source``'s forward definition (``xp[n, c, h + padding, w +
-    padding]``), at the indices ``indices`` of the unpadded array."""
+    padding]``), at the indices ``indices`` of the unpadded array; or, ``reshaped``, in the
+    holder's (``x[n, c*H*W + h*W + w]``, the flat array a later step keeps)."""
 
     holder: str
     array: str
@@ -175,6 +178,9 @@ class KeptView:
     source_array: str
     element: sp.Expr
     indices: tuple[sp.Symbol, ...]
+    #: ``element`` is in ``holder``'s notation: ``source_array`` (flat) at the C-order position
+    #: of the holder's indices
+    reshaped: bool = False
 
 
 @dataclass
@@ -287,11 +293,13 @@ def kept_arrays(plan: Plan, names=None) -> list[Kept]:
         tokens[step.output] = token[stage.name]
         padded = {s.name for s in form.stages if _unpadding(form, s.name) is not None}
         chosen = [a.name for a in step.derivation.cached] if names is None else names(step)
+        values = {first: step.inputs[0], stage.name: step.output}
         for name in chosen:
             if name in padded:
                 kept.append(Kept(step.name, name, token[first], padded=True))
             else:
-                kept.append(Kept(step.name, name, token.setdefault(name, next(counter))))
+                kept.append(Kept(step.name, name, token.setdefault(name, next(counter)),
+                                 value=values.get(name)))
     return kept
 
 
@@ -350,4 +358,24 @@ def plan_kept(plan: Plan) -> None:
             kept[i] = dataclasses.replace(other, view=(entry.step, entry.array))
             plan.views.append(KeptView(other.step, other.array, entry.step, entry.array,
                                        element, indices))
+    # A reshape (flatten) of an array that is not contiguous in memory copies it: the array
+    # before and the one after are two. What a step keeps before the reshape is then read from
+    # what a step after it keeps, reshaped back (a view either way).
+    for reshape in (step for step in plan.forward if step.reshape):
+        after = next((e for e in kept if e.value == reshape.output and e.view is None), None)
+        if after is None:
+            continue
+        flat = plan.step(after.step).derivation.form.arrays[after.array]
+        for i, other in enumerate(kept):
+            holder = plan.step(other.step)
+            if (other.value != reshape.inputs[0] or other.view is not None
+                    or holder.eval_form is not None):
+                continue
+            form = holder.derivation.form
+            indices = form.indices_for(form.arrays[other.array])
+            dims = form.arrays[other.array].dims
+            element = flat[indices[0], c_order_position(indices[1:], dims[1:])]
+            kept[i] = dataclasses.replace(other, view=(after.step, after.array))
+            plan.views.append(KeptView(other.step, other.array, after.step, after.array,
+                                       element, indices, reshaped=True))
     plan.kept = kept

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import sympy as sp
 
+from ..declare.forms import N
 from ..derivation.arrays import Lowering
 from ..derivation.plan import Plan, Step, Sum, Vjp
 from ..naming import backward_function, param_key, predict_function
@@ -162,11 +163,15 @@ def _views(builder: ModuleBuilder, plan: Plan, step: Step) -> list[dict]:
         if view.source != step.name:
             continue
         holder = plan.step(view.holder)
-        form = step.derivation.form
-        lowering = Lowering(set(form.arrays), form)
+        read_in = holder if view.reshaped else step  # whose notation the element is in
+        form = read_in.derivation.form
+        lowering = Lowering(set(form.arrays) | {view.source_array}, form)
         numbers = {sp.Symbol(k, integer=True, positive=True): v
-                   for k, v in size_values(step, form).items()}
-        numbers.update({s: sp.Integer(v) for s, v in form.constants.items()})
+                   for k, v in size_values(read_in, form).items()}
+        numbers[N] = sp.Symbol("len(h)")  # the batch: h holds the step's output
+        values = read_in.layer.constant_values()  # this layer's (a shared derivation's are
+        numbers.update({s: sp.Integer(values.get(s.name, v))  # another's of the same math)
+                        for s, v in form.constants.items()})
         value = lowering.lower(view.element, view.indices)
         position = step.kept.index(view.source_array)
         source = sp.Symbol(f'cache["{step.name}"][{position}]')
@@ -181,7 +186,9 @@ def _views(builder: ModuleBuilder, plan: Plan, step: Step) -> list[dict]:
         rows.append(dict(
             target=f'cache["{holder.name}"]',
             value=f"({', '.join(entries)}{',' if len(entries) == 1 else ''})",
-            note=f"{holder.name}'s {view.array}: the interior of {step.name}'s {view.source_array}",
+            note=f"{holder.name}'s {view.array}: "
+            + (f"{step.name}'s {view.source_array}, reshaped back" if view.reshaped
+               else f"the interior of {step.name}'s {view.source_array}"),
         ))
     return rows
 

@@ -79,7 +79,10 @@ def memory_model(net: Net) -> list[LayerMemory]:
         sizes = _sizes(step.placed, form)
         elements = sp.expand(sp.Mul(*array.dims).xreplace(sizes))
         label = f"{step.name}.{array.name}"
-        key = (kept.token, kept.padded or kept.view is not None)
+        source = kept
+        if kept.view is not None:  # counted as the array it views
+            source = next(e for e in plan.kept if (e.step, e.array) == kept.view)
+        key = (source.token, source.padded)
         shared = origin.get(key)
         origin.setdefault(key, label)
         carried = next((c for c in step.derivation.carried if c.array.name == array.name), None)
@@ -112,7 +115,11 @@ def _sizes(item: Placed, form: Forward) -> dict[sp.Symbol, sp.Expr]:
         for dim, value in zip(dims, shape, strict=True):
             if isinstance(dim, sp.Symbol):
                 sizes[dim] = sp.Integer(value)
-    sizes.update(form.constants)
+    # the layer's own values: layers of one math share a derivation, and its form holds the
+    # values of the layer derived first (a padding of 2 where this one pads by 1)
+    values = item.layer.constant_values()
+    sizes.update({s: sp.Integer(values[s.name]) if s.name in values else v
+                  for s, v in form.constants.items()})
     for dim, rule in form.size_rules.items():
         sizes.setdefault(dim, rule.xreplace(sizes))
     return sizes
