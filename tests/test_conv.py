@@ -550,6 +550,7 @@ def test_generated_conv_module_has_no_python_loop_over_pixels_or_batch():
                       "for i, j in offsets:", "for i, j in np.ndindex(windows.shape[-2:]):",
                       "for i, j, first in _first_maxima(windows):",
                       "for i, j in np.ndindex(g.shape[-2:]):",
+                      "for i, j, first in _first_maxima(windows, top):",
                       "for i in range(kernel_rows):", "for chunk in rest:",
                       "for future in futures:",
                       "for o, s, n in zip(offsets, sizes, a.shape[lead:], strict=True):"}

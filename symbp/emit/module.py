@@ -20,7 +20,7 @@ import sympy as sp
 from ..declare.forms import Forward
 from ..declare.layers import Layer
 from ..declare.net import Net, Placed
-from ..derivation.arrays import Lowering, Step
+from ..derivation.arrays import Lowering, Step, WindowArgmaxIndex, WindowMaximum
 from ..derivation.kept import carried_read
 from ..derivation.layer import Carried, LayerDerivation
 from ..derivation.network import NetworkDerivation, derive_cached, derive_network
@@ -255,6 +255,7 @@ class ModuleBuilder:
             (s.name, lowering.lower(stabilize(s.expr).xreplace(kept), s.indices))
             for s in form.stages
         ]
+        outputs = _argmax_from_maxima(outputs)
         cached = [array.name for array in derivation.cached]
         args = [a.name for a in form.inputs + form.params + form.aux]
         kw = keywords([e for _, e in outputs])
@@ -428,6 +429,18 @@ def _kept_type(carried: Carried, lowered: sp.Expr) -> sp.Expr:
     if carried.dtype == "bool" and isinstance(lowered, Step):
         return Positive(lowered.args[0])
     return lowered
+
+
+def _argmax_from_maxima(outputs: list[tuple[str, sp.Expr]]) -> list[tuple[str, sp.Expr]]:
+    """A kept arg-max reads the maxima of the same windows where the forward computes them
+    (max pooling's output): ``_first_argmax(x_windows, y)``, one pass over the windows fewer."""
+    maxima = {v.args: sp.Symbol(t, real=True) for t, v in outputs
+              if isinstance(v, WindowMaximum)}
+    return [
+        (t, WindowArgmaxIndex(*v.args, maxima[v.args]))
+        if isinstance(v, WindowArgmaxIndex) and v.args in maxima else (t, v)
+        for t, v in outputs
+    ]
 
 
 def _without(mapping: dict, key) -> dict:

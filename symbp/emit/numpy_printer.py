@@ -419,7 +419,7 @@ class SymbpNumPyPrinter(NumPyPrinter):
 
     def _print_WindowMaximum(self, expr):  # or a WindowArgmaxIndex: the first_argmax's position
         helper = "window_max" if type(expr).__name__ == "WindowMaximum" else "first_argmax"
-        return f"{self._helper(helper)}({self._print(expr.args[0])})"
+        return f"{self._helper(helper)}({', '.join(self._print(a) for a in expr.args)})"
 
     _print_WindowArgmaxIndex = _print_WindowMaximum
 

@@ -31,16 +31,18 @@ def _window_max_into(out, windows):
         np.maximum(out, windows[..., i, j], out=out)
 
 
-def _first_maxima(windows):
+def _first_maxima(windows, top=None):
     """(i, j, first) for each kernel offset of the windows (last two axes) in row-major order:
     first is True for the windows whose arg-max lies at offset (i, j): the first maximum, or in
     a window that holds a NaN (whose maximum is NaN), its last NaN, as PyTorch's max pooling
     picks it (it takes each value that is greater than the maximum so far, or NaN).
 
     One bool array, overwritten from one offset to the next: use it before taking the next.
+    top: the windows' maxima where the caller has them (_window_max's), else computed here.
     """
-    top = np.empty(windows.shape[:-2], dtype=windows.dtype)
-    _window_max_into(top, windows)
+    if top is None:
+        top = np.empty(windows.shape[:-2], dtype=windows.dtype)
+        _window_max_into(top, windows)
     taken = np.zeros(top.shape, dtype=bool)
     first = np.empty(top.shape, dtype=bool)
     last_nan = _last_nan_offsets(windows, top)
@@ -111,19 +113,27 @@ def _first_max_into(out, windows, g, stride):
         np.multiply(first, g[..., i, j], out=target)
 
 
-def _first_argmax(windows):
+def _first_argmax(windows, top=None):
     """The row-major position i*K_w + j of each window's first maximum (last two axes), as
-    _first_maxima takes it, in the smallest unsigned integer type that holds K_h*K_w - 1."""
+    _first_maxima takes it, in the smallest unsigned integer type that holds K_h*K_w - 1;
+    top: the windows' maxima (_window_max's), where the caller has them."""
     rows, columns = windows.shape[-2:]
-    out = np.empty(windows.shape[:-2], dtype=np.min_scalar_type(max(rows * columns - 1, 0)))
-    _in_parts(lambda part: _first_argmax_into(out[part], windows[part]), out)
+    out = np.zeros(windows.shape[:-2], dtype=np.min_scalar_type(max(rows * columns - 1, 0)))
+    if top is None:
+        _in_parts(lambda part: _first_argmax_into(out[part], windows[part], None), out)
+    else:
+        _in_parts(lambda part: _first_argmax_into(out[part], windows[part], top[part]), out)
     return out
 
 
-def _first_argmax_into(out, windows):
-    """_first_argmax's work, written into out."""
-    for i, j, first in _first_maxima(windows):
-        np.copyto(out, i * windows.shape[-1] + j, where=first)
+def _first_argmax_into(out, windows, top):
+    """_first_argmax's work, added into out (zeros): one window's first maximum is at one
+    offset, so each offset's position times its 0/1 flags sets the windows it holds."""
+    flags = np.empty(out.shape, dtype=out.dtype)
+    for i, j, first in _first_maxima(windows, top):
+        if i or j:
+            np.multiply(first, out.dtype.type(i * windows.shape[-1] + j), out=flags)
+            out |= flags
 
 
 def _argmax_col2im(argmax, g, kernel, stride, dilation):
