@@ -42,6 +42,7 @@ class CacheEntry:
     elements: sp.Expr
     shared_with: str | None = None
     itemsize: int | None = None
+    view: bool = False  # read from ``shared_with``'s array (its interior, or reshaped back)
 
 
 @dataclass
@@ -87,7 +88,8 @@ def memory_model(net: Net) -> list[LayerMemory]:
         origin.setdefault(key, label)
         carried = next((c for c in step.derivation.carried if c.array.name == array.name), None)
         itemsize = 1 if carried is not None and carried.dtype in ("bool", "index") else None
-        entry = CacheEntry(array.name, array.dims, elements, shared, itemsize)
+        entry = CacheEntry(array.name, array.dims, elements, shared, itemsize,
+                           kept.view is not None)
         rows[step.name].entries.append((plan.kept.index(kept), entry))
     for row in rows.values():
         row.entries = [entry for _, entry in sorted(row.entries, key=lambda pair: pair[0])]
