@@ -91,6 +91,11 @@ class LayerDerivation:
         return (*kept, *(c.array for c in self.carried))
 
     @property
+    def param_names(self) -> tuple[str, ...]:
+        """The names of the parameters (read where they are, never cached)."""
+        return tuple(p.name for p in self.form.params)
+
+    @property
     def params_read(self) -> tuple[Array, ...]:
         """The parameters the code's VJPs read."""
         reads = self.stored if self.code_reads is None else self.code_reads
