@@ -20,7 +20,7 @@ import sympy as sp
 from ..declare.forms import Forward
 from ..declare.layers import Layer
 from ..declare.net import Net, Placed
-from ..derivation.arrays import Lowering, Step, WindowArgmaxIndex, WindowMaximum
+from ..derivation.arrays import Lowering
 from ..derivation.kept import carried_read
 from ..derivation.layer import Carried, LayerDerivation
 from ..derivation.network import NetworkDerivation, derive_cached, derive_network
@@ -37,6 +37,7 @@ from ..naming import (
 from ..runtime import registry as runtime
 from ..version import __version__
 from . import template_folder
+from .kept_values import _argmax_from_maxima, _kept_type
 from .layout import MAX_LINE, _sentence, formula, wrap_line, wrap_lines
 from .memory_plan import (
     _dependency_order,
@@ -411,36 +412,6 @@ def _title(layer: Layer) -> str:
     return layer.name if layer.name is not None and layer.function_stem == layer.name else (
         layer.kind
     )
-
-
-class Positive(sp.Function):
-    """``(u > 0)``, a NumPy bool array: a step kept by the forward pass, one byte an element,
-    which the backward multiplies by (``np.multiply(dy, y_positive)``: the numbers of
-    ``np.heaviside(u, 0)``)."""
-
-    nargs = 1
-
-    def _numpycode(self, printer) -> str:  # how NumPy printers print it (as Reshape)
-        return f"({printer._print(self.args[0])} > 0)"
-
-
-def _kept_type(carried: Carried, lowered: sp.Expr) -> sp.Expr:
-    """A kept step as a bool array, ``(y > 0)``, not in the float type (one byte an element)."""
-    if carried.dtype == "bool" and isinstance(lowered, Step):
-        return Positive(lowered.args[0])
-    return lowered
-
-
-def _argmax_from_maxima(outputs: list[tuple[str, sp.Expr]]) -> list[tuple[str, sp.Expr]]:
-    """A kept arg-max reads the maxima of the same windows where the forward computes them
-    (max pooling's output): ``_first_argmax(x_windows, y)``, one pass over the windows fewer."""
-    maxima = {v.args: sp.Symbol(t, real=True) for t, v in outputs
-              if isinstance(v, WindowMaximum)}
-    return [
-        (t, WindowArgmaxIndex(*v.args, maxima[v.args]))
-        if isinstance(v, WindowArgmaxIndex) and v.args in maxima else (t, v)
-        for t, v in outputs
-    ]
 
 
 def _without(mapping: dict, key) -> dict:
