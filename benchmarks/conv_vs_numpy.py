@@ -20,10 +20,15 @@ PyTorch, the generated pass and PyTorch's are timed alone, in alternating blocks
                                        [--keep-freed-memory] [--helper-threads]
 
 Prints, per net and thread count, the times and the ratios generated / hand-written and
-generated / PyTorch. The generated pass is timed round-robin with the hand-written one, then
-alone in blocks of three calls that alternate with blocks of PyTorch's
-(:func:`reference_mlp.time_in_blocks`): the printed generated/PyTorch ratio is the median of
-the block-by-block ratios, which cancels the machine's drift from minute to minute.
+generated / PyTorch; then, per net, what backward keeps (``benchmarks/memory_kept.py``): the
+bytes of the generated cache (each array once, a view counted as the array it views), of the
+tensors PyTorch's autograd saves (``saved_tensors_hooks``, each storage once, parameters
+aside) and the minimum the derived backward needs (``symbp.flow.memory.minimum_bytes``).
+
+The generated pass is timed round-robin with the hand-written one, then alone in blocks of
+three calls that alternate with blocks of PyTorch's (:func:`reference_mlp.time_in_blocks`): the
+printed generated/PyTorch ratio is the median of the block-by-block ratios, which cancels the
+machine's drift from minute to minute.
 
 The generated module and the hand-written pass allocate fresh arrays on every call; with
 glibc's default settings the big ones go back to the kernel when freed and page-fault in
@@ -54,6 +59,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import memory_kept  # noqa: E402
 from reference_mlp import (  # noqa: E402
     add_native_blas_argument,
     blas_description,
@@ -433,6 +439,13 @@ def main(argv: list[str] | None = None) -> int:
                          f"{times['pytorch'] * 1e3:8.1f}ms"
                          f"{times['gen/torch']:11.2f}")
             print(line, flush=True)
+        # What backward keeps (benchmarks/memory_kept.py): the generated cache, PyTorch's
+        # saved tensors and the minimum, one training step at the benchmark's batch.
+        from symbp.declare.spec import parse_spec
+
+        batch = 8 if args.quick else SHAPES[net][1]
+        row = memory_kept.measure(parse_spec(spec_text(net)), batch, dtype)
+        print(memory_kept.line(f"{net} {args.dtype} batch={batch}", row), flush=True)
     return 0
 
 

@@ -48,6 +48,7 @@ GOALS = {"handwritten": 1.0, "gemm_only": 1.10, "torch": 1.0}
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+import memory_kept  # noqa: E402
 import reference_mlp as ref  # noqa: E402
 
 
@@ -269,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
         fresh = ratios["generated_fresh"]
         print(f"    cpu:  {cpu}")
         print(f"    generated (reusing the last gradients) / generated (new arrays) {fresh:.3f}")
+    # What backward keeps (benchmarks/memory_kept.py): the generated cache, PyTorch's saved
+    # tensors and the minimum, one training step at the benchmark's batch.
+    for dtype in args.dtypes:
+        row = memory_kept.measure(reference_net(), args.batch, np.dtype(dtype).type)
+        print(memory_kept.line(f"mlp {dtype} batch={args.batch}", row))
     return 0
 
 

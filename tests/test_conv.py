@@ -777,7 +777,7 @@ def test_the_gradient_out_of_pooling_is_reused_by_the_next_layer_back():
     lenet = load_spec(ROOT / "examples" / "lenet.toml")
     module = load_module(generate_module(lenet))
     in_place = []  # per ReLU backward on images: whether it computed in the pool's gradient
-    relu_backward = module.relu_backward
+    relu_backward = module.relu_mask_backward
 
     def recorded(dy, *args, **kwargs):
         dx = relu_backward(dy, *args, **kwargs)
@@ -785,7 +785,7 @@ def test_the_gradient_out_of_pooling_is_reused_by_the_next_layer_back():
             in_place.append(np.shares_memory(dx, dy))
         return dx
 
-    module.relu_backward = recorded
+    module.relu_mask_backward = recorded
     params, x, y = make_inputs(lenet, module, batch=2, seed=1)
     module.loss_and_grads(params, x, y)
     assert in_place == [True, True]  # the two ReLUs on images, each right before a pool

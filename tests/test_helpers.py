@@ -18,7 +18,13 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 from symbp import runtime
-from symbp.runtime.pooling import _first_argmax_mask, _first_max_col2im, _window_max
+from symbp.runtime.pooling import (
+    _argmax_col2im,
+    _first_argmax,
+    _first_argmax_mask,
+    _first_max_col2im,
+    _window_max,
+)
 from symbp.runtime.products import (
     _banded_window_route,
     _cheaper_banded_scatter,
@@ -194,6 +200,28 @@ def test_first_max_col2im_routes_each_window_gradient_to_its_first_maximum(
     composed = _col2im(
         _first_argmax_mask(windows) * g[..., None, None], kernel, stride, dilation)
     assert np.array_equal(got, composed)
+    # Read from the kept arg-max positions (what max pooling's forward keeps): the same bits.
+    kept = _argmax_col2im(_first_argmax(windows), g[..., None, None], kernel, stride, dilation)
+    assert kept.dtype == dtype and np.array_equal(kept, got)
+    assert np.array_equal(_first_argmax(windows, _window_max(windows)), _first_argmax(windows))
+
+
+@pytest.mark.parametrize("kernel", [(2, 2), (3, 2), (1, 1), (16, 17)])
+def test_first_argmax_is_the_row_major_position_of_the_first_maximum(kernel):
+    """The position np.argmax gives over each flattened window (its first maximum), in the
+    smallest unsigned type that holds K_h*K_w - 1 (uint8 up to 256 positions); with a NaN in a
+    window, that window's last NaN, where _first_argmax_mask puts its 1 (PyTorch's pick)."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 3, size=(2, 3, 2 * kernel[0] + 1, 2 * kernel[1])).astype(float)
+    windows = sliding_window_view(x, kernel, axis=(-2, -1))[..., ::2, ::2, :, :]
+    flat = windows.reshape(*windows.shape[:-2], -1)
+    got = _first_argmax(windows)
+    assert got.dtype == (np.uint8 if kernel[0] * kernel[1] <= 256 else np.uint16)
+    assert np.array_equal(got, flat.argmax(axis=-1))
+    x[0, 0, 0, 0] = x[0, 1, 0, 1] = x[1, 2, 0, 0] = np.nan
+    windows = sliding_window_view(x, kernel, axis=(-2, -1))[..., ::2, ::2, :, :]
+    mask = _first_argmax_mask(windows).reshape(*windows.shape[:-2], -1)
+    assert np.array_equal(_first_argmax(windows), mask.argmax(axis=-1))
 
 
 def test_first_max_col2im_takes_a_g_that_varies_over_the_kernel_offsets():

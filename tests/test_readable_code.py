@@ -111,7 +111,9 @@ def test_user_names_of_hyper_parameters_are_kept():
 
 
 def test_generated_names_come_from_the_naming_module():
-    net = Net([symbp.linear(4), symbp.relu()], input_features=3, loss="mse")
+    # (a ReLU before a linear layer keeps its output, which that layer keeps: relu_*, not
+    # relu_mask_*)
+    net = Net([symbp.linear(4), symbp.relu(), symbp.linear(2)], input_features=3, loss="mse")
     source = generate_module(net)
     for stem in ("linear", "relu", "mse"):
         assert f"def {naming.forward_function(stem)}(" in source

@@ -145,3 +145,22 @@ class FirstArgmax(sp.Function):
 
     def fdiff(self, argindex=1):
         return sp.Integer(0)  # piecewise constant
+
+
+class WindowArgmax(ExprWithLimits):
+    """The row-major position ``i*K_w + j`` of the first arg-max of ``function`` over its limits
+    (a max-pooling window's, ties and NaNs as :class:`FirstArgmax` takes them): what a forward
+    pass keeps in place of the window when the backward reads the window only through
+    ``FirstArgmax``. Not differentiated (an integer)."""
+
+    is_integer = True
+
+
+class ArgmaxAt(sp.Function):
+    """``ArgmaxAt(a, i, j, K_h, K_w)``: 1 where ``a = i*K_w + j``, else 0 -- ``FirstArgmax`` of a
+    window read from the window's kept arg-max position ``a`` (a :class:`WindowArgmax`)."""
+
+    is_real = True
+
+    def fdiff(self, argindex=1):
+        return sp.Integer(0)  # piecewise constant

@@ -148,19 +148,6 @@ class Flipped(ArrayOp):
     """
 
 
-class WindowTensorDot(ArrayOp):
-    """``(a, x, kernel, stride, dilation, axes_a, axes_windows, order)``: the product
-    ``TensorDot(a, Windows(x, kernel, stride, dilation), axes_a, axes_windows, order)``, as one
-    node for the generated module's ``_window_tensordot``, which computes it by im2col or by a
-    banded matrix, whichever costs less for the shapes it gets (emission only)."""
-
-
-class Col2ImTensorDot(ArrayOp):
-    """``(a, b, axes_a, axes_b, order, kernel, stride, dilation)``: the scatter
-    ``Col2Im(TensorDot(a, b, axes_a, axes_b, order), kernel, stride, dilation)``, as one node for
-    the generated module's ``_col2im_tensordot`` (im2col columns or banded rows; emission only)."""
-
-
 class WindowMaximum(ArrayOp):
     """The maximum of each window ``(windows)`` over its last two (kernel) axes."""
 
@@ -169,12 +156,13 @@ class FirstArgmaxMask(ArrayOp):
     """1 at the first maximum of each window ``(windows)`` over its last two axes, else 0."""
 
 
-class FirstMaxCol2Im(ArrayOp):
-    """``(windows, g, kernel, stride, dilation)``: the scatter
-    ``Col2Im(FirstArgmaxMask(windows) * g, kernel, stride, dilation)`` (max pooling's gradient:
-    each window's ``g`` routed to where its first maximum was read), as one node for the
-    generated module's ``_first_max_col2im``, which makes neither the mask nor the product an
-    array of its own (emission only)."""
+class WindowArgmaxIndex(ArrayOp):
+    """The row-major kernel offset ``i*K_w + j`` of each window's first maximum ``(windows)``."""
+
+
+class ArgmaxMask(ArrayOp):
+    """``(a, K_h, K_w)``: 1 at kernel offset ``(i, j)`` of the windows whose arg-max position
+    ``a`` is ``i*K_w + j``, else 0 (axes: ``a``'s, then the kernel's)."""
 
 
 Axes = tuple[sp.Symbol, ...]
@@ -257,15 +245,23 @@ class Lowering:
             if len(set(indices)) == len(indices) and all(i.is_Symbol for i in indices):
                 return self.symbol(expr.base.name), indices
             return self._lower_compound(expr)
-        if type(expr).__name__ == "WindowMax":
+        if type(expr).__name__ in ("WindowMax", "WindowArgmax"):
             self._record(expr.limits)
             array, have = self._lower(expr.function)
             bound = [v for v in expr.variables]
             positions = tuple(have.index(b) for b in bound)
             kept = tuple(a for a in have if a not in bound)
             if isinstance(array, Windows) and positions == (len(have) - 2, len(have) - 1):
-                return WindowMaximum(array), kept
+                op = WindowMaximum if type(expr).__name__ == "WindowMax" else WindowArgmaxIndex
+                return op(array), kept
+            if type(expr).__name__ == "WindowArgmax":
+                raise DerivationError(f"an arg-max over other axes than a window's: {expr}")
             return MaxOver(array, sp.Tuple(*positions)), kept
+        if type(expr).__name__ == "ArgmaxAt":  # a kept arg-max position, at kernel offsets
+            position, *offsets, height, width = expr.args
+            array, have = self._lower(position)
+            self.sizes.update({offsets[0]: height, offsets[1]: width})
+            return ArgmaxMask(array, height, width), (*have, *offsets)
         if type(expr).__name__ == "FirstArgmax":
             window_max = expr.args[0]
             self._record(window_max.limits)

@@ -51,6 +51,9 @@ class Carried(Stage):
     expression the forward pass computes it by instead (a softmax from shifted exponentials)."""
 
     computed: sp.Expr | None = None
+    #: ``None``: the layer's float type; ``"bool"``: a 0/1 step; ``"index"``: a small unsigned
+    #: integer (a window's arg-max position)
+    dtype: str | None = None
 
     @property
     def math(self) -> sp.Expr:
@@ -86,6 +89,11 @@ class LayerDerivation:
         reads = self.stored if self.code_reads is None else self.code_reads
         kept = [self.form.arrays[name] for name in reads if name not in params]
         return (*kept, *(c.array for c in self.carried))
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """The names of the parameters (read where they are, never cached)."""
+        return tuple(p.name for p in self.form.params)
 
     @property
     def params_read(self) -> tuple[Array, ...]:

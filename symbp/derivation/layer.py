@@ -34,6 +34,7 @@ from .keep import (
     _sum_identities,
     apply_rules,
 )
+from .kept import argmax_values, carried_read
 from .kinks import differentiate
 from .readings import computed_form
 from .stable import log_sum_exp_terms, softmax_form, stabilize
@@ -255,7 +256,7 @@ def carried_values(derivation: LayerDerivation) -> tuple[Carried, ...]:
     """
     form = derivation.form
     if not form.elementwise or len(form.stages) != 1:
-        return _softmax_values(derivation)
+        return _softmax_values(derivation) or argmax_values(derivation)
     stage = form.output
     upstream = derivation.upstream.name
     forward = stabilize(stage.expr)
@@ -320,10 +321,10 @@ def _code_reads(derivation: LayerDerivation) -> tuple[str, ...]:
     """The arrays of ``stored`` that the code's VJPs read (the carried values read instead)."""
     form = derivation.form
     upstream = derivation.upstream.name
-    kept = {c.expr: c.array[c.indices] for c in derivation.carried}
     read: set[str] = set()
     for adjoint in derivation.vjp.values():
-        code = stabilize(computed_form(adjoint.expr, upstream, form.gather)).xreplace(kept)
+        code = stabilize(computed_form(adjoint.expr, upstream, form.gather))
+        code = carried_read(code, derivation.carried)
         read |= {_name(element) for element in _elements(code)}
     return tuple(name for name in derivation.stored if name in read)
 

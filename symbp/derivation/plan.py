@@ -20,12 +20,18 @@ module tests no layer's type.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from dataclasses import dataclass, field
+
+import sympy as sp
 
 from ..declare.forms import Forward
 from ..declare.layers import Layer
 from ..declare.net import Net, Placed
 from ..naming import param_key
+from .arrays import c_order_position
+from .kept import sign_variant
 from .layer import LayerDerivation
 from .network import NetworkDerivation, derive_cached, derive_network
 from .reshape import is_reshape
@@ -46,6 +52,9 @@ class Step:
     #: whether gradients reach this step's first input only for the caller (``wrt_input``):
     #: nothing before it has parameters
     input_grad_optional: bool = False
+    #: the form the plan chose for what the step keeps (:func:`plan_kept`): ``""``, the
+    #: derivation's; ``"mask"``, a step ``(y > 0)`` in place of the array ``y`` it reads through it
+    keeps: str = ""
 
     @property
     def name(self) -> str:
@@ -83,6 +92,12 @@ class Step:
     @property
     def draws(self) -> dict[str, tuple[str, tuple[float, ...]]]:
         return self.layer.draws()
+
+    @property
+    def stem_suffix(self) -> str:
+        """Added to the layer's function stem where the step keeps another form
+        (``relu_mask_forward``)."""
+        return f"_{self.keeps}" if self.keeps else ""
 
     @property
     def kept(self) -> list[str]:
@@ -133,6 +148,41 @@ class Sum:
         return f"sum {self.value}"
 
 
+@dataclass(frozen=True)
+class Kept:
+    """One array a step keeps (``cache[step]``): which array of the forward pass it is.
+
+    ``token`` names the array: steps whose kept arrays have the same token keep one array
+    (a ReLU's output is the next linear layer's input). ``padded``: a zero-padded copy of that
+    array (a padded convolution's ``xp``). ``view``: not kept on its own but read from the
+    kept array ``view`` = (step, array), a padded copy of it (:class:`KeptView`)."""
+
+    step: str
+    array: str
+    token: int
+    padded: bool = False
+    view: tuple[str, str] | None = None
+    value: str | None = None  # the plan's value it is (a step's input or output), if any
+
+
+@dataclass(frozen=True)
+class KeptView:
+    """``holder``'s kept ``array`` read from ``source``'s kept ``source_array``: ``element``,
+    in the index notation of ``source``'s forward definition (``xp[n, c, h + padding, w +
+    padding]``), at the indices ``indices`` of the unpadded array; or, ``reshaped``, in the
+    holder's (``x[n, c*H*W + h*W + w]``, the flat array a later step keeps)."""
+
+    holder: str
+    array: str
+    source: str
+    source_array: str
+    element: sp.Expr
+    indices: tuple[sp.Symbol, ...]
+    #: ``element`` is in ``holder``'s notation: ``source_array`` (flat) at the C-order position
+    #: of the holder's indices
+    reshaped: bool = False
+
+
 @dataclass
 class Plan:
     net: Net
@@ -140,6 +190,8 @@ class Plan:
     forward: list[Step]
     backward: list[Vjp | Sum]
     readers: dict[str, list[str]] = field(default_factory=dict)  # value -> steps reading it
+    kept: list[Kept] = field(default_factory=list)  # every kept array, forward order
+    views: list[KeptView] = field(default_factory=list)
 
     def step(self, name: str) -> Step:
         for step in self.forward:
@@ -204,6 +256,7 @@ def build_plan(net: Net, derivation: NetworkDerivation | None = None) -> Plan:
     for step in forward:
         for value in step.inputs:
             plan.readers.setdefault(value, []).append(step.name)
+    plan_kept(plan)
     # Backward: the steps in reverse; a value's gradient is complete once every reader has
     # handed its part back, which in reverse order is at its first reader.
     output = plan.output
@@ -217,3 +270,112 @@ def build_plan(net: Net, derivation: NetworkDerivation | None = None) -> Plan:
                 parts = tuple(plan.grad_name(value, r) for r in reversed(readers))
                 plan.backward.append(Sum(value, plan.grad_name(value), parts))
     return plan
+
+
+# -- what backward keeps ------------------------------------------------------------------------
+def kept_arrays(plan: Plan, names=None) -> list[Kept]:
+    """Each step's kept arrays (or the arrays ``names(step)``), with the array of the forward
+    pass each one is: a step's input is its input value's array, its output a new array unless
+    the forward is its input itself (a reshape, an identity), a zero padding of its input a
+    padded copy of the input's array."""
+    counter = itertools.count()
+    tokens = {INPUT: next(counter)}  # value -> the array it is
+    kept: list[Kept] = []
+    for step in plan.forward:
+        form = step.derivation.form
+        stage = form.output
+        first = form.inputs[0].name
+        token = {first: tokens[step.inputs[0]]}
+        aliases_input = step.reshape or (
+            len(step.inputs) == 1 and stage.expr == form.inputs[0][stage.indices]
+        )
+        token[stage.name] = token[first] if aliases_input else next(counter)
+        tokens[step.output] = token[stage.name]
+        padded = {s.name for s in form.stages if _unpadding(form, s.name) is not None}
+        chosen = [a.name for a in step.derivation.cached] if names is None else names(step)
+        values = {first: step.inputs[0], stage.name: step.output}
+        for name in chosen:
+            if name in padded:
+                kept.append(Kept(step.name, name, token[first], padded=True))
+            else:
+                kept.append(Kept(step.name, name, token.setdefault(name, next(counter)),
+                                 value=values.get(name)))
+    return kept
+
+
+def _unpadding(form: Forward, name: str):
+    """For a stage that zero-pads the layer's input (``xp[n, c, u, v] = x[n, c, u - P, v - P]``),
+    the input's element read from it (``xp[n, c, h + P, w + P]``) and the input's indices
+    ``(n, c, h, w)``; else None."""
+    stage = next((s for s in form.stages if s.name == name), None)
+    if stage is None or len(form.inputs) != 1 or not isinstance(stage.expr, sp.Indexed):
+        return None
+    x = form.inputs[0]
+    if stage.expr.base != x.base or stage.array.dims == x.dims:
+        return None
+    indices = form.indices_for(x)
+    solved = []
+    for own, read, at in zip(stage.indices, stage.expr.indices, indices, strict=True):
+        shift = sp.expand(read - own)
+        if shift.has(*stage.indices):
+            return None
+        solved.append(at - shift)  # read = own + shift at own = at - shift
+    return stage.array[tuple(solved)], indices
+
+
+def plan_kept(plan: Plan) -> None:
+    """Decide what each step keeps, so that backward keeps each array once, in the cheapest
+    form that gives it what it reads:
+
+    * an array that a later step keeps as a zero-padded copy (the next convolution's ``xp``)
+      is read from that copy (a view of its interior) by the steps that keep it too;
+    * an element-wise step whose VJP reads its kept array only through a step (ReLU's
+      ``step(y)``) keeps the step, a bool array, unless another step keeps that array anyway.
+
+    Max pooling's arg-max in place of its input is the layer's own derivation
+    (:func:`~symbp.derivation.kept.argmax_values`)."""
+    kept = kept_arrays(plan)
+    others = {}
+    for entry in kept:
+        others.setdefault(entry.token, []).append(entry)
+    for index, step in enumerate(plan.forward):
+        variant = sign_variant(step.derivation)
+        if variant is None or step.eval_form is not None:
+            continue
+        mine = [e for e in kept if e.step == step.name]
+        if any(e2.step != step.name for e in mine for e2 in others[e.token]):
+            continue  # another step keeps the array: reading it costs nothing
+        plan.forward[index] = dataclasses.replace(step, derivation=variant, keeps="mask")
+    kept = kept_arrays(plan)
+    for entry in [e for e in kept if e.padded]:
+        step = plan.step(entry.step)
+        element, indices = _unpadding(step.derivation.form, entry.array)
+        for i, other in enumerate(kept):
+            holder = plan.step(other.step)
+            if (other.token != entry.token or other.padded or other.view is not None
+                    or holder.eval_form is not None):
+                continue
+            kept[i] = dataclasses.replace(other, view=(entry.step, entry.array))
+            plan.views.append(KeptView(other.step, other.array, entry.step, entry.array,
+                                       element, indices))
+    # A reshape (flatten) of an array that is not contiguous in memory copies it: the array
+    # before and the one after are two. What a step keeps before the reshape is then read from
+    # what a step after it keeps, reshaped back (a view either way).
+    for reshape in (step for step in plan.forward if step.reshape):
+        after = next((e for e in kept if e.value == reshape.output and e.view is None), None)
+        if after is None:
+            continue
+        flat = plan.step(after.step).derivation.form.arrays[after.array]
+        for i, other in enumerate(kept):
+            holder = plan.step(other.step)
+            if (other.value != reshape.inputs[0] or other.view is not None
+                    or holder.eval_form is not None):
+                continue
+            form = holder.derivation.form
+            indices = form.indices_for(form.arrays[other.array])
+            dims = form.arrays[other.array].dims
+            element = flat[indices[0], c_order_position(indices[1:], dims[1:])]
+            kept[i] = dataclasses.replace(other, view=(after.step, after.array))
+            plan.views.append(KeptView(other.step, other.array, after.step, after.array,
+                                       element, indices, reshaped=True))
+    plan.kept = kept

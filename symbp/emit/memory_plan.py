@@ -26,10 +26,10 @@ from ..derivation.arrays import (
     Step,
     TensorDot,
     Windows,
-    WindowTensorDot,
 )
 from .layout import MAX_LINE
 from .numpy_printer import RowVector, array_shape, is_smaller
+from .windows import WindowTensorDot
 
 
 @dataclass

@@ -21,6 +21,7 @@ from ..declare.forms import Forward
 from ..declare.layers import Layer
 from ..declare.net import Net, Placed
 from ..derivation.arrays import Lowering
+from ..derivation.kept import carried_read
 from ..derivation.layer import Carried, LayerDerivation
 from ..derivation.network import NetworkDerivation, derive_cached, derive_network
 from ..derivation.plan import build_plan
@@ -36,6 +37,7 @@ from ..naming import (
 from ..runtime import registry as runtime
 from ..version import __version__
 from . import template_folder
+from .kept_values import _argmax_from_maxima, _kept_type
 from .layout import MAX_LINE, _sentence, formula, wrap_line, wrap_lines
 from .memory_plan import (
     _dependency_order,
@@ -245,15 +247,16 @@ class ModuleBuilder:
         # a value computed from another carried value comes after it
         computed = sorted(carried, key=lambda c: sum(c.expr.has(o.expr) for o in carried))
         outputs = [
-            (c.name, lowering.lower(
+            (c.name, _kept_type(c, lowering.lower(
                 (c.expr if c.computed is None else c.computed).xreplace(_without(kept, c.expr)),
-                c.indices))
+                c.indices)))
             for c in computed
         ]
         outputs += [
             (s.name, lowering.lower(stabilize(s.expr).xreplace(kept), s.indices))
             for s in form.stages
         ]
+        outputs = _argmax_from_maxima(outputs)
         cached = [array.name for array in derivation.cached]
         args = [a.name for a in form.inputs + form.params + form.aux]
         kw = keywords([e for _, e in outputs])
@@ -277,8 +280,10 @@ class ModuleBuilder:
             forward_function(stem),
             ", ".join(args) + kw,
             f"Forward pass of {_title(layer)}; returns the output and what backward needs.",
-            [formula(c.array[c.indices], c.math) for c in computed]
-            + [formula(s.array[s.indices], s.expr) for s in form.stages],
+            # in the order they are computed: a kept step of the output after the output
+            [formula(c.array[c.indices], c.math) for c in computed if c.dtype != "bool"]
+            + [formula(s.array[s.indices], s.expr) for s in form.stages]
+            + [formula(c.array[c.indices], c.math) for c in computed if c.dtype == "bool"],
             statements,
             returns,
             notes=[OVERWRITE_NOTE.format(name=writable)] if overwrites else [],
@@ -297,7 +302,7 @@ class ModuleBuilder:
         grads = [(adjoint(a.name), derivation.vjp[a.name]) for a in form.differentiable]
         exprs = [computed_form(a.expr, upstream, form.gather) for _, a in grads]
         outputs = [
-            (t, lowering.lower(stabilize(e).xreplace(kept), a.indices))
+            (t, lowering.lower(carried_read(stabilize(e), carried), a.indices))
             for (t, a), e in zip(grads, exprs, strict=True)
         ]
         kw = keywords([e for _, e in outputs])

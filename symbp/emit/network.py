@@ -17,8 +17,11 @@ from typing import TYPE_CHECKING
 
 import sympy as sp
 
+from ..declare.forms import N
+from ..derivation.arrays import Lowering
 from ..derivation.plan import Plan, Step, Sum, Vjp
 from ..naming import backward_function, param_key, predict_function
+from .numpy_printer import SymbpNumPyPrinter
 
 if TYPE_CHECKING:
     from .module import ModuleBuilder
@@ -83,9 +86,10 @@ def forward_steps(builder: ModuleBuilder, plan: Plan) -> list[dict]:
             builder.h_owned = False  # a view of its input
             rows.append(row)
             continue
-        stem = builder.stems[step.name]
+        stem = builder.stems[step.name] + step.stem_suffix
         builder.layer_functions(stem, step.layer, step.derivation, step.eval_form)
         function = builder.forward_names[stem]
+        row["views"] = _views(builder, plan, step)
         form = step.derivation.form
         inputs = [f"skip_{step.name}" if _held(plan, step, v) else "h" for v in step.inputs]
         params = [f'params["{key}"]' for key in step.params]
@@ -150,6 +154,45 @@ def forward_steps(builder: ModuleBuilder, plan: Plan) -> list[dict]:
     return rows
 
 
+def _views(builder: ModuleBuilder, plan: Plan, step: Step) -> list[dict]:
+    """After ``step``: the cache entries of earlier steps that read their kept array from the
+    copy ``step`` keeps (a ReLU's output from the next convolution's zero-padded input), so
+    that the array is kept once."""
+    rows = []
+    for view in plan.views:
+        if view.source != step.name:
+            continue
+        holder = plan.step(view.holder)
+        read_in = holder if view.reshaped else step  # whose notation the element is in
+        form = read_in.derivation.form
+        lowering = Lowering(set(form.arrays) | {view.source_array}, form)
+        numbers = {sp.Symbol(k, integer=True, positive=True): v
+                   for k, v in size_values(read_in, form).items()}
+        numbers[N] = sp.Symbol("len(h)")  # the batch: h holds the step's output
+        values = read_in.layer.constant_values()  # this layer's (a shared derivation's are
+        numbers.update({s: sp.Integer(values.get(s.name, v))  # another's of the same math)
+                        for s, v in form.constants.items()})
+        value = lowering.lower(view.element, view.indices)
+        position = step.kept.index(view.source_array)
+        source = sp.Symbol(f'cache["{step.name}"][{position}]')
+        value = value.xreplace(numbers).xreplace({lowering.symbol(view.source_array): source})
+        printer = SymbpNumPyPrinter()
+        printed = printer.doprint(value)
+        builder.helpers |= printer.helpers_used
+        entries = [
+            printed if name == view.array else f'cache["{holder.name}"][{i}]'
+            for i, name in enumerate(holder.kept)
+        ]
+        rows.append(dict(
+            target=f'cache["{holder.name}"]',
+            value=f"({', '.join(entries)}{',' if len(entries) == 1 else ''})",
+            note=f"{holder.name}'s {view.array}: "
+            + (f"{step.name}'s {view.source_array}, reshaped back" if view.reshaped
+               else f"the interior of {step.name}'s {view.source_array}"),
+        ))
+    return rows
+
+
 def _predict_call(step: Step, stem: str) -> str:
     eval_form = step.eval_form
     params = [f'params["{param_key(step.name, p.name)}"]' for p in eval_form.params]
@@ -179,7 +222,7 @@ def _vjp_row(builder: ModuleBuilder, plan: Plan, entry: Vjp) -> dict:
         shape = ", ".join(str(length) for length in step.placed.in_shape)
         line = f"dh = dh.reshape(len(dh), {shape})  # {step.name}"
         return dict(guard=optional, line=line)
-    stem = builder.stems[step.name]
+    stem = builder.stems[step.name] + step.stem_suffix
     function = backward_function(stem)
     form = step.derivation.form
     keep = [f'*cache["{step.name}"]'] if step.kept else []

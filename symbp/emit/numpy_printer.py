@@ -19,20 +19,12 @@ from sympy.printing.precedence import PRECEDENCE, precedence
 #: Functions NumPy lacks: the name printed for each, a function of :mod:`symbp.runtime` (the
 #: printer records the names it prints in ``helpers_used``).
 HELPERS = {
-    "erf": "_erf",
-    "erfc": "_erfc",
-    "col2im": "_col2im",
-    "shifted": "_shifted",
-    "first_argmax_mask": "_first_argmax_mask",
-    "first_max_col2im": "_first_max_col2im",
-    "window_max": "_window_max",
-    "tensordot": "_tensordot",
-    "window_tensordot": "_window_tensordot",
-    "col2im_tensordot": "_col2im_tensordot",
-    "row_vector": "_row_vector",
-    "sigmoid": "_sigmoid",
-    "softplus": "_softplus",
-    "along_rows": "_along_rows",
+    key: f"_{key}"
+    for key in (
+        "erf", "erfc", "col2im", "shifted", "first_argmax_mask", "first_max_col2im",
+        "first_argmax", "argmax_col2im", "window_max", "tensordot", "window_tensordot",
+        "col2im_tensordot", "row_vector", "sigmoid", "softplus", "along_rows",
+    )
 }
 
 
@@ -425,19 +417,26 @@ class SymbpNumPyPrinter(NumPyPrinter):
             f"{self._print_tuple(tuple(sizes))})"
         )
 
-    def _print_WindowMaximum(self, expr):
-        return f"{self._helper('window_max')}({self._print(expr.args[0])})"
+    def _print_WindowMaximum(self, expr):  # or a WindowArgmaxIndex: the first_argmax's position
+        helper = "window_max" if type(expr).__name__ == "WindowMaximum" else "first_argmax"
+        return f"{self._helper(helper)}({', '.join(self._print(a) for a in expr.args)})"
+
+    _print_WindowArgmaxIndex = _print_WindowMaximum
 
     def _print_FirstArgmaxMask(self, expr):
         return f"{self._helper('first_argmax_mask')}({self._print(expr.args[0])})"
 
     def _print_FirstMaxCol2Im(self, expr):
-        windows, g, kernel, stride, dilation = expr.args
+        # windows (or ArgmaxCol2Im: the kept arg-max positions), g, kernel, stride, dilation
+        source, g, kernel, stride, dilation = expr.args
+        helper = "first_max_col2im" if type(expr).__name__ == "FirstMaxCol2Im" else "argmax_col2im"
         kernel_text = f"({', '.join(self._print(k) for k in kernel)})"
         return (
-            f"{self._helper('first_max_col2im')}({self._print(windows)}, {self._print(g)}, "
+            f"{self._helper(helper)}({self._print(source)}, {self._print(g)}, "
             f"{kernel_text}, {self._print(stride)}, {self._print(dilation)})"
         )
+
+    _print_ArgmaxCol2Im = _print_FirstMaxCol2Im
 
     def _print_RowVector(self, expr):
         return f"{self._helper('row_vector')}({self._print(expr.args[0])})"

@@ -328,7 +328,12 @@ def layer_report(derivation: LayerDerivation, unicode: bool = True) -> list[Bloc
     stored = ", ".join(derivation.stored) or "nothing"
     lines.append(Text(f"  backward reads from the forward pass: {stored}"))
     for carried in derivation.carried:
+        replaced = [n for n in derivation.stored if derivation.code_reads is not None
+                    and n not in derivation.code_reads and n not in derivation.param_names]
         kept = f"  the generated code keeps {carried.name} too (computed once for both passes):"
+        if replaced and carried.dtype == "index":  # max pooling: the arg-max, not the input
+            kept = (f"  the generated code keeps {carried.name} in place of "
+                    f"{', '.join(replaced)} (what its backward reads of it):")
         lines.append(Text(kept))
         lines.append(_pretty(carried.array[carried.indices], carried.math, unicode))
     return lines

@@ -11,15 +11,41 @@ from __future__ import annotations
 import sympy as sp
 
 from ..derivation.arrays import (
+    ArgmaxMask,
+    ArrayOp,
     Col2Im,
-    Col2ImTensorDot,
     FirstArgmaxMask,
-    FirstMaxCol2Im,
     Shifted,
     TensorDot,
     Windows,
-    WindowTensorDot,
 )
+
+
+# -- the nodes printed for the generated module's helpers (emission only) ----------------------
+class WindowTensorDot(ArrayOp):
+    """``(a, x, kernel, stride, dilation, axes_a, axes_windows, order)``: the product
+    ``TensorDot(a, Windows(x, kernel, stride, dilation), axes_a, axes_windows, order)``, as one
+    node for the generated module's ``_window_tensordot``, which computes it by im2col or by a
+    banded matrix, whichever costs less for the shapes it gets (emission only)."""
+
+
+class Col2ImTensorDot(ArrayOp):
+    """``(a, b, axes_a, axes_b, order, kernel, stride, dilation)``: the scatter
+    ``Col2Im(TensorDot(a, b, axes_a, axes_b, order), kernel, stride, dilation)``, as one node for
+    the generated module's ``_col2im_tensordot`` (im2col columns or banded rows; emission only)."""
+
+
+class ArgmaxCol2Im(ArrayOp):
+    """``(a, g, kernel, stride, dilation)``: ``Col2Im(ArgmaxMask(a) * g, ...)``, each window's
+    ``g`` routed to its kept arg-max, for ``_argmax_col2im`` (emission only)."""
+
+
+class FirstMaxCol2Im(ArrayOp):
+    """``(windows, g, kernel, stride, dilation)``: the scatter
+    ``Col2Im(FirstArgmaxMask(windows) * g, kernel, stride, dilation)`` (max pooling's gradient:
+    each window's ``g`` routed to where its first maximum was read), as one node for the
+    generated module's ``_first_max_col2im``, which makes neither the mask nor the product an
+    array of its own (emission only)."""
 
 
 def _name_windows(exprs: list[sp.Expr]) -> tuple[list[tuple[str, sp.Expr]], list[sp.Expr]]:
@@ -60,10 +86,14 @@ def _name_windows(exprs: list[sp.Expr]) -> tuple[list[tuple[str, sp.Expr]], list
             product, *geometry = expr.args
             a, b, *axes = product.args
             return Col2ImTensorDot(visit(a), visit(b), *axes, *geometry)
-        routed = _first_max_routing(expr)
+        routed = _first_max_routing(expr, FirstArgmaxMask)
         if routed is not None:
             windows, g = routed
-            return FirstMaxCol2Im(visit(windows), visit(g), *expr.args[1:])
+            return FirstMaxCol2Im(visit(windows.args[0]), visit(g), *expr.args[1:])
+        routed = _first_max_routing(expr, ArgmaxMask)
+        if routed is not None:
+            mask, g = routed
+            return ArgmaxCol2Im(visit(mask.args[0]), visit(g), *expr.args[1:])
         expr = expr.func(*[visit(arg) for arg in expr.args])
         if isinstance(expr, Windows):
             expr = expr.func(padded(expr.args[0]), *expr.args[1:])
@@ -77,13 +107,14 @@ def _name_windows(exprs: list[sp.Expr]) -> tuple[list[tuple[str, sp.Expr]], list
     return [(str(symbol), node) for node, symbol in named.items()], exprs
 
 
-def _first_max_routing(expr: sp.Expr) -> tuple[sp.Expr, sp.Expr] | None:
-    """``(windows, g)`` when ``expr`` is ``Col2Im(FirstArgmaxMask(windows) * g, ...)``."""
+def _first_max_routing(expr: sp.Expr, kind) -> tuple[sp.Expr, sp.Expr] | None:
+    """``(mask, g)`` when ``expr`` is ``Col2Im(mask * g, ...)`` for a ``kind`` mask (a window's
+    first maximum: ``FirstArgmaxMask(windows)``, or its kept position: ``ArgmaxMask(a, ...)``)."""
     if not isinstance(expr, Col2Im):
         return None
     factors = sp.Mul.make_args(expr.args[0])
-    masks = [f for f in factors if isinstance(f, FirstArgmaxMask)]
+    masks = [f for f in factors if isinstance(f, kind)]
     if len(masks) != 1 or len(factors) < 2:
         return None
     (mask,) = masks
-    return mask.args[0], sp.Mul(*[f for f in factors if f is not mask])
+    return mask, sp.Mul(*[f for f in factors if f is not mask])

@@ -271,7 +271,7 @@ def _bytes(count: int) -> str:
 def memory_table(net, model, batches, dtype, *, seed: int, module=None) -> str:
     """What backward keeps, per layer, as a formula; totals predicted (and, given the generated
     ``module``, measured on a random batch) for each batch size."""
-    from .memory import measure_cache, predicted_bytes, total_elements
+    from .memory import measure_cache, minimum_bytes, predicted_bytes, total_elements
 
     lines = [f"Kept for backward (the generated cache), {dtype}"]
     arrays = {
@@ -285,13 +285,19 @@ def memory_table(net, model, batches, dtype, *, seed: int, module=None) -> str:
     for layer in model:
         for entry in layer.entries:
             note = f"same array as {entry.shared_with}" if entry.shared_with else ""
+            if entry.view:
+                note = f"a view of {entry.shared_with}"
+            if entry.itemsize:
+                note = f"{entry.itemsize} byte an element"
             lines.append(
                 f"{layer.layer:<20} {arrays[id(entry)]:<{width}} "
                 f"{sp.sstr(sp.Mul(*entry.dims)):<10} {sp.sstr(entry.elements):<12} {note}"
             )
     lines.append(f"total: {sp.sstr(total_elements(model))} elements")
+    lines.append("minimum: what the derived backward reads, each array once, in the fewest bits")
     for batch in batches:
         predicted = predicted_bytes(model, batch, dtype)
+        lines.append(f"  N = {batch:<6} {_bytes(minimum_bytes(net, batch, dtype)):>12} minimum")
         if module is None:
             lines.append(f"  N = {batch:<6} {_bytes(predicted):>12} predicted")
             continue

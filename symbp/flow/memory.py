@@ -16,7 +16,7 @@ check the two agree.
 
 from __future__ import annotations
 
-import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,21 +24,25 @@ import sympy as sp
 
 from ..declare.forms import Array, Forward, N
 from ..declare.net import Net, Placed
-from ..derivation.plan import INPUT, build_plan
+from ..derivation.kept import ARGMAX, FULL, read_forms
+from ..derivation.plan import build_plan, kept_arrays
 
 
 @dataclass
 class CacheEntry:
     """One array a layer keeps: its name, symbolic dims, element count as a polynomial in N.
 
-    ``shared_with`` names the earlier cache entry (``relu2.y``) that holds the same array, in
-    which case it adds nothing to the total.
-    """
+    ``shared_with`` names the other cache entry (``relu2.y``) that holds the same array, or
+    whose array it is a view of (``conv2.xp``, a zero-padded copy of the same values), in which
+    case it adds nothing to the total. ``itemsize``: bytes per element where it is not the
+    float type's (1 for a bool step or a small arg-max position)."""
 
     name: str
     dims: tuple[sp.Expr, ...]
     elements: sp.Expr
     shared_with: str | None = None
+    itemsize: int | None = None
+    view: bool = False  # read from ``shared_with``'s array (its interior, or reshaped back)
 
 
 @dataclass
@@ -60,33 +64,35 @@ class LayerMemory:
 def memory_model(net: Net) -> list[LayerMemory]:
     """The cache of ``net``'s generated forward pass, layer by layer (declaration order).
 
-    The plan's forward steps give each value's array: a step's output is a new array unless
-    its forward is its input itself (a reshape, an identity); a step reading several values
-    (a residual block's ``x + F(x)``) keeps what its VJP needs, which for a sum is nothing.
+    The plan (:func:`~symbp.derivation.plan.plan_kept`) gives each kept array the array of the
+    forward pass it is: a step's output is a new array unless its forward is its input itself
+    (a reshape, an identity); a step reading several values (a residual block's ``x + F(x)``)
+    keeps what its VJP needs, which for a sum is nothing; an array read from another step's
+    zero-padded copy is that copy's.
     """
-    counter = itertools.count()
-    origin: dict[int, str] = {}  # array token -> the entry that first kept it
-    tokens = {INPUT: next(counter)}  # value -> the array it is
-    rows: dict[str, LayerMemory] = {}
     plan = build_plan(net)
-    for step in plan.forward:
+    origin: dict[int, str] = {}  # array token -> the entry that first kept it
+    rows: dict[str, LayerMemory] = {step.name: LayerMemory(step.name, []) for step in plan.forward}
+    for kept in sorted(plan.kept, key=lambda k: k.view is not None):  # the copies first
+        step = plan.step(kept.step)
         form = step.derivation.form
-        stage = form.output
-        token = {form.inputs[0].name: tokens[step.inputs[0]]}
-        aliases_input = step.reshape or (
-            len(step.inputs) == 1 and stage.expr == form.inputs[0][stage.indices]
-        )
-        token[stage.name] = token[form.inputs[0].name] if aliases_input else next(counter)
-        tokens[step.output] = token[stage.name]
+        array = next(a for a in step.derivation.cached if a.name == kept.array)
         sizes = _sizes(step.placed, form)
-        entries = []
-        for array in step.derivation.cached:
-            kept = token.setdefault(array.name, next(counter))
-            elements = sp.expand(sp.Mul(*array.dims).xreplace(sizes))
-            shared = origin.get(kept)
-            origin.setdefault(kept, f"{step.name}.{array.name}")
-            entries.append(CacheEntry(array.name, array.dims, elements, shared))
-        rows[step.name] = LayerMemory(step.name, entries)
+        elements = sp.expand(sp.Mul(*array.dims).xreplace(sizes))
+        label = f"{step.name}.{array.name}"
+        source = kept
+        if kept.view is not None:  # counted as the array it views
+            source = next(e for e in plan.kept if (e.step, e.array) == kept.view)
+        key = (source.token, source.padded)
+        shared = origin.get(key)
+        origin.setdefault(key, label)
+        carried = next((c for c in step.derivation.carried if c.array.name == array.name), None)
+        itemsize = 1 if carried is not None and carried.dtype in ("bool", "index") else None
+        entry = CacheEntry(array.name, array.dims, elements, shared, itemsize,
+                           kept.view is not None)
+        rows[step.name].entries.append((plan.kept.index(kept), entry))
+    for row in rows.values():
+        row.entries = [entry for _, entry in sorted(row.entries, key=lambda pair: pair[0])]
     return [rows[item.name] for item in plan.derivation.layers]
 
 
@@ -111,7 +117,11 @@ def _sizes(item: Placed, form: Forward) -> dict[sp.Symbol, sp.Expr]:
         for dim, value in zip(dims, shape, strict=True):
             if isinstance(dim, sp.Symbol):
                 sizes[dim] = sp.Integer(value)
-    sizes.update(form.constants)
+    # the layer's own values: layers of one math share a derivation, and its form holds the
+    # values of the layer derived first (a padding of 2 where this one pads by 1)
+    values = item.layer.constant_values()
+    sizes.update({s: sp.Integer(values[s.name]) if s.name in values else v
+                  for s, v in form.constants.items()})
     for dim, rule in form.size_rules.items():
         sizes.setdefault(dim, rule.xreplace(sizes))
     return sizes
@@ -123,14 +133,23 @@ def total_elements(model: list[LayerMemory]) -> sp.Expr:
 
 
 def predicted_bytes(model: list[LayerMemory], batch: int, dtype) -> int:
-    return int(total_elements(model).subs(N, batch)) * np.dtype(dtype).itemsize
+    size = np.dtype(dtype).itemsize
+    return sum(
+        int(entry.elements.subs(N, batch)) * (entry.itemsize or size)
+        for layer in model
+        for entry in layer.entries
+        if entry.shared_with is None
+    )
 
 
 def measured_bytes(cache: dict) -> int:
-    """Bytes of the arrays a generated ``cache`` holds, each distinct array object once."""
+    """Bytes of the arrays a generated ``cache`` holds, each distinct array once: a view is
+    counted by the array it views (its base), once however many views read it."""
     seen: dict[int, int] = {}
     for entries in cache.values():
         for array in entries:
+            while isinstance(array.base, np.ndarray):
+                array = array.base
             seen[id(array)] = array.nbytes
     return sum(seen.values())
 
@@ -142,3 +161,47 @@ def measure_cache(net: Net, module, *, batch: int, dtype, seed: int = 0) -> int:
     x = rng.standard_normal((batch, *net.input_shape)).astype(dtype)
     _, cache = module.forward(params, x, train=True, rng=rng)
     return measured_bytes(cache)
+
+
+def minimum_bytes(net: Net, batch: int, dtype) -> int:
+    """The least memory from which the derived backward can run: what its formulas read,
+    each array of the forward pass once, in the least bits that determine what is read.
+
+    For each layer, :func:`~symbp.derivation.kept.read_forms` tells how its VJPs read each
+    array (parameters aside, the backward reads them where they are): read whole, the array
+    costs its elements in the float type (a zero-padded copy only its unpadded values: the
+    zeros are known); read only through a step (ReLU's ``step(y)``), one bit an element; read
+    only through each window's first arg-max (max pooling), ``ceil(log2(K_h*K_w))`` bits a
+    window. An array read in several ways by several layers costs the most of them if one
+    reads it whole (the rest follows from it), else the sum of its bits. Not counted: packing
+    across arrays, recomputation (keeping less and running part of the forward pass again).
+    """
+    plan = build_plan(net)
+    size = np.dtype(dtype).itemsize
+    params = {step.name: {p.name for p in step.derivation.form.params} for step in plan.forward}
+    needs: dict[int, dict[str, int]] = {}  # array token -> bits by way of reading
+    for kept in kept_arrays(plan, lambda step: [n for n in step.derivation.stored
+                                                if n not in params[step.name]]):
+        step = plan.step(kept.step)
+        form = step.derivation.form
+        sizes = _sizes(step.placed, form)
+        how = read_forms(step.derivation)[kept.array]
+        array = form.inputs[0] if kept.padded else form.arrays[kept.array]
+        elements = int(sp.Mul(*array.dims).xreplace(sizes).subs(N, batch))
+        if how == FULL:
+            bits = elements * size * 8
+        elif how == ARGMAX:
+            windows = form.output.array
+            count = int(sp.Mul(*windows.dims).xreplace(sizes).subs(N, batch))
+            window = form.output.expr
+            positions = int(sp.Mul(*[h - lo + 1 for _, lo, h in window.limits]).xreplace(sizes))
+            bits = count * max(1, math.ceil(math.log2(positions)))
+        else:
+            bits = elements
+        ways = needs.setdefault(kept.token, {})
+        ways[how] = max(ways.get(how, 0), bits)
+    total = 0
+    for ways in needs.values():
+        bits = ways[FULL] if FULL in ways else sum(ways.values())
+        total += math.ceil(bits / 8)
+    return total

@@ -30,7 +30,6 @@ import sympy as sp
 from ..checking.gradcheck import load_module, make_inputs
 from ..declare.net import Net, Placed
 from ..derivation.layer import LayerDerivation
-from ..derivation.network import derive_cached
 from ..derivation.plan import Plan, Step, Sum, build_plan
 from ..emit.module import function_stems, generate_module
 from ..emit.network import size_values
@@ -83,7 +82,8 @@ def backward_trace(
         if step.reshape:  # a reshape in the generated code, no function of its own
             result = (upstream.reshape(len(upstream), *step.placed.in_shape),)
         else:
-            result = _run_vjp(module, params, cache, step, stems[step.name], upstream)
+            stem = stems[step.name] + step.stem_suffix  # the form the plan chose to keep
+            result = _run_vjp(module, params, cache, step, stem, upstream)
         values.update(zip(entry.produces, result, strict=False))
         trace.grads.update(zip(step.grads, result[len(step.inputs) :], strict=True))
         trace.grad_in[step.name] = result[0]
@@ -124,11 +124,10 @@ def loss_gradient(net: Net, module: types.ModuleType, out: np.ndarray, y) -> tup
 # -- bounds at given values ---------------------------------------------------------------------
 def layer_arrays(net: Net, name: str, params, cache) -> dict[str, np.ndarray]:
     """A layer's parameters and cached arrays by their names in its formulas."""
-    item = net.find(name)
     prefix = f"{name}."
     arrays = {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
     if name in cache:
-        derivation = derive_cached(item.layer, item.in_shape)
+        derivation = plan_for(net).step(name).derivation  # the form the plan chose to keep
         arrays.update(zip(cached_names(derivation), cache[name], strict=True))
     return arrays
 

@@ -4,7 +4,10 @@ routed to it.
 Contract: over windows whose last two axes are the kernel offsets, ``_window_max`` is each
 window's maximum, ``_first_argmax_mask`` is 1 at each window's first maximum (row-major order)
 and 0 elsewhere, and ``_first_max_col2im`` is ``_col2im(mask*g, ...)`` for that mask, computed
-without making the mask or the product as arrays.
+without making the mask or the product as arrays. ``_first_argmax`` is the row-major position
+``i*K_w + j`` of each window's first maximum, in the smallest unsigned integer type that holds
+``K_h*K_w - 1`` (what a forward pass keeps); ``_argmax_col2im`` is ``_first_max_col2im`` read
+from those positions: the same mask, the same products, the same bits.
 """
 
 import numpy as np
@@ -28,16 +31,18 @@ def _window_max_into(out, windows):
         np.maximum(out, windows[..., i, j], out=out)
 
 
-def _first_maxima(windows):
+def _first_maxima(windows, top=None):
     """(i, j, first) for each kernel offset of the windows (last two axes) in row-major order:
     first is True for the windows whose arg-max lies at offset (i, j): the first maximum, or in
     a window that holds a NaN (whose maximum is NaN), its last NaN, as PyTorch's max pooling
     picks it (it takes each value that is greater than the maximum so far, or NaN).
 
     One bool array, overwritten from one offset to the next: use it before taking the next.
+    top: the windows' maxima where the caller has them (_window_max's), else computed here.
     """
-    top = np.empty(windows.shape[:-2], dtype=windows.dtype)
-    _window_max_into(top, windows)
+    if top is None:
+        top = np.empty(windows.shape[:-2], dtype=windows.dtype)
+        _window_max_into(top, windows)
     taken = np.zeros(top.shape, dtype=bool)
     first = np.empty(top.shape, dtype=bool)
     last_nan = _last_nan_offsets(windows, top)
@@ -104,5 +109,57 @@ def _first_max_into(out, windows, g, stride):
     maximum lies there and 0 elsewhere, written into out[..., i::stride, j::stride] (windows
     that tile out) or, with stride None, into the columns out[..., i, j]."""
     for i, j, first in _first_maxima(windows):
+        target = out[..., i, j] if stride is None else out[..., i::stride, j::stride]
+        np.multiply(first, g[..., i, j], out=target)
+
+
+def _first_argmax(windows, top=None):
+    """The row-major position i*K_w + j of each window's first maximum (last two axes), as
+    _first_maxima takes it, in the smallest unsigned integer type that holds K_h*K_w - 1;
+    top: the windows' maxima (_window_max's), where the caller has them."""
+    rows, columns = windows.shape[-2:]
+    out = np.zeros(windows.shape[:-2], dtype=np.min_scalar_type(max(rows * columns - 1, 0)))
+    if top is None:
+        _in_parts(lambda part: _first_argmax_into(out[part], windows[part], None), out)
+    else:
+        _in_parts(lambda part: _first_argmax_into(out[part], windows[part], top[part]), out)
+    return out
+
+
+def _first_argmax_into(out, windows, top):
+    """_first_argmax's work, added into out (zeros): one window's first maximum is at one
+    offset, so each offset's position times its 0/1 flags sets the windows it holds."""
+    flags = np.empty(out.shape, dtype=out.dtype)
+    for i, j, first in _first_maxima(windows, top):
+        if i or j:
+            np.multiply(first, out.dtype.type(i * windows.shape[-1] + j), out=flags)
+            out |= flags
+
+
+def _argmax_col2im(argmax, g, kernel, stride, dilation):
+    """Each window's g (broadcast against the windows) added where the window's arg-max
+    (its row-major kernel offset in argmax) was read, 0 elsewhere: _col2im(mask*g, kernel,
+    stride, dilation) for the 0/1 mask argmax == i*K_w + j, with neither the mask nor the
+    product made as an array."""
+    *lead, rows, columns = argmax.shape
+    g = np.broadcast_to(g, (*argmax.shape, *kernel))
+    tiling = dilation == 1 and kernel[0] == kernel[1] == stride
+    if tiling:  # windows without overlap: each kernel offset's entries fill their own slice
+        out = np.empty((*lead, rows * stride, columns * stride), dtype=g.dtype)
+    else:  # the columns, laid out kernel offset by kernel offset, then scatter-added
+        out = np.empty((*lead, *kernel, rows, columns), dtype=g.dtype)
+        out = np.moveaxis(out, (-4, -3), (-2, -1))
+    _in_parts(lambda part: _argmax_into(
+        out[part], argmax[part], g[part], stride if tiling else None), out)
+    return out if tiling else _col2im(out, kernel, stride, dilation)
+
+
+def _argmax_into(out, argmax, g, stride):
+    """_argmax_col2im's work: for each kernel offset (i, j), g where the windows' arg-max is
+    i*K_w + j and 0 elsewhere, written into out[..., i::stride, j::stride] (windows that tile
+    out) or, with stride None, into the columns out[..., i, j]."""
+    first = np.empty(argmax.shape, dtype=bool)
+    for i, j in np.ndindex(g.shape[-2:]):
+        np.equal(argmax, i * g.shape[-1] + j, out=first)
         target = out[..., i, j] if stride is None else out[..., i::stride, j::stride]
         np.multiply(first, g[..., i, j], out=target)
