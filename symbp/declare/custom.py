@@ -158,6 +158,8 @@ class Custom(Layer):
         groups.append(("stage", "stages", stage_names))
         for what, field, names in groups:
             for item in names:
+                if item in seen and seen[item] == what:
+                    raise SpecError(f"{what} {item!r} is declared twice", field=field)
                 if item in seen:
                     raise SpecError(f"{item!r} is both a {seen[item]} and a {what}", field=field)
                 seen[item] = what
@@ -304,10 +306,16 @@ class Custom(Layer):
     # -- what a layer declares ------------------------------------------------------------------
     def forward_form(self, in_shape):
         stages, arrays, constants = self._built(in_shape)
+        # each size is indexed, in the derived formulas, by the first index the user gave it
         letters: dict[sp.Symbol, str] = {N: "n"}
+        dims = {name: array.dims for name, array in arrays.items()}
         for stage in stages:
+            dims[stage.name] = stage.array.dims
             for item, dim in zip(stage.indices, stage.array.dims, strict=True):
                 letters.setdefault(dim, item.name)
+            for element in sorted(stage.expr.atoms(sp.Indexed), key=sp.default_sort_key):
+                for item, dim in zip(element.indices, dims[str(element.base)], strict=True):
+                    letters.setdefault(dim, str(item))
         return Forward(
             inputs=(arrays["x"],),
             params=tuple(arrays[key] for key in self.params),

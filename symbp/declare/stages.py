@@ -228,7 +228,7 @@ class StageBuilder:
             declared = f" (declared {shape!r})" if shape is not None else ""
             raise SpecError(
                 f"{written}: {name} has {len(array.dims)} axes{declared}, "
-                f"but {len(indices)} indices are given"
+                f"but {len(indices)} {'index is' if len(indices) == 1 else 'indices are'} given"
             )
         symbols = []
         for item, dim in zip(indices, array.dims, strict=True):
