@@ -113,6 +113,8 @@ def _check_node(node: ast.AST) -> None:
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitXor):
         raise SpecError("'^' is not a power; write a**2")
     if isinstance(node, ast.Call):
+        if isinstance(node.func, ast.Attribute):
+            raise SpecError(f"attribute access ({ast.unparse(node.func)}) is not allowed")
         if not isinstance(node.func, ast.Name) or node.func.id not in CALLABLE:
             func = node.func.id if isinstance(node.func, ast.Name) else ast.unparse(node.func)
             raise SpecError(
