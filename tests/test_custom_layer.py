@@ -338,7 +338,8 @@ def test_bad_stages_are_one_line_naming_the_file_layer_and_field(case, capsys, t
         ('init = { gamma = "glorot" }', "field 'init.gamma': must be one of fan, zeros, ones"),
         ('sizes = { K = 0 }', "field 'sizes.K': must be a positive integer"),
         ('input_sizes = ["C", "H"]', "field 'input_sizes': names 2 sizes"),
-        ("keep = true", "field 'keep': unknown field for custom"),
+        ('keep = ["z"]', "field 'keep': must be a list of stage names (of y)"),
+        ("bogus = 1", "field 'bogus': unknown field for custom"),
     ],
 )
 def test_bad_fields_are_one_line(extra, message, capsys, tmp_path):
@@ -390,3 +391,55 @@ def test_an_array_read_through_a_view_is_not_overwritten():
 
     assert_agree(forward_backward(net, params, x, dout), torch_grads(torch, reference, params,
                                                                      x, dout))
+
+
+def test_keep_chooses_what_backward_reads_and_the_gradients_stay_right():
+    """Layer norm as batch norm is declared (invstd, xhat) with ``keep``: backward reads the
+    stages named and agrees with F.layer_norm."""
+    torch = pytest.importorskip("torch")
+    functional = torch.nn.functional
+    norm = symbp.layer(
+        [
+            "mu[n] = mean(x[n, j], j)",
+            "var[n] = mean((x[n, j] - mu[n])**2, j)",
+            "invstd[n] = 1 / sqrt(var[n] + eps)",
+            "xhat[n, j] = (x[n, j] - mu[n]) * invstd[n]",
+            "y[n, j] = gamma[j] * xhat[n, j] + beta[j]",
+        ],
+        params={"gamma": "D", "beta": "D"},
+        constants={"eps": 1e-5},
+        keep=["xhat", "invstd"],
+        name="ln",
+    )
+    net = symbp.Net([norm], input_features=6)
+    source = symbp.codegen(net)
+    reads = source.split("def ln_backward(")[1].split(")")[0]
+    assert "xhat" in reads and "invstd" in reads and "mu" not in reads
+    params = random_params(net, seed=11)
+    rng = np.random.default_rng(12)
+    x, dout = rng.standard_normal((5, 6)), rng.standard_normal((5, 6))
+
+    def reference(t):
+        return functional.layer_norm(t["x"], (6,), t["ln.gamma"], t["ln.beta"], eps=1e-5)
+
+    assert_agree(forward_backward(net, params, x, dout), torch_grads(torch, reference, params,
+                                                                     x, dout))
+
+
+@pytest.mark.parametrize("sign", [-1, -3])
+def test_a_negative_product_of_a_matrix_product_is_printed_with_its_parentheses(sign):
+    """``-a*b*(c @ d)``: sympy prints a negative product at a sum's precedence, where Python's
+    ``@`` (of ``*``'s precedence) once lost its parentheses, ``-a*b*c @ d``."""
+    import sympy as sp
+
+    from symbp.derivation.arrays import Dot
+    from symbp.emit.numpy_printer import SymbpNumPyPrinter
+
+    a, b, c, d = sp.symbols("a b c d")
+    code = SymbpNumPyPrinter().doprint(sign * a * b * Dot(c, d))
+    rng = np.random.default_rng(13)
+    values = {"a": rng.standard_normal(5), "b": rng.standard_normal(5),
+              "c": rng.standard_normal((5, 6)), "d": rng.standard_normal(6)}
+    expected = sign * values["a"] * values["b"] * (values["c"] @ values["d"])
+    computed = eval(code, {"np": np}, values)  # the printer's own output, not user text
+    np.testing.assert_allclose(computed, expected, rtol=1e-12)

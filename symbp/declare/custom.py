@@ -100,6 +100,7 @@ class Custom(Layer):
         sizes: dict[str, int] | None = None,
         input_sizes: list[str] | None = None,
         init: dict[str, Any] | None = None,
+        keep: list[str] | None = None,
         name: str | None = None,
     ) -> None:
         super().__init__(name=name)
@@ -139,6 +140,19 @@ class Custom(Layer):
         self.input_sizes = input_sizes
         self._check_names()
         self.init = self._init(_table(init, field="init"))
+        self.keep = self._keep(keep)
+
+    def _keep(self, keep: Any) -> tuple[str, ...] | None:
+        """The stages the backward pass reads (None: symbp chooses what it keeps)."""
+        if keep is None:
+            return None
+        stage_names = [stage_name for stage_name, _, _ in self.parsed]
+        if not isinstance(keep, list | tuple) or not all(item in stage_names for item in keep):
+            raise SpecError(
+                f"must be a list of stage names (of {', '.join(stage_names)}), got {keep!r}",
+                field="keep",
+            )
+        return tuple(keep)
 
     def _check_names(self) -> None:
         """Each name means one thing: a parameter, a constant, a size or a stage."""
@@ -321,6 +335,7 @@ class Custom(Layer):
             params=tuple(arrays[key] for key in self.params),
             stages=tuple(stages),
             constants={symbol: exact(self.constants[key]) for key, symbol in constants.items()},
+            keep=self.keep,
             letters=letters,
         )
 
@@ -339,7 +354,7 @@ class Custom(Layer):
     def math_key(self, in_shape):
         return (
             self.kind, len(in_shape), self.texts, tuple(self.params.items()),
-            tuple(self.constants), tuple(self.sizes), self.input_sizes,
+            tuple(self.constants), tuple(self.sizes), self.input_sizes, self.keep,
         )
 
     @property
