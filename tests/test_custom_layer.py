@@ -284,7 +284,7 @@ BAD_STAGES = {
     ),
     "a parameter with too few axes": (
         "{ W = \"D\" }", ["y[n, k] = sum(x[n, j] * W[j, k], j)"],
-        "W[j, k]: W has 1 axes (declared 'D'), but 2 indices are given",
+        "W[j, k]: W has 1 axis (declared 'D'), but 2 indices are given",
     ),
     "a parameter indexed along another size": (
         "{ gamma = \"D\" }", ["y[n, j] = gamma[n] * x[n, j]"],

@@ -229,7 +229,8 @@ class StageBuilder:
             shape = self.names.shapes.get(name)
             declared = f" (declared {shape!r})" if shape is not None else ""
             raise SpecError(
-                f"{written}: {name} has {len(array.dims)} axes{declared}, "
+                f"{written}: {name} has {len(array.dims)} "
+                f"{'axis' if len(array.dims) == 1 else 'axes'}{declared}, "
                 f"but {len(indices)} {'index is' if len(indices) == 1 else 'indices are'} given"
             )
         symbols = []
