@@ -443,3 +443,40 @@ def test_a_negative_product_of_a_matrix_product_is_printed_with_its_parentheses(
     expected = sign * values["a"] * values["b"] * (values["c"] @ values["d"])
     computed = eval(code, {"np": np}, values)  # the printer's own output, not user text
     np.testing.assert_allclose(computed, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "stage",
+    [
+        "y[n, j] = " + "-" * 1500 + "x[n, j]",
+        "y[n, j] = x[n, j] + " + "+".join(["D"] * 900),
+    ],
+    ids=["minus signs", "a long sum"],
+)
+def test_a_deeply_nested_stage_is_one_line(stage, capsys, tmp_path):
+    path = tmp_path / "deep.toml"
+    path.write_text(spec("{}", [stage]), encoding="utf-8")
+    assert "nested too deeply" in one_line_error(capsys, ["derive", str(path)])
+
+
+def test_a_layer_on_images_agrees_with_pytorch():
+    """A mean over the image's height and width (the sizes H and W): the engine once failed
+    comparing its kept forms, with an unevaluated sum over a size it had given the value 0.37."""
+    torch = pytest.importorskip("torch")
+    center = symbp.layer(
+        ["m[n, c] = mean(x[n, c, h, w], h, w)",
+         "y[n, c, h, w] = g[c] * (x[n, c, h, w] - m[n, c])"],
+        params={"g": "C"},
+        name="center",
+    )
+    net = symbp.Net([center], input_shape=(2, 4, 3))
+    params = random_params(net, seed=14)
+    rng = np.random.default_rng(15)
+    x, dout = rng.standard_normal((3, 2, 4, 3)), rng.standard_normal((3, 2, 4, 3))
+
+    def reference(t):
+        mean = t["x"].mean(dim=(2, 3), keepdim=True)
+        return t["center.g"][:, None, None] * (t["x"] - mean)
+
+    assert_agree(forward_backward(net, params, x, dout), torch_grads(torch, reference, params,
+                                                                     x, dout))

@@ -66,6 +66,8 @@ def parse_stage(text: object) -> tuple[str, tuple[str, ...], ast.expr]:
         tree = ast.parse(text.strip(), mode="exec")
     except SyntaxError as err:
         raise SpecError(f"{text!r} is not valid syntax: {err.msg}") from None
+    except (RecursionError, MemoryError):
+        raise SpecError("the expression is nested too deeply for Python's parser") from None
     if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assign):
         raise SpecError(f"{text!r} is not one stage 'name[n, j] = expression'")
     assign = tree.body[0]
@@ -327,7 +329,10 @@ def build_stage(
     """The sympy right-hand side of ``stage[free] = rhs`` and the size each free index runs
     over, once every index is bound and every range agrees."""
     builder = StageBuilder(names, stage, free)
-    expr = builder.build(rhs)
+    try:
+        expr = builder.build(rhs)
+    except RecursionError:  # a chain of a thousand operators: Python's stack, not a reason
+        raise SpecError("the expression is nested too deeply (split it into stages)") from None
     for use in builder.uses:
         if use.index not in free:
             raise SpecError(
