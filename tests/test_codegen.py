@@ -777,6 +777,18 @@ EVERYTHING = textwrap.dedent(
     type = "prelu"
 
     [[layers]]
+    type = "custom"
+    name = "ln"
+    params = { gamma = "D", beta = "D" }
+    constants = { eps = 1e-5 }
+    init = { gamma = "ones" }
+    stages = [
+      "mu[n] = sum(x[n, j], j) / D",
+      "var[n] = sum((x[n, j] - mu[n])**2, j) / D",
+      "y[n, j] = gamma[j] * (x[n, j] - mu[n]) / sqrt(var[n] + eps) + beta[j]",
+    ]
+
+    [[layers]]
     type = "linear"
     out = 8
 
