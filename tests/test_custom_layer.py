@@ -307,6 +307,10 @@ BAD_STAGES = {
     "two statements": ("{}", ["y[n, j] = x[n, j]; import os"], "is not one stage"),
     "a keyword argument": ("{}", ["y[n, j] = sum(x[n, j], axis=1)"], "positional arguments"),
     "an index expression": ("{}", ["y[n, j] = x[n, j + 1]"], "subscripts are index names"),
+    "a diagonal": (
+        "{ W = \"D, D\" }", ["y[n, j] = x[n, j] * W[j, j]"],
+        "W[j, j]: index 'j' appears twice in one subscript (a diagonal)",
+    ),
     "an index used as a number": ("{}", ["y[n, j] = x[n, j] * j"], "index 'j' is used as"),
     "an output without the batch first": (
         "{}", ["y[j] = sum(x[n, j], n)"], "its first index, and only that one, must run over",
@@ -477,6 +481,24 @@ def test_a_layer_on_images_agrees_with_pytorch():
     def reference(t):
         mean = t["x"].mean(dim=(2, 3), keepdim=True)
         return t["center.g"][:, None, None] * (t["x"] - mean)
+
+    assert_agree(forward_backward(net, params, x, dout), torch_grads(torch, reference, params,
+                                                                     x, dout))
+
+
+def test_a_scalar_parameter_scaling_everything_agrees_with_pytorch():
+    """``y = s * x``: ds contracts every axis, a matrix product of shape (); the runtime's
+    _tensordot once refused to reshape it (``reshape()`` with no shape)."""
+    torch = pytest.importorskip("torch")
+    net = symbp.Net([symbp.linear(3, name="fc"),
+                     symbp.layer(["y[n, j] = x[n, j] * s"], params={"s": ""}, name="scale")],
+                    input_features=2)
+    params = random_params(net, seed=16)
+    rng = np.random.default_rng(17)
+    x, dout = rng.standard_normal((4, 2)), rng.standard_normal((4, 3))
+
+    def reference(t):
+        return (t["x"] @ t["fc.W"] + t["fc.b"]) * t["scale.s"]
 
     assert_agree(forward_backward(net, params, x, dout), torch_grads(torch, reference, params,
                                                                      x, dout))

@@ -227,6 +227,12 @@ class StageBuilder:
             )
         array = self.names.arrays[name]
         written = ast.unparse(node)
+        twice = sorted({item for item in indices if indices.count(item) > 1})
+        if twice:  # the engine eliminates one index per Kronecker delta; a diagonal needs two
+            raise SpecError(
+                f"{written}: index {twice[0]!r} appears twice in one subscript (a diagonal), "
+                "which symbp does not derive"
+            )
         if len(indices) != len(array.dims):
             shape = self.names.shapes.get(name)
             declared = f" (declared {shape!r})" if shape is not None else ""
