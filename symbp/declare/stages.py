@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import math
+import re
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -98,8 +99,16 @@ def _subscript_names(node: ast.Subscript) -> tuple[str, ...]:
                 f"subscript [{ast.unparse(item)}] of {ast.unparse(node.value)}: subscripts are "
                 "index names (x[n, j]), not expressions or numbers"
             )
+        if not _INDEX.match(item.id):
+            raise SpecError(
+                f"index {item.id!r} of {ast.unparse(node.value)}: an index name is ASCII letters, "
+                "digits and '_', starting with a letter"
+            )
         names.append(item.id)
     return tuple(names)
+
+
+_INDEX = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
 
 
 _ALLOWED = (
@@ -203,6 +212,14 @@ class StageBuilder:
             f"parameter or an earlier stage (known: {names.known()})"
         )
 
+    def _named(self, name: str) -> bool:
+        """Whether ``name`` is a size, a constant or an array (a stage, later ones too), which
+        no index may be called."""
+        names = self.names
+        return name == self.stage or any(
+            name in group for group in (names.sizes, names.constants, names.arrays, names.later)
+        )
+
     def _not_defined_yet(self, name: str) -> None:
         if name == self.stage:
             raise SpecError(f"stage {name!r} reads itself")
@@ -243,9 +260,7 @@ class StageBuilder:
             )
         symbols = []
         for item, dim in zip(indices, array.dims, strict=True):
-            if item in self.names.sizes or item in self.names.constants or (
-                item in self.names.arrays
-            ):
+            if self._named(item):
                 raise SpecError(
                     f"{written}: {item!r} is not an index name (it names a size, a constant or "
                     "an array)"
@@ -285,10 +300,11 @@ class StageBuilder:
                 )
             if name in self.summed or over.count(name) > 1:
                 raise SpecError(f"{written}: index {name!r} is summed over twice")
-            if name in self.names.sizes or name in self.names.constants or (
-                name in self.names.arrays
-            ):
-                raise SpecError(f"{written}: {name!r} is not an index name")
+            if self._named(name):
+                raise SpecError(
+                    f"{written}: {name!r} is not an index name (it names a size, a constant or "
+                    "an array)"
+                )
         start = len(self.uses)
         self.summed.extend(over)
         body = self.build(node.args[0])
