@@ -502,3 +502,18 @@ def test_a_scalar_parameter_scaling_everything_agrees_with_pytorch():
 
     assert_agree(forward_backward(net, params, x, dout), torch_grads(torch, reference, params,
                                                                      x, dout))
+
+
+def test_flow_reads_the_softmax_jacobian_off_its_derivation(capsys, tmp_path):
+    """dy[n, k'']/dx[n, k] = (delta(k, k'') - y[n, k''])*y[n, k], softmax's textbook Jacobian.
+    The output index was once named like the index dx sums over (k'), and differentiating by
+    it turned the sum into sum_k'(y[n, k'])."""
+    path = tmp_path / "soft.toml"
+    path.write_text(
+        'input = { features = 3 }\n\n[[layers]]\ntype = "custom"\nname = "soft"\n'
+        'stages = ["s[n] = sum(exp(x[n, k]), k)", "y[n, j] = exp(x[n, j]) / s[n]"]\n',
+        encoding="utf-8",
+    )
+    assert cli_main(["flow", str(path), "--jacobian-batch", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "= (delta(k, k'') - y[n, k''])*y[n, k] delta(n, n')" in out
