@@ -26,6 +26,9 @@ from .declare.conv import (
 from .declare.conv import (
     MaxPool2d as maxpool2d,
 )
+from .declare.custom import (
+    Custom as layer,
+)
 from .declare.layers import (
     Activation as activation,
 )
@@ -164,6 +167,7 @@ __all__ = [
     "elu",
     "flatten",
     "gelu",
+    "layer",
     "leaky_relu",
     "linear",
     "load_spec",

@@ -94,6 +94,27 @@ CUSTOM = {
     "-max(x, 0)": lambda h: -anp.maximum(h, 0.0),
 }
 
+def _layer_norm(layer, p, h):
+    mean = anp.mean(h, axis=1, keepdims=True)
+    var = anp.mean((h - mean) ** 2, axis=1, keepdims=True)  # biased, as nn.LayerNorm
+    return p("gamma") * (h - mean) / anp.sqrt(var + layer.constants["eps"]) + p("beta")
+
+
+#: Layers declared by their stages (symbp.layer) in the tests and examples, by their stages,
+#: written out by hand.
+CUSTOM_LAYERS = {
+    (
+        "mu[n] = sum(x[n, j], j) / D",
+        "var[n] = sum((x[n, j] - mu[n])**2, j) / D",
+        "y[n, j] = gamma[j] * (x[n, j] - mu[n]) / sqrt(var[n] + eps) + beta[j]",
+    ): _layer_norm,
+    (
+        "z[n, k] = sum(x[n, j] * W[j, k], j)",
+        "y[n, k] = z[n, k] * tanh(s * z[n, k])",
+    ): lambda layer, p, h: (h @ p("W")) * anp.tanh(p("s") * (h @ p("W"))),
+}
+
+
 #: Built-in element-wise layers, from their definitions (issue #3 and the layer docstrings).
 ELEMENTWISE: dict[str, Callable] = {
     "sigmoid": lambda layer, h: _sigmoid(h),
@@ -139,6 +160,8 @@ def oracle_forward(items: list[Placed], params, h, *, train: bool, state, rng, p
                                    peaks=peaks)
         elif kind == "prelu":
             h = anp.where(h > 0, h, p("alpha") * h)
+        elif kind == "custom":  # a layer declared by its stages: the same math, by hand
+            h = CUSTOM_LAYERS[layer.texts](layer, p, h)
         elif kind == "rrelu":
             if train:  # the same draw, from a generator seeded alike, as the generated module's
                 slope = rng.uniform(layer.lower, layer.upper, size=h.shape)
@@ -281,6 +304,13 @@ LAYER_ROWS: dict[str, Callable[[], list]] = {
         symbp.activation("x*tanh(log(1 + exp(x)))", name="mish"),
         symbp.linear(5),
         symbp.activation("sin(x) + x**2/4", name="wave"),
+    ],
+    "custom": lambda: [
+        symbp.linear(5),
+        symbp.layer([*CUSTOM_LAYERS][0], params={"gamma": "D", "beta": "D"},
+                    constants={"eps": 1e-3}, init={"gamma": "ones"}, name="ln"),
+        symbp.layer([*CUSTOM_LAYERS][1], params={"W": "D, K", "s": ""}, sizes={"K": 4},
+                    init={"s": 0.5}),
     ],
     "residual": lambda: [
         symbp.linear(5),
@@ -781,6 +811,18 @@ EVERYTHING = textwrap.dedent(
 
     [[layers]]
     type = "prelu"
+
+    [[layers]]
+    type = "custom"
+    name = "ln"
+    params = { gamma = "D", beta = "D" }
+    constants = { eps = 1e-5 }
+    init = { gamma = "ones" }
+    stages = [
+      "mu[n] = sum(x[n, j], j) / D",
+      "var[n] = sum((x[n, j] - mu[n])**2, j) / D",
+      "y[n, j] = gamma[j] * (x[n, j] - mu[n]) / sqrt(var[n] + eps) + beta[j]",
+    ]
 
     [[layers]]
     type = "linear"

@@ -89,6 +89,12 @@ CASES = [
     Case("activation_abs", "activation", lambda: layers.Activation("abs(x)")),
     Case("activation_misc", "activation", lambda: layers.Activation("asinh(x)*atan(x)")),
     Case("residual_add", "residual", lambda: layers.Residual([layers.Linear(3)])),
+    # A layer declared by its stages (symbp.layer): layer norm, over the features.
+    Case("custom_layernorm", "custom", lambda: symbp.layer(
+        ["mu[n] = mean(x[n, j], j)", "var[n] = mean((x[n, j] - mu[n])**2, j)",
+         "y[n, j] = gamma[j] * (x[n, j] - mu[n]) / sqrt(var[n] + eps) + beta[j]"],
+        params={"gamma": "D", "beta": "D"}, constants={"eps": 1e-5},
+    ), SMALL, ((2, 2), (3, 2))),
     Case("mse", "mse", layers.Mse),
     Case("softmax_cross_entropy", "softmax_cross_entropy", layers.SoftmaxCrossEntropy),
     Case("bce_with_logits", "bce_with_logits", layers.BceWithLogits),

@@ -90,9 +90,20 @@ def _reuse_memory(
     """
     statements = []
     local: set[str] = set()
+    # what each value that is not a new array may be a view of (``dy_2 = dy[:, :, None]``):
+    # reading it later reads those arrays' memory, so none of them may be a donor before
+    views: dict[str, set[str]] = {}
+    for target, value in ordered:
+        if isinstance(value, sp.Symbol | Windows) or (
+            isinstance(value, _VIEWS) and not _is_fresh(value)
+        ):
+            views[target] = set().union(
+                *[{s.name, *views.get(s.name, ())} for s in value.free_symbols]
+            )
     for position, (target, value) in enumerate(ordered):
         later = set().union(*[v.free_symbols for _, v in ordered[position + 1 :]])
         later_names = {s.name for s in later} | returned
+        later_names |= set().union(*[views.get(name, set()) for name in later_names])
         shape = shapes.get(target)
         donors = []
         for symbol in sorted(value.free_symbols, key=lambda s: s.name):

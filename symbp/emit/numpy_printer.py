@@ -88,6 +88,12 @@ class SymbpNumPyPrinter(NumPyPrinter):
     def _print_Mul(self, expr):
         if expr.is_number and not expr.is_Rational:
             return self._print_constant(expr)
+        from ..derivation.arrays import Dot
+
+        if expr.as_coeff_Mul()[0].is_negative and any(isinstance(f, Dot) for f in expr.args):
+            # sympy prints a negative product at the precedence of a sum, where a matrix
+            # product needs no parentheses: ``-a*b @ c`` would be ``(-a*b) @ c``
+            return f"-{self.parenthesize(-expr, PRECEDENCE['Mul'] - 1)}"
         steps = frozenset(f for f in expr.args if _is_step(f))
         coefficient, _ = expr.as_coeff_Mul()
         if steps and coefficient == 1 and any(not _is_step(f) for f in expr.args):

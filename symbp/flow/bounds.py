@@ -175,7 +175,9 @@ def jacobian_entry(derivation: LayerDerivation) -> tuple[sp.Expr, sp.Expr]:
     source = form.inputs[0]
     vjp = derivation.vjp[source.name]
     output = form.output.array
-    taken = {i.name for i in vjp.indices}
+    # not the name of an index summed over in dx either: d/d dy[n, k'] of sum_k'(dy[n, k'] ...)
+    # would differentiate the bound k' as if it were the free one
+    taken = {i.name for i in vjp.indices} | {s.name for s in vjp.expr.atoms(sp.Symbol)}
     out_indices = []
     for index in form.indices_for(output):
         name = index.name

@@ -26,7 +26,8 @@ def _tensordot(a, b, axes_a, axes_b):
     free_a = [axis for axis in range(a.ndim) if axis not in axes_a]
     free_b = [axis for axis in range(b.ndim) if axis not in axes_b]
     product = _as_matrix(a, free_a, axes_a) @ _as_matrix(b, axes_b, free_b)
-    return product.reshape(*[a.shape[k] for k in free_a], *[b.shape[k] for k in free_b])
+    # one tuple: every axis contracted leaves the shape (), which reshape() alone refuses
+    return product.reshape((*[a.shape[k] for k in free_a], *[b.shape[k] for k in free_b]))
 
 
 def _as_matrix(a, rows, columns):
