@@ -14,6 +14,9 @@ exact formulas, generate a NumPy module, check it against finite differences, ex
 import os
 
 from .checking import gradcheck as _gradcheck
+from .declare.canon import (
+    LayerNorm as layer_norm,
+)
 from .declare.conv import (
     AvgPool2d as avgpool2d,
 )
@@ -164,6 +167,7 @@ __all__ = [
     "elu",
     "flatten",
     "gelu",
+    "layer_norm",
     "leaky_relu",
     "linear",
     "load_spec",

@@ -131,6 +131,11 @@ def oracle_forward(items: list[Placed], params, h, *, train: bool, state, rng, p
             else:
                 mean, var = state[f"{item.name}.running_mean"], state[f"{item.name}.running_var"]
             h = p("gamma") * (h - mean) / anp.sqrt(var + layer.eps) + p("beta")
+        elif kind == "layer_norm":  # per sample, over its features, biased variance
+            axes = tuple(range(1, h.ndim))
+            mean = anp.mean(h, axis=axes, keepdims=True)
+            var = anp.mean((h - mean) ** 2, axis=axes, keepdims=True)
+            h = p("gamma") * (h - mean) / anp.sqrt(var + layer.eps) + p("beta")
         elif kind == "residual":
             h = h + oracle_forward(item.body, params, h, train=train, state=state, rng=rng,
                                    peaks=peaks)
@@ -273,6 +278,7 @@ LAYER_ROWS: dict[str, Callable[[], list]] = {
         symbp.linear(5), symbp.prelu(), symbp.linear(5), symbp.prelu(shared=False, init=0.1)
     ],
     "rrelu": lambda: [symbp.linear(5), symbp.rrelu(lower=0.1, upper=0.4)],
+    "layer_norm": lambda: [symbp.linear(5), symbp.layer_norm(eps=1e-3)],
     "activation": lambda: [
         symbp.linear(5),
         symbp.activation("x*tanh(log(1 + exp(x)))", name="mish"),

@@ -1,0 +1,91 @@
+"""The canon: layer norm, softmax and log-softmax along the features, global average pooling,
+dropout.
+
+Each is one registered class declaring its forward pass in index notation, like every other
+layer; every backward pass, compact form and stable rewrite is derived by
+:mod:`symbp.derivation` (no derivative is written here).
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+
+from .base import IMAGE_DIMS, LETTERS, F, Layer, _number, exact, register
+from .forms import Array, Forward, N, Stage, index
+
+C, H, W = IMAGE_DIMS
+
+
+def _sample_layout(in_shape):
+    """The input's dims and per-element indices, and each per-sample index's bound partner
+    (``j`` -> ``k``, ``c`` -> ``k``, ``h`` -> ``r``, ``w`` -> ``s``) for sums over a sample."""
+    if len(in_shape) == 1:
+        return (N, F), (index("n"), index("j")), (index("k"),)
+    if len(in_shape) == 3:
+        idx = (index("n"), index("c"), index("h"), index("w"))
+        return (N, C, H, W), idx, (index("k"), index("r"), index("s"))
+    from ..errors import SpecError
+
+    raise SpecError(f"expects feature vectors or images (C, H, W), got {list(in_shape)}")
+
+
+@register
+class LayerNorm(Layer):
+    """Layer normalization over each sample's features (PyTorch's ``nn.LayerNorm``).
+
+    ``y = gamma * (x - mu) / sqrt(var + eps) + beta``, ``mu`` and the biased ``var`` taken over
+    one sample's features: the last axis of feature vectors ``(F,)``, the whole ``(C, H, W)`` of
+    an image (``nn.LayerNorm([C, H, W])``); ``gamma`` and ``beta`` have the sample's shape.
+    The same in training and evaluation: no running state.
+    """
+
+    kind = "layer_norm"
+    init = {"gamma": "ones", "beta": "zeros"}
+    init_looks_through = True
+    EPS = sp.Symbol("eps", positive=True)  # named as the user writes it
+
+    def __init__(self, *, eps: float = 1e-5, name: str | None = None):
+        super().__init__(name=name)
+        self.eps = _number(eps, field="eps", positive=True)
+
+    def output_shape(self, in_shape):
+        _sample_layout(in_shape)
+        return in_shape
+
+    def param_shapes(self, in_shape):
+        return {"gamma": tuple(in_shape), "beta": tuple(in_shape)}
+
+    def constant_values(self):
+        return {"eps": self.eps}
+
+    def forward_form(self, in_shape):
+        dims, idx, bound = _sample_layout(in_shape)
+        n, features = idx[0], dims[1:]
+        x = Array("x", dims)
+        gamma, beta = Array("gamma", features), Array("beta", features)
+        mu, var = Array("mu", (N,)), Array("var", (N,))
+        invstd, xhat = Array("invstd", (N,), positive=True), Array("xhat", dims)
+        element = x[(n, *bound)]
+        limits = [(b, 0, d - 1) for b, d in zip(bound, features, strict=True)]
+        count = sp.Mul(*features)
+        stages = (
+            Stage(mu, (n,), sp.Sum(element, *limits) / count),
+            Stage(var, (n,), sp.Sum((element - mu[n]) ** 2, *limits) / count),
+            Stage(invstd, (n,), 1 / sp.sqrt(var[n] + self.EPS)),
+            Stage(xhat, idx, (x[idx] - mu[n]) * invstd[n]),
+            Stage(Array("y", dims), idx, gamma[idx[1:]] * xhat[idx] + beta[idx[1:]]),
+        )
+        return Forward(
+            inputs=(x,),
+            params=(gamma, beta),
+            stages=stages,
+            constants={self.EPS: exact(self.eps)},
+            keep=("xhat", "invstd"),
+            letters=LETTERS,
+        )
+
+    def math_key(self, in_shape):
+        return (self.kind, len(in_shape))
+
+    def describe(self):
+        return "layer_norm" if self.eps == 1e-5 else f"layer_norm(eps={self.eps!r})"
