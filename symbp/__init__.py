@@ -17,6 +17,12 @@ from .checking import gradcheck as _gradcheck
 from .declare.canon import (
     LayerNorm as layer_norm,
 )
+from .declare.canon import (
+    LogSoftmax as log_softmax,
+)
+from .declare.canon import (
+    Softmax as softmax,
+)
 from .declare.conv import (
     AvgPool2d as avgpool2d,
 )
@@ -171,6 +177,7 @@ __all__ = [
     "leaky_relu",
     "linear",
     "load_spec",
+    "log_softmax",
     "maxpool2d",
     "notes",
     "parse_spec",
@@ -180,6 +187,7 @@ __all__ = [
     "rrelu",
     "sigmoid",
     "silu",
+    "softmax",
     "softplus",
     "tanh",
     "DerivationError",

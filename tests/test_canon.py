@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 import pytest
+import sympy
 
 import symbp
 from symbp.checking.gradcheck import check_spec, load_module
@@ -51,6 +52,10 @@ def torch_forward(items, params, h, *, train: bool, masks: dict | None = None):
             h = h.flatten(1)
         elif kind == "layer_norm":
             h = tF.layer_norm(h, tuple(h.shape[1:]), p("gamma"), p("beta"), eps=layer.eps)
+        elif kind == "softmax":
+            h = tF.softmax(h, dim=1)
+        elif kind == "log_softmax":
+            h = tF.log_softmax(h, dim=1)
         elif kind == "gelu":
             h = tF.gelu(h)
         elif kind == "relu":
@@ -194,3 +199,72 @@ eps = %s
             symbp.parse_spec(spec % bad)
     with pytest.raises(SpecError, match="momentum.*unknown field for layer_norm"):
         symbp.parse_spec(spec % "1e-5" + "momentum = 0.1\n")
+
+
+# --------------------------------------------------------------------------- softmax, log_softmax
+
+
+def test_softmax_compact_backward_is_the_textbook_form_derived():
+    """``dx = y * (dy - sum_k y * dy)``: derived by the engine from the forward declaration."""
+    derivation = derive_layer(symbp.softmax().forward_form((4,)))
+    form = derivation.form
+    y, dy = form.arrays["y"].base, derivation.upstream.base
+    n, j = derivation.vjp["x"].indices
+    k = sympy.Symbol("k", integer=True)
+    F = form.arrays["x"].dims[1]
+    textbook = y[n, j] * (dy[n, j] - sympy.Sum(y[n, k] * dy[n, k], (k, 0, F - 1)))
+    assert sympy.expand(derivation.vjp["x"].expr - textbook) == 0
+    assert derivation.stored == ("y",)
+    assert_proven(symbp.softmax(), (4,), N=2, F=3)
+
+
+def test_log_softmax_compact_backward_reads_the_kept_softmax():
+    """``dx = dy - softmax(x) * sum_k dy``, the softmax kept by the forward pass."""
+    derivation = derive_layer(symbp.log_softmax().forward_form((4,)))
+    assert [c.array.name for c in derivation.carried] == ["softmax_x"]
+    assert derivation.code_reads == ()  # nothing but the kept softmax
+    assert_proven(symbp.log_softmax(), (4,), N=2, F=3)
+
+
+def test_softmax_and_log_softmax_agree_with_torch():
+    net = Net([symbp.linear(5, name="fc1"), symbp.softmax(name="sm"), symbp.linear(6),
+               symbp.log_softmax(name="lsm"), symbp.linear(3)],
+              input_features=4, loss="softmax_cross_entropy")
+    assert_agrees_with_torch(net)
+    net = Net([symbp.linear(4), symbp.log_softmax(), symbp.layer_norm(), symbp.linear(4),
+               symbp.softmax()], input_features=3, loss="mse")
+    assert_agrees_with_torch(net, seed=3)
+
+
+def test_softmax_forward_does_not_overflow():
+    """Inputs of 1000 (exp overflows float64 at 710): the outputs and gradients are PyTorch's."""
+    for layer, function in ((symbp.softmax(), tF.softmax), (symbp.log_softmax(), tF.log_softmax)):
+        net = Net([layer], input_features=3, loss="mse")
+        module = load_module(generate_module(net))
+        x = np.array([[1000.0, 999.0, -1000.0], [-800.0, -801.0, -805.0]])
+        dy = np.array([[0.3, -1.0, 2.0], [1.0, 0.5, -0.25]])
+        with np.errstate(over="raise", invalid="raise", divide="raise"):
+            out, cache = module.forward({}, x)
+            grads = module.backward({}, cache, dy)
+        tx = torch.tensor(x, requires_grad=True)
+        want = function(tx, dim=1)
+        want.backward(torch.tensor(dy))
+        assert np.all(np.isfinite(out)) and relative_error(out, want.detach().numpy()) < 1e-15
+        assert relative_error(grads["x"], tx.grad.numpy()) < 1e-15
+
+
+def test_softmax_toml_and_its_errors():
+    spec = """
+input = { %s }
+loss = "mse"
+[[layers]]
+type = "%s"
+name = "s"
+"""
+    for kind in ("softmax", "log_softmax"):
+        net = symbp.parse_spec(spec % ("features = 4", kind))
+        assert check_spec(net, batch=3, seed=0).passed
+        with pytest.raises(SpecError, match=f"layer 's'.*{kind} expects feature vectors"):
+            symbp.parse_spec(spec % ("shape = [2, 3, 3]", kind))
+        with pytest.raises(SpecError, match=f"unknown field for {kind}"):
+            symbp.parse_spec(spec % ("features = 4", kind) + "dim = 1\n")

@@ -136,6 +136,10 @@ def oracle_forward(items: list[Placed], params, h, *, train: bool, state, rng, p
             mean = anp.mean(h, axis=axes, keepdims=True)
             var = anp.mean((h - mean) ** 2, axis=axes, keepdims=True)
             h = p("gamma") * (h - mean) / anp.sqrt(var + layer.eps) + p("beta")
+        elif kind in ("softmax", "log_softmax"):  # along the features, shifted by the max
+            shifted = h - anp.max(h, axis=1, keepdims=True)
+            log_p = shifted - anp.log(anp.sum(anp.exp(shifted), axis=1, keepdims=True))
+            h = log_p if kind == "log_softmax" else anp.exp(log_p)
         elif kind == "residual":
             h = h + oracle_forward(item.body, params, h, train=train, state=state, rng=rng,
                                    peaks=peaks)
@@ -279,6 +283,8 @@ LAYER_ROWS: dict[str, Callable[[], list]] = {
     ],
     "rrelu": lambda: [symbp.linear(5), symbp.rrelu(lower=0.1, upper=0.4)],
     "layer_norm": lambda: [symbp.linear(5), symbp.layer_norm(eps=1e-3)],
+    "softmax": lambda: [symbp.linear(5), symbp.softmax()],
+    "log_softmax": lambda: [symbp.linear(5), symbp.log_softmax()],
     "activation": lambda: [
         symbp.linear(5),
         symbp.activation("x*tanh(log(1 + exp(x)))", name="mish"),

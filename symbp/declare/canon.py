@@ -89,3 +89,67 @@ class LayerNorm(Layer):
 
     def describe(self):
         return "layer_norm" if self.eps == 1e-5 else f"layer_norm(eps={self.eps!r})"
+
+
+def _features(in_shape, kind: str):
+    if len(in_shape) != 1:
+        from ..errors import SpecError
+
+        raise SpecError(f"{kind} expects feature vectors, got per-sample shape {list(in_shape)}")
+
+
+def _log_sum_exp(x: Array) -> tuple[Array, Stage]:
+    """``lse[n] = log(sum_k exp(x[n, k]))``: computed shifted by the row's maximum (the stable
+    rewrite of :mod:`symbp.derivation.stable`), as softmax cross-entropy's."""
+    n, k = index("n"), index("k")
+    lse = Array("lse", (N,))
+    return lse, Stage(lse, (n,), sp.log(sp.Sum(sp.exp(x[n, k]), (k, 0, F - 1))))
+
+
+@register
+class Softmax(Layer):
+    """Softmax along the features: ``y[n, j] = exp(x[n, j]) / sum_k exp(x[n, k])``
+    (PyTorch's ``softmax(x, dim=1)``), declared as ``exp(x[n, j] - lse[n])`` with the row's
+    log-sum-exp ``lse``, which the forward computes without overflow."""
+
+    kind = "softmax"
+
+    def output_shape(self, in_shape):
+        _features(in_shape, self.kind)
+        return in_shape
+
+    def forward_form(self, in_shape):
+        _features(in_shape, self.kind)
+        x, (n, j) = Array("x", (N, F)), (index("n"), index("j"))
+        lse, stage = _log_sum_exp(x)
+        return Forward(
+            inputs=(x,),
+            params=(),
+            stages=(stage, Stage(Array("y", (N, F)), (n, j), sp.exp(x[n, j] - lse[n]))),
+            keep=("y",),  # the backward in terms of the output
+            letters=LETTERS,
+        )
+
+
+@register
+class LogSoftmax(Layer):
+    """Log-softmax along the features: ``y[n, j] = x[n, j] - log(sum_k exp(x[n, k]))``
+    (PyTorch's ``log_softmax(x, dim=1)``), the log-sum-exp computed without overflow."""
+
+    kind = "log_softmax"
+
+    def output_shape(self, in_shape):
+        _features(in_shape, self.kind)
+        return in_shape
+
+    def forward_form(self, in_shape):
+        _features(in_shape, self.kind)
+        x, (n, j) = Array("x", (N, F)), (index("n"), index("j"))
+        lse, stage = _log_sum_exp(x)
+        return Forward(
+            inputs=(x,),
+            params=(),
+            stages=(stage, Stage(Array("y", (N, F)), (n, j), x[n, j] - lse[n])),
+            keep=("lse",),  # the backward reads exp(x - lse), the softmax, kept by the forward
+            letters=LETTERS,
+        )

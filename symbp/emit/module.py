@@ -25,7 +25,7 @@ from ..derivation.layer import Carried, LayerDerivation
 from ..derivation.network import NetworkDerivation, derive_cached, derive_network
 from ..derivation.plan import build_plan
 from ..derivation.readings import computed_form, reading
-from ..derivation.stable import stabilize
+from ..derivation.stable import softmax_of_stages, stabilize
 from ..naming import (
     adjoint,
     backward_function,
@@ -251,7 +251,8 @@ class ModuleBuilder:
             for c in computed
         ]
         outputs += [
-            (s.name, lowering.lower(stabilize(s.expr).xreplace(kept), s.indices))
+            (s.name, lowering.lower(
+                softmax_of_stages(stabilize(s.expr).xreplace(kept), form.stages), s.indices))
             for s in form.stages
         ]
         cached = [array.name for array in derivation.cached]
