@@ -15,6 +15,9 @@ import os
 
 from .checking import gradcheck as _gradcheck
 from .declare.canon import (
+    GlobalAvgPool as global_avgpool,
+)
+from .declare.canon import (
     LayerNorm as layer_norm,
 )
 from .declare.canon import (
@@ -173,6 +176,7 @@ __all__ = [
     "elu",
     "flatten",
     "gelu",
+    "global_avgpool",
     "layer_norm",
     "leaky_relu",
     "linear",

@@ -48,6 +48,8 @@ def torch_forward(items, params, h, *, train: bool, masks: dict | None = None):
         elif kind == "conv2d":
             h = tF.conv2d(h, p("W"), p("b") if layer.bias else None, stride=layer.stride,
                           padding=layer.padding, dilation=layer.dilation)
+        elif kind == "global_avgpool":
+            h = tF.adaptive_avg_pool2d(h, 1).flatten(1)
         elif kind == "flatten":
             h = h.flatten(1)
         elif kind == "layer_norm":
@@ -268,3 +270,40 @@ name = "s"
             symbp.parse_spec(spec % ("shape = [2, 3, 3]", kind))
         with pytest.raises(SpecError, match=f"unknown field for {kind}"):
             symbp.parse_spec(spec % ("features = 4", kind) + "dim = 1\n")
+
+
+# --------------------------------------------------------------------------- global_avgpool
+
+
+def test_global_avgpool_backward_is_derived_and_proven():
+    derivation = derive_layer(symbp.global_avgpool().forward_form((3, 4, 5)))
+    assert derivation.stored == ()  # the gradient is dy spread evenly: nothing kept
+    assert_proven(symbp.global_avgpool(), (2, 3, 2), N=2, C=2, H_in=3, W_in=2)
+
+
+def test_global_avgpool_agrees_with_torch():
+    net = Net([symbp.conv2d(3, 3, padding=1), symbp.relu(), symbp.global_avgpool(name="gap"),
+               symbp.linear(4)], input_shape=(2, 5, 4), loss="softmax_cross_entropy")
+    assert net.output_shape == (4,)
+    assert_agrees_with_torch(net)
+    # the input gradient is a whole array of the input's shape, which the layer below writes
+    module = load_module(generate_module(net))
+    dx = module.global_avgpool_backward(np.ones((3, 3)), H_in=5, W_in=4)
+    assert dx.shape == (3, 3, 5, 4) and dx.flags.writeable and np.all(dx == 1 / 20)
+
+
+def test_global_avgpool_toml_and_its_errors():
+    spec = """
+input = { %s }
+loss = "mse"
+[[layers]]
+type = "global_avgpool"
+name = "gap"
+"""
+    net = symbp.parse_spec(spec % "shape = [3, 2, 2]")
+    assert net.output_shape == (3,)
+    assert check_spec(net, batch=3, seed=0).passed
+    with pytest.raises(SpecError, match="layer 'gap'.*global_avgpool expects images"):
+        symbp.parse_spec(spec % "features = 4")
+    with pytest.raises(SpecError, match="unknown field for global_avgpool"):
+        symbp.parse_spec(spec % "shape = [3, 2, 2]" + "kernel = 2\n")

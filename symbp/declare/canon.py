@@ -153,3 +153,33 @@ class LogSoftmax(Layer):
             keep=("lse",),  # the backward reads exp(x - lse), the softmax, kept by the forward
             letters=LETTERS,
         )
+
+
+@register
+class GlobalAvgPool(Layer):
+    """The mean over each channel's height and width, images ``(C, H, W)`` to features ``(C,)``
+    (PyTorch's ``adaptive_avg_pool2d(x, 1).flatten(1)``, ``x.mean(dim=(2, 3))``)."""
+
+    kind = "global_avgpool"
+
+    def output_shape(self, in_shape):
+        if len(in_shape) != 3:
+            from ..errors import SpecError
+
+            raise SpecError(
+                f"global_avgpool expects images (C, H, W), got per-sample shape {list(in_shape)}"
+            )
+        return in_shape[:1]
+
+    def forward_form(self, in_shape):
+        self.output_shape(in_shape)
+        n, c, h, w = (index(s) for s in "nchw")
+        x = Array("x", (N, C, H, W))
+        mean = sp.Sum(x[n, c, h, w], (h, 0, H - 1), (w, 0, W - 1)) / (H * W)
+        return Forward(
+            inputs=(x,),
+            params=(),
+            stages=(Stage(Array("y", (N, C)), (n, c), mean),),
+            keep=(),
+            letters=LETTERS,
+        )

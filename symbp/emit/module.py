@@ -21,6 +21,7 @@ from ..declare.forms import Forward
 from ..declare.layers import Layer
 from ..declare.net import Net, Placed
 from ..derivation.arrays import Lowering
+from ..derivation.broadcast import filled
 from ..derivation.layer import Carried, LayerDerivation
 from ..derivation.network import NetworkDerivation, derive_cached, derive_network
 from ..derivation.plan import build_plan
@@ -298,7 +299,8 @@ class ModuleBuilder:
         grads = [(adjoint(a.name), derivation.vjp[a.name]) for a in form.differentiable]
         exprs = [computed_form(a.expr, upstream, form.gather) for _, a in grads]
         outputs = [
-            (t, lowering.lower(stabilize(e).xreplace(kept), a.indices))
+            (t, filled(lowering.lower(stabilize(e).xreplace(kept), a.indices), e, a.indices,
+                       form.arrays[a.array.name].dims))
             for (t, a), e in zip(grads, exprs, strict=True)
         ]
         kw = keywords([e for _, e in outputs])
