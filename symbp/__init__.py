@@ -15,6 +15,9 @@ import os
 
 from .checking import gradcheck as _gradcheck
 from .declare.canon import (
+    Dropout as dropout,
+)
+from .declare.canon import (
     GlobalAvgPool as global_avgpool,
 )
 from .declare.canon import (
@@ -173,6 +176,7 @@ __all__ = [
     "codegen",
     "conv2d",
     "derive",
+    "dropout",
     "elu",
     "flatten",
     "gelu",

@@ -35,8 +35,8 @@ pytestmark = pytest.mark.usefixtures("one_blas_thread")
 
 
 def torch_forward(items, params, h, *, train: bool, masks: dict | None = None):
-    """The network in PyTorch's own modules and functions, layer by layer; ``masks`` holds
-    each dropout layer's drawn mask (0 or 1 per element)."""
+    """The network in PyTorch's own modules and functions, layer by layer; ``masks`` (a
+    ``np.random.Generator`` seeded as the module's ``rng``) draws the dropout masks."""
     for item in items:
         layer, kind = item.layer, item.layer.kind
 
@@ -58,6 +58,12 @@ def torch_forward(items, params, h, *, train: bool, masks: dict | None = None):
             h = tF.softmax(h, dim=1)
         elif kind == "log_softmax":
             h = tF.log_softmax(h, dim=1)
+        elif kind == "dropout":  # the module's mask, drawn from a generator seeded alike
+            if train:
+                mask = torch.tensor(masks.binomial(1, 1 - layer.p, size=tuple(h.shape)))
+                h = h * mask / (1 - layer.p)
+            else:
+                h = tF.dropout(h, layer.p, training=False)
         elif kind == "gelu":
             h = tF.gelu(h)
         elif kind == "relu":
@@ -105,7 +111,7 @@ def relative_error(actual, expected) -> float:
     return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-300))
 
 
-def assert_agrees_with_torch(net: Net, *, batch: int = 5, seed: int = 0, masks=None,
+def assert_agrees_with_torch(net: Net, *, batch: int = 5, seed: int = 0,
                              rng_seed: int = 7) -> None:
     """Loss, every gradient (input included), the training output and ``predict``."""
     module = load_module(generate_module(net))
@@ -115,6 +121,7 @@ def assert_agrees_with_torch(net: Net, *, batch: int = 5, seed: int = 0, masks=N
     tensors = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
     tx = torch.tensor(x, requires_grad=True)
     target = torch.tensor(y) if net.loss.kind == "mse" else y
+    masks = np.random.default_rng(rng_seed)
     expected_loss = torch_loss(net.loss.kind, torch_forward(net.placed, tensors, tx, train=True,
                                                             masks=masks), target)
     expected_loss.backward()
@@ -127,6 +134,7 @@ def assert_agrees_with_torch(net: Net, *, batch: int = 5, seed: int = 0, masks=N
     with torch.no_grad():
         plain = {k: torch.tensor(v) for k, v in params.items()}
         out, _ = module.forward(params, x, train=True, rng=np.random.default_rng(rng_seed))
+        masks = np.random.default_rng(rng_seed)
         want = torch_forward(net.placed, plain, torch.tensor(x), train=True, masks=masks)
         assert relative_error(out, want.numpy()) < TOLERANCE
         predicted = module.predict(params, x)
@@ -307,3 +315,78 @@ name = "gap"
         symbp.parse_spec(spec % "features = 4")
     with pytest.raises(SpecError, match="unknown field for global_avgpool"):
         symbp.parse_spec(spec % "shape = [3, 2, 2]" + "kernel = 2\n")
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def test_dropout_backward_is_derived_and_proven():
+    derivation = derive_layer(symbp.dropout(p=0.25).forward_form((4,)))
+    assert derivation.stored == ("m",)  # the mask, kept for backward
+    assert_proven(symbp.dropout(), (4,), N=2, F=2)
+    assert_proven(symbp.dropout(), (2, 2, 1), N=2, C=2, H_in=2, W_in=1)
+
+
+def test_dropout_agrees_with_torch_in_training_and_evaluation():
+    net = Net([symbp.linear(6, name="fc1"), symbp.relu(), symbp.dropout(p=0.3, name="drop"),
+               symbp.linear(6), symbp.layer_norm(), symbp.dropout(p=0.1), symbp.linear(3)],
+              input_features=4, loss="softmax_cross_entropy")
+    assert_agrees_with_torch(net, batch=8)
+    images = Net([symbp.conv2d(3, 2), symbp.dropout(p=0.5), symbp.global_avgpool(),
+                  symbp.linear(2)], input_shape=(2, 4, 4), loss="mse")
+    assert_agrees_with_torch(images, seed=4)
+
+
+def test_dropout_is_f_dropout_given_its_mask():
+    """PyTorch draws the mask: fed that mask, the generated layer functions compute
+    ``F.dropout``'s output and input gradient (the inverted scaling 1/(1 - p))."""
+    module = load_module(generate_module(Net([symbp.dropout(p=0.35)], input_features=50,
+                                             loss="mse")))
+    x = np.random.default_rng(0).standard_normal((40, 50))
+    dy = np.random.default_rng(1).standard_normal((40, 50))
+    torch.manual_seed(5)
+    scaled = tF.dropout(torch.ones(40, 50, dtype=torch.float64), 0.35, training=True).numpy()
+    mask = (scaled != 0).astype(float)
+    assert 0 < mask.mean() < 1 and np.all(scaled[mask == 1] == 1 / 0.65)
+    torch.manual_seed(5)  # the same mask again
+    tx = torch.tensor(x, requires_grad=True)
+    want = tF.dropout(tx, 0.35, training=True)
+    want.backward(torch.tensor(dy))
+    out, cache = module.dropout_forward(x.copy(), mask, p=0.35)
+    assert relative_error(out, want.detach().numpy()) < 1e-15
+    assert relative_error(module.dropout_backward(dy.copy(), *cache, p=0.35), tx.grad.numpy()) \
+        < 1e-15
+
+
+def test_dropout_draws_its_mask_from_rng_and_keeps_it():
+    module = load_module(generate_module(Net([symbp.dropout(p=0.3, name="drop")],
+                                             input_features=1000, loss="mse")))
+    x = np.ones((100, 1000))
+    out, cache = module.forward({}, x, rng=np.random.default_rng(3))
+    (mask,) = cache["drop"]
+    assert set(np.unique(mask)) == {0.0, 1.0}
+    assert abs(mask.mean() - 0.7) < 0.01  # 1e5 draws: the standard error is 0.0015
+    assert np.array_equal(out, mask / 0.7)
+    again, _ = module.forward({}, x, rng=np.random.default_rng(3))
+    assert np.array_equal(again, out)  # the same generator state, the same mask
+    grads = module.backward({}, cache, np.full_like(x, 2.0))
+    assert np.array_equal(grads["x"], 2 * mask / 0.7)  # backward reads the kept mask
+    assert np.array_equal(module.predict({}, x), x)  # evaluation: the identity
+
+
+def test_dropout_toml_and_its_errors():
+    spec = """
+input = { features = 4 }
+loss = "mse"
+[[layers]]
+type = "dropout"
+name = "drop"
+%s
+"""
+    assert symbp.parse_spec(spec % "").placed[0].layer.p == 0.5  # F.dropout's default
+    net = symbp.parse_spec(spec % "p = 0.2")
+    assert net.placed[0].layer.p == 0.2 and check_spec(net, batch=3, seed=0).passed
+    for bad, said in (("p = 1", "must be below 1"), ("p = -0.1", "must be at least 0"),
+                      ('p = "half"', "must be a number"), ("rate = 0.1", "unknown field")):
+        with pytest.raises(SpecError, match=f"layer 'drop'.*{said}"):
+            symbp.parse_spec(spec % bad)

@@ -131,6 +131,9 @@ def oracle_forward(items: list[Placed], params, h, *, train: bool, state, rng, p
             else:
                 mean, var = state[f"{item.name}.running_mean"], state[f"{item.name}.running_var"]
             h = p("gamma") * (h - mean) / anp.sqrt(var + layer.eps) + p("beta")
+        elif kind == "dropout":  # the same draw as the module's, from a generator seeded alike
+            if train:
+                h = h * rng.binomial(1, 1 - layer.p, size=h.shape) / (1 - layer.p)
         elif kind == "layer_norm":  # per sample, over its features, biased variance
             axes = tuple(range(1, h.ndim))
             mean = anp.mean(h, axis=axes, keepdims=True)
@@ -284,6 +287,7 @@ LAYER_ROWS: dict[str, Callable[[], list]] = {
     "rrelu": lambda: [symbp.linear(5), symbp.rrelu(lower=0.1, upper=0.4)],
     "layer_norm": lambda: [symbp.linear(5), symbp.layer_norm(eps=1e-3)],
     "softmax": lambda: [symbp.linear(5), symbp.softmax()],
+    "dropout": lambda: [symbp.linear(5), symbp.tanh(), symbp.dropout(p=0.4)],
     "log_softmax": lambda: [symbp.linear(5), symbp.log_softmax()],
     "activation": lambda: [
         symbp.linear(5),

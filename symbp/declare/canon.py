@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import sympy as sp
 
-from .base import IMAGE_DIMS, LETTERS, F, Layer, _number, exact, register
+from ..errors import SpecError
+from .activations import Elementwise
+from .base import IMAGE_DIMS, LETTERS, F, Layer, X, _number, exact, register
 from .forms import Array, Forward, N, Stage, index
 
 C, H, W = IMAGE_DIMS
@@ -24,8 +26,6 @@ def _sample_layout(in_shape):
     if len(in_shape) == 3:
         idx = (index("n"), index("c"), index("h"), index("w"))
         return (N, C, H, W), idx, (index("k"), index("r"), index("s"))
-    from ..errors import SpecError
-
     raise SpecError(f"expects feature vectors or images (C, H, W), got {list(in_shape)}")
 
 
@@ -93,8 +93,6 @@ class LayerNorm(Layer):
 
 def _features(in_shape, kind: str):
     if len(in_shape) != 1:
-        from ..errors import SpecError
-
         raise SpecError(f"{kind} expects feature vectors, got per-sample shape {list(in_shape)}")
 
 
@@ -164,8 +162,6 @@ class GlobalAvgPool(Layer):
 
     def output_shape(self, in_shape):
         if len(in_shape) != 3:
-            from ..errors import SpecError
-
             raise SpecError(
                 f"global_avgpool expects images (C, H, W), got per-sample shape {list(in_shape)}"
             )
@@ -183,3 +179,67 @@ class GlobalAvgPool(Layer):
             keep=(),
             letters=LETTERS,
         )
+
+
+@register
+class Dropout(Elementwise):
+    """Inverted dropout (PyTorch's ``F.dropout``): ``y = x * m / (1 - p)``.
+
+    In training the mask ``m`` is drawn per element from ``rng``, 1 with probability ``1 - p``
+    and 0 otherwise, and kept for backward; in evaluation ``m`` is its mean ``1 - p``, so the
+    layer is the identity.
+    """
+
+    kind = "dropout"
+    MASK = sp.Symbol("m", nonnegative=True)
+    constants = {"p": sp.Symbol("p", nonnegative=True)}
+    training_doc = "``rng`` (a ``np.random.Generator``) draws the dropout masks in training mode."
+    evaluation_doc = "dropout is the identity"
+
+    def __init__(self, p: float = 0.5, *, name: str | None = None):
+        super().__init__(name=name)
+        self.p = _number(p, field="p", minimum=0)
+        if not self.p < 1:
+            raise SpecError(f"must be below 1 (the probability of dropping), got {p!r}",
+                            field="p")
+
+    def expression(self):
+        return X * self.MASK / (1 - self.constants["p"])
+
+    def aux_ranges(self):
+        return {"m": (sp.Integer(0), sp.Integer(1))}
+
+    def draws(self):
+        return {"m": ("binomial", (1, 1 - self.p))}
+
+    def forward_form(self, in_shape):
+        rank = len(in_shape) + 1
+        dims = (N, F) if rank == 2 else (N, *IMAGE_DIMS[: rank - 1])
+        idx = tuple(index(LETTERS[d]) for d in dims)
+        x, mask = Array("x", dims), Array("m", dims)
+        p = self.constants["p"]
+        expr = self.expression().xreplace({X: x[idx], self.MASK: mask[idx]})
+        return Forward(
+            inputs=(x,),
+            params=(),
+            aux=(mask,),
+            stages=(Stage(Array("y", dims), idx, expr),),
+            constants={p: exact(self.p)},
+            letters=LETTERS,
+            elementwise=True,
+        )
+
+    def eval_form(self, in_shape):
+        form = self.forward_form(in_shape)
+        stage, mask = form.output, form.aux[0]
+        expr = stage.expr.xreplace({mask[stage.indices]: 1 - self.constants["p"]})
+        return Forward(
+            inputs=form.inputs,
+            params=(),
+            stages=(Stage(stage.array, stage.indices, expr),),
+            letters=form.letters,
+            elementwise=True,
+        )
+
+    def describe(self):
+        return f"dropout(p={self.p!r})"
