@@ -794,6 +794,23 @@ EVERYTHING = textwrap.dedent(
     type = "relu"
 
     [[layers]]
+    type = "dropout"
+    p = 0.25
+
+    [[layers]]
+    type = "layer_norm"
+
+    [[layers]]
+    type = "softmax"
+
+    [[layers]]
+    type = "linear"
+    out = 8
+
+    [[layers]]
+    type = "log_softmax"
+
+    [[layers]]
     type = "linear"
     name = "out"
     out = 4

@@ -24,7 +24,7 @@ import sympy as sp
 
 import symbp
 from symbp import cli
-from symbp.declare import conv, layers
+from symbp.declare import canon, conv, layers
 from symbp.declare.forms import N
 from symbp.declare.layers import BatchNorm
 from symbp.derivation.arrays import Lowering
@@ -89,6 +89,11 @@ CASES = [
     Case("activation_abs", "activation", lambda: layers.Activation("abs(x)")),
     Case("activation_misc", "activation", lambda: layers.Activation("asinh(x)*atan(x)")),
     Case("residual_add", "residual", lambda: layers.Residual([layers.Linear(3)])),
+    Case("layer_norm", "layer_norm", canon.LayerNorm, SMALL, ((2, 2), (3, 2))),
+    Case("softmax", "softmax", canon.Softmax),
+    Case("log_softmax", "log_softmax", canon.LogSoftmax),
+    Case("dropout", "dropout", lambda: canon.Dropout(0.3)),
+    Case("dropout_eval", "dropout", lambda: canon.Dropout(0.3), mode="eval"),
     Case("mse", "mse", layers.Mse),
     Case("softmax_cross_entropy", "softmax_cross_entropy", layers.SoftmaxCrossEntropy),
     Case("bce_with_logits", "bce_with_logits", layers.BceWithLogits),
@@ -116,7 +121,9 @@ def _verify_params():
 
 #: The layer types of :mod:`symbp.declare.layers` (dense layers, activations, residual, losses);
 #: image layers (:mod:`symbp.declare.conv`) are covered by their own table.
-DENSE_KINDS = {kind for kind, cls in layers.REGISTRY.items() if cls.__module__ != conv.__name__}
+#: (global_avgpool, which takes images, is proven in tests/test_canon.py)
+DENSE_KINDS = {kind for kind, cls in layers.REGISTRY.items()
+               if cls.__module__ != conv.__name__ and kind != "global_avgpool"}
 
 
 def test_table_covers_every_registered_dense_layer_type():

@@ -59,6 +59,18 @@ from .numpy_printer import (
 from .value_names import _renamed, value_name
 from .windows import _name_windows
 
+
+def _live(outputs: list[tuple[str, sp.Expr]], returned: set[str]) -> list[tuple[str, sp.Expr]]:
+    """The ``(name, value)`` pairs a function must compute: those it returns and those a later
+    one reads (a softmax's ``lse``, once its output reads the shifted exponentials, is not)."""
+    needed, live = set(returned), []
+    for name, value in reversed(outputs):
+        if name in needed:
+            live.append((name, value))
+            needed |= {symbol.name for symbol in value.free_symbols}
+    return live[::-1]
+
+
 OVERWRITE_NOTE = "overwrite=True: {name} may be overwritten (the caller no longer needs it)."
 OUT_NOTE = "an array to write that gradient into (else a new one is made)."
 
@@ -257,6 +269,7 @@ class ModuleBuilder:
             for s in form.stages
         ]
         cached = [array.name for array in derivation.cached]
+        outputs = _live(outputs, {form.output.name, *cached, *layer.train_returns})
         args = [a.name for a in form.inputs + form.params + form.aux]
         kw = keywords([e for _, e in outputs])
         returns = f"{form.output.name}, ({', '.join(cached)}{',' if len(cached) == 1 else ''})"

@@ -74,7 +74,9 @@ def memory_model(net: Net) -> list[LayerMemory]:
         stage = form.output
         token = {form.inputs[0].name: tokens[step.inputs[0]]}
         aliases_input = step.reshape or (
-            len(step.inputs) == 1 and stage.expr == form.inputs[0][stage.indices]
+            len(step.inputs) == 1
+            and len(stage.indices) == form.inputs[0].rank  # (a pooling reduces the rank)
+            and stage.expr == form.inputs[0][stage.indices]
         )
         token[stage.name] = token[form.inputs[0].name] if aliases_input else next(counter)
         tokens[step.output] = token[stage.name]
