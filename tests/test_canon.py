@@ -390,3 +390,13 @@ name = "drop"
                       ('p = "half"', "must be a number"), ("rate = 0.1", "unknown field")):
         with pytest.raises(SpecError, match=f"layer 'drop'.*{said}"):
             symbp.parse_spec(spec % bad)
+
+
+def test_dropout_flow_bound_is_the_inverted_scale():
+    """f' is m/(1 - p) with the mask m in {0, 1}: sup |f'| = 1/(1 - p), a number (before,
+    sympy left |AccumBounds(0, 1)| unevaluated and the bound was a maximum over the mask)."""
+    from symbp.flow.chain import flow_bounds
+
+    net = Net([symbp.dropout(p=0.3)], input_features=3, loss="mse")
+    (row,) = flow_bounds(symbp.derive(net))
+    assert row.bound == sympy.Rational(10, 7)
