@@ -94,6 +94,14 @@ def torch_forward(net: symbp.Net, tensors: dict, h):
                 h = getattr(torch, kind)(h)
             elif kind in ("gelu", "silu", "softplus"):
                 h = getattr(F, kind)(h)
+            elif kind == "layer_norm":
+                h = F.layer_norm(h, tuple(h.shape[1:]), p("gamma"), p("beta"), eps=layer.eps)
+            elif kind in ("softmax", "log_softmax"):
+                h = getattr(F, kind)(h, dim=1)
+            elif kind == "global_avgpool":
+                h = h.mean(dim=(2, 3))
+            elif kind == "dropout":
+                h = F.dropout(h, layer.p, training=True)
             elif kind == "activation":
                 h = sp.lambdify(X, layer.expression(), "torch")(h)
             else:

@@ -14,6 +14,21 @@ exact formulas, generate a NumPy module, check it against finite differences, ex
 import os
 
 from .checking import gradcheck as _gradcheck
+from .declare.canon import (
+    Dropout as dropout,
+)
+from .declare.canon import (
+    GlobalAvgPool as global_avgpool,
+)
+from .declare.canon import (
+    LayerNorm as layer_norm,
+)
+from .declare.canon import (
+    LogSoftmax as log_softmax,
+)
+from .declare.canon import (
+    Softmax as softmax,
+)
 from .declare.conv import (
     AvgPool2d as avgpool2d,
 )
@@ -164,13 +179,17 @@ __all__ = [
     "codegen",
     "conv2d",
     "derive",
+    "dropout",
     "elu",
     "flatten",
     "gelu",
+    "global_avgpool",
     "layer",
+    "layer_norm",
     "leaky_relu",
     "linear",
     "load_spec",
+    "log_softmax",
     "maxpool2d",
     "notes",
     "parse_spec",
@@ -180,6 +199,7 @@ __all__ = [
     "rrelu",
     "sigmoid",
     "silu",
+    "softmax",
     "softplus",
     "tanh",
     "DerivationError",

@@ -155,6 +155,18 @@ def oracle_forward(items: list[Placed], params, h, *, train: bool, state, rng, p
             else:
                 mean, var = state[f"{item.name}.running_mean"], state[f"{item.name}.running_var"]
             h = p("gamma") * (h - mean) / anp.sqrt(var + layer.eps) + p("beta")
+        elif kind == "dropout":  # the same draw as the module's, from a generator seeded alike
+            if train:
+                h = h * rng.binomial(1, 1 - layer.p, size=h.shape) / (1 - layer.p)
+        elif kind == "layer_norm":  # per sample, over its features, biased variance
+            axes = tuple(range(1, h.ndim))
+            mean = anp.mean(h, axis=axes, keepdims=True)
+            var = anp.mean((h - mean) ** 2, axis=axes, keepdims=True)
+            h = p("gamma") * (h - mean) / anp.sqrt(var + layer.eps) + p("beta")
+        elif kind in ("softmax", "log_softmax"):  # along the features, shifted by the max
+            shifted = h - anp.max(h, axis=1, keepdims=True)
+            log_p = shifted - anp.log(anp.sum(anp.exp(shifted), axis=1, keepdims=True))
+            h = log_p if kind == "log_softmax" else anp.exp(log_p)
         elif kind == "residual":
             h = h + oracle_forward(item.body, params, h, train=train, state=state, rng=rng,
                                    peaks=peaks)
@@ -299,6 +311,10 @@ LAYER_ROWS: dict[str, Callable[[], list]] = {
         symbp.linear(5), symbp.prelu(), symbp.linear(5), symbp.prelu(shared=False, init=0.1)
     ],
     "rrelu": lambda: [symbp.linear(5), symbp.rrelu(lower=0.1, upper=0.4)],
+    "layer_norm": lambda: [symbp.linear(5), symbp.layer_norm(eps=1e-3)],
+    "softmax": lambda: [symbp.linear(5), symbp.softmax()],
+    "dropout": lambda: [symbp.linear(5), symbp.tanh(), symbp.dropout(p=0.4)],
+    "log_softmax": lambda: [symbp.linear(5), symbp.log_softmax()],
     "activation": lambda: [
         symbp.linear(5),
         symbp.activation("x*tanh(log(1 + exp(x)))", name="mish"),
@@ -319,7 +335,7 @@ LAYER_ROWS: dict[str, Callable[[], list]] = {
     ],
 }
 LAYER_KINDS = sorted(LAYER_ROWS)
-IMAGE_LAYERS = {"conv2d", "maxpool2d", "avgpool2d", "flatten"}
+IMAGE_LAYERS = {"conv2d", "maxpool2d", "avgpool2d", "flatten", "global_avgpool"}
 
 
 def small_net(kind: str, loss: str) -> Net:
@@ -328,7 +344,8 @@ def small_net(kind: str, loss: str) -> Net:
 
 def test_the_table_covers_every_registered_layer_type():
     layer_types = {kind for kind, cls in REGISTRY.items() if not issubclass(cls, Loss)}
-    # Image layers (conv2d, pooling, flatten) have their own table in tests/test_conv.py.
+    # Image layers (conv2d, pooling, flatten) have their own table in tests/test_conv.py;
+    # global_avgpool is tested in tests/test_canon.py.
     assert set(LAYER_ROWS) == layer_types - IMAGE_LAYERS
     assert set(LOSSES) == {"mse", "softmax_cross_entropy", "bce_with_logits"}
 
@@ -853,6 +870,23 @@ EVERYTHING = textwrap.dedent(
 
     [[layers]]
     type = "relu"
+
+    [[layers]]
+    type = "dropout"
+    p = 0.25
+
+    [[layers]]
+    type = "layer_norm"
+
+    [[layers]]
+    type = "softmax"
+
+    [[layers]]
+    type = "linear"
+    out = 8
+
+    [[layers]]
+    type = "log_softmax"
 
     [[layers]]
     type = "linear"

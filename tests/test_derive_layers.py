@@ -24,7 +24,7 @@ import sympy as sp
 
 import symbp
 from symbp import cli
-from symbp.declare import conv, layers
+from symbp.declare import canon, conv, layers
 from symbp.declare.forms import N
 from symbp.declare.layers import BatchNorm
 from symbp.derivation.arrays import Lowering
@@ -95,6 +95,11 @@ CASES = [
          "y[n, j] = gamma[j] * (x[n, j] - mu[n]) / sqrt(var[n] + eps) + beta[j]"],
         params={"gamma": "D", "beta": "D"}, constants={"eps": 1e-5},
     ), SMALL, ((2, 2), (3, 2))),
+    Case("layer_norm", "layer_norm", canon.LayerNorm, SMALL, ((2, 2), (3, 2))),
+    Case("softmax", "softmax", canon.Softmax),
+    Case("log_softmax", "log_softmax", canon.LogSoftmax),
+    Case("dropout", "dropout", lambda: canon.Dropout(0.3)),
+    Case("dropout_eval", "dropout", lambda: canon.Dropout(0.3), mode="eval"),
     Case("mse", "mse", layers.Mse),
     Case("softmax_cross_entropy", "softmax_cross_entropy", layers.SoftmaxCrossEntropy),
     Case("bce_with_logits", "bce_with_logits", layers.BceWithLogits),
@@ -125,7 +130,9 @@ def _verify_params():
 
 #: The layer types of :mod:`symbp.declare.layers` (dense layers, activations, residual, losses);
 #: image layers (:mod:`symbp.declare.conv`) are covered by their own table.
-DENSE_KINDS = {kind for kind, cls in layers.REGISTRY.items() if cls.__module__ != conv.__name__}
+#: (global_avgpool, which takes images, is proven in tests/test_canon.py)
+DENSE_KINDS = {kind for kind, cls in layers.REGISTRY.items()
+               if cls.__module__ != conv.__name__ and kind != "global_avgpool"}
 
 
 def test_table_covers_every_registered_dense_layer_type():

@@ -141,6 +141,13 @@ def _nets():
     return nets
 
 
+#: Nets whose cache is above PyTorch's: GELU keeps erf(x/sqrt(2)) beside x for its backward
+#: (computed once for both passes, a speed choice) where PyTorch's gelu saves x alone; in
+#: softmax_brier and transformer_block (new with the layer canon) no other saving makes up for
+#: it. Listed here so that the test notices a change.
+ABOVE_PYTORCH = {"softmax_brier", "transformer_block"}
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_the_cache_keeps_at_most_what_pytorch_saves(dtype):
     """Every example and benchmark net: the generated cache holds no more bytes than the tensors
@@ -149,5 +156,10 @@ def test_the_cache_keeps_at_most_what_pytorch_saves(dtype):
     kept = _load("memory_kept")
     for label, net, batch in _nets():
         row = kept.measure(net, batch, dtype)
+        if any(item.layer.kind == "custom" for item in net.walk()):
+            continue  # a layer the user declared by its stages: PyTorch has no such layer
         assert isinstance(row["pytorch"], int), (label, row["pytorch"])
+        if label in ABOVE_PYTORCH:  # known, and said so in docs/speed.md: see ABOVE_PYTORCH
+            assert row["minimum"] <= row["pytorch"] < row["generated"], (label, row)
+            continue
         assert row["minimum"] <= row["generated"] <= row["pytorch"], (label, row)

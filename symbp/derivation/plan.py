@@ -287,7 +287,9 @@ def kept_arrays(plan: Plan, names=None) -> list[Kept]:
         first = form.inputs[0].name
         token = {first: tokens[step.inputs[0]]}
         aliases_input = step.reshape or (
-            len(step.inputs) == 1 and stage.expr == form.inputs[0][stage.indices]
+            len(step.inputs) == 1
+            and len(stage.indices) == form.inputs[0].rank  # (a pooling reduces the rank)
+            and stage.expr == form.inputs[0][stage.indices]
         )
         token[stage.name] = token[first] if aliases_input else next(counter)
         tokens[step.output] = token[stage.name]

@@ -21,12 +21,13 @@ from ..declare.forms import Forward
 from ..declare.layers import Layer
 from ..declare.net import Net, Placed
 from ..derivation.arrays import Lowering
+from ..derivation.broadcast import filled
 from ..derivation.kept import carried_read
 from ..derivation.layer import Carried, LayerDerivation
 from ..derivation.network import NetworkDerivation, derive_cached, derive_network
 from ..derivation.plan import build_plan
 from ..derivation.readings import computed_form, reading
-from ..derivation.stable import stabilize
+from ..derivation.stable import softmax_of_stages, stabilize
 from ..naming import (
     adjoint,
     backward_function,
@@ -59,6 +60,18 @@ from .numpy_printer import (
 )
 from .value_names import _renamed, value_name
 from .windows import _name_windows
+
+
+def _live(outputs: list[tuple[str, sp.Expr]], returned: set[str]) -> list[tuple[str, sp.Expr]]:
+    """The ``(name, value)`` pairs a function must compute: those it returns and those a later
+    one reads (a softmax's ``lse``, once its output reads the shifted exponentials, is not)."""
+    needed, live = set(returned), []
+    for name, value in reversed(outputs):
+        if name in needed:
+            live.append((name, value))
+            needed |= {symbol.name for symbol in value.free_symbols}
+    return live[::-1]
+
 
 OVERWRITE_NOTE = "overwrite=True: {name} may be overwritten (the caller no longer needs it)."
 OUT_NOTE = "an array to write that gradient into (else a new one is made)."
@@ -253,11 +266,13 @@ class ModuleBuilder:
             for c in computed
         ]
         outputs += [
-            (s.name, lowering.lower(stabilize(s.expr).xreplace(kept), s.indices))
+            (s.name, lowering.lower(
+                softmax_of_stages(stabilize(s.expr).xreplace(kept), form.stages), s.indices))
             for s in form.stages
         ]
         outputs = _argmax_from_maxima(outputs)
         cached = [array.name for array in derivation.cached]
+        outputs = _live(outputs, {form.output.name, *cached, *layer.train_returns})
         args = [a.name for a in form.inputs + form.params + form.aux]
         kw = keywords([e for _, e in outputs])
         returns = f"{form.output.name}, ({', '.join(cached)}{',' if len(cached) == 1 else ''})"
@@ -302,7 +317,8 @@ class ModuleBuilder:
         grads = [(adjoint(a.name), derivation.vjp[a.name]) for a in form.differentiable]
         exprs = [computed_form(a.expr, upstream, form.gather) for _, a in grads]
         outputs = [
-            (t, lowering.lower(carried_read(stabilize(e), carried), a.indices))
+            (t, filled(lowering.lower(carried_read(stabilize(e), carried), a.indices), e,
+                       a.indices, form.arrays[a.array.name].dims))
             for (t, a), e in zip(grads, exprs, strict=True)
         ]
         kw = keywords([e for _, e in outputs])

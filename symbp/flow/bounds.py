@@ -260,6 +260,10 @@ def _top(expr: sp.Expr) -> sp.Expr | None:
     where a range sits anywhere else."""
     if isinstance(expr, sp.AccumBounds):
         return expr.max
+    expr = expr.replace(  # |range| (sympy leaves it): at most the larger end's magnitude
+        lambda e: isinstance(e, sp.Abs) and isinstance(e.args[0], sp.AccumBounds),
+        lambda e: sp.Max(sp.Abs(e.args[0].min), sp.Abs(e.args[0].max)),
+    )
     expr = expr.replace(
         lambda e: isinstance(e, sp.Max),
         lambda e: sp.Max(*[a.max if isinstance(a, sp.AccumBounds) else a for a in e.args]),

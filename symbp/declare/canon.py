@@ -1,0 +1,245 @@
+"""The canon: layer norm, softmax and log-softmax along the features, global average pooling,
+dropout.
+
+Each is one registered class declaring its forward pass in index notation, like every other
+layer; every backward pass, compact form and stable rewrite is derived by
+:mod:`symbp.derivation` (no derivative is written here).
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+
+from ..errors import SpecError
+from .activations import Elementwise
+from .base import IMAGE_DIMS, LETTERS, F, Layer, X, _number, exact, register
+from .forms import Array, Forward, N, Stage, index
+
+C, H, W = IMAGE_DIMS
+
+
+def _sample_layout(in_shape):
+    """The input's dims and per-element indices, and each per-sample index's bound partner
+    (``j`` -> ``k``, ``c`` -> ``k``, ``h`` -> ``r``, ``w`` -> ``s``) for sums over a sample."""
+    if len(in_shape) == 1:
+        return (N, F), (index("n"), index("j")), (index("k"),)
+    if len(in_shape) == 3:
+        idx = (index("n"), index("c"), index("h"), index("w"))
+        return (N, C, H, W), idx, (index("k"), index("r"), index("s"))
+    raise SpecError(f"expects feature vectors or images (C, H, W), got {list(in_shape)}")
+
+
+@register
+class LayerNorm(Layer):
+    """Layer normalization over each sample's features (PyTorch's ``nn.LayerNorm``).
+
+    ``y = gamma * (x - mu) / sqrt(var + eps) + beta``, ``mu`` and the biased ``var`` taken over
+    one sample's features: the last axis of feature vectors ``(F,)``, the whole ``(C, H, W)`` of
+    an image (``nn.LayerNorm([C, H, W])``); ``gamma`` and ``beta`` have the sample's shape.
+    The same in training and evaluation: no running state.
+    """
+
+    kind = "layer_norm"
+    init = {"gamma": "ones", "beta": "zeros"}
+    init_looks_through = True
+    EPS = sp.Symbol("eps", positive=True)  # named as the user writes it
+
+    def __init__(self, *, eps: float = 1e-5, name: str | None = None):
+        super().__init__(name=name)
+        self.eps = _number(eps, field="eps", positive=True)
+
+    def output_shape(self, in_shape):
+        _sample_layout(in_shape)
+        return in_shape
+
+    def param_shapes(self, in_shape):
+        return {"gamma": tuple(in_shape), "beta": tuple(in_shape)}
+
+    def constant_values(self):
+        return {"eps": self.eps}
+
+    def forward_form(self, in_shape):
+        dims, idx, bound = _sample_layout(in_shape)
+        n, features = idx[0], dims[1:]
+        x = Array("x", dims)
+        gamma, beta = Array("gamma", features), Array("beta", features)
+        mu, var = Array("mu", (N,)), Array("var", (N,))
+        invstd, xhat = Array("invstd", (N,), positive=True), Array("xhat", dims)
+        element = x[(n, *bound)]
+        limits = [(b, 0, d - 1) for b, d in zip(bound, features, strict=True)]
+        count = sp.Mul(*features)
+        stages = (
+            Stage(mu, (n,), sp.Sum(element, *limits) / count),
+            Stage(var, (n,), sp.Sum((element - mu[n]) ** 2, *limits) / count),
+            Stage(invstd, (n,), 1 / sp.sqrt(var[n] + self.EPS)),
+            Stage(xhat, idx, (x[idx] - mu[n]) * invstd[n]),
+            Stage(Array("y", dims), idx, gamma[idx[1:]] * xhat[idx] + beta[idx[1:]]),
+        )
+        return Forward(
+            inputs=(x,),
+            params=(gamma, beta),
+            stages=stages,
+            constants={self.EPS: exact(self.eps)},
+            keep=("xhat", "invstd"),
+            letters=LETTERS,
+        )
+
+    def math_key(self, in_shape):
+        return (self.kind, len(in_shape))
+
+    def describe(self):
+        return "layer_norm" if self.eps == 1e-5 else f"layer_norm(eps={self.eps!r})"
+
+
+def _features(in_shape, kind: str):
+    if len(in_shape) != 1:
+        raise SpecError(f"{kind} expects feature vectors, got per-sample shape {list(in_shape)}")
+
+
+def _log_sum_exp(x: Array) -> tuple[Array, Stage]:
+    """``lse[n] = log(sum_k exp(x[n, k]))``: computed shifted by the row's maximum (the stable
+    rewrite of :mod:`symbp.derivation.stable`), as softmax cross-entropy's."""
+    n, k = index("n"), index("k")
+    lse = Array("lse", (N,))
+    return lse, Stage(lse, (n,), sp.log(sp.Sum(sp.exp(x[n, k]), (k, 0, F - 1))))
+
+
+@register
+class Softmax(Layer):
+    """Softmax along the features: ``y[n, j] = exp(x[n, j]) / sum_k exp(x[n, k])``
+    (PyTorch's ``softmax(x, dim=1)``), declared as ``exp(x[n, j] - lse[n])`` with the row's
+    log-sum-exp ``lse``, which the forward computes without overflow."""
+
+    kind = "softmax"
+
+    def output_shape(self, in_shape):
+        _features(in_shape, self.kind)
+        return in_shape
+
+    def forward_form(self, in_shape):
+        _features(in_shape, self.kind)
+        x, (n, j) = Array("x", (N, F)), (index("n"), index("j"))
+        lse, stage = _log_sum_exp(x)
+        return Forward(
+            inputs=(x,),
+            params=(),
+            stages=(stage, Stage(Array("y", (N, F)), (n, j), sp.exp(x[n, j] - lse[n]))),
+            keep=("y",),  # the backward in terms of the output
+            letters=LETTERS,
+        )
+
+
+@register
+class LogSoftmax(Layer):
+    """Log-softmax along the features: ``y[n, j] = x[n, j] - log(sum_k exp(x[n, k]))``
+    (PyTorch's ``log_softmax(x, dim=1)``), the log-sum-exp computed without overflow."""
+
+    kind = "log_softmax"
+
+    def output_shape(self, in_shape):
+        _features(in_shape, self.kind)
+        return in_shape
+
+    def forward_form(self, in_shape):
+        _features(in_shape, self.kind)
+        x, (n, j) = Array("x", (N, F)), (index("n"), index("j"))
+        lse, stage = _log_sum_exp(x)
+        return Forward(
+            inputs=(x,),
+            params=(),
+            stages=(stage, Stage(Array("y", (N, F)), (n, j), x[n, j] - lse[n])),
+            keep=("lse",),  # the backward reads exp(x - lse), the softmax, kept by the forward
+            letters=LETTERS,
+        )
+
+
+@register
+class GlobalAvgPool(Layer):
+    """The mean over each channel's height and width, images ``(C, H, W)`` to features ``(C,)``
+    (PyTorch's ``adaptive_avg_pool2d(x, 1).flatten(1)``, ``x.mean(dim=(2, 3))``)."""
+
+    kind = "global_avgpool"
+
+    def output_shape(self, in_shape):
+        if len(in_shape) != 3:
+            raise SpecError(
+                f"global_avgpool expects images (C, H, W), got per-sample shape {list(in_shape)}"
+            )
+        return in_shape[:1]
+
+    def forward_form(self, in_shape):
+        self.output_shape(in_shape)
+        n, c, h, w = (index(s) for s in "nchw")
+        x = Array("x", (N, C, H, W))
+        mean = sp.Sum(x[n, c, h, w], (h, 0, H - 1), (w, 0, W - 1)) / (H * W)
+        return Forward(
+            inputs=(x,),
+            params=(),
+            stages=(Stage(Array("y", (N, C)), (n, c), mean),),
+            keep=(),
+            letters=LETTERS,
+        )
+
+
+@register
+class Dropout(Elementwise):
+    """Inverted dropout (PyTorch's ``F.dropout``): ``y = x * m / (1 - p)``.
+
+    In training the mask ``m`` is drawn per element from ``rng``, 1 with probability ``1 - p``
+    and 0 otherwise, and kept for backward; in evaluation ``m`` is its mean ``1 - p``, so the
+    layer is the identity.
+    """
+
+    kind = "dropout"
+    MASK = sp.Symbol("m", nonnegative=True)
+    constants = {"p": sp.Symbol("p", nonnegative=True)}
+    training_doc = "``rng`` (a ``np.random.Generator``) draws the dropout masks in training mode."
+    evaluation_doc = "dropout is the identity"
+
+    def __init__(self, p: float = 0.5, *, name: str | None = None):
+        super().__init__(name=name)
+        self.p = _number(p, field="p", minimum=0)
+        if not self.p < 1:
+            raise SpecError(f"must be below 1 (the probability of dropping), got {p!r}",
+                            field="p")
+
+    def expression(self):
+        return X * self.MASK / (1 - self.constants["p"])
+
+    def aux_ranges(self):
+        return {"m": (sp.Integer(0), sp.Integer(1))}
+
+    def draws(self):
+        return {"m": ("binomial", (1, 1 - self.p))}
+
+    def forward_form(self, in_shape):
+        rank = len(in_shape) + 1
+        dims = (N, F) if rank == 2 else (N, *IMAGE_DIMS[: rank - 1])
+        idx = tuple(index(LETTERS[d]) for d in dims)
+        x, mask = Array("x", dims), Array("m", dims)
+        p = self.constants["p"]
+        expr = self.expression().xreplace({X: x[idx], self.MASK: mask[idx]})
+        return Forward(
+            inputs=(x,),
+            params=(),
+            aux=(mask,),
+            stages=(Stage(Array("y", dims), idx, expr),),
+            constants={p: exact(self.p)},
+            letters=LETTERS,
+            elementwise=True,
+        )
+
+    def eval_form(self, in_shape):
+        form = self.forward_form(in_shape)
+        stage, mask = form.output, form.aux[0]
+        expr = stage.expr.xreplace({mask[stage.indices]: 1 - self.constants["p"]})
+        return Forward(
+            inputs=form.inputs,
+            params=(),
+            stages=(Stage(stage.array, stage.indices, expr),),
+            letters=form.letters,
+            elementwise=True,
+        )
+
+    def describe(self):
+        return f"dropout(p={self.p!r})"
