@@ -87,7 +87,7 @@ def step_calls(net: Net, module: types.ModuleType) -> tuple[Plan, dict[str, Call
         if step.reshape:
             calls[step.name] = Calls(step, None, None, {}, {}, False)
             continue
-        stem = builder.stems[step.name]
+        stem = builder.stems[step.name] + step.stem_suffix
         forward = builder.forward_names[stem]
         backward = backward_function(stem)
         sizes = size_values(step, step.derivation.form)

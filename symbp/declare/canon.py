@@ -104,53 +104,56 @@ def _log_sum_exp(x: Array) -> tuple[Array, Stage]:
     return lse, Stage(lse, (n,), sp.log(sp.Sum(sp.exp(x[n, k]), (k, 0, F - 1))))
 
 
+class _AlongFeatures(Layer):
+    """A function of each row of features through the row's log-sum-exp ``lse`` (computed
+    without overflow): the output's stage is :meth:`output` of ``x[n, j]`` and ``lse[n]``."""
+
+    #: what the forward keeps for the backward
+    keeps: tuple[str, ...] = ()
+
+    def output(self, element: sp.Expr, lse: sp.Expr) -> sp.Expr:
+        raise NotImplementedError
+
+    def output_shape(self, in_shape):
+        _features(in_shape, self.kind)
+        return in_shape
+
+    def forward_form(self, in_shape):
+        _features(in_shape, self.kind)
+        x, (n, j) = Array("x", (N, F)), (index("n"), index("j"))
+        lse, stage = _log_sum_exp(x)
+        return Forward(
+            inputs=(x,),
+            params=(),
+            stages=(stage, Stage(Array("y", (N, F)), (n, j), self.output(x[n, j], lse[n]))),
+            keep=self.keeps,
+            letters=LETTERS,
+        )
+
+
 @register
-class Softmax(Layer):
+class Softmax(_AlongFeatures):
     """Softmax along the features: ``y[n, j] = exp(x[n, j]) / sum_k exp(x[n, k])``
     (PyTorch's ``softmax(x, dim=1)``), declared as ``exp(x[n, j] - lse[n])`` with the row's
     log-sum-exp ``lse``, which the forward computes without overflow."""
 
     kind = "softmax"
+    keeps = ("y",)  # the backward in terms of the output
 
-    def output_shape(self, in_shape):
-        _features(in_shape, self.kind)
-        return in_shape
-
-    def forward_form(self, in_shape):
-        _features(in_shape, self.kind)
-        x, (n, j) = Array("x", (N, F)), (index("n"), index("j"))
-        lse, stage = _log_sum_exp(x)
-        return Forward(
-            inputs=(x,),
-            params=(),
-            stages=(stage, Stage(Array("y", (N, F)), (n, j), sp.exp(x[n, j] - lse[n]))),
-            keep=("y",),  # the backward in terms of the output
-            letters=LETTERS,
-        )
+    def output(self, element, lse):
+        return sp.exp(element - lse)
 
 
 @register
-class LogSoftmax(Layer):
+class LogSoftmax(_AlongFeatures):
     """Log-softmax along the features: ``y[n, j] = x[n, j] - log(sum_k exp(x[n, k]))``
     (PyTorch's ``log_softmax(x, dim=1)``), the log-sum-exp computed without overflow."""
 
     kind = "log_softmax"
+    keeps = ("lse",)  # the backward reads exp(x - lse), the softmax, kept by the forward
 
-    def output_shape(self, in_shape):
-        _features(in_shape, self.kind)
-        return in_shape
-
-    def forward_form(self, in_shape):
-        _features(in_shape, self.kind)
-        x, (n, j) = Array("x", (N, F)), (index("n"), index("j"))
-        lse, stage = _log_sum_exp(x)
-        return Forward(
-            inputs=(x,),
-            params=(),
-            stages=(stage, Stage(Array("y", (N, F)), (n, j), x[n, j] - lse[n])),
-            keep=("lse",),  # the backward reads exp(x - lse), the softmax, kept by the forward
-            letters=LETTERS,
-        )
+    def output(self, element, lse):
+        return element - lse
 
 
 @register
