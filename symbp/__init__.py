@@ -21,6 +21,9 @@ from .declare.canon import (
     GlobalAvgPool as global_avgpool,
 )
 from .declare.canon import (
+    GroupNorm as group_norm,
+)
+from .declare.canon import (
     LayerNorm as layer_norm,
 )
 from .declare.canon import (
@@ -184,6 +187,7 @@ __all__ = [
     "flatten",
     "gelu",
     "global_avgpool",
+    "group_norm",
     "layer",
     "layer_norm",
     "leaky_relu",

@@ -1,5 +1,5 @@
-"""The canon: layer norm, softmax and log-softmax along the features, global average pooling,
-dropout.
+"""The canon: layer norm, group norm, softmax and log-softmax along the features, global
+average pooling, dropout.
 
 Each is one registered class declaring its forward pass in index notation, like every other
 layer; every backward pass, compact form and stable rewrite is derived by
@@ -12,7 +12,7 @@ import sympy as sp
 
 from ..errors import SpecError
 from .activations import Elementwise
-from .base import IMAGE_DIMS, LETTERS, F, Layer, X, _number, exact, register
+from .base import IMAGE_DIMS, LETTERS, F, Layer, X, _integer, _number, exact, register
 from .forms import Array, Forward, N, Stage, index
 
 C, H, W = IMAGE_DIMS
@@ -89,6 +89,84 @@ class LayerNorm(Layer):
 
     def describe(self):
         return "layer_norm" if self.eps == 1e-5 else f"layer_norm(eps={self.eps!r})"
+
+
+@register
+class GroupNorm(Layer):
+    """Group normalization of images (PyTorch's ``nn.GroupNorm(groups, C)``).
+
+    The ``C`` channels fall into ``groups`` groups of ``C/groups`` consecutive channels; ``mu``
+    and the biased ``var`` are taken per sample over a group's channels and the whole ``H x W``,
+    then ``y = gamma * (x - mu) / sqrt(var + eps) + beta`` with ``gamma`` and ``beta`` per
+    channel. The same in training and evaluation: no running state.
+    """
+
+    kind = "group_norm"
+    init = {"gamma": "ones", "beta": "zeros"}
+    init_looks_through = True
+    EPS = sp.Symbol("eps", positive=True)  # named as the user writes it
+    GROUPS = sp.Symbol("groups", integer=True, positive=True)
+
+    def __init__(self, groups: int, *, eps: float = 1e-5, name: str | None = None):
+        super().__init__(name=name)
+        self.groups = _integer(groups, field="groups")
+        self.eps = _number(eps, field="eps", positive=True)
+
+    def output_shape(self, in_shape):
+        if len(in_shape) != 3:
+            raise SpecError(
+                f"group_norm expects images (C, H, W), got per-sample shape {list(in_shape)}"
+            )
+        if in_shape[0] % self.groups:
+            raise SpecError(f"{self.groups} groups do not divide the {in_shape[0]} channels",
+                            field="groups")
+        return in_shape
+
+    def param_shapes(self, in_shape):
+        return {"gamma": tuple(in_shape[:1]), "beta": tuple(in_shape[:1])}
+
+    def constant_values(self):
+        return {"eps": self.eps, "groups": self.groups}
+
+    def forward_form(self, in_shape):
+        self.output_shape(in_shape)
+        n, c, h, w = idx = tuple(index(s) for s in "nchw")
+        g, k, r, s = (index(s) for s in "gkrs")
+        per_group = C / self.GROUPS
+        group = sp.floor(c / per_group)  # the group of channel c
+        x, dims = Array("x", (N, C, H, W)), (N, C, H, W)
+        gamma, beta = Array("gamma", (C,)), Array("beta", (C,))
+        mu, var = Array("mu", (N, self.GROUPS)), Array("var", (N, self.GROUPS))
+        invstd = Array("invstd", (N, self.GROUPS), positive=True)
+        xhat = Array("xhat", dims)
+        # the elements of group g: channel k of the sample where floor(k / (C/groups)) = g
+        element = sp.KroneckerDelta(sp.floor(k / per_group), g) * x[n, k, r, s]
+        limits = [(k, 0, C - 1), (r, 0, H - 1), (s, 0, W - 1)]
+        count = per_group * H * W
+        stages = (
+            Stage(mu, (n, g), sp.Sum(element, *limits) / count),
+            Stage(var, (n, g), sp.Sum(
+                sp.KroneckerDelta(sp.floor(k / per_group), g) * (x[n, k, r, s] - mu[n, g]) ** 2,
+                *limits) / count),
+            Stage(invstd, (n, g), 1 / sp.sqrt(var[n, g] + self.EPS)),
+            Stage(xhat, idx, (x[idx] - mu[n, group]) * invstd[n, group]),
+            Stage(Array("y", dims), idx, gamma[c] * xhat[idx] + beta[c]),
+        )
+        return Forward(
+            inputs=(x,),
+            params=(gamma, beta),
+            stages=stages,
+            constants={self.EPS: exact(self.eps), self.GROUPS: sp.Integer(self.groups)},
+            keep=("xhat", "invstd"),
+            letters={**LETTERS, self.GROUPS: "g"},
+        )
+
+    def math_key(self, in_shape):
+        return (self.kind, len(in_shape), self.groups)
+
+    def describe(self):
+        eps = "" if self.eps == 1e-5 else f", eps={self.eps!r}"
+        return f"group_norm(groups={self.groups}{eps})"
 
 
 def _features(in_shape, kind: str):

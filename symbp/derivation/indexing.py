@@ -130,7 +130,38 @@ def eliminate_deltas(term: Term, *, scatter: bool = True) -> Term:
             limits = [limit for limit in limits if limit[0] != index]
             progress = True
             break
-    return Term(tuple(limits), factor)
+    return Term(tuple(limits), _substitute_equal_sides(factor, {lim[0] for lim in limits}))
+
+
+def _substitute_equal_sides(factor: sp.Expr, bound: set[sp.Symbol]) -> sp.Expr:
+    """Under ``delta(a, b)`` with ``b`` the ``floor`` of bound indices (a group's
+    ``floor(k*G/C)``, which no delta solves for ``k``) and ``a`` free of them, the other
+    factors read ``a`` for ``b``: ``delta(g(c), g(k)) f(g(k)) = delta(g(c), g(k)) f(g(c))``."""
+    for delta in sp.Mul.make_args(factor):
+        if not isinstance(delta, sp.KroneckerDelta):
+            continue
+        first, second = delta.args
+        if not first.free_symbols & bound:  # first: the side read under the sums
+            first, second = second, first
+        if not isinstance(first, sp.floor) or second.free_symbols & bound:
+            continue
+        rest = sp.Mul(*[f for f in sp.Mul.make_args(factor) if f is not delta])
+        factor = delta * rest.xreplace({first: second})
+    return factor
+
+
+def _delta_count(factors: list[sp.Expr], limits: list[Limit]) -> sp.Expr | None:
+    """``Sum_{k=0}^{C-1} delta(a, floor(k*G/C))`` alone: the ``C/G`` channels of a group."""
+    if len(factors) != 1 or len(limits) != 1 or not isinstance(factors[0], sp.KroneckerDelta):
+        return None
+    (index, low, high), sides = limits[0], factors[0].args
+    inner = [s for s in sides if isinstance(s, sp.floor) and index in s.free_symbols]
+    if len(inner) != 1 or low != 0:
+        return None
+    rate = sp.simplify(inner[0].args[0] / index)
+    if rate.has(index) or sp.simplify((high + 1) * rate - sp.floor((high + 1) * rate)) != 0:
+        return None
+    return 1 / rate
 
 
 def _group_limits(factors: list[sp.Expr], limits: tuple[Limit, ...]):
@@ -173,6 +204,10 @@ def rebuild(terms: Iterable[Term], names: Mapping[sp.Expr, str] | None = None) -
                 continue
             if body == 0:
                 value = sp.Integer(0)
+                continue
+            count = _delta_count(group_factors, group_limits)
+            if count is not None:
+                value *= count
                 continue
             value *= _canonical_sum(body, group_limits, names or {})
         total += value

@@ -319,7 +319,10 @@ def _replace_sums(expr: sp.Expr, rule: Rule) -> sp.Expr:
 
 
 def _is_index(symbol: sp.Symbol, expr: sp.Expr) -> bool:
-    return any(symbol in e.indices for e in expr.atoms(sp.Indexed))
+    """An index of an element, or of a delta (a group norm's ``delta(g, floor(k*G/C))``)."""
+    return any(symbol in e.indices for e in expr.atoms(sp.Indexed)) or any(
+        symbol in d.free_symbols for d in expr.atoms(sp.KroneckerDelta)
+    )
 
 
 def _sum_identities(form: Forward, rules: list[Rule], names) -> list[Rule]:
