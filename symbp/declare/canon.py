@@ -140,13 +140,14 @@ class GroupNorm(Layer):
         invstd = Array("invstd", (N, self.GROUPS), positive=True)
         xhat = Array("xhat", dims)
         # the elements of group g: channel k of the sample where floor(k / (C/groups)) = g
-        element = sp.KroneckerDelta(sp.floor(k / per_group), g) * x[n, k, r, s]
+        in_group = sp.KroneckerDelta(sp.floor(k / per_group), g)
+        element = in_group * x[n, k, r, s]
         limits = [(k, 0, C - 1), (r, 0, H - 1), (s, 0, W - 1)]
         count = per_group * H * W
         stages = (
             Stage(mu, (n, g), sp.Sum(element, *limits) / count),
             Stage(var, (n, g), sp.Sum(
-                sp.KroneckerDelta(sp.floor(k / per_group), g) * (x[n, k, r, s] - mu[n, g]) ** 2,
+                in_group * (x[n, k, r, s] - mu[n, sp.floor(k / per_group)]) ** 2,
                 *limits) / count),
             Stage(invstd, (n, g), 1 / sp.sqrt(var[n, g] + self.EPS)),
             Stage(xhat, idx, (x[idx] - mu[n, group]) * invstd[n, group]),

@@ -106,6 +106,8 @@ def reading(expr: sp.Expr, upstream: str) -> str | None:
             if flipped and flipped <= gathered_at:
                 return (f"a transposed (strided) convolution: each entry of {upstream} scattered "
                         f"through the kernel {other.base.name}")
+    if any(d.has(sp.floor) for d in gathered.atoms(sp.KroneckerDelta)):
+        return "per sample, sums over each group's channels, read back at every channel"
     if gathered.has(sp.KroneckerDelta):
         return f"a scatter-add of {upstream} back to where each window read its input"
     return None

@@ -490,6 +490,14 @@ class NotesLatexPrinter(NetworkNodePrinting, LatexPrinter):
             return rf"\left({text}\right)"
         return text
 
+    def _print_GroupSum(self, expr):
+        array, _, groups = expr.args
+        return rf"\operatorname{{groupsum}}_{{{self._print(groups)}}}\left({self._print(array)}\right)"
+
+    def _print_GroupRepeat(self, expr):
+        array, times = expr.args
+        return rf"\operatorname{{repeat}}_{{{self._print(times)}}}\left({self._print(array)}\right)"
+
     def _print_Reshape(self, expr):
         array, *dims = expr.args
         shape = r" \times ".join(self._print(d) for d in dims)

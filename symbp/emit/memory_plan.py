@@ -48,8 +48,9 @@ class _Statement:
         """The statement's lines; ``optional``: computed only ``if input_grad``."""
         if not optional:
             return [*self._first(4), *self.extra]
-        if not self.extra and self.call is None:
-            return [f"{self.target} = {self.code} if input_grad else None"]
+        line = f"{self.target} = {self.code} if input_grad else None"
+        if not self.extra and self.call is None and 4 + len(line.splitlines()[-1]) <= MAX_LINE:
+            return [line]
         body = [*self._first(8), *self.extra]
         return [f"{self.target} = None", "if input_grad:", *["    " + line for line in body]]
 

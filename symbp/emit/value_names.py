@@ -21,6 +21,8 @@ import sympy as sp
 from ..derivation.arrays import (
     Dot,
     Einsum,
+    GroupRepeat,
+    GroupSum,
     MaxOver,
     NewAxis,
     Permute,
@@ -49,6 +51,11 @@ def describe(expr: sp.Expr) -> str | None:
     if isinstance(expr, SumOver | MaxOver):
         inner = describe(expr.args[0])
         return inner and ("sum_" if isinstance(expr, SumOver) else "max_") + inner
+    if isinstance(expr, GroupRepeat):  # a group's value at each of its channels
+        return describe(expr.args[0])
+    if isinstance(expr, GroupSum):
+        inner = describe(expr.args[0])
+        return inner and "group_sum_" + inner
     if isinstance(expr, Einsum):  # a sum of a product: sum_dy_xhat
         operands = [describe(o) for o in expr.args[1:]]
         return None if None in operands else "sum_" + "_".join(operands)
@@ -107,8 +114,11 @@ def _total(expr: sp.Add) -> str | None:
     terms = list(expr.as_ordered_terms())
     if len(terms) != 2:
         return None
-    (minus_a, a), (negated, b) = sorted(_signed(t) for t in terms)
-    if a is None or b is None or minus_a:
+    signed = [_signed(t) for t in terms]
+    if any(words is None for _, words in signed):
+        return None
+    (minus_a, a), (negated, b) = sorted(signed)
+    if minus_a:
         return None
     if negated and b == f"max_{a}":
         return a  # shifted by its own maximum (to keep exp finite): still read as ``a``
