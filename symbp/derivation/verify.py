@@ -454,7 +454,7 @@ def _numerically_nonzero(expr: sp.Expr, trials: int = 3) -> bool:
 #: Structural constants, each at a value that makes its own index cases: a stride of 2 skips
 #: positions (an input row that no window starts at, one that two windows share or none reads),
 #: a padding of 1 puts windows across both borders, a dilation of 2 spaces a window's taps.
-STRUCTURE = {"stride": 2, "padding": 1, "dilation": 2}
+STRUCTURE = {"stride": 2, "padding": 1, "dilation": 2, "groups": 2}
 #: Kernel extents: two, and different, so that a formula that confuses K_h with K_w is caught;
 #: with padding 1, a kernel of 2 is a window that always reaches into the input and a kernel of 3
 #: one whose full convolution reads the upstream gradient outside its range at both ends.
@@ -516,6 +516,11 @@ def default_sizes(form: Forward, batch: int = 2, width: int = 2) -> dict[sp.Symb
                     sizes[symbol] = image[symbol.name]
                 else:
                     sizes[symbol] = width + (len(sizes) + 1) % 2
+    for symbol in form.constants:
+        if symbol.name == "groups":  # channels in groups (group norm): two groups of two
+            for size in sizes:
+                if size.name == "C":
+                    sizes[size] = 2 * sizes[symbol]
     for symbol, rule in form.size_rules.items():
         sizes[symbol] = int(rule.xreplace(sizes))
     return sizes

@@ -492,11 +492,13 @@ class NotesLatexPrinter(NetworkNodePrinting, LatexPrinter):
 
     def _print_GroupSum(self, expr):
         array, _, groups = expr.args
-        return rf"\operatorname{{groupsum}}_{{{self._print(groups)}}}\left({self._print(array)}\right)"
+        groups, array = self._print(groups), self._print(array)
+        return rf"\operatorname{{groupsum}}_{{{groups}}}\left({array}\right)"
 
     def _print_GroupRepeat(self, expr):
         array, times = expr.args
-        return rf"\operatorname{{repeat}}_{{{self._print(times)}}}\left({self._print(array)}\right)"
+        times, array = self._print(times), self._print(array)
+        return rf"\operatorname{{repeat}}_{{{times}}}\left({array}\right)"
 
     def _print_Reshape(self, expr):
         array, *dims = expr.args
