@@ -54,6 +54,8 @@ def torch_forward(items, params, h, *, train: bool, masks: dict | None = None):
             h = h.flatten(1)
         elif kind == "layer_norm":
             h = tF.layer_norm(h, tuple(h.shape[1:]), p("gamma"), p("beta"), eps=layer.eps)
+        elif kind == "group_norm":
+            h = tF.group_norm(h, layer.groups, p("gamma"), p("beta"), eps=layer.eps)
         elif kind == "softmax":
             h = tF.softmax(h, dim=1)
         elif kind == "log_softmax":
@@ -209,6 +211,63 @@ eps = %s
             symbp.parse_spec(spec % bad)
     with pytest.raises(SpecError, match="momentum.*unknown field for layer_norm"):
         symbp.parse_spec(spec % "1e-5" + "momentum = 0.1\n")
+
+
+# --------------------------------------------------------------------------- group_norm
+
+
+def test_group_norm_compact_backward_is_derived_and_proven():
+    derivation = derive_layer(symbp.group_norm(2).forward_form((4, 3, 2)))
+    dx = derivation.vjp["x"].expr
+    # the compact form reads what the forward keeps: not the input, not the group means
+    assert derivation.stored == ("gamma", "invstd", "xhat")
+    assert "x[" not in str(dx).replace("xhat[", "") and "mu[" not in str(dx)
+    # two groups of two channels, so that a channel's group and a group's channels both matter
+    assert_proven(symbp.group_norm(2), (4, 1, 2), N=2, C=4, H_in=1, W_in=2)
+
+
+def test_group_norm_agrees_with_torch():
+    """As F.group_norm in a small conv net: loss, output, input and every parameter gradient."""
+    net = Net([symbp.conv2d(6, 3, padding=1, name="conv"), symbp.group_norm(3, name="gn"),
+               symbp.relu(), symbp.conv2d(4, 3), symbp.group_norm(2, eps=1e-3),
+               symbp.global_avgpool(), symbp.linear(3)],
+              input_shape=(2, 5, 4), loss="softmax_cross_entropy")
+    assert net.param_shapes["gn.gamma"] == (6,)  # per channel, as nn.GroupNorm(3, 6)
+    assert_agrees_with_torch(net, seed=3)
+    # one group is layer norm over the whole image, C groups is instance norm (no bias
+    # before it: a channel's bias cancels there, its gradient is 0 up to rounding)
+    for groups in (1, 4):
+        net = Net([symbp.conv2d(4, 3, padding=1, bias=False), symbp.group_norm(groups),
+                   symbp.flatten(),
+                   symbp.linear(2)], input_shape=(2, 3, 3), loss="mse")
+        assert_agrees_with_torch(net, seed=groups)
+
+
+def test_group_norm_toml_and_its_errors():
+    spec = """
+input = { shape = [4, 3, 2] }
+loss = "mse"
+[[layers]]
+type = "group_norm"
+name = "gn"
+%s
+[[layers]]
+type = "flatten"
+"""
+    net = symbp.parse_spec(spec % "groups = 2\neps = 1e-6")
+    layer = net.placed[0].layer
+    assert (layer.groups, layer.eps) == (2, 1e-6) and net.param_shapes["gn.beta"] == (4,)
+    assert check_spec(net, batch=3, seed=0).passed
+    for bad, said in (("groups = 3", "gn.*groups.*3 groups do not divide the 4 channels"),
+                      ("groups = 0", "gn.*groups.*must be a positive integer"),
+                      ("groups = 1.5", "gn.*groups.*must be a positive integer"),
+                      ("", "gn.*groups.*missing field for group_norm"),
+                      ("groups = 2\neps = 0", "gn.*eps.*must be positive")):
+        with pytest.raises(SpecError, match=said):
+            symbp.parse_spec(spec % bad)
+    with pytest.raises(SpecError, match="gn.*group_norm expects images"):
+        symbp.parse_spec(spec.replace("shape = [4, 3, 2]", "features = 4").replace(
+            '[[layers]]\ntype = "flatten"\n', "") % "groups = 2")
 
 
 # --------------------------------------------------------------------------- softmax, log_softmax
