@@ -130,7 +130,10 @@ def eliminate_deltas(term: Term, *, scatter: bool = True) -> Term:
             limits = [limit for limit in limits if limit[0] != index]
             progress = True
             break
-    return Term(tuple(limits), _substitute_equal_sides(factor, {lim[0] for lim in limits}))
+        if not progress:  # a group's floor read as its value may leave a delta to solve
+            substituted = _substitute_equal_sides(factor, {limit[0] for limit in limits})
+            progress, factor = substituted != factor, substituted
+    return Term(tuple(limits), factor)
 
 
 def _substitute_equal_sides(factor: sp.Expr, bound: set[sp.Symbol]) -> sp.Expr:
