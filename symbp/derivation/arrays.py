@@ -133,20 +133,6 @@ class Col2Im(ArrayOp):
     """
 
 
-class GroupSum(ArrayOp):
-    """``(a, N, groups)``: each sample's sum over a group of consecutive channels and every
-    axis after them, ``a.reshape(N, groups, -1).sum(axis=2)`` (group norm's statistics)."""
-
-    nargs = 3
-
-
-class GroupRepeat(ArrayOp):
-    """``(a, channels per group)``: a value per group read at each of its channels,
-    ``np.repeat(a, C // groups, axis=1)``."""
-
-    nargs = 2
-
-
 class Shifted(ArrayOp):
     """``(a, offsets, sizes)``: ``out[..., u, v] = a[..., u + du, v + dv]``, 0 outside ``a``.
 
@@ -254,6 +240,10 @@ class Lowering:
 
     # -- recursive lowering -------------------------------------------------------------------
     def _lower(self, expr: sp.Expr) -> tuple[sp.Expr, Axes]:
+        if expr.has(sp.floor):  # a group's sum or value (group norm: .groups)
+            from .groups import lower_grouped
+            if (grouped := lower_grouped(self, expr)) is not None:
+                return grouped
         if isinstance(expr, sp.Indexed):
             indices = tuple(expr.indices)
             if len(set(indices)) == len(indices) and all(i.is_Symbol for i in indices):
@@ -332,17 +322,8 @@ class Lowering:
 
     def _lower_compound(self, expr: sp.Indexed) -> tuple[sp.Expr, Axes]:
         """Elements with shifted (``u - P``), windowed (``p*S + i*D``, possibly shifted too) or
-        reversed (``K - 1 - k``) indices, or a group's value read at a channel
-        (``a[n, floor(c*G/C)]``)."""
+        reversed (``K - 1 - k``) indices."""
         array = self.symbol(expr.base.name)
-        grouped = [i for i in expr.indices if isinstance(i, sp.floor)]
-        if grouped:
-            n, group = expr.indices
-            (channel,) = [a for a in group.free_symbols if _is_index(a)]
-            if len(grouped) != 1 or not _is_index(n):
-                raise DerivationError(f"cannot lower the element {expr} to a whole array")
-            rate = sp.simplify(group.args[0] / channel)
-            return GroupRepeat(array, 1 / rate), (n, channel)
         axes: list[sp.Symbol] = []
         offsets, shifted_sizes, windows, flipped = [], [], [], []
         for position, index in enumerate(expr.indices):
@@ -453,9 +434,6 @@ class Lowering:
         bound = [limit[0] for limit in expr.limits]
         for index, low, high in expr.limits:
             self.sizes[index] = high - low + 1
-        if any(isinstance(f, sp.KroneckerDelta) and f.has(sp.floor)
-               for f in sp.Mul.make_args(expr.function)):
-            return self._lower_group_sum(expr)
         if any(isinstance(f, sp.KroneckerDelta) for f in sp.Mul.make_args(expr.function)):
             return self._lower_scatter(expr)
         expr = self._kernel_forwards(expr)
@@ -468,36 +446,6 @@ class Lowering:
             raise DerivationError(f"a bound index does not occur in the summand of {expr}")
         result_axes = tuple(a for a in have if a not in bound)
         return SumOver(array, sp.Tuple(*sorted(positions))), result_axes
-
-    def _lower_group_sum(self, expr: sp.Sum) -> tuple[sp.Expr, Axes]:
-        """``Sum_{k,h,w} delta(g, floor(k*G/C)) a[n, k, h, w]`` at ``(n, g)`` as the groups'
-        sums; at ``(n, c)`` with ``delta(floor(c*G/C), floor(k*G/C))``, each read at its
-        channels."""
-        factors = sp.Mul.make_args(expr.function)
-        (delta,) = [f for f in factors if isinstance(f, sp.KroneckerDelta)]
-        rest = sp.Mul(*[f for f in factors if f is not delta])
-        bound = [limit[0] for limit in expr.limits]
-        inner = [side for side in delta.args if side.free_symbols & set(bound)]
-        outer = [side for side in delta.args if not side.free_symbols & set(bound)]
-        if len(inner) != 1 or len(outer) != 1 or not isinstance(inner[0], sp.floor):
-            raise DerivationError(f"cannot lower {delta} as a group's sum")
-        (channel,) = inner[0].free_symbols & set(bound)
-        rate = sp.simplify(inner[0].args[0] / channel)  # groups / C
-        array, have = self._lower(rest)
-        free = [a for a in have if a not in bound]
-        if len(free) != 1 or set(have) - set(free) != set(bound):
-            raise DerivationError(f"cannot lower {expr} as a group's sum")
-        rest_axes = [b for b in bound if b != channel]
-        target = (free[0], channel, *[a for a in have if a in rest_axes])
-        groups = sp.simplify(rate * self.sizes[channel])
-        summed = GroupSum(align(array, have, target, full=True), self.sizes[free[0]], groups)
-        (side,) = outer
-        if isinstance(side, sp.Symbol):
-            return summed, (free[0], side)
-        if isinstance(side, sp.floor):
-            (read,) = [a for a in side.free_symbols if _is_index(a)]
-            return GroupRepeat(summed, 1 / rate), (free[0], read)
-        raise DerivationError(f"cannot lower {delta} as a group's sum")
 
     def _kernel_forwards(self, expr: sp.Sum) -> sp.Sum:
         """A window read backwards (``dy[n, o, h + P - k]``, a full convolution) with its kernel

@@ -490,16 +490,6 @@ class NotesLatexPrinter(NetworkNodePrinting, LatexPrinter):
             return rf"\left({text}\right)"
         return text
 
-    def _print_GroupSum(self, expr):
-        array, _, groups = expr.args
-        groups, array = self._print(groups), self._print(array)
-        return rf"\operatorname{{groupsum}}_{{{groups}}}\left({array}\right)"
-
-    def _print_GroupRepeat(self, expr):
-        array, times = expr.args
-        times, array = self._print(times), self._print(array)
-        return rf"\operatorname{{repeat}}_{{{times}}}\left({array}\right)"
-
     def _print_Reshape(self, expr):
         array, *dims = expr.args
         shape = r" \times ".join(self._print(d) for d in dims)

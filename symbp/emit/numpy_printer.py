@@ -416,16 +416,6 @@ class SymbpNumPyPrinter(NumPyPrinter):
             f"{self._print(dilation)})"
         )
 
-    def _print_GroupSum(self, expr):
-        array, batch, groups = expr.args
-        text = self.parenthesize(array, PRECEDENCE["Atom"], strict=True)
-        return f"{text}.reshape({self._print(batch)}, {self._print(groups)}, -1).sum(axis=2)"
-
-    def _print_GroupRepeat(self, expr):
-        array, times = expr.args
-        count = " // ".join(self._print(part) for part in sp.fraction(times))
-        return f"{self._module_format('numpy.repeat')}({self._print(array)}, {count}, axis=1)"
-
     def _print_Shifted(self, expr):
         array, offsets, sizes = expr.args
         return (

@@ -21,8 +21,6 @@ import sympy as sp
 from ..derivation.arrays import (
     Dot,
     Einsum,
-    GroupRepeat,
-    GroupSum,
     MaxOver,
     NewAxis,
     Permute,
@@ -32,6 +30,7 @@ from ..derivation.arrays import (
     SumOver,
     TensorDot,
 )
+from ..derivation.groups import GroupRepeat, GroupSum
 
 #: Longest description used as a name; a longer one falls back to :data:`GENERIC`.
 MAX_NAME = 24
