@@ -96,6 +96,8 @@ def torch_forward(net: symbp.Net, tensors: dict, h):
                 h = getattr(F, kind)(h)
             elif kind == "layer_norm":
                 h = F.layer_norm(h, tuple(h.shape[1:]), p("gamma"), p("beta"), eps=layer.eps)
+            elif kind == "group_norm":
+                h = F.group_norm(h, layer.groups, p("gamma"), p("beta"), eps=layer.eps)
             elif kind in ("softmax", "log_softmax"):
                 h = getattr(F, kind)(h, dim=1)
             elif kind == "global_avgpool":
