@@ -53,10 +53,22 @@ def formula(lhs: sp.Expr, rhs: sp.Expr) -> str:
     lhs, rhs = _rank_free(lhs, rhs)
     text = f"{printer.doprint(lhs)} = {printer.doprint(rhs)}"
     width = MAX_LINE - 8
-    words = _words(text, opening="[{")
+    words = [piece for word in _words(text, opening="[{") for piece in _cut(word, width - 4)]
     if max(map(len, words)) > width - 4:  # an index expression longer than a line
         words = text.split(" ")
     return "\n    ".join(_fill(words, width, indent="    "))
+
+
+def _cut(word: str, width: int) -> list[str]:
+    """A word (a product of factors) longer than ``width`` cut after a factor's ``*``."""
+    pieces = []
+    while len(word) > width:
+        cuts = [m.end() for m in re.finditer(r"[)\]]\*", word) if m.end() <= width]
+        if not cuts:
+            break
+        pieces.append(word[: cuts[-1]])
+        word = word[cuts[-1] :]
+    return [*pieces, word]
 
 
 def _rank_free(lhs: sp.Expr, rhs: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
