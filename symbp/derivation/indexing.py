@@ -261,13 +261,20 @@ def sums_in(expr: sp.Expr) -> list[sp.Sum]:
     return [node for node in sp.preorder_traversal(expr) if isinstance(node, sp.Sum)]
 
 
-def sums_equal(first: sp.Sum, second: sp.Sum) -> bool:
-    """Equal up to the names of their bound indices."""
+def bound_renames(first: sp.Sum, second: sp.Sum) -> dict | None:
+    """The renaming of ``first``'s bound indices to ``second``'s, limit by limit; None where
+    their ranges differ."""
     if len(first.limits) != len(second.limits):
-        return False
+        return None
     renames = {}
     for (a, lo_a, hi_a), (b, lo_b, hi_b) in zip(first.limits, second.limits, strict=True):
         if lo_a != lo_b or hi_a != hi_b:
-            return False
+            return None
         renames[a] = b
-    return first.function.xreplace(renames) == second.function
+    return renames
+
+
+def sums_equal(first: sp.Sum, second: sp.Sum) -> bool:
+    """Equal up to the names of their bound indices."""
+    renames = bound_renames(first, second)
+    return renames is not None and first.function.xreplace(renames) == second.function

@@ -15,7 +15,7 @@ import sympy as sp
 
 from ..declare.forms import Forward
 from .derivation import Adjoint, LayerDerivation, Rule
-from .indexing import freshen_bound, simplify_indexed, sums_in
+from .indexing import bound_renames, freshen_bound, simplify_indexed, sums_in
 
 
 def _keep_candidates(form: Forward) -> list[tuple[str, ...]]:
@@ -299,13 +299,9 @@ def _replace_sums(expr: sp.Expr, rule: Rule) -> sp.Expr:
     pattern_body = pattern.function.xreplace(wilds)
 
     def matches(node):
-        if not isinstance(node, sp.Sum) or len(node.limits) != len(pattern.limits):
+        renames = bound_renames(node, pattern) if isinstance(node, sp.Sum) else None
+        if renames is None:
             return None
-        renames = {}
-        for (a, lo_a, hi_a), (b, lo_b, hi_b) in zip(node.limits, pattern.limits, strict=True):
-            if lo_a != lo_b or hi_a != hi_b:
-                return None
-            renames[a] = b
         found = node.function.xreplace(renames).match(pattern_body)
         if found is None or set(found) != set(wilds.values()):
             return None
