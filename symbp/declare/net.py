@@ -192,8 +192,8 @@ class Net:
 def _check_ids(layer: Layer, vocabulary: int | None, *, first: bool) -> None:
     """Ids go into the first layer, one that :attr:`~Layer.takes_ids`, and only there."""
     if layer.takes_ids and not (first and vocabulary is not None):
-        raise SpecError(f"{layer.kind} reads integer ids: it must be the first layer, and the "
-                        "network's input ids (input = { ids = V }, or input_ids=V in Python)",
+        raise SpecError(f"{layer.kind} reads integer ids: it must be the first layer of a "
+                        "network whose input is ids (input = { ids = V }; input_ids=V in Python)",
                         field="type")
     if first and vocabulary is not None:
         if not layer.takes_ids:

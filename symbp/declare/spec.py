@@ -112,7 +112,7 @@ def _input(value: Any) -> tuple[int | None, tuple[int, ...] | None, int | None]:
     _check_64_bits(value, field="input")
     if "ids" in value:
         if set(value) - {"ids", "shape"}:
-            raise SpecError("with ids, takes only 'shape' = [T] besides", field="input")
+            raise SpecError("with ids, the only other key is shape = [T]", field="input")
         return None, value.get("shape"), value["ids"]
     if set(value) - {"features", "shape"} or len(value) != 1:
         raise SpecError("takes exactly one of 'features', 'shape' or 'ids'", field="input")
