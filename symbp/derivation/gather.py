@@ -3,7 +3,8 @@
 A table read at ids, ``W[ids[n], j]``, is the rows ``np.take(W, ids, axis=0)``; the sum its
 derivative leaves, ``Sum_m delta(v, ids[m]) dy[m, j]`` at ``(v, j)``, adds each row of ``dy``
 onto the row of its id: ``_scatter_rows(dy, ids, V)``, whole-array NumPy (a stable sort of the
-ids and ``np.add.reduceat``; see :mod:`symbp.runtime.gather`), never a loop over the samples.
+ids, ``np.add.reduceat`` over the repeated ones; see :mod:`symbp.runtime.gather`), never a loop
+over the samples.
 """
 
 from __future__ import annotations
