@@ -161,16 +161,6 @@ def test_backward_keeps_only_the_ids_and_returns_no_input_gradient():
         net, module, batch=4, dtype=np.float32)
 
 
-def test_generated_module_is_lint_clean(tmp_path):
-    path = tmp_path / "bag.py"
-    path.write_text(generate_module(symbp.load_spec(EXAMPLE)))
-    ruff = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(path)],
-                          capture_output=True, text=True)
-    if "No module named ruff" in ruff.stderr:
-        pytest.skip("ruff is not installed")
-    assert ruff.returncode == 0, ruff.stdout
-
-
 # --------------------------------------------------------------------------- the derivation
 def test_weight_gradient_is_derived_and_proved_for_every_assignment_of_the_ids():
     layer = symbp.embedding(3)
