@@ -47,6 +47,10 @@ class Net:
     ...                 input_features=4, loss="softmax_cross_entropy")
     >>> list(net.param_shapes)
     ['linear1.W', 'linear1.b', 'linear3.W', 'linear3.b']
+
+    The input is ``input_features=F``, ``input_shape=(C, H, W)``, or integer ids in
+    ``[0, input_ids)`` read by an embedding first: one per sample, or a sequence of ``T`` with
+    ``input_shape=(T,)`` (TOML: ``input = { ids = V, shape = [T] }``).
     """
 
     def __init__(
