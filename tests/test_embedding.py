@@ -18,6 +18,8 @@ import sys
 import numpy as np
 import pytest
 import sympy as sp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import symbp
 from symbp.checking.gradcheck import check_spec, load_module
@@ -87,6 +89,60 @@ def test_loss_and_every_gradient_match_pytorch(sequence):
     assert np.abs(grads["emb.W"][2]).max() > 0
     unread = np.setdiff1d(np.arange(len(grads["emb.W"])), ids)
     assert not grads["emb.W"][unread].any()
+
+
+@st.composite
+def _drawn(draw):
+    """An embedding (one id or a sequence, a table of V or more rows) then a mix of layers."""
+    vocabulary, dim = draw(st.integers(1, 9)), draw(st.integers(1, 5))
+    length = draw(st.sampled_from([None, 1, 3]))
+    layers = [symbp.embedding(dim, num=draw(st.sampled_from([None, vocabulary + 2])))]
+    if draw(st.booleans()):
+        layers.append(draw(st.sampled_from([symbp.tanh, symbp.relu, symbp.sigmoid]))())
+    if length is not None:
+        layers.append(symbp.flatten())
+    if draw(st.booleans()):
+        layers.append(symbp.layer_norm())
+    layers.append(symbp.linear(draw(st.integers(1, 4))))
+    net = symbp.Net(layers, input_ids=vocabulary, loss="mse",
+                    input_shape=None if length is None else (length,))
+    ids = draw(st.lists(st.integers(0, vocabulary - 1), min_size=1, max_size=4))
+    batch = np.array(ids * (length or 1)).reshape(len(ids), *net.input_shape)
+    return net, batch
+
+
+@settings(max_examples=6, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(_drawn())
+def test_drawn_networks_match_pytorch_autograd(drawn):
+    torch = pytest.importorskip("torch")
+    net, ids = drawn
+    module = load_module(generate_module(net))
+    params = module.init_params(seed=1)
+    rng = np.random.default_rng(2)
+    target = rng.standard_normal((len(ids), *net.output_shape))
+    loss, grads = module.loss_and_grads(params, ids, target)
+    weights = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    h = torch.tensor(ids)
+    for item in net.placed:
+        kind = item.layer.kind
+        if kind == "embedding":
+            h = torch.nn.functional.embedding(h, weights[f"{item.name}.W"])
+        elif kind == "flatten":
+            h = h.flatten(1)
+        elif kind == "layer_norm":
+            h = torch.nn.functional.layer_norm(h, h.shape[1:], weights[f"{item.name}.gamma"],
+                                               weights[f"{item.name}.beta"], eps=item.layer.eps)
+        elif kind == "linear":
+            h = h @ weights[f"{item.name}.W"] + weights[f"{item.name}.b"]
+        else:
+            h = getattr(torch, kind)(h)
+    expected = torch.mean((h - torch.tensor(target)) ** 2)
+    expected.backward()
+    assert abs(float(loss) - float(expected.detach())) <= TOLERANCE * max(1.0, float(loss))
+    assert set(grads) == set(weights)
+    for key, weight in weights.items():
+        np.testing.assert_allclose(grads[key], weight.grad.numpy(), rtol=0, atol=TOLERANCE)
 
 
 def test_layer_functions_match_pytorch_in_float32_and_float64():
