@@ -47,6 +47,9 @@ from .declare.conv import (
 from .declare.custom import (
     Custom as layer,
 )
+from .declare.embedding import (
+    Embedding as embedding,
+)
 from .declare.layers import (
     Activation as activation,
 )
@@ -184,6 +187,7 @@ __all__ = [
     "derive",
     "dropout",
     "elu",
+    "embedding",
     "flatten",
     "gelu",
     "global_avgpool",

@@ -163,7 +163,7 @@ def make_inputs(net: Net, module, *, batch: int, seed: int):
     params = module.init_params(seed=seed, dtype=np.float64)
     # Perturb the deterministic init (zero biases, unit gammas) so nothing is special.
     params = {k: np.array(v + 0.1 * rng.standard_normal(v.shape)) for k, v in params.items()}
-    x = rng.standard_normal((batch, *net.input_shape))
+    x = net.sample_input(rng, batch)
     if net.loss is None:
         y = rng.standard_normal((batch, *net.output_shape))
     elif net.loss.target_kind == "labels":
@@ -226,7 +226,7 @@ def check_module(net: Net, module, *, batch: int = 4, seed: int = 0, full: bool 
     count = len(plan.forward)
     start, moved, noise, whole = 0, [], math.inf, math.inf
     while start < count:
-        moved = ["x"] * (start == 0) + [
+        moved = ["x"] * (start == 0 and "x" in analytic) + [
             key for step in plan.forward[start:] for key in step.params
         ]
         probe = {n: directions.standard_normal(values[n].shape) for n in moved}
@@ -316,7 +316,7 @@ def _layer_rows(
         for key in step.params:
             evaluate, magnitude = local.local_function(run, params, param=key)
             rows.append(row(key, step.name, evaluate, magnitude, params[key], analytic[key]))
-        for value in dict.fromkeys(step.inputs):
+        for value in dict.fromkeys(step.grad_inputs):  # (integer ids have no gradient)
             if plan.readers[value][0] != step.name:
                 continue  # its gradient is complete at its first reader
             evaluate, magnitude = local.local_function(run, params, value=value)
@@ -332,9 +332,9 @@ def _first_disagreement(plan: Plan, run: local.Sweep, analytic) -> str:
     chained by the plan: the network's backward goes wrong between that layer and the ones
     above it (a sum or a hand-over), not in a layer's function. A note under a failing table
     (the rows below that point fail, though their layers' functions are right)."""
-    chained = {**run.param_grads, "x": run.grads[INPUT]}
+    chained = {**run.param_grads, "x": run.grads.get(INPUT)}
     for step in reversed(plan.forward):
-        for key in [*step.params, *(["x"] if INPUT in step.inputs else [])]:
+        for key in [*step.params, *(["x"] if INPUT in step.grad_inputs else [])]:
             if key not in analytic:
                 continue
             mine, theirs = np.asarray(chained[key]), np.asarray(analytic[key])

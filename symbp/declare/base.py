@@ -81,8 +81,12 @@ class Layer:
     """A layer of a network. Subclasses set ``kind`` and define :meth:`forward_form`."""
 
     kind: ClassVar[str]
-    #: what an initializer must do for each parameter: "fan", "zeros", "ones" or a number
+    #: what an initializer must do for each parameter: "fan", "normal" (N(0, 1)), "zeros",
+    #: "ones" or a number
     init: ClassVar[dict[str, Any]] = {}
+    #: reads the network's integer ids (an embedding): the first layer of a network whose
+    #: input is ``ids``, told the ids' range by :meth:`bind_ids`
+    takes_ids: ClassVar[bool] = False
 
     # What differs between layer types, declared here and read by the network plan
     # (symbp.derivation.plan) and every output target; nothing outside symbp.declare tests a kind.
@@ -110,6 +114,9 @@ class Layer:
 
     def __init__(self, *, name: str | None = None) -> None:
         self.name = None if name is None else check_identifier(name, what="layer name")
+
+    def bind_ids(self, vocabulary: int) -> None:
+        """The network's ids run over ``[0, vocabulary)`` (a layer that :attr:`takes_ids`)."""
 
     # -- shapes -------------------------------------------------------------------------------
     def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from ..errors import SpecError
 from ..naming import check_identifier, default_layer_name, param_key
+from .embedding import check_ids_input
 from .layers import MAX_ELEMENTS, REGISTRY, Layer, Loss, Residual
 
 DTYPES = ("float64", "float32")
@@ -46,6 +47,10 @@ class Net:
     ...                 input_features=4, loss="softmax_cross_entropy")
     >>> list(net.param_shapes)
     ['linear1.W', 'linear1.b', 'linear3.W', 'linear3.b']
+
+    The input is ``input_features=F``, ``input_shape=(C, H, W)``, or integer ids in
+    ``[0, input_ids)`` read by an embedding first: one per sample, or a sequence of ``T`` with
+    ``input_shape=(T,)`` (TOML: ``input = { ids = V, shape = [T] }``).
     """
 
     def __init__(
@@ -57,9 +62,16 @@ class Net:
         loss: str | Loss | None = None,
         name: str = "net",
         dtype: str = "float64",
+        input_ids: int | None = None,
     ) -> None:
         self.name = check_identifier(name, what="network name")
-        if (input_features is None) == (input_shape is None):
+        #: integer ids in [0, input_ids) as the input (an embedding first), else None
+        self.input_ids = None
+        if input_ids is not None:
+            if input_features is not None:
+                raise SpecError("give ids or features, not both", field="input")
+            self.input_ids, input_shape = check_ids_input(input_ids, input_shape)
+        elif (input_features is None) == (input_shape is None):
             raise SpecError("give exactly one of input features or input shape", field="input")
         if input_features is not None:
             input_shape = (input_features,)
@@ -67,11 +79,11 @@ class Net:
             raise SpecError(
                 f"must be a tuple of positive integers, got {input_shape!r}", field="input"
             )
-        if not input_shape or not all(
+        if self.input_ids is None and (not input_shape or not all(
             isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape
-        ):
+        )):
             raise SpecError(f"must be positive integers, got {input_shape!r}", field="input")
-        if len(input_shape) not in (1, 3):
+        if self.input_ids is None and len(input_shape) not in (1, 3):
             raise SpecError(
                 f"must be features [F] or an image [C, H, W] per sample (the batch axis is not "
                 f"part of it), got {list(input_shape)}",
@@ -112,6 +124,7 @@ class Net:
                     raise SpecError("duplicate layer name", layer=name, field="name")
                 seen.add(name)
                 try:
+                    _check_ids(layer, self.input_ids, first=not placed and not prefix)
                     if isinstance(layer, Residual):
                         if depth >= MAX_NESTING:
                             raise SpecError(
@@ -136,6 +149,13 @@ class Net:
             return placed
 
         return place(layers, self.input_shape, "", 1)
+
+    def sample_input(self, rng, batch: int):
+        """A random batch of inputs from ``rng`` (a ``np.random.Generator``): standard normal
+        floats, or ids drawn uniformly from ``[0, V)`` where the input is ids."""
+        if self.input_ids is not None:
+            return rng.integers(0, self.input_ids, size=(batch, *self.input_shape))
+        return rng.standard_normal((batch, *self.input_shape))
 
     # -- views --------------------------------------------------------------------------------
     def walk(self) -> Iterator[Placed]:
@@ -171,6 +191,20 @@ class Net:
 
     def __repr__(self) -> str:
         return f"Net({self.name!r}, {len(self.placed)} layers, loss={self.loss and self.loss.kind})"
+
+
+def _check_ids(layer: Layer, vocabulary: int | None, *, first: bool) -> None:
+    """Ids go into the first layer, one that :attr:`~Layer.takes_ids`, and only there."""
+    if layer.takes_ids and not (first and vocabulary is not None):
+        raise SpecError(f"{layer.kind} reads integer ids: it must be the first layer of a "
+                        "network whose input is ids (input = { ids = V }; input_ids=V in Python)",
+                        field="type")
+    if first and vocabulary is not None:
+        if not layer.takes_ids:
+            raise SpecError(f"the input is integer ids (input = {{ ids = {vocabulary} }}): the "
+                            f"first layer must read them (an embedding), not {layer.kind}",
+                            field="type")
+        layer.bind_ids(vocabulary)
 
 
 def _check_sizes(layer: Layer, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> None:

@@ -84,7 +84,7 @@ def parse_spec(text: str) -> Net:
     loss = data.get("loss")
     if loss is not None and not isinstance(loss, str):
         raise SpecError(f"must be a string, got {loss!r}", field="loss")
-    input_features, input_shape = _input(data.get("input"))
+    input_features, input_shape, input_ids = _input(data.get("input"))
     layers = data.get("layers")
     if not isinstance(layers, list) or not layers:
         raise SpecError("a spec needs a non-empty [[layers]] list", field="layers")
@@ -93,30 +93,38 @@ def parse_spec(text: str) -> Net:
         built,
         input_features=input_features,
         input_shape=input_shape,
+        input_ids=input_ids,
         loss=loss,
         name=name,
         dtype=data.get("dtype", "float64"),
     )
 
 
-def _input(value: Any) -> tuple[int | None, tuple[int, ...] | None]:
+def _input(value: Any) -> tuple[int | None, tuple[int, ...] | None, int | None]:
+    """``input``'s features, per-sample shape and number of ids (``{ ids = V, shape = [T] }``);
+    the ones not given are None."""
     if not isinstance(value, dict):
         raise SpecError(
-            "must be a table: input = { features = 784 } or input = { shape = [C, H, W] }",
+            "must be a table: input = { features = 784 }, input = { shape = [C, H, W] } or "
+            "input = { ids = V }",
             field="input",
         )
-    if set(value) - {"features", "shape"} or len(value) != 1:
-        raise SpecError("takes exactly one of 'features' or 'shape'", field="input")
     _check_64_bits(value, field="input")
+    if "ids" in value:
+        if set(value) - {"ids", "shape"}:
+            raise SpecError("with ids, the only other key is shape = [T]", field="input")
+        return None, value.get("shape"), value["ids"]
+    if set(value) - {"features", "shape"} or len(value) != 1:
+        raise SpecError("takes exactly one of 'features', 'shape' or 'ids'", field="input")
     if "features" in value:
         features = value["features"]
         if isinstance(features, bool) or not isinstance(features, int) or features < 1:
             raise SpecError(f"must be a positive integer, got {features!r}", field="input")
-        return features, None
+        return features, None, None
     shape = value["shape"]
     if not isinstance(shape, list) or not shape:
         raise SpecError(f"must be a list of positive integers, got {shape!r}", field="input")
-    return None, tuple(shape)
+    return None, tuple(shape), None
 
 
 def _layer(table: Any, position: int, parent: str = "") -> Layer:

@@ -240,10 +240,10 @@ class Lowering:
 
     # -- recursive lowering -------------------------------------------------------------------
     def _lower(self, expr: sp.Expr) -> tuple[sp.Expr, Axes]:
-        if expr.has(sp.floor):  # a group's sum or value (group norm: .groups)
-            from .groups import lower_grouped
-            if (grouped := lower_grouped(self, expr)) is not None:
-                return grouped
+        from . import gather, groups  # a group's sum or value; a read at ids, its scatter-add
+        for special in (groups.lower_grouped, gather.lower_gathered):
+            if (lowered := special(self, expr)) is not None:
+                return lowered
         if isinstance(expr, sp.Indexed):
             indices = tuple(expr.indices)
             if len(set(indices)) == len(indices) and all(i.is_Symbol for i in indices):

@@ -106,6 +106,9 @@ def reading(expr: sp.Expr, upstream: str) -> str | None:
             if flipped and flipped <= gathered_at:
                 return (f"a transposed (strided) convolution: each entry of {upstream} scattered "
                         f"through the kernel {other.base.name}")
+    if any(isinstance(side, sp.Indexed) and side.base.is_integer
+           for d in gathered.atoms(sp.KroneckerDelta) for side in d.args):
+        return f"a scatter-add: each row of {upstream} added to the row its id picks"
     if any(d.has(sp.floor) for d in gathered.atoms(sp.KroneckerDelta)):
         return "per sample, sums over each group's channels, read back at every channel"
     if gathered.has(sp.KroneckerDelta):

@@ -337,7 +337,7 @@ class ModuleBuilder:
         self.size_keywords[backward_function(stem)] = self.unbound
         signature = ", ".join([*given, *cached, *params_read]) + kw
         optional = ()
-        if form.params:
+        if form.params and form.differentiable != form.params:  # an input gradient to skip
             signature += (", " if kw else ", *, ") + "input_grad=True"
             optional = _only_for({adjoint(a.name) for a in form.inputs}, statements)
         overwrites = any(st.overwrites for st in statements)

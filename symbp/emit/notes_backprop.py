@@ -150,6 +150,8 @@ class BackpropSections:
                 pairs.append(
                     (names[sp.Symbol("d" + param.name, real=True)], lowered.xreplace(names))
                 )
+            if not step.grad_inputs:  # integer ids: no gradient to hand down
+                continue
             adjoint = derivation.vjp[form.inputs[0].name]
             lowered = self._lowered(derivation, adjoint.expr, adjoint.indices)
             target = Delta(sp.Symbol(self.inputs[step.name]))

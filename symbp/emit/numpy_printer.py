@@ -21,9 +21,9 @@ from sympy.printing.precedence import PRECEDENCE, precedence
 HELPERS = {
     key: f"_{key}"
     for key in (
-        "erf", "erfc", "col2im", "shifted", "first_argmax_mask", "first_max_col2im",
-        "first_argmax", "argmax_col2im", "window_max", "tensordot", "window_tensordot",
-        "col2im_tensordot", "row_vector", "sigmoid", "softplus", "along_rows",
+        "erf", "erfc", "col2im", "shifted", "first_argmax_mask", "first_max_col2im", "first_argmax",
+        "argmax_col2im", "window_max", "tensordot", "window_tensordot", "col2im_tensordot",
+        "row_vector", "sigmoid", "softplus", "along_rows", "scatter_rows",
     )
 }
 

@@ -522,6 +522,7 @@ def derivation_blocks(
     def blocks(report: Report) -> Iterator[Block]:
         if layer is None:
             shape = list(net.input_shape)
+            shape = f"ids in [0, {net.input_ids}), {shape}" if net.input_ids else shape
             yield Text(
                 f"network {net.name}: input {shape} per sample, loss {net.loss and net.loss.kind}"
             )
@@ -548,7 +549,7 @@ def derivation_blocks(
                     yield Text(f"  sum: {entry.target} = {' + '.join(entry.parts)}")
                 else:
                     yield Text(f"  {entry.name}: from {entry.upstream} -> "
-                               f"{', '.join(entry.produces)}")
+                               f"{', '.join(entry.produces) or '(none: integer ids)'}")
 
     return Report(blocks)
 

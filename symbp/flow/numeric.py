@@ -85,8 +85,9 @@ def backward_trace(
             stem = stems[step.name] + step.stem_suffix  # the form the plan chose to keep
             result = _run_vjp(module, params, cache, step, stem, upstream)
         values.update(zip(entry.produces, result, strict=False))
-        trace.grads.update(zip(step.grads, result[len(step.inputs) :], strict=True))
-        trace.grad_in[step.name] = result[0]
+        trace.grads.update(zip(step.grads, result[len(step.grad_inputs) :], strict=True))
+        # (integer ids get no gradient: nan, shown as not measured)
+        trace.grad_in[step.name] = result[0] if step.grad_inputs else np.array(math.nan)
     return trace
 
 
