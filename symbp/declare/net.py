@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from ..errors import SpecError
 from ..naming import check_identifier, default_layer_name, param_key
+from .decay import weight_decay_of
 from .layers import MAX_ELEMENTS, REGISTRY, Layer, Loss, Residual
 
 DTYPES = ("float64", "float32")
@@ -57,6 +58,8 @@ class Net:
         loss: str | Loss | None = None,
         name: str = "net",
         dtype: str = "float64",
+        weight_decay: float | None = None,
+        weight_decay_params: list[str] | None = None,
     ) -> None:
         self.name = check_identifier(name, what="network name")
         if (input_features is None) == (input_shape is None):
@@ -98,6 +101,8 @@ class Net:
             except SpecError as err:
                 last = f"the output of layer '{self.placed[-1].name}'" if self.placed else "input"
                 raise SpecError(f"{err.message} ({last})", field="loss") from None
+        #: lambda of the objective J = L + s, s = lambda/2 * sum of ||W||^2 over ``decayed``
+        self.weight_decay, self.decayed = weight_decay_of(self, weight_decay, weight_decay_params)
 
     def _place(self, layers: list[Layer]) -> list[Placed]:
         seen: set[str] = set()
