@@ -46,7 +46,7 @@ class WeightDecay(Layer):
 
     def forward_form(self, in_shape: tuple[int, ...]) -> Forward:
         letters = _LETTERS[len(_LETTERS) - len(in_shape):]
-        dims = tuple(size(letter.upper()) for letter in letters)
+        dims = tuple(size(f"D_{letter}") for letter in letters)  # (J is the objective)
         W = Array("W", dims)
         idx = tuple(index(letter) for letter in letters)
         limits = [(i, 0, d - 1) for i, d in zip(idx, dims, strict=True)]
