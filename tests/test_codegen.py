@@ -204,7 +204,9 @@ def oracle_loss_and_grads(net: Net, params, x, y, *, seed: int):
         rng = np.random.default_rng(seed)
         p = {k: v for k, v in values.items() if k != "x"}
         z = oracle_forward(net.placed, p, values["x"], train=True, state=None, rng=rng)
-        return oracle_loss(net.loss.kind, z, y)
+        # weight decay: the objective J = L + lambda/2 * sum of ||W||^2 over the covered weights
+        penalty = sum(anp.sum(p[key] ** 2) for key in net.decayed)
+        return oracle_loss(net.loss.kind, z, y) + net.weight_decay / 2 * penalty
 
     values = {**params, "x": x}
     return loss(values), autograd.grad(loss)(values)
