@@ -47,6 +47,13 @@ class Net:
     ...                 input_features=4, loss="softmax_cross_entropy")
     >>> list(net.param_shapes)
     ['linear1.W', 'linear1.b', 'linear3.W', 'linear3.b']
+
+    ``weight_decay`` (lambda) trains on ``J = L + s``, ``s = lambda/2 * sum ||W||^2`` over the
+    weights of linear and conv layers, or over ``weight_decay_params`` (:mod:`.decay`):
+
+    >>> symbp.Net([symbp.linear(3), symbp.relu(), symbp.linear(2)], input_features=4,
+    ...           loss="mse", weight_decay=0.01).decayed
+    ('linear1.W', 'linear3.W')
     """
 
     def __init__(
