@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import sympy as sp
+
 from ..derivation.network import NetworkDerivation
 from ..naming import backward_function, forward_function
 
@@ -40,7 +42,13 @@ def regularizer_context(builder, derivation: NetworkDerivation) -> dict[str, Any
         taken.add(stem)
         stems[rank] = stem
         builder.layer_functions(stem, term.term, term.derivation, None)
+    # a term's derived gradient that reads W at its own element alone is added in blocks
+    # (symbp.runtime.blocks): no temporary as large as the weight
+    blocks = all(_elementwise(t.derivation) for t in terms)
+    if blocks:
+        builder.helpers.add("_add_blocks")
     return {
+        "blocks": blocks,
         "value": repr(float(net.weight_decay)),
         "params": [t.key for t in terms],
         "terms": [
@@ -49,3 +57,10 @@ def regularizer_context(builder, derivation: NetworkDerivation) -> dict[str, Any
             for r in [t.derivation.form.inputs[0].rank]
         ],
     }
+
+
+def _elementwise(derivation) -> bool:
+    """Whether ``ds/dW`` at an element reads ``W`` at that element alone (``weight_decay*W``)."""
+    adjoint = derivation.vjp["W"]
+    reads = adjoint.expr.atoms(sp.Indexed)
+    return not adjoint.expr.has(sp.Sum) and all(r.indices == adjoint.indices for r in reads)
