@@ -204,7 +204,9 @@ def oracle_loss_and_grads(net: Net, params, x, y, *, seed: int):
         rng = np.random.default_rng(seed)
         p = {k: v for k, v in values.items() if k != "x"}
         z = oracle_forward(net.placed, p, values["x"], train=True, state=None, rng=rng)
-        return oracle_loss(net.loss.kind, z, y)
+        # weight decay: the objective J = L + lambda/2 * sum of ||W||^2 over the covered weights
+        penalty = sum(anp.sum(p[key] ** 2) for key in net.decayed)
+        return oracle_loss(net.loss.kind, z, y) + net.weight_decay / 2 * penalty
 
     values = {**params, "x": x}
     return loss(values), autograd.grad(loss)(values)
@@ -655,9 +657,11 @@ def _activation_layer(draw, name: str):
 
 
 @st.composite
-def architectures(draw, batchnorm: bool = True, losses: tuple[str, ...] = LOSSES):
+def architectures(draw, batchnorm: bool = True, losses: tuple[str, ...] = LOSSES,
+                  decay: bool = False):
     """Depth 1-6 (a residual block counts once), widths 1-16, any layer mix, any loss; a batch
-    of 2 to 6 (batch norm needs 2 or more)."""
+    of 2 to 6 (batch norm needs 2 or more); ``decay``: weight decay on a drawn selection of the
+    parameters too (drawn last: the draws without it are what they were)."""
     loss = draw(st.sampled_from(losses))
     width = draw(st.integers(1, 16))
     in_features, layers = width, []
@@ -682,7 +686,15 @@ def architectures(draw, batchnorm: bool = True, losses: tuple[str, ...] = LOSSES
     if loss == "softmax_cross_entropy" and width < 2:
         layers.append(symbp.linear(draw(st.integers(2, 16))))
     batch = draw(st.integers(2, 6))
-    return Net(layers, input_features=in_features, loss=loss), batch
+    net = Net(layers, input_features=in_features, loss=loss)
+    if decay:
+        keys = draw(st.lists(st.sampled_from(sorted(net.param_shapes)), min_size=1, unique=True)
+                    if net.param_shapes and draw(st.booleans()) else st.none())
+        if keys is not None or any(i.layer.decayed for i in net.walk()):
+            net = Net(layers, input_features=in_features, loss=loss,
+                      weight_decay=draw(st.sampled_from([0.0, 0.1, 2.5])),
+                      weight_decay_params=keys)
+    return net, batch
 
 
 def layer_code(layer) -> str:
@@ -734,6 +746,16 @@ def test_a_few_random_architectures_agree_with_autograd(drawn, seed):
 @given(architectures(), st.integers(0, 2**16))
 def test_random_architectures_agree_with_autograd(drawn, seed):
     _agrees_with_autograd(drawn, seed)
+
+
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(architectures(decay=True), st.integers(0, 2**16))
+def test_a_few_random_architectures_with_weight_decay_agree_with_autograd(drawn, seed):
+    """The oracle adds lambda/2 * sum of ||W||^2 over the drawn selection (or the default)."""
+    net, batch = drawn
+    note(f"{describe(net, batch)}; weight_decay={net.weight_decay}, decayed={net.decayed}")
+    assume(saturation(net, batch=batch, seed=seed) < 6)
+    compare_with_oracle(net, batch=batch, seed=seed)
 
 
 # symbp check fails some correct modules (about 1 random draw in 20: the xfail below), so

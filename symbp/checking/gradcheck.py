@@ -287,6 +287,8 @@ def _layer_rows(
 
     run = local.sweep(net, module, params, x, rng(), dout_of, prepared)
     plan = run.plan
+    if net.decayed:  # J = L + s: the regulariser's gradient reaches its weights directly
+        module.regularizer(params, run.param_grads)
     out, _ = module.forward(params, x, train=True, rng=rng())
     mine = run.values[plan.output]
     scale = max(float(np.max(np.abs(out), initial=0.0)), np.finfo(float).tiny)
@@ -315,7 +317,11 @@ def _layer_rows(
     for step in reversed(plan.forward):
         for key in step.params:
             evaluate, magnitude = local.local_function(run, params, param=key)
-            rows.append(row(key, step.name, evaluate, magnitude, params[key], analytic[key]))
+            layer = step.name
+            if key in net.decayed:
+                evaluate, magnitude = _plus_regularizer(module, key, evaluate, magnitude, params)
+                layer = f"{step.name} + weight decay"
+            rows.append(row(key, layer, evaluate, magnitude, params[key], analytic[key]))
         for value in dict.fromkeys(step.grad_inputs):  # (integer ids have no gradient)
             if plan.readers[value][0] != step.name:
                 continue  # its gradient is complete at its first reader
@@ -325,6 +331,18 @@ def _layer_rows(
             rows.append(row(name, local.readers_of(plan, value), evaluate, magnitude,
                             run.values[value], grad))
     return rows, plan, _first_disagreement(plan, run, analytic)
+
+
+def _plus_regularizer(module, key, evaluate, magnitude, params):
+    """``F(u) + s(u)`` for a parameter that weight decay covers, ``s`` its term of the
+    regulariser as the module computes it: the gradient is then ``dJ/dP``, the layer's part
+    (through ``L``) plus the regulariser's, which ``loss_and_grads`` returns."""
+    term = next(f for k, f, _ in module._DECAY_TERMS if k == key)
+
+    def with_term(u: np.ndarray, magnitude: bool = False) -> float:
+        return evaluate(u, magnitude) + float(term(u, weight_decay=module.WEIGHT_DECAY)[0])
+
+    return with_term, magnitude + float(term(params[key], weight_decay=module.WEIGHT_DECAY)[0])
 
 
 def _first_disagreement(plan: Plan, run: local.Sweep, analytic) -> str:
@@ -407,7 +425,8 @@ def _tensor_row(name, layer, evaluate, magnitude, base, grad, picker, directions
 def _loss_function(net: Net, module, y, rng) -> Callable[[dict[str, np.ndarray]], float]:
     """The training-mode loss from the forward pass alone (half the cost of ``loss_and_grads``):
     ``forward`` and the loss's own ``<stem>_forward`` function, as ``loss_and_grads`` calls
-    them; labels become one-hot rows. Without a loss, ``sum(out * y)``."""
+    them, plus weight decay's ``regularizer`` (the objective ``J = L + s``); labels become
+    one-hot rows. Without a loss, ``sum(out * y)``."""
     loss_forward = None if net.loss is None else getattr(
         module, forward_function(net.loss.function_stem), None
     )
@@ -420,7 +439,8 @@ def _loss_function(net: Net, module, y, rng) -> Callable[[dict[str, np.ndarray]]
             return float(np.sum(out * y))
         if loss_forward is None:
             return float(module.loss_and_grads(p, values["x"], y, rng=rng(), wrt_input=False)[0])
-        return float(loss_forward(out, _one_hot(y, out) if labels else y)[0])
+        loss = loss_forward(out, _one_hot(y, out) if labels else y)[0]
+        return float(loss + module.regularizer(p) if net.decayed else loss)  # J = L + s
 
     return loss_of
 

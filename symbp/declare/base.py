@@ -107,6 +107,8 @@ class Layer:
     state_update_doc: ClassVar[str] = "Move the running state towards the batch's."
     #: each state array's initial value (:meth:`state_shapes`)
     state_initial: ClassVar[dict[str, float]] = {}
+    #: the parameters weight decay covers by default (:mod:`.decay`): linear and conv weights
+    decayed: ClassVar[tuple[str, ...]] = ()
     #: what the generated module's docstrings say this layer does in training and in evaluation
     #: mode, where the two differ (:meth:`eval_form`)
     training_doc: ClassVar[str] = ""

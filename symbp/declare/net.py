@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from ..errors import SpecError
 from ..naming import check_identifier, default_layer_name, param_key
+from .decay import weight_decay_of
 from .embedding import check_ids_input
 from .layers import MAX_ELEMENTS, REGISTRY, Layer, Loss, Residual
 
@@ -51,6 +52,13 @@ class Net:
     The input is ``input_features=F``, ``input_shape=(C, H, W)``, or integer ids in
     ``[0, input_ids)`` read by an embedding first: one per sample, or a sequence of ``T`` with
     ``input_shape=(T,)`` (TOML: ``input = { ids = V, shape = [T] }``).
+
+    ``weight_decay`` (lambda) trains on ``J = L + s``, ``s = lambda/2 * sum ||W||^2`` over the
+    weights of linear and conv layers, or over ``weight_decay_params`` (:mod:`.decay`):
+
+    >>> symbp.Net([symbp.linear(3), symbp.relu(), symbp.linear(2)], input_features=4,
+    ...           loss="mse", weight_decay=0.01).decayed
+    ('linear1.W', 'linear3.W')
     """
 
     def __init__(
@@ -63,6 +71,8 @@ class Net:
         name: str = "net",
         dtype: str = "float64",
         input_ids: int | None = None,
+        weight_decay: float | None = None,
+        weight_decay_params: list[str] | None = None,
     ) -> None:
         self.name = check_identifier(name, what="network name")
         #: integer ids in [0, input_ids) as the input (an embedding first), else None
@@ -110,6 +120,8 @@ class Net:
             except SpecError as err:
                 last = f"the output of layer '{self.placed[-1].name}'" if self.placed else "input"
                 raise SpecError(f"{err.message} ({last})", field="loss") from None
+        #: lambda of the objective J = L + s, s = lambda/2 * sum of ||W||^2 over ``decayed``
+        self.weight_decay, self.decayed = weight_decay_of(self, weight_decay, weight_decay_params)
 
     def _place(self, layers: list[Layer]) -> list[Placed]:
         seen: set[str] = set()

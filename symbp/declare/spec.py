@@ -28,7 +28,7 @@ from ..naming import default_layer_name
 from .layers import REGISTRY, Layer, Loss, Residual, shown
 from .net import MAX_NESTING, Net
 
-TOP_LEVEL = {"name", "input", "loss", "layers", "dtype"}
+TOP_LEVEL = {"name", "input", "loss", "layers", "dtype", "weight_decay", "weight_decay_params"}
 #: The largest spec file symbp reads (the examples are under 2 KiB).
 MAX_SPEC_BYTES = 2**20
 
@@ -97,6 +97,8 @@ def parse_spec(text: str) -> Net:
         loss=loss,
         name=name,
         dtype=data.get("dtype", "float64"),
+        weight_decay=data.get("weight_decay"),
+        weight_decay_params=data.get("weight_decay_params"),
     )
 
 

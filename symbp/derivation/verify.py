@@ -29,7 +29,7 @@ from fractions import Fraction
 
 import sympy as sp
 
-from ..declare.forms import Array, FirstArgmax, Forward, WindowMax
+from ..declare.forms import Array, FirstArgmax, Forward, N, WindowMax
 from .kinks import differentiate
 from .layer import Adjoint, LayerDerivation, adjoint_array
 
@@ -531,9 +531,10 @@ def proof_batches(form: Forward) -> tuple[int, ...]:
 
     Two for layers whose samples interact (batch norm, the losses, a parameter summed over the
     batch), so that the batch size is seen to enter only as it should; one for element-wise
-    layers (every element on its own) and for layers that read windows (samples enter only
-    through the parameter gradients' sum over the batch, which two samples exercise)."""
-    if form.elementwise or form.window_dims:
+    layers (every element on its own), for layers that read windows (samples enter only
+    through the parameter gradients' sum over the batch, which two samples exercise) and for
+    forms without a batch (weight decay's term on a weight)."""
+    if form.elementwise or form.window_dims or not any(N in a.dims for a in form.arrays.values()):
         return (2,)
     return (2, 3)
 

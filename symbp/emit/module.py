@@ -58,6 +58,7 @@ from .numpy_printer import (
     float_constants,
     numpy_code,
 )
+from .objective import regularizer_context
 from .value_names import _renamed, value_name
 from .windows import _name_windows
 
@@ -88,7 +89,6 @@ def environment() -> jinja2.Environment:
     )
     env.filters["wrap_lines"] = wrap_lines
     return env
-
 
 
 @dataclass
@@ -543,6 +543,7 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
             target=target,
             classes=net.output_shape[0] if net.loss.target_kind == "labels" else None,
         )
+    decay = regularizer_context(builder, derivation)  # after the loss's functions
     summary = [f"{item.name}: {item.layer.describe()}" for item in derivation.layers]
     if net.loss is not None:
         summary.append(f"loss: {net.loss.kind}")
@@ -591,5 +592,6 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
         forward_steps=forward,
         backward_steps=backward,
         loss=loss,
+        decay=decay,
     )
     return source

@@ -46,6 +46,7 @@ from .latex_printer import (
 )
 from .notes_backprop import BackpropSections
 from .notes_math import _full_convolution, _readable, _text
+from .notes_objective import objective_section
 
 FORMATS = ("tex", "md")
 NOTATIONS = ("d2l", "cs231n")
@@ -290,7 +291,8 @@ class _Builder(BackpropSections):
         self.settings = {
             "notation": notation,
             "indicator": r"\mathbb{I}" if fmt == "tex" else r"\mathbb{1}",
-            "loss_symbol": "J" if notation == "d2l" else "L",
+            # with weight decay d2l's J is the objective L + s (.notes_objective)
+            "loss_symbol": "J" if notation == "d2l" and not derivation.decay else "L",
         }
         self.numbering = numbering
         self.plan = build_plan(self.net, derivation)
@@ -331,6 +333,7 @@ class _Builder(BackpropSections):
             "forward": self._forward(),
             "layers": self._layers(),
             "loss": self._loss(),
+            "objective": objective_section(self),
             "chains": self._chains(),
             "residual_jacobians": self._residual_jacobians(),
             "deltas": self._deltas(),

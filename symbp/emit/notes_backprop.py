@@ -36,6 +36,7 @@ from .notes_math import (
     _text,
     activation_formulas,
 )
+from .notes_objective import Scalar
 
 #: Chains longer than this many Jacobians are written with an ellipsis.
 MAX_CHAIN = 8
@@ -61,7 +62,7 @@ class BackpropSections:
 
     def _chains(self) -> str:
         whole = self.whole_printer()
-        loss = sp.Symbol(self.settings["loss_symbol"])
+        loss = Scalar(self.settings["loss_symbol"])  # a scalar: not bold as L the array was
         chains = []
         for item in self.net.walk():
             for key in item.layer.param_shapes(item.in_shape):

@@ -542,6 +542,10 @@ def derivation_blocks(
             yield from layer_report(derivation.loss, unicode)
             if verify:
                 yield from _proofs(report, derivation.loss, "loss", progress)
+        if layer is None and derivation.decay:
+            from .pretty_objective import objective_blocks  # it builds on this module
+
+            yield from objective_blocks(derivation, unicode, report, verify, progress)
         if layer is None:
             yield Text("== backward order (each upstream gradient computed once and reused):")
             for entry in build_plan(net, derivation).backward:
