@@ -92,8 +92,12 @@ class SymbpNumPyPrinter(NumPyPrinter):
 
         if expr.as_coeff_Mul()[0].is_negative and any(isinstance(f, Dot) for f in expr.args):
             # sympy prints a negative product at the precedence of a sum, where a matrix
-            # product needs no parentheses: ``-a*b @ c`` would be ``(-a*b) @ c``
-            return f"-{self.parenthesize(-expr, PRECEDENCE['Mul'] - 1)}"
+            # product needs no parentheses: ``-a*b @ c`` would be ``(-a*b) @ c``. A bare one
+            # is parenthesized: ``-a @ b`` would negate all of ``a`` (a pass over a big
+            # array), ``-(a @ b)`` negates the product (the same numbers)
+            negated = -expr
+            level = PRECEDENCE["Mul"] if isinstance(negated, Dot) else PRECEDENCE["Mul"] - 1
+            return f"-{self.parenthesize(negated, level)}"
         steps = frozenset(f for f in expr.args if _is_step(f))
         coefficient, _ = expr.as_coeff_Mul()
         if steps and coefficient == 1 and any(not _is_step(f) for f in expr.args):
