@@ -264,10 +264,12 @@ class SymbpNumPyPrinter(NumPyPrinter):
         if len(shapes) != 1:
             return None
         (shape,) = shapes
-        if len(factors) == 1 and coefficient == 1 and len(shape) == 2 and axes == (0,):
+        if len(factors) == 1 and coefficient == 1 and len(shape) == 2 and axes in ((0,), (1,)):
+            # (and over the rows, a.sum(axis=1): 3.4x a @ ones' time at (4096, 256) float32)
             (a,) = factors
             ones, matmul = self._module_format("numpy.ones"), self._module_format("numpy.matmul")
-            return f"{matmul}({ones}({a}.shape[0], {a}.dtype), {a})"
+            ones = f"{ones}({a}.shape[{axes[0]}], {a}.dtype)"
+            return f"{matmul}({a}, {ones})" if axes == (1,) else f"{matmul}({ones}, {a})"
         if len(factors) != 2 or not 0 < len(shape) <= 26:
             return None
         letters = "ijklmnopqrstuvwxyzabcdefgh"[: len(shape)]
@@ -480,6 +482,7 @@ def array_shape(expr: sp.Expr, shapes: dict[str, tuple]) -> tuple | None:
     """The shape of a whole-array expression (sympy sizes, 1 for inserted axes), or None when
     it cannot be told. ``shapes`` gives the array symbols' shapes; other symbols are scalars."""
     from ..derivation.arrays import Dot, Einsum, MaxOver, NewAxis, Permute, SumOver, TensorDot
+    from ..derivation.groups import GroupRepeat, GroupSum
 
     if isinstance(expr, sp.Symbol):
         if expr.name not in shapes:
@@ -532,6 +535,11 @@ def array_shape(expr: sp.Expr, shapes: dict[str, tuple]) -> tuple | None:
         free = [d for k, d in enumerate(shape_a) if k not in {int(i) for i in axes_a}]
         free += [d for k, d in enumerate(shape_b) if k not in {int(i) for i in axes_b}]
         return tuple(free[int(k)] for k in order)
+    if isinstance(expr, GroupSum | GroupRepeat):  # (N, groups) and (N, C)
+        inner = array_shape(expr.args[0], shapes)
+        if isinstance(expr, GroupSum):
+            return None if inner is None else (expr.args[1], expr.args[2])
+        return None if inner is None or len(inner) != 2 else (inner[0], inner[1] * expr.args[1])
     if type(expr).__module__.endswith("arrays") and type(expr).__name__ not in (
         "Sigmoid",
         "Softplus",
