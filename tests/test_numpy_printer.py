@@ -404,7 +404,8 @@ def test_integers_beyond_int64_print_as_floats():
 # (M, F), g, k per feature (F,). Each case: expression, exact code, NumPy written here.
 M, F = sp.Symbol("M", integer=True, positive=True), sp.Symbol("F", integer=True, positive=True)
 X, Y, g, k = (sp.Symbol(name, real=True) for name in ("X", "Y", "g", "k"))
-SHAPES = {"X": (M, F), "Y": (M, F), "g": (F,), "k": (F,)}
+col = sp.Symbol("col", real=True)  # one number per row
+SHAPES = {"X": (M, F), "Y": (M, F), "g": (F,), "k": (F,), "col": (M,)}
 
 SHAPED_CASES = [
     # one pass over the batch: the per-feature factors are multiplied together first, and the
@@ -413,6 +414,9 @@ SHAPED_CASES = [
      lambda d: d["X"] * (d["g"] * d["k"] / 4)),
     ((g + k) * X, "_along_rows(np.multiply, X, g + k)", lambda d: d["X"] * (d["g"] + d["k"])),
     (2 * X, "2*X", lambda d: d["X"] * 2),
+    # a column broadcast along the rows by einsum (NumPy's multiply runs it in short loops)
+    (NewAxis(col, sp.Tuple(1)) * X / M, 'np.einsum("ab,ab->ab", col[:, None]/M, X)',
+     lambda d: d["col"][:, None] / 4 * d["X"]),
     # a sum of products over the batch without the product array; column sums by BLAS
     (SumOver(X * Y, sp.Tuple(0)), 'np.einsum("ij,ij->j", X, Y)',
      lambda d: (d["X"] * d["Y"]).sum(axis=0)),
@@ -438,7 +442,8 @@ SHAPED_CASES = [
 def shaped_arrays(seed: int = 5):
     rng = np.random.default_rng(seed)
     return {"X": rng.standard_normal((4, 3)), "Y": rng.standard_normal((4, 3)),
-            "g": rng.standard_normal(3), "k": rng.standard_normal(3), "M": 4, "F": 3}
+            "g": rng.standard_normal(3), "k": rng.standard_normal(3),
+            "col": rng.standard_normal(4), "M": 4, "F": 3}
 
 
 @pytest.mark.parametrize(("expr", "code", "reference"), SHAPED_CASES,
