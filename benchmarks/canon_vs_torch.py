@@ -194,9 +194,9 @@ def time_blocks(fns: dict, repeats: int, warmup: int, per_block: int = PER_BLOCK
     result = {f"{name}_{clock}_s": statistics.median(per_call[name][clock])
               for name in names for clock in ("wall", "cpu")}
     for clock in ("wall", "cpu"):
-        result[f"{clock}_ratio"] = statistics.median(
-            a / b for a, b in zip(blocks[first][clock], blocks[second][clock], strict=True)
-            if b > 0)
+        ratios = [a / b for a, b in zip(blocks[first][clock], blocks[second][clock], strict=True)
+                  if b > 0]
+        result[f"{clock}_ratio"] = statistics.median(ratios) if ratios else float("nan")
     return result
 
 
