@@ -471,7 +471,13 @@ class Lowering:
         outside, inside = [], []
         for factor in sp.Mul.make_args(body):
             (inside if set(bound) & factor.free_symbols else outside).append(factor)
-        if len(inside) != 2 or not all(isinstance(f, sp.Indexed) for f in inside):
+        if not all(isinstance(f, sp.Indexed) for f in inside):
+            return None
+        if len(inside) > 2:  # ``Sum_k dy[n, k] gamma[k] xhat[n, k]``: ``(dy*xhat) @ gamma``
+            inside = _two_sides(inside, bound)
+            if inside is None:
+                return None
+        if len(inside) != 2:
             return None
         lowered = [self._lower(f) for f in inside]
         if len(bound) != 1 or any(len(have) > 2 for _, have in lowered):
@@ -564,6 +570,15 @@ class Lowering:
         shifted, rest = self._lower(sp.Sum(sp.exp(u - peak), *total.limits))
         top, have = self._lower(peak)
         return sp.log(shifted) + align(top, have, rest), rest
+
+
+def _two_sides(factors, bound) -> list[sp.Expr] | None:
+    """Array factors of a sum over one index as two sides: the one factor indexed by it alone
+    (a vector) and the product of the others, so that the sum is one matrix-vector product
+    with no array of the whole product in memory (``sum_k dy[n, k] gamma[k] xhat[n, k]``)."""
+    vector = [f for f in factors if tuple(f.indices) == tuple(bound)]
+    rest = [f for f in factors if f not in vector]
+    return [sp.Mul(*rest), *vector] if len(bound) == len(vector) == 1 else None
 
 
 def _piecewise(args) -> sp.Expr:
