@@ -41,6 +41,9 @@ from .declare.conv import (
 from .declare.conv import (
     Flatten as flatten,
 )
+from .declare.conv_transpose import (
+    ConvTranspose2d as conv_transpose2d,
+)
 from .declare.conv import (
     MaxPool2d as maxpool2d,
 )
@@ -181,6 +184,7 @@ __all__ = [
     "check",
     "codegen",
     "conv2d",
+    "conv_transpose2d",
     "derive",
     "dropout",
     "elu",
