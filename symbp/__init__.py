@@ -41,11 +41,11 @@ from .declare.conv import (
 from .declare.conv import (
     Flatten as flatten,
 )
-from .declare.conv_transpose import (
-    ConvTranspose2d as conv_transpose2d,
-)
 from .declare.conv import (
     MaxPool2d as maxpool2d,
+)
+from .declare.conv_transpose import (
+    ConvTranspose2d as conv_transpose2d,
 )
 from .declare.custom import (
     Custom as layer,

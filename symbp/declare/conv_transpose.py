@@ -19,8 +19,8 @@ from __future__ import annotations
 import sympy as sp
 
 from ..errors import SpecError
-from .base import MAX_ELEMENTS, Layer, _integer, register, shown
-from .conv import WINDOW_DIMS, _image, _pair
+from .base import MAX_ELEMENTS, AdjointClaim, Layer, _integer, register, shown
+from .conv import WINDOW_DIMS, Conv2d, _image, _pair
 from .forms import Array, Forward, N, Stage, index, size
 
 C, H, W = size("C"), size("H_in"), size("W_in")
@@ -150,9 +150,28 @@ class ConvTranspose2d(Layer):
             stages=tuple(stages),
             keep=(),
             letters=letters,
-            constants={k: sp.Integer(v) for k, v in constants.items() if k in rules[HO].free_symbols},
+            constants={k: sp.Integer(v) for k, v in constants.items()
+                       if k in rules[HO].free_symbols},
             size_rules=rules,
             window_dims=WINDOW_DIMS,
+        )
+
+    def adjoint_of(self, in_shape):
+        """The forward without its bias is conv2d's input gradient with ``dy := x``: conv2d
+        with the same kernel, stride and padding, from ``out_channels`` to ``C`` channels, on
+        this layer's output shape (whose output is then this layer's input shape, since
+        ``output_padding < stride``), with the same ``W``, (C, O, K_h, K_w) read as conv2d's
+        (out, in, kh, kw)."""
+        linear = ConvTranspose2d(self.out_channels, list(self.kernel), stride=self.stride,
+                                 padding=self.padding, output_padding=self.output_padding,
+                                 bias=False)
+        partner = Conv2d(in_shape[0], list(self.kernel), stride=self.stride,
+                         padding=self.padding, bias=False)
+        return AdjointClaim(
+            linear=linear, partner=partner, partner_shape=self.output_shape(in_shape),
+            renames={"C": "O", "O": "C", "H_in": "H_out", "W_in": "W_out", "H_out": "H_in",
+                     "W_out": "W_in"},
+            statement="conv2d's input gradient",
         )
 
     def math_key(self, in_shape):
