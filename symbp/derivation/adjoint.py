@@ -64,13 +64,14 @@ def prove_adjoint(layer, in_shape, sizes: dict | None = None) -> list[Verdict] |
     own_sizes = {named[name]: value for name, value in by_name.items() if name in named}
     for symbol, rule in own.size_rules.items():
         own_sizes[symbol] = int(rule.xreplace(own_sizes))
+        by_name[symbol.name] = own_sizes[symbol]
     other_sizes = {s: by_name[claim.renames.get(s.name, s.name)]
                    for s in sorted(_symbols_of(other), key=str) if s not in other.size_rules}
     shown = {str(k): v for k, v in own_sizes.items()}
     for symbol, rule in other.size_rules.items():
         other_sizes[symbol] = int(rule.xreplace(other_sizes))
         mine = claim.renames.get(symbol.name, symbol.name)
-        if other_sizes[symbol] != by_name.get(mine, own_sizes.get(sp.Symbol(mine))):
+        if other_sizes[symbol] != by_name.get(mine):
             return [Verdict(f"adjoint of {claim.statement}", shown, False,
                             f"the partner's {symbol} is {other_sizes[symbol]}, not {mine}")]
 
