@@ -251,9 +251,10 @@ def test_image_losses_and_their_limits():
 def test_example_derives_generates_and_flows(tmp_path, capsys):
     assert cli_main(["codegen", str(EXAMPLE), "-o", str(tmp_path / "ae.py")]) == 0
     source = (tmp_path / "ae.py").read_text()
-    assert "def conv_transpose2d_padded_strided_forward" in source
-    assert "for " not in source.split("def conv_transpose2d_padded_strided_forward")[1].split(
-        "\ndef ")[0]  # whole-array code
+    for stem in ("conv_transpose2d_strided", "conv_transpose2d_strided_outpadded"):
+        for part in ("forward", "backward"):
+            function = source.split(f"def {stem}_{part}(")[1].split("\ndef ")[0]
+            assert "for " not in function and "_tensordot(" in function  # whole-array code
     assert cli_main(["flow", str(EXAMPLE)]) == 0
     assert cli_main(["latex", str(EXAMPLE), "-o", str(tmp_path / "ae.md")]) == 0
     notes = (tmp_path / "ae.md").read_text()
