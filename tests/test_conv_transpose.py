@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sympy as sp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import symbp
 from symbp.checking.gradcheck import check_spec, load_module
@@ -113,6 +115,33 @@ def test_agrees_with_torch(case, loss):
     assert_agrees_with_torch(net)
 
 
+@st.composite
+def _layers(draw):
+    stride = draw(st.integers(1, 3))
+    kernel = draw(st.integers(1, 4) | st.tuples(st.integers(1, 3), st.integers(1, 3)).map(list))
+    return dict(out_channels=draw(st.integers(1, 3)), kernel=kernel, stride=stride,
+                padding=draw(st.integers(0, 2)), output_padding=draw(st.integers(0, stride - 1)),
+                bias=draw(st.booleans()))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(first=_layers(), second=st.none() | _layers(), channels=st.integers(1, 3),
+       height=st.integers(1, 4), width=st.integers(1, 4), activation=st.booleans())
+def test_drawn_layers_agree_with_torch(first, second, channels, height, width, activation):
+    """Drawn kernels (stride above the kernel too: gaps of bias alone), paddings and output
+    paddings, one or two layers (a ReLU between), against F.conv_transpose2d."""
+    items = [symbp.conv_transpose2d(**first)]
+    if second is not None:
+        items += [symbp.relu()] if activation else []
+        items.append(symbp.conv_transpose2d(**second))
+    try:
+        net = Net(items, input_shape=(channels, height, width), loss="mse")
+    except SpecError as error:  # a padding that crops everything away: refused, as PyTorch
+        assert "padding" in str(error)
+        return
+    assert_agrees_with_torch(net, batch=2)
+
+
 def test_in_a_network_without_bias_agrees_with_torch():
     net = Net([symbp.conv2d(3, 3, stride=2, padding=1), symbp.relu(),
                symbp.conv_transpose2d(4, 3, stride=2, padding=1, output_padding=1, bias=False),
@@ -201,6 +230,9 @@ def test_derive_verify_proves_the_adjoint(tmp_path, capsys):
     assert "verify adjoint: forward = conv2d's input gradient with dy := x" in out
     assert "verify adjoint: <forward(x), u> = <x, conv2d(u)>" in out
     assert out.count("proven (scalar expansion)") == 2 and "FAILED" not in out
+    # what the derived gradients are: conv2d's forward pass, reading dy in windows
+    assert "a correlation of dy with W (dy read in windows" in out
+    assert "a correlation of dy with x (dy read in windows" in out
 
 
 # --------------------------------------------------------------------------- declarations
@@ -255,6 +287,8 @@ def test_example_derives_generates_and_flows(tmp_path, capsys):
         for part in ("forward", "backward"):
             function = source.split(f"def {stem}_{part}(")[1].split("\ndef ")[0]
             assert "for " not in function and "_tensordot(" in function  # whole-array code
+            # the kernel gradient's windows are read in place, not copied from a strided view
+            assert "sliding_window_view" not in function
     assert cli_main(["flow", str(EXAMPLE)]) == 0
     assert cli_main(["latex", str(EXAMPLE), "-o", str(tmp_path / "ae.md")]) == 0
     notes = (tmp_path / "ae.md").read_text()
