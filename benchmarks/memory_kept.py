@@ -73,6 +73,10 @@ def torch_forward(net: symbp.Net, tensors: dict, h):
             elif kind == "conv2d":
                 h = F.conv2d(h, p("W"), p("b") if layer.bias else None, stride=layer.stride,
                              padding=layer.padding, dilation=layer.dilation)
+            elif kind == "conv_transpose2d":
+                h = F.conv_transpose2d(h, p("W"), p("b") if layer.bias else None,
+                                       stride=layer.stride, padding=layer.padding,
+                                       output_padding=layer.output_padding)
             elif kind == "batchnorm":
                 h = F.batch_norm(h, None, None, p("gamma"), p("beta"), training=True,
                                  eps=layer.eps)

@@ -44,6 +44,9 @@ from .declare.conv import (
 from .declare.conv import (
     MaxPool2d as maxpool2d,
 )
+from .declare.conv_transpose import (
+    ConvTranspose2d as conv_transpose2d,
+)
 from .declare.custom import (
     Custom as layer,
 )
@@ -184,6 +187,7 @@ __all__ = [
     "check",
     "codegen",
     "conv2d",
+    "conv_transpose2d",
     "derive",
     "dropout",
     "elu",

@@ -337,7 +337,8 @@ LAYER_ROWS: dict[str, Callable[[], list]] = {
     ],
 }
 LAYER_KINDS = sorted(LAYER_ROWS)
-IMAGE_LAYERS = {"conv2d", "maxpool2d", "avgpool2d", "flatten", "global_avgpool", "group_norm"}
+IMAGE_LAYERS = {"conv2d", "maxpool2d", "avgpool2d", "flatten", "global_avgpool", "group_norm",
+                "conv_transpose2d"}
 
 
 def small_net(kind: str, loss: str) -> Net:
@@ -347,7 +348,8 @@ def small_net(kind: str, loss: str) -> Net:
 def test_the_table_covers_every_registered_layer_type():
     layer_types = {kind for kind, cls in REGISTRY.items() if not issubclass(cls, Loss)}
     # Image layers (conv2d, pooling, flatten) have their own table in tests/test_conv.py;
-    # global_avgpool and group_norm are tested in tests/test_canon.py.
+    # global_avgpool and group_norm are tested in tests/test_canon.py, conv_transpose2d in
+    # tests/test_conv_transpose.py.
     # embedding reads integer ids (it must come first): tests/test_embedding.py
     assert set(LAYER_ROWS) == layer_types - IMAGE_LAYERS - {"embedding"}
     assert set(LOSSES) == {"mse", "softmax_cross_entropy", "bce_with_logits"}

@@ -12,6 +12,7 @@ Shapes here are per sample (batch excluded): ``(features,)`` for the dense layer
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import sympy as sp
@@ -75,6 +76,21 @@ def _integer(value: Any, *, field: str) -> int:
 def exact(value: float) -> sp.Expr:
     """A float hyper-parameter as an exact rational (``0.01`` -> ``1/100``)."""
     return sp.Rational(repr(float(value)))
+
+
+@dataclass(frozen=True)
+class AdjointClaim:
+    """A claim that a layer's forward pass, without its bias (``linear``), is the adjoint of
+    another layer's derived input gradient: ``linear(x) = dx of partner with dy := x``, so
+    ``<linear(x), u> = <x, partner(u)>`` for the same parameters (a transposed convolution and
+    conv2d). ``partner`` runs on ``partner_shape`` (the linear layer's output shape);
+    ``renames`` maps the partner's size names to the layer's (its ``C`` is the layer's ``O``)."""
+
+    linear: Layer
+    partner: Layer
+    partner_shape: tuple[int, ...]
+    renames: dict[str, str] = field(default_factory=dict)
+    statement: str = ""
 
 
 class Layer:
@@ -172,6 +188,11 @@ class Layer:
     def statistics_over(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The axes (batch axis 0 included) that each training statistic averages over."""
         return ()
+
+    def adjoint_of(self, in_shape: tuple[int, ...]) -> AdjointClaim | None:
+        """What this layer's forward is the adjoint of, for ``symbp derive --verify`` to prove
+        (:mod:`symbp.derivation.adjoint`) and the notes to state; ``None``: nothing claimed."""
+        return None
 
     def draws(self) -> dict[str, tuple[str, tuple[float, ...]]]:
         """Auxiliary inputs drawn at random in training: name -> (``numpy.random.Generator``

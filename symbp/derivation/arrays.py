@@ -520,9 +520,9 @@ class Lowering:
         shared = set(axes_a) & set(axes_b) - set(bound)
         paired = all(i in axes_a and i in axes_b for i in bound)
         if paired and not shared:
-            # One matrix product. The operand with a free batch axis goes second, so that the
-            # product's memory runs over the batch and the axes after it (the pixels).
-            if self._free_batch(axes_a, bound) and not self._free_batch(axes_b, bound):
+            # One matrix product; second: an operand with a free batch axis, else windows.
+            if (self._free_batch(axes_a, bound), isinstance(a, Windows)) > (
+                    self._free_batch(axes_b, bound), isinstance(b, Windows)):
                 (a, axes_a), (b, axes_b) = (b, axes_b), (a, axes_a)
             rest = [i for i in axes_a if i not in bound] + [i for i in axes_b if i not in bound]
             summed = sorted(bound, key=axes_b.index)  # in the second operand's axis order

@@ -23,6 +23,7 @@ import jinja2
 import sympy as sp
 
 from ..declare.net import Placed
+from ..derivation.adjoint import prove_adjoint
 from ..derivation.arrays import (
     Lowering,
 )
@@ -541,6 +542,10 @@ class _Builder(BackpropSections):
         math["proof_sizes"] = ", ".join(
             index.equation(symbol, sp.Integer(value)) for symbol, value in shown
         )
+        claim = derived.placed.layer.adjoint_of(derived.placed.in_shape)
+        verdicts = prove_adjoint(derived.placed.layer, derived.placed.in_shape) if claim else []
+        math["adjoint"] = claim and {"of": claim.statement, "partner": claim.partner.kind,
+                                     "proven": all(v.proven for v in verdicts)}
         return math
 
     def index_printer_for(self, form) -> NotesLatexPrinter:

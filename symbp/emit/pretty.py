@@ -29,6 +29,7 @@ from sympy.printing.pretty.stringpict import prettyForm
 
 from ..declare.layers import Elementwise, Layer
 from ..declare.net import Net
+from ..derivation.adjoint import adjoint_lines
 from ..derivation.arrays import Lowering
 from ..derivation.budget import too_costly
 from ..derivation.layer import LayerDerivation, derive_layer
@@ -537,6 +538,9 @@ def derivation_blocks(
             if verify and id(item.derivation) not in verified:
                 verified.add(id(item.derivation))
                 yield from _proofs(report, item.derivation, item.name, progress)
+                for line, proven in adjoint_lines(item.layer, item.placed.in_shape):
+                    report.ok &= proven
+                    yield Text(line)
         if layer is None and derivation.loss is not None:
             yield Text(f"== loss: {net.loss.kind}")
             yield from layer_report(derivation.loss, unicode)

@@ -216,7 +216,7 @@ def product_jacobians(net, module, params, cache, batch: int) -> dict[str, np.nd
     for entry in range(count):
         basis = np.zeros(count)
         basis[entry] = 1.0
-        trace = backward_trace(net, module, params, cache, basis.reshape(batch, -1))
+        trace = backward_trace(net, module, params, cache, basis.reshape(batch, *net.output_shape))
         for name in rows:
             rows[name].append(np.ravel(trace.grad_in[name]))
     return {name: np.array(value) for name, value in rows.items()}
