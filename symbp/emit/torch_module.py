@@ -193,3 +193,22 @@ def generate_torch_module(net: Net, derivation: NetworkDerivation | None = None)
         steps=rows,
         uses_rng=any(row.get("draws") for row in rows),
     )
+
+
+def require_torch() -> None:
+    """A one-line error saying what to install, where PyTorch is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise SpecError("the torch target needs PyTorch: pip install 'symbp[torch]'")
+
+
+def generate_torch_activation(expr: str) -> str:
+    """A stand-alone module for one activation given as an expression in x: its
+    ``autograd.Function`` (saving what the derivation keeps) and an ``nn.Module`` around it,
+    for inputs of any shape (the activation is element-wise)."""
+    from ..declare.activations import Activation
+
+    layer = Activation(expr)
+    net = Net([layer], input_features=1, name="activation")
+    return generate_torch_module(net)
