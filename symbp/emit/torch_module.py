@@ -22,7 +22,8 @@ from ..naming import adjoint, backward_function, predict_function
 from ..version import __version__
 from .module import ModuleBuilder
 from .network import _held, inits, size_values
-from .torch_printer import HELPER_SOURCES, SymbpTorchPrinter, TorchPrintError
+from .torch_helpers import HELPER_SOURCES, helper_closure
+from .torch_printer import SymbpTorchPrinter, TorchPrintError
 
 #: How the torch module draws what ``numpy.random.Generator.<method>(*args)`` draws, shaped
 #: as the layer's input ``h``: a table of distributions, not of layers.
@@ -185,7 +186,7 @@ def generate_torch_module(net: Net, derivation: NetworkDerivation | None = None)
         param_shapes={k: tuple(v) for k, v in net.param_shapes.items()},
         state_shapes={k: tuple(v) for k, v in net.state_shapes.items()},
         input_shape=tuple(net.input_shape),
-        helpers=[HELPER_SOURCES[h] for h in sorted(builder.helpers) if h in HELPER_SOURCES],
+        helpers=[HELPER_SOURCES[h] for h in helper_closure(builder.helpers)],
         inits=inits(plan),
         layer_functions=[f.source for f in builder.functions.values()],
         classes=list(functions.values()),

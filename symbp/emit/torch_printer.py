@@ -7,7 +7,8 @@ differ (``dim=`` reductions, ``torch.clamp`` against a number, ``permute``). Num
 helpers (``_along_rows``, ``_row_vector``) become the plain operations they compute. A JAX
 printer can be derived the same way (``jnp.`` in place of ``np.``).
 
-The generated module copies the few helpers printed code calls from :data:`HELPER_SOURCES`.
+The generated module copies the few helpers printed code calls from
+:mod:`symbp.emit.torch_helpers`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sympy as sp
 from sympy.printing.precedence import PRECEDENCE
 
 from .numpy_printer import SymbpNumPyPrinter
+from .torch_helpers import HELPER_SOURCES
 
 #: numpy name -> torch name, where they differ
 _RENAMED = {
@@ -27,22 +29,6 @@ _RENAMED = {
     "amin": "amin",
 }
 
-#: Helper functions the printed code may call (copied into the module when used): torch lacks a
-#: softplus without a threshold (``F.softplus`` returns x above 20, an error of e**-20).
-HELPER_SOURCES = {
-    "_softplus": '''def _softplus(u):
-    """log(1 + e**u) element-wise: max(u, 0) + log1p(e**-|u|) (nothing overflows)."""
-    return torch.clamp(u, min=0) + torch.log1p(torch.exp(-torch.abs(u)))
-''',
-}
-
-#: The NumPy printer's helpers this printer cannot print, by the node that needs them.
-UNSUPPORTED = {
-    "col2im", "shifted", "first_argmax_mask", "first_max_col2im", "first_argmax",
-    "argmax_col2im", "window_max", "window_tensordot", "col2im_tensordot", "scatter_rows",
-}
-
-
 class TorchPrintError(ValueError):
     """An expression uses an array operation the torch printer does not print yet."""
 
@@ -50,7 +36,16 @@ class TorchPrintError(ValueError):
 class SymbpTorchPrinter(SymbpNumPyPrinter):
     """PyTorch code for array expressions, with ``torch`` as the module name."""
 
-    printmethod = "_symbp_torchcode"
+    def __init__(self, settings=None, shapes=None):
+        super().__init__(settings, shapes)
+        # sympy's NumPy printer asks each node for ``_numpycode`` first; here a node's own
+        # method is a fallback (:meth:`_print_Function`) after this printer's ``_print_<Node>``
+        self.printmethod = "_symbp_torchcode"
+
+    def _print_Function(self, expr):
+        if hasattr(expr, "_numpycode"):  # symbp's array operations spelled alike in torch
+            return expr._numpycode(self)
+        return super()._print_Function(expr)
 
     def _module_format(self, fqn, register=True):
         text = super()._module_format(fqn, register)
@@ -60,9 +55,10 @@ class SymbpTorchPrinter(SymbpNumPyPrinter):
         return text
 
     def _helper(self, key: str) -> str:
-        if key in UNSUPPORTED:
+        name = super()._helper(key)
+        if name not in HELPER_SOURCES:
             raise TorchPrintError(f"the torch target cannot print {key} yet")
-        return super()._helper(key)
+        return name
 
     # -- spellings that differ ------------------------------------------------------------------
     def row_pass(self, ufunc, first, second, out=None):
@@ -151,7 +147,40 @@ class SymbpTorchPrinter(SymbpNumPyPrinter):
     _print_Erfc = _print_erfc
 
     def _print_Windows(self, expr):
-        raise TorchPrintError("the torch target cannot print convolution windows yet")
+        array, kernel, stride, dilation = expr.args
+        kernel_text = f"({', '.join(self._print(k) for k in kernel)})"
+        self.helpers_used.add("_windows")
+        return (
+            f"_windows({self._print(array)}, {kernel_text}, {self._print(stride)}, "
+            f"{self._print(dilation)})"
+        )
 
-    def _print_Col2Im(self, expr):
-        raise TorchPrintError("the torch target cannot print col2im yet")
+    def _print_Flipped(self, expr):
+        array, positions = expr.args
+        dims = tuple(int(p) for p in positions)
+        return f"torch.flip({self._print(array)}, {dims})"
+
+    # -- symbp's array operations that NumPy spells its own way -----------------------------
+    def _print_Broadcast(self, expr):
+        array, dims = expr.args
+        shape = ", ".join(self._print(d) for d in dims)
+        return f"{self._print(array)}.expand({shape}).clone()"
+
+    def _print_TakeRows(self, expr):
+        table, ids = (self._print(a) for a in expr.args)
+        return f"{table}[{ids}]"
+
+    def _print_GroupRepeat(self, expr):
+        array, times = expr.args
+        count = " // ".join(self._print(part) for part in sp.fraction(times))
+        return f"torch.repeat_interleave({self._print(array)}, {count}, dim=1)"
+
+    def _print_GroupSum(self, expr):
+        array, batch, groups = expr.args
+        text = self.parenthesize(array, PRECEDENCE["Atom"], strict=True)
+        return f"{text}.reshape({self._print(batch)}, {self._print(groups)}, -1).sum(dim=2)"
+
+    def _print_Einsum(self, expr):
+        spec, *operands = expr.args
+        arguments = ", ".join(self._print(o) for o in operands)
+        return f'torch.einsum("{spec}", {arguments})'
