@@ -101,9 +101,7 @@ class _Function:
 class ModuleBuilder:
     """Collects the layer functions and the network's forward/backward lines."""
 
-    #: The printer of the layer functions' expressions; another target's builder (the torch
-    #: one, :mod:`.torch_module`) names its own, and ``reuses_memory`` False leaves out NumPy's
-    #: ``out=`` (each value a new array).
+    #: the expressions' printer; another target's (torch) names its own, without ``out=``
     printer_class = SymbpNumPyPrinter
     reuses_memory = True
 
