@@ -29,7 +29,8 @@ from .torch_printer import SymbpTorchPrinter, TorchPrintError
 #: as the layer's input ``h``: a table of distributions, not of layers.
 DRAWS = {
     "uniform": "torch.empty_like(h).uniform_({0!r}, {1!r}, generator=self.generator)",
-    "binomial": "torch.bernoulli(torch.full_like(h, {1!r}), generator=self.generator)",
+    # one trial (a dropout mask): booleans, one byte an element where backward keeps them
+    "binomial": "torch.bernoulli(torch.full_like(h, {1!r}), generator=self.generator).bool()",
 }
 
 
@@ -108,6 +109,9 @@ def _forward_rows(builder: TorchBuilder, plan: Plan, functions: dict) -> list[di
             {k: sizes[k] for k in builder.size_keywords.get(function["backward"], [])}
         )
         inputs = [f"skip_{step.name}" if _held(plan, step, v) else "h" for v in step.inputs]
+        if any(method not in DRAWS or (method == "binomial" and args[0] != 1)
+               for method, args in step.draws.values()):
+            raise SpecError("the torch target cannot draw its random values yet", layer=step.name)
         draws = [
             dict(name=name, code=DRAWS[method].format(*args))
             for name, (method, args) in step.draws.items()
