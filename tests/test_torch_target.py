@@ -5,6 +5,7 @@ same derivation, checked against finite differences elsewhere) with torch's own 
 autograd's saved tensors for the memory claim."""
 
 import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -206,3 +207,27 @@ def test_without_torch_one_line_says_what_to_install(monkeypatch):
     )
     with pytest.raises(SpecError, match=r"symbp\[torch\]"):
         codegen(ROOT / "examples" / "mlp_bn.toml", target="torch")
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")
+def test_generated_torch_modules_are_ruff_clean(tmp_path):
+    from symbp.emit.torch_module import generate_torch_activation
+
+    paths = []
+    for example in SUPPORTED:
+        paths.append(tmp_path / f"{example}.py")
+        net = load_spec(ROOT / "examples" / f"{example}.toml")
+        paths[-1].write_text(generate_torch_module(net))
+    paths.append(tmp_path / "mish.py")  # no parameters: no unused initial values (F841)
+    paths[-1].write_text(generate_torch_activation("x*tanh(log(1 + exp(x)))"))
+    result = subprocess.run(
+        ["ruff", "check", "--no-cache", "--config", str(ROOT / "pyproject.toml"),
+         *map(str, paths)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_generation_is_deterministic():
+    net = load_spec(ROOT / "examples" / "cnn_bn.toml")
+    assert generate_torch_module(net) == generate_torch_module(net)

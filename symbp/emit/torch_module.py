@@ -20,6 +20,7 @@ from ..derivation.plan import Plan, Step, build_plan
 from ..errors import SpecError
 from ..naming import adjoint, backward_function, predict_function
 from ..version import __version__
+from .layout import MAX_LINE
 from .module import ModuleBuilder
 from .network import _held, inits, size_values
 from .torch_helpers import HELPER_SOURCES, helper_closure
@@ -39,6 +40,16 @@ class TorchBuilder(ModuleBuilder):
 
     printer_class = SymbpTorchPrinter
     reuses_memory = False
+
+    def _printed(self, *args, **kwargs):
+        # A long value in parentheses: the line breaks at its top-level terms (NumPy's module
+        # breaks inside its helpers' calls, which torch's code does not have).
+        statements = super()._printed(*args, **kwargs)
+        for st in statements:
+            long = len(f"{st.target} = {st.code} if input_grad else None") + 8 > MAX_LINE
+            if long and st.call is None and not st.code.startswith("("):
+                st.code = f"({st.code})"
+        return statements
 
 
 def camel(name: str) -> str:
