@@ -118,8 +118,16 @@ def derive(net):
     return _derive_network(_as_net(net))
 
 
-def codegen(net) -> str:
-    """The generated NumPy module's source for ``net`` (a :class:`Net` or a spec path)."""
+def codegen(net, target: str = "numpy") -> str:
+    """The generated module's source for ``net`` (a :class:`Net` or a spec path): NumPy's, or
+    with ``target="torch"`` a PyTorch module (an ``nn.Module`` with the derived backward)."""
+    if target == "torch":
+        from .emit.torch_module import generate_torch_module, require_torch
+
+        require_torch()
+        return generate_torch_module(_as_net(net))
+    if target != "numpy":
+        raise SpecError(f"target must be numpy or torch, got {target!r}")
     return _generate_module(_as_net(net))
 
 

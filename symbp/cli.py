@@ -47,8 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     derive.add_argument("--ascii", action="store_true", help="ASCII instead of Unicode output")
 
-    codegen = commands.add_parser("codegen", help="write a numpy module for a spec")
-    codegen.add_argument("spec")
+    codegen = commands.add_parser("codegen", help="write a numpy (or torch) module for a spec")
+    codegen.add_argument("spec", nargs="?")
+    codegen.add_argument("--target", choices=("numpy", "torch"), default="numpy")
+    codegen.add_argument("--expr", help="torch target: one activation, an expression in x")
     codegen.add_argument(
         "-o", "--output", required=True, help="the .py file to write ('-': stdout)"
     )
@@ -260,8 +262,26 @@ def _derive(args) -> int:
 def _codegen(args) -> int:
     from .declare.spec import load_spec
     from .emit.module import generate_module
+    from .errors import SpecError
 
-    source = generate_module(load_spec(args.spec))
+    if (args.spec is None) == (args.expr is None):
+        raise SpecError("give either a spec or --expr")
+    if args.target == "torch":
+        from .emit.torch_module import (
+            generate_torch_activation,
+            generate_torch_module,
+            require_torch,
+        )
+
+        require_torch()
+        if args.expr is not None:
+            source = generate_torch_activation(args.expr)
+        else:
+            source = generate_torch_module(load_spec(args.spec))
+    elif args.expr is not None:
+        raise SpecError("--expr writes a torch module: add --target torch", field="--expr")
+    else:
+        source = generate_module(load_spec(args.spec))
     if args.output == "-":
         sys.stdout.write(source)
     else:

@@ -1,0 +1,199 @@
+"""The PyTorch target against the same network in eager PyTorch (issue 26, part 4).
+
+    python benchmarks/torch_target.py [--device cpu|cuda] [--repeats 7] [--threads 1 2]
+                                      [--dtypes float32 float64] [--compile] [--memory-only]
+
+**Training step** (forward, cross-entropy, backward, SGD update) of the module
+``symbp codegen --target torch`` writes, against the same net written with torch operations
+(``benchmarks/memory_kept.py``'s ``torch_forward``: ``F.conv2d``, ``F.batch_norm``,
+``F.max_pool2d``, ``@`` ...; eager autograd), for the reference MLP of
+``generated_vs_numpy.py`` and both nets of ``conv_vs_numpy.py``, at their batch sizes: the two
+are timed in alternating blocks (``reference_mlp.time_in_blocks``), with ``torch.set_num_threads``
+1 and 2 on the CPU. The ratio is target / eager (goal: at most 1.0x). ``--compile`` adds a row
+for ``torch.compile`` of the generated module.
+
+**Saved for backward** (float64, batch 16) for every example: the bytes of the tensors each
+side saves for backward, caught with ``torch.autograd.graph.saved_tensors_hooks`` (each
+storage once, parameters aside), the target's against eager autograd's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+import memory_kept  # noqa: E402
+import torch  # noqa: E402
+
+import symbp  # noqa: E402
+from symbp.emit.torch_module import camel  # noqa: E402
+
+MIB = 2**20
+
+
+def load_target(net, folder: Path):
+    """The generated torch module for ``net`` (loaded from a file in ``folder``)."""
+    path = folder / f"{net.name}_torch.py"
+    path.write_text(symbp.codegen(net, target="torch"))
+    spec = importlib.util.spec_from_file_location(f"{net.name}_torch", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _steps(net, module, dtype, device, batch, compiled=False):
+    """(target step, eager step): each one SGD step on the same batch and parameters."""
+    model = getattr(module, camel(net.name))(seed=0, dtype=dtype, device=device)
+    tensors = {k: v.detach().clone().requires_grad_(True)
+               for k, v in model.named_parameters()}
+    generator = torch.Generator().manual_seed(0)
+    shape = (batch, *module.INPUT_SHAPE)
+    x = torch.randn(shape, generator=generator, dtype=dtype).to(device)
+    y = torch.randint(0, net.output_shape[0], (batch,), generator=generator).to(device)
+    lr = 1e-3
+    run = torch.compile(model) if compiled else model
+
+    def sgd(params):
+        with torch.no_grad():
+            for p in params:
+                p -= lr * p.grad
+                p.grad = None
+
+    def target():
+        torch.nn.functional.cross_entropy(run(x), y).backward()
+        sgd(model.parameters())
+
+    def eager():
+        out = memory_kept.torch_forward(net, tensors, x)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        sgd(tensors.values())
+
+    return target, eager
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_pair(first, second, device, repeats: int, block: int = 3):
+    """Medians (s) of ``first`` and ``second`` over ``repeats`` alternating blocks of
+    ``block`` calls, and the median of the block-by-block ratios."""
+    for f in (first, second):
+        f()
+        f()
+    times: tuple[list, list] = ([], [])
+    for _ in range(repeats):
+        for k, f in enumerate((first, second)):
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(block):
+                f()
+            _sync(device)
+            times[k].append((time.perf_counter() - start) / block)
+    ratio = statistics.median(a / b for a, b in zip(*times, strict=True))
+    return statistics.median(times[0]), statistics.median(times[1]), ratio
+
+
+def benchmark_nets():
+    return memory_kept.benchmark_nets()
+
+
+def training_rows(args, folder: Path) -> None:
+    print(f"training step, target / eager ({args.device}; torch {torch.__version__})")
+    print(f"{'net':<26}{'dtype':>8}{'threads':>8}{'target ms':>11}{'eager ms':>10}{'ratio':>8}")
+    for label, net, batch in benchmark_nets():
+        module = load_target(net, folder)
+        for name in args.dtypes:
+            dtype = getattr(torch, name)
+            for threads in args.threads if args.device == "cpu" else [torch.get_num_threads()]:
+                torch.set_num_threads(threads)
+                target, eager = _steps(net, module, dtype, args.device, batch)
+                t, e, ratio = time_pair(target, eager, args.device, args.repeats)
+                print(f"{label:<26}{name:>8}{threads:>8}{t * 1e3:>11.2f}{e * 1e3:>10.2f}"
+                      f"{ratio:>7.2f}x", flush=True)
+                if args.compile:
+                    target, eager = _steps(net, module, dtype, args.device, batch, compiled=True)
+                    t, e, ratio = time_pair(target, eager, args.device, args.repeats)
+                    print(f"{'  torch.compile':<26}{name:>8}{threads:>8}{t * 1e3:>11.2f}"
+                          f"{e * 1e3:>10.2f}{ratio:>7.2f}x", flush=True)
+
+
+def saved_bytes(function, params) -> int:
+    """Bytes of the tensors autograd saves while ``function()`` runs forward (each storage
+    once, the parameters' storages aside)."""
+    own = {p.untyped_storage().data_ptr() for p in params}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    torch.manual_seed(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = function()
+    del out
+    return sum(saved.values())
+
+
+def memory_rows(args, folder: Path) -> int:
+    print(f"\nsaved for backward (float64, batch {args.batch}; MiB), target vs eager autograd")
+    print(f"{'net':<34}{'target':>10}{'eager':>10}{'ratio':>8}")
+    worse = []
+    nets = [(f"examples/{p.stem}", symbp.load_spec(p), args.batch)
+            for p in sorted((ROOT / "examples").glob("*.toml"))]
+    for label, net, batch in nets + benchmark_nets():
+        module = load_target(net, folder)
+        model = getattr(module, camel(net.name))(seed=0, dtype=torch.float64)
+        tensors = {k: v.detach().clone().requires_grad_(True)
+                   for k, v in model.named_parameters()}
+        x = net.sample_input(np.random.default_rng(0), batch)
+        x = torch.as_tensor(x if net.input_ids is not None else x.astype(np.float64))
+        target = saved_bytes(lambda: model(x), list(model.parameters()))  # noqa: B023
+        try:
+            eager = saved_bytes(lambda: memory_kept.torch_forward(net, tensors, x),  # noqa: B023
+                                list(tensors.values()))
+        except memory_kept.Unsupported as kind:
+            print(f"{label:<34}{target / MIB:>10.3f}  (PyTorch has no {kind})")
+            continue
+        if target > eager:
+            worse.append(label)
+        print(f"{label:<34}{target / MIB:>10.3f}{eager / MIB:>10.3f}{target / eager:>7.2f}x",
+              flush=True)
+    if worse:
+        print(f"the target saves more than autograd for: {', '.join(worse)}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
+    parser.add_argument("--batch", type=int, default=16, help="for the memory table")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--memory-only", action="store_true")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="symbp-torch-") as folder:
+        if not args.memory_only:
+            training_rows(args, Path(folder))
+        return memory_rows(args, Path(folder))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The helpers a generated torch module copies: the array operations of symbp's NumPy runtime
+(:mod:`symbp.runtime`: windows and their adjoint, pooling's routing, rows scattered by id) in
+torch, and a softplus without ``F.softplus``'s threshold (it returns x above 20, an error of
+e**-20). Numerical building blocks, not gradient formulas: the derivation decides where each
+is called. Each is the source text the module copies (:data:`HELPER_SOURCES`), with the
+helpers it calls (:data:`HELPER_CALLS`).
+"""
+
+from __future__ import annotations
+
+HELPER_SOURCES = {
+    "_softplus": '''def _softplus(u):
+    """log(1 + e**u) element-wise: max(u, 0) + log1p(e**-|u|) (nothing overflows)."""
+    return torch.clamp(u, min=0) + torch.log1p(torch.exp(-torch.abs(u)))
+''',
+    "_windows": '''def _windows(x, kernel, stride, dilation):
+    """The view windows[..., p, q, i, j] = x[..., p*stride + i*dilation, q*stride + j*dilation]."""
+    rows, columns = ((k - 1) * dilation + 1 for k in kernel)
+    view = x.unfold(-2, rows, stride).unfold(-2, columns, stride)
+    return view if dilation == 1 else view[..., ::dilation, ::dilation]
+''',
+    "_col2im": '''def _col2im(cols, kernel, stride, dilation):
+    """Scatter-add window entries back to where they were read (the adjoint of _windows):
+    out[..., p*stride + i*dilation, q*stride + j*dilation] += cols[..., p, q, i, j]."""
+    cols = cols.expand(*cols.shape[:-2], *kernel)
+    *lead, rows, columns = cols.shape[:-2]
+    size = tuple((n - 1) * stride + (k - 1) * dilation + 1
+                 for n, k in zip((rows, columns), kernel, strict=True))
+    flat = cols.reshape(-1, rows * columns, kernel[0] * kernel[1]).transpose(1, 2)
+    out = torch.nn.functional.fold(flat, size, kernel, dilation=dilation, stride=stride)
+    return out.reshape(*lead, *size)
+''',
+    "_shifted": '''def _shifted(a, offsets, sizes):
+    """out[..., u, v] = a[..., u + offset_u, v + offset_v] over the last axes; 0 outside a."""
+    lead = a.dim() - len(offsets)
+    read, written = [...], [...]
+    for o, s, n in zip(offsets, sizes, a.shape[lead:], strict=True):
+        start = min(max(o, 0), n)
+        stop = max(min(o + s, n), start)
+        read.append(slice(start, stop))
+        written.append(slice(start - o, stop - o))
+    if all(w == slice(0, s) for w, s in zip(written[1:], sizes, strict=True)):
+        return a[tuple(read)]
+    out = a.new_zeros((*a.shape[:lead], *sizes))
+    out[tuple(written)] = a[tuple(read)]
+    return out
+''',
+    "_window_tensordot": '''\
+def _window_tensordot(a, x, kernel, stride, dilation, axes_a, axes_windows):
+    """torch.tensordot(a, windows) over the sliding windows of x (see _windows)."""
+    windows = _windows(x, kernel, stride, dilation)
+    return torch.tensordot(a, windows, dims=(list(axes_a), list(axes_windows)))
+''',
+    "_col2im_tensordot": '''\
+def _col2im_tensordot(a, b, axes_a, axes_b, order, kernel, stride, dilation):
+    """_col2im(torch.tensordot(a, b).permute(order), kernel, stride, dilation)."""
+    product = torch.tensordot(a, b, dims=(list(axes_a), list(axes_b))).permute(order)
+    return _col2im(product, kernel, stride, dilation)
+''',
+    "_window_max": '''def _window_max(windows):
+    """The maximum of each window (last two axes)."""
+    return windows.amax(dim=(-2, -1))
+''',
+    "_first_argmax": '''def _first_argmax(windows, top=None):
+    """The row-major position i*K_w + j of each window's first maximum (last two axes), in
+    uint8 where it fits (top, the maxima, is not needed here)."""
+    position = windows.flatten(-2).argmax(dim=-1)
+    return position.to(torch.uint8) if windows.shape[-2:].numel() <= 256 else position
+''',
+    "_first_argmax_mask": '''def _first_argmax_mask(windows):
+    """1 at the first maximum of each window (last two axes, row-major order), 0 elsewhere."""
+    position = windows.flatten(-2).argmax(dim=-1, keepdim=True)
+    mask = torch.zeros_like(windows.flatten(-2)).scatter_(-1, position, 1)
+    return mask.reshape(windows.shape)
+''',
+    "_argmax_col2im": '''def _argmax_col2im(argmax, g, kernel, stride, dilation):
+    """Each window's g added where the window's arg-max (its row-major kernel offset) was
+    read, 0 elsewhere: _col2im of g times the arg-max's 0/1 mask."""
+    position = argmax.long().unsqueeze(-1)
+    g = g.expand(*argmax.shape, *kernel).reshape(*argmax.shape, -1)
+    cols = torch.zeros_like(g).scatter_(-1, position, g.gather(-1, position))
+    return _col2im(cols.reshape(*argmax.shape, *kernel), kernel, stride, dilation)
+''',
+    "_first_max_col2im": '''def _first_max_col2im(windows, g, kernel, stride, dilation):
+    """_argmax_col2im at each window's first maximum."""
+    return _argmax_col2im(_first_argmax(windows), g, kernel, stride, dilation)
+''',
+    "_scatter_rows": '''def _scatter_rows(rows, ids, count):
+    """Each id's rows summed into its row of a zero (count, width) array."""
+    ids = ids.reshape(-1)
+    rows = rows.reshape(len(ids), rows.shape[-1])
+    return rows.new_zeros((count, rows.shape[1])).index_add_(0, ids, rows)
+''',
+}
+
+#: The helpers each helper calls.
+HELPER_CALLS = {
+    "_col2im_tensordot": ("_col2im",),
+    "_window_tensordot": ("_windows",),
+    "_argmax_col2im": ("_col2im",),
+    "_first_max_col2im": ("_first_argmax", "_argmax_col2im", "_col2im"),
+}
+
+
+def helper_closure(names) -> list[str]:
+    """The helpers ``names`` and those they call, in a deterministic order (callees first)."""
+    found = set()
+    for name in names:
+        if name in HELPER_SOURCES:
+            found |= {name, *HELPER_CALLS.get(name, ())}
+    return [name for name in HELPER_SOURCES if name in found]
