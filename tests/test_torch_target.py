@@ -124,6 +124,8 @@ def test_agrees_with_the_numpy_module(example, built):
     )
     xt = torch.tensor(x, requires_grad=not net.input_ids)
     torch_loss = _torch_loss(net, model(xt), y)
+    if net.decayed:  # the NumPy module's loss_and_grads returns the objective J = L + s
+        torch_loss = torch_loss + model.regularizer()
     torch_loss.backward()
     assert abs(torch_loss.item() - loss) <= 1e-10
     found = dict(model.named_parameters())
@@ -233,3 +235,21 @@ def test_generated_torch_modules_are_ruff_clean(tmp_path):
 def test_generation_is_deterministic():
     net = load_spec(ROOT / "examples" / "cnn_bn.toml")
     assert generate_torch_module(net) == generate_torch_module(net)
+
+
+def test_weight_decay_term_is_lambda_over_two_times_the_squared_weights(built):
+    """The derived term and its gradient, against autograd of the textbook expression
+    (d2l: s = lambda/2 (||W1||^2 + ||W2||^2)) on the covered weights only."""
+    net, module, _ = built("mlp_weight_decay")
+    model = _model(net, module)
+    s = model.regularizer()
+    s.backward()
+    lam = module.WEIGHT_DECAY
+    covered = dict(model.named_parameters())
+    copies = {k: covered[k].detach().clone().requires_grad_() for k in module.DECAYED}
+    expected = lam / 2 * sum((w ** 2).sum() for w in copies.values())
+    expected.backward()
+    assert abs(s.item() - expected.item()) <= 1e-12 * expected.item()
+    for key, copy in copies.items():
+        np.testing.assert_allclose(covered[key].grad.numpy(), copy.grad.numpy(), rtol=1e-12)
+    assert set(module.DECAYED) == {k for k in covered if k.endswith(".W")}

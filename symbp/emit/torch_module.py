@@ -23,6 +23,7 @@ from ..version import __version__
 from .layout import MAX_LINE
 from .module import ModuleBuilder
 from .network import _held, inits, size_values
+from .objective import regularizer_context
 from .torch_helpers import HELPER_SOURCES, helper_closure
 from .torch_printer import SymbpTorchPrinter, TorchPrintError
 
@@ -190,6 +191,12 @@ def generate_torch_module(net: Net, derivation: NetworkDerivation | None = None)
     plan = build_plan(net, derivation)
     functions: dict[str, dict] = {}
     rows = _forward_rows(builder, plan, functions)
+    decay = regularizer_context(builder, derivation)
+    builder.helpers.discard("_add_blocks")  # autograd adds the term's gradient
+    if decay is not None:  # an autograd.Function per distinct term (one per weight rank)
+        decay["classes"] = {f: (camel(f.removesuffix("_forward")) + "Function", b)
+                            for _, f, b in decay["terms"]}
+        decay["terms"] = [(_attribute(k), decay["classes"][f][0]) for k, f, _ in decay["terms"]]
     summary = [f"{item.name}: {item.layer.describe()}" for item in derivation.layers]
     template = builder.env.get_template("torch_module.py.j2")
     return template.render(
@@ -208,6 +215,7 @@ def generate_torch_module(net: Net, derivation: NetworkDerivation | None = None)
         modules=_modules(plan, net),
         steps=rows,
         uses_rng=any(row.get("draws") for row in rows),
+        decay=decay,
     )
 
 
