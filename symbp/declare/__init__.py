@@ -4,4 +4,4 @@ Nothing here differentiates anything; :mod:`symbp.derivation` does that from the
 definitions declared here.
 """
 
-from . import canon, conv, custom, layers  # noqa: E402,F401 - registering every layer type
+from . import canon, conv, custom, graph, layers  # noqa: E402,F401 - registering every layer type
