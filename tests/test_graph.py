@@ -109,3 +109,155 @@ def test_fan_out_is_one_sum_in_the_plan():
     order = [e.name for e in plan.backward]
     assert order.index("sum enc") > max(order.index("a"), order.index("b"))
     assert order.index("sum enc") < order.index("enc")
+
+
+def test_multiply_concat_and_split_match_pytorch():
+    net, module = build("""
+        name = "mcs"
+        input = { features = 4 }
+        loss = "mse"
+
+        [[layers]]
+        type = "linear"
+        name = "fc"
+        out = 6
+
+        [[layers]]
+        type = "split"
+        name = "parts"
+        sizes = [2, 4]
+
+        [[layers]]
+        type = "sigmoid"
+        name = "gate"
+        inputs = ["parts.0"]
+
+        [[layers]]
+        type = "concat"
+        name = "cat"
+        inputs = ["gate", "parts.1", "x"]
+
+        [[layers]]
+        type = "split"
+        name = "halves"
+        sizes = [5, 5]
+
+        [[layers]]
+        type = "multiply"
+        name = "prod"
+        inputs = ["halves.1", "halves.0"]
+
+        [[layers]]
+        type = "linear"
+        name = "out"
+        out = 2
+    """)
+    assert net.output_shape == (2,)
+
+    def forward(p, x):
+        fc = linear(p, "fc", x["x"])
+        cat = torch.cat([torch.sigmoid(fc[:, :2]), fc[:, 2:], x["x"]], dim=1)
+        return linear(p, "out", cat[:, 5:] * cat[:, :5])
+
+    compare(net, module, forward)
+
+
+def test_matmul_of_two_activations_matches_pytorch():
+    net, module = build("""
+        name = "mm"
+        loss = "mse"
+
+        [inputs]
+        a = [3, 4]
+        b = [4, 2]
+
+        [[layers]]
+        type = "tanh"
+        name = "ta"
+        inputs = ["a"]
+
+        [[layers]]
+        type = "matmul"
+        name = "prod"
+        inputs = ["ta", "b"]
+
+        [[layers]]
+        type = "flatten"
+    """)
+    assert net.find("prod").out_shape == (3, 2)
+
+    def forward(p, x):
+        return (torch.tanh(x["a"]) @ x["b"]).reshape(-1, 6)
+
+    compare(net, module, forward)
+
+
+def test_shared_weights_sum_their_gradients_and_are_listed_once():
+    net, module = build("""
+        name = "tied"
+        input = { features = 4 }
+        loss = "mse"
+
+        [[layers]]
+        type = "linear"
+        name = "enc"
+        out = 4
+
+        [[layers]]
+        type = "tanh"
+
+        [[layers]]
+        type = "linear"
+        name = "again"
+        out = 4
+        share = "enc"
+
+        [[layers]]
+        type = "linear"
+        name = "out"
+        out = 2
+    """)
+    assert list(module.PARAM_SHAPES) == ["enc.W", "enc.b", "out.W", "out.b"]
+    assert set(module.init_params()) == set(module.PARAM_SHAPES)
+
+    def forward(p, x):
+        return linear(p, "out", linear(p, "enc", torch.tanh(linear(p, "enc", x["x"]))))
+
+    compare(net, module, forward)
+
+
+def test_two_named_inputs_match_pytorch_and_get_their_gradients():
+    net, module = build("""
+        name = "masked"
+        loss = "mse"
+
+        [inputs]
+        x = [4]
+        mask = { features = 4 }
+
+        [[layers]]
+        type = "linear"
+        name = "fc"
+        out = 4
+
+        [[layers]]
+        type = "multiply"
+        name = "masked"
+        inputs = ["fc", "mask"]
+
+        [[layers]]
+        type = "linear"
+        name = "out"
+        out = 3
+    """)
+    assert module.INPUT_SHAPES == {"x": (4,), "mask": (4,)}
+    params = module.init_params()
+    x, mask = np.ones((2, 4)), np.zeros((2, 4))
+    assert np.all(module.predict(params, x, mask) == params["out.b"])  # masked out: the bias
+
+    def forward(p, x):
+        return linear(p, "out", linear(p, "fc", x["x"]) * x["mask"])
+
+    compare(net, module, forward)
+    with pytest.raises(ValueError, match="mask has shape"):
+        module.forward(params, x, np.zeros((3, 4)))

@@ -187,7 +187,7 @@ class Slice(Layer):
         return (*in_shape[:-1], self.width)
 
     def extra_sizes(self, in_shape) -> dict[str, int]:
-        return {"start": self.start} if self.start else {}
+        return {"start": self.start}
 
     def forward_form(self, in_shape):
         lead = _DIMS[len(in_shape)][:-1]
@@ -195,7 +195,7 @@ class Slice(Layer):
         features, width = size("F"), size("W")
         x = Array("x", (N, *lead, features))
         j = index("j")
-        at = j + self.START if self.start else j
+        at = j + self.START  # (a first part: start = 0)
         letters = {**_LETTERS, features: "i", width: "j"}
         return Forward(
             inputs=(x,),
@@ -206,10 +206,11 @@ class Slice(Layer):
         )
 
     def math_key(self, in_shape):
-        return (self.kind, len(in_shape), bool(self.start))
+        return ("slice", len(in_shape))
 
-    def stem_for(self, in_shape):
-        return "slice_from" if self.start else "slice"
+    @property
+    def function_stem(self):
+        return "slice"
 
     def describe(self):
         return f"features [{self.start}:{self.start + self.width}]"

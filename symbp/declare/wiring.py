@@ -122,8 +122,7 @@ def place_layers(net: Net, layers: list[Layer]) -> list[Placed]:
             values[name], previous = out, name
         return placed
 
-    first = next(iter(net.inputs)) if len(net.inputs) == 1 else None
-    placed = place(layers, first, "", 1)
+    placed = place(layers, next(iter(net.inputs)), "", 1)  # the first reads the first input
     if placed and "." in placed[-1].name:
         raise SpecError("a network's output is one value: read the split's parts",
                         layer=placed[-1].name.rsplit(".", 1)[0], field="sizes")

@@ -194,6 +194,8 @@ class Plan:
     backward: list[Vjp | Sum]
     readers: dict[str, list[str]] = field(default_factory=dict)  # value -> steps reading it
     inputs: tuple[str, ...] = (INPUT,)  # the network's inputs
+    #: the values no parameter comes before: their gradients are for ``wrt_input`` only
+    free: set[str] = field(default_factory=set)
     kept: list[Kept] = field(default_factory=list)  # every kept array, forward order
     views: list[KeptView] = field(default_factory=list)
 
@@ -283,7 +285,7 @@ def build_plan(net: Net, derivation: NetworkDerivation | None = None) -> Plan:
             )
 
     place(net.placed, 0)
-    plan = Plan(net, derivation, forward, [], inputs=tuple(net.inputs))
+    plan = Plan(net, derivation, forward, [], inputs=tuple(net.inputs), free=free)
     for step in forward:
         for value in step.inputs:
             plan.readers.setdefault(value, []).append(step.name)

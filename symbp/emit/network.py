@@ -210,9 +210,8 @@ def backward_steps(builder: ModuleBuilder, plan: Plan) -> list[dict]:
         if isinstance(entry, Sum):
             target = names.targets[index][0]
             line = f"{target} = " + " + ".join(names.parts[index])
-            # every part only for wrt_input: the sum too
-            guard = all(plan.step(p.split("@", 1)[1]).input_grad_optional for p in entry.parts)
-            rows.append(dict(guard=guard, line=line))
+            # no parameter before the value: its gradient is for wrt_input only
+            rows.append(dict(guard=entry.value in plan.free, line=line))
             builder.dh_owned = target == "dh"
             continue
         rows.extend(_vjp_rows(builder, plan, entry, index, names, written))
