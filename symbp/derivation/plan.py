@@ -242,7 +242,7 @@ class Plan:
         start = next(i for i, e in enumerate(entries) if isinstance(e, Vjp) and e.name == name)
         value = self.step(name).inputs[0]
         readers = self.readers[value]
-        if len(readers) == 1 or readers[-1] != name:  # not a block closing a fan-out
+        if not self.step(name).placed.body or readers[-1] != name:  # not a block
             return entries[start : start + 1]
         sums = [i for i, e in enumerate(entries) if isinstance(e, Sum) and e.value == value]
         end = next(i for i in sums if i > start)

@@ -158,8 +158,8 @@ def measure_cache(net: Net, module, *, batch: int, dtype, seed: int = 0) -> int:
     """Run the generated forward pass (training mode) on a random batch; the cache's bytes."""
     rng = np.random.default_rng(seed)
     params = module.init_params(seed=seed, dtype=dtype)
-    x = rng.standard_normal((batch, *net.input_shape)).astype(dtype)
-    _, cache = module.forward(params, x, train=True, rng=rng)
+    x = [rng.standard_normal((batch, *shape)).astype(dtype) for shape in net.inputs.values()]
+    _, cache = module.forward(params, *x, train=True, rng=rng)
     return measured_bytes(cache)
 
 
