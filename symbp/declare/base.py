@@ -157,11 +157,6 @@ class Layer:
         (a split); empty: one output, this layer's own."""
         return []
 
-    def extra_sizes(self, in_shape) -> dict[str, int]:
-        """Sizes the forward names that neither its input's nor its output's shape tells (a
-        slice's start), by name."""
-        return {}
-
     def check_inputs(self, shapes: tuple[tuple[int, ...], ...]) -> None:
         """Refuse inputs of shapes this layer cannot read (field ``inputs``); the default:
         all of one shape."""

@@ -186,7 +186,7 @@ class Slice(Layer):
     def output_shape(self, in_shape):
         return (*in_shape[:-1], self.width)
 
-    def extra_sizes(self, in_shape) -> dict[str, int]:
+    def constant_values(self):
         return {"start": self.start}
 
     def forward_form(self, in_shape):
@@ -201,6 +201,7 @@ class Slice(Layer):
             inputs=(x,),
             params=(),
             stages=(Stage(Array("y", (N, *lead, width)), (*idx, j), x[(*idx, at)]),),
+            constants={self.START: self.START},
             keep=(),
             letters=letters,
         )

@@ -41,7 +41,6 @@ def size_values(step_or_placed, form) -> dict[str, int]:
         for dim, length in zip(array.dims[1:], shape, strict=True):
             if isinstance(dim, sp.Symbol):
                 values[dim.name] = length
-    values.update(item.layer.extra_sizes(item.in_shape))
     return values
 
 

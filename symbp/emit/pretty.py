@@ -543,7 +543,11 @@ def derivation_blocks(
                 yield from _proofs(report, derivation.loss, "loss", progress)
         if layer is None:
             yield Text("== backward order (each upstream gradient computed once and reused):")
-            for entry in build_plan(net, derivation).backward:
+            plan = build_plan(net, derivation)
+            if plan.graph:
+                yield Text("  (the graph in reverse topological order: a value read by several "
+                           "layers gets the sum of what each hands back, once all have)")
+            for entry in plan.backward:
                 if isinstance(entry, Sum):
                     yield Text(f"  sum: {entry.target} = {' + '.join(entry.parts)}")
                 else:
