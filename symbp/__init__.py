@@ -47,6 +47,21 @@ from .declare.conv import (
 from .declare.custom import (
     Custom as layer,
 )
+from .declare.graph import (
+    Addition as add,
+)
+from .declare.graph import (
+    Concat as concat,
+)
+from .declare.graph import (
+    Matmul as matmul,
+)
+from .declare.graph import (
+    Multiplication as multiply,
+)
+from .declare.graph import (
+    Split as split,
+)
 from .declare.layers import (
     Activation as activation,
 )
@@ -176,10 +191,12 @@ def _flags(**flags) -> None:
 __all__ = [
     "Net",
     "activation",
+    "add",
     "avgpool2d",
     "batchnorm",
     "check",
     "codegen",
+    "concat",
     "conv2d",
     "derive",
     "dropout",
@@ -194,7 +211,9 @@ __all__ = [
     "linear",
     "load_spec",
     "log_softmax",
+    "matmul",
     "maxpool2d",
+    "multiply",
     "notes",
     "parse_spec",
     "prelu",
@@ -205,6 +224,7 @@ __all__ = [
     "silu",
     "softmax",
     "softplus",
+    "split",
     "tanh",
     "DerivationError",
     "SpecError",

@@ -330,3 +330,25 @@ def test_check_follows_the_graph(toml):
     for name in net.inputs:
         assert name in names
     assert len(names) == len(set(names))
+
+
+def test_the_python_api_declares_the_same_graph():
+    """``layer.reads(...)`` and ``layer.sharing(...)`` are the TOML's ``inputs`` and ``share``;
+    ``Net(inputs={...})`` its ``[inputs]``."""
+    net = symbp.Net(
+        [symbp.linear(4, name="fc"), symbp.multiply(name="gated").reads("fc", "mask"),
+         symbp.linear(4, name="again").sharing("fc"), symbp.split([1, 3], name="s"),
+         symbp.concat(name="cat").reads("s.1", "s.0", "x"), symbp.linear(3, name="out")],
+        inputs={"x": (4,), "mask": (4,)}, loss="mse", name="api",
+    )
+    module = load_module(symbp.codegen(net), "graph_api")
+    assert list(module.PARAM_SHAPES) == ["fc.W", "fc.b", "out.W", "out.b"]
+
+    def forward(p, x):
+        gated = linear(p, "fc", x["x"]) * x["mask"]
+        again = linear(p, "fc", gated)
+        return linear(p, "out", torch.cat([again[:, 1:], again[:, :1], x["x"]], dim=1))
+
+    compare(net, module, forward)
+    with pytest.raises(symbp.SpecError, match="names a value twice"):
+        symbp.add().reads("a", "a")

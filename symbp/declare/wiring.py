@@ -147,6 +147,10 @@ def _reads(layer: Layer, name: str, previous, values, declared) -> tuple[str, ..
     for value in reads:
         if value in values:
             continue
+        parts = sorted(v for v in values if v.startswith(f"{value}."))
+        if parts:
+            raise SpecError(f"reads the split '{value}': name one of its parts, "
+                            f"{', '.join(parts)}", field="inputs")
         if value == name:
             raise SpecError(f"reads its own output '{value}': a network has no cycles",
                             field="inputs")
@@ -156,11 +160,7 @@ def _reads(layer: Layer, name: str, previous, values, declared) -> tuple[str, ..
                 "and earlier layers only (no cycles)",
                 field="inputs",
             )
-        parts = sorted(v for v in values if v.startswith(f"{value}."))
-        hint = f"; a split's parts are {', '.join(parts)}" if parts else ""
-        raise SpecError(
-            f"unknown input '{value}' (known: {', '.join(values)}){hint}", field="inputs"
-        )
+        raise SpecError(f"unknown input '{value}' (known: {', '.join(values)})", field="inputs")
     count = len(reads)
     if layer.arity is None and count < 2:
         raise SpecError(f"{layer.kind} reads two or more values, got {count}", field="inputs")
