@@ -352,3 +352,73 @@ def test_the_python_api_declares_the_same_graph():
     compare(net, module, forward)
     with pytest.raises(symbp.SpecError, match="names a value twice"):
         symbp.add().reads("a", "a")
+
+
+def test_a_custom_layer_reading_two_values_matches_pytorch():
+    """A user-declared layer with two inputs: its stages read each by the value's name (a
+    gated sum with a learnable mix), derived like any layer."""
+    net, module = build("""
+        name = "gated"
+        input = { features = 4 }
+        loss = "mse"
+
+        [[layers]]
+        type = "linear"
+        name = "q"
+        out = 3
+
+        [[layers]]
+        type = "linear"
+        name = "k"
+        out = 3
+        inputs = ["x"]
+
+        [[layers]]
+        type = "custom"
+        name = "mix"
+        inputs = ["q", "k"]
+        params = { w = "D" }
+        stages = [
+            "g[n, j] = 1 / (1 + exp(-k[n, j]))",
+            "s[n] = sum(q[n, j] * k[n, j], j)",
+            "y[n, j] = g[n, j] * q[n, j] + w[j] * s[n]",
+        ]
+
+        [[layers]]
+        type = "linear"
+        name = "out"
+        out = 2
+    """)
+
+    def forward(p, x):
+        q, k = linear(p, "q", x["x"]), linear(p, "k", x["x"])
+        s = (q * k).sum(dim=1, keepdim=True)
+        return linear(p, "out", torch.sigmoid(k) * q + p["mix.w"] * s)
+
+    compare(net, module, forward)
+
+
+def test_a_custom_layer_names_its_arrays_when_the_values_have_no_names():
+    net, module = build("""
+        name = "halves"
+        input = { features = 4 }
+        loss = "mse"
+
+        [[layers]]
+        type = "split"
+        name = "s"
+        sizes = [2, 2]
+
+        [[layers]]
+        type = "custom"
+        name = "prod"
+        inputs = ["s.0", "s.1"]
+        input_arrays = ["a", "b"]
+        stages = ["y[n, j] = a[n, j] * b[n, j] + a[n, j]"]
+    """)
+
+    def forward(p, x):
+        a, b = x["x"][:, :2], x["x"][:, 2:]
+        return a * b + a
+
+    compare(net, module, forward)
