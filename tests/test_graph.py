@@ -422,3 +422,35 @@ def test_a_custom_layer_names_its_arrays_when_the_values_have_no_names():
         return a * b + a
 
     compare(net, module, forward)
+
+
+def test_the_two_branch_example_matches_pytorch():
+    """examples/two_branch.toml: x read twice, enc three times, tied weights, a split gated
+    tanh unit."""
+    from pathlib import Path
+
+    net = symbp.load_spec(Path(__file__).resolve().parents[1] / "examples" / "two_branch.toml")
+    module = load_module(symbp.codegen(net), "graph_two_branch")
+    assert "tied.W" not in module.PARAM_SHAPES and "mid.W" in module.PARAM_SHAPES
+
+    def forward(p, x):
+        x = x["x"]
+        enc = linear(p, "enc", (x @ torch.tanh(x)).reshape(len(x), 16))
+        mid = linear(p, "mid", torch.relu(enc))
+        join = mid + linear(p, "mid", torch.tanh(enc))
+        gtu = torch.tanh(join[:, 4:]) * torch.sigmoid(join[:, :4])
+        return linear(p, "out", torch.cat([gtu, enc], dim=1))
+
+    def cross_entropy(out, y):
+        return F.cross_entropy(out, y)
+
+    params = random_arrays(module.PARAM_SHAPES, 0)
+    x = np.random.default_rng(1).standard_normal((5, 4, 4))
+    y = np.array([0, 3, 9, 2, 3])
+    ours, grads = module.loss_and_grads(params, x, y)
+    tensors = {k: torch.tensor(v, requires_grad=True) for k, v in {**params, "x": x}.items()}
+    theirs = cross_entropy(forward(tensors, tensors), torch.tensor(y))
+    theirs.backward()
+    assert abs(float(ours) - theirs.item()) <= 1e-10
+    for key, tensor in tensors.items():
+        assert np.max(np.abs(grads[key] - tensor.grad.numpy())) <= 1e-10, key

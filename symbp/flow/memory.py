@@ -104,7 +104,7 @@ def _sizes(item: Placed, form: Forward) -> dict[sp.Symbol, sp.Expr]:
     sizes that no placed shape names.
     """
     known: list[tuple[Array, tuple[int, ...]]] = [
-        (form.inputs[0], item.in_shape),
+        *zip(form.inputs, item.in_shapes, strict=False),  # (a block: its input, once)
         (form.output.array, item.out_shape),
     ]
     shapes = item.layer.param_shapes(item.in_shape)
