@@ -48,19 +48,22 @@ def network_inputs(inputs) -> dict[str, tuple[int, ...]]:
 
 
 def _declared_names(layers, prefix="") -> dict[str, int]:
-    """Every layer name the network will have, with its order of placement."""
+    """Every layer name the network will have, with its order of placement (blocks as deep
+    as they may nest: placing them refuses deeper ones)."""
+    from .net import MAX_NESTING
+
     names: dict[str, int] = {}
 
-    def visit(items, prefix):
+    def visit(items, prefix, depth):
         for position, layer in enumerate(items, start=1):
             if not isinstance(layer, Layer):
                 continue
             name = layer.name or prefix + default_layer_name(layer.kind, position)
             names.setdefault(name, len(names))
-            if isinstance(layer, Residual):
-                visit(layer.layers, name + "_")
+            if isinstance(layer, Residual) and depth < MAX_NESTING:
+                visit(layer.layers, name + "_", depth + 1)
 
-    visit(layers, prefix)
+    visit(layers, prefix, 0)
     return names
 
 
