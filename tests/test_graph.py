@@ -454,3 +454,43 @@ def test_the_two_branch_example_matches_pytorch():
     assert abs(float(ours) - theirs.item()) <= 1e-10
     for key, tensor in tensors.items():
         assert np.max(np.abs(grads[key] - tensor.grad.numpy())) <= 1e-10, key
+
+
+@pytest.mark.parametrize("toml", [TWO_BRANCH, MASKED, TIED], ids=["fan", "masked", "tied"])
+def test_without_wrt_input_the_parameters_gradients_are_the_same(toml):
+    """wrt_input=False skips the inputs' gradients (a fan-out of an input is summed only for
+    them) and changes no parameter's; float32 inputs compute in float32."""
+    net, module = build(toml)
+    params = random_arrays(module.PARAM_SHAPES, 3)
+    inputs = random_arrays(net.inputs, 4, 2)
+    y = np.zeros((2, *net.output_shape))
+    _, full = module.loss_and_grads(params, *inputs.values(), y)
+    _, some = module.loss_and_grads(params, *inputs.values(), y, wrt_input=False)
+    assert set(some) == set(params)
+    for key in params:
+        assert np.array_equal(some[key], full[key]), key
+    small = {k: v.astype(np.float32) for k, v in {**params, **inputs}.items()}
+    out, _ = module.forward({k: small[k] for k in params}, *(small[k] for k in inputs))
+    assert out.dtype == np.float32
+
+
+def test_notes_and_flow_of_a_graph_show_the_fan_out_sum(tmp_path, capsys):
+    from symbp.cli import main as cli_main
+
+    toml = MASKED.replace('name = "fc"\n    out = 4', 'name = "fc"\n    out = 4\n\n'
+                          '    [[layers]]\n    type = "tanh"\n    name = "t"\n'
+                          '    inputs = ["x"]\n\n    [[layers]]\n    type = "add"\n'
+                          '    name = "both"\n    inputs = ["fc", "t"]')
+    toml = toml.replace('inputs = ["fc", "mask"]', 'inputs = ["both", "mask"]')
+    net, _ = build(toml)
+    text = str(symbp.notes(net, "md"))
+    # x (label 0) is read by fc (1) and t (2): its gradient is the sum of their parts
+    assert (r"\boldsymbol{\delta}^{(0)} &= \boldsymbol{\delta}^{(0 \leftarrow 1)} + "
+            r"\boldsymbol{\delta}^{(0 \leftarrow 2)}") in text
+    assert "reverse topological order" in text
+    spec = tmp_path / "graph.toml"
+    spec.write_text(textwrap.dedent(toml))
+    assert cli_main(["flow", str(spec)]) == 0
+    out = capsys.readouterr().out
+    for name in ("fc", "t", "both", "masked", "out"):  # measured norms per value
+        assert any(line.startswith(f"{name} ") for line in out.splitlines()), name
