@@ -102,9 +102,20 @@ def test_a_bad_graph_is_one_line_naming_the_layer_and_the_field(case, tmp_path, 
 
 def test_a_reserved_or_unread_network_input_is_refused(tmp_path, capsys):
     spec = tmp_path / "bad.toml"
-    for inputs, message in (("params = [4]", "reserved"), ("x = [4]\nm = [4]", "'m' is read")):
+    for inputs, message in (("params = [4]", "reserved"), ("x = [4]\nm = [4]", "'m' is read"),
+                            ("d_x = [4]", "reserved"), ("tanh_forward = [4]", "reserved")):
         spec.write_text(f'name = "bad"\nloss = "mse"\n[inputs]\n{inputs}\n'
                         + layer('type = "linear"\nname = "a"\nout = 4'))
         assert cli_main(["derive", str(spec)]) == 2
         err = capsys.readouterr().err
         assert "field 'inputs'" in err and message in err, err
+
+
+def test_an_input_named_as_a_random_draw_is_refused(tmp_path, capsys):
+    """dropout draws its mask into the forward's local m: an input m would be overwritten."""
+    spec = tmp_path / "bad.toml"
+    spec.write_text('name = "bad"\nloss = "mse"\n[inputs]\nx = [4]\nm = [4]\n'
+                    + layer('type = "dropout"\nname = "drop"')
+                    + layer('type = "add"\nname = "j"\ninputs = ["drop", "m"]'))
+    assert cli_main(["derive", str(spec)]) == 2
+    assert "input name 'm' is a name layer 'drop' uses" in capsys.readouterr().err

@@ -21,7 +21,11 @@ if TYPE_CHECKING:
 
 #: Names a network input may not take besides the reserved ones: the generated module's own
 #: variables (``x``, the single input's name, is allowed).
-_INPUT_RESERVED = (RESERVED - {"x"}) | {"h", "dh", "out", "reuse", "wrt_input", "loss_cache"}
+_INPUT_RESERVED = (RESERVED - {"x"}) | {
+    "h", "dh", "out", "reuse", "wrt_input", "loss_cache", "dtype", "stats"}
+#: ... nor a name of the form of its other variables and functions
+_INPUT_PREFIXES = ("_", "skip_", "dskip_", "d_")
+_INPUT_SUFFIXES = ("_forward", "_backward", "_predict", "_running_stats")
 #: The most named inputs a network may have.
 MAX_INPUTS = 64
 
@@ -36,8 +40,10 @@ def network_inputs(inputs) -> dict[str, tuple[int, ...]]:
         raise SpecError(f"at most {MAX_INPUTS} inputs, got {len(inputs)}", field="inputs")
     result = {}
     for name, shape in inputs.items():
-        if not isinstance(name, str) or (name in _INPUT_RESERVED and name != "x"):
-            raise SpecError(f"input name {name!r} is reserved", field="inputs")
+        if not isinstance(name, str) or (name in _INPUT_RESERVED and name != "x") or (
+                name.startswith(_INPUT_PREFIXES) or name.endswith(_INPUT_SUFFIXES)):
+            raise SpecError(f"input name {name!r} is reserved (a name the generated module "
+                            "uses)", field="inputs")
         try:
             if name != "x":
                 check_identifier(name, what="input name")
@@ -131,6 +137,11 @@ def place_layers(net: Net, layers: list[Layer]) -> list[Placed]:
                         layer=placed[-1].name.rsplit(".", 1)[0], field="sizes")
     _check_read(net, placed)
     _share(placed)
+    for item in _walk(placed):  # the generated forward's local names (rrelu's r, dropout's m)
+        local = {*item.layer.draws(), *item.layer.state_shapes(item.in_shape)}
+        for name in local & set(net.inputs):
+            raise SpecError(f"input name {name!r} is a name layer '{item.name}' uses in the "
+                            "generated module", field="inputs")
     return placed
 
 
