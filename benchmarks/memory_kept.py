@@ -87,6 +87,10 @@ def torch_forward(net: symbp.Net, tensors: dict, h):
             elif kind == "conv2d":
                 h = F.conv2d(h, p("W"), p("b") if layer.bias else None, stride=layer.stride,
                              padding=layer.padding, dilation=layer.dilation)
+            elif kind == "conv_transpose2d":
+                h = F.conv_transpose2d(h, p("W"), p("b") if layer.bias else None,
+                                       stride=layer.stride, padding=layer.padding,
+                                       output_padding=layer.output_padding)
             elif kind == "batchnorm":
                 h = F.batch_norm(h, None, None, p("gamma"), p("beta"), training=True,
                                  eps=layer.eps)
@@ -96,6 +100,8 @@ def torch_forward(net: symbp.Net, tensors: dict, h):
                 h = F.avg_pool2d(h, layer.kernel, layer.stride, layer.padding)
             elif kind == "flatten":
                 h = h.flatten(1)
+            elif kind == "embedding":
+                h = F.embedding(h, p("W"))
             elif kind == "prelu":
                 h = F.prelu(h, p("alpha").reshape(-1))
             elif kind == "leaky_relu":
@@ -158,7 +164,8 @@ def measure(net: symbp.Net, batch: int, dtype, seed: int = 0) -> dict:
     params = module.init_params(seed=seed, dtype=dtype)
     rng = np.random.default_rng(seed)
     params = {k: (v + 0.01 * rng.standard_normal(v.shape)).astype(dtype) for k, v in params.items()}
-    x = rng.standard_normal((batch, *net.input_shape)).astype(dtype)
+    x = net.sample_input(rng, batch)  # ids stay integers
+    x = x if net.input_ids is not None else x.astype(dtype)
     row = dict(generated=generated_bytes(module, params, x, seed),
                minimum=minimum_bytes(net, batch, dtype))
     try:

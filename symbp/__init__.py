@@ -44,8 +44,14 @@ from .declare.conv import (
 from .declare.conv import (
     MaxPool2d as maxpool2d,
 )
+from .declare.conv_transpose import (
+    ConvTranspose2d as conv_transpose2d,
+)
 from .declare.custom import (
     Custom as layer,
+)
+from .declare.embedding import (
+    Embedding as embedding,
 )
 from .declare.graph import (
     Addition as add,
@@ -198,9 +204,11 @@ __all__ = [
     "codegen",
     "concat",
     "conv2d",
+    "conv_transpose2d",
     "derive",
     "dropout",
     "elu",
+    "embedding",
     "flatten",
     "gelu",
     "global_avgpool",

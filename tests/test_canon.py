@@ -108,9 +108,12 @@ def problem(net: Net, *, batch: int, seed: int):
 
 
 def relative_error(actual, expected) -> float:
+    """Relative to the largest expected entry, or to 1e-4 when it is smaller: a gradient that
+    is zero in exact arithmetic (a bias right before a normalisation of its whole group) is
+    rounding noise of 1e-17 to 1e-16 on both sides, compared then to within 1e-14 absolutely."""
     actual, expected = np.asarray(actual), np.asarray(expected)
     assert actual.shape == expected.shape
-    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-300))
+    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-4))
 
 
 def assert_agrees_with_torch(net: Net, *, batch: int = 5, seed: int = 0,
@@ -459,3 +462,97 @@ def test_dropout_flow_bound_is_the_inverted_scale():
     net = Net([symbp.dropout(p=0.3)], input_features=3, loss="mse")
     (row,) = flow_bounds(symbp.derive(net))
     assert row.bound == sympy.Rational(10, 7)
+
+
+# --------------------------------------------------------------------------- random mixtures
+# Hypothesis draws networks that mix the canon layers with each other and with the older ones
+# (residual blocks, activations, convolutions): every draw agrees with PyTorch and passes check.
+
+from hypothesis import HealthCheck, assume, given, note, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from symbp.errors import SymbpError  # noqa: E402
+
+
+@st.composite
+def feature_nets(draw):
+    width = draw(st.integers(2, 5))
+    layers = []
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["linear", "layer_norm", "softmax", "log_softmax",
+                                     "dropout", "residual"]))
+        if kind == "linear":
+            width = draw(st.integers(2, 5))
+            layers.append(symbp.linear(width, bias=draw(st.booleans())))
+            layers.append(draw(st.sampled_from([symbp.gelu, symbp.tanh, symbp.relu]))())
+        elif kind == "layer_norm":
+            layers.append(symbp.layer_norm(eps=draw(st.sampled_from([1e-5, 0.1]))))
+        elif kind == "dropout":
+            layers.append(symbp.dropout(p=draw(st.sampled_from([0.0, 0.25, 0.5]))))
+        elif kind == "residual":
+            body = [symbp.layer_norm(), symbp.linear(width)]
+            if draw(st.booleans()):
+                body.insert(1, draw(st.sampled_from([symbp.softmax, symbp.gelu]))())
+            layers.append(symbp.residual(body))
+        else:
+            layers.append(getattr(symbp, kind)())
+    layers.append(symbp.linear(draw(st.integers(2, 3))))
+    loss = draw(st.sampled_from(["mse", "softmax_cross_entropy"]))
+    try:
+        net = Net(layers, input_features=draw(st.integers(2, 5)), loss=loss)
+    except SymbpError:
+        assume(False)
+    note(" -> ".join(item.layer.describe() for item in net.placed))
+    return net
+
+
+@st.composite
+def image_nets(draw):
+    channels = draw(st.integers(1, 3))
+    size = draw(st.integers(3, 6))
+    out = draw(st.sampled_from([2, 4, 6]))
+    layers = [symbp.conv2d(out, draw(st.integers(1, 3)), padding=draw(st.integers(0, 1)))]
+    norm = draw(st.sampled_from(["group_norm", "layer_norm", "none"]))
+    if norm == "group_norm":
+        layers.append(symbp.group_norm(draw(st.sampled_from([d for d in (1, 2, out)
+                                                             if out % d == 0]))))
+    elif norm == "layer_norm":
+        layers.append(symbp.layer_norm())
+    layers.append(draw(st.sampled_from([symbp.relu, symbp.gelu, symbp.tanh]))())
+    if draw(st.booleans()):
+        layers.append(symbp.dropout(p=0.3))
+    layers.append(draw(st.sampled_from([symbp.global_avgpool, symbp.flatten]))())
+    layers.append(symbp.linear(draw(st.integers(2, 3))))
+    if draw(st.booleans()):
+        layers.append(draw(st.sampled_from([symbp.softmax, symbp.log_softmax]))())
+    try:
+        net = Net(layers, input_shape=(channels, size, size),
+                  loss=draw(st.sampled_from(["mse", "softmax_cross_entropy"])))
+    except SymbpError:
+        assume(False)
+    note(" -> ".join(item.layer.describe() for item in net.placed))
+    return net
+
+
+def _mixture_case(net, seed):
+    assert_agrees_with_torch(net, batch=4, seed=seed)
+    report = check_spec(net, batch=3, seed=seed)
+    assert report.passed, report.table()
+
+
+_DRAWS = dict(deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+# A few draws in the default run, the full number with -m slow (CI).
+@settings(max_examples=3, **_DRAWS)
+@given(st.one_of(feature_nets(), image_nets()), st.integers(0, 2**16))
+def test_a_few_random_canon_mixtures_agree_with_torch_and_pass_check(net, seed):
+    _mixture_case(net, seed)
+
+
+@pytest.mark.slow
+@settings(max_examples=25, **_DRAWS)
+@given(st.one_of(feature_nets(), image_nets()), st.integers(0, 2**16))
+def test_random_canon_mixtures_agree_with_torch_and_pass_check(net, seed):
+    _mixture_case(net, seed)

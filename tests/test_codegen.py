@@ -204,7 +204,9 @@ def oracle_loss_and_grads(net: Net, params, x, y, *, seed: int):
         rng = np.random.default_rng(seed)
         p = {k: v for k, v in values.items() if k != "x"}
         z = oracle_forward(net.placed, p, values["x"], train=True, state=None, rng=rng)
-        return oracle_loss(net.loss.kind, z, y)
+        # weight decay: the objective J = L + lambda/2 * sum of ||W||^2 over the covered weights
+        penalty = sum(anp.sum(p[key] ** 2) for key in net.decayed)
+        return oracle_loss(net.loss.kind, z, y) + net.weight_decay / 2 * penalty
 
     values = {**params, "x": x}
     return loss(values), autograd.grad(loss)(values)
@@ -335,7 +337,8 @@ LAYER_ROWS: dict[str, Callable[[], list]] = {
     ],
 }
 LAYER_KINDS = sorted(LAYER_ROWS)
-IMAGE_LAYERS = {"conv2d", "maxpool2d", "avgpool2d", "flatten", "global_avgpool", "group_norm"}
+IMAGE_LAYERS = {"conv2d", "maxpool2d", "avgpool2d", "flatten", "global_avgpool", "group_norm",
+                "conv_transpose2d"}
 
 
 def small_net(kind: str, loss: str) -> Net:
@@ -345,10 +348,12 @@ def small_net(kind: str, loss: str) -> Net:
 def test_the_table_covers_every_registered_layer_type():
     layer_types = {kind for kind, cls in REGISTRY.items() if not issubclass(cls, Loss)}
     # Image layers (conv2d, pooling, flatten) have their own table in tests/test_conv.py;
-    # global_avgpool and group_norm are tested in tests/test_canon.py; the layers reading
-    # several values (a graph's) in tests/test_graph.py.
+    # global_avgpool and group_norm are tested in tests/test_canon.py, conv_transpose2d in
+    # tests/test_conv_transpose.py; the layers reading several values (a graph's) in
+    # tests/test_graph.py.
+    # embedding reads integer ids (it must come first): tests/test_embedding.py
     graph = {"add", "multiply", "concat", "split", "matmul"}
-    assert set(LAYER_ROWS) == layer_types - IMAGE_LAYERS - graph
+    assert set(LAYER_ROWS) == layer_types - IMAGE_LAYERS - graph - {"embedding"}
     assert set(LOSSES) == {"mse", "softmax_cross_entropy", "bce_with_logits"}
 
 
@@ -656,9 +661,11 @@ def _activation_layer(draw, name: str):
 
 
 @st.composite
-def architectures(draw, batchnorm: bool = True, losses: tuple[str, ...] = LOSSES):
+def architectures(draw, batchnorm: bool = True, losses: tuple[str, ...] = LOSSES,
+                  decay: bool = False):
     """Depth 1-6 (a residual block counts once), widths 1-16, any layer mix, any loss; a batch
-    of 2 to 6 (batch norm needs 2 or more)."""
+    of 2 to 6 (batch norm needs 2 or more); ``decay``: weight decay on a drawn selection of the
+    parameters too (drawn last: the draws without it are what they were)."""
     loss = draw(st.sampled_from(losses))
     width = draw(st.integers(1, 16))
     in_features, layers = width, []
@@ -683,7 +690,15 @@ def architectures(draw, batchnorm: bool = True, losses: tuple[str, ...] = LOSSES
     if loss == "softmax_cross_entropy" and width < 2:
         layers.append(symbp.linear(draw(st.integers(2, 16))))
     batch = draw(st.integers(2, 6))
-    return Net(layers, input_features=in_features, loss=loss), batch
+    net = Net(layers, input_features=in_features, loss=loss)
+    if decay:
+        keys = draw(st.lists(st.sampled_from(sorted(net.param_shapes)), min_size=1, unique=True)
+                    if net.param_shapes and draw(st.booleans()) else st.none())
+        if keys is not None or any(i.layer.decayed for i in net.walk()):
+            net = Net(layers, input_features=in_features, loss=loss,
+                      weight_decay=draw(st.sampled_from([0.0, 0.1, 2.5])),
+                      weight_decay_params=keys)
+    return net, batch
 
 
 def layer_code(layer) -> str:
@@ -735,6 +750,16 @@ def test_a_few_random_architectures_agree_with_autograd(drawn, seed):
 @given(architectures(), st.integers(0, 2**16))
 def test_random_architectures_agree_with_autograd(drawn, seed):
     _agrees_with_autograd(drawn, seed)
+
+
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(architectures(decay=True), st.integers(0, 2**16))
+def test_a_few_random_architectures_with_weight_decay_agree_with_autograd(drawn, seed):
+    """The oracle adds lambda/2 * sum of ||W||^2 over the drawn selection (or the default)."""
+    net, batch = drawn
+    note(f"{describe(net, batch)}; weight_decay={net.weight_decay}, decayed={net.decayed}")
+    assume(saturation(net, batch=batch, seed=seed) < 6)
+    compare_with_oracle(net, batch=batch, seed=seed)
 
 
 # symbp check fails some correct modules (about 1 random draw in 20: the xfail below), so

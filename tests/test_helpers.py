@@ -18,6 +18,7 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
 from symbp import runtime
+from symbp.runtime.blocks import _add_blocks
 from symbp.runtime.pooling import (
     _argmax_col2im,
     _first_argmax,
@@ -61,6 +62,21 @@ def _operands(rng, dtype):
         (windows[:, :, ::2, ::2], rng.standard_normal((2, 3, 2)).astype(dtype),
          (1, 4, 5), (0, 1, 2)),  # a strided window view
     ]
+
+
+@pytest.mark.parametrize("shape", [(784, 256), (3,), (64, 3, 3, 3), (0, 5), (2, 9000), ()])
+def test_add_blocks_is_the_whole_sum_to_the_bit(shape):
+    """out += term(W) a block at a time gives the bits of the one-pass sum (an element-wise
+    term: each element's value is computed alone either way)."""
+    rng = np.random.default_rng(0)
+    out, w = rng.standard_normal(shape), rng.standard_normal(shape)
+    expected = out + 0.3 * w
+
+    def term(a, *, scale):
+        return scale * a
+
+    _add_blocks(out, term, w, scale=0.3)
+    assert np.array_equal(out, expected)
 
 
 @pytest.mark.parametrize(

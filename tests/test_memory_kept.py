@@ -39,7 +39,8 @@ def _load(name: str):
 def _cache(net, batch, dtype, seed=0):
     module = load_module(symbp.codegen(net))
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, *net.input_shape)).astype(dtype)
+    x = net.sample_input(rng, batch)  # ids stay integers
+    x = x if net.input_ids is not None else x.astype(dtype)
     _, cache = module.forward(module.init_params(seed=seed, dtype=dtype), x, train=True, rng=rng)
     return cache
 

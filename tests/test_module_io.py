@@ -200,7 +200,7 @@ def test_every_module_has_set_threads_and_names_the_blas_threads(spec):
     for count in (0, 1.5, True):
         with pytest.raises(ValueError, match="positive int"):
             module.set_threads(count)
-    x = np.random.default_rng(1).standard_normal((4, *net.input_shape))
+    x = net.sample_input(np.random.default_rng(1), 4)
     params, state = module.init_params(), module.init_state()
     expected = module.predict(params, x, state)
     module.set_threads(2)

@@ -71,6 +71,8 @@ def rng_arrays(seed: int = 0):
 CASES = [
     (Dot(A, B), "A @ B", lambda d: np.matmul(d["A"], d["B"])),
     (Dot(Permute(A), C), "A.T @ C", lambda d: d["A"].T @ d["C"]),
+    # the product negated, not its first operand (a pass over a big array before the product)
+    (-Dot(A, B), "-(A @ B)", lambda d: -np.matmul(d["A"], d["B"])),
     (Dot(A, Permute(C)), "A @ C.T", lambda d: d["A"] @ d["C"].T),
     (Permute(A + C), "(A + C).T", lambda d: np.transpose(d["A"] + d["C"])),
     (SumOver(A, sp.Tuple(0)), "A.sum(axis=0)", lambda d: np.sum(d["A"], axis=0)),
@@ -269,6 +271,22 @@ def test_lowering_contractions_print_as_matmul():
     np.testing.assert_allclose(run("x.T @ dz", dz=dzs, x=xs), np.einsum("kj,ki->ij", dzs, xs))
 
 
+def test_lowering_sum_of_three_factors_as_a_matrix_vector_product():
+    # layer norm's sum_k dy[n, k] gamma[k] xhat[n, k]: one GEMV of the two arrays' product
+    # (no array of the three factors' product), the same numbers to rounding
+    n, k = sp.Symbol("n", integer=True), sp.Symbol("k", integer=True)
+    dy, xhat, g = (sp.IndexedBase(s, real=True) for s in ("dy", "xhat", "gamma"))
+    total = sp.Sum(dy[n, k] * g[k] * xhat[n, k], (k, 0, N - 1))
+    code = _lowered(total, (n,), {"dy", "xhat", "gamma"})
+    assert code == "(dy*xhat) @ gamma"
+    rng = np.random.default_rng(3)
+    arrays = {"dy": rng.standard_normal((5, 4)), "xhat": rng.standard_normal((5, 4)),
+              "gamma": rng.standard_normal(4)}
+    np.testing.assert_allclose(
+        run(code, **arrays), np.einsum("nk,k,nk->n", arrays["dy"], arrays["gamma"],
+                                       arrays["xhat"]), rtol=1e-14)
+
+
 def test_lowering_batch_sums_and_broadcasts():
     n, j, m = (sp.Symbol(s, integer=True) for s in "njm")
     dy, xhat, g = (sp.IndexedBase(s, real=True) for s in ("dy", "xhat", "gamma"))
@@ -386,7 +404,8 @@ def test_integers_beyond_int64_print_as_floats():
 # (M, F), g, k per feature (F,). Each case: expression, exact code, NumPy written here.
 M, F = sp.Symbol("M", integer=True, positive=True), sp.Symbol("F", integer=True, positive=True)
 X, Y, g, k = (sp.Symbol(name, real=True) for name in ("X", "Y", "g", "k"))
-SHAPES = {"X": (M, F), "Y": (M, F), "g": (F,), "k": (F,)}
+col = sp.Symbol("col", real=True)  # one number per row
+SHAPES = {"X": (M, F), "Y": (M, F), "g": (F,), "k": (F,), "col": (M,)}
 
 SHAPED_CASES = [
     # one pass over the batch: the per-feature factors are multiplied together first, and the
@@ -395,6 +414,9 @@ SHAPED_CASES = [
      lambda d: d["X"] * (d["g"] * d["k"] / 4)),
     ((g + k) * X, "_along_rows(np.multiply, X, g + k)", lambda d: d["X"] * (d["g"] + d["k"])),
     (2 * X, "2*X", lambda d: d["X"] * 2),
+    # a column broadcast along the rows by einsum (NumPy's multiply runs it in short loops)
+    (NewAxis(col, sp.Tuple(1)) * X / M, 'np.einsum("ab,ab->ab", col[:, None]/M, X)',
+     lambda d: d["col"][:, None] / 4 * d["X"]),
     # a sum of products over the batch without the product array; column sums by BLAS
     (SumOver(X * Y, sp.Tuple(0)), 'np.einsum("ij,ij->j", X, Y)',
      lambda d: (d["X"] * d["Y"]).sum(axis=0)),
@@ -404,6 +426,7 @@ SHAPED_CASES = [
      lambda d: (d["X"] ** 2).mean(axis=0)),
     (SumOver(X, sp.Tuple(0)), "np.matmul(np.ones(X.shape[0], X.dtype), X)",
      lambda d: d["X"].sum(axis=0)),
+    # row sums stay NumPy's: a @ ones was faster alone but not in the softmax's backward
     (SumOver(X, sp.Tuple(1)), "X.sum(axis=1)", lambda d: d["X"].sum(axis=1)),
     (g * SumOver(X, sp.Tuple(0)), "g*np.matmul(np.ones(X.shape[0], X.dtype), X)",
      lambda d: d["g"] * d["X"].sum(axis=0)),
@@ -419,7 +442,8 @@ SHAPED_CASES = [
 def shaped_arrays(seed: int = 5):
     rng = np.random.default_rng(seed)
     return {"X": rng.standard_normal((4, 3)), "Y": rng.standard_normal((4, 3)),
-            "g": rng.standard_normal(3), "k": rng.standard_normal(3), "M": 4, "F": 3}
+            "g": rng.standard_normal(3), "k": rng.standard_normal(3),
+            "col": rng.standard_normal(4), "M": 4, "F": 3}
 
 
 @pytest.mark.parametrize(("expr", "code", "reference"), SHAPED_CASES,
@@ -459,3 +483,23 @@ def test_array_shapes_follow_the_array_operations():
     td = TensorDot(X, Y, sp.Tuple(0), sp.Tuple(1), sp.Tuple(1, 0))
     assert array_shape(td, {**SHAPES, "Y": (N, M)}) == (N, F)
     assert is_smaller(Einsum(sp.Symbol("ab,ab->b"), X, Y), (M, F), SHAPES)
+
+
+def test_group_sum_of_a_product_is_one_einsum():
+    # group norm's sum over a group of dy_gamma*xhat: einsum over (N, groups, -1) views, no
+    # product array; the same numbers as the product summed group by group (to rounding)
+    from symbp.derivation.groups import GroupSum
+
+    n, c, h, w = (sp.Symbol(s, integer=True, positive=True) for s in ("n", "C", "H", "W"))
+    P, Q = sp.Symbol("P", real=True), sp.Symbol("Q", real=True)
+    printer = SymbpNumPyPrinter(shapes={"P": (n, c, h, w), "Q": (n, c, h, w)})
+    code = printer.doprint(GroupSum(P * Q, n, 2))
+    assert code == 'np.einsum("ijk,ijk->ij", P.reshape(n, 2, -1), Q.reshape(n, 2, -1))'
+    assert printer.doprint(GroupSum(P**2, n, 2)).startswith('np.einsum("ijk,ijk->ij", P.')
+    plain = SymbpNumPyPrinter().doprint(GroupSum(P * Q, n, 2))  # shapes unknown
+    assert plain == "(P*Q).reshape(n, 2, -1).sum(axis=2)"
+    rng = np.random.default_rng(4)
+    p, q = rng.standard_normal((3, 4, 2, 2)), rng.standard_normal((3, 4, 2, 2))
+    expected = np.stack([(p * q)[:, :2].sum(axis=(1, 2, 3)), (p * q)[:, 2:].sum(axis=(1, 2, 3))],
+                        axis=1)
+    np.testing.assert_allclose(run(code, P=p, Q=q, n=3), expected, rtol=1e-13)

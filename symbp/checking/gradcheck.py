@@ -163,8 +163,7 @@ def make_inputs(net: Net, module, *, batch: int, seed: int):
     params = module.init_params(seed=seed, dtype=np.float64)
     # Perturb the deterministic init (zero biases, unit gammas) so nothing is special.
     params = {k: np.array(v + 0.1 * rng.standard_normal(v.shape)) for k, v in params.items()}
-    x = {name: rng.standard_normal((batch, *shape)) for name, shape in net.inputs.items()}
-    x = x["x"] if list(x) == ["x"] else x  # one input: its array; several: by name
+    x = net.sample_input(rng, batch)
     if net.loss is None:
         y = rng.standard_normal((batch, *net.output_shape))
     elif net.loss.target_kind == "labels":
@@ -235,7 +234,7 @@ def check_module(net: Net, module, *, batch: int = 4, seed: int = 0, full: bool 
     count = len(plan.forward)
     start, moved, noise, whole = 0, [], math.inf, math.inf
     while start < count:
-        moved = names * (start == 0) + [
+        moved = [n for n in names if n in analytic] * (start == 0) + [
             key for step in plan.forward[start:] for key in step.params
         ]
         probe = {n: directions.standard_normal(values[n].shape) for n in moved}
@@ -296,6 +295,8 @@ def _layer_rows(
 
     run = local.sweep(net, module, params, x, rng(), dout_of, prepared)
     plan = run.plan
+    if net.decayed:  # J = L + s: the regulariser's gradient reaches its weights directly
+        module.regularizer(params, run.param_grads)
     out, _ = module.forward(params, *x.values(), train=True, rng=rng())
     mine = run.values[plan.output]
     scale = max(float(np.max(np.abs(out), initial=0.0)), np.finfo(float).tiny)
@@ -328,8 +329,12 @@ def _layer_rows(
                 continue
             done.add(key)
             evaluate, magnitude = local.local_function(run, params, param=key)
-            rows.append(row(key, step.name, evaluate, magnitude, params[key], analytic[key]))
-        for value in dict.fromkeys(step.inputs):
+            layer = step.name
+            if key in net.decayed:
+                evaluate, magnitude = _plus_regularizer(module, key, evaluate, magnitude, params)
+                layer = f"{step.name} + weight decay"
+            rows.append(row(key, layer, evaluate, magnitude, params[key], analytic[key]))
+        for value in dict.fromkeys(step.grad_inputs):  # (integer ids have no gradient)
             if plan.readers[value][0] != step.name:
                 continue  # its gradient is complete at its first reader
             evaluate, magnitude = local.local_function(run, params, value=value)
@@ -341,14 +346,27 @@ def _layer_rows(
     return rows, plan, _first_disagreement(plan, run, analytic)
 
 
+def _plus_regularizer(module, key, evaluate, magnitude, params):
+    """``F(u) + s(u)`` for a parameter that weight decay covers, ``s`` its term of the
+    regulariser as the module computes it: the gradient is then ``dJ/dP``, the layer's part
+    (through ``L``) plus the regulariser's, which ``loss_and_grads`` returns."""
+    term = next(f for k, f, _ in module._DECAY_TERMS if k == key)
+
+    def with_term(u: np.ndarray, magnitude: bool = False) -> float:
+        return evaluate(u, magnitude) + float(term(u, weight_decay=module.WEIGHT_DECAY)[0])
+
+    return with_term, magnitude + float(term(params[key], weight_decay=module.WEIGHT_DECAY)[0])
+
+
 def _first_disagreement(plan: Plan, run: local.Sweep, analytic) -> str:
     """Where the module's gradients first (from the top) differ from its layer functions
     chained by the plan: the network's backward goes wrong between that layer and the ones
     above it (a sum or a hand-over), not in a layer's function. A note under a failing table
     (the rows below that point fail, though their layers' functions are right)."""
-    chained = {**run.param_grads, **{name: run.grads[name] for name in plan.inputs}}
+    chained = {**run.param_grads,
+               **{name: run.grads[name] for name in plan.inputs if name in run.grads}}
     for step in reversed(plan.forward):
-        for key in [*step.params, *(v for v in step.inputs if v in plan.inputs)]:
+        for key in [*step.params, *(v for v in step.grad_inputs if v in plan.inputs)]:
             if key not in analytic:
                 continue
             mine, theirs = np.asarray(chained[key]), np.asarray(analytic[key])
@@ -421,7 +439,8 @@ def _tensor_row(name, layer, evaluate, magnitude, base, grad, picker, directions
 def _loss_function(net: Net, module, y, rng, names) -> Callable[[dict[str, np.ndarray]], float]:
     """The training-mode loss from the forward pass alone (half the cost of ``loss_and_grads``):
     ``forward`` and the loss's own ``<stem>_forward`` function, as ``loss_and_grads`` calls
-    them; labels become one-hot rows. Without a loss, ``sum(out * y)``."""
+    them, plus weight decay's ``regularizer`` (the objective ``J = L + s``); labels become
+    one-hot rows. Without a loss, ``sum(out * y)``."""
     loss_forward = None if net.loss is None else getattr(
         module, forward_function(net.loss.function_stem), None
     )
@@ -435,7 +454,8 @@ def _loss_function(net: Net, module, y, rng, names) -> Callable[[dict[str, np.nd
             return float(np.sum(out * y))
         if loss_forward is None:
             return float(module.loss_and_grads(p, *args, y, rng=rng(), wrt_input=False)[0])
-        return float(loss_forward(out, _one_hot(y, out) if labels else y)[0])
+        loss = loss_forward(out, _one_hot(y, out) if labels else y)[0]
+        return float(loss + module.regularizer(p) if net.decayed else loss)  # J = L + s
 
     return loss_of
 

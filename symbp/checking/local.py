@@ -146,9 +146,9 @@ def sweep(net: Net, module, params: dict, x: np.ndarray, rng: np.random.Generato
     param_grads: dict[str, np.ndarray] = {}
     for step in reversed(plan.forward):  # a value's readers all come after it
         result = run_vjp(calls[step.name], grads[step.output], caches[step.name], params)
-        for value, part in zip(step.inputs, result, strict=False):
+        for value, part in zip(step.grad_inputs, result, strict=False):
             grads[value] = grads[value] + part if value in grads else part
-        for key, grad in zip(step.params, result[len(step.inputs):], strict=True):
+        for key, grad in zip(step.params, result[len(step.grad_inputs):], strict=True):
             # a shared parameter: the sum over its uses
             param_grads[key] = param_grads[key] + grad if key in param_grads else grad
     return Sweep(plan, calls, values, caches, draws, grads, param_grads)

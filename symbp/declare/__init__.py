@@ -4,4 +4,12 @@ Nothing here differentiates anything; :mod:`symbp.derivation` does that from the
 definitions declared here.
 """
 
-from . import canon, conv, custom, graph, layers  # noqa: E402,F401 - registering every layer type
+from . import (  # noqa: E402,F401 - registering every layer type
+    canon,
+    conv,
+    conv_transpose,
+    custom,
+    embedding,
+    graph,
+    layers,
+)

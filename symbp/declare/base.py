@@ -12,6 +12,7 @@ Shapes here are per sample (batch excluded): ``(features,)`` for the dense layer
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import sympy as sp
@@ -77,12 +78,31 @@ def exact(value: float) -> sp.Expr:
     return sp.Rational(repr(float(value)))
 
 
+@dataclass(frozen=True)
+class AdjointClaim:
+    """A claim that a layer's forward pass, without its bias (``linear``), is the adjoint of
+    another layer's derived input gradient: ``linear(x) = dx of partner with dy := x``, so
+    ``<linear(x), u> = <x, partner(u)>`` for the same parameters (a transposed convolution and
+    conv2d). ``partner`` runs on ``partner_shape`` (the linear layer's output shape);
+    ``renames`` maps the partner's size names to the layer's (its ``C`` is the layer's ``O``)."""
+
+    linear: Layer
+    partner: Layer
+    partner_shape: tuple[int, ...]
+    renames: dict[str, str] = field(default_factory=dict)
+    statement: str = ""
+
+
 class Layer:
     """A layer of a network. Subclasses set ``kind`` and define :meth:`forward_form`."""
 
     kind: ClassVar[str]
-    #: what an initializer must do for each parameter: "fan", "zeros", "ones" or a number
+    #: what an initializer must do for each parameter: "fan", "normal" (N(0, 1)), "zeros",
+    #: "ones" or a number
     init: ClassVar[dict[str, Any]] = {}
+    #: reads the network's integer ids (an embedding): the first layer of a network whose
+    #: input is ``ids``, told the ids' range by :meth:`bind_ids`
+    takes_ids: ClassVar[bool] = False
 
     # What differs between layer types, declared here and read by the network plan
     # (symbp.derivation.plan) and every output target; nothing outside symbp.declare tests a kind.
@@ -103,6 +123,8 @@ class Layer:
     state_update_doc: ClassVar[str] = "Move the running state towards the batch's."
     #: each state array's initial value (:meth:`state_shapes`)
     state_initial: ClassVar[dict[str, float]] = {}
+    #: the parameters weight decay covers by default (:mod:`.decay`): linear and conv weights
+    decayed: ClassVar[tuple[str, ...]] = ()
     #: what the generated module's docstrings say this layer does in training and in evaluation
     #: mode, where the two differ (:meth:`eval_form`)
     training_doc: ClassVar[str] = ""
@@ -167,6 +189,9 @@ class Layer:
                 field="inputs",
             )
 
+    def bind_ids(self, vocabulary: int) -> None:
+        """The network's ids run over ``[0, vocabulary)`` (a layer that :attr:`takes_ids`)."""
+
     # -- shapes -------------------------------------------------------------------------------
     def output_shape(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         return in_shape
@@ -219,6 +244,11 @@ class Layer:
     def statistics_over(self, in_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The axes (batch axis 0 included) that each training statistic averages over."""
         return ()
+
+    def adjoint_of(self, in_shape: tuple[int, ...]) -> AdjointClaim | None:
+        """What this layer's forward is the adjoint of, for ``symbp derive --verify`` to prove
+        (:mod:`symbp.derivation.adjoint`) and the notes to state; ``None``: nothing claimed."""
+        return None
 
     def draws(self) -> dict[str, tuple[str, tuple[float, ...]]]:
         """Auxiliary inputs drawn at random in training: name -> (``numpy.random.Generator``

@@ -168,6 +168,7 @@ class Conv2d(_Windowed):
 
     kind = "conv2d"
     init = {"W": "fan", "b": "zeros"}
+    decayed = ("W",)
 
     def __init__(
         self,

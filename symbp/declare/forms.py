@@ -35,12 +35,15 @@ class Array:
     name: str
     dims: tuple[sp.Symbol, ...]
     positive: bool = False
+    #: integer values (an embedding's ids): read as indices, never differentiated
+    integer: bool = False
 
     @cached_property
     def base(self) -> sp.IndexedBase | sp.Symbol:
+        kind = {"integer": True, "nonnegative": True} if self.integer else {"real": True}
         if not self.dims:
-            return sp.Symbol(self.name, real=True, positive=self.positive or None)
-        return sp.IndexedBase(self.name, real=True, positive=self.positive or None)
+            return sp.Symbol(self.name, **kind, positive=self.positive or None)
+        return sp.IndexedBase(self.name, **kind, positive=self.positive or None)
 
     def __getitem__(self, indices) -> sp.Expr:
         if not isinstance(indices, tuple):
@@ -107,7 +110,8 @@ class Forward:
 
     @property
     def differentiable(self) -> tuple[Array, ...]:
-        return self.inputs + self.params
+        """The inputs and parameters, less integer inputs (an embedding's ids)."""
+        return tuple(a for a in self.inputs if not a.integer) + self.params
 
     def indices_for(self, array: Array) -> tuple[sp.Symbol, ...]:
         """Canonical index names for an array's axes (``x[n, i]``, ``W[i, j]``)."""

@@ -65,6 +65,7 @@ class Linear(Layer):
 
     kind = "linear"
     init = {"W": "fan", "b": "zeros"}
+    decayed = ("W",)
 
     def __init__(self, out: int, *, bias: bool = True, name: str | None = None) -> None:
         super().__init__(name=name)

@@ -7,7 +7,7 @@ from typing import ClassVar
 import sympy as sp
 
 from ..errors import SpecError
-from .base import LETTERS, REGISTRY, F, Layer, register
+from .base import IMAGE_DIMS, LETTERS, REGISTRY, F, Layer, register
 from .forms import Array, Forward, N, Stage, index, size
 
 
@@ -19,29 +19,45 @@ class Loss(Layer):
     #: the closed range targets must lie in, where the loss needs one (probabilities)
     target_range: ClassVar[tuple[float, float] | None] = None
 
+    #: whether the loss also takes image outputs (C, H, W) against targets of that shape
+    images: ClassVar[bool] = False
+
     def check_output(self, out_shape: tuple[int, ...]) -> None:
+        if len(out_shape) == 3 and self.images:
+            return
         if len(out_shape) != 1:
-            raise SpecError(f"{self.kind} needs a feature-vector output, got {list(out_shape)}")
+            also = " or images (C, H, W)" if self.images else ""
+            raise SpecError(f"{self.kind} needs a feature-vector output{also}, got "
+                            f"{list(out_shape)}")
+
+
+def _mean_over_elements(in_shape, per_element) -> Forward:
+    """``L = mean over every element of per_element(z[...], t[...])``: feature vectors
+    ``z[n, j]`` or images ``z[n, c, h, w]`` (an autoencoder's reconstruction)."""
+    dims = (N, *IMAGE_DIMS) if len(in_shape) == 3 else (N, F)
+    z, t = Array("z", dims), Array("t", dims)
+    idx = tuple(index(LETTERS[d]) for d in dims)
+    limits = [(i, 0, d - 1) for i, d in zip(idx, dims, strict=True)]
+    loss = sp.Sum(per_element(z[idx], t[idx]), *limits) / sp.Mul(*dims)
+    return Forward(
+        inputs=(z,),
+        params=(),
+        aux=(t,),
+        stages=(Stage(Array("L", ()), (), loss),),
+        keep=(),
+        letters=LETTERS,
+    )
 
 
 @register
 class Mse(Loss):
-    """Mean squared error, mean over all elements."""
+    """Mean squared error, mean over all elements (of feature vectors or images)."""
 
     kind = "mse"
+    images = True
 
     def forward_form(self, in_shape):
-        z, t = Array("z", (N, F)), Array("t", (N, F))
-        n, j = index("n"), index("j")
-        loss = sp.Sum((z[n, j] - t[n, j]) ** 2, (n, 0, N - 1), (j, 0, F - 1)) / (N * F)
-        return Forward(
-            inputs=(z,),
-            params=(),
-            aux=(t,),
-            stages=(Stage(Array("L", ()), (), loss),),
-            keep=(),
-            letters=LETTERS,
-        )
+        return _mean_over_elements(in_shape, lambda z, t: (z - t) ** 2)
 
 
 @register
@@ -84,25 +100,16 @@ class SoftmaxCrossEntropy(Loss):
 
 @register
 class BceWithLogits(Loss):
-    """Binary cross-entropy on logits, mean over all elements (targets in [0, 1])."""
+    """Binary cross-entropy on logits, mean over all elements (targets in [0, 1]; feature
+    vectors or images)."""
 
     kind = "bce_with_logits"
     target_range = (0.0, 1.0)
+    images = True
 
     def forward_form(self, in_shape):
-        z, t = Array("z", (N, F)), Array("t", (N, F))
-        n, j = index("n"), index("j")
         # -(t log s(z) + (1 - t) log(1 - s(z))) == log(1 + exp(z)) - t z, exactly.
-        per_element = sp.log(1 + sp.exp(z[n, j])) - t[n, j] * z[n, j]
-        loss = sp.Sum(per_element, (n, 0, N - 1), (j, 0, F - 1)) / (N * F)
-        return Forward(
-            inputs=(z,),
-            params=(),
-            aux=(t,),
-            stages=(Stage(Array("L", ()), (), loss),),
-            keep=(),
-            letters=LETTERS,
-        )
+        return _mean_over_elements(in_shape, lambda z, t: sp.log(1 + sp.exp(z)) - t * z)
 
 
 LOSSES = tuple(kind for kind, cls in REGISTRY.items() if issubclass(cls, Loss))

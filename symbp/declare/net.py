@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from ..errors import SpecError
 from ..naming import check_identifier, param_key
+from .decay import weight_decay_of
+from .embedding import check_ids_input
 from .layers import MAX_ELEMENTS, REGISTRY, Layer, Loss
 from .wiring import network_inputs, place_layers
 
@@ -61,6 +63,17 @@ class Net:
     ...                 input_features=4, loss="softmax_cross_entropy")
     >>> list(net.param_shapes)
     ['linear1.W', 'linear1.b', 'linear3.W', 'linear3.b']
+
+    The input is ``input_features=F``, ``input_shape=(C, H, W)``, or integer ids in
+    ``[0, input_ids)`` read by an embedding first: one per sample, or a sequence of ``T`` with
+    ``input_shape=(T,)`` (TOML: ``input = { ids = V, shape = [T] }``).
+
+    ``weight_decay`` (lambda) trains on ``J = L + s``, ``s = lambda/2 * sum ||W||^2`` over the
+    weights of linear and conv layers, or over ``weight_decay_params`` (:mod:`.decay`):
+
+    >>> symbp.Net([symbp.linear(3), symbp.relu(), symbp.linear(2)], input_features=4,
+    ...           loss="mse", weight_decay=0.01).decayed
+    ('linear1.W', 'linear3.W')
     """
 
     def __init__(
@@ -73,17 +86,29 @@ class Net:
         loss: str | Loss | None = None,
         name: str = "net",
         dtype: str = "float64",
+        input_ids: int | None = None,
+        weight_decay: float | None = None,
+        weight_decay_params: list[str] | None = None,
     ) -> None:
         self.name = check_identifier(name, what="network name")
         given = [v is not None for v in (input_features, input_shape, inputs)]
+        if input_ids is not None:
+            if input_features is not None or inputs is not None:
+                raise SpecError("give ids or features, not both", field="input")
+            given = [True]
         if sum(given) != 1:
             raise SpecError("give exactly one of input features or input shape", field="input")
         if input_features is not None:
             input_shape = (input_features,)
-        if inputs is None:
-            self.inputs = {INPUT: _checked_shape(input_shape, "input")}
+        #: each integer-ids input's number of ids V (ids in [0, V), read by embeddings)
+        self.ids: dict[str, int] = {}
+        if inputs is not None:
+            self.inputs, self.ids = network_inputs(inputs)
+        elif input_ids is not None:
+            vocabulary, shape = check_ids_input(input_ids, input_shape)
+            self.inputs, self.ids = {INPUT: shape}, {INPUT: vocabulary}
         else:
-            self.inputs = network_inputs(inputs)
+            self.inputs = {INPUT: _checked_shape(input_shape, "input")}
         self.input_shape = next(iter(self.inputs.values()))
         if dtype not in DTYPES:
             raise SpecError(f"must be one of {', '.join(DTYPES)}, got {dtype!r}", field="dtype")
@@ -99,6 +124,25 @@ class Net:
             except SpecError as err:
                 last = f"the output of layer '{self.placed[-1].name}'" if self.placed else "input"
                 raise SpecError(f"{err.message} ({last})", field="loss") from None
+        #: lambda of the objective J = L + s, s = lambda/2 * sum of ||W||^2 over ``decayed``
+        self.weight_decay, self.decayed = weight_decay_of(self, weight_decay, weight_decay_params)
+
+    def sample_input(self, rng, batch: int):
+        """A random batch of inputs from ``rng`` (a ``np.random.Generator``): standard normal
+        floats, or ids drawn uniformly from ``[0, V)`` where an input is ids; the array of the
+        one input ``x``, else a dict by input name."""
+        x = {
+            name: rng.integers(0, self.ids[name], size=(batch, *shape)) if name in self.ids
+            else rng.standard_normal((batch, *shape))
+            for name, shape in self.inputs.items()
+        }
+        return x[INPUT] if list(x) == [INPUT] else x  # one input: its array; several: by name
+
+    @property
+    def input_ids(self) -> int | None:
+        """The number of ids V where the network's one input ``x`` is integer ids (``input =
+        { ids = V }``), else None; named ids inputs: :attr:`ids`."""
+        return self.ids.get(INPUT) if list(self.inputs) == [INPUT] else None
 
     # -- views --------------------------------------------------------------------------------
     def walk(self) -> Iterator[Placed]:
@@ -156,6 +200,28 @@ def _checked_shape(shape, where: str) -> tuple[int, ...]:
             field=where,
         )
     return tuple(shape)
+
+
+def _check_ids(layer: Layer, reads: tuple[str, ...], ids: dict[str, int],
+               single: bool) -> None:
+    """Integer ids go only into a layer that :attr:`~Layer.takes_ids` (an embedding), read
+    directly from a network input of ids; ``single``: the network has one input, ``x``."""
+    ids_read = [v for v in reads if v in ids]
+    if layer.takes_ids:
+        if len(reads) != 1 or not ids_read:
+            raise SpecError(f"{layer.kind} reads integer ids: it must be the first layer of a "
+                            "network whose input is ids (input = { ids = V }; input_ids=V in "
+                            "Python) or read a named ids input (inputs = [name])",
+                            field="type")
+        layer.bind_ids(ids[reads[0]])
+    elif ids_read:
+        value = ids_read[0]
+        if single:
+            raise SpecError(f"the input is integer ids (input = {{ ids = {ids[value]} }}): the "
+                            f"first layer must read them (an embedding), not {layer.kind}",
+                            field="type")
+        raise SpecError(f"the input '{value}' is integer ids (ids = {ids[value]}): only an "
+                        f"embedding reads them, not {layer.kind}", field="type")
 
 
 def _check_sizes(layer: Layer, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> None:

@@ -28,7 +28,8 @@ from ..naming import default_layer_name
 from .layers import REGISTRY, Layer, Loss, Residual, shown
 from .net import MAX_NESTING, Net
 
-TOP_LEVEL = {"name", "input", "inputs", "loss", "layers", "dtype"}
+TOP_LEVEL = {"name", "input", "inputs", "loss", "layers", "dtype", "weight_decay",
+             "weight_decay_params"}
 #: Fields every layer table may have besides its type's: the graph's (``docs/graphs.md``).
 GRAPH_FIELDS = ("inputs", "share")
 #: The largest spec file symbp reads (the examples are under 2 KiB).
@@ -92,9 +93,9 @@ def parse_spec(text: str) -> Net:
             raise SpecError("give either input (one) or inputs (named), not both",
                             field="inputs")
         inputs = _named_inputs(data["inputs"])
-        input_features = input_shape = None
+        input_features = input_shape = input_ids = None
     else:
-        input_features, input_shape = _input(data.get("input"))
+        input_features, input_shape, input_ids = _input(data.get("input"))
     layers = data.get("layers")
     if not isinstance(layers, list) or not layers:
         raise SpecError("a spec needs a non-empty [[layers]] list", field="layers")
@@ -104,35 +105,46 @@ def parse_spec(text: str) -> Net:
         input_features=input_features,
         input_shape=input_shape,
         inputs=inputs,
+        input_ids=input_ids,
         loss=loss,
         name=name,
         dtype=data.get("dtype", "float64"),
+        weight_decay=data.get("weight_decay"),
+        weight_decay_params=data.get("weight_decay_params"),
     )
 
 
-def _input(value: Any) -> tuple[int | None, tuple[int, ...] | None]:
+def _input(value: Any) -> tuple[int | None, tuple[int, ...] | None, int | None]:
+    """``input``'s features, per-sample shape and number of ids (``{ ids = V, shape = [T] }``);
+    the ones not given are None."""
     if not isinstance(value, dict):
         raise SpecError(
-            "must be a table: input = { features = 784 } or input = { shape = [C, H, W] }",
+            "must be a table: input = { features = 784 }, input = { shape = [C, H, W] } or "
+            "input = { ids = V }",
             field="input",
         )
-    if set(value) - {"features", "shape"} or len(value) != 1:
-        raise SpecError("takes exactly one of 'features' or 'shape'", field="input")
     _check_64_bits(value, field="input")
+    if "ids" in value:
+        if set(value) - {"ids", "shape"}:
+            raise SpecError("with ids, the only other key is shape = [T]", field="input")
+        return None, value.get("shape"), value["ids"]
+    if set(value) - {"features", "shape"} or len(value) != 1:
+        raise SpecError("takes exactly one of 'features', 'shape' or 'ids'", field="input")
     if "features" in value:
         features = value["features"]
         if isinstance(features, bool) or not isinstance(features, int) or features < 1:
             raise SpecError(f"must be a positive integer, got {features!r}", field="input")
-        return features, None
+        return features, None, None
     shape = value["shape"]
     if not isinstance(shape, list) or not shape:
         raise SpecError(f"must be a list of positive integers, got {shape!r}", field="input")
-    return None, tuple(shape)
+    return None, tuple(shape), None
 
 
-def _named_inputs(value: Any) -> dict[str, tuple[int, ...]]:
+def _named_inputs(value: Any) -> dict[str, tuple[int, ...] | dict]:
     """``[inputs]`` with one entry per input: ``x = [4]`` (its per-sample shape), or
-    ``x = { features = 4 }`` / ``{ shape = [C, H, W] }`` as ``input`` takes."""
+    ``x = { features = 4 }`` / ``{ shape = [C, H, W] }`` / ``{ ids = V, shape = [T] }`` as
+    ``input`` takes (ids: ``{"ids": V, "shape": [T] or None}``)."""
     if not isinstance(value, dict) or not value:
         raise SpecError(
             "must be a table of named inputs: [inputs] x = [4], mask = [4]", field="inputs"
@@ -142,9 +154,12 @@ def _named_inputs(value: Any) -> dict[str, tuple[int, ...]]:
     for name, shape in value.items():
         if isinstance(shape, dict):
             try:
-                features, shape = _input(shape)
+                features, shape, ids = _input(shape)
             except SpecError as err:
                 raise SpecError(err.message, field=f"inputs.{name}") from None
+            if ids is not None:
+                shapes[name] = {"ids": ids, "shape": shape}
+                continue
             shape = (features,) if features is not None else shape
         if not isinstance(shape, list | tuple):
             raise SpecError(f"must be a shape such as [4], got {shown(shape)}",

@@ -30,15 +30,17 @@ _INPUT_SUFFIXES = ("_forward", "_backward", "_predict", "_running_stats")
 MAX_INPUTS = 64
 
 
-def network_inputs(inputs) -> dict[str, tuple[int, ...]]:
-    """The network's named inputs, ``{name: per-sample shape}``, checked."""
+def network_inputs(inputs) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    """The network's named inputs, ``{name: per-sample shape}``, checked, and those of integer
+    ids, ``{name: V}`` (an input ``{"ids": V, "shape": (T,)}``, shape optional)."""
+    from .embedding import check_ids_input
     from .net import _checked_shape
 
     if not isinstance(inputs, dict) or not inputs:
         raise SpecError(f"must be a table of named inputs, got {inputs!r}", field="inputs")
     if len(inputs) > MAX_INPUTS:
         raise SpecError(f"at most {MAX_INPUTS} inputs, got {len(inputs)}", field="inputs")
-    result = {}
+    result, ids = {}, {}
     for name, shape in inputs.items():
         if not isinstance(name, str) or (name in _INPUT_RESERVED and name != "x") or (
                 name.startswith(_INPUT_PREFIXES) or name.endswith(_INPUT_SUFFIXES)):
@@ -49,8 +51,17 @@ def network_inputs(inputs) -> dict[str, tuple[int, ...]]:
                 check_identifier(name, what="input name")
         except SpecError as err:
             raise SpecError(err.message, field="inputs") from None
+        if isinstance(shape, dict):
+            if "ids" not in shape or set(shape) - {"ids", "shape"}:
+                raise SpecError("must be a shape, or integer ids { ids = V } (shape = [T] "
+                                "optional)", field=f"inputs.{name}")
+            try:
+                ids[name], result[name] = check_ids_input(shape["ids"], shape.get("shape"))
+            except SpecError as err:
+                raise SpecError(err.message, field=f"inputs.{name}") from None
+            continue
         result[name] = _checked_shape(shape, f"inputs.{name}")
-    return result
+    return result, ids
 
 
 def _declared_names(layers, prefix="") -> dict[str, int]:
@@ -75,7 +86,7 @@ def _declared_names(layers, prefix="") -> dict[str, int]:
 
 def place_layers(net: Net, layers: list[Layer]) -> list[Placed]:
     """Every layer in its place (see the module docstring)."""
-    from .net import MAX_NESTING, Placed, _check_sizes
+    from .net import INPUT, MAX_NESTING, Placed, _check_ids, _check_sizes
 
     values: dict[str, tuple[int, ...]] = dict(net.inputs)  # value -> per-sample shape
     declared = _declared_names(layers)
@@ -95,6 +106,7 @@ def place_layers(net: Net, layers: list[Layer]) -> list[Placed]:
             seen.add(name)
             try:
                 reads = _reads(layer, name, previous, values, declared)
+                _check_ids(layer, reads, net.ids, single=list(net.inputs) == [INPUT])
                 shapes = tuple(values[v] for v in reads)
                 shape = shapes[0] if layer.arity == 1 else shapes
                 if layer.arity != 1:

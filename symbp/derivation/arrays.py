@@ -237,10 +237,10 @@ class Lowering:
 
     # -- recursive lowering -------------------------------------------------------------------
     def _lower(self, expr: sp.Expr) -> tuple[sp.Expr, Axes]:
-        if expr.has(sp.floor):  # a group's sum or value (group norm: .groups)
-            from .groups import lower_grouped
-            if (grouped := lower_grouped(self, expr)) is not None:
-                return grouped
+        from . import gather, groups  # a group's sum or value; a read at ids, its scatter-add
+        for special in (groups.lower_grouped, gather.lower_gathered):
+            if (lowered := special(self, expr)) is not None:
+                return lowered
         if isinstance(expr, sp.Indexed):
             indices = tuple(expr.indices)
             if len(set(indices)) == len(indices) and all(i.is_Symbol for i in indices):
@@ -468,7 +468,13 @@ class Lowering:
         outside, inside = [], []
         for factor in sp.Mul.make_args(body):
             (inside if set(bound) & factor.free_symbols else outside).append(factor)
-        if len(inside) != 2 or not all(isinstance(f, sp.Indexed) for f in inside):
+        if not all(isinstance(f, sp.Indexed) for f in inside):
+            return None
+        if len(inside) > 2:  # ``Sum_k dy[n, k] gamma[k] xhat[n, k]``: ``(dy*xhat) @ gamma``
+            inside = _two_sides(inside, bound)
+            if inside is None:
+                return None
+        if len(inside) != 2:
             return None
         lowered = [self._lower(f) for f in inside]
         if len(bound) != 1 or any(len(have) > 2 for _, have in lowered):
@@ -511,9 +517,9 @@ class Lowering:
         shared = set(axes_a) & set(axes_b) - set(bound)
         paired = all(i in axes_a and i in axes_b for i in bound)
         if paired and not shared:
-            # One matrix product. The operand with a free batch axis goes second, so that the
-            # product's memory runs over the batch and the axes after it (the pixels).
-            if self._free_batch(axes_a, bound) and not self._free_batch(axes_b, bound):
+            # One matrix product; second: an operand with a free batch axis, else windows.
+            if (self._free_batch(axes_a, bound), isinstance(a, Windows)) > (
+                    self._free_batch(axes_b, bound), isinstance(b, Windows)):
                 (a, axes_a), (b, axes_b) = (b, axes_b), (a, axes_a)
             rest = [i for i in axes_a if i not in bound] + [i for i in axes_b if i not in bound]
             summed = sorted(bound, key=axes_b.index)  # in the second operand's axis order
@@ -561,6 +567,15 @@ class Lowering:
         shifted, rest = self._lower(sp.Sum(sp.exp(u - peak), *total.limits))
         top, have = self._lower(peak)
         return sp.log(shifted) + align(top, have, rest), rest
+
+
+def _two_sides(factors, bound) -> list[sp.Expr] | None:
+    """Array factors of a sum over one index as two sides: the one factor indexed by it alone
+    (a vector) and the product of the others, so that the sum is one matrix-vector product
+    with no array of the whole product in memory (``sum_k dy[n, k] gamma[k] xhat[n, k]``)."""
+    vector = [f for f in factors if tuple(f.indices) == tuple(bound)]
+    rest = [f for f in factors if f not in vector]
+    return [sp.Mul(*rest), *vector] if len(bound) == len(vector) == 1 else None
 
 
 def _piecewise(args) -> sp.Expr:

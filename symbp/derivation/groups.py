@@ -23,12 +23,28 @@ class GroupSum(ArrayOp):
 
     def _numpycode(self, printer) -> str:  # how NumPy printers print it (as Reshape)
         array, batch, groups = self.args
+        shape = f"{printer._print(batch)}, {printer._print(groups)}, -1"
+        pair = _same_shape_pair(array, getattr(printer, "shapes", None))
+        if pair is not None:  # the sum of a product, with no product array in memory
+            views = ", ".join(f"{printer._print(a)}.reshape({shape})" for a in pair)
+            return f'{printer._module_format("numpy.einsum")}("ijk,ijk->ij", {views})'
         text = printer.parenthesize(array, PRECEDENCE["Atom"], strict=True)
-        return f"{text}.reshape({printer._print(batch)}, {printer._print(groups)}, -1).sum(axis=2)"
+        return f"{text}.reshape({shape}).sum(axis=2)"
 
     def _latex(self, printer) -> str:
         array, _, groups = (printer._print(a) for a in self.args)
         return rf"\operatorname{{groupsum}}_{{{groups}}}\left({array}\right)"
+
+
+def _same_shape_pair(array, shapes) -> tuple | None:
+    """``(a, b)`` when ``array`` is ``a*b`` or ``a**2`` of two arrays of one known shape."""
+    factors = list(sp.Mul.make_args(array))
+    if len(factors) == 1 and factors[0].is_Pow and factors[0].exp == 2:
+        factors = [factors[0].base] * 2
+    if shapes is None or len(factors) != 2 or not all(isinstance(f, sp.Symbol) for f in factors):
+        return None
+    known = [shapes.get(f.name) for f in factors]
+    return tuple(factors) if known[0] is not None and known[0] == known[1] else None
 
 
 class GroupRepeat(ArrayOp):

@@ -97,7 +97,9 @@ def _solve_for_bound(delta: sp.KroneckerDelta, bound: set[sp.Symbol], scatter: b
     With ``scatter`` kept (the default), a delta that ties a free index to a combination of
     several bound ones (``u == p*S + i``, a strided convolution's input gradient) stays: it is
     a scatter over windows, which is how the array code computes it. ``scatter=False`` solves it
-    anyway (``i = u - p*S``: the "full convolution with the flipped kernel" reading).
+    anyway (``i = u - p*S``: the "full convolution with the flipped kernel" reading). A bound
+    index that is one whole side (``u' == h*S + k``, a transposed convolution's input gradient)
+    is solved in either case: the sum over it reads a window, ``dy[n, o, h*S + k]``.
     """
     difference = sp.expand(delta.args[0] - delta.args[1])
     for index in sorted(difference.free_symbols & bound, key=sp.default_sort_key):
@@ -105,7 +107,8 @@ def _solve_for_bound(delta: sp.KroneckerDelta, bound: set[sp.Symbol], scatter: b
         rest = difference - coefficient * index
         if coefficient not in (1, -1) or index in rest.free_symbols:
             continue
-        if scatter and rest.free_symbols & (bound - {index}):
+        if (scatter and rest.free_symbols & (bound - {index})
+                and index not in delta.args):
             continue
         return index, sp.expand(-rest / coefficient)
     return None

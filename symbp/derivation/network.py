@@ -9,8 +9,9 @@ one step per layer: linear in depth.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from ..declare.decay import WeightDecay
 from ..declare.forms import Forward
 from ..declare.layers import Layer
 from ..declare.net import Net, Placed
@@ -48,11 +49,23 @@ class DerivedLayer:
         return self.placed.layer
 
 
+@dataclass(frozen=True)
+class DecayTerm:
+    """The regulariser's term on one parameter (``s = weight_decay/2 * sum W**2``), derived:
+    ``derivation.vjp["W"]`` is ``ds/dW``, what the objective ``J = L + s`` adds to ``dL/dW``."""
+
+    key: str  # the parameter, ``fc1.W``
+    term: WeightDecay
+    derivation: LayerDerivation
+
+
 @dataclass
 class NetworkDerivation:
     net: Net
     layers: list[DerivedLayer]  # depth first, as Net.walk()
     loss: LayerDerivation | None
+    #: weight decay's terms, one per covered parameter (none without weight decay)
+    decay: list[DecayTerm] = field(default_factory=list)
 
     def layer(self, name: str) -> DerivedLayer:
         for item in self.layers:
@@ -70,4 +83,7 @@ def derive_network(net: Net) -> NetworkDerivation:
         for item in net.walk()
     ]
     loss = derive_cached(net.loss, net.output_shape) if net.loss is not None else None
-    return NetworkDerivation(net, layers, loss)
+    shapes = net.param_shapes
+    decay = [DecayTerm(key, term, derive_cached(term, shapes[key]))
+             for key, term in ((k, WeightDecay(net.weight_decay)) for k in net.decayed)]
+    return NetworkDerivation(net, layers, loss, decay)

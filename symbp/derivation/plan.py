@@ -70,6 +70,12 @@ class Step:
         return is_reshape(self.derivation)
 
     @property
+    def grad_inputs(self) -> tuple[str, ...]:
+        """The inputs whose gradients the backward hands back: all but integer ones (ids)."""
+        arrays = self.derivation.form.inputs
+        return tuple(v for v, a in zip(self.inputs, arrays, strict=True) if not a.integer)
+
+    @property
     def params(self) -> list[str]:
         """Keys of the parameters the forward reads (``fc1.W``; a layer sharing another's
         parameters reads the other's, ``enc.W``)."""
@@ -295,9 +301,9 @@ def build_plan(net: Net, derivation: NetworkDerivation | None = None) -> Plan:
     output = plan.output
     for step in reversed(forward):
         upstream = "dout" if step.output == output else plan.grad_name(step.output)
-        produces = tuple(plan.grad_name(v, step.name) for v in step.inputs)
+        produces = tuple(plan.grad_name(v, step.name) for v in step.grad_inputs)
         plan.backward.append(Vjp(step, upstream, produces))
-        for value in step.inputs:
+        for value in step.grad_inputs:  # (integer ids have no gradient to sum)
             readers = plan.readers[value]
             if len(readers) > 1 and readers[0] == step.name:
                 parts = tuple(plan.grad_name(value, r) for r in reversed(readers))

@@ -11,6 +11,9 @@ form that textbooks print, and its index pattern says what it is:
   (strided) convolution, each upstream entry scattered through the kernel;
 * the input read at ``i + p`` against the upstream gradient at ``p``: a correlation of the
   input with the upstream gradient (a kernel's gradient);
+* the upstream gradient read in windows, ``h*S + k``, against an array read at the window's
+  summed indices: a correlation of the upstream gradient (a transposed convolution's
+  gradients, conv2d's forward pass applied to ``dy``);
 * a window's ``FirstArgmax`` factor: the gradient routed to each window's arg-max.
 
 Nothing here changes a formula. The readings are for printing (``symbp derive``, the notes);
@@ -101,11 +104,21 @@ def reading(expr: sp.Expr, upstream: str) -> str | None:
                                for i in shifted) and not backwards and plain:
                 return (f"a correlation of {other.base.name} with {upstream} (the window at "
                         f"each kernel offset, weighted by {upstream})")
+            windowed = [sp.expand(i) for i in grad.indices
+                        if sp.expand(i).free_symbols & bound and sp.expand(i).free_symbols - bound]
+            offsets = set().union(*[i.free_symbols & bound for i in windowed])
+            if windowed and not backwards and offsets <= set(other.indices) and all(
+                    i.coeff(s).is_positive for i in windowed for s in i.free_symbols & bound):
+                return (f"a correlation of {upstream} with {other.base.name} ({upstream} read "
+                        f"in windows, as conv2d's forward pass reads its input)")
             flipped = set().union(*[_negated(i, bound) for i in other.indices])
             gathered_at = set().union(*[_plain(i, bound) for i in grad.indices])
             if flipped and flipped <= gathered_at:
                 return (f"a transposed (strided) convolution: each entry of {upstream} scattered "
                         f"through the kernel {other.base.name}")
+    if any(isinstance(side, sp.Indexed) and side.base.is_integer
+           for d in gathered.atoms(sp.KroneckerDelta) for side in d.args):
+        return f"a scatter-add: each row of {upstream} added to the row its id picks"
     if any(d.has(sp.floor) for d in gathered.atoms(sp.KroneckerDelta)):
         return "per sample, sums over each group's channels, read back at every channel"
     if gathered.has(sp.KroneckerDelta):

@@ -29,7 +29,7 @@ from fractions import Fraction
 
 import sympy as sp
 
-from ..declare.forms import Array, FirstArgmax, Forward, WindowMax
+from ..declare.forms import Array, FirstArgmax, Forward, N, WindowMax
 from .kinks import differentiate
 from .layer import Adjoint, LayerDerivation, adjoint_array
 
@@ -158,6 +158,8 @@ class _Expander:
     def _integer(self, expr, binding) -> int:
         """An index expression's value; compiled once per expression (this runs millions of
         times: an element of a convolution's gradient reads hundreds of index expressions)."""
+        if isinstance(expr, sp.Indexed):  # an id, read from the integer array's given values
+            return int(self.expand(expr, binding))
         compiled = self._compiled.get(expr)
         if compiled is None:
             fixed = {k: sp.Integer(v) for k, v in self.sizes.items()}
@@ -217,11 +219,17 @@ def _positions(array: Array, sizes: dict[sp.Symbol, int]):
     return itertools.product(*[range(s) for s in shape])
 
 
-def expand_forward(form: Forward, sizes: dict[sp.Symbol, int]) -> _Expander:
-    """Symbols for the inputs, parameters and auxiliaries; stage values as their expressions."""
+def expand_forward(form: Forward, sizes: dict[sp.Symbol, int], ids=None) -> _Expander:
+    """Symbols for the inputs, parameters and auxiliaries; stage values as their expressions.
+    An integer input (ids) takes its values from ``ids``: name -> values in C order."""
     expander = _Expander(sizes)
     ordered = any(stage.expr.has(WindowMax) for stage in form.stages)
     for array in form.inputs + form.params + form.aux:
+        if array.integer:
+            values = iter((ids or {})[array.name])
+            expander.tables[array.name] = {p: sp.Integer(next(values))
+                                           for p in _positions(array, sizes)}
+            continue
         expander.symbols_for(array, ordered=ordered and array in form.inputs)
     for stage in form.stages:
         table = {}
@@ -251,9 +259,63 @@ def verify_layer(
     elements ``e``: sympy's ``diff`` of each ``y[p]`` by each element it contains (the same
     derivative as ``diff`` of the whole contraction, by linearity, without differentiating a
     sum of every output for each element). ``progress(what, done, total)`` is called as the
-    elements are compared."""
+    elements are compared.
+
+    Integer inputs (an embedding's ids, which read a table's rows) are not symbols: the proof
+    is made for each of their assignments (:func:`id_assignments`), and holds where all hold."""
     form = derivation.form
-    expander = expand_forward(form, sizes)
+    assignments = id_assignments(form, sizes)
+    if assignments:
+        verdicts = [_verify_at(derivation, sizes, staged, progress, ids) for ids in assignments]
+        return [
+            next((v for v in per_formula if not v.proven), per_formula[0])
+            for per_formula in zip(*verdicts, strict=True)
+        ]
+    return _verify_at(derivation, sizes, staged, progress, None)
+
+
+#: the most assignments of the ids :func:`verify_layer` proves a layer at
+MAX_ID_ASSIGNMENTS = 64
+
+
+def id_assignments(form: Forward, sizes: dict[sp.Symbol, int]) -> list[dict[str, list[int]]]:
+    """Values for the form's integer inputs: every assignment of ids in ``[0, rows)`` (``rows``
+    the first size of the array they index) where there are at most
+    :data:`MAX_ID_ASSIGNMENTS`, else that many drawn with a fixed seed, the ids all equal and
+    all different (as far as the rows allow) among them."""
+    integer = [a for a in form.inputs if a.integer]
+    if not integer:
+        return []
+    slots, ranges = [], []
+    for array in integer:
+        count = len(list(_positions(array, sizes)))
+        read = next(e for s in form.stages for e in s.expr.atoms(sp.Indexed)
+                    if e.indices and isinstance(e.indices[0], sp.Indexed)
+                    and e.indices[0].base == array.base)
+        rows = int(sp.sympify(form.arrays[read.base.name].dims[0]).xreplace(sizes))
+        slots.append((array.name, count))
+        ranges += [range(rows)] * count
+    total = 1
+    for values in ranges:
+        total *= len(values)
+    if total <= MAX_ID_ASSIGNMENTS:
+        flat = list(itertools.product(*ranges))
+    else:
+        draw = random.Random(0)
+        flat = [tuple(0 for _ in ranges), tuple(k % len(r) for k, r in enumerate(ranges))]
+        flat += [tuple(draw.choice(r) for r in ranges) for _ in range(MAX_ID_ASSIGNMENTS - 2)]
+    result = []
+    for values in flat:
+        assignment, start = {}, 0
+        for name, count in slots:
+            assignment[name], start = list(values[start : start + count]), start + count
+        result.append(assignment)
+    return result
+
+
+def _verify_at(derivation, sizes, staged, progress, ids) -> list[Verdict]:
+    form = derivation.form
+    expander = expand_forward(form, sizes, ids)
     adjoints: dict[str, Adjoint]
     if staged:
         for adjoint in derivation.staged:  # in computation order
@@ -469,9 +531,10 @@ def proof_batches(form: Forward) -> tuple[int, ...]:
 
     Two for layers whose samples interact (batch norm, the losses, a parameter summed over the
     batch), so that the batch size is seen to enter only as it should; one for element-wise
-    layers (every element on its own) and for layers that read windows (samples enter only
-    through the parameter gradients' sum over the batch, which two samples exercise)."""
-    if form.elementwise or form.window_dims:
+    layers (every element on its own), for layers that read windows (samples enter only
+    through the parameter gradients' sum over the batch, which two samples exercise) and for
+    forms without a batch (weight decay's term on a weight)."""
+    if form.elementwise or form.window_dims or not any(N in a.dims for a in form.arrays.values()):
         return (2,)
     return (2, 3)
 

@@ -68,7 +68,8 @@ def variables(plan: Plan) -> Variables:
         result.targets[i] = ["dh" if g in wanted else _held(g, several) for g in produced]
         where.update(zip(produced, result.targets[i], strict=True))
     for name in plan.inputs:
-        result.inputs[name] = where[plan.grad_name(name)]
+        if plan.grad_name(name) in where:  # (integer ids have no gradient)
+            result.inputs[name] = where[plan.grad_name(name)]
     return result
 
 
@@ -101,9 +102,13 @@ def template_inputs(plan: Plan, names: Variables) -> dict:
     """The template's values for the network's inputs: one ``x``, or several named ones."""
     args = ", ".join(plan.inputs)
     if plan.inputs == ("x",):
-        return dict(args="x", first="x", named_inputs=None)
+        return dict(args="x", first="x", named_inputs=None, named_ids=False)
     shapes = plan.net.inputs
-    return dict(args=args, first=plan.inputs[0], named_inputs=[
-        dict(name=name, shape=tuple(shapes[name]), grad=names.inputs[name])
-        for name in plan.inputs
-    ])
+    ids = plan.net.ids
+    floats = [name for name in plan.inputs if name not in ids]
+    return dict(args=args, first=plan.inputs[0], floats=", ".join(floats), named_ids=bool(ids),
+                named_inputs=[
+                    dict(name=name, shape=tuple(shapes[name]), grad=names.inputs.get(name),
+                         ids=ids.get(name))
+                    for name in plan.inputs
+                ])

@@ -20,10 +20,12 @@ import sympy as sp
 from ..derivation.arrays import (
     Dot,
     Flipped,
+    MaxOver,
     NewAxis,
     Permute,
     Shifted,
     Step,
+    SumOver,
     TensorDot,
     Windows,
 )
@@ -150,7 +152,11 @@ def _into(target: str, value: sp.Expr, donor: sp.Symbol, flagged: bool, printer)
 
     def product(term):  # ``donor * rest`` if the donor is a direct factor of ``term``
         factors = list(sp.Mul.make_args(term))
-        if factors.count(donor) != 1 or any(f.has(donor) for f in factors if f != donor):
+        # (the rest may read the donor through a reduction, computed before the call writes:
+        # softmax's ``exp_x *= (1/exp_x.sum(axis=1))[:, None]``)
+        if factors.count(donor) != 1 or any(
+            _read_whole(f, donor) for f in factors if f != donor
+        ):
             return None
         factors.remove(donor)
         return sp.Mul(*factors)
@@ -194,6 +200,13 @@ def _into(target: str, value: sp.Expr, donor: sp.Symbol, flagged: bool, printer)
         for t in others
     ]
     return _Statement(target, code, extra, overwrites=flagged, call=call)
+
+
+def _read_whole(expr: sp.Expr, donor: sp.Symbol) -> bool:
+    """Whether ``expr`` reads ``donor`` other than through a sum or a maximum of it."""
+    reduced = expr.replace(lambda node: isinstance(node, SumOver | MaxOver) and node.has(donor),
+                           lambda node: sp.Dummy())
+    return reduced.has(donor)
 
 
 def _place_rows(ordered, shapes):

@@ -59,6 +59,7 @@ from .numpy_printer import (
     float_constants,
     numpy_code,
 )
+from .objective import regularizer_context
 from .value_names import _renamed, value_name
 from .windows import _name_windows
 
@@ -89,7 +90,6 @@ def environment() -> jinja2.Environment:
     )
     env.filters["wrap_lines"] = wrap_lines
     return env
-
 
 
 @dataclass
@@ -338,7 +338,7 @@ class ModuleBuilder:
         self.size_keywords[backward_function(stem)] = self.unbound
         signature = ", ".join([*given, *cached, *params_read]) + kw
         optional = ()
-        if form.params:
+        if form.params and form.differentiable != form.params:  # an input gradient to skip
             signature += (", " if kw else ", *, ") + "input_grad=True"
             optional = _only_for({adjoint(a.name) for a in form.inputs}, statements)
         overwrites = any(st.overwrites for st in statements)
@@ -544,6 +544,7 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
             target=target,
             classes=net.output_shape[0] if net.loss.target_kind == "labels" else None,
         )
+    decay = regularizer_context(builder, derivation)  # after the loss's functions
     summary = [f"{item.name}: {item.layer.describe()}" for item in derivation.layers]
     if net.loss is not None:
         summary.append(f"loss: {net.loss.kind}")
@@ -593,5 +594,6 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
         backward_steps=backward,
         loss=loss,
         **template_inputs(plan, builder.variables),
+        decay=decay,
     )
     return source

@@ -41,6 +41,11 @@ def size_values(step_or_placed, form) -> dict[str, int]:
         for dim, length in zip(array.dims[1:], shape, strict=True):
             if isinstance(dim, sp.Symbol):
                 values[dim.name] = length
+    shapes = item.layer.param_shapes(item.in_shape)  # a size only a parameter has (a table's)
+    for array in form.params:
+        for dim, length in zip(array.dims, shapes.get(array.name, ()), strict=False):
+            if isinstance(dim, sp.Symbol):
+                values.setdefault(dim.name, length)
     return values
 
 
@@ -242,7 +247,7 @@ def _vjp_rows(builder: ModuleBuilder, plan: Plan, entry: Vjp, index: int, names,
     later = {key: f"d{key.rsplit('.', 1)[1]}_{ident(step.name)}" for key in step.grads
              if key in written}
     targets = [*gradients, *(later.get(key, f'grads["{key}"]') for key in step.grads)]
-    if step.params and optional:
+    if step.params and optional and step.grad_inputs:
         args.append("input_grad=wrt_input")
     if builder.dh_owned and upstream == "dh" and builder.overwrites.get(function):
         args.append("overwrite=True")
@@ -268,6 +273,9 @@ def inits(plan: Plan) -> list[dict]:
         for param, shape in step.layer.param_shapes(step.placed.in_shape).items():
             key = param_key(step.name, param)
             rule = step.layer.init.get(param, "zeros")
+            if rule == "normal":  # N(0, 1), as nn.Embedding's table
+                result.append(dict(key=key, kind="normal", std="1.0", shape=tuple(shape)))
+                continue
             if rule != "fan":
                 value = {"zeros": 0.0, "ones": 1.0}.get(rule, rule)
                 result.append(dict(key=key, kind="full", value=repr(float(value)), shape=shape))

@@ -23,6 +23,7 @@ import jinja2
 import sympy as sp
 
 from ..declare.net import Placed
+from ..derivation.adjoint import prove_adjoint
 from ..derivation.arrays import (
     Lowering,
 )
@@ -46,6 +47,7 @@ from .latex_printer import (
 )
 from .notes_backprop import BackpropSections
 from .notes_math import _full_convolution, _readable, _text
+from .notes_objective import objective_section
 
 FORMATS = ("tex", "md")
 NOTATIONS = ("d2l", "cs231n")
@@ -290,7 +292,8 @@ class _Builder(BackpropSections):
         self.settings = {
             "notation": notation,
             "indicator": r"\mathbb{I}" if fmt == "tex" else r"\mathbb{1}",
-            "loss_symbol": "J" if notation == "d2l" else "L",
+            # with weight decay d2l's J is the objective L + s (.notes_objective)
+            "loss_symbol": "J" if notation == "d2l" and not derivation.decay else "L",
         }
         self.numbering = numbering
         self.plan = build_plan(self.net, derivation)
@@ -337,6 +340,7 @@ class _Builder(BackpropSections):
             "forward": self._forward(),
             "layers": self._layers(),
             "loss": self._loss(),
+            "objective": objective_section(self),
             "chains": self._chains(),
             "residual_jacobians": self._residual_jacobians(),
             "deltas": self._deltas(),
@@ -547,6 +551,10 @@ class _Builder(BackpropSections):
         math["proof_sizes"] = ", ".join(
             index.equation(symbol, sp.Integer(value)) for symbol, value in shown
         )
+        claim = derived.placed.layer.adjoint_of(derived.placed.in_shape)
+        verdicts = prove_adjoint(derived.placed.layer, derived.placed.in_shape) if claim else []
+        math["adjoint"] = claim and {"of": claim.statement, "partner": claim.partner.kind,
+                                     "proven": all(v.proven for v in verdicts)}
         return math
 
     def index_printer_for(self, form) -> NotesLatexPrinter:

@@ -36,6 +36,7 @@ from .notes_math import (
     _text,
     activation_formulas,
 )
+from .notes_objective import Scalar
 
 #: Chains longer than this many Jacobians are written with an ellipsis.
 MAX_CHAIN = 8
@@ -76,7 +77,7 @@ class BackpropSections:
 
     def _chains(self) -> str:
         whole = self.whole_printer()
-        loss = sp.Symbol(self.settings["loss_symbol"])
+        loss = Scalar(self.settings["loss_symbol"])  # a scalar: not bold as L the array was
         chains = []
         for item in self.net.walk():
             for key in item.layer.param_shapes(item.in_shape):
@@ -180,6 +181,8 @@ class BackpropSections:
                 pairs.append(
                     (names[sp.Symbol("d" + param.name, real=True)], lowered.xreplace(names))
                 )
+            if not step.grad_inputs:  # integer ids: no gradient to hand down
+                continue
             adjoint = derivation.vjp[form.inputs[0].name]
             lowered = self._lowered(derivation, adjoint.expr, adjoint.indices)
             target = Delta(sp.Symbol(self.inputs[step.name]))

@@ -107,8 +107,8 @@ def _full_convolution(derivation: LayerDerivation) -> sp.Expr | None:
     form = derivation.form
     if not form.params:
         return None
-    adjoint = derivation.vjp[form.inputs[0].name]
-    if not adjoint.expr.has(sp.KroneckerDelta):
+    adjoint = derivation.vjp.get(form.inputs[0].name)  # (none for integer ids)
+    if adjoint is None or not adjoint.expr.has(sp.KroneckerDelta):
         return None
     expr = adjoint.expr.xreplace(form.constants)
     solved = simplify_indexed(expr, bound_names(form), scatter=False)

@@ -21,9 +21,9 @@ from sympy.printing.precedence import PRECEDENCE, precedence
 HELPERS = {
     key: f"_{key}"
     for key in (
-        "erf", "erfc", "col2im", "shifted", "first_argmax_mask", "first_max_col2im",
-        "first_argmax", "argmax_col2im", "window_max", "tensordot", "window_tensordot",
-        "col2im_tensordot", "row_vector", "sigmoid", "softplus", "along_rows",
+        "erf", "erfc", "col2im", "shifted", "first_argmax_mask", "first_max_col2im", "first_argmax",
+        "argmax_col2im", "window_max", "tensordot", "window_tensordot", "col2im_tensordot",
+        "row_vector", "sigmoid", "softplus", "along_rows", "scatter_rows",
     )
 }
 
@@ -92,8 +92,12 @@ class SymbpNumPyPrinter(NumPyPrinter):
 
         if expr.as_coeff_Mul()[0].is_negative and any(isinstance(f, Dot) for f in expr.args):
             # sympy prints a negative product at the precedence of a sum, where a matrix
-            # product needs no parentheses: ``-a*b @ c`` would be ``(-a*b) @ c``
-            return f"-{self.parenthesize(-expr, PRECEDENCE['Mul'] - 1)}"
+            # product needs no parentheses: ``-a*b @ c`` would be ``(-a*b) @ c``. A bare one
+            # is parenthesized: ``-a @ b`` would negate all of ``a`` (a pass over a big
+            # array), ``-(a @ b)`` negates the product (the same numbers)
+            negated = -expr
+            level = PRECEDENCE["Mul"] if isinstance(negated, Dot) else PRECEDENCE["Mul"] - 1
+            return f"-{self.parenthesize(negated, level)}"
         steps = frozenset(f for f in expr.args if _is_step(f))
         coefficient, _ = expr.as_coeff_Mul()
         if steps and coefficient == 1 and any(not _is_step(f) for f in expr.args):
@@ -124,6 +128,9 @@ class SymbpNumPyPrinter(NumPyPrinter):
             small, big = split
             if self._is_row_product(expr):
                 return self.row_pass("multiply", big, small)
+            letters = self._along_last_axes(small, big)
+            if letters is not None:
+                return self._einsum_product(small, big, *letters)
             level = PRECEDENCE["Mul"]
             # A printed product reads left to right (``g*k/N*X`` is ``((g*k)/N)*X``), so the
             # small product needs no parentheses; anything else does.
@@ -157,6 +164,26 @@ class SymbpNumPyPrinter(NumPyPrinter):
         if len(small) == 1 and small[0].is_Number:
             return None
         return sp.Mul(*small), sp.Mul(*big)
+
+    def _along_last_axes(self, small: sp.Expr, big: sp.Expr) -> tuple[str, str] | None:
+        """einsum letters of ``small`` and ``big`` when ``small`` is constant along the last
+        axes of ``big`` (a column ``v[:, None]``, a per-channel ``g[:, None, None]``): NumPy's
+        ``multiply`` broadcasts such an operand in short inner loops, ``np.einsum`` took
+        0.49-0.93x its time for the same numbers (docs/speed.md, *The canon layers*)."""
+        from ..derivation.arrays import Step
+
+        shape, own = array_shape(big, self.shapes), array_shape(small, self.shapes)
+        if shape is None or own is None or not own or len(own) > len(shape) or (
+                big.has(Step) or small.has(Step)):
+            return None
+        if len(shape) < 2 or own[-1] != 1 or shape[-1] == 1 or all(d == 1 for d in own):
+            return None
+        letters = "abcdefghijklmnopqrstuvwxyz"[: len(shape)]
+        return letters[len(shape) - len(own):], letters
+
+    def _einsum_product(self, small: sp.Expr, big: sp.Expr, first: str, second: str) -> str:
+        call = self._module_format("numpy.einsum")
+        return f'{call}("{first},{second}->{second}", {self._print(small)}, {self._print(big)})'
 
     def _is_row_product(self, expr: sp.Expr) -> bool:
         """Whether ``expr`` is a product printed as one ``_along_rows`` call."""
@@ -476,6 +503,7 @@ def array_shape(expr: sp.Expr, shapes: dict[str, tuple]) -> tuple | None:
     """The shape of a whole-array expression (sympy sizes, 1 for inserted axes), or None when
     it cannot be told. ``shapes`` gives the array symbols' shapes; other symbols are scalars."""
     from ..derivation.arrays import Dot, Einsum, MaxOver, NewAxis, Permute, SumOver, TensorDot
+    from ..derivation.groups import GroupRepeat, GroupSum
 
     if isinstance(expr, sp.Symbol):
         if expr.name not in shapes:
@@ -528,6 +556,11 @@ def array_shape(expr: sp.Expr, shapes: dict[str, tuple]) -> tuple | None:
         free = [d for k, d in enumerate(shape_a) if k not in {int(i) for i in axes_a}]
         free += [d for k, d in enumerate(shape_b) if k not in {int(i) for i in axes_b}]
         return tuple(free[int(k)] for k in order)
+    if isinstance(expr, GroupSum | GroupRepeat):  # (N, groups) and (N, C)
+        inner = array_shape(expr.args[0], shapes)
+        if isinstance(expr, GroupSum):
+            return None if inner is None else (expr.args[1], expr.args[2])
+        return None if inner is None or len(inner) != 2 else (inner[0], inner[1] * expr.args[1])
     if type(expr).__module__.endswith("arrays") and type(expr).__name__ not in (
         "Sigmoid",
         "Softplus",

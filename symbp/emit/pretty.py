@@ -29,6 +29,7 @@ from sympy.printing.pretty.stringpict import prettyForm
 
 from ..declare.layers import Elementwise, Layer
 from ..declare.net import Net
+from ..derivation.adjoint import adjoint_lines
 from ..derivation.arrays import Lowering
 from ..derivation.budget import too_costly
 from ..derivation.layer import LayerDerivation, derive_layer
@@ -522,6 +523,7 @@ def derivation_blocks(
     def blocks(report: Report) -> Iterator[Block]:
         if layer is None:
             shape = list(net.input_shape)
+            shape = f"ids in [0, {net.input_ids}), {shape}" if net.input_ids else shape
             yield Text(
                 f"network {net.name}: input {shape} per sample, loss {net.loss and net.loss.kind}"
             )
@@ -536,11 +538,18 @@ def derivation_blocks(
             if verify and id(item.derivation) not in verified:
                 verified.add(id(item.derivation))
                 yield from _proofs(report, item.derivation, item.name, progress)
+                for line, proven in adjoint_lines(item.layer, item.placed.in_shape):
+                    report.ok &= proven
+                    yield Text(line)
         if layer is None and derivation.loss is not None:
             yield Text(f"== loss: {net.loss.kind}")
             yield from layer_report(derivation.loss, unicode)
             if verify:
                 yield from _proofs(report, derivation.loss, "loss", progress)
+        if layer is None and derivation.decay:
+            from .pretty_objective import objective_blocks  # it builds on this module
+
+            yield from objective_blocks(derivation, unicode, report, verify, progress)
         if layer is None:
             yield Text("== backward order (each upstream gradient computed once and reused):")
             plan = build_plan(net, derivation)
@@ -552,7 +561,7 @@ def derivation_blocks(
                     yield Text(f"  sum: {entry.target} = {' + '.join(entry.parts)}")
                 else:
                     yield Text(f"  {entry.name}: from {entry.upstream} -> "
-                               f"{', '.join(entry.produces)}")
+                               f"{', '.join(entry.produces) or '(none: integer ids)'}")
 
     return Report(blocks)
 

@@ -154,6 +154,9 @@ def _classify(layer: Layer, derivation: LayerDerivation, entry, name: str) -> Lo
         return LocalJacobian(layer.kind, "permutation", entry, one, one, reason)
     if len(form.inputs) != 1:
         return LocalJacobian(layer.kind, "other", entry, None, None, "no bound found")
+    if form.inputs[0].integer:
+        return LocalJacobian(layer.kind, "other", entry, None, None,
+                             "no bound found: its input is integer ids, which get no gradient")
     vjp = derivation.vjp[form.inputs[0].name]
     upstream = adjoint_array(form.output.array)
     element = upstream[vjp.indices] if upstream.dims == form.inputs[0].dims else None

@@ -142,6 +142,9 @@ def _down(plan: Plan, jacobians, products) -> None:
             bounds[entry.produces[1]] = current * jac.body_scale if known else None
             continue
         bound = jac.bound
+        if not entry.produces:  # integer ids: nothing flows below
+            products[step.name] = None
+            continue
         bounds[entry.produces[0]] = None if current is None or bound is None else current * bound
         products[step.name] = bounds[entry.produces[0]]
 

@@ -288,7 +288,7 @@ def memory_table(net, model, batches, dtype, *, seed: int, module=None) -> str:
             if entry.view:
                 note = f"a view of {entry.shared_with}"
             if entry.itemsize:
-                note = f"{entry.itemsize} byte an element"
+                note = f"{entry.itemsize} byte{'s' * (entry.itemsize > 1)} an element"
             lines.append(
                 f"{layer.layer:<20} {arrays[id(entry)]:<{width}} "
                 f"{sp.sstr(sp.Mul(*entry.dims)):<10} {sp.sstr(entry.elements):<12} {note}"

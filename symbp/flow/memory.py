@@ -88,6 +88,7 @@ def memory_model(net: Net) -> list[LayerMemory]:
         origin.setdefault(key, label)
         carried = next((c for c in step.derivation.carried if c.array.name == array.name), None)
         itemsize = 1 if carried is not None and carried.dtype in ("bool", "index") else None
+        itemsize = 8 if array.integer else itemsize  # ids: NumPy's default integer, int64
         entry = CacheEntry(array.name, array.dims, elements, shared, itemsize,
                            kept.view is not None)
         rows[step.name].entries.append((plan.kept.index(kept), entry))
@@ -158,7 +159,9 @@ def measure_cache(net: Net, module, *, batch: int, dtype, seed: int = 0) -> int:
     """Run the generated forward pass (training mode) on a random batch; the cache's bytes."""
     rng = np.random.default_rng(seed)
     params = module.init_params(seed=seed, dtype=dtype)
-    x = [rng.standard_normal((batch, *shape)).astype(dtype) for shape in net.inputs.values()]
+    x = net.sample_input(rng, batch)  # ids stay integers
+    x = x if isinstance(x, dict) else {next(iter(net.inputs)): x}
+    x = [a if a.dtype.kind in "iu" else a.astype(dtype) for a in x.values()]
     _, cache = module.forward(params, *x, train=True, rng=rng)
     return measured_bytes(cache)
 
@@ -188,7 +191,9 @@ def minimum_bytes(net: Net, batch: int, dtype) -> int:
         how = read_forms(step.derivation)[kept.array]
         array = form.inputs[0] if kept.padded else form.arrays[kept.array]
         elements = int(sp.Mul(*array.dims).xreplace(sizes).subs(N, batch))
-        if how == FULL:
+        if array.integer:  # ids in [0, V): log2(V) bits each
+            bits = elements * max(1, math.ceil(math.log2(net.ids[step.inputs[0]])))
+        elif how == FULL:
             bits = elements * size * 8
         elif how == ARGMAX:
             windows = form.output.array

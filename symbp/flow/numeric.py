@@ -85,8 +85,9 @@ def backward_trace(
             stem = stems[step.name] + step.stem_suffix  # the form the plan chose to keep
             result = _run_vjp(module, params, cache, step, stem, upstream)
         values.update(zip(entry.produces, result, strict=False))
-        trace.grads.update(zip(step.grads, result[len(step.inputs) :], strict=True))
-        trace.grad_in[step.name] = result[0]
+        trace.grads.update(zip(step.grads, result[len(step.grad_inputs) :], strict=True))
+        # (integer ids get no gradient: nan, shown as not measured)
+        trace.grad_in[step.name] = result[0] if step.grad_inputs else np.array(math.nan)
     return trace
 
 
@@ -216,7 +217,7 @@ def product_jacobians(net, module, params, cache, batch: int) -> dict[str, np.nd
     for entry in range(count):
         basis = np.zeros(count)
         basis[entry] = 1.0
-        trace = backward_trace(net, module, params, cache, basis.reshape(batch, -1))
+        trace = backward_trace(net, module, params, cache, basis.reshape(batch, *net.output_shape))
         for name in rows:
             rows[name].append(np.ravel(trace.grad_in[name]))
     return {name: np.array(value) for name, value in rows.items()}

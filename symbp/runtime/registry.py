@@ -30,7 +30,8 @@ from functools import cache
 
 #: The helper modules, in the order their helpers are copied into a generated module.
 MODULES = (
-    "threads", "rows", "stable", "special", "windows", "pooling", "products", "targets",
+    "threads", "rows", "blocks", "stable", "special", "windows", "pooling", "products", "targets",
+    "gather",
 )
 
 #: The import every helper module and every generated module has: not listed by imports().
