@@ -161,7 +161,7 @@ def measure_cache(net: Net, module, *, batch: int, dtype, seed: int = 0) -> int:
     params = module.init_params(seed=seed, dtype=dtype)
     x = net.sample_input(rng, batch)  # ids stay integers
     x = x if isinstance(x, dict) else {next(iter(net.inputs)): x}
-    x = [a if a.dtype.kind in "iu" else a.astype(dtype) for a in x.values()]
+    x = [a if name in net.ids else a.astype(dtype) for name, a in x.items()]
     _, cache = module.forward(params, *x, train=True, rng=rng)
     return measured_bytes(cache)
 
