@@ -4,6 +4,9 @@ weight sharing. Every generated module is checked against the same network writt
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -494,3 +497,134 @@ def test_notes_and_flow_of_a_graph_show_the_fan_out_sum(tmp_path, capsys):
     out = capsys.readouterr().out
     for name in ("fc", "t", "both", "masked", "out"):  # measured norms per value
         assert any(line.startswith(f"{name} ") for line in out.splitlines()), name
+
+
+IDS_GRAPH = """
+    name = "ids_graph"
+    loss = "mse"
+    weight_decay = 0.05
+
+    [inputs]
+    tokens = { ids = 7, shape = [3] }
+    x = [3, 4]
+
+    [[layers]]
+    type = "embedding"
+    name = "emb"
+    dim = 4
+    inputs = ["tokens"]
+
+    [[layers]]
+    type = "tanh"
+    name = "gate"
+
+    [[layers]]
+    type = "multiply"
+    name = "mix"
+    inputs = ["gate", "x"]
+
+    [[layers]]
+    type = "add"
+    name = "both"
+    inputs = ["mix", "emb"]
+
+    [[layers]]
+    type = "embedding"
+    name = "again"
+    dim = 4
+    inputs = ["tokens"]
+    share = "emb"
+
+    [[layers]]
+    type = "add"
+    name = "join"
+    inputs = ["both", "again"]
+
+    [[layers]]
+    type = "flatten"
+
+    [[layers]]
+    type = "linear"
+    name = "fc"
+    out = 12
+
+    [[layers]]
+    type = "tanh"
+
+    [[layers]]
+    type = "linear"
+    name = "fc2"
+    out = 12
+    share = "fc"
+
+    [[layers]]
+    type = "linear"
+    name = "out"
+    out = 2
+"""
+
+
+def test_an_ids_input_with_embeddings_fan_out_and_weight_decay_trains_as_pytorch():
+    """Integer ids as a named input read by two embeddings sharing one table, the embedding's
+    output read twice (a fan-out), a float input beside it, tied linear layers, weight decay:
+    three SGD steps of the generated module against PyTorch's autograd on J = L + s (float64,
+    1e-10); the ids get no gradient, the shared weight is decayed once."""
+    net, module = build(IDS_GRAPH)
+    assert net.ids == {"tokens": 7} and net.decayed == ("fc.W", "out.W")
+    assert list(module.PARAM_SHAPES) == ["emb.W", "fc.W", "fc.b", "out.W", "out.b"]
+    lam, batch, rate = 0.05, 5, 0.1
+    rng = np.random.default_rng(3)
+    # weights of about 1/sqrt(fan-in): a loss of order 1, the steps' gradients of order 1
+    params = {k: 0.3 * v for k, v in random_arrays(module.PARAM_SHAPES, 4).items()}
+    inputs = net.sample_input(rng, batch)
+    assert inputs["tokens"].dtype.kind == "i" and inputs["x"].dtype == np.float64
+    tokens, x = inputs["tokens"], inputs["x"]
+    y = rng.standard_normal((batch, 2))
+    tensors = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+
+    def objective(p):
+        ids = torch.tensor(tokens)
+        emb = p["emb.W"][ids]
+        join = torch.tanh(emb) * torch.tensor(x) + emb + p["emb.W"][ids]
+        h = torch.tanh(linear(p, "fc", join.reshape(batch, 12)))
+        out = linear(p, "out", linear(p, "fc", h))
+        decay = lam / 2 * (p["fc.W"].square().sum() + p["out.W"].square().sum())
+        return mse(out, torch.tensor(y)) + decay
+
+    for _ in range(3):
+        ours, grads = module.loss_and_grads(params, tokens, x, y)
+        theirs = objective(tensors)
+        theirs.backward()
+        assert abs(float(ours) - theirs.item()) <= 1e-10 * max(1.0, abs(theirs.item()))
+        assert set(grads) == set(params) | {"x"}  # no gradient for the ids
+        with torch.no_grad():
+            for key, tensor in tensors.items():
+                expected = tensor.grad.numpy()
+                scale = max(1.0, float(np.max(np.abs(expected))))
+                assert np.max(np.abs(grads[key] - expected)) <= 1e-10 * scale, key
+                tensor -= rate * tensor.grad
+                tensor.grad = None
+        params = {k: v - rate * grads[k] for k, v in params.items()}
+    for key, tensor in tensors.items():
+        assert np.max(np.abs(params[key] - tensor.detach().numpy())) <= 1e-10, key
+    with pytest.raises(ValueError, match="integer ids"):
+        module.forward(params, tokens.astype(float), x)
+    with pytest.raises(ValueError, match=r"tokens must hold ids in \[0, 7\)"):
+        module.loss_and_grads(params, tokens + 7, x, y)
+    assert symbp.check(net).passed
+
+
+@pytest.mark.parametrize("layer, message", [
+    ('type = "linear"\nout = 3\ninputs = ["tokens"]',
+     "the input 'tokens' is integer ids (ids = 7): only an embedding reads them, not linear"),
+    ('type = "embedding"\ndim = 3\ninputs = ["x"]', "embedding reads integer ids"),
+])
+def test_only_an_embedding_reads_a_named_ids_input(tmp_path, layer, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(f"[inputs]\ntokens = {{ ids = 7 }}\nx = [3]\n[[layers]]\n{layer}\n")
+    with pytest.raises(symbp.SpecError, match=re.escape(message)) as raised:
+        symbp.load_spec(path)
+    assert "field 'type'" in str(raised.value)
+    done = subprocess.run([sys.executable, "-m", "symbp", "derive", str(path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
