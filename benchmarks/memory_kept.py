@@ -59,15 +59,29 @@ def torch_forward(net: symbp.Net, tensors: dict, h):
 
     from symbp.declare.activations import X
 
-    def run(items, h):
+    values = {next(iter(net.inputs)): h}  # a graph's values by name
+
+    def run(items):
         for item in items:
             layer, kind = item.layer, item.layer.kind
+            reads = [values[v] for v in item.inputs]
+            h = reads[0]
 
-            def p(key, name=item.name):
+            def p(key, name=item.param_owner or item.name):
                 return tensors[f"{name}.{key}"]
 
             if item.body:
-                h = h + run(item.body, h)
+                h = h + run(item.body)
+            elif kind == "add":
+                h = reads[0] + reads[1]
+            elif kind == "multiply":
+                h = reads[0] * reads[1]
+            elif kind == "concat":
+                h = torch.cat(reads, dim=-1)
+            elif kind == "matmul":
+                h = reads[0] @ reads[1]
+            elif kind == "split":  # one part
+                h = h[..., layer.start:layer.start + layer.width]
             elif kind == "linear":
                 h = h @ p("W") + p("b") if layer.bias else h @ p("W")
             elif kind == "conv2d":
@@ -114,9 +128,10 @@ def torch_forward(net: symbp.Net, tensors: dict, h):
                 h = sp.lambdify(X, layer.expression(), "torch")(h)
             else:
                 raise Unsupported(kind)
+            values[item.name] = h
         return h
 
-    return run(net.placed, h)
+    return run(net.placed)
 
 
 def torch_bytes(net: symbp.Net, params: dict, x: np.ndarray) -> int | None:

@@ -53,6 +53,21 @@ from .declare.custom import (
 from .declare.embedding import (
     Embedding as embedding,
 )
+from .declare.graph import (
+    Addition as add,
+)
+from .declare.graph import (
+    Concat as concat,
+)
+from .declare.graph import (
+    Matmul as matmul,
+)
+from .declare.graph import (
+    Multiplication as multiply,
+)
+from .declare.graph import (
+    Split as split,
+)
 from .declare.layers import (
     Activation as activation,
 )
@@ -190,10 +205,12 @@ def _flags(**flags) -> None:
 __all__ = [
     "Net",
     "activation",
+    "add",
     "avgpool2d",
     "batchnorm",
     "check",
     "codegen",
+    "concat",
     "conv2d",
     "conv_transpose2d",
     "derive",
@@ -210,7 +227,9 @@ __all__ = [
     "linear",
     "load_spec",
     "log_softmax",
+    "matmul",
     "maxpool2d",
+    "multiply",
     "notes",
     "parse_spec",
     "prelu",
@@ -221,6 +240,7 @@ __all__ = [
     "silu",
     "softmax",
     "softplus",
+    "split",
     "tanh",
     "DerivationError",
     "SpecError",

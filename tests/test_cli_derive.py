@@ -242,7 +242,7 @@ def test_layer_and_spec_errors_name_the_file(tmp_path, capsys):
     code, out, err = run(capsys, "derive", str(spec))
     assert (code, out) == (2, "")
     assert err == (f"symbp: error: {spec}: layer 'act1', field 'slope': unknown field for "
-                   "sigmoid (allowed: name)\n")
+                   "sigmoid (allowed: inputs, name, share)\n")
 
 
 # -- terminal width: every line fits, and the pieces join back to the unwrapped text -----------

@@ -24,7 +24,7 @@ import sympy as sp
 
 import symbp
 from symbp import cli
-from symbp.declare import canon, conv, layers
+from symbp.declare import canon, conv, graph, layers
 from symbp.declare.forms import N
 from symbp.declare.layers import BatchNorm
 from symbp.derivation.arrays import Lowering
@@ -62,6 +62,7 @@ class Case:
     compact: Sizes = SMALL
     staged: Sizes = SMALL
     mode: str = "train"  # or "eval": the evaluation-mode forward
+    shape: tuple = (3,)  # the per-sample input shape (a layer reading several: their tuple)
 
 
 CASES = [
@@ -100,6 +101,13 @@ CASES = [
     Case("log_softmax", "log_softmax", canon.LogSoftmax),
     Case("dropout", "dropout", lambda: canon.Dropout(0.3)),
     Case("dropout_eval", "dropout", lambda: canon.Dropout(0.3), mode="eval"),
+    # The layers that read several values (a graph's), and a split's part.
+    Case("add", "add", graph.Addition, shape=((3,), (3,))),
+    Case("multiply", "multiply", graph.Multiplication, shape=((3,), (3,))),
+    Case("concat", "concat", graph.Concat, shape=((3,), (2,))),
+    Case("concat3", "concat", graph.Concat, shape=((2,), (3,), (2,))),
+    Case("split_part", "split", lambda: graph.Slice(1, 2)),
+    Case("matmul", "matmul", graph.Matmul, shape=((2, 3), (3, 2))),
     Case("mse", "mse", layers.Mse),
     Case("softmax_cross_entropy", "softmax_cross_entropy", layers.SoftmaxCrossEntropy),
     Case("bce_with_logits", "bce_with_logits", layers.BceWithLogits),
@@ -111,7 +119,8 @@ BY_ID = {case.id: case for case in CASES}
 def derivation_of(case_id: str) -> LayerDerivation:
     case = BY_ID[case_id]
     layer = case.make()
-    form = layer.forward_form((3,)) if case.mode == "train" else layer.eval_form((3,))
+    form = (layer.forward_form(case.shape) if case.mode == "train"
+            else layer.eval_form(case.shape))
     return derive_layer(form)
 
 

@@ -147,6 +147,10 @@ def _nets():
 #: softmax_brier and transformer_block (new with the layer canon) no other saving makes up for
 #: it. Listed here so that the test notices a change.
 ABOVE_PYTORCH = {"softmax_brier", "transformer_block"}
+#: Nets starting with layers without parameters (two_branch: x @ tanh(x)), which keep x and
+#: tanh(x) for the input's gradient (``wrt_input``, the default) where PyTorch's input needs
+#: no gradient and it saves nothing: even the minimum is above PyTorch's.
+FOR_THE_INPUT = {"two_branch"}
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -160,6 +164,9 @@ def test_the_cache_keeps_at_most_what_pytorch_saves(dtype):
         if any(item.layer.kind == "custom" for item in net.walk()):
             continue  # a layer the user declared by its stages: PyTorch has no such layer
         assert isinstance(row["pytorch"], int), (label, row["pytorch"])
+        if label in FOR_THE_INPUT:  # known, and said so in docs/speed.md
+            assert row["pytorch"] < row["minimum"] <= row["generated"], (label, row)
+            continue
         if label in ABOVE_PYTORCH:  # known, and said so in docs/speed.md: see ABOVE_PYTORCH
             assert row["minimum"] <= row["pytorch"] < row["generated"], (label, row)
             continue

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..declare.net import Net
-from ..derivation.plan import INPUT, Plan
+from ..derivation.plan import Plan
 from ..emit.module import generate_module
 from ..errors import SpecError
 from ..naming import forward_function
@@ -175,10 +175,17 @@ def make_inputs(net: Net, module, *, batch: int, seed: int):
     return params, x, y
 
 
+def input_arrays(net: Net, x) -> dict[str, np.ndarray]:
+    """The network's inputs by name, from :func:`make_inputs`'s ``x``."""
+    return dict(x) if isinstance(x, dict) else {next(iter(net.inputs)): x}
+
+
 def check_module(net: Net, module, *, batch: int = 4, seed: int = 0, full: bool = False) -> Report:
     """Check ``module`` (generated for ``net``) at a seeded random batch: layer by layer (see
     :mod:`.local`), then the whole network along :data:`DIRECTIONS` random directions."""
     params, x, y = make_inputs(net, module, batch=batch, seed=seed)
+    x = input_arrays(net, x)
+    names = list(x)
     generator = np.random.default_rng(seed + 1)
     drawn = generator.bit_generator.state
 
@@ -188,18 +195,19 @@ def check_module(net: Net, module, *, batch: int = 4, seed: int = 0, full: bool 
         return generator
 
     def grads_of(values):
-        p = {k: v for k, v in values.items() if k != "x"}
+        p = {k: v for k, v in values.items() if k not in x}
+        args = [values[n] for n in names]
         if net.loss is None:
-            out, cache = module.forward(p, values["x"], train=True, rng=rng())
+            out, cache = module.forward(p, *args, train=True, rng=rng())
             return float(np.sum(out * y)), module.backward(p, cache, y.astype(out.dtype))
-        loss, grads = module.loss_and_grads(p, values["x"], y, rng=rng())
+        loss, grads = module.loss_and_grads(p, *args, y, rng=rng())
         return float(loss), grads
 
     with np.errstate(all="ignore"):
-        out, _ = module.forward(params, x, train=True, rng=rng())
+        out, _ = module.forward(params, *x.values(), train=True, rng=rng())
     if not np.isfinite(out).all():
         return _not_finite(net, module, params, x, rng())
-    values = {**params, "x": x}
+    values = {**params, **x}
     center, analytic = grads_of(values)
     report = Report()
     rows, plan, disagreement = _layer_rows(net, module, params, x, y, rng, analytic, seed, full)
@@ -207,7 +215,7 @@ def check_module(net: Net, module, *, batch: int = 4, seed: int = 0, full: bool 
     if disagreement and not all(row.passed for row in rows):
         report.notes.append(disagreement)
 
-    loss_of = _loss_function(net, module, y, rng)
+    loss_of = _loss_function(net, module, y, rng, names)
     if loss_of(values) != center:  # the forward-only shortcut must be the same computation
         loss_of = lambda values: grads_of(values)[0]  # noqa: E731
 
@@ -226,7 +234,7 @@ def check_module(net: Net, module, *, batch: int = 4, seed: int = 0, full: bool 
     count = len(plan.forward)
     start, moved, noise, whole = 0, [], math.inf, math.inf
     while start < count:
-        moved = ["x"] * (start == 0 and "x" in analytic) + [
+        moved = [n for n in names if n in analytic] * (start == 0) + [
             key for step in plan.forward[start:] for key in step.params
         ]
         probe = {n: directions.standard_normal(values[n].shape) for n in moved}
@@ -289,7 +297,7 @@ def _layer_rows(
     plan = run.plan
     if net.decayed:  # J = L + s: the regulariser's gradient reaches its weights directly
         module.regularizer(params, run.param_grads)
-    out, _ = module.forward(params, x, train=True, rng=rng())
+    out, _ = module.forward(params, *x.values(), train=True, rng=rng())
     mine = run.values[plan.output]
     scale = max(float(np.max(np.abs(out), initial=0.0)), np.finfo(float).tiny)
     difference = float(np.max(np.abs(out - mine), initial=0.0)) / scale
@@ -309,13 +317,17 @@ def _layer_rows(
             return float(loss_calls[0](u, target(u))[0])
 
         grad = run.grads[plan.output]
-        if plan.output == INPUT:
-            grad = analytic.get("x", grad)
-        name = "x" if plan.output == INPUT else f"d{plan.output}"
+        if plan.output in plan.inputs:
+            grad = analytic.get(plan.output, grad)
+        name = plan.output if plan.output in plan.inputs else f"d{plan.output}"
         rows.append(row(name, f"loss ({net.loss.kind})", loss_of,
                         abs(float(np.sum(np.abs(mine * grad)))), mine, grad))
+    done = set()  # a shared parameter: one row, at its last use
     for step in reversed(plan.forward):
         for key in step.params:
+            if key in done:
+                continue
+            done.add(key)
             evaluate, magnitude = local.local_function(run, params, param=key)
             layer = step.name
             if key in net.decayed:
@@ -326,8 +338,9 @@ def _layer_rows(
             if plan.readers[value][0] != step.name:
                 continue  # its gradient is complete at its first reader
             evaluate, magnitude = local.local_function(run, params, value=value)
-            grad = analytic.get("x", run.grads[INPUT]) if value == INPUT else run.grads[value]
-            name = "x" if value == INPUT else f"d{value}"
+            given = value in plan.inputs
+            grad = analytic.get(value, run.grads[value]) if given else run.grads[value]
+            name = value if given else f"d{value}"
             rows.append(row(name, local.readers_of(plan, value), evaluate, magnitude,
                             run.values[value], grad))
     return rows, plan, _first_disagreement(plan, run, analytic)
@@ -350,9 +363,10 @@ def _first_disagreement(plan: Plan, run: local.Sweep, analytic) -> str:
     chained by the plan: the network's backward goes wrong between that layer and the ones
     above it (a sum or a hand-over), not in a layer's function. A note under a failing table
     (the rows below that point fail, though their layers' functions are right)."""
-    chained = {**run.param_grads, "x": run.grads.get(INPUT)}
+    chained = {**run.param_grads,
+               **{name: run.grads[name] for name in plan.inputs if name in run.grads}}
     for step in reversed(plan.forward):
-        for key in [*step.params, *(["x"] if INPUT in step.grad_inputs else [])]:
+        for key in [*step.params, *(v for v in step.grad_inputs if v in plan.inputs)]:
             if key not in analytic:
                 continue
             mine, theirs = np.asarray(chained[key]), np.asarray(analytic[key])
@@ -422,7 +436,7 @@ def _tensor_row(name, layer, evaluate, magnitude, base, grad, picker, directions
                layer=layer, direction=sampled)
 
 
-def _loss_function(net: Net, module, y, rng) -> Callable[[dict[str, np.ndarray]], float]:
+def _loss_function(net: Net, module, y, rng, names) -> Callable[[dict[str, np.ndarray]], float]:
     """The training-mode loss from the forward pass alone (half the cost of ``loss_and_grads``):
     ``forward`` and the loss's own ``<stem>_forward`` function, as ``loss_and_grads`` calls
     them, plus weight decay's ``regularizer`` (the objective ``J = L + s``); labels become
@@ -433,12 +447,13 @@ def _loss_function(net: Net, module, y, rng) -> Callable[[dict[str, np.ndarray]]
     labels = net.loss is not None and net.loss.target_kind == "labels"
 
     def loss_of(values: dict[str, np.ndarray]) -> float:
-        p = {k: v for k, v in values.items() if k != "x"}
-        out, _ = module.forward(p, values["x"], train=True, rng=rng())
+        p = {k: v for k, v in values.items() if k not in names}
+        args = [values[n] for n in names]
+        out, _ = module.forward(p, *args, train=True, rng=rng())
         if net.loss is None:
             return float(np.sum(out * y))
         if loss_forward is None:
-            return float(module.loss_and_grads(p, values["x"], y, rng=rng(), wrt_input=False)[0])
+            return float(module.loss_and_grads(p, *args, y, rng=rng(), wrt_input=False)[0])
         loss = loss_forward(out, _one_hot(y, out) if labels else y)[0]
         return float(loss + module.regularizer(p) if net.decayed else loss)  # J = L + s
 
@@ -450,7 +465,7 @@ def _not_finite(net: Net, module, params, x, rng) -> Report:
     finite differences of it mean nothing, so nothing else is checked; the row names the first
     layer whose values are not finite."""
     plan, calls, _ = local.step_calls(net, module)
-    values, first = {INPUT: x}, None
+    values, first = dict(x), None
     with np.errstate(all="ignore"):
         for step in plan.forward:
             inputs = [values[v] for v in step.inputs]
@@ -464,7 +479,7 @@ def _not_finite(net: Net, module, params, x, rng) -> Report:
             if not np.isfinite(result[0]).all():
                 first = step.name
                 break
-    out = values.get(plan.output, x)
+    out = values.get(plan.output, next(iter(x.values())))
     layer = first or "network"
     report = Report()
     report.rows.append(Row("forward", tuple(np.shape(out)), int(np.size(out)), math.inf,

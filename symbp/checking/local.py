@@ -131,7 +131,7 @@ def sweep(net: Net, module, params: dict, x: np.ndarray, rng: np.random.Generato
     """Run the plan forward (drawing from ``rng`` as ``forward`` does) and backward from
     ``dout_of(output)``; ``prepared``: :func:`step_calls`'s result, if the caller has it."""
     plan, calls, _ = prepared or step_calls(net, module)
-    values = {INPUT: x}
+    values = dict(x) if isinstance(x, dict) else {INPUT: x}  # the inputs by name
     caches: dict[str, tuple] = {}
     draws: dict[str, list[np.ndarray]] = {}
     for step in plan.forward:
@@ -148,7 +148,9 @@ def sweep(net: Net, module, params: dict, x: np.ndarray, rng: np.random.Generato
         result = run_vjp(calls[step.name], grads[step.output], caches[step.name], params)
         for value, part in zip(step.grad_inputs, result, strict=False):
             grads[value] = grads[value] + part if value in grads else part
-        param_grads.update(zip(step.params, result[len(step.grad_inputs):], strict=True))
+        for key, grad in zip(step.params, result[len(step.grad_inputs):], strict=True):
+            # a shared parameter: the sum over its uses
+            param_grads[key] = param_grads[key] + grad if key in param_grads else grad
     return Sweep(plan, calls, values, caches, draws, grads, param_grads)
 
 
@@ -160,7 +162,7 @@ def local_function(run: Sweep, params: dict, *, value: str | None = None,
     if value is not None:
         readers = [plan.step(name) for name in plan.readers.get(value, [])]
     else:
-        readers = [next(s for s in plan.forward if param in s.params)]
+        readers = [s for s in plan.forward if param in s.params]  # (shared: several)
 
     def evaluate(u: np.ndarray, magnitude: bool = False) -> float:
         total = 0.0

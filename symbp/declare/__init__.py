@@ -10,5 +10,6 @@ from . import (  # noqa: E402,F401 - registering every layer type
     conv_transpose,
     custom,
     embedding,
+    graph,
     layers,
 )

@@ -130,8 +130,64 @@ class Layer:
     training_doc: ClassVar[str] = ""
     evaluation_doc: ClassVar[str] = ""
 
+    #: how many values the layer reads: a number, or None for two or more (concat); a layer
+    #: reading several gets the tuple of their per-sample shapes as ``in_shape``
+    arity: ClassVar[int | None] = 1
+    #: the values this layer reads by name (earlier layers' outputs, the network's inputs);
+    #: None: the previous layer's output (see :meth:`reads`, ``docs/graphs.md``)
+    inputs: tuple[str, ...] | None = None
+    #: the layer whose parameters this one uses (see :meth:`sharing`)
+    share: str | None = None
+
     def __init__(self, *, name: str | None = None) -> None:
         self.name = None if name is None else check_identifier(name, what="layer name")
+
+    # -- the graph ----------------------------------------------------------------------------
+    def reads(self, *inputs: str) -> Layer:
+        """This layer reads the values ``inputs`` (layer names, the network's input names, a
+        split's part ``name.0``) instead of the previous layer's output; returns the layer.
+
+        >>> import symbp
+        >>> symbp.add().reads("fc1", "fc2").inputs
+        ('fc1', 'fc2')
+        """
+        if len(inputs) == 1 and isinstance(inputs[0], list | tuple):
+            inputs = tuple(inputs[0])
+        if not inputs:
+            raise SpecError("must name at least one value", field="inputs")
+        for item in inputs:
+            if not isinstance(item, str) or not item:
+                raise SpecError(f"must be a list of value names, got {shown(item)}",
+                                field="inputs")
+        if len(set(inputs)) != len(inputs):
+            raise SpecError(f"names a value twice ({', '.join(inputs)}); a layer reads each "
+                            "value once", field="inputs")
+        self.inputs = tuple(inputs)
+        return self
+
+    def sharing(self, owner: str) -> Layer:
+        """This layer uses the parameters of the layer ``owner`` (same type, same parameter
+        shapes): weight tying; returns the layer."""
+        try:
+            self.share = check_identifier(owner, what="layer name")
+        except SpecError as err:
+            raise SpecError(err.message, field="share") from None
+        return self
+
+    def parts(self, in_shape) -> list[Layer]:
+        """Layers computing this one's several outputs, read as ``name.0``, ``name.1``, ...
+        (a split); empty: one output, this layer's own."""
+        return []
+
+    def check_inputs(self, shapes: tuple[tuple[int, ...], ...]) -> None:
+        """Refuse inputs of shapes this layer cannot read (field ``inputs``); the default:
+        all of one shape."""
+        if len(set(shapes)) > 1:
+            raise SpecError(
+                f"{self.kind} reads values of one shape, got "
+                + ", ".join(str(list(s)) for s in shapes),
+                field="inputs",
+            )
 
     def bind_ids(self, vocabulary: int) -> None:
         """The network's ids run over ``[0, vocabulary)`` (a layer that :attr:`takes_ids`)."""

@@ -99,6 +99,7 @@ class Custom(Layer):
         constants: dict[str, float] | None = None,
         sizes: dict[str, int] | None = None,
         input_sizes: list[str] | None = None,
+        input_arrays: list[str] | None = None,
         init: dict[str, Any] | None = None,
         keep: list[str] | None = None,
         name: str | None = None,
@@ -130,17 +131,52 @@ class Custom(Layer):
             _name(key, field="sizes", what="size"): _integer(value, field=f"sizes.{key}")
             for key, value in _table(sizes, field="sizes").items()
         }
+        self.given_arrays = input_arrays is not None
+        self._set_arrays(["x"] if input_arrays is None else input_arrays)
         if input_sizes is not None:
             if not isinstance(input_sizes, list | tuple) or not input_sizes:
                 raise SpecError(f"must be a list of size names, got {input_sizes!r}",
                                 field="input_sizes")
+            nested = all(isinstance(item, list | tuple) for item in input_sizes)
+            if self.arity > 1 and not (nested and len(input_sizes) == self.arity):
+                raise SpecError(f"must be one list of size names per input ({self.arity})",
+                                field="input_sizes")
             input_sizes = tuple(
-                _name(item, field="input_sizes", what="size") for item in input_sizes
+                tuple(_name(i, field="input_sizes", what="size") for i in item)
+                for item in (input_sizes if self.arity > 1 else [input_sizes])
             )
         self.input_sizes = input_sizes
         self._check_names()
         self.init = self._init(_table(init, field="init"))
         self.keep = self._keep(keep)
+
+    def _set_arrays(self, names) -> None:
+        """The arrays the stages read, one per input (``x``, or ``input_arrays``)."""
+        if not isinstance(names, list | tuple) or not names:
+            raise SpecError(f"must be a list of array names, got {names!r}",
+                            field="input_arrays")
+        for item in names:
+            if item != "x":
+                _name(item, field="input_arrays", what="array")
+        if len(set(names)) != len(names):
+            raise SpecError(f"names an array twice: {list(names)}", field="input_arrays")
+        self.input_arrays = tuple(names)
+        self.arity = len(names)
+
+    def reads(self, *inputs: str) -> Layer:
+        """As :meth:`Layer.reads`; without ``input_arrays``, the stages read each value by its
+        name (``inputs = ["q", "k"]``: ``q[n, j]``, ``k[n, j]``), or ``x`` for one value."""
+        super().reads(*inputs)
+        if not self.given_arrays and len(self.inputs) > 1:
+            if not all(_IDENTIFIER.match(item) for item in self.inputs):
+                raise SpecError(
+                    f"the stages read the inputs by name, and {list(self.inputs)} are not all "
+                    "names: give the arrays' names in input_arrays",
+                    field="input_arrays",
+                )
+            self._set_arrays(list(self.inputs))
+            self._check_names()
+        return self
 
     def _keep(self, keep: Any) -> tuple[str, ...] | None:
         """The stages the backward pass reads (None: symbp chooses what it keeps)."""
@@ -161,7 +197,8 @@ class Custom(Layer):
             ("parameter", "params", self.params),
             ("constant", "constants", self.constants),
             ("size", "sizes", self.sizes),
-            ("size", "input_sizes", self.input_sizes or ()),
+            ("size", "input_sizes", [i for item in self.input_sizes or () for i in item]),
+            ("input", "input_arrays", [a for a in self.input_arrays if a != "x"]),
         ]
         stage_names = [stage_name for stage_name, _, _ in self.parsed]
         for number, stage_name in enumerate(stage_names, start=1):
@@ -178,7 +215,7 @@ class Custom(Layer):
                     raise SpecError(f"{item!r} is both a {seen[item]} and a {what}", field=field)
                 seen[item] = what
         for item in seen:
-            if item.startswith("d") and item[1:] in {*seen, "x"}:
+            if item.startswith("d") and item[1:] in {*seen, *self.input_arrays}:
                 raise SpecError(
                     f"{item!r} would clash with the gradient of {item[1:]!r} (named d{item[1:]})",
                     field="params" if item in self.params else "stages",
@@ -211,42 +248,67 @@ class Custom(Layer):
         }
 
     # -- the declaration, at a rank of input ----------------------------------------------------
-    def _input_names(self, in_shape: tuple[int, ...]) -> tuple[str, ...]:
+    def _shapes(self, in_shape) -> tuple[tuple[int, ...], ...]:
+        return tuple(in_shape) if self.arity > 1 else (in_shape,)
+
+    def _input_names(self, in_shape) -> tuple[tuple[str, ...], ...]:
+        """Each input's size names: ``input_sizes``, else the default for its rank (inputs
+        of one shape share them)."""
+        shapes = self._shapes(in_shape)
         if self.input_sizes is None:
-            if len(in_shape) not in DEFAULT_INPUT_SIZES:
+            if len(set(shapes)) > 1:
                 raise SpecError(
-                    f"the input has per-sample shape {list(in_shape)}: name its sizes",
+                    f"its inputs have the shapes {', '.join(str(list(s)) for s in shapes)}: "
+                    "name each one's sizes (input_sizes = [[...], [...]])",
                     field="input_sizes",
                 )
-            names = DEFAULT_INPUT_SIZES[len(in_shape)]
-            taken = {*self.params, *self.constants, *self.sizes,
-                     *(stage for stage, _, _ in self.parsed)}
-            for item in names:
-                if item in taken:
-                    raise SpecError(
-                        f"{item!r} names a size of the input ({', '.join(names)}); name the "
-                        "input's sizes otherwise with input_sizes, or rename it",
-                        field="input_sizes",
-                    )
-            return names
-        if len(self.input_sizes) != len(in_shape):
+            return (self._one_input_names(shapes[0]),) * len(shapes)
+        for names, shape in zip(self.input_sizes, shapes, strict=True):
+            if len(names) != len(shape):
+                raise SpecError(
+                    f"names {len(names)} sizes, but the input has per-sample shape "
+                    f"{list(shape)}",
+                    field="input_sizes",
+                )
+        return self.input_sizes
+
+    def _one_input_names(self, in_shape: tuple[int, ...]) -> tuple[str, ...]:
+        if len(in_shape) not in DEFAULT_INPUT_SIZES:
             raise SpecError(
-                f"names {len(self.input_sizes)} sizes, but the input has per-sample shape "
-                f"{list(in_shape)}",
+                f"the input has per-sample shape {list(in_shape)}: name its sizes",
                 field="input_sizes",
             )
-        return self.input_sizes
+        names = DEFAULT_INPUT_SIZES[len(in_shape)]
+        taken = {*self.params, *self.constants, *self.sizes,
+                 *(stage for stage, _, _ in self.parsed)}
+        for item in names:
+            if item in taken:
+                raise SpecError(
+                    f"{item!r} names a size of the input ({', '.join(names)}); name the "
+                    "input's sizes otherwise with input_sizes, or rename it",
+                    field="input_sizes",
+                )
+        return names
 
     def _symbols(self, in_shape) -> tuple[dict[str, sp.Symbol], dict[str, int]]:
         """The size symbols by name (the batch ``N`` included) and each one's value."""
-        input_names = self._input_names(in_shape)
+        per_input = self._input_names(in_shape)
+        input_names = [item for names in per_input for item in names]
         symbols = {"N": N, **{item: size(item) for item in (*input_names, *self.sizes)}}
-        values = {**dict(zip(input_names, in_shape, strict=True)), **self.sizes}
+        values = dict(self.sizes)
+        for names, shape in zip(per_input, self._shapes(in_shape), strict=True):
+            for item, length in zip(names, shape, strict=True):
+                if values.setdefault(item, length) != length:
+                    raise SpecError(f"size {item!r} is {values[item]} for one input and "
+                                    f"{length} for another", field="input_sizes")
         return symbols, values
 
     def _built(self, in_shape) -> tuple[list[Stage], dict[str, Array], dict[str, sp.Symbol]]:
         symbols, _ = self._symbols(in_shape)
-        x = Array("x", (N, *(symbols[item] for item in self._input_names(in_shape))))
+        inputs = {
+            name: Array(name, (N, *(symbols[item] for item in names)))
+            for name, names in zip(self.input_arrays, self._input_names(in_shape), strict=True)
+        }
         params = {}
         for key, shape in self.params.items():
             for dim in shape:
@@ -263,7 +325,7 @@ class Custom(Layer):
             for key, value in self.constants.items()
         }
         names = Names(
-            arrays={"x": x, **params},
+            arrays={**inputs, **params},
             sizes=symbols,
             constants=constants,
             params=set(params),
@@ -280,10 +342,10 @@ class Custom(Layer):
             array = Array(stage_name, dims)
             names.arrays[stage_name] = array
             stages.append(Stage(array, tuple(sp.Symbol(i, integer=True) for i in free), expr))
-        self._check_reads(stages, x, params)
-        return stages, {"x": x, **params}, constants
+        self._check_reads(stages, inputs, params)
+        return stages, {**inputs, **params}, constants
 
-    def _check_reads(self, stages: list[Stage], x: Array, params: dict[str, Array]) -> None:
+    def _check_reads(self, stages: list[Stage], inputs, params: dict[str, Array]) -> None:
         """The output runs over the batch first; the input, each parameter and each stage but
         the last are read."""
         output = stages[-1]
@@ -305,8 +367,9 @@ class Custom(Layer):
                 str(getattr(item, "label", item))
                 for item in stage.expr.atoms(sp.IndexedBase, sp.Symbol)
             }
-        if "x" not in read:
-            raise SpecError("no stage reads the input x", field="stages")
+        for name in inputs:
+            if name not in read:
+                raise SpecError(f"no stage reads the input {name}", field="stages")
         for key in params:
             if key not in read:
                 raise SpecError(f"no stage reads the parameter {key!r}", field="params")
@@ -331,7 +394,7 @@ class Custom(Layer):
                 for item, dim in zip(element.indices, dims[str(element.base)], strict=True):
                     letters.setdefault(dim, str(item))
         return Forward(
-            inputs=(arrays["x"],),
+            inputs=tuple(arrays[name] for name in self.input_arrays),
             params=tuple(arrays[key] for key in self.params),
             stages=tuple(stages),
             constants={symbol: exact(self.constants[key]) for key, symbol in constants.items()},
@@ -355,6 +418,7 @@ class Custom(Layer):
         return (
             self.kind, len(in_shape), self.texts, tuple(self.params.items()),
             tuple(self.constants), tuple(self.sizes), self.input_sizes, self.keep,
+            self.input_arrays,
         )
 
     @property

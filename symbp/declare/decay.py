@@ -84,8 +84,10 @@ def weight_decay_of(net: Net, value: Any, params: Any) -> tuple[float, tuple[str
                         field="weight_decay")
     keys = list(net.param_shapes)
     if params is None:
-        covered = [param_key(item.name, p) for item in net.walk() for p in item.layer.decayed
-                   if p in item.layer.param_shapes(item.in_shape)]
+        # a layer sharing another's parameters (share) decays the owner's, once
+        covered = list(dict.fromkeys(
+            param_key(item.param_owner or item.name, p) for item in net.walk()
+            for p in item.layer.decayed if p in item.layer.param_shapes(item.in_shape)))
     else:
         if not isinstance(params, list | tuple) or not all(isinstance(p, str) for p in params):
             raise SpecError(f"must be a list of parameter names or patterns (\"fc1.W\", "

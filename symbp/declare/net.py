@@ -12,12 +12,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..errors import SpecError
-from ..naming import check_identifier, default_layer_name, param_key
+from ..naming import check_identifier, param_key
 from .decay import weight_decay_of
 from .embedding import check_ids_input
-from .layers import MAX_ELEMENTS, REGISTRY, Layer, Loss, Residual
+from .layers import MAX_ELEMENTS, REGISTRY, Layer, Loss
+from .wiring import network_inputs, place_layers
 
 DTYPES = ("float64", "float32")
+#: The network's input when it has one, unnamed (``input = {...}``).
+INPUT = "x"
 #: How deeply residual blocks may nest inside each other: the names, the derivation and the
 #: TOML reader (which ran out of Python's stack at about 200) all recurse through the nesting.
 MAX_NESTING = 16
@@ -32,11 +35,23 @@ class Placed:
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     body: list[Placed] = field(default_factory=list)
+    #: the values it reads (a residual block: its input; its body's output is the block's
+    #: second), by name: the network's inputs, earlier layers, a split's parts (``s.0``)
+    inputs: tuple[str, ...] = (INPUT,)
+    #: the layer whose parameters it uses (``share``): itself unless it shares another's
+    param_owner: str = ""
+
+    @property
+    def in_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """The per-sample shape of each value it reads (``in_shape`` is their tuple for a
+        layer reading several)."""
+        return tuple(self.in_shape) if self.layer.arity != 1 else (self.in_shape,)
 
     @property
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        owner = self.param_owner or self.name
         return {
-            param_key(self.name, p): s for p, s in self.layer.param_shapes(self.in_shape).items()
+            param_key(owner, p): s for p, s in self.layer.param_shapes(self.in_shape).items()
         }
 
 
@@ -67,6 +82,7 @@ class Net:
         *,
         input_features: int | None = None,
         input_shape: tuple[int, ...] | None = None,
+        inputs: dict[str, tuple[int, ...]] | None = None,
         loss: str | Loss | None = None,
         name: str = "net",
         dtype: str = "float64",
@@ -75,44 +91,32 @@ class Net:
         weight_decay_params: list[str] | None = None,
     ) -> None:
         self.name = check_identifier(name, what="network name")
-        #: integer ids in [0, input_ids) as the input (an embedding first), else None
-        self.input_ids = None
+        given = [v is not None for v in (input_features, input_shape, inputs)]
         if input_ids is not None:
-            if input_features is not None:
+            if input_features is not None or inputs is not None:
                 raise SpecError("give ids or features, not both", field="input")
-            self.input_ids, input_shape = check_ids_input(input_ids, input_shape)
-        elif (input_features is None) == (input_shape is None):
+            given = [True]
+        if sum(given) != 1:
             raise SpecError("give exactly one of input features or input shape", field="input")
         if input_features is not None:
             input_shape = (input_features,)
-        if not isinstance(input_shape, tuple | list):  # an int, an array: not a shape
-            raise SpecError(
-                f"must be a tuple of positive integers, got {input_shape!r}", field="input"
-            )
-        if self.input_ids is None and (not input_shape or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape
-        )):
-            raise SpecError(f"must be positive integers, got {input_shape!r}", field="input")
-        if self.input_ids is None and len(input_shape) not in (1, 3):
-            raise SpecError(
-                f"must be features [F] or an image [C, H, W] per sample (the batch axis is not "
-                f"part of it), got {list(input_shape)}",
-                field="input",
-            )
-        if math.prod(input_shape) > MAX_ELEMENTS:
-            raise SpecError(
-                f"{list(input_shape)} has {math.prod(input_shape)} elements per sample, more than "
-                "symbp's limit of 2**31",
-                field="input",
-            )
-        self.input_shape = tuple(input_shape)
+        #: each integer-ids input's number of ids V (ids in [0, V), read by embeddings)
+        self.ids: dict[str, int] = {}
+        if inputs is not None:
+            self.inputs, self.ids = network_inputs(inputs)
+        elif input_ids is not None:
+            vocabulary, shape = check_ids_input(input_ids, input_shape)
+            self.inputs, self.ids = {INPUT: shape}, {INPUT: vocabulary}
+        else:
+            self.inputs = {INPUT: _checked_shape(input_shape, "input")}
+        self.input_shape = next(iter(self.inputs.values()))
         if dtype not in DTYPES:
             raise SpecError(f"must be one of {', '.join(DTYPES)}, got {dtype!r}", field="dtype")
         self.dtype = dtype
         if not isinstance(layers, list | tuple) or not layers:
             raise SpecError("a network needs at least one layer", field="layers")
         self.loss = _make_loss(loss)
-        self.placed = self._place(list(layers))
+        self.placed = place_layers(self, list(layers))
         self.output_shape = self.placed[-1].out_shape if self.placed else self.input_shape
         if self.loss is not None:
             try:
@@ -123,51 +127,22 @@ class Net:
         #: lambda of the objective J = L + s, s = lambda/2 * sum of ||W||^2 over ``decayed``
         self.weight_decay, self.decayed = weight_decay_of(self, weight_decay, weight_decay_params)
 
-    def _place(self, layers: list[Layer]) -> list[Placed]:
-        seen: set[str] = set()
-
-        def place(items, shape, prefix, start, depth=0):
-            placed = []
-            for position, layer in enumerate(items, start=start):
-                if not isinstance(layer, Layer) or isinstance(layer, Loss):
-                    raise SpecError(f"{layer!r} is not a layer", field="layers")
-                name = layer.name or prefix + default_layer_name(layer.kind, position)
-                if name in seen:
-                    raise SpecError("duplicate layer name", layer=name, field="name")
-                seen.add(name)
-                try:
-                    _check_ids(layer, self.input_ids, first=not placed and not prefix)
-                    if isinstance(layer, Residual):
-                        if depth >= MAX_NESTING:
-                            raise SpecError(
-                                f"residual blocks nest at most {MAX_NESTING} deep", field="layers"
-                            )
-                        body = place(layer.layers, shape, name + "_", 1, depth + 1)
-                        if body[-1].out_shape != shape:
-                            raise SpecError(
-                                f"residual body maps width {list(shape)} to "
-                                f"{list(body[-1].out_shape)}; y = x + F(x) needs them equal",
-                                field="layers",
-                            )
-                        placed.append(Placed(layer, name, shape, shape, body))
-                        continue
-                    out = layer.output_shape(shape)
-                    _check_sizes(layer, shape, out)
-                    layer.forward_form(shape)  # declaration errors surface now, not later
-                except SpecError as err:
-                    raise err.located(layer=name) from None
-                placed.append(Placed(layer, name, shape, out))
-                shape = out
-            return placed
-
-        return place(layers, self.input_shape, "", 1)
-
     def sample_input(self, rng, batch: int):
         """A random batch of inputs from ``rng`` (a ``np.random.Generator``): standard normal
-        floats, or ids drawn uniformly from ``[0, V)`` where the input is ids."""
-        if self.input_ids is not None:
-            return rng.integers(0, self.input_ids, size=(batch, *self.input_shape))
-        return rng.standard_normal((batch, *self.input_shape))
+        floats, or ids drawn uniformly from ``[0, V)`` where an input is ids; the array of the
+        one input ``x``, else a dict by input name."""
+        x = {
+            name: rng.integers(0, self.ids[name], size=(batch, *shape)) if name in self.ids
+            else rng.standard_normal((batch, *shape))
+            for name, shape in self.inputs.items()
+        }
+        return x[INPUT] if list(x) == [INPUT] else x  # one input: its array; several: by name
+
+    @property
+    def input_ids(self) -> int | None:
+        """The number of ids V where the network's one input ``x`` is integer ids (``input =
+        { ids = V }``), else None; named ids inputs: :attr:`ids`."""
+        return self.ids.get(INPUT) if list(self.inputs) == [INPUT] else None
 
     # -- views --------------------------------------------------------------------------------
     def walk(self) -> Iterator[Placed]:
@@ -205,18 +180,48 @@ class Net:
         return f"Net({self.name!r}, {len(self.placed)} layers, loss={self.loss and self.loss.kind})"
 
 
-def _check_ids(layer: Layer, vocabulary: int | None, *, first: bool) -> None:
-    """Ids go into the first layer, one that :attr:`~Layer.takes_ids`, and only there."""
-    if layer.takes_ids and not (first and vocabulary is not None):
-        raise SpecError(f"{layer.kind} reads integer ids: it must be the first layer of a "
-                        "network whose input is ids (input = { ids = V }; input_ids=V in Python)",
-                        field="type")
-    if first and vocabulary is not None:
-        if not layer.takes_ids:
-            raise SpecError(f"the input is integer ids (input = {{ ids = {vocabulary} }}): the "
+def _checked_shape(shape, where: str) -> tuple[int, ...]:
+    if not isinstance(shape, tuple | list):  # an int, an array: not a shape
+        raise SpecError(f"must be a tuple of positive integers, got {shape!r}", field=where)
+    if not shape or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape
+    ):
+        raise SpecError(f"must be positive integers, got {shape!r}", field=where)
+    if len(shape) not in (1, 2, 3):
+        raise SpecError(
+            f"must be features [F] or an image [C, H, W] per sample, or a sequence [T, F] (the "
+            f"batch axis is not part of it), got {list(shape)}",
+            field=where,
+        )
+    if math.prod(shape) > MAX_ELEMENTS:
+        raise SpecError(
+            f"{list(shape)} has {math.prod(shape)} elements per sample, more than "
+            "symbp's limit of 2**31",
+            field=where,
+        )
+    return tuple(shape)
+
+
+def _check_ids(layer: Layer, reads: tuple[str, ...], ids: dict[str, int],
+               single: bool) -> None:
+    """Integer ids go only into a layer that :attr:`~Layer.takes_ids` (an embedding), read
+    directly from a network input of ids; ``single``: the network has one input, ``x``."""
+    ids_read = [v for v in reads if v in ids]
+    if layer.takes_ids:
+        if len(reads) != 1 or not ids_read:
+            raise SpecError(f"{layer.kind} reads integer ids: it must be the first layer of a "
+                            "network whose input is ids (input = { ids = V }; input_ids=V in "
+                            "Python) or read a named ids input (inputs = [name])",
+                            field="type")
+        layer.bind_ids(ids[reads[0]])
+    elif ids_read:
+        value = ids_read[0]
+        if single:
+            raise SpecError(f"the input is integer ids (input = {{ ids = {ids[value]} }}): the "
                             f"first layer must read them (an embedding), not {layer.kind}",
                             field="type")
-        layer.bind_ids(vocabulary)
+        raise SpecError(f"the input '{value}' is integer ids (ids = {ids[value]}): only an "
+                        f"embedding reads them, not {layer.kind}", field="type")
 
 
 def _check_sizes(layer: Layer, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> None:

@@ -28,7 +28,10 @@ from ..naming import default_layer_name
 from .layers import REGISTRY, Layer, Loss, Residual, shown
 from .net import MAX_NESTING, Net
 
-TOP_LEVEL = {"name", "input", "loss", "layers", "dtype", "weight_decay", "weight_decay_params"}
+TOP_LEVEL = {"name", "input", "inputs", "loss", "layers", "dtype", "weight_decay",
+             "weight_decay_params"}
+#: Fields every layer table may have besides its type's: the graph's (``docs/graphs.md``).
+GRAPH_FIELDS = ("inputs", "share")
 #: The largest spec file symbp reads (the examples are under 2 KiB).
 MAX_SPEC_BYTES = 2**20
 
@@ -84,7 +87,15 @@ def parse_spec(text: str) -> Net:
     loss = data.get("loss")
     if loss is not None and not isinstance(loss, str):
         raise SpecError(f"must be a string, got {loss!r}", field="loss")
-    input_features, input_shape, input_ids = _input(data.get("input"))
+    inputs = None
+    if "inputs" in data:
+        if "input" in data:
+            raise SpecError("give either input (one) or inputs (named), not both",
+                            field="inputs")
+        inputs = _named_inputs(data["inputs"])
+        input_features = input_shape = input_ids = None
+    else:
+        input_features, input_shape, input_ids = _input(data.get("input"))
     layers = data.get("layers")
     if not isinstance(layers, list) or not layers:
         raise SpecError("a spec needs a non-empty [[layers]] list", field="layers")
@@ -93,6 +104,7 @@ def parse_spec(text: str) -> Net:
         built,
         input_features=input_features,
         input_shape=input_shape,
+        inputs=inputs,
         input_ids=input_ids,
         loss=loss,
         name=name,
@@ -129,6 +141,33 @@ def _input(value: Any) -> tuple[int | None, tuple[int, ...] | None, int | None]:
     return None, tuple(shape), None
 
 
+def _named_inputs(value: Any) -> dict[str, tuple[int, ...] | dict]:
+    """``[inputs]`` with one entry per input: ``x = [4]`` (its per-sample shape), or
+    ``x = { features = 4 }`` / ``{ shape = [C, H, W] }`` / ``{ ids = V, shape = [T] }`` as
+    ``input`` takes (ids: ``{"ids": V, "shape": [T] or None}``)."""
+    if not isinstance(value, dict) or not value:
+        raise SpecError(
+            "must be a table of named inputs: [inputs] x = [4], mask = [4]", field="inputs"
+        )
+    _check_64_bits(value, field="inputs")
+    shapes = {}
+    for name, shape in value.items():
+        if isinstance(shape, dict):
+            try:
+                features, shape, ids = _input(shape)
+            except SpecError as err:
+                raise SpecError(err.message, field=f"inputs.{name}") from None
+            if ids is not None:
+                shapes[name] = {"ids": ids, "shape": shape}
+                continue
+            shape = (features,) if features is not None else shape
+        if not isinstance(shape, list | tuple):
+            raise SpecError(f"must be a shape such as [4], got {shown(shape)}",
+                            field=f"inputs.{name}")
+        shapes[name] = tuple(shape)
+    return shapes
+
+
 def _layer(table: Any, position: int, parent: str = "") -> Layer:
     """The layer a ``[[layers]]`` table declares; ``parent``: the residual block it is in.
 
@@ -161,11 +200,12 @@ def _layer(table: Any, position: int, parent: str = "") -> Layer:
     if cls is None or issubclass(cls, Loss):
         known = ", ".join(sorted(k for k, c in REGISTRY.items() if not issubclass(c, Loss)))
         raise SpecError(f"unknown layer type {kind!r} (known: {known})", layer=label, field="type")
-    arguments = {k: v for k, v in table.items() if k != "type"}
+    arguments = {k: v for k, v in table.items() if k not in ("type", *GRAPH_FIELDS)}
+    graph = {k: table[k] for k in GRAPH_FIELDS if k in table}
     for key, value in arguments.items():
         if not (cls is Residual and key == "layers"):  # the body's layers are checked in theirs
             _check_64_bits(value, layer=label, field=key)
-    allowed = _fields(cls)
+    allowed = _fields(cls) | set(GRAPH_FIELDS)
     for key in arguments:
         if key not in allowed:
             raise SpecError(
@@ -182,7 +222,18 @@ def _layer(table: Any, position: int, parent: str = "") -> Layer:
             raise SpecError("must be a non-empty list of layers", layer=label, field="layers")
         arguments["layers"] = [_layer(item, i, label) for i, item in enumerate(body, start=1)]
     try:
-        return cls(**arguments)
+        layer = cls(**arguments)
+        if "inputs" in graph:
+            reads = graph["inputs"]
+            if isinstance(reads, str):
+                reads = [reads]
+            if not isinstance(reads, list):
+                raise SpecError(f"must be a list of value names, got {shown(reads)}",
+                                field="inputs")
+            layer.reads(*reads)
+        if "share" in graph:
+            layer.sharing(graph["share"])
+        return layer
     except SpecError as err:
         raise err.located(layer=label) from None
 

@@ -21,6 +21,7 @@ import sympy as sp
 from ..declare.forms import N as BATCH
 from ..declare.forms import WindowMax
 from ..errors import DerivationError
+from .parts import part_read
 
 
 class ArrayOp(sp.Function):
@@ -134,18 +135,13 @@ class Col2Im(ArrayOp):
 
 
 class Shifted(ArrayOp):
-    """``(a, offsets, sizes)``: ``out[..., u, v] = a[..., u + du, v + dv]``, 0 outside ``a``.
-
-    Zero padding (negative offsets) and cropping (positive offsets) over the last axes.
-    """
+    """``(a, offsets, sizes)``: ``out[..., u, v] = a[..., u + du, v + dv]``, 0 outside ``a``:
+    zero padding (negative offsets) and cropping (positive offsets) over the last axes."""
 
 
 class Flipped(ArrayOp):
-    """``(a, axes)``: ``a`` read backwards along ``axes`` (``a[:, :, ::-1, ::-1]``), a view.
-
-    A kernel read as ``W[o, c, K_h - 1 - k, K_w - 1 - k']``: the flipped kernel of a full
-    convolution.
-    """
+    """``(a, axes)``: ``a`` read backwards along ``axes`` (``a[:, :, ::-1, ::-1]``), a view: a
+    kernel read as ``W[o, c, K_h - 1 - k, K_w - 1 - k']``, a full convolution's flipped one."""
 
 
 class WindowMaximum(ArrayOp):
@@ -189,6 +185,7 @@ class Lowering:
             for array in form.arrays.values():
                 self.sizes.update(zip(form.indices_for(array), array.dims, strict=True))
         self.symbols: dict[str, sp.Symbol] = {}
+        self.dims = {a.name: a.dims for a in form.arrays.values()} if form is not None else {}
 
     def symbol(self, name: str) -> sp.Symbol:
         if name not in self.symbols:
@@ -247,7 +244,7 @@ class Lowering:
         if isinstance(expr, sp.Indexed):
             indices = tuple(expr.indices)
             if len(set(indices)) == len(indices) and all(i.is_Symbol for i in indices):
-                return self.symbol(expr.base.name), indices
+                return part_read(self, expr.base.name, indices), indices
             return self._lower_compound(expr)
         if type(expr).__name__ in ("WindowMax", "WindowArgmax"):
             self._record(expr.limits)

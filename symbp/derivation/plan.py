@@ -77,13 +77,16 @@ class Step:
 
     @property
     def params(self) -> list[str]:
-        """Keys of the parameters the forward reads (``fc1.W``)."""
-        return [param_key(self.name, p.name) for p in self.derivation.form.params]
+        """Keys of the parameters the forward reads (``fc1.W``; a layer sharing another's
+        parameters reads the other's, ``enc.W``)."""
+        owner = self.placed.param_owner or self.name
+        return [param_key(owner, p.name) for p in self.derivation.form.params]
 
     @property
     def params_read(self) -> list[str]:
         """Keys of the parameters the backward reads."""
-        return [param_key(self.name, p.name) for p in self.derivation.params_read]
+        owner = self.placed.param_owner or self.name
+        return [param_key(owner, p.name) for p in self.derivation.params_read]
 
     @property
     def grads(self) -> list[str]:
@@ -196,6 +199,9 @@ class Plan:
     forward: list[Step]
     backward: list[Vjp | Sum]
     readers: dict[str, list[str]] = field(default_factory=dict)  # value -> steps reading it
+    inputs: tuple[str, ...] = (INPUT,)  # the network's inputs
+    #: the values no parameter comes before: their gradients are for ``wrt_input`` only
+    free: set[str] = field(default_factory=set)
     kept: list[Kept] = field(default_factory=list)  # every kept array, forward order
     views: list[KeptView] = field(default_factory=list)
 
@@ -207,7 +213,33 @@ class Plan:
 
     @property
     def output(self) -> str:
-        return self.forward[-1].output if self.forward else INPUT
+        return self.forward[-1].output if self.forward else self.inputs[0]
+
+    @property
+    def graph(self) -> bool:
+        """Whether the network is more than a chain of layers and residual blocks: named
+        inputs, a layer reading several values or another than the one before it."""
+        if self.inputs != (INPUT,):
+            return True
+        return any(step.placed.inputs != (previous,) for step, previous in
+                   zip(self.forward, self._previous(), strict=True))
+
+    def _previous(self):
+        """What each step would read in a chain: the value before it (a block's body's first
+        layer: the block's input)."""
+        result, last = [], INPUT
+        for step in self.forward:
+            result.append(step.placed.inputs[0] if step.placed.body else last)
+            last = step.output
+        return result
+
+    def shared_params(self) -> dict[str, list[str]]:
+        """Each parameter read by more than one step (``share``) and the steps, in order."""
+        users: dict[str, list[str]] = {}
+        for step in self.forward:
+            for key in step.params:
+                users.setdefault(key, []).append(step.name)
+        return {key: names for key, names in users.items() if len(names) > 1}
 
     def backward_of(self, name: str) -> list[Vjp | Sum]:
         """The backward entries from step ``name``'s output gradient to its input gradient
@@ -216,7 +248,7 @@ class Plan:
         start = next(i for i, e in enumerate(entries) if isinstance(e, Vjp) and e.name == name)
         value = self.step(name).inputs[0]
         readers = self.readers[value]
-        if len(readers) == 1 or readers[-1] != name:  # not a block closing a fan-out
+        if not self.step(name).placed.body or readers[-1] != name:  # not a block
             return entries[start : start + 1]
         sums = [i for i, e in enumerate(entries) if isinstance(e, Sum) and e.value == value]
         end = next(i for i in sums if i > start)
@@ -233,16 +265,19 @@ def build_plan(net: Net, derivation: NetworkDerivation | None = None) -> Plan:
     """Order the network's forward and backward steps (see the module docstring)."""
     derivation = derivation or derive_network(net)
     forward: list[Step] = []
+    #: the values no parameter is before: their gradients are only for ``wrt_input``
+    free = set(net.inputs)
 
-    def place(items: list[Placed], value: str, depth: int) -> str:
+    def place(items: list[Placed], depth: int) -> None:
         for item in items:
             layer = item.layer
-            inputs = (value,)
+            inputs = item.inputs
             if item.body:  # a block: its body reads the block's input as well
-                inputs = (value, place(item.body, value, depth + 1))
-            optional = depth == 0 and not any(
-                s.params or s.placed.body for s in forward if s.depth == 0
-            )
+                place(item.body, depth + 1)
+                inputs = (item.inputs[0], item.body[-1].name)
+            optional = depth == 0 and all(v in free for v in inputs)
+            if optional and not item.layer.param_shapes(item.in_shape):
+                free.add(item.name)
             forward.append(
                 Step(
                     item,
@@ -254,11 +289,9 @@ def build_plan(net: Net, derivation: NetworkDerivation | None = None) -> Plan:
                     optional,
                 )
             )
-            value = item.name
-        return value
 
-    place(net.placed, INPUT, 0)
-    plan = Plan(net, derivation, forward, [])
+    place(net.placed, 0)
+    plan = Plan(net, derivation, forward, [], inputs=tuple(net.inputs), free=free)
     for step in forward:
         for value in step.inputs:
             plan.readers.setdefault(value, []).append(step.name)
@@ -270,7 +303,7 @@ def build_plan(net: Net, derivation: NetworkDerivation | None = None) -> Plan:
         upstream = "dout" if step.output == output else plan.grad_name(step.output)
         produces = tuple(plan.grad_name(v, step.name) for v in step.grad_inputs)
         plan.backward.append(Vjp(step, upstream, produces))
-        for value in step.inputs:
+        for value in step.grad_inputs:  # (integer ids have no gradient to sum)
             readers = plan.readers[value]
             if len(readers) > 1 and readers[0] == step.name:
                 parts = tuple(plan.grad_name(value, r) for r in reversed(readers))
@@ -285,13 +318,13 @@ def kept_arrays(plan: Plan, names=None) -> list[Kept]:
     the forward is its input itself (a reshape, an identity), a zero padding of its input a
     padded copy of the input's array."""
     counter = itertools.count()
-    tokens = {INPUT: next(counter)}  # value -> the array it is
+    tokens = {name: next(counter) for name in plan.inputs}  # value -> the array it is
     kept: list[Kept] = []
     for step in plan.forward:
         form = step.derivation.form
         stage = form.output
         first = form.inputs[0].name
-        token = {first: tokens[step.inputs[0]]}
+        token = {a.name: tokens[v] for a, v in zip(form.inputs, step.inputs, strict=False)}
         aliases_input = step.reshape or (
             len(step.inputs) == 1
             and len(stage.indices) == form.inputs[0].rank  # (a pooling reduces the rank)
@@ -301,7 +334,8 @@ def kept_arrays(plan: Plan, names=None) -> list[Kept]:
         tokens[step.output] = token[stage.name]
         padded = {s.name for s in form.stages if _unpadding(form, s.name) is not None}
         chosen = [a.name for a in step.derivation.cached] if names is None else names(step)
-        values = {first: step.inputs[0], stage.name: step.output}
+        values = {a.name: v for a, v in zip(form.inputs, step.inputs, strict=False)}
+        values[stage.name] = step.output
         for name in chosen:
             if name in padded:
                 kept.append(Kept(step.name, name, token[first], padded=True))

@@ -38,6 +38,7 @@ from ..naming import (
 from ..runtime import registry as runtime
 from ..version import __version__
 from . import template_folder
+from .graph_vars import template_inputs
 from .kept_values import _argmax_from_maxima, _kept_type
 from .layout import MAX_LINE, _sentence, formula, wrap_line, wrap_lines
 from .memory_plan import (
@@ -596,6 +597,7 @@ def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> st
         forward_steps=forward,
         backward_steps=backward,
         loss=loss,
+        **template_inputs(plan, builder.variables),
         decay=decay,
     )
     return source

@@ -21,6 +21,7 @@ from ..declare.forms import N
 from ..derivation.arrays import Lowering
 from ..derivation.plan import Plan, Step, Sum, Vjp
 from ..naming import backward_function, param_key, predict_function
+from .graph_vars import ident, variables
 from .numpy_printer import SymbpNumPyPrinter
 
 if TYPE_CHECKING:
@@ -33,7 +34,10 @@ def size_values(step_or_placed, form) -> dict[str, int]:
     """The per-sample sizes of a placed layer by name (``{"H_in": 28, ...}``)."""
     item = getattr(step_or_placed, "placed", step_or_placed)
     values = {}
-    for array, shape in ((form.inputs[0], item.in_shape), (form.output.array, item.out_shape)):
+    pairs = list(zip(form.inputs, item.in_shapes, strict=False))
+    if not item.body:  # a block's second input is its body's output, of the same shape
+        pairs = pairs[:1] if item.layer.arity == 1 else pairs
+    for array, shape in (*pairs, (form.output.array, item.out_shape)):
         for dim, length in zip(array.dims[1:], shape, strict=True):
             if isinstance(dim, sp.Symbol):
                 values[dim.name] = length
@@ -53,12 +57,6 @@ def _keywords(values: dict) -> list[str]:
     return [f"{name}={value!r}" for name, value in values.items()]
 
 
-def _held(plan: Plan, step: Step, value: str) -> bool:
-    """Whether ``step`` reads ``value`` from a held copy (it is not the value's first reader)."""
-    readers = plan.readers[value]
-    return len(readers) > 1 and readers[0] != step.name
-
-
 def _message_parts(text: str) -> list[str]:
     """An f-string's text cut at spaces into literals of at most :data:`MESSAGE_WIDTH`
     characters; only the parts with a replacement field are f-strings."""
@@ -76,13 +74,13 @@ def _message_parts(text: str) -> list[str]:
 def forward_steps(builder: ModuleBuilder, plan: Plan) -> list[dict]:
     """The forward body's steps, for ``network.forward_step``."""
     rows = []
-    for step in plan.forward:
-        holds = []
-        value = step.inputs[0]
-        if len(plan.readers[value]) > 1 and plan.readers[value][0] == step.name:
-            holds = [f"skip_{reader}" for reader in plan.readers[value][1:]]
-        owned = builder.h_owned and not holds
-        row: dict = dict(name=step.name, holds=holds, reshape=None, modes=False)
+    names = builder.variables = variables(plan)
+    for index, step in enumerate(plan.forward):
+        holds = names.holds.get(index, [])
+        inputs = names.reads[step.name]
+        source = inputs[0]
+        owned = builder.h_owned and not holds and source == "h"
+        row: dict = dict(name=step.name, holds=holds, reshape=None, modes=False, source=source)
         if step.reshape:
             # The same numbers, one row per sample (C order); the width is spelled out: an empty
             # batch has no -1 to infer.
@@ -96,7 +94,6 @@ def forward_steps(builder: ModuleBuilder, plan: Plan) -> list[dict]:
         function = builder.forward_names[stem]
         row["views"] = _views(builder, plan, step)
         form = step.derivation.form
-        inputs = [f"skip_{step.name}" if _held(plan, step, v) else "h" for v in step.inputs]
         params = [f'params["{key}"]' for key in step.params]
         draws = [
             dict(name=name, method=method, args=", ".join(map(repr, args)))
@@ -120,15 +117,15 @@ def forward_steps(builder: ModuleBuilder, plan: Plan) -> list[dict]:
         if step.eval_form is not None:
             builder.uses_rng |= bool(draws)
             row.update(modes=True, draws=draws, too_few=None, state_update=None)
-            row["predict"] = _predict_call(step, stem)
+            row["predict"] = _predict_call(step, stem, inputs)
             minimum = step.layer.min_values_per_statistic
             axes = step.layer.statistics_over(step.placed.in_shape)
             others = [a for a in range(len(step.placed.in_shape) + 1) if a not in axes]
-            count = " * ".join(f"h.shape[{a}]" for a in axes)
+            count = " * ".join(f"{source}.shape[{a}]" for a in axes)
             if axes == (0,):
-                count = "len(h)"
+                count = f"len({source})"
             elif len(others) == 1:  # every axis but one: the size over that one's length
-                count = f"h.size // h.shape[{others[0]}]"
+                count = f"{source}.size // {source}.shape[{others[0]}]"
             if minimum > 1:
                 dims = [form.inputs[0].dims[a] for a in axes]
                 label = "*".join(form.letters.get(d, str(d)).upper() for d in dims)
@@ -198,35 +195,43 @@ def _views(builder: ModuleBuilder, plan: Plan, step: Step) -> list[dict]:
     return rows
 
 
-def _predict_call(step: Step, stem: str) -> str:
+def _predict_call(step: Step, stem: str, inputs: list[str]) -> str:
     eval_form = step.eval_form
-    params = [f'params["{param_key(step.name, p.name)}"]' for p in eval_form.params]
+    owner = step.placed.param_owner or step.name
+    params = [f'params["{param_key(owner, p.name)}"]' for p in eval_form.params]
     keys = [param_key(step.name, a.name) for a in eval_form.aux]
     state = [f'state["{key}"]' for key in keys if key in step.state]
-    return _call(predict_function(stem), ["h", *params, *state, *_keywords(step.eval_constants())])
+    return _call(predict_function(stem),
+                 [*inputs, *params, *state, *_keywords(step.eval_constants())])
 
 
 def backward_steps(builder: ModuleBuilder, plan: Plan) -> list[dict]:
     """The backward body's steps, for ``network.backward_step``."""
     rows = []
-    for entry in plan.backward:
+    names = getattr(builder, "variables", None) or variables(plan)
+    written: set[str] = set()  # shared parameters' gradients written so far
+    for index, entry in enumerate(plan.backward):
         if isinstance(entry, Sum):
-            held = [part.split("@", 1)[1] for part in entry.parts[:-1]]
-            line = "dh = " + " + ".join([*(f"dskip_{r}" for r in held), "dh"])
-            rows.append(dict(guard=False, line=line))
-            builder.dh_owned = True
+            target = names.targets[index][0]
+            line = f"{target} = " + " + ".join(names.parts[index])
+            # no parameter before the value: its gradient is for wrt_input only
+            rows.append(dict(guard=entry.value in plan.free, line=line))
+            builder.dh_owned = target == "dh"
             continue
-        rows.append(_vjp_row(builder, plan, entry))
+        rows.extend(_vjp_rows(builder, plan, entry, index, names, written))
     return rows
 
 
-def _vjp_row(builder: ModuleBuilder, plan: Plan, entry: Vjp) -> dict:
+def _vjp_rows(builder: ModuleBuilder, plan: Plan, entry: Vjp, index: int, names,
+              written: set[str]) -> list[dict]:
     step = entry.step
     optional = step.input_grad_optional
+    upstream = names.upstream[index]
+    gradients = names.targets[index]
     if step.reshape:
         shape = ", ".join(str(length) for length in step.placed.in_shape)
-        line = f"dh = dh.reshape(len(dh), {shape})  # {step.name}"
-        return dict(guard=optional, line=line)
+        line = f"{gradients[0]} = {upstream}.reshape(len({upstream}), {shape})  # {step.name}"
+        return [dict(guard=optional, line=line)]
     stem = builder.stems[step.name] + step.stem_suffix
     function = backward_function(stem)
     form = step.derivation.form
@@ -236,25 +241,35 @@ def _vjp_row(builder: ModuleBuilder, plan: Plan, entry: Vjp) -> dict:
         f"{name}={size_values(step, form)[name]}"
         for name in builder.size_keywords.get(function, [])
     ]
-    args = ["dh", *keep, *params_read, *constants]
-    targets = [
-        f"dskip_{step.name}" if _held(plan, step, value) else "dh" for value in step.grad_inputs
-    ] + [f'grads["{key}"]' for key in step.grads]
+    args = [upstream, *keep, *params_read, *constants]
+    # a shared parameter's gradient is the sum over its uses: the first written goes into
+    # grads, each later one is added to it
+    later = {key: f"d{key.rsplit('.', 1)[1]}_{ident(step.name)}" for key in step.grads
+             if key in written}
+    targets = [*gradients, *(later.get(key, f'grads["{key}"]') for key in step.grads)]
     if step.params and optional and step.grad_inputs:
         args.append("input_grad=wrt_input")
-    if builder.dh_owned and builder.overwrites.get(function):
+    if builder.dh_owned and upstream == "dh" and builder.overwrites.get(function):
         args.append("overwrite=True")
+    owner = step.placed.param_owner or step.name
     for param in builder.outs.get(function, []):
-        args.append(f'd{param}_out=reuse.get("{step.name}.{param}")')
+        if param_key(owner, param) not in later:
+            args.append(f'd{param}_out=reuse.get("{owner}.{param}")')
     builder.dh_owned = builder.owned_grad[stem] and len(step.inputs) == 1
     line = f"{', '.join(targets)} = {_call(function, args)}"
-    return dict(guard=optional and not step.params, line=line)
+    rows = [dict(guard=optional and not step.params, line=line)]
+    for key, variable in later.items():
+        rows.append(dict(guard=False, line=f'grads["{key}"] = grads["{key}"] + {variable}'))
+    written.update(step.grads)
+    return rows
 
 
 def inits(plan: Plan) -> list[dict]:
     """Each parameter's initializer: He's gain before a ReLU-like activation, else Glorot's."""
     result = []
     for step in plan.forward:
+        if step.placed.param_owner:  # another layer's parameters: initialized there
+            continue
         for param, shape in step.layer.param_shapes(step.placed.in_shape).items():
             key = param_key(step.name, param)
             rule = step.layer.init.get(param, "zeros")

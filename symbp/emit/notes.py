@@ -298,6 +298,12 @@ class _Builder(BackpropSections):
         self.numbering = numbering
         self.plan = build_plan(self.net, derivation)
         self.labels, self.inputs = _number(self.net.placed, numbering)
+        # a graph: the network's inputs (the first is 0, the others by name) and what each
+        # layer reads first (a chain: the layer before it)
+        for k, name in enumerate(self.net.inputs):
+            self.labels[name] = "0" if k == 0 else name
+        for item in self.net.walk():
+            self.inputs[item.name] = self.labels[item.inputs[0]]
         #: the label of the network's output (the last top-level layer)
         self.depth = self.labels[self.net.placed[-1].name]
         #: residual block -> the label of its input where the body starts (``l.0``)
@@ -342,6 +348,7 @@ class _Builder(BackpropSections):
             "steps": self.steps,
             "numbering": self.numbering,
             "block_input": self._block_input_names(),
+            "fan_out": self.fan_out(),
         }
 
     def _block_input_names(self) -> dict[str, str] | None:
@@ -387,7 +394,9 @@ class _Builder(BackpropSections):
         mapping[form.inputs[0].name] = AtLayer(H, before)
         step = self.plan.step(item.name)
         for array, value in zip(form.inputs[1:], step.inputs[1:], strict=True):  # a block's body
-            mapping[array.name] = AtLayer(H, sp.Symbol(self.labels[value]))
+            mapping[array.name] = AtLayer(H, sp.Symbol(self.labels[value]))  # or another input
+            if not item.body:
+                mapping["d" + array.name] = self.delta_of(value, item.name)
         mapping[form.output.name] = AtLayer(H, label)
         mapping["d" + form.output.name] = Delta(label)
         mapping["d" + form.inputs[0].name] = Delta(before)

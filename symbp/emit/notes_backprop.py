@@ -47,6 +47,21 @@ class BackpropSections:
     """Methods of the notes builder for the sections after the forward pass."""
 
     # -- chain rule and delta recursion ---------------------------------------------------------
+    def delta_of(self, value: str, reader: str) -> Delta:
+        """The gradient ``reader`` hands back to ``value``: ``delta^(v)``, or, where several
+        layers read ``v`` (a graph's fan-out), its part ``delta^(v <- r)``."""
+        label = self.labels[value]
+        readers = self.plan.readers[value]
+        if len(readers) > 1 and not self.plan.step(readers[-1]).placed.body:
+            return Delta(sp.Symbol(rf"{label} \leftarrow {self.labels[reader]}"))
+        return Delta(sp.Symbol(label))
+
+    def fan_out(self) -> list[str]:
+        """The values a graph reads more than once: each one's gradient is the sum of its
+        readers' parts (rows of the delta recursion)."""
+        return [self.labels[v] for v, readers in self.plan.readers.items()
+                if len(readers) > 1 and not self.plan.step(readers[-1]).placed.body]
+
     def _path(self, name: str) -> list[str]:
         """Labels of the layers the gradient passes through from the output down to ``name``
         (exclusive), top first: the layers above it, and each residual block it is in.
@@ -117,6 +132,11 @@ class BackpropSections:
             pairs.append((Delta(sp.Symbol(self.depth)), lowered.xreplace(mapping)))
         by_name = {d.name: d for d in self.derivation.layers}
         for entry in self.plan.backward:
+            if isinstance(entry, Sum) and not self.plan.step(
+                    self.plan.readers[entry.value][-1]).placed.body:  # a graph's fan-out
+                parts = [self.delta_of(entry.value, r) for r in self.plan.readers[entry.value]]
+                pairs.append((Delta(sp.Symbol(self.labels[entry.value])), sp.Add(*parts)))
+                continue
             if isinstance(entry, Sum):  # the block's input: its skip's gradient and its body's
                 block = self.plan.readers[entry.value][-1]
                 derived = by_name[block]
@@ -136,6 +156,16 @@ class BackpropSections:
             derivation = derived.derivation
             names = self._network_names(derived)
             form = derivation.form
+            if len(step.inputs) > 1 and not step.placed.body:  # reading several values
+                for array, value in zip(form.inputs, step.inputs, strict=True):
+                    adjoint = derivation.vjp[array.name]
+                    lowered = self._lowered(derivation, adjoint.expr, adjoint.indices)
+                    target = self.delta_of(value, step.name)
+                    if lowered is None:
+                        rows.append(self._index_row(index, derived, adjoint, target=target))
+                    else:
+                        pairs.append((target, lowered.xreplace(names)))
+                continue
             if len(step.inputs) > 1:  # a block: the gradient its body's output gets
                 last = self.labels[step.inputs[1]]
                 skip = derivation.vjp[form.inputs[1].name]
@@ -157,7 +187,9 @@ class BackpropSections:
             lowered = self._lowered(derivation, adjoint.expr, adjoint.indices)
             target = Delta(sp.Symbol(self.inputs[step.name]))
             readers = self.plan.readers[step.inputs[0]]
-            if len(readers) > 1 and readers[0] == step.name:  # the first layer of a body
+            if len(readers) > 1 and readers[-1] not in self.block_input:  # a graph's fan-out
+                target = self.delta_of(step.inputs[0], step.name)
+            elif len(readers) > 1 and readers[0] == step.name:  # the first layer of a body
                 target = Delta(sp.Symbol(self.block_input[readers[-1]]))
             if lowered is None:
                 rows.append(self._index_row(index, derived, adjoint, target=target))

@@ -522,10 +522,17 @@ def derivation_blocks(
 
     def blocks(report: Report) -> Iterator[Block]:
         if layer is None:
-            shape = list(net.input_shape)
-            shape = f"ids in [0, {net.input_ids}), {shape}" if net.input_ids else shape
+            def described(name, shape):  # integer ids: their range
+                ids = f"ids in [0, {net.ids[name]}), " if name in net.ids else ""
+                return f"{ids}{list(shape)}"
+
+            if list(net.inputs) == ["x"]:
+                shape = f"input {described('x', net.input_shape)}"
+            else:
+                shape = "inputs " + ", ".join(
+                    f"{name} {described(name, s)}" for name, s in net.inputs.items())
             yield Text(
-                f"network {net.name}: input {shape} per sample, loss {net.loss and net.loss.kind}"
+                f"network {net.name}: {shape} per sample, loss {net.loss and net.loss.kind}"
             )
         verified = set()
         for item in items:
@@ -552,7 +559,11 @@ def derivation_blocks(
             yield from objective_blocks(derivation, unicode, report, verify, progress)
         if layer is None:
             yield Text("== backward order (each upstream gradient computed once and reused):")
-            for entry in build_plan(net, derivation).backward:
+            plan = build_plan(net, derivation)
+            if plan.graph:
+                yield Text("  (the graph in reverse topological order: a value read by several "
+                           "layers gets the sum of what each hands back, once all have)")
+            for entry in plan.backward:
                 if isinstance(entry, Sum):
                     yield Text(f"  sum: {entry.target} = {' + '.join(entry.parts)}")
                 else:

@@ -120,6 +120,11 @@ def _down(plan: Plan, jacobians, products) -> None:
     bounds: dict[str, sp.Expr | None] = {"dout": sp.Integer(1)}
     above: dict[str, sp.Expr | None] = {}  # a fan-out value -> the bound at its block's output
     for entry in plan.backward:
+        if isinstance(entry, Sum) and entry.value not in above:  # a graph's fan-out
+            parts = [bounds.get(part) for part in entry.parts]
+            known = all(part is not None for part in parts)
+            bounds[entry.target] = sp.Add(*parts) if known else None  # the triangle inequality
+            continue
         if isinstance(entry, Sum):
             block = plan.step(plan.readers[entry.value][-1])
             current, factor = above[entry.value], _block_bound(block.placed, jacobians)
@@ -128,6 +133,9 @@ def _down(plan: Plan, jacobians, products) -> None:
             continue
         step, current = entry.step, bounds[entry.upstream]
         jac = jacobians[step.name]
+        if len(step.inputs) > 1 and not step.placed.body:  # reading several: not bounded here
+            bounds.update(dict.fromkeys(entry.produces))
+            continue
         if len(step.inputs) > 1:  # a block: the body gets ``above * body_scale``
             above[step.inputs[0]] = current
             known = current is not None and jac.bound is not None

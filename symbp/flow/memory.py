@@ -105,7 +105,7 @@ def _sizes(item: Placed, form: Forward) -> dict[sp.Symbol, sp.Expr]:
     sizes that no placed shape names.
     """
     known: list[tuple[Array, tuple[int, ...]]] = [
-        (form.inputs[0], item.in_shape),
+        *zip(form.inputs, item.in_shapes, strict=False),  # (a block: its input, once)
         (form.output.array, item.out_shape),
     ]
     shapes = item.layer.param_shapes(item.in_shape)
@@ -159,9 +159,10 @@ def measure_cache(net: Net, module, *, batch: int, dtype, seed: int = 0) -> int:
     """Run the generated forward pass (training mode) on a random batch; the cache's bytes."""
     rng = np.random.default_rng(seed)
     params = module.init_params(seed=seed, dtype=dtype)
-    x = net.sample_input(rng, batch)
-    x = x if net.input_ids is not None else x.astype(dtype)
-    _, cache = module.forward(params, x, train=True, rng=rng)
+    x = net.sample_input(rng, batch)  # ids stay integers
+    x = x if isinstance(x, dict) else {next(iter(net.inputs)): x}
+    x = [a if name in net.ids else a.astype(dtype) for name, a in x.items()]
+    _, cache = module.forward(params, *x, train=True, rng=rng)
     return measured_bytes(cache)
 
 
@@ -191,7 +192,7 @@ def minimum_bytes(net: Net, batch: int, dtype) -> int:
         array = form.inputs[0] if kept.padded else form.arrays[kept.array]
         elements = int(sp.Mul(*array.dims).xreplace(sizes).subs(N, batch))
         if array.integer:  # ids in [0, V): log2(V) bits each
-            bits = elements * max(1, math.ceil(math.log2(net.input_ids)))
+            bits = elements * max(1, math.ceil(math.log2(net.ids[step.inputs[0]])))
         elif how == FULL:
             bits = elements * size * 8
         elif how == ARGMAX:

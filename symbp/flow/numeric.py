@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import sympy as sp
 
-from ..checking.gradcheck import load_module, make_inputs
+from ..checking.gradcheck import input_arrays, load_module, make_inputs
 from ..declare.net import Net, Placed
 from ..derivation.layer import LayerDerivation
 from ..derivation.plan import Plan, Step, Sum, build_plan
@@ -125,7 +125,7 @@ def loss_gradient(net: Net, module: types.ModuleType, out: np.ndarray, y) -> tup
 # -- bounds at given values ---------------------------------------------------------------------
 def layer_arrays(net: Net, name: str, params, cache) -> dict[str, np.ndarray]:
     """A layer's parameters and cached arrays by their names in its formulas."""
-    prefix = f"{name}."
+    prefix = f"{net.find(name).param_owner or name}."
     arrays = {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
     if name in cache:
         derivation = plan_for(net).step(name).derivation  # the form the plan chose to keep
@@ -140,7 +140,8 @@ def evaluate_bound(expr: sp.Expr | None, net: Net, params, cache) -> float:
     values = {}
     for node in expr.atoms(OperatorNorm):
         param, layer = node.args
-        values[node] = sp.Float(np.linalg.norm(params[f"{layer.name}.{param.name}"], 2), 17)
+        owner = net.find(layer.name).param_owner or layer.name  # (a shared parameter's)
+        values[node] = sp.Float(np.linalg.norm(params[f"{owner}.{param.name}"], 2), 17)
     for node in expr.atoms(LayerMax):
         inner, layer = node.args
         arrays = layer_arrays(net, layer.name, params, cache)
@@ -284,8 +285,9 @@ def measure(
     params = initial if params is None else params
     if inputs is not None:
         x, y = inputs
-        batch = len(x)
-    out, cache = module.forward(params, x, train=True, rng=np.random.default_rng(seed))
+        batch = len(next(iter(input_arrays(net, x).values())))
+    arrays = list(input_arrays(net, x).values())
+    out, cache = module.forward(params, *arrays, train=True, rng=np.random.default_rng(seed))
     if net.loss is None:
         loss, dout = float(np.sum(out * y)), y
     else:
@@ -313,7 +315,8 @@ def measure(
     if jacobian_batch and jacobians_fit(net, jacobian_batch):
         used_batch = jacobian_batch
         _, _, xj, _ = setup(net, batch=jacobian_batch, seed=seed + 1, module=module)
-        _, jcache = module.forward(params, xj, train=True, rng=np.random.default_rng(seed))
+        _, jcache = module.forward(params, *input_arrays(net, xj).values(), train=True,
+                                   rng=np.random.default_rng(seed))
         chains = product_jacobians(net, module, params, jcache, jacobian_batch)
         for measured, item in zip(rows, net.walk(), strict=True):
             matrix = layer_jacobian_matrix(net, module, params, jcache, item, jacobian_batch)
