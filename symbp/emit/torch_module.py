@@ -20,9 +20,10 @@ from ..derivation.plan import Plan, Step, build_plan
 from ..errors import SpecError
 from ..naming import adjoint, backward_function, predict_function
 from ..version import __version__
+from .graph_vars import variables
 from .layout import MAX_LINE
 from .module import ModuleBuilder
-from .network import _held, inits, size_values
+from .network import inits, size_values
 from .objective import regularizer_context
 from .torch_helpers import HELPER_SOURCES, helper_closure
 from .torch_printer import SymbpTorchPrinter, TorchPrintError
@@ -93,15 +94,15 @@ def _function_class(builder: TorchBuilder, stem: str, step: Step) -> dict:
 
 def _forward_rows(builder: TorchBuilder, plan: Plan, functions: dict) -> list[dict]:
     rows = []
-    for step in plan.forward:
-        holds = []
-        value = step.inputs[0]
-        if len(plan.readers[value]) > 1 and plan.readers[value][0] == step.name:
-            holds = [f"skip_{reader}" for reader in plan.readers[value][1:]]
-        row: dict = dict(name=step.name, holds=holds, reshape=None, modes=False)
+    names = variables(plan)  # the variable holding each value (h, skip_<reader>, an input)
+    for index, step in enumerate(plan.forward):
+        inputs = names.reads[step.name]
+        row: dict = dict(name=step.name, holds=names.holds.get(index, []), reshape=None,
+                         modes=False)
         if step.reshape:
             width = math.prod(step.placed.in_shape)
-            row["reshape"] = f"h = h.reshape(len(h), {width})  # {step.name}"
+            source = inputs[0]
+            row["reshape"] = f"h = {source}.reshape(len({source}), {width})  # {step.name}"
             rows.append(row)
             continue
         stem = builder.stems[step.name] + step.stem_suffix
@@ -120,7 +121,6 @@ def _forward_rows(builder: TorchBuilder, plan: Plan, functions: dict) -> list[di
         backward_kw.update(
             {k: sizes[k] for k in builder.size_keywords.get(function["backward"], [])}
         )
-        inputs = [f"skip_{step.name}" if _held(plan, step, v) else "h" for v in step.inputs]
         if any(method not in DRAWS or (method == "binomial" and args[0] != 1)
                for method, args in step.draws.values()):
             raise SpecError("the torch target cannot draw its random values yet", layer=step.name)
@@ -138,7 +138,8 @@ def _forward_rows(builder: TorchBuilder, plan: Plan, functions: dict) -> list[di
             row.update(modes=True, too_few=None, state_update=None)
             eval_form = step.eval_form
             state = {k.rsplit(".", 1)[1]: k for k in step.state}
-            eval_args = ["h", *(_attribute(f"{step.name}.{p.name}") for p in eval_form.params)]
+            eval_args = [inputs[0]]
+            eval_args += [_attribute(f"{step.name}.{p.name}") for p in eval_form.params]
             eval_args += [_attribute(state[a.name]) for a in eval_form.aux if a.name in state]
             eval_args += [f"{k}={v!r}" for k, v in step.eval_constants().items()]
             row["predict"] = f"{predict_function(stem)}({', '.join(eval_args)})"
@@ -216,6 +217,7 @@ def generate_torch_module(net: Net, derivation: NetworkDerivation | None = None)
         steps=rows,
         uses_rng=any(row.get("draws") for row in rows),
         decay=decay,
+        inputs=list(plan.inputs),
     )
 
 
