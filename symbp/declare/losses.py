@@ -7,7 +7,7 @@ from typing import ClassVar
 import sympy as sp
 
 from ..errors import SpecError
-from .base import LETTERS, REGISTRY, F, Layer, register
+from .base import LETTERS, REGISTRY, F, Layer, register, sample_dims
 from .forms import Array, Forward, N, Stage, index, size
 
 
@@ -26,14 +26,24 @@ class Loss(Layer):
 
 @register
 class Mse(Loss):
-    """Mean squared error, mean over all elements."""
+    """Mean squared error, mean over all elements (of feature vectors or of sequences)."""
 
     kind = "mse"
 
+    def check_output(self, out_shape):
+        if len(out_shape) not in (1, 2):
+            raise SpecError(
+                f"mse needs a feature-vector or sequence (T, D) output, got {list(out_shape)}"
+            )
+
     def forward_form(self, in_shape):
-        z, t = Array("z", (N, F)), Array("t", (N, F))
-        n, j = index("n"), index("j")
-        loss = sp.Sum((z[n, j] - t[n, j]) ** 2, (n, 0, N - 1), (j, 0, F - 1)) / (N * F)
+        if len(in_shape) == 2:  # a sequence: the mean over the batch, positions and features
+            dims, idx = sample_dims(in_shape), tuple(index(s) for s in "ntd")
+        else:
+            dims, idx = (N, F), (index("n"), index("j"))
+        z, t = Array("z", dims), Array("t", dims)
+        limits = [(i, 0, d - 1) for i, d in zip(idx, dims, strict=True)]
+        loss = sp.Sum((z[idx] - t[idx]) ** 2, *limits) / sp.Mul(*dims)
         return Forward(
             inputs=(z,),
             params=(),

