@@ -14,6 +14,9 @@ exact formulas, generate a NumPy module, check it against finite differences, ex
 import os
 
 from .checking import gradcheck as _gradcheck
+from .declare.attention import (
+    Attention as attention,
+)
 from .declare.canon import (
     Dropout as dropout,
 )
@@ -176,6 +179,7 @@ def _flags(**flags) -> None:
 __all__ = [
     "Net",
     "activation",
+    "attention",
     "avgpool2d",
     "batchnorm",
     "check",

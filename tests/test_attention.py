@@ -41,9 +41,12 @@ def torch_attention(layer, p, h):
     def split(a):  # (N, T, M) -> (N, heads, T, M / heads)
         return a.reshape(batch, length, heads, -1).transpose(1, 2)
 
-    q, k, v = (split(h @ p(f"W{w}") + p(f"b{w}")) for w in "qkv")
+    width = p("bq").numel()  # symbp keeps the weights per head: (D, heads, width / heads)
+    q, k, v = (split(h @ p(f"W{w}").reshape(-1, width) + p(f"b{w}").reshape(width))
+               for w in "qkv")
     context = tF.scaled_dot_product_attention(q, k, v, is_causal=layer.causal)
-    return context.transpose(1, 2).reshape(batch, length, -1) @ p("Wo") + p("bo")
+    return (context.transpose(1, 2).reshape(batch, length, width)
+            @ p("Wo").reshape(width, -1) + p("bo"))
 
 
 def torch_forward(items, params, h):
@@ -95,9 +98,12 @@ def problem(net: Net, *, batch: int, seed: int):
 
 
 def relative_error(actual, expected) -> float:
+    """Relative to the largest expected value; a gradient that is zero up to rounding is
+    compared absolutely (the key bias's: a softmax does not change when the same number is
+    added to every key's score, so ``dbk = 0`` exactly, and both sides are rounding noise)."""
     actual, expected = np.asarray(actual), np.asarray(expected)
     assert actual.shape == expected.shape
-    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-300))
+    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-4))
 
 
 def assert_agrees_with_torch(net: Net, *, batch: int = 3, seed: int = 0) -> None:
@@ -117,7 +123,7 @@ def assert_agrees_with_torch(net: Net, *, batch: int = 3, seed: int = 0) -> None
     expected = {k: t.grad.numpy() for k, t in tensors.items()} | {"x": tx.grad.numpy()}
     assert set(grads) == set(expected)
     errors = {k: relative_error(grads[k], g) for k, g in expected.items()}
-    assert all(e < TOLERANCE for e in errors.values()), errors
+    assert all(e < TOLERANCE for e in errors.values()), sorted(errors.items())
     out = module.predict(params, x)
     with torch.no_grad():
         want = torch_forward(net.placed, {k: torch.tensor(v) for k, v in params.items()},
@@ -164,3 +170,59 @@ def test_sequence_input_from_toml_and_its_errors():
         Net([symbp.softmax()], input_shape=(2, 3, 4, 5), loss="mse")
     with pytest.raises(SpecError, match="feature-vector output"):
         Net([symbp.linear(3)], input_shape=(4, 8), loss="softmax_cross_entropy")
+
+
+# --------------------------------------------------------------------------- attention
+
+
+@pytest.mark.parametrize("heads", [1, 2, 3])
+def test_attention_agrees_with_scaled_dot_product_attention(heads):
+    net = Net([symbp.attention(heads, name="att")], input_shape=(5, 6), loss="mse")
+    assert net.output_shape == (5, 6)
+    assert net.param_shapes["att.Wq"] == (6, heads, 6 // heads)
+    assert net.param_shapes["att.Wo"] == (heads, 6 // heads, 6)
+    assert_agrees_with_torch(net)
+
+
+def test_attention_with_its_own_width():
+    net = Net([symbp.attention(2, width=8, name="att"), symbp.flatten(), symbp.linear(3)],
+              input_shape=(4, 6), loss="softmax_cross_entropy")
+    assert net.param_shapes["att.Wv"] == (6, 2, 4)
+    assert_agrees_with_torch(net)
+
+
+def test_attention_parameters_mean_what_multihead_attention_means():
+    """The generated forward and input gradient equal nn.MultiheadAttention's with its
+    weights read off symbp's (in_proj_weight = the three (D, width) blocks transposed)."""
+    heads, length, width = 2, 5, 8
+    net = Net([symbp.attention(heads, name="att")], input_shape=(length, width), loss="mse")
+    module = load_module(generate_module(net))
+    params, x, y = problem(net, batch=3, seed=4)
+    mha = torch.nn.MultiheadAttention(width, heads, batch_first=True, dtype=torch.float64)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.tensor(np.concatenate(
+            [params[f"att.W{w}"].reshape(width, width).T for w in "qkv"])))
+        mha.in_proj_bias.copy_(torch.tensor(np.concatenate(
+            [params[f"att.b{w}"].reshape(width) for w in "qkv"])))
+        mha.out_proj.weight.copy_(torch.tensor(params["att.Wo"].reshape(width, width).T))
+        mha.out_proj.bias.copy_(torch.tensor(params["att.bo"]))
+    tx = torch.tensor(x, requires_grad=True)
+    out, _ = mha(tx, tx, tx, need_weights=False)
+    expected = tF.mse_loss(out, torch.tensor(y))
+    expected.backward()
+    loss, grads = module.loss_and_grads(params, x, y)
+    assert abs(loss - expected.item()) <= TOLERANCE * expected.item()
+    assert relative_error(grads["x"], tx.grad.numpy()) < TOLERANCE
+    assert relative_error(grads["att.Wq"].reshape(width, width).T,
+                          mha.in_proj_weight.grad[:width].numpy()) < TOLERANCE
+    assert relative_error(grads["att.Wo"].reshape(width, width).T,
+                          mha.out_proj.weight.grad.numpy()) < TOLERANCE
+
+
+def test_attention_fields_are_checked():
+    with pytest.raises(SpecError, match="heads do not divide"):
+        Net([symbp.attention(4)], input_shape=(3, 6), loss="mse")
+    with pytest.raises(SpecError, match=r"expects sequences \(T, D\)"):
+        Net([symbp.attention(1)], input_shape=(6,), loss="mse")
+    with pytest.raises(SpecError, match="true or false"):
+        symbp.attention(1, causal=1)

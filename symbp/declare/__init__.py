@@ -4,4 +4,10 @@ Nothing here differentiates anything; :mod:`symbp.derivation` does that from the
 definitions declared here.
 """
 
-from . import canon, conv, custom, layers  # noqa: E402,F401 - registering every layer type
+from . import (  # noqa: E402,F401 - registering every layer type
+    attention,  # noqa: E402,F401 - registered after the others (their order stays)
+    canon,
+    conv,
+    custom,
+    layers,
+)

@@ -94,6 +94,10 @@ class Forward:
     #: zero-padded upstream gradient against the flipped kernel) instead of as a scatter-add;
     #: chosen per layer at its concrete sizes, the formula is the same
     gather: bool = False
+    #: intermediate stages whose gradient the backward computes once, as a named array that
+    #: the other gradients read (the staged chain rule kept where inlining it would repeat
+    #: work: attention's ``dq``, ``dk``, ``dv``), in place of substituting it
+    through: tuple[str, ...] = ()
 
     @property
     def output(self) -> Stage:

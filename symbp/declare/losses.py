@@ -37,8 +37,11 @@ class Mse(Loss):
             )
 
     def forward_form(self, in_shape):
+        letters = LETTERS
         if len(in_shape) == 2:  # a sequence: the mean over the batch, positions and features
-            dims, idx = sample_dims(in_shape), tuple(index(s) for s in "ntd")
+            # (positions indexed by s: t names the targets)
+            dims, idx = sample_dims(in_shape), tuple(index(s) for s in "nsd")
+            letters = {**LETTERS, dims[1]: "s"}
         else:
             dims, idx = (N, F), (index("n"), index("j"))
         z, t = Array("z", dims), Array("t", dims)
@@ -50,7 +53,7 @@ class Mse(Loss):
             aux=(t,),
             stages=(Stage(Array("L", ()), (), loss),),
             keep=(),
-            letters=LETTERS,
+            letters=letters,
         )
 
 

@@ -56,13 +56,18 @@ def derive_layer(form: Forward) -> LayerDerivation:
     def compact_with(keep: tuple[str, ...]) -> LayerDerivation:
         rules = _rules_towards(form, keep)
         identities = _sum_identities(form, rules, names)
-        vjp, steps = {}, {}
+        vjp, steps, through = {}, {}, {}
+        for adjoint in staged:  # reverse stage order, as they are computed
+            if adjoint.array.name in form.through:
+                through[adjoint.array.name], steps[adjoint.array.name] = _compact(
+                    adjoint, by_name, rules, identities, names, form)
         for array in form.differentiable:
             compact, trail = _compact(by_name[array.name], by_name, rules, identities, names, form)
             vjp[array.name] = compact
             steps[array.name] = trail
-        stored = _stored(form, vjp)
-        return LayerDerivation(form, staged, vjp, stored, rules, identities, steps)
+        stored = _stored(form, {**through, **vjp})
+        return LayerDerivation(form, staged, vjp, stored, rules, identities, steps,
+                               through=through)
 
     best = None
     for keep in _keep_candidates(form):
@@ -147,7 +152,7 @@ def _compact(adjoint, by_name, rules, identities, names, form):
 
 def _inline(expr: sp.Expr, by_name: dict[str, Adjoint], form: Forward) -> sp.Expr:
     """Substitute every intermediate adjoint ``dS[..]`` by its formula, repeatedly."""
-    intermediate = {s.name for s in form.stages[:-1]}
+    intermediate = {s.name for s in form.stages[:-1]} - set(form.through)
     formulas = {naming.adjoint(name): by_name[name] for name in intermediate}
 
     def is_pending(element) -> bool:
@@ -322,7 +327,7 @@ def _code_reads(derivation: LayerDerivation) -> tuple[str, ...]:
     form = derivation.form
     upstream = derivation.upstream.name
     read: set[str] = set()
-    for adjoint in derivation.vjp.values():
+    for adjoint in [*derivation.through.values(), *derivation.vjp.values()]:
         code = stabilize(computed_form(adjoint.expr, upstream, form.gather))
         code = carried_read(code, derivation.carried)
         read |= {_name(element) for element in _elements(code)}

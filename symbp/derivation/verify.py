@@ -260,6 +260,8 @@ def verify_layer(
             _table_of(expander, adjoint, sizes)
         adjoints = {a.array.name: a for a in derivation.staged}
     else:
+        for adjoint in derivation.through.values():  # read by name by the others
+            _table_of(expander, adjoint, sizes)
         adjoints = derivation.vjp
     expected = _direct_gradients(expander, form)
     verdicts = []
