@@ -175,9 +175,11 @@ def test_sequence_input_from_toml_and_its_errors():
 # --------------------------------------------------------------------------- attention
 
 
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("heads", [1, 2, 3])
-def test_attention_agrees_with_scaled_dot_product_attention(heads):
-    net = Net([symbp.attention(heads, name="att")], input_shape=(5, 6), loss="mse")
+def test_attention_agrees_with_scaled_dot_product_attention(heads, causal):
+    net = Net([symbp.attention(heads, causal=causal, name="att")], input_shape=(5, 6),
+              loss="mse")
     assert net.output_shape == (5, 6)
     assert net.param_shapes["att.Wq"] == (6, heads, 6 // heads)
     assert net.param_shapes["att.Wo"] == (heads, 6 // heads, 6)

@@ -103,12 +103,17 @@ class Attention(Layer):
             return sp.Sum(x[n, t, d] * weights[w][d, h, e], (d, 0, D - 1)) + biases[w][h, e]
 
         stages = [Stage(a, (n, h, t, e), projection(a.name)) for a in (q, k, v)]
+        stages.append(Stage(scores, (n, h, t, u),
+                            sp.Sum(q[n, h, t, e] * k[n, h, u, e], (e, 0, E - 1)) / sp.sqrt(E)))
+        logits = scores
+        if self.causal:  # the keys after the query's position are out of the softmax: exp(-oo)
+            logits = Array("a", (N, HEADS, T, T))
+            stages.append(Stage(logits, (n, h, t, u), sp.Piecewise(
+                (scores[n, h, t, u], sp.Le(u, t)), (-sp.oo, True))))
         stages += [
-            Stage(scores, (n, h, t, u),
-                  sp.Sum(q[n, h, t, e] * k[n, h, u, e], (e, 0, E - 1)) / sp.sqrt(E)),
             Stage(lse, (n, h, t),
-                  sp.log(sp.Sum(sp.exp(scores[n, h, t, u]), (u, 0, T - 1)))),
-            Stage(p, (n, h, t, u), sp.exp(scores[n, h, t, u] - lse[n, h, t])),
+                  sp.log(sp.Sum(sp.exp(logits[n, h, t, u]), (u, 0, T - 1)))),
+            Stage(p, (n, h, t, u), sp.exp(logits[n, h, t, u] - lse[n, h, t])),
             Stage(c, (n, h, t, e), sp.Sum(p[n, h, t, u] * v[n, h, u, e], (u, 0, T - 1))),
             Stage(Array("y", (N, T, D)), (n, t, o),
                   sp.Sum(c[n, h, t, e] * Wo[h, e, o], (h, 0, HEADS - 1), (e, 0, E - 1))
@@ -123,7 +128,7 @@ class Attention(Layer):
             letters=ATTENTION_LETTERS,
             # dc, dp, ds, dv, dk, dq each computed once: substituted into the parameters'
             # gradients they would be recomputed inside every one (sums over T x T x E x D)
-            through=("q", "k", "v", "s", "p", "c"),
+            through=("q", "k", "v", "s", "a", "p", "c"),
         )
 
     def math_key(self, in_shape):

@@ -102,6 +102,13 @@ class Step(ArrayOp):
     nargs = (1, 2)
 
 
+class Positions(ArrayOp):
+    """``np.arange(size)``: an index read as a number (a causal mask's ``u <= t``)."""
+
+    def _numpycode(self, printer) -> str:
+        return f"np.arange({printer._print(self.args[0])})"
+
+
 class Einsum(ArrayOp):
     """``np.einsum(spec, a, b)``: a contraction over several indices (convolutions)."""
 
@@ -275,6 +282,8 @@ class Lowering:
         if isinstance(expr, sp.Symbol):
             if expr.name in self.array_names:
                 return self.symbol(expr.name), ()
+            if _is_index(expr) and expr in self.sizes:  # an index as a number: its positions
+                return Positions(self.sizes[expr]), (expr,)
             return expr, ()
         if expr.is_Number or isinstance(expr, sp.NumberSymbol):
             return expr, ()
