@@ -93,8 +93,11 @@ def derive_layer(form: Forward) -> LayerDerivation:
 def bound_names(form: Forward) -> dict[sp.Expr, str]:
     """Letters for bound indices: a sum over the batch runs over ``m``, over features ``k``."""
     names: dict[sp.Expr, str] = {}
+    # a size two axes of one array run over (attention's scores, T x T) has t and t' free
+    twice = {d for a in form.arrays.values() for d in a.dims if a.dims.count(d) > 1}
     for dim, letter in form.letters.items():
-        names[dim - 1] = {"n": "m", "j": "k", "i": "k", "c": "k"}.get(letter, letter + "'")
+        bound = letter + ("''" if dim in twice else "'")
+        names[dim - 1] = {"n": "m", "j": "k", "i": "k", "c": "k"}.get(letter, bound)
     return names
 
 
