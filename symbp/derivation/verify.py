@@ -523,6 +523,7 @@ def default_sizes(form: Forward, batch: int = 2, width: int = 2) -> dict[sp.Symb
             for size in sizes:
                 if size.name == "C":
                     sizes[size] = 2 * sizes[symbol]
+    sizes.update({s: v for s, v in form.proof_sizes.items() if s in sizes})  # declared
     for symbol, rule in form.size_rules.items():
         sizes[symbol] = int(rule.xreplace(sizes))
     return sizes
