@@ -102,13 +102,6 @@ class Step(ArrayOp):
     nargs = (1, 2)
 
 
-class Positions(ArrayOp):
-    """``np.arange(size)``: an index read as a number (a causal mask's ``u <= t``)."""
-
-    def _numpycode(self, printer) -> str:
-        return f"np.arange({printer._print(self.args[0])})"
-
-
 class Einsum(ArrayOp):
     """``np.einsum(spec, a, b)``: a contraction over several indices (convolutions)."""
 
@@ -148,11 +141,8 @@ class Shifted(ArrayOp):
 
 
 class Flipped(ArrayOp):
-    """``(a, axes)``: ``a`` read backwards along ``axes`` (``a[:, :, ::-1, ::-1]``), a view.
-
-    A kernel read as ``W[o, c, K_h - 1 - k, K_w - 1 - k']``: the flipped kernel of a full
-    convolution.
-    """
+    """``(a, axes)``: ``a`` read backwards along ``axes`` (``a[:, :, ::-1, ::-1]``), a view:
+    a kernel read as ``W[o, c, K_h - 1 - k, K_w - 1 - k']``, a full convolution's."""
 
 
 class WindowMaximum(ArrayOp):
@@ -283,6 +273,7 @@ class Lowering:
             if expr.name in self.array_names:
                 return self.symbol(expr.name), ()
             if _is_index(expr) and expr in self.sizes:  # an index as a number: its positions
+                from .broadcast import Positions
                 return Positions(self.sizes[expr]), (expr,)
             return expr, ()
         if expr.is_Number or isinstance(expr, sp.NumberSymbol):
