@@ -14,6 +14,9 @@ exact formulas, generate a NumPy module, check it against finite differences, ex
 import os
 
 from .checking import gradcheck as _gradcheck
+from .declare.attention import (
+    Attention as attention,
+)
 from .declare.canon import (
     Dropout as dropout,
 )
@@ -206,6 +209,7 @@ __all__ = [
     "Net",
     "activation",
     "add",
+    "attention",
     "avgpool2d",
     "batchnorm",
     "check",

@@ -5,6 +5,7 @@ definitions declared here.
 """
 
 from . import (  # noqa: E402,F401 - registering every layer type
+    attention,
     canon,
     conv,
     conv_transpose,

@@ -11,7 +11,17 @@ from typing import ClassVar
 import sympy as sp
 
 from ..errors import SpecError
-from .base import IMAGE_DIMS, LETTERS, REGISTRY, F, Layer, X, _number, exact, register
+from .base import (
+    LETTERS,
+    REGISTRY,
+    F,
+    Layer,
+    X,
+    _number,
+    exact,
+    register,
+    sample_dims,
+)
 from .expr import parse_expression
 from .forms import Array, Forward, N, Stage, index
 
@@ -42,8 +52,7 @@ class Elementwise(Layer):
         return {symbol.name: getattr(self, attr) for attr, symbol in self.constants.items()}
 
     def forward_form(self, in_shape):
-        rank = len(in_shape) + 1
-        dims = (N, F) if rank == 2 else (N, *IMAGE_DIMS[: rank - 1])
+        dims = sample_dims(in_shape)
         idx = tuple(index(LETTERS[d]) for d in dims)
         x = Array("x", dims)
         params, param_subs = self.params_form()

@@ -32,7 +32,20 @@ F_IN = size("I")
 F_OUT = size("O")
 #: per-sample sizes of images (channels, height, width), as the image layers name them
 IMAGE_DIMS = (size("C"), size("H_in"), size("W_in"))
-LETTERS = {N: "n", F: "j", F_IN: "i", F_OUT: "j", **dict(zip(IMAGE_DIMS, "chw", strict=True))}
+#: per-sample sizes of sequences (positions, features at each position)
+SEQ_DIMS = (size("T"), size("D"))
+LETTERS = {N: "n", F: "j", F_IN: "i", F_OUT: "j", **dict(zip(IMAGE_DIMS, "chw", strict=True)),
+           **dict(zip(SEQ_DIMS, "td", strict=True))}
+
+
+def sample_dims(in_shape: tuple[int, ...]) -> tuple[sp.Symbol, ...]:
+    """The symbolic dims of a batch of samples of ``in_shape``, batch first: ``(N, F)`` for
+    feature vectors, ``(N, T, D)`` for sequences, ``(N, C, H_in, W_in)`` for images."""
+    if len(in_shape) == 1:
+        return (N, F)
+    if len(in_shape) == 2:
+        return (N, *SEQ_DIMS)
+    return (N, *IMAGE_DIMS[: len(in_shape)])
 
 
 def register(cls: type[Layer]) -> type[Layer]:

@@ -12,7 +12,19 @@ import sympy as sp
 
 from ..errors import SpecError
 from .activations import Elementwise
-from .base import IMAGE_DIMS, LETTERS, F, Layer, X, _integer, _number, exact, register
+from .base import (
+    IMAGE_DIMS,
+    LETTERS,
+    SEQ_DIMS,
+    F,
+    Layer,
+    X,
+    _integer,
+    _number,
+    exact,
+    register,
+    sample_dims,
+)
 from .forms import Array, Forward, N, Stage, index
 
 C, H, W = IMAGE_DIMS
@@ -26,7 +38,12 @@ def _sample_layout(in_shape):
     if len(in_shape) == 3:
         idx = (index("n"), index("c"), index("h"), index("w"))
         return (N, C, H, W), idx, (index("k"), index("r"), index("s"))
-    raise SpecError(f"expects feature vectors or images (C, H, W), got {list(in_shape)}")
+    if len(in_shape) == 2:  # a sequence: each position's features (the last axis)
+        idx = (index("n"), index("t"), index("d"))
+        return (N, *SEQ_DIMS), idx, (index("k"),)
+    raise SpecError(
+        f"expects feature vectors, sequences (T, D) or images (C, H, W), got {list(in_shape)}"
+    )
 
 
 @register
@@ -35,7 +52,9 @@ class LayerNorm(Layer):
 
     ``y = gamma * (x - mu) / sqrt(var + eps) + beta``, ``mu`` and the biased ``var`` taken over
     one sample's features: the last axis of feature vectors ``(F,)``, the whole ``(C, H, W)`` of
-    an image (``nn.LayerNorm([C, H, W])``); ``gamma`` and ``beta`` have the sample's shape.
+    an image (``nn.LayerNorm([C, H, W])``); ``gamma`` and ``beta`` have the sample's shape. On a
+    sequence ``(T, D)`` each position is normalised over its ``D`` features alone, as in a
+    transformer (``nn.LayerNorm(D)``), with ``gamma`` and ``beta`` of shape ``(D,)``.
     The same in training and evaluation: no running state.
     """
 
@@ -53,27 +72,30 @@ class LayerNorm(Layer):
         return in_shape
 
     def param_shapes(self, in_shape):
-        return {"gamma": tuple(in_shape), "beta": tuple(in_shape)}
+        shape = tuple(in_shape[-1:] if len(in_shape) == 2 else in_shape)
+        return {"gamma": shape, "beta": shape}
 
     def constant_values(self):
         return {"eps": self.eps}
 
     def forward_form(self, in_shape):
         dims, idx, bound = _sample_layout(in_shape)
-        n, features = idx[0], dims[1:]
+        # the statistics are per row: per sample, or per position of a sequence
+        rows = 2 if len(in_shape) == 2 else 1
+        n, features = idx[:rows], dims[rows:]
         x = Array("x", dims)
         gamma, beta = Array("gamma", features), Array("beta", features)
-        mu, var = Array("mu", (N,)), Array("var", (N,))
-        invstd, xhat = Array("invstd", (N,), positive=True), Array("xhat", dims)
-        element = x[(n, *bound)]
+        mu, var = Array("mu", dims[:rows]), Array("var", dims[:rows])
+        invstd, xhat = Array("invstd", dims[:rows], positive=True), Array("xhat", dims)
+        element = x[(*n, *bound)]
         limits = [(b, 0, d - 1) for b, d in zip(bound, features, strict=True)]
         count = sp.Mul(*features)
         stages = (
-            Stage(mu, (n,), sp.Sum(element, *limits) / count),
-            Stage(var, (n,), sp.Sum((element - mu[n]) ** 2, *limits) / count),
-            Stage(invstd, (n,), 1 / sp.sqrt(var[n] + self.EPS)),
+            Stage(mu, n, sp.Sum(element, *limits) / count),
+            Stage(var, n, sp.Sum((element - mu[n]) ** 2, *limits) / count),
+            Stage(invstd, n, 1 / sp.sqrt(var[n] + self.EPS)),
             Stage(xhat, idx, (x[idx] - mu[n]) * invstd[n]),
-            Stage(Array("y", dims), idx, gamma[idx[1:]] * xhat[idx] + beta[idx[1:]]),
+            Stage(Array("y", dims), idx, gamma[idx[rows:]] * xhat[idx] + beta[idx[rows:]]),
         )
         return Forward(
             inputs=(x,),
@@ -171,16 +193,19 @@ class GroupNorm(Layer):
 
 
 def _features(in_shape, kind: str):
-    if len(in_shape) != 1:
-        raise SpecError(f"{kind} expects feature vectors, got per-sample shape {list(in_shape)}")
+    if len(in_shape) not in (1, 2):
+        raise SpecError(f"{kind} expects feature vectors or sequences (T, D), got per-sample "
+                        f"shape {list(in_shape)}")
 
 
 def _log_sum_exp(x: Array) -> tuple[Array, Stage]:
-    """``lse[n] = log(sum_k exp(x[n, k]))``: computed shifted by the row's maximum (the stable
-    rewrite of :mod:`symbp.derivation.stable`), as softmax cross-entropy's."""
-    n, k = index("n"), index("k")
-    lse = Array("lse", (N,))
-    return lse, Stage(lse, (n,), sp.log(sp.Sum(sp.exp(x[n, k]), (k, 0, F - 1))))
+    """``lse[n] = log(sum_k exp(x[n, k]))`` (on a sequence ``lse[n, t]``, along the last axis):
+    computed shifted by the row's maximum (the stable rewrite of
+    :mod:`symbp.derivation.stable`), as softmax cross-entropy's."""
+    rows = (index("n"),) if x.rank == 2 else (index("n"), index("t"))
+    k = index("k")
+    lse = Array("lse", x.dims[:-1])
+    return lse, Stage(lse, rows, sp.log(sp.Sum(sp.exp(x[(*rows, k)]), (k, 0, x.dims[-1] - 1))))
 
 
 class _AlongFeatures(Layer):
@@ -199,12 +224,15 @@ class _AlongFeatures(Layer):
 
     def forward_form(self, in_shape):
         _features(in_shape, self.kind)
-        x, (n, j) = Array("x", (N, F)), (index("n"), index("j"))
+        dims = (N, F) if len(in_shape) == 1 else sample_dims(in_shape)
+        idx = (index("n"), index("j")) if len(in_shape) == 1 else tuple(map(index, "ntd"))
+        x = Array("x", dims)
         lse, stage = _log_sum_exp(x)
+        y = self.output(x[idx], lse[idx[:-1]])
         return Forward(
             inputs=(x,),
             params=(),
-            stages=(stage, Stage(Array("y", (N, F)), (n, j), self.output(x[n, j], lse[n]))),
+            stages=(stage, Stage(Array("y", dims), idx, y)),
             keep=self.keeps,
             letters=LETTERS,
         )
@@ -213,7 +241,8 @@ class _AlongFeatures(Layer):
 @register
 class Softmax(_AlongFeatures):
     """Softmax along the features: ``y[n, j] = exp(x[n, j]) / sum_k exp(x[n, k])``
-    (PyTorch's ``softmax(x, dim=1)``), declared as ``exp(x[n, j] - lse[n])`` with the row's
+    (PyTorch's ``softmax(x, dim=-1)``; on a sequence along each position's features), declared
+    as ``exp(x[n, j] - lse[n])`` with the row's
     log-sum-exp ``lse``, which the forward computes without overflow."""
 
     kind = "softmax"
@@ -226,7 +255,7 @@ class Softmax(_AlongFeatures):
 @register
 class LogSoftmax(_AlongFeatures):
     """Log-softmax along the features: ``y[n, j] = x[n, j] - log(sum_k exp(x[n, k]))``
-    (PyTorch's ``log_softmax(x, dim=1)``), the log-sum-exp computed without overflow."""
+    (PyTorch's ``log_softmax(x, dim=-1)``), the log-sum-exp computed without overflow."""
 
     kind = "log_softmax"
     keeps = ("lse",)  # the backward reads exp(x - lse), the softmax, kept by the forward
@@ -295,8 +324,7 @@ class Dropout(Elementwise):
         return {"m": ("binomial", (1, 1 - self.p))}
 
     def forward_form(self, in_shape):
-        rank = len(in_shape) + 1
-        dims = (N, F) if rank == 2 else (N, *IMAGE_DIMS[: rank - 1])
+        dims = sample_dims(in_shape)
         idx = tuple(index(LETTERS[d]) for d in dims)
         x, mask = Array("x", dims), Array("m", dims)
         p = self.constants["p"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import sympy as sp
 
 from ..errors import SpecError
+from .base import SEQ_DIMS, sample_dims
 from .forms import Array, Forward, N, Stage, WindowMax, index, size
 from .layers import MAX_ELEMENTS, Layer, _integer, register, shown
 
@@ -27,6 +28,7 @@ STRIDE = sp.Symbol("stride", integer=True, positive=True)
 PADDING = sp.Symbol("padding", integer=True, positive=True)
 DILATION = sp.Symbol("dilation", integer=True, positive=True)
 LETTERS = {N: "n", C: "c", H: "h", W: "w", CO: "o", KH: "i", KW: "j", HO: "p", WO: "q"}
+SEQ_LETTERS = dict(zip(SEQ_DIMS, "td", strict=True))
 #: sizes that are window lengths (a compound index's kernel part runs over them)
 WINDOW_DIMS = frozenset({KH, KW})
 #: how the output size follows from the others (for checks at concrete sizes)
@@ -350,8 +352,12 @@ class Flatten(Layer):
         # entries picking the one whose flat position is k. The backward is derived from it
         # (dx[n, c, h, w] = dy[n, c*H*W + h*W + w]); a target that recognises the pair as a
         # reshape prints one (symbp.derivation.plan).
-        dims = (N, C, H, W)[: len(in_shape) + 1]
-        idx = tuple(index(LETTERS[d]) for d in dims)
+        letters = LETTERS
+        if len(in_shape) == 2:  # a sequence (T, D)
+            dims, letters = sample_dims(in_shape), {**LETTERS, **SEQ_LETTERS}
+        else:
+            dims = (N, C, H, W)[: len(in_shape) + 1]
+        idx = tuple(index(letters[d]) for d in dims)
         x = Array("x", dims)
         flat, stride = sp.Integer(0), sp.Integer(1)
         for i, d in zip(reversed(idx[1:]), reversed(dims[1:]), strict=True):
@@ -364,7 +370,7 @@ class Flatten(Layer):
             params=(),
             stages=(Stage(Array("y", (N, stride)), (idx[0], k), picked),),
             keep=(),
-            letters=LETTERS,
+            letters=letters,
         )
 
     def math_key(self, in_shape):

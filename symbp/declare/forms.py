@@ -97,6 +97,13 @@ class Forward:
     #: zero-padded upstream gradient against the flipped kernel) instead of as a scatter-add;
     #: chosen per layer at its concrete sizes, the formula is the same
     gather: bool = False
+    #: intermediate stages whose gradient the backward computes once, as a named array that
+    #: the other gradients read (the staged chain rule kept where inlining it would repeat
+    #: work: attention's ``dq``, ``dk``, ``dv``), in place of substituting it
+    through: tuple[str, ...] = ()
+    #: per-sample sizes to prove the derivation at, where the verifier's defaults would take
+    #: minutes (the scalar expansion of attention grows with T^2 * D * heads * E)
+    proof_sizes: dict[sp.Symbol, int] = field(default_factory=dict)
 
     @property
     def output(self) -> Stage:

@@ -32,6 +32,7 @@ from .base import (
     LETTERS,
     MAX_ELEMENTS,
     REGISTRY,
+    SEQ_DIMS,
     F,
     Layer,
     X,
@@ -39,6 +40,7 @@ from .base import (
     _number,
     exact,
     register,
+    sample_dims,
     shown,
 )
 from .forms import Array, Forward, N, Stage, index, size
@@ -61,7 +63,11 @@ def _dense_arrays(in_shape: tuple[int, ...]) -> tuple[Array, tuple[sp.Symbol, ..
 
 @register
 class Linear(Layer):
-    """``z = x @ W + b`` with ``W`` of shape (in, out) and ``b`` of shape (out,)."""
+    """``z = x @ W + b`` with ``W`` of shape (in, out) and ``b`` of shape (out,).
+
+    On sequences ``(T, D)`` it acts on each position's features, the last axis (PyTorch's
+    ``nn.Linear`` on a 3-D tensor): ``z[n, t, j] = sum_i x[n, t, i] W[i, j] + b[j]``.
+    """
 
     kind = "linear"
     init = {"W": "fan", "b": "zeros"}
@@ -75,40 +81,47 @@ class Linear(Layer):
         self.bias = bias
 
     def output_shape(self, in_shape):
-        if len(in_shape) != 1:
+        if len(in_shape) not in (1, 2):
             raise SpecError(
-                f"linear expects feature vectors but gets per-sample shape {list(in_shape)}; "
-                "put a flatten layer before it"
+                f"linear expects feature vectors or sequences (T, D) but gets per-sample shape "
+                f"{list(in_shape)}; put a flatten layer before it"
             )
-        return (self.out,)
+        return (*in_shape[:-1], self.out)
 
     def param_shapes(self, in_shape):
-        shapes = {"W": (in_shape[0], self.out)}
+        shapes = {"W": (in_shape[-1], self.out)}
         if self.bias:
             shapes["b"] = (self.out,)
         return shapes
 
     def forward_form(self, in_shape):
-        x, W, b = Array("x", (N, F_IN)), Array("W", (F_IN, F_OUT)), Array("b", (F_OUT,))
-        n, i, j = index("n"), index("i"), index("j")
-        z = sp.Sum(x[n, i] * W[i, j], (i, 0, F_IN - 1))
+        W, b = Array("W", (F_IN, F_OUT)), Array("b", (F_OUT,))
+        i, j = index("i"), index("j")
+        # the positions a sequence's features sit at (none for feature vectors)
+        rows = (index("n"),) if len(in_shape) == 1 else (index("n"), index("t"))
+        lead = (N,) if len(in_shape) == 1 else (N, SEQ_DIMS[0])
+        x = Array("x", (*lead, F_IN))
+        z = sp.Sum(x[(*rows, i)] * W[i, j], (i, 0, F_IN - 1))
         params = (W, b) if self.bias else (W,)
         if self.bias:
             z = z + b[j]
         return Forward(
             inputs=(x,),
             params=params,
-            stages=(Stage(Array("z", (N, F_OUT)), (n, j), z),),
+            stages=(Stage(Array("z", (*lead, F_OUT)), (*rows, j), z),),
             keep=("x",),
             letters=LETTERS,
         )
 
     def math_key(self, in_shape):
-        return (self.kind, self.bias)
+        return (self.kind, self.bias) if len(in_shape) == 1 else (self.kind, self.bias, "seq")
 
     @property
     def function_stem(self):
         return "linear" if self.bias else "linear_nobias"
+
+    def stem_for(self, in_shape):
+        return self.function_stem + ("_seq" if len(in_shape) == 2 else "")
 
     def describe(self):
         return f"linear(out={self.out})"
@@ -260,7 +273,7 @@ class Residual(Layer):
         self.layers = list(layers)
 
     def forward_form(self, in_shape):
-        dims = (N, F) if len(in_shape) == 1 else (N, *IMAGE_DIMS)
+        dims = sample_dims(in_shape)
         idx = tuple(index(LETTERS[d]) for d in dims)
         x, f = Array("x", dims), Array("f", dims)
         return Forward(

@@ -7,7 +7,7 @@ from typing import ClassVar
 import sympy as sp
 
 from ..errors import SpecError
-from .base import IMAGE_DIMS, LETTERS, REGISTRY, F, Layer, register
+from .base import LETTERS, REGISTRY, Layer, register, sample_dims
 from .forms import Array, Forward, N, Stage, index, size
 
 
@@ -22,21 +22,27 @@ class Loss(Layer):
     #: whether the loss also takes image outputs (C, H, W) against targets of that shape
     images: ClassVar[bool] = False
 
+    #: whether the loss also takes sequence outputs (T, D) against targets of that shape
+    sequences: ClassVar[bool] = False
+
     def check_output(self, out_shape: tuple[int, ...]) -> None:
-        if len(out_shape) == 3 and self.images:
+        if (len(out_shape) == 3 and self.images) or (len(out_shape) == 2 and self.sequences):
             return
         if len(out_shape) != 1:
-            also = " or images (C, H, W)" if self.images else ""
+            also = " or sequences (T, D)" if self.sequences else ""
+            also += " or images (C, H, W)" if self.images else ""
             raise SpecError(f"{self.kind} needs a feature-vector output{also}, got "
                             f"{list(out_shape)}")
 
 
 def _mean_over_elements(in_shape, per_element) -> Forward:
     """``L = mean over every element of per_element(z[...], t[...])``: feature vectors
-    ``z[n, j]`` or images ``z[n, c, h, w]`` (an autoencoder's reconstruction)."""
-    dims = (N, *IMAGE_DIMS) if len(in_shape) == 3 else (N, F)
+    ``z[n, j]``, sequences ``z[n, s, d]`` (positions indexed ``s``: ``t`` names the targets) or
+    images ``z[n, c, h, w]`` (an autoencoder's reconstruction)."""
+    dims = sample_dims(in_shape)
+    letters = {**LETTERS, dims[1]: "s"} if len(in_shape) == 2 else LETTERS
     z, t = Array("z", dims), Array("t", dims)
-    idx = tuple(index(LETTERS[d]) for d in dims)
+    idx = tuple(index(letters[d]) for d in dims)
     limits = [(i, 0, d - 1) for i, d in zip(idx, dims, strict=True)]
     loss = sp.Sum(per_element(z[idx], t[idx]), *limits) / sp.Mul(*dims)
     return Forward(
@@ -45,16 +51,17 @@ def _mean_over_elements(in_shape, per_element) -> Forward:
         aux=(t,),
         stages=(Stage(Array("L", ()), (), loss),),
         keep=(),
-        letters=LETTERS,
+        letters=letters,
     )
 
 
 @register
 class Mse(Loss):
-    """Mean squared error, mean over all elements (of feature vectors or images)."""
+    """Mean squared error, mean over all elements (of feature vectors, sequences or images)."""
 
     kind = "mse"
     images = True
+    sequences = True
 
     def forward_form(self, in_shape):
         return _mean_over_elements(in_shape, lambda z, t: (z - t) ** 2)

@@ -140,8 +140,8 @@ class Shifted(ArrayOp):
 
 
 class Flipped(ArrayOp):
-    """``(a, axes)``: ``a`` read backwards along ``axes`` (``a[:, :, ::-1, ::-1]``), a view: a
-    kernel read as ``W[o, c, K_h - 1 - k, K_w - 1 - k']``, a full convolution's flipped one."""
+    """``(a, axes)``: ``a`` read backwards along ``axes`` (``a[:, :, ::-1, ::-1]``), a view:
+    a kernel read as ``W[o, c, K_h - 1 - k, K_w - 1 - k']``, a full convolution's."""
 
 
 class WindowMaximum(ArrayOp):
@@ -272,6 +272,9 @@ class Lowering:
         if isinstance(expr, sp.Symbol):
             if expr.name in self.array_names:
                 return self.symbol(expr.name), ()
+            if _is_index(expr) and expr in self.sizes:  # an index as a number: its positions
+                from .broadcast import Positions
+                return Positions(self.sizes[expr]), (expr,)
             return expr, ()
         if expr.is_Number or isinstance(expr, sp.NumberSymbol):
             return expr, ()

@@ -36,3 +36,11 @@ def filled(lowered: sp.Expr, expr: sp.Expr, indices: Sequence[sp.Symbol],
     if not indices or all(i in expr.free_symbols for i in indices):
         return lowered
     return Broadcast(lowered, sp.Tuple(*dims))
+
+
+class Positions(ArrayOp):
+    """``np.arange(size)``: an index read as a number (a causal mask's ``u <= t``), along
+    the index's own axis."""
+
+    def _numpycode(self, printer) -> str:
+        return f"np.arange({printer._print(self.args[0])})"

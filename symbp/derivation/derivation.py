@@ -76,6 +76,9 @@ class LayerDerivation:
     #: the arrays of ``stored`` that the code's VJPs still read once they read the carried
     #: values (``None``: all of them)
     code_reads: tuple[str, ...] | None = None
+    #: the gradients of the stages of ``form.through``, in the order the backward computes
+    #: them (reverse stage order); ``vjp`` and each other read them by name
+    through: dict[str, Adjoint] = field(default_factory=dict)
 
     @property
     def upstream(self) -> Array:

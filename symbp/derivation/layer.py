@@ -56,13 +56,18 @@ def derive_layer(form: Forward) -> LayerDerivation:
     def compact_with(keep: tuple[str, ...]) -> LayerDerivation:
         rules = _rules_towards(form, keep)
         identities = _sum_identities(form, rules, names)
-        vjp, steps = {}, {}
+        vjp, steps, through = {}, {}, {}
+        for adjoint in staged:  # reverse stage order, as they are computed
+            if adjoint.array.name in form.through:
+                through[adjoint.array.name], steps[adjoint.array.name] = _compact(
+                    adjoint, by_name, rules, identities, names, form)
         for array in form.differentiable:
             compact, trail = _compact(by_name[array.name], by_name, rules, identities, names, form)
             vjp[array.name] = compact
             steps[array.name] = trail
-        stored = _stored(form, vjp)
-        return LayerDerivation(form, staged, vjp, stored, rules, identities, steps)
+        stored = _stored(form, {**through, **vjp})
+        return LayerDerivation(form, staged, vjp, stored, rules, identities, steps,
+                               through=through)
 
     best = None
     for keep in _keep_candidates(form):
@@ -88,8 +93,11 @@ def derive_layer(form: Forward) -> LayerDerivation:
 def bound_names(form: Forward) -> dict[sp.Expr, str]:
     """Letters for bound indices: a sum over the batch runs over ``m``, over features ``k``."""
     names: dict[sp.Expr, str] = {}
+    # a size two axes of one array run over (attention's scores, T x T) has t and t' free
+    twice = {d for a in form.arrays.values() for d in a.dims if a.dims.count(d) > 1}
     for dim, letter in form.letters.items():
-        names[dim - 1] = {"n": "m", "j": "k", "i": "k", "c": "k"}.get(letter, letter + "'")
+        bound = letter + ("''" if dim in twice else "'")
+        names[dim - 1] = {"n": "m", "j": "k", "i": "k", "c": "k"}.get(letter, bound)
     return names
 
 
@@ -147,7 +155,7 @@ def _compact(adjoint, by_name, rules, identities, names, form):
 
 def _inline(expr: sp.Expr, by_name: dict[str, Adjoint], form: Forward) -> sp.Expr:
     """Substitute every intermediate adjoint ``dS[..]`` by its formula, repeatedly."""
-    intermediate = {s.name for s in form.stages[:-1]}
+    intermediate = {s.name for s in form.stages[:-1]} - set(form.through)
     formulas = {naming.adjoint(name): by_name[name] for name in intermediate}
 
     def is_pending(element) -> bool:
@@ -322,7 +330,7 @@ def _code_reads(derivation: LayerDerivation) -> tuple[str, ...]:
     form = derivation.form
     upstream = derivation.upstream.name
     read: set[str] = set()
-    for adjoint in derivation.vjp.values():
+    for adjoint in [*derivation.through.values(), *derivation.vjp.values()]:
         code = stabilize(computed_form(adjoint.expr, upstream, form.gather))
         code = carried_read(code, derivation.carried)
         read |= {_name(element) for element in _elements(code)}

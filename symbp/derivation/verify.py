@@ -322,6 +322,8 @@ def _verify_at(derivation, sizes, staged, progress, ids) -> list[Verdict]:
             _table_of(expander, adjoint, sizes)
         adjoints = {a.array.name: a for a in derivation.staged}
     else:
+        for adjoint in derivation.through.values():  # read by name by the others
+            _table_of(expander, adjoint, sizes)
         adjoints = derivation.vjp
     expected = _direct_gradients(expander, form)
     verdicts = []
@@ -584,6 +586,7 @@ def default_sizes(form: Forward, batch: int = 2, width: int = 2) -> dict[sp.Symb
             for size in sizes:
                 if size.name == "C":
                     sizes[size] = 2 * sizes[symbol]
+    sizes.update({s: v for s, v in form.proof_sizes.items() if s in sizes})  # declared
     for symbol, rule in form.size_rules.items():
         sizes[symbol] = int(rule.xreplace(sizes))
     return sizes

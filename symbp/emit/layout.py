@@ -209,6 +209,14 @@ def wrap_line(line: str, width: int = MAX_LINE) -> list[str]:
     wrapped = [head]
     for part in body:
         wrapped += wrap_line(part, width)
+    if len(tail) > width:  # a sum of long terms: in parentheses, a term a line (as black)
+        terms = _top_level_split(line.strip(), (" = ",))
+        summed = _top_level_split(terms[-1][1], (" + ", " - ")) if len(terms) == 2 else []
+        if len(summed) > 1:
+            lines = [f"{indent}{terms[0][1]} = ("]
+            for sign, term in summed:
+                lines += wrap_line(f"{inner}{sign} {term}" if sign else inner + term, width)
+            return [*lines, f"{indent})"]
     return [*wrapped, tail]
 
 

@@ -320,12 +320,15 @@ class ModuleBuilder:
         upstream = derivation.upstream.name
         params_read = [p.name for p in derivation.params_read]
         grads = [(adjoint(a.name), derivation.vjp[a.name]) for a in form.differentiable]
-        exprs = [computed_form(a.expr, upstream, form.gather) for _, a in grads]
+        # the gradients of the stages the others read by name (attention's dq), computed first
+        through = [(a.name, a) for a in derivation.through.values()]
+        exprs = [computed_form(a.expr, upstream, form.gather) for _, a in through + grads]
         outputs = [
             (t, filled(lowering.lower(carried_read(stabilize(e), carried), a.indices), e,
                        a.indices, form.arrays[a.array.name].dims))
-            for (t, a), e in zip(grads, exprs, strict=True)
+            for (t, a), e in zip(through + grads, exprs, strict=True)
         ]
+        exprs = exprs[len(through):]
         kw = keywords([e for _, e in outputs])
         # A loss is the last node: its upstream gradient is 1 and not an argument.
         given = [upstream] if form.output.array.dims else []
@@ -371,7 +374,8 @@ class ModuleBuilder:
                 signature,
                 f"Backward pass of {_title(layer)}, derived by symbp"
                 + (f": gradients from {upstream}." if given else ": gradient of the loss."),
-                [formula(a.lhs, e) for (_, a), e in zip(grads, exprs, strict=True)],
+                [formula(a.lhs, a.expr) for _, a in through]
+                + [formula(a.lhs, e) for (_, a), e in zip(grads, exprs, strict=True)],
                 statements,
                 ", ".join(t for t, _ in grads),
                 optional,
