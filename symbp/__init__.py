@@ -115,8 +115,15 @@ def derive(net):
     return _derive_network(_as_net(net))
 
 
-def codegen(net) -> str:
-    """The generated NumPy module's source for ``net`` (a :class:`Net` or a spec path)."""
+def codegen(net, target: str = "numpy") -> str:
+    """The generated module's source for ``net`` (a :class:`Net` or a spec path): NumPy's, or
+    with ``target="jax"`` JAX's (``jax.custom_vjp`` functions, ``init`` and ``apply``)."""
+    if target == "jax":
+        from .emit.jax_module import generate_jax_module
+
+        return generate_jax_module(_as_net(net))
+    if target != "numpy":
+        raise SpecError(f"target must be one of numpy, jax, got {target!r}")
     return _generate_module(_as_net(net))
 
 

@@ -52,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     codegen.add_argument(
         "-o", "--output", required=True, help="the .py file to write ('-': stdout)"
     )
+    codegen.add_argument(
+        "--target", choices=("numpy", "jax"), default="numpy",
+        help="what the module runs on: numpy (the default) or jax (jax.custom_vjp functions)",
+    )
 
     check = commands.add_parser("check", help="check generated gradients by finite differences")
     check.add_argument("spec")
@@ -261,7 +265,12 @@ def _codegen(args) -> int:
     from .declare.spec import load_spec
     from .emit.module import generate_module
 
-    source = generate_module(load_spec(args.spec))
+    if args.target == "jax":
+        from .emit.jax_module import generate_jax_module
+
+        source = generate_jax_module(load_spec(args.spec))
+    else:
+        source = generate_module(load_spec(args.spec))
     if args.output == "-":
         sys.stdout.write(source)
     else:

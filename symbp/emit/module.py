@@ -101,6 +101,12 @@ class _Function:
 class ModuleBuilder:
     """Collects the layer functions and the network's forward/backward lines."""
 
+    #: The printer of the layer functions' expressions; another target's builder (the torch
+    #: one, :mod:`.torch_module`) names its own, and ``reuses_memory`` False leaves out NumPy's
+    #: ``out=`` (each value a new array).
+    printer_class = SymbpNumPyPrinter
+    reuses_memory = True
+
     def __init__(self, derivation: NetworkDerivation | None, stems: dict | None = None):
         """``derivation`` None: a builder of layer functions alone (see :func:`function_stems`)."""
         self.derivation = derivation
@@ -198,8 +204,8 @@ class ModuleBuilder:
         for target, value in ordered:
             shapes.setdefault(target, array_shape(value, shapes))
         ordered = _place_rows(ordered, shapes)
-        printer = SymbpNumPyPrinter(shapes=shapes)
-        if returned is None:
+        printer = self.printer_class(shapes=shapes)
+        if returned is None or not self.reuses_memory:
             statements = [_Statement(t, printer.doprint(v), fresh=_is_fresh(v)) for t, v in ordered]
         else:
             statements = _reuse_memory(ordered, shapes, returned, writable, printer, into)
@@ -401,7 +407,7 @@ class ModuleBuilder:
         if name in self.functions:
             return name
         updates = layer.state_updates()
-        printer = SymbpNumPyPrinter()
+        printer = self.printer_class()
         assignments = [_Statement(f"new_{k}", printer.doprint(v)) for k, v in updates.items()]
         used = {s.name for e in updates.values() for s in e.free_symbols}
         constants = [k for k in layer.constant_values() if k in used]
