@@ -23,6 +23,7 @@ from ..errors import SpecError
 from ..naming import adjoint, backward_function, forward_function, predict_function
 from ..version import __version__
 from .jax_printer import HELPER_SOURCES, JaxPrintError, SymbpJaxPrinter
+from .layout import MAX_LINE
 from .module import ModuleBuilder
 from .network import _held, _message_parts, inits, size_values
 from .objective import regularizer_context
@@ -36,7 +37,7 @@ DRAWS = {
 
 #: Names of the generated module that a layer function's stem must not take.
 _RESERVED = {"apply", "init", "init_numpy", "init_state", "loss", "jax", "jnp", "np",
-             "functools", "regularizer"}
+             "functools", "regularizer", "weight_decay"}
 
 
 class JaxBuilder(ModuleBuilder):
@@ -44,6 +45,15 @@ class JaxBuilder(ModuleBuilder):
 
     printer_class = SymbpJaxPrinter
     reuses_memory = False
+
+    def _printed(self, *args, **kwargs):
+        # a long value in parentheses, which the line wrapping breaks between its terms (the
+        # NumPy module's in-place calls break at their arguments)
+        statements = super()._printed(*args, **kwargs)
+        for st in statements:
+            if len(st.target) + len(st.code) + 11 > MAX_LINE and st.call is None:
+                st.code = f"({st.code})"
+        return statements
 
 
 def _pairs(values: dict) -> str:

@@ -67,6 +67,13 @@ class SymbpJaxPrinter(SymbpNumPyPrinter):
             f"{self.parenthesize(second, level + 1)}"
         )
 
+    def _reduction(self, expr, method):
+        array, axes = expr.args
+        axes = tuple(int(a) for a in axes)
+        axis = str(axes[0]) if len(axes) == 1 else str(axes)
+        text = self.parenthesize(array, PRECEDENCE["Atom"], strict=True)
+        return f"{text}.{method}(axis={axis})"
+
     def _print_RowVector(self, expr):
         return self._print(expr.args[0])
 
