@@ -22,7 +22,7 @@ from ..derivation.plan import Plan, build_plan
 from ..errors import SpecError
 from ..naming import adjoint, backward_function, forward_function, predict_function
 from ..version import __version__
-from .jax_printer import HELPER_SOURCES, JaxPrintError, SymbpJaxPrinter
+from .jax_printer import JaxPrintError, SymbpJaxPrinter, helper_sources
 from .layout import MAX_LINE
 from .module import ModuleBuilder
 from .network import _held, _message_parts, inits, size_values
@@ -217,7 +217,7 @@ def generate_jax_module(net: Net, derivation: NetworkDerivation | None = None) -
         state_shapes={k: tuple(v) for k, v in net.state_shapes.items()},
         input_shape=tuple(net.input_shape),
         output_shape=tuple(net.output_shape),
-        helpers=[HELPER_SOURCES[h] for h in sorted(builder.helpers) if h in HELPER_SOURCES],
+        helpers=helper_sources(builder.helpers),
         inits=initials,
         normal_count=len(normal),
         state_initial=state_initial,

@@ -18,13 +18,101 @@ from sympy.printing.precedence import PRECEDENCE
 
 from .numpy_printer import SymbpNumPyPrinter
 
-#: Helper functions the printed code may call (copied into the module when used).
+#: Helper functions the printed code may call (copied into the module when used, with the
+#: helpers they call: :data:`HELPER_NEEDS`). Array kernels only, the counterparts of
+#: :mod:`symbp.runtime`'s: windows read, added back where they were read, zero padding,
+#: window maxima; no gradient formula (those are printed from the derivation).
 HELPER_SOURCES = {
     "_scatter_rows": '''def _scatter_rows(rows, ids, count):
     """The (count, ...) array whose row v is the sum of the rows of ``rows`` at id v."""
     zeros = jnp.zeros((count, *rows.shape[ids.ndim:]), rows.dtype)
     return zeros.at[ids].add(rows)
 ''',
+    "_windows": '''def _windows(x, kernel, stride, dilation):
+    """windows[..., p, q, i, j] = x[..., p*stride + i*dilation, q*stride + j*dilation]."""
+    rows = (x.shape[-2] - dilation * (kernel[0] - 1) - 1) // stride + 1
+    columns = (x.shape[-1] - dilation * (kernel[1] - 1) - 1) // stride + 1
+    return jnp.stack([
+        jnp.stack([
+            x[..., i * dilation:i * dilation + (rows - 1) * stride + 1:stride,
+              j * dilation:j * dilation + (columns - 1) * stride + 1:stride]
+            for j in range(kernel[1])
+        ], axis=-1)
+        for i in range(kernel[0])
+    ], axis=-2)
+''',
+    "_window_tensordot": (
+        '''def _window_tensordot(a, x, kernel, stride, dilation, axes_a, axes_windows):
+    """jnp.tensordot(a, windows, (axes_a, axes_windows)) over the sliding windows of x."""
+    windows = _windows(x, kernel, stride, dilation)
+    return jnp.tensordot(a, windows, axes=(list(axes_a), list(axes_windows)))
+'''
+    ),
+    "_col2im": '''def _col2im(cols, kernel, stride, dilation):
+    """Window entries added back where they were read (the adjoint of reading windows):
+    out[..., p*stride + i*dilation, q*stride + j*dilation] += cols[..., p, q, i, j]."""
+    *lead, rows, columns = cols.shape[:-2]
+    cols = jnp.broadcast_to(cols, (*cols.shape[:-2], *kernel))
+    if dilation == 1 and kernel[0] == kernel[1] == stride:
+        height, width = rows * stride, columns * stride
+    else:
+        height = (rows - 1) * stride + (kernel[0] - 1) * dilation + 1
+        width = (columns - 1) * stride + (kernel[1] - 1) * dilation + 1
+    out = jnp.zeros((*lead, height, width), cols.dtype)
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            out = out.at[..., i * dilation:i * dilation + (rows - 1) * stride + 1:stride,
+                         j * dilation:j * dilation + (columns - 1) * stride + 1:stride].add(
+                cols[..., i, j])
+    return out
+''',
+    "_col2im_tensordot": (
+        '''def _col2im_tensordot(a, b, axes_a, axes_b, order, kernel, stride, dilation):
+    """_col2im(jnp.tensordot(a, b, (axes_a, axes_b)).transpose(order), kernel, ...)."""
+    cols = jnp.tensordot(a, b, axes=(list(axes_a), list(axes_b))).transpose(order)
+    return _col2im(cols, kernel, stride, dilation)
+'''
+    ),
+    "_shifted": '''def _shifted(a, offsets, sizes):
+    """out[..., u, v] = a[..., u + offset_u, v + offset_v] over the last axes; 0 outside a."""
+    lead = a.ndim - len(offsets)
+    padding = [(0, 0, 0)] * lead + [
+        (-o, s - n + o, 0) for o, s, n in zip(offsets, sizes, a.shape[lead:], strict=True)
+    ]
+    return jax.lax.pad(a, jnp.zeros((), a.dtype), padding)
+''',
+    "_window_max": '''def _window_max(windows):
+    """The maximum of each window (last two axes)."""
+    return windows.max(axis=(-2, -1))
+''',
+    "_first_argmax": '''def _first_argmax(windows, top=None):
+    """The row-major position i*K_w + j of each window's first maximum (last two axes)."""
+    return windows.reshape(*windows.shape[:-2], -1).argmax(axis=-1)
+''',
+    "_first_argmax_mask": '''def _first_argmax_mask(windows):
+    """1 at the first maximum of each window (last two axes, row-major order), 0 elsewhere."""
+    positions = jnp.arange(windows.shape[-2] * windows.shape[-1]).reshape(windows.shape[-2:])
+    return (positions == _first_argmax(windows)[..., None, None]).astype(windows.dtype)
+''',
+    "_argmax_col2im": '''def _argmax_col2im(argmax, g, kernel, stride, dilation):
+    """Each window's g added where its arg-max (row-major kernel offset) was read."""
+    positions = jnp.arange(kernel[0] * kernel[1]).reshape(kernel)
+    mask = positions == argmax[..., None, None]
+    return _col2im(jnp.where(mask, g, jnp.zeros((), g.dtype)), kernel, stride, dilation)
+''',
+    "_first_max_col2im": '''def _first_max_col2im(windows, g, kernel, stride, dilation):
+    """Each window's g added where the window's first maximum was read."""
+    return _col2im(_first_argmax_mask(windows) * g, kernel, stride, dilation)
+''',
+}
+
+#: The helpers each helper calls.
+HELPER_NEEDS = {
+    "_window_tensordot": ("_windows",),
+    "_col2im_tensordot": ("_col2im",),
+    "_first_argmax_mask": ("_first_argmax",),
+    "_argmax_col2im": ("_col2im",),
+    "_first_max_col2im": ("_col2im", "_first_argmax_mask", "_first_argmax"),
 }
 
 #: NumPy printer helper -> what this printer prints instead (a JAX function or a helper above)
@@ -33,8 +121,16 @@ _FUNCTIONS = {
     "softplus": "jax.nn.softplus",
     "erf": "jax.scipy.special.erf",
     "erfc": "jax.scipy.special.erfc",
-    "scatter_rows": "_scatter_rows",
+    **{name[1:]: name for name in HELPER_SOURCES},
 }
+
+
+def helper_sources(names) -> list[str]:
+    """The sources of the helpers ``names`` and of those they call, in a fixed order."""
+    needed = set(names)
+    for name in list(needed):
+        needed |= set(HELPER_NEEDS.get(name, ()))
+    return [source for name, source in HELPER_SOURCES.items() if name in needed]
 
 
 class JaxPrintError(ValueError):
@@ -99,7 +195,9 @@ class SymbpJaxPrinter(SymbpNumPyPrinter):
         return text + self._transposed(order)
 
     def _print_Windows(self, expr):
-        raise JaxPrintError("the jax target cannot print convolution windows yet")
-
-    def _print_WindowTensorDot(self, expr):
-        raise JaxPrintError("the jax target cannot print convolution windows yet")
+        array, kernel, stride, dilation = expr.args
+        kernel_text = f"({', '.join(self._print(k) for k in kernel)})"
+        return (
+            f"{self._helper('windows')}({self._print(array)}, {kernel_text}, "
+            f"{self._print(stride)}, {self._print(dilation)})"
+        )
