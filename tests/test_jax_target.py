@@ -129,7 +129,13 @@ def test_agrees_with_the_numpy_module(modules, example, monkeypatch):
         np.testing.assert_allclose(np.asarray(value), state_np[key], rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("example", SUPPORTED)
+CONV = {"cnn_bn", "lenet", "allconv"}
+
+
+# the convolutional nets' finite differences take 8-12 s each: CI's slow run
+@pytest.mark.parametrize("example", [
+    pytest.param(e, marks=pytest.mark.slow) if e in CONV else e for e in SUPPORTED
+])
 def test_check_grads(modules, example):
     """JAX's own finite differences agree with the derived backward rules (reverse mode)."""
     net, npm, jm = modules(example)
@@ -241,3 +247,21 @@ def test_generated_modules_are_ruff_clean(tmp_path):
         capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_bad_input_is_a_value_error(modules):
+    net, npm, jm = modules("allconv")
+    params, state = jm.init_numpy(0)
+    x, _ = _data(net, npm)
+    with pytest.raises(ValueError, match=r"x has shape \(6, 3, 16\); expected \(N, 3, 16, 16\)"):
+        jm.apply(params, state, x[..., 0], rng=jax.random.key(0))
+    with pytest.raises(ValueError, match="rng=jax.random.key"):  # dropout draws a mask
+        jm.apply(params, state, x)
+    out, _ = jm.apply(params, state, x, train=False)  # evaluation draws nothing
+    assert out.shape == (BATCH, *npm.OUTPUT_SHAPE)
+    _, npm, jm = modules("embedding_bag")
+    params, state = jm.init_numpy(0)
+    with pytest.raises(ValueError, match="integer ids"):
+        jm.apply(params, state, np.zeros((2, *npm.INPUT_SHAPE)))
+    with pytest.raises(SpecError, match="target must be one of numpy, jax"):
+        symbp.codegen(ROOT / "examples" / "bce.toml", target="jaxx")

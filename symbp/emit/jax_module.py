@@ -194,8 +194,11 @@ def generate_jax_module(net: Net, derivation: NetworkDerivation | None = None) -
     plan = build_plan(net, derivation)
     rules: dict[str, dict] = {}
     rows = _forward_rows(builder, plan, rules)
-    loss = _loss(builder, net, derivation, rules)
-    decay = _decay(builder, derivation, rules)
+    try:
+        loss = _loss(builder, net, derivation, rules)
+        decay = _decay(builder, derivation, rules)
+    except JaxPrintError as err:
+        raise SpecError(f"{err}", field="loss") from None
     summary = [f"{item.name}: {item.layer.describe()}" for item in derivation.layers]
     state_initial = [
         (key, repr(float(step.layer.state_initial[key.rsplit(".", 1)[1]])))
