@@ -58,7 +58,8 @@ class JaxBuilder(ModuleBuilder):
 
 def _pairs(values: dict) -> str:
     """A dict of constants as a hashable tuple of pairs (a ``nondiff_argnums`` argument)."""
-    return "(" + "".join(f'("{k}", {v!r}), ' for k, v in values.items()).rstrip(" ") + ")"
+    pairs = [f'("{k}", {v!r})' for k, v in values.items()]
+    return "(" + ", ".join(pairs) + ("," if len(pairs) == 1 else "") + ")"
 
 
 def _rule(builder: JaxBuilder, stem: str, derivation, stats=()) -> dict:
