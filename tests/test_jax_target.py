@@ -265,3 +265,28 @@ def test_bad_input_is_a_value_error(modules):
         jm.apply(params, state, np.zeros((2, *npm.INPUT_SHAPE)))
     with pytest.raises(SpecError, match="target must be one of numpy, jax"):
         symbp.codegen(ROOT / "examples" / "bce.toml", target="jaxx")
+
+
+def test_residuals_are_what_the_derivation_keeps(modules):
+    """Each forward rule keeps the plan's kept arrays (those the NumPy module caches) and the
+    parameters its backward reads: batch norm keeps invstd and xhat, not its input."""
+    net, npm, jm = modules("mlp_bn")
+    x, _ = _data(net, npm)
+    params_np = npm.init_params(0)
+    _, cache = npm.forward(params_np, x, train=True)
+    params, _ = jm.init_numpy(0)
+    plan = build_plan(net)
+    h = jnp.asarray(x)
+    for step in plan.forward:
+        if step.name == "res1":
+            break
+        stem = step.layer.stem_for(step.placed.in_shape) + step.stem_suffix
+        rule = getattr(jm, f"_{stem}_forward_rule")
+        keywords = tuple(step.constants().items())
+        out, (kept, params_read) = rule(keywords, (), h, *(params[k] for k in step.params))
+        assert len(kept) == len(step.kept) == len(cache[step.name])
+        for mine, theirs in zip(kept, cache[step.name], strict=True):
+            np.testing.assert_allclose(np.asarray(mine), theirs, rtol=1e-12, atol=1e-12)
+        assert [p.shape for p in params_read] == [params[k].shape for k in step.params_read]
+        h = out[0] if isinstance(out, tuple) else out
+    assert plan.step("bn1").kept == ["invstd", "xhat"]
