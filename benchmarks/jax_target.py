@@ -10,7 +10,8 @@ is timed.
 
 Networks: ``mlp``, the reference MLP of ``benchmarks/generated_vs_numpy.py`` (784 -> [1024 ->
 batch norm -> ReLU] x 3 -> 10, batch 256); ``lenet``, the LeNet of
-``benchmarks/conv_vs_numpy.py`` (batch 128; only where the JAX target prints convolutions).
+``benchmarks/conv_vs_numpy.py`` (batch 128) and its ``wide`` net (conv 3->64 3x3 pad 1, batch
+norm, ReLU, conv 64->64, batch norm, ReLU, max-pool 2, linear 10; batch 64).
 Per dtype the two steps are timed round-robin (median of ``--repeats`` runs of ``--steps``
 steps each, wall and process CPU time); the ratio generated/reference is the goal's (issue
 26: at most 1.1). Run ``python benchmarks/jax_target.py --help``.
@@ -44,6 +45,7 @@ def _nets():
     return {
         "mlp": (reference_net, (784,), 256),
         "lenet": (lambda: _spec_from_text(conv_vs_numpy.spec_text("lenet")), (1, 28, 28), 128),
+        "wide": (lambda: _spec_from_text(conv_vs_numpy.spec_text("wide")), (3, 32, 32), 64),
     }
 
 
@@ -71,8 +73,9 @@ def reference_loss(jax, jnp, net):
             if kind == "linear":
                 h = h @ params[f"{name}.W"] + params[f"{name}.b"]
             elif kind == "conv2d":
+                pad = layer.padding
                 h = jax.lax.conv_general_dilated(
-                    h, params[f"{name}.W"], (1, 1), "VALID",
+                    h, params[f"{name}.W"], (1, 1), [(pad, pad), (pad, pad)],
                     dimension_numbers=("NCHW", "OIHW", "NCHW"),
                 ) + params[f"{name}.b"][:, None, None]
             elif kind == "batchnorm":
@@ -161,7 +164,7 @@ def run(name, dtype, args, jax, jnp):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nets", default="mlp,lenet")
+    parser.add_argument("--nets", default="mlp,lenet,wide")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     parser.add_argument("--batch", type=int, default=0, help="0: each net's default")
     parser.add_argument("--repeats", type=int, default=7)

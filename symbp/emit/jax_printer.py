@@ -21,7 +21,8 @@ from .numpy_printer import SymbpNumPyPrinter
 #: Helper functions the printed code may call (copied into the module when used, with the
 #: helpers they call: :data:`HELPER_NEEDS`). Array kernels only, the counterparts of
 #: :mod:`symbp.runtime`'s: windows read, added back where they were read, zero padding,
-#: window maxima; no gradient formula (those are printed from the derivation).
+#: window maxima; no gradient formula (those are printed from the derivation). A
+#: scatter-add of rows is ``.at[ids].add``.
 HELPER_SOURCES = {
     "_scatter_rows": '''def _scatter_rows(rows, ids, count):
     """The (count, ...) array whose row v is the sum of the rows of ``rows`` at id v."""
@@ -50,20 +51,24 @@ HELPER_SOURCES = {
     ),
     "_col2im": '''def _col2im(cols, kernel, stride, dilation):
     """Window entries added back where they were read (the adjoint of reading windows):
-    out[..., p*stride + i*dilation, q*stride + j*dilation] += cols[..., p, q, i, j]."""
+    out[..., p*stride + i*dilation, q*stride + j*dilation] += cols[..., p, q, i, j], each
+    kernel offset's entries spread by zero padding (no scatter)."""
     *lead, rows, columns = cols.shape[:-2]
     cols = jnp.broadcast_to(cols, (*cols.shape[:-2], *kernel))
-    if dilation == 1 and kernel[0] == kernel[1] == stride:
-        height, width = rows * stride, columns * stride
-    else:
-        height = (rows - 1) * stride + (kernel[0] - 1) * dilation + 1
-        width = (columns - 1) * stride + (kernel[1] - 1) * dilation + 1
-    out = jnp.zeros((*lead, height, width), cols.dtype)
+    if dilation == 1 and kernel[0] == kernel[1] == stride:  # windows tiling the input
+        tiles = jnp.moveaxis(cols, -2, -3)  # (..., p, i, q, j)
+        return tiles.reshape(*lead, rows * stride, columns * stride)
+    height = (rows - 1) * stride + (kernel[0] - 1) * dilation + 1
+    width = (columns - 1) * stride + (kernel[1] - 1) * dilation + 1
+    zero, out = jnp.zeros((), cols.dtype), 0
     for i in range(kernel[0]):
         for j in range(kernel[1]):
-            out = out.at[..., i * dilation:i * dilation + (rows - 1) * stride + 1:stride,
-                         j * dilation:j * dilation + (columns - 1) * stride + 1:stride].add(
-                cols[..., i, j])
+            top, left = i * dilation, j * dilation
+            padding = [(0, 0, 0)] * len(lead) + [
+                (top, height - top - (rows - 1) * stride - 1, stride - 1),
+                (left, width - left - (columns - 1) * stride - 1, stride - 1),
+            ]
+            out = out + jax.lax.pad(cols[..., i, j], zero, padding)
     return out
 ''',
     "_col2im_tensordot": (
