@@ -8,7 +8,7 @@ the plain operations they compute, and a scatter-add is ``.at[ids].add(rows)``. 
 NumPy lacks are JAX's own (``jax.nn.sigmoid``, ``jax.nn.softplus``, ``jax.scipy.special.erf``).
 
 The generated module copies the few helpers printed code calls from :data:`HELPER_SOURCES`.
-An array operation this printer does not print yet (convolution windows, pooling) raises
+An array operation this printer does not print (one NumPy prints with a helper it lacks) raises
 :class:`JaxPrintError` naming it.
 """
 
