@@ -138,14 +138,19 @@ def derive(net):
 
 def codegen(net, target: str = "numpy") -> str:
     """The generated module's source for ``net`` (a :class:`Net` or a spec path): NumPy's, or
-    with ``target="torch"`` a PyTorch module (an ``nn.Module`` with the derived backward)."""
+    with ``target="torch"`` a PyTorch module (an ``nn.Module`` with the derived backward), with
+    ``target="jax"`` JAX's (``jax.custom_vjp`` functions, ``init`` and ``apply``)."""
     if target == "torch":
         from .emit.torch_module import generate_torch_module, require_torch
 
         require_torch()
         return generate_torch_module(_as_net(net))
+    if target == "jax":
+        from .emit.jax_module import generate_jax_module
+
+        return generate_jax_module(_as_net(net))
     if target != "numpy":
-        raise SpecError(f"target must be numpy or torch, got {target!r}")
+        raise SpecError(f"target must be one of numpy, torch, jax, got {target!r}")
     return _generate_module(_as_net(net))
 
 

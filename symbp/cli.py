@@ -47,12 +47,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     derive.add_argument("--ascii", action="store_true", help="ASCII instead of Unicode output")
 
-    codegen = commands.add_parser("codegen", help="write a numpy (or torch) module for a spec")
+    codegen = commands.add_parser(
+        "codegen", help="write a numpy (or torch, or jax) module for a spec"
+    )
     codegen.add_argument("spec", nargs="?")
-    codegen.add_argument("--target", choices=("numpy", "torch"), default="numpy")
     codegen.add_argument("--expr", help="torch target: one activation, an expression in x")
     codegen.add_argument(
         "-o", "--output", required=True, help="the .py file to write ('-': stdout)"
+    )
+    codegen.add_argument(
+        "--target", choices=("numpy", "torch", "jax"), default="numpy",
+        help="what the module runs on: numpy (the default), torch (torch.autograd.Function per "
+        "layer math, an nn.Module) or jax (jax.custom_vjp functions, init and apply)",
     )
 
     check = commands.add_parser("check", help="check generated gradients by finite differences")
@@ -280,6 +286,10 @@ def _codegen(args) -> int:
             source = generate_torch_module(load_spec(args.spec))
     elif args.expr is not None:
         raise SpecError("--expr writes a torch module: add --target torch", field="--expr")
+    elif args.target == "jax":
+        from .emit.jax_module import generate_jax_module
+
+        source = generate_jax_module(load_spec(args.spec))
     else:
         source = generate_module(load_spec(args.spec))
     if args.output == "-":
