@@ -1,4 +1,4 @@
-"""The ``symbp`` command line: derive, codegen, check, latex, flow.
+"""The ``symbp`` command line: derive, codegen, check, latex, graph, flow.
 
 Exit codes: 0 success, 1 a check or proof failed, 2 bad input (one line on stderr, no traceback);
 141 when the reader of the output goes away (`symbp derive SPEC | head`), as for SIGPIPE.
