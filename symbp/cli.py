@@ -1,4 +1,4 @@
-"""The ``symbp`` command line: derive, codegen, check, latex, flow.
+"""The ``symbp`` command line: derive, codegen, check, latex, graph, flow.
 
 Exit codes: 0 success, 1 a check or proof failed, 2 bad input (one line on stderr, no traceback);
 141 when the reader of the output goes away (`symbp derive SPEC | head`), as for SIGPIPE.
@@ -88,6 +88,18 @@ def _parser() -> argparse.ArgumentParser:
         help="number every layer (all) or only the layers with parameters (params: W^(2) is "
         "the second weight layer, a layer without parameters is 1', 1'', ...)",
     )
+    latex.add_argument("--graph", action="store_true", help="include the computational graph "
+                       "(a TikZ figure, as symbp graph draws it; .tex only)")
+
+    graph = commands.add_parser("graph", help="draw the computational graph of the plan")
+    graph.add_argument("spec")
+    graph.add_argument("-o", "--output", required=True,
+                       help=".svg, .png, .pdf (graphviz), .dot (its source) or .tex (TikZ)")
+    graph.add_argument("--params", action="store_true", help="draw the parameters too")
+    graph.add_argument("--example", action="store_true", help="annotate one sample's forward "
+                       "values (green) and gradients (red) on each edge")
+    graph.add_argument("--seed", type=seed_argument, default=0,
+                       help="seed of the example's parameters and input (0)")
 
     add_flow_parser(commands)
     return parser
@@ -133,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args)
         if args.command == "latex":
             return _latex(args)
+        if args.command == "graph":
+            return _graph(args)
         if args.command == "flow":
             from .flow.command import run_flow
 
@@ -335,8 +349,18 @@ def _latex(args) -> int:
         from .flow.chain import flow_bounds
 
         flow = flow_bounds(derivation)
+    graph = None
+    if args.graph:
+        if fmt != "tex":
+            raise SpecError("the graph is a TikZ figure: LaTeX notes only", field="--graph")
+        from .derivation.plan import build_plan
+        from .emit.drawing import build_drawing, render_tikz
+
+        graph = render_tikz(build_drawing(build_plan(derivation.net, derivation)),
+                            standalone=False)
     text = render_notes(
         derivation,
+        graph=graph,
         fmt=fmt,
         steps=args.steps,
         notation=args.notation,
@@ -348,6 +372,27 @@ def _latex(args) -> int:
         sys.stdout.write(text)
     else:
         _write(args.output, text)
+    return 0
+
+
+def _graph(args) -> int:
+    from .declare.spec import load_spec
+    from .derivation.plan import build_plan
+    from .emit.drawing import build_drawing, render_graph
+
+    net = load_spec(args.spec)
+    example = None
+    if args.example:
+        from .checking.example import run_example
+
+        example = run_example(net, seed=args.seed)
+    drawing = build_drawing(build_plan(net), params=args.params, example=example)
+    data = render_graph(drawing, Path(args.output).suffix)
+    try:
+        Path(args.output).write_bytes(data)
+    except OSError as err:
+        raise SpecError(f"cannot write {args.output}: {err.strerror or err}", field="-o") from None
+    print(f"wrote {args.output}")
     return 0
 
 

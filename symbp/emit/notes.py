@@ -120,6 +120,7 @@ def render_notes(
     fragment: bool = False,
     flow: list | None = None,
     numbering: str = "all",
+    graph: str | None = None,
 ) -> str:
     """The notes for one network as a LaTeX document (``fmt="tex"``) or Markdown (``"md"``).
 
@@ -131,7 +132,8 @@ def render_notes(
     ``product`` and ``reason``; this module does not import :mod:`symbp.flow`, which imports it).
     ``numbering`` is ``"all"`` (every layer: ``1..L``, ``l.k`` inside residual block ``l``) or
     ``"params"`` (only the layers with parameters ``1, 2, ...``, as textbooks number weight
-    layers; a layer without parameters is ``1'``, ``1''``, ...).
+    layers; a layer without parameters is ``1'``, ``1''``, ...). ``graph`` (LaTeX only): a TikZ
+    picture of the computational graph (:func:`symbp.emit.drawing.render_tikz`), as a figure.
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
@@ -142,6 +144,7 @@ def render_notes(
     builder = _Builder(derivation, fmt=fmt, steps=steps, notation=notation, numbering=numbering)
     context = builder.context()
     context["fragment"] = fragment
+    context["graph"] = graph
     context["flow"] = _Builder.flow_section(builder, flow) if flow is not None else None
     return _environment().get_template(f"notes.{fmt}.j2").render(**context)
 
