@@ -114,8 +114,20 @@ def torch_forward(net: symbp.Net, tensors: dict, h):
                 h = getattr(torch, kind)(h)
             elif kind in ("gelu", "silu", "softplus"):
                 h = getattr(F, kind)(h)
-            elif kind == "layer_norm":
-                h = F.layer_norm(h, tuple(h.shape[1:]), p("gamma"), p("beta"), eps=layer.eps)
+            elif kind == "layer_norm":  # over gamma's shape: a sample's, or a position's
+                h = F.layer_norm(h, tuple(p("gamma").shape), p("gamma"), p("beta"),
+                                 eps=layer.eps)
+            elif kind == "attention":  # symbp's weights per head: (D, heads, width / heads)
+                batch, length, _ = h.shape
+                width = p("bq").numel()
+                q, k, v = (
+                    (h @ p(f"W{w}").reshape(-1, width) + p(f"b{w}").reshape(width))
+                    .reshape(batch, length, layer.heads, -1).transpose(1, 2)
+                    for w in "qkv"
+                )
+                context = F.scaled_dot_product_attention(q, k, v, is_causal=layer.causal)
+                h = (context.transpose(1, 2).reshape(batch, length, width)
+                     @ p("Wo").reshape(width, -1) + p("bo"))
             elif kind == "group_norm":
                 h = F.group_norm(h, layer.groups, p("gamma"), p("beta"), eps=layer.eps)
             elif kind in ("softmax", "log_softmax"):

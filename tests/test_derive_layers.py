@@ -140,10 +140,12 @@ def _verify_params():
 #: The layer types of :mod:`symbp.declare.layers` (dense layers, activations, residual, losses);
 #: image layers (:mod:`symbp.declare.conv`) are covered by their own table.
 #: (global_avgpool and group_norm, which take images, are proven in tests/test_canon.py,
-#: conv_transpose2d in tests/test_conv_transpose.py; embedding, on ids: tests/test_embedding.py)
+#: conv_transpose2d in tests/test_conv_transpose.py; embedding, on ids: tests/test_embedding.py;
+#: attention, on sequences: tests/test_attention.py)
 DENSE_KINDS = {kind for kind, cls in layers.REGISTRY.items()
                if cls.__module__ != conv.__name__
-               and kind not in ("global_avgpool", "group_norm", "conv_transpose2d", "embedding")}
+               and kind not in ("global_avgpool", "group_norm", "conv_transpose2d", "embedding",
+                                "attention")}
 
 
 def test_table_covers_every_registered_dense_layer_type():

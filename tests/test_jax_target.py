@@ -263,7 +263,7 @@ def test_bad_input_is_a_value_error(modules):
     params, state = jm.init_numpy(0)
     with pytest.raises(ValueError, match="integer ids"):
         jm.apply(params, state, np.zeros((2, *npm.INPUT_SHAPE)))
-    with pytest.raises(SpecError, match="target must be one of numpy, jax"):
+    with pytest.raises(SpecError, match="target must be one of numpy, torch, jax"):
         symbp.codegen(ROOT / "examples" / "bce.toml", target="jaxx")
 
 

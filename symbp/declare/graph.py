@@ -25,7 +25,7 @@ def _features(shapes, kind: str) -> None:
     for shape in shapes:
         if len(shape) not in (1, 2):
             raise SpecError(
-                f"{kind} works along the features of vectors [F] or sequences [T, F], got "
+                f"{kind} works along the features of vectors [F] or sequences [T, D], got "
                 f"{list(shape)}",
                 field="inputs",
             )

@@ -189,7 +189,7 @@ def _checked_shape(shape, where: str) -> tuple[int, ...]:
         raise SpecError(f"must be positive integers, got {shape!r}", field=where)
     if len(shape) not in (1, 2, 3):
         raise SpecError(
-            f"must be features [F] or an image [C, H, W] per sample, or a sequence [T, F] (the "
+            f"must be features [F], a sequence [T, D] or an image [C, H, W] per sample (the "
             f"batch axis is not part of it), got {list(shape)}",
             field=where,
         )

@@ -22,10 +22,11 @@ from ..derivation.plan import Plan, build_plan
 from ..errors import SpecError
 from ..naming import adjoint, backward_function, forward_function, predict_function
 from ..version import __version__
+from .graph_vars import variables
 from .jax_printer import JaxPrintError, SymbpJaxPrinter, helper_sources
 from .layout import MAX_LINE
 from .module import ModuleBuilder
-from .network import _held, _message_parts, inits, size_values
+from .network import _message_parts, inits, size_values
 from .objective import regularizer_context
 
 #: How the JAX module draws what ``numpy.random.Generator.<method>(*args)`` draws, shaped as
@@ -87,15 +88,15 @@ def _rule(builder: JaxBuilder, stem: str, derivation, stats=()) -> dict:
 
 def _forward_rows(builder: JaxBuilder, plan: Plan, rules: dict) -> list[dict]:
     rows = []
-    for step in plan.forward:
-        holds = []
-        value = step.inputs[0]
-        if len(plan.readers[value]) > 1 and plan.readers[value][0] == step.name:
-            holds = [f"skip_{reader}" for reader in plan.readers[value][1:]]
-        row: dict = dict(name=step.name, holds=holds, reshape=None, modes=False)
+    names = variables(plan)  # the variable holding each value (h, skip_<reader>)
+    for index, step in enumerate(plan.forward):
+        inputs = names.reads[step.name]
+        row: dict = dict(name=step.name, holds=names.holds.get(index, []), reshape=None,
+                         modes=False)
         if step.reshape:
             width = math.prod(step.placed.in_shape)
-            row["reshape"] = f"h = h.reshape(len(h), {width})  # {step.name}"
+            source = inputs[0]
+            row["reshape"] = f"h = {source}.reshape(len({source}), {width})  # {step.name}"
             rows.append(row)
             continue
         stem = builder.stems[step.name] + step.stem_suffix
@@ -112,7 +113,6 @@ def _forward_rows(builder: JaxBuilder, plan: Plan, rules: dict) -> list[dict]:
         forward_kw.update({k: sizes[k] for k in builder.size_keywords.get(rule["forward"], [])})
         backward_kw = dict(step.backward_constants())
         backward_kw.update({k: sizes[k] for k in builder.size_keywords.get(rule["backward"], [])})
-        inputs = [f"skip_{step.name}" if _held(plan, step, v) else "h" for v in step.inputs]
         draws = [
             dict(name=name, code=DRAWS[method].format(*args))
             for name, (method, args) in step.draws.items()
@@ -125,7 +125,8 @@ def _forward_rows(builder: JaxBuilder, plan: Plan, rules: dict) -> list[dict]:
             row.update(modes=True, too_few=None, state_update=None)
             eval_form = step.eval_form
             state = {k.rsplit(".", 1)[1]: k for k in step.state}
-            eval_args = ["h", *(f'params["{step.name}.{p.name}"]' for p in eval_form.params)]
+            eval_args = [inputs[0]]
+            eval_args += [f'params["{step.name}.{p.name}"]' for p in eval_form.params]
             eval_args += [f'state["{state[a.name]}"]' for a in eval_form.aux if a.name in state]
             eval_args += [f"{k}={v!r}" for k, v in step.eval_constants().items()]
             row["predict"] = f"{predict_function(stem)}({', '.join(eval_args)})"
@@ -190,6 +191,10 @@ def generate_jax_module(net: Net, derivation: NetworkDerivation | None = None) -
     Without JAX installed, a :class:`SpecError` saying what to install."""
     if importlib.util.find_spec("jax") is None:
         raise SpecError("the jax target needs JAX: pip install 'symbp[jax]'")
+    if len(net.inputs) > 1:
+        raise SpecError("the jax target takes one network input yet (apply(params, state, x)); "
+                        f"this network has {len(net.inputs)}: {', '.join(net.inputs)}",
+                        field="inputs")
     derivation = derivation or derive_network(net)
     builder = JaxBuilder(derivation)
     plan = build_plan(net, derivation)

@@ -186,6 +186,9 @@ class SymbpJaxPrinter(SymbpNumPyPrinter):
             return None
         return fused
 
+    def _print_Positions(self, expr):
+        return f"jnp.arange({self._print(expr.args[0])})"
+
     def _print_Einsum(self, expr):
         spec, *operands = expr.args
         arguments = ", ".join(self._print(o) for o in operands)

@@ -79,6 +79,11 @@ class SymbpNumPyPrinter(NumPyPrinter):
     def _print_Pow(self, expr, rational=False):
         if expr.is_number and not expr.is_Rational:
             return self._print_constant(expr)
+        if expr.exp in (sp.Rational(1, 2), sp.Rational(-1, 2)) and _of_sizes(expr.base):
+            # a Python float (1/sqrt(E) of a head's width): NumPy's float64 scalar would make
+            # a float32 array float64
+            root = f"{self.parenthesize(expr.base, PRECEDENCE['Pow'])}**0.5"
+            return root if expr.exp > 0 else f"1/{root}"
         if expr.exp == sp.Rational(-1, 2):
             return f"1/{self._module_format('numpy.sqrt')}({self._print(expr.base)})"
         if expr.exp == -1:
@@ -631,3 +636,8 @@ def _is_step(factor: sp.Expr) -> bool:
     from ..derivation.arrays import Step
 
     return isinstance(factor, Step) and len(factor.args) == 1  # 0 at 0: a boolean (u > 0)
+
+
+def _of_sizes(expr) -> bool:
+    """Whether ``expr`` is made of sizes alone (integer symbols and numbers): a Python number."""
+    return not expr.atoms(sp.Indexed) and all(s.is_integer for s in expr.free_symbols)

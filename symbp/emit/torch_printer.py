@@ -135,8 +135,16 @@ class SymbpTorchPrinter(SymbpNumPyPrinter):
             raise TorchPrintError(f"a Piecewise without a final True branch: {expr}")
         text = self._print(pairs[-1][0])
         for value, condition in reversed(pairs[:-1]):
-            text = f"torch.where({self._print(condition)}, {self._print(value)}, {text})"
+            printed_value, printed = self._print(value), self._print(condition)
+            if any(type(a).__name__ == "Positions" for a in sp.preorder_traversal(condition)):
+                # positions (a causal mask) are made on the CPU: moved to the value's device
+                if printed_value.isidentifier():
+                    printed = f"({printed}).to({printed_value}.device)"
+            text = f"torch.where({printed}, {printed_value}, {text})"
         return text
+
+    def _print_Positions(self, expr):
+        return f"torch.arange({self._print(expr.args[0])})"
 
     def _print_erf(self, expr):
         return f"torch.special.erf({self._print(expr.args[0])})"
