@@ -8,14 +8,19 @@ linear head and softmax cross-entropy. From cleared caches (as ``derive_depth.py
 ``derive_network`` and, ``+ module``, the whole generated module (derivation, whole-array
 forms, printing), and prints the CPU time per node (layer).
 
-    PYTHONPATH=. python benchmarks/derive_graph.py [--branches 4 8 16 32]
+    python benchmarks/derive_graph.py [--branches 4 8 16 32]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
+
+# this checkout's symbp (an editable install may point at another one, e.g. from a worktree)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from derive_depth import MISH, cold, median_of, time_once
 
@@ -76,8 +81,9 @@ def main(argv=None) -> None:
         rows.append((nodes, derive, total))
         print(f"{k:>4} {nodes:>6} {derive:>8.3f} {1e3 * derive / nodes:>8.2f} "
               f"{total:>9.3f} {1e3 * total / nodes:>8.2f}")
-    (n0, d0, t0), (n1, d1, t1) = rows[0], rows[-1]
-    if n1 > n0:  # each layer type is derived once: a fixed cost, then a constant cost per node
+    # each layer type is derived once (a fixed cost), then each node adds its own cost: linear
+    # growth is a constant cost per further node
+    for (n0, d0, t0), (n1, d1, t1) in zip(rows, rows[1:], strict=False):
         print(f"each further node, {n0} -> {n1} nodes: derive {1e3 * (d1 - d0) / (n1 - n0):.2f} "
               f"ms, + module {1e3 * (t1 - t0) / (n1 - n0):.2f} ms")
     print(f"ms per node (+ module), largest / smallest: "

@@ -27,9 +27,14 @@ for _name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+# this checkout's symbp (an editable install may point at another one, e.g. from a worktree)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import symbp  # noqa: E402
 from symbp.checking.gradcheck import load_module  # noqa: E402
