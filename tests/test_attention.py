@@ -283,3 +283,22 @@ def test_the_attention_block_example_checks_and_trains(monkeypatch):
     losses, accuracy = example.train(steps=60, every=0)
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:10])
     assert accuracy > 0.5  # chance is 0.25
+
+
+def test_float32_attention_stays_float32():
+    """1/sqrt(E) is printed as Python arithmetic on the int E (``1/E**0.5``): a NumPy float64
+    scalar (``np.sqrt(E)``) would promote the float32 scores, and with them everything
+    after, to float64 (NEP 50), doubling the time of every later product."""
+    net = Net([symbp.attention(heads=2, name="mha")], input_shape=(5, 8), loss="mse")
+    module = load_module(generate_module(net), "attention_float32")
+    params = module.init_params(seed=0, dtype=np.float32)
+    x = np.random.default_rng(0).standard_normal((3, 5, 8)).astype(np.float32)
+    y, cache = module.forward(params, x)
+    assert y.dtype == np.float32
+    assert all(a.dtype == np.float32 for a in cache["mha"])
+    loss, grads = module.loss_and_grads(params, x, np.zeros_like(x))
+    assert {g.dtype for g in grads.values()} == {np.dtype(np.float32)}
+    # and the same numbers as in float64, to float32's precision
+    params64 = {k: v.astype(np.float64) for k, v in params.items()}
+    y64, _ = module.forward(params64, x.astype(np.float64))
+    np.testing.assert_allclose(y, y64, rtol=1e-4, atol=1e-5)

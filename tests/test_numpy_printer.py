@@ -123,6 +123,9 @@ CASES = [
     (1 / (u**2 + 1), "1/(u**2 + 1)", lambda d: np.reciprocal(d["u"] ** 2 + 1)),
     (sp.tanh(u) * sp.exp(-u), "np.exp(-u)*np.tanh(u)", lambda d: np.tanh(d["u"]) / np.exp(d["u"])),
     (N * A / (N - 1), "A*N/(N - 1)", lambda d: d["A"] * 3 / 2),
+    # a size is a Python int: its square root a Python float, which keeps float32 arrays float32
+    (A / sp.sqrt(N), "A/N**0.5", lambda d: d["A"] / math.sqrt(3)),
+    (sp.sqrt(N) * A, "A*N**0.5", lambda d: math.sqrt(3) * d["A"]),
     (sp.Abs(u), "abs(u)", lambda d: np.abs(d["u"])),
 ]
 
@@ -140,6 +143,11 @@ def test_printed_code_computes_the_reference(expr, code, reference):
     arrays = rng_arrays()
     result = run(SymbpNumPyPrinter().doprint(expr), **arrays)
     np.testing.assert_allclose(result, reference(arrays), rtol=1e-14, atol=1e-14)
+
+
+def test_the_square_root_of_a_size_keeps_float32():
+    A32 = np.ones((2, 2), np.float32)
+    assert run(numpy_code(A / sp.sqrt(N)), A=A32, N=4).dtype == np.float32
 
 
 def test_permute_with_an_axis_order():

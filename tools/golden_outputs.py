@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import symbp  # noqa: E402
-from symbp.checking.gradcheck import load_module, make_inputs  # noqa: E402
+from symbp.checking.gradcheck import input_arrays, load_module, make_inputs  # noqa: E402
 
 
 def outputs() -> dict[str, np.ndarray]:
@@ -38,23 +38,25 @@ def outputs() -> dict[str, np.ndarray]:
             tag = f"{spec.stem}/{np.dtype(dtype).name}"
             params, x, y = make_inputs(net, module, batch=4, seed=1)
             params = {k: v.astype(dtype) for k, v in params.items()}
-            x = x.astype(dtype)
+            # By name (a graph may have several inputs); integer ids stay integers.
+            inputs = {name: value.astype(dtype) if value.dtype.kind == "f" else value
+                      for name, value in input_arrays(net, x).items()}
             if y.dtype.kind == "f":
                 y = y.astype(dtype)
             state = module.init_state(dtype=dtype) if hasattr(module, "init_state") else None
             kwargs = {"rng": np.random.default_rng(2)}
             if state is not None:
                 kwargs["state"] = state
-            loss, grads = module.loss_and_grads(params, x, y, **kwargs)
+            loss, grads = module.loss_and_grads(params, **inputs, y=y, **kwargs)
             found[f"{tag}/loss"] = np.asarray(loss)
             for key, value in grads.items():
                 found[f"{tag}/grad/{key}"] = np.asarray(value)
             for key, value in (state or {}).items():
                 found[f"{tag}/state/{key}"] = np.asarray(value)
             if state is not None:
-                found[f"{tag}/predict"] = np.asarray(module.predict(params, x, state))
+                found[f"{tag}/predict"] = np.asarray(module.predict(params, **inputs, state=state))
             else:
-                found[f"{tag}/predict"] = np.asarray(module.predict(params, x))
+                found[f"{tag}/predict"] = np.asarray(module.predict(params, **inputs))
     return found
 
 

@@ -28,6 +28,13 @@ HELPERS = {
 }
 
 
+def _is_size(expr: sp.Expr) -> bool:
+    """Whether ``expr`` is a positive integer made of sizes alone (``E``, ``H*W``): a Python
+    int in the generated code, never an array."""
+    return bool(expr.is_integer and expr.is_positive and expr.free_symbols
+                and all(not isinstance(a, sp.Indexed) for a in sp.preorder_traversal(expr)))
+
+
 class RowVector(sp.Function):
     """A vector the generated function computes and then broadcasts along the rows of a bigger
     array (``dx *= gamma*invstd``). It is printed ``_row_vector(v)``, a helper that hands such
@@ -79,9 +86,9 @@ class SymbpNumPyPrinter(NumPyPrinter):
     def _print_Pow(self, expr, rational=False):
         if expr.is_number and not expr.is_Rational:
             return self._print_constant(expr)
-        if expr.exp in (sp.Rational(1, 2), sp.Rational(-1, 2)) and _of_sizes(expr.base):
-            # a Python float (1/sqrt(E) of a head's width): NumPy's float64 scalar would make
-            # a float32 array float64
+        if expr.exp in (sp.Rational(1, 2), sp.Rational(-1, 2)) and _is_size(expr.base):
+            # a size is a Python int at run time: int**0.5 is a Python float, which keeps a
+            # float32 array float32 (np.sqrt(E) is a NumPy float64, which would promote it)
             root = f"{self.parenthesize(expr.base, PRECEDENCE['Pow'])}**0.5"
             return root if expr.exp > 0 else f"1/{root}"
         if expr.exp == sp.Rational(-1, 2):
@@ -636,8 +643,3 @@ def _is_step(factor: sp.Expr) -> bool:
     from ..derivation.arrays import Step
 
     return isinstance(factor, Step) and len(factor.args) == 1  # 0 at 0: a boolean (u > 0)
-
-
-def _of_sizes(expr) -> bool:
-    """Whether ``expr`` is made of sizes alone (integer symbols and numbers): a Python number."""
-    return not expr.atoms(sp.Indexed) and all(s.is_integer for s in expr.free_symbols)
