@@ -45,15 +45,72 @@ HELPER_SOURCES = {
     out[tuple(written)] = a[tuple(read)]
     return out
 ''',
+    "_window_conv": '''\
+def _window_conv(a, x, kernel, stride, dilation, axes_a, axes_windows):
+    """torch.tensordot(a, _windows(x, ...)) by torch's convolution kernels where it is one of
+    a batch x[n, c, h, w] (windows axes n, c, p, q, i, j): a[o, c, i, j] summed with the
+    windows over c, i, j (out[o, n, p, q], conv2d's output) or a[n, o, p, q] summed with them
+    over n, p, q (out[o, c, i, j], conv2d's weight gradient); None for any other contraction."""
+    if a.dim() != 4 or x.dim() != 4 or len(axes_a) != 3 or len(axes_windows) != 3:
+        return None
+    axes_a = [k % 4 for k in axes_a]
+    pairs = dict(zip((k % 6 for k in axes_windows), axes_a, strict=True))
+    free = [k for k in range(4) if k not in axes_a]
+    if len(pairs) != 3 or len(free) != 1:
+        return None
+    if set(pairs) == {1, 4, 5}:
+        weight = a.permute(free[0], pairs[1], pairs[4], pairs[5])
+        if tuple(weight.shape[2:]) != tuple(kernel):
+            return None
+        out = torch.nn.functional.conv2d(x, weight, stride=stride, dilation=dilation)
+        return out.permute(1, 0, 2, 3)
+    if set(pairs) == {0, 2, 3}:
+        grad = a.permute(pairs[0], free[0], pairs[2], pairs[3])
+        return torch.nn.grad.conv2d_weight(x, (grad.shape[1], x.shape[1], *kernel), grad,
+                                           stride=stride, dilation=dilation)
+    return None
+''',
     "_window_tensordot": '''\
 def _window_tensordot(a, x, kernel, stride, dilation, axes_a, axes_windows):
-    """torch.tensordot(a, windows) over the sliding windows of x (see _windows)."""
+    """torch.tensordot(a, windows) over the sliding windows of x (see _windows), by a
+    convolution kernel where the contraction is one (_window_conv)."""
+    out = _window_conv(a, x, kernel, stride, dilation, axes_a, axes_windows)
+    if out is not None:
+        return out
     windows = _windows(x, kernel, stride, dilation)
     return torch.tensordot(a, windows, dims=(list(axes_a), list(axes_windows)))
 ''',
+    "_col2im_conv": '''\
+def _col2im_conv(a, b, axes_a, axes_b, order, kernel, stride, dilation):
+    """_col2im(torch.tensordot(a, b).permute(order), ...) by torch's convolution kernels where
+    it is conv2d's input gradient: g[n, o, p, q] and w[o, c, i, j] (either operand, any axis
+    order) summed over o into cols[n, c, p, q, i, j]; None for any other contraction."""
+    if a.dim() != 4 or b.dim() != 4 or len(axes_a) != 1 or len(axes_b) != 1 or len(order) != 6:
+        return None
+    operands = (a, b)
+    contracted = (axes_a[0] % 4, axes_b[0] % 4)
+    sources = [(side, k) for side in (0, 1) for k in range(4) if k != contracted[side]]
+    roles = [sources[k] for k in order]
+    g_side, w_side = roles[0][0], roles[1][0]
+    if ({roles[k][0] for k in (0, 2, 3)} != {g_side}
+            or {roles[k][0] for k in (1, 4, 5)} != {w_side} or g_side == w_side):
+        return None
+    grad = operands[g_side].permute(roles[0][1], contracted[g_side], roles[2][1], roles[3][1])
+    weight = operands[w_side].permute(contracted[w_side], roles[1][1], roles[4][1], roles[5][1])
+    if tuple(weight.shape[2:]) != tuple(kernel):
+        return None
+    size = [(n - 1) * stride + (k - 1) * dilation + 1
+            for n, k in zip(grad.shape[2:], kernel, strict=True)]
+    return torch.nn.grad.conv2d_input((grad.shape[0], weight.shape[1], *size), weight, grad,
+                                      stride=stride, dilation=dilation)
+''',
     "_col2im_tensordot": '''\
 def _col2im_tensordot(a, b, axes_a, axes_b, order, kernel, stride, dilation):
-    """_col2im(torch.tensordot(a, b).permute(order), kernel, stride, dilation)."""
+    """_col2im(torch.tensordot(a, b).permute(order), kernel, stride, dilation), by a
+    convolution kernel where it is one (_col2im_conv)."""
+    out = _col2im_conv(a, b, axes_a, axes_b, order, kernel, stride, dilation)
+    if out is not None:
+        return out
     product = torch.tensordot(a, b, dims=(list(axes_a), list(axes_b))).permute(order)
     return _col2im(product, kernel, stride, dilation)
 ''',
@@ -95,8 +152,8 @@ def _col2im_tensordot(a, b, axes_a, axes_b, order, kernel, stride, dilation):
 
 #: The helpers each helper calls.
 HELPER_CALLS = {
-    "_col2im_tensordot": ("_col2im",),
-    "_window_tensordot": ("_windows",),
+    "_col2im_tensordot": ("_col2im", "_col2im_conv"),
+    "_window_tensordot": ("_windows", "_window_conv"),
     "_argmax_col2im": ("_col2im",),
     "_first_max_col2im": ("_first_argmax", "_argmax_col2im", "_col2im"),
 }
