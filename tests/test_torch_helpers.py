@@ -135,3 +135,75 @@ def test_other_contractions_take_the_general_route(helpers):
         w = torch.randn(3, 3, 3, 3, dtype=torch.float64)
         g = torch.randn(3, 3, 3, 3, dtype=torch.float64)
         assert helpers["_col2im_conv"](w, g, (0,), (1,), order, kernel, 1, 1) is None
+
+
+def _pool_cases(seed=0):
+    """Windows of x with ties (small integers) and NaN: strides 1-2, dilations 1-2,
+    rectangular kernels, batch 1."""
+    rng = random.Random(seed)
+    for n, kernel, stride, dilation in [(1, (2, 2), 2, 1), (2, (3, 2), 1, 1), (1, (2, 3), 2, 2),
+                                        (3, (3, 3), 2, 1), (2, (1, 4), 1, 2), (1, (5, 5), 3, 1),
+                                        (2, (5, 4), 1, 1)]:
+        x = torch.randint(-2, 3, (n, rng.randint(1, 3), rng.randint(9, 12), rng.randint(9, 12)),
+                          generator=torch.Generator().manual_seed(rng.randint(0, 99)))
+        yield x.double(), kernel, stride, dilation
+
+
+def test_window_max_and_first_argmax_keep_the_first_maximum(helpers):
+    for x, kernel, stride, dilation in _pool_cases():
+        for with_nan in (False, True):
+            if with_nan:
+                x = x.clone()
+                x[..., 1::3, ::2] = float("nan")
+            windows = helpers["_windows"](x, kernel, stride, dilation)
+            top = helpers["_window_max"](windows)
+            torch.testing.assert_close(top, windows.amax(dim=(-2, -1)), rtol=0, atol=0,
+                                       equal_nan=True)
+            position = helpers["_first_argmax"](windows, top)
+            assert position.dtype == torch.uint8
+            # torch.argmax returns the first maximal value (NaN counts as the maximum)
+            expected = windows.flatten(-2).argmax(dim=-1)
+            assert torch.equal(position.long(), expected)
+            assert torch.equal(helpers["_first_argmax"](windows).long(), expected)
+            # and, by hand, the first row-major offset holding the maximum, on one window
+            flat = windows.flatten(-2)[0, 0, 0, 0].tolist()
+            if not any(v != v for v in flat):
+                assert position[0, 0, 0, 0] == flat.index(max(flat))
+
+
+def test_col2im_is_the_adjoint_of_windows(helpers):
+    for x, kernel, stride, dilation in _pool_cases(seed=1):
+        x = x.requires_grad_(True)
+        windows = helpers["_windows"](x, kernel, stride, dilation)
+        cols = torch.randn(windows.shape, dtype=torch.float64)
+        (adjoint,) = torch.autograd.grad(windows, x, cols)
+        out = helpers["_col2im"](cols, kernel, stride, dilation)
+        rows, columns = out.shape[-2:]
+        torch.testing.assert_close(out, adjoint[..., :rows, :columns], rtol=0, atol=1e-12)
+        # a kernel broadcast from size 1: the same as the expanded columns
+        g = torch.randn((*windows.shape[:-2], 1, 1), dtype=torch.float64)
+        torch.testing.assert_close(helpers["_col2im"](g, kernel, stride, dilation),
+                                   helpers["_col2im"](g.expand(windows.shape).clone(), kernel,
+                                                      stride, dilation), rtol=0, atol=1e-12)
+
+
+def test_argmax_col2im_equals_col2im_of_the_masked_columns(helpers):
+    for x, kernel, stride, dilation in _pool_cases(seed=2):
+        windows = helpers["_windows"](x, kernel, stride, dilation)
+        argmax = helpers["_first_argmax"](windows, helpers["_window_max"](windows))
+        mask = F.one_hot(argmax.long(), kernel[0] * kernel[1]).reshape(windows.shape)
+        for g in (torch.randn((*windows.shape[:-2], 1, 1), dtype=torch.float64),
+                  torch.randn(windows.shape, dtype=torch.float64)):
+            expected = helpers["_col2im"](mask * g, kernel, stride, dilation)
+            torch.testing.assert_close(
+                helpers["_argmax_col2im"](argmax, g, kernel, stride, dilation), expected,
+                rtol=0, atol=1e-12)
+    # non-overlapping 2x2 windows without ties: torch's own max-pooling gradient
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    F.max_pool2d(x, 2).backward(dy)
+    windows = helpers["_windows"](x.detach(), (2, 2), 2, 1)
+    argmax = helpers["_first_argmax"](windows, helpers["_window_max"](windows))
+    torch.testing.assert_close(
+        helpers["_argmax_col2im"](argmax, dy[..., None, None], (2, 2), 2, 1), x.grad,
+        rtol=0, atol=0)
