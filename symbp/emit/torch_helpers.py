@@ -21,14 +21,18 @@ HELPER_SOURCES = {
 ''',
     "_col2im": '''def _col2im(cols, kernel, stride, dilation):
     """Scatter-add window entries back to where they were read (the adjoint of _windows):
-    out[..., p*stride + i*dilation, q*stride + j*dilation] += cols[..., p, q, i, j]."""
-    cols = cols.expand(*cols.shape[:-2], *kernel)
+    out[..., p*stride + i*dilation, q*stride + j*dilation] += cols[..., p, q, i, j], one
+    strided slice of out per kernel offset (i, j)."""
     *lead, rows, columns = cols.shape[:-2]
-    size = tuple((n - 1) * stride + (k - 1) * dilation + 1
-                 for n, k in zip((rows, columns), kernel, strict=True))
-    flat = cols.reshape(-1, rows * columns, kernel[0] * kernel[1]).transpose(1, 2)
-    out = torch.nn.functional.fold(flat, size, kernel, dilation=dilation, stride=stride)
-    return out.reshape(*lead, *size)
+    size = [(n - 1) * stride + (k - 1) * dilation + 1
+            for n, k in zip((rows, columns), kernel, strict=True)]
+    out = cols.new_zeros((*lead, *size))
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            out[..., i * dilation:i * dilation + (rows - 1) * stride + 1:stride,
+                j * dilation:j * dilation + (columns - 1) * stride + 1:stride] += cols[
+                ..., min(i, cols.shape[-2] - 1), min(j, cols.shape[-1] - 1)]
+    return out
 ''',
     "_shifted": '''def _shifted(a, offsets, sizes):
     """out[..., u, v] = a[..., u + offset_u, v + offset_v] over the last axes; 0 outside a."""
@@ -45,27 +49,98 @@ HELPER_SOURCES = {
     out[tuple(written)] = a[tuple(read)]
     return out
 ''',
+    "_window_conv": '''\
+def _window_conv(a, x, kernel, stride, dilation, axes_a, axes_windows):
+    """torch.tensordot(a, _windows(x, ...)) by torch's convolution kernels where it is one of
+    a batch x[n, c, h, w] (windows axes n, c, p, q, i, j): a[o, c, i, j] summed with the
+    windows over c, i, j (out[o, n, p, q], conv2d's output) or a[n, o, p, q] summed with them
+    over n, p, q (out[o, c, i, j], conv2d's weight gradient); None for any other contraction."""
+    if a.dim() != 4 or x.dim() != 4 or len(axes_a) != 3 or len(axes_windows) != 3:
+        return None
+    axes_a = [k % 4 for k in axes_a]
+    pairs = dict(zip((k % 6 for k in axes_windows), axes_a, strict=True))
+    free = [k for k in range(4) if k not in axes_a]
+    if len(pairs) != 3 or len(free) != 1:
+        return None
+    if set(pairs) == {1, 4, 5}:
+        weight = a.permute(free[0], pairs[1], pairs[4], pairs[5])
+        if tuple(weight.shape[2:]) != tuple(kernel):
+            return None
+        out = torch.nn.functional.conv2d(x, weight, stride=stride, dilation=dilation)
+        return out.permute(1, 0, 2, 3)
+    if set(pairs) == {0, 2, 3}:
+        grad = a.permute(pairs[0], free[0], pairs[2], pairs[3])
+        return torch.nn.grad.conv2d_weight(x, (grad.shape[1], x.shape[1], *kernel), grad,
+                                           stride=stride, dilation=dilation)
+    return None
+''',
     "_window_tensordot": '''\
 def _window_tensordot(a, x, kernel, stride, dilation, axes_a, axes_windows):
-    """torch.tensordot(a, windows) over the sliding windows of x (see _windows)."""
+    """torch.tensordot(a, windows) over the sliding windows of x (see _windows), by a
+    convolution kernel where the contraction is one (_window_conv)."""
+    out = _window_conv(a, x, kernel, stride, dilation, axes_a, axes_windows)
+    if out is not None:
+        return out
     windows = _windows(x, kernel, stride, dilation)
     return torch.tensordot(a, windows, dims=(list(axes_a), list(axes_windows)))
 ''',
+    "_col2im_conv": '''\
+def _col2im_conv(a, b, axes_a, axes_b, order, kernel, stride, dilation):
+    """_col2im(torch.tensordot(a, b).permute(order), ...) by torch's convolution kernels where
+    it is conv2d's input gradient: g[n, o, p, q] and w[o, c, i, j] (either operand, any axis
+    order) summed over o into cols[n, c, p, q, i, j]; None for any other contraction."""
+    if a.dim() != 4 or b.dim() != 4 or len(axes_a) != 1 or len(axes_b) != 1 or len(order) != 6:
+        return None
+    operands = (a, b)
+    contracted = (axes_a[0] % 4, axes_b[0] % 4)
+    sources = [(side, k) for side in (0, 1) for k in range(4) if k != contracted[side]]
+    roles = [sources[k] for k in order]
+    g_side, w_side = roles[0][0], roles[1][0]
+    if ({roles[k][0] for k in (0, 2, 3)} != {g_side}
+            or {roles[k][0] for k in (1, 4, 5)} != {w_side} or g_side == w_side):
+        return None
+    grad = operands[g_side].permute(roles[0][1], contracted[g_side], roles[2][1], roles[3][1])
+    weight = operands[w_side].permute(contracted[w_side], roles[1][1], roles[4][1], roles[5][1])
+    if tuple(weight.shape[2:]) != tuple(kernel):
+        return None
+    size = [(n - 1) * stride + (k - 1) * dilation + 1
+            for n, k in zip(grad.shape[2:], kernel, strict=True)]
+    return torch.nn.grad.conv2d_input((grad.shape[0], weight.shape[1], *size), weight, grad,
+                                      stride=stride, dilation=dilation)
+''',
     "_col2im_tensordot": '''\
 def _col2im_tensordot(a, b, axes_a, axes_b, order, kernel, stride, dilation):
-    """_col2im(torch.tensordot(a, b).permute(order), kernel, stride, dilation)."""
+    """_col2im(torch.tensordot(a, b).permute(order), kernel, stride, dilation), by a
+    convolution kernel where it is one (_col2im_conv)."""
+    out = _col2im_conv(a, b, axes_a, axes_b, order, kernel, stride, dilation)
+    if out is not None:
+        return out
     product = torch.tensordot(a, b, dims=(list(axes_a), list(axes_b))).permute(order)
     return _col2im(product, kernel, stride, dilation)
 ''',
     "_window_max": '''def _window_max(windows):
-    """The maximum of each window (last two axes)."""
-    return windows.amax(dim=(-2, -1))
+    """The maximum of each window (last two axes), NaN where the window holds one; one
+    element-wise maximum per kernel offset for small windows."""
+    if windows.shape[-2:].numel() > 16:
+        return windows.amax(dim=(-2, -1))
+    top = windows[..., 0, 0].clone()
+    for k in range(1, windows.shape[-2:].numel()):
+        torch.maximum(top, windows[..., k // windows.shape[-1], k % windows.shape[-1]], out=top)
+    return top
 ''',
     "_first_argmax": '''def _first_argmax(windows, top=None):
-    """The row-major position i*K_w + j of each window's first maximum (last two axes), in
-    uint8 where it fits (top, the maxima, is not needed here)."""
-    position = windows.flatten(-2).argmax(dim=-1)
-    return position.to(torch.uint8) if windows.shape[-2:].numel() <= 256 else position
+    """The row-major position i*K_w + j of each window's first maximum (last two axes; the
+    first NaN where it holds one), in uint8 where it fits; given top, the maxima (without NaN),
+    found by comparing each offset with them, the last offset first."""
+    small = windows.shape[-2:].numel() <= 256
+    if top is None or not small or (top.is_floating_point() and top.isnan().any()):
+        position = windows.flatten(-2).argmax(dim=-1)
+        return position.to(torch.uint8) if small else position
+    position = torch.zeros(top.shape, dtype=torch.uint8, device=top.device)
+    for k in reversed(range(windows.shape[-2:].numel())):
+        hit = (windows[..., k // windows.shape[-1], k % windows.shape[-1]] == top).to(torch.uint8)
+        position.mul_(1 - hit).add_(hit * k)
+    return position
 ''',
     "_first_argmax_mask": '''def _first_argmax_mask(windows):
     """1 at the first maximum of each window (last two axes, row-major order), 0 elsewhere."""
@@ -75,11 +150,25 @@ def _col2im_tensordot(a, b, axes_a, axes_b, order, kernel, stride, dilation):
 ''',
     "_argmax_col2im": '''def _argmax_col2im(argmax, g, kernel, stride, dilation):
     """Each window's g added where the window's arg-max (its row-major kernel offset) was
-    read, 0 elsewhere: _col2im of g times the arg-max's 0/1 mask."""
-    position = argmax.long().unsqueeze(-1)
-    g = g.expand(*argmax.shape, *kernel).reshape(*argmax.shape, -1)
-    cols = torch.zeros_like(g).scatter_(-1, position, g.gather(-1, position))
-    return _col2im(cols.reshape(*argmax.shape, *kernel), kernel, stride, dilation)
+    read, 0 elsewhere: _col2im of g times the arg-max's 0/1 mask, as one scatter-add of each
+    window's g at the arg-max's flat position in the output."""
+    position = argmax.long()
+    if g.shape[-2:] == (1, 1):
+        picked = g[..., 0, 0].expand(argmax.shape)
+    else:
+        picked = g.expand(*argmax.shape, *kernel).flatten(-2)
+        picked = picked.gather(-1, position.unsqueeze(-1)).squeeze(-1)
+    *lead, rows, columns = argmax.shape
+    size = [(n - 1) * stride + (k - 1) * dilation + 1
+            for n, k in zip((rows, columns), kernel, strict=True)]
+    offsets = [i * dilation * size[1] + j * dilation
+               for i in range(kernel[0]) for j in range(kernel[1])]
+    start = torch.arange(0, rows * stride, stride, device=argmax.device)[:, None] * size[1]
+    start = start + torch.arange(0, columns * stride, stride, device=argmax.device)
+    flat = torch.tensor(offsets, device=argmax.device).take(position) + start
+    out = picked.new_zeros((*lead, size[0] * size[1]))
+    out.scatter_add_(-1, flat.flatten(-2), picked.flatten(-2))
+    return out.reshape(*lead, *size)
 ''',
     "_first_max_col2im": '''def _first_max_col2im(windows, g, kernel, stride, dilation):
     """_argmax_col2im at each window's first maximum."""
@@ -95,10 +184,9 @@ def _col2im_tensordot(a, b, axes_a, axes_b, order, kernel, stride, dilation):
 
 #: The helpers each helper calls.
 HELPER_CALLS = {
-    "_col2im_tensordot": ("_col2im",),
-    "_window_tensordot": ("_windows",),
-    "_argmax_col2im": ("_col2im",),
-    "_first_max_col2im": ("_first_argmax", "_argmax_col2im", "_col2im"),
+    "_col2im_tensordot": ("_col2im", "_col2im_conv"),
+    "_window_tensordot": ("_windows", "_window_conv"),
+    "_first_max_col2im": ("_first_argmax", "_argmax_col2im"),
 }
 
 

@@ -1,0 +1,209 @@
+"""The torch target's window helpers (symbp/emit/torch_helpers.py): the routes through torch's
+convolution kernels (_window_conv, _col2im_conv) compute the same contraction as the general
+route (torch.tensordot over the strided windows, _col2im of the product), which is the
+definition the derivation's formulas print. Oracle: the general route, evaluated directly, and
+torch's own F.conv2d / autograd for the layout the generated modules use."""
+
+import itertools
+import random
+
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+from symbp.emit.torch_helpers import HELPER_SOURCES  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def helpers():
+    namespace = {"torch": torch}
+    for source in HELPER_SOURCES.values():
+        exec(source, namespace)  # the text the generated modules copy
+    return namespace
+
+
+def _general_window(h, a, x, kernel, stride, dilation, axes_a, axes_windows):
+    windows = h["_windows"](x, kernel, stride, dilation)
+    return torch.tensordot(a, windows, dims=(list(axes_a), list(axes_windows)))
+
+
+def _general_col2im(h, a, b, axes_a, axes_b, order, kernel, stride, dilation):
+    product = torch.tensordot(a, b, dims=(list(axes_a), list(axes_b))).permute(order)
+    return h["_col2im"](product, kernel, stride, dilation)
+
+
+def _cases(count=12, seed=0):
+    """Random conv shapes: batch 1 included, strides 1-2, dilations 1-2, rectangular kernels,
+    inputs zero-padded (as the modules pad them) or not."""
+    rng = random.Random(seed)
+    fixed = [(1, 1, 1, (5, 5), 1, 1, 0), (2, 3, 4, (2, 3), 2, 1, 1), (3, 2, 5, (3, 2), 1, 2, 2),
+             (1, 4, 3, (3, 3), 2, 2, 1)]
+    drawn = [(rng.randint(1, 3), rng.randint(1, 4), rng.randint(1, 5),
+              (rng.randint(1, 4), rng.randint(1, 4)), rng.randint(1, 2), rng.randint(1, 2),
+              rng.randint(0, 2)) for _ in range(count - len(fixed))]
+    for n, c, o, kernel, stride, dilation, padding in fixed + drawn:
+        x = torch.randn(n, c, rng.randint(9, 13), rng.randint(8, 12), dtype=torch.float64)
+        yield F.pad(x, (padding,) * 4), o, kernel, stride, dilation
+
+
+def _out_size(x, kernel, stride, dilation):
+    return [(s - (k - 1) * dilation - 1) // stride + 1
+            for s, k in zip(x.shape[2:], kernel, strict=True)]
+
+
+def test_forward_route_equals_the_general_route_and_conv2d(helpers):
+    for x, o, kernel, stride, dilation in _cases():
+        weight = torch.randn(o, x.shape[1], *kernel, dtype=torch.float64)
+        args = (kernel, stride, dilation, (1, 2, 3), (1, 4, 5))
+        fast = helpers["_window_conv"](weight, x, *args)
+        assert fast is not None
+        torch.testing.assert_close(fast, _general_window(helpers, weight, x, *args),
+                                   rtol=0, atol=1e-12)
+        # the generated module's conv2d: out[o, n, p, q] permuted to [n, o, p, q]
+        torch.testing.assert_close(
+            helpers["_window_tensordot"](weight, x, *args).permute(1, 0, 2, 3),
+            F.conv2d(x, weight, stride=stride, dilation=dilation), rtol=0, atol=1e-12)
+
+
+def test_forward_route_with_the_weight_axes_in_another_order(helpers):
+    x, o, kernel, stride, dilation = next(_cases(seed=3))
+    weight = torch.randn(o, x.shape[1], *kernel, dtype=torch.float64)
+    # weight stored as [i, o, j, c]: contracted axes (3, 0, 2) with windows' (c, i, j)
+    stored = weight.permute(2, 0, 3, 1).contiguous()
+    args = (kernel, stride, dilation, (3, 0, 2), (1, 4, 5))
+    fast = helpers["_window_conv"](stored, x, *args)
+    assert fast is not None
+    torch.testing.assert_close(fast, _general_window(helpers, stored, x, *args),
+                               rtol=0, atol=1e-12)
+
+
+def test_weight_gradient_route_equals_the_general_route_and_autograd(helpers):
+    for x, o, kernel, stride, dilation in _cases(seed=1):
+        dy = torch.randn(x.shape[0], o, *_out_size(x, kernel, stride, dilation),
+                         dtype=torch.float64)
+        args = (kernel, stride, dilation, (0, 2, 3), (0, 2, 3))
+        fast = helpers["_window_conv"](dy, x, *args)
+        assert fast is not None
+        torch.testing.assert_close(fast, _general_window(helpers, dy, x, *args),
+                                   rtol=0, atol=1e-12)
+        weight = torch.randn(o, x.shape[1], *kernel, dtype=torch.float64, requires_grad=True)
+        F.conv2d(x, weight, stride=stride, dilation=dilation).backward(dy)
+        torch.testing.assert_close(fast, weight.grad, rtol=0, atol=1e-12)
+
+
+def test_input_gradient_route_equals_the_general_route_and_autograd(helpers):
+    for x, o, kernel, stride, dilation in _cases(seed=2):
+        weight = torch.randn(o, x.shape[1], *kernel, dtype=torch.float64)
+        dy = torch.randn(x.shape[0], o, *_out_size(x, kernel, stride, dilation),
+                         dtype=torch.float64)
+        # the generated conv2d's dx: tensordot(W, dy) over o, [c, i, j, n, p, q] -> [n, c, p, q,
+        # i, j]; and the same with the operands swapped
+        for a, b, axes_a, axes_b, order in [(weight, dy, (0,), (1,), (3, 0, 4, 5, 1, 2)),
+                                            (dy, weight, (1,), (0,), (0, 3, 1, 2, 4, 5))]:
+            args = (a, b, axes_a, axes_b, order, kernel, stride, dilation)
+            fast = helpers["_col2im_conv"](*args)
+            assert fast is not None
+            torch.testing.assert_close(fast, _general_col2im(helpers, *args), rtol=0, atol=1e-12)
+        # autograd's dx covers x's rows and columns that no window reads with zeros
+        leaf = x.clone().requires_grad_(True)
+        F.conv2d(leaf, weight, stride=stride, dilation=dilation).backward(dy)
+        rows, columns = fast.shape[2:]
+        torch.testing.assert_close(fast, leaf.grad[:, :, :rows, :columns], rtol=0, atol=1e-12)
+        assert not leaf.grad[:, :, rows:].any() and not leaf.grad[:, :, :, columns:].any()
+
+
+def test_other_contractions_take_the_general_route(helpers):
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+    kernel = (3, 3)
+    # not a convolution: a depthwise-like contraction (c kept), a single-window-axis sum
+    a3 = torch.randn(3, 3, 3, dtype=torch.float64)
+    assert helpers["_window_conv"](a3, x, kernel, 1, 1, (1, 2), (4, 5)) is None
+    a4 = torch.randn(2, 3, 3, 3, dtype=torch.float64)
+    args = (kernel, 1, 1, (0, 1, 2), (0, 1, 4))
+    assert helpers["_window_conv"](a4, x, *args) is None
+    torch.testing.assert_close(helpers["_window_tensordot"](a4, x, *args),
+                               _general_window(helpers, a4, x, *args), rtol=0, atol=0)
+    # a kernel broadcast from size 1 (as pooling's routing passes it) is no convolution
+    g = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    w = torch.randn(3, 3, 1, 1, dtype=torch.float64)
+    assert helpers["_col2im_conv"](w, g, (0,), (1,), (3, 0, 4, 5, 1, 2), kernel, 1, 1) is None
+    # the index roles mixed between operands
+    for order in itertools.islice(itertools.permutations(range(6)), 1, 40):
+        if order in {(3, 0, 4, 5, 1, 2)}:
+            continue
+        w = torch.randn(3, 3, 3, 3, dtype=torch.float64)
+        g = torch.randn(3, 3, 3, 3, dtype=torch.float64)
+        assert helpers["_col2im_conv"](w, g, (0,), (1,), order, kernel, 1, 1) is None
+
+
+def _pool_cases(seed=0):
+    """Windows of x with ties (small integers) and NaN: strides 1-2, dilations 1-2,
+    rectangular kernels, batch 1."""
+    rng = random.Random(seed)
+    for n, kernel, stride, dilation in [(1, (2, 2), 2, 1), (2, (3, 2), 1, 1), (1, (2, 3), 2, 2),
+                                        (3, (3, 3), 2, 1), (2, (1, 4), 1, 2), (1, (5, 5), 3, 1),
+                                        (2, (5, 4), 1, 1)]:
+        x = torch.randint(-2, 3, (n, rng.randint(1, 3), rng.randint(9, 12), rng.randint(9, 12)),
+                          generator=torch.Generator().manual_seed(rng.randint(0, 99)))
+        yield x.double(), kernel, stride, dilation
+
+
+def test_window_max_and_first_argmax_keep_the_first_maximum(helpers):
+    for x, kernel, stride, dilation in _pool_cases():
+        for with_nan in (False, True):
+            if with_nan:
+                x = x.clone()
+                x[..., 1::3, ::2] = float("nan")
+            windows = helpers["_windows"](x, kernel, stride, dilation)
+            top = helpers["_window_max"](windows)
+            torch.testing.assert_close(top, windows.amax(dim=(-2, -1)), rtol=0, atol=0,
+                                       equal_nan=True)
+            position = helpers["_first_argmax"](windows, top)
+            assert position.dtype == torch.uint8
+            # torch.argmax returns the first maximal value (NaN counts as the maximum)
+            expected = windows.flatten(-2).argmax(dim=-1)
+            assert torch.equal(position.long(), expected)
+            assert torch.equal(helpers["_first_argmax"](windows).long(), expected)
+            # and, by hand, the first row-major offset holding the maximum, on one window
+            flat = windows.flatten(-2)[0, 0, 0, 0].tolist()
+            if not any(v != v for v in flat):
+                assert position[0, 0, 0, 0] == flat.index(max(flat))
+
+
+def test_col2im_is_the_adjoint_of_windows(helpers):
+    for x, kernel, stride, dilation in _pool_cases(seed=1):
+        x = x.requires_grad_(True)
+        windows = helpers["_windows"](x, kernel, stride, dilation)
+        cols = torch.randn(windows.shape, dtype=torch.float64)
+        (adjoint,) = torch.autograd.grad(windows, x, cols)
+        out = helpers["_col2im"](cols, kernel, stride, dilation)
+        rows, columns = out.shape[-2:]
+        torch.testing.assert_close(out, adjoint[..., :rows, :columns], rtol=0, atol=1e-12)
+        # a kernel broadcast from size 1: the same as the expanded columns
+        g = torch.randn((*windows.shape[:-2], 1, 1), dtype=torch.float64)
+        torch.testing.assert_close(helpers["_col2im"](g, kernel, stride, dilation),
+                                   helpers["_col2im"](g.expand(windows.shape).clone(), kernel,
+                                                      stride, dilation), rtol=0, atol=1e-12)
+
+
+def test_argmax_col2im_equals_col2im_of_the_masked_columns(helpers):
+    for x, kernel, stride, dilation in _pool_cases(seed=2):
+        windows = helpers["_windows"](x, kernel, stride, dilation)
+        argmax = helpers["_first_argmax"](windows, helpers["_window_max"](windows))
+        mask = F.one_hot(argmax.long(), kernel[0] * kernel[1]).reshape(windows.shape)
+        for g in (torch.randn((*windows.shape[:-2], 1, 1), dtype=torch.float64),
+                  torch.randn(windows.shape, dtype=torch.float64)):
+            expected = helpers["_col2im"](mask * g, kernel, stride, dilation)
+            torch.testing.assert_close(
+                helpers["_argmax_col2im"](argmax, g, kernel, stride, dilation), expected,
+                rtol=0, atol=1e-12)
+    # non-overlapping 2x2 windows without ties: torch's own max-pooling gradient
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    F.max_pool2d(x, 2).backward(dy)
+    windows = helpers["_windows"](x.detach(), (2, 2), 2, 1)
+    argmax = helpers["_first_argmax"](windows, helpers["_window_max"](windows))
+    torch.testing.assert_close(
+        helpers["_argmax_col2im"](argmax, dy[..., None, None], (2, 2), 2, 1), x.grad,
+        rtol=0, atol=0)
