@@ -4,7 +4,8 @@
   engine, proved against direct differentiation at small sizes;
 * the generated module runs the derived cell over time and backwards over time (BPTT), and
   agrees with ``nn.RNN(batch_first=True)`` in float64 to 1e-10: the output and every gradient
-  (dx included), the last state and the whole sequence.
+  (dx included), the last state and the whole sequence; likewise the LSTM (two derived parts
+  per step, the cell state's and the hidden state's) against ``nn.LSTM``.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import pytest
 
 from symbp.checking.gradcheck import load_module
 from symbp.declare.forms import N
-from symbp.declare.recurrent import HIDDEN, D, RNNCell
+from symbp.declare.recurrent import HIDDEN, D, LSTMOutput, LSTMState, RNNCell
 from symbp.derivation.layer import derive_layer
 from symbp.derivation.verify import verify_layer
-from symbp.emit.recurrent import recurrent_module
+from symbp.emit.recurrent import lstm_module, recurrent_module
 
 torch = pytest.importorskip("torch")
 
@@ -42,10 +43,32 @@ def test_cell_backward_reads_the_recurrence():
     assert "tanh" in str(derivation.through["a"].expr)
 
 
+SIZES = [(3, 5, 4, 6), (1, 1, 2, 3), (2, 7, 1, 1)]
+
+
+@pytest.mark.parametrize("part", [LSTMState, LSTMOutput])
+def test_lstm_parts_are_proved(part):
+    derivation = derive_layer(part(2).forward_form())
+    verdicts = verify_layer(derivation, {N: 1, D: 1, HIDDEN: 2})
+    assert verdicts and all(v.proven for v in verdicts)
+
+
 @pytest.mark.parametrize("sequence", [False, True])
-@pytest.mark.parametrize(("n", "t", "d", "h"), [(3, 5, 4, 6), (1, 1, 2, 3), (2, 7, 1, 1)])
+@pytest.mark.parametrize(("n", "t", "d", "h"), SIZES)
+def test_lstm_agrees_with_torch(sequence, n, t, d, h):
+    module = load_module(lstm_module(h, (t, d)))
+    _agrees(module, torch.nn.LSTM(d, h, batch_first=True), sequence, n, t, d)
+
+
+@pytest.mark.parametrize("sequence", [False, True])
+@pytest.mark.parametrize(("n", "t", "d", "h"), SIZES)
 def test_rnn_agrees_with_torch(sequence, n, t, d, h):
     module = load_module(recurrent_module(RNNCell(h), (t, d)))
+    _agrees(module, torch.nn.RNN(d, h, batch_first=True), sequence, n, t, d)
+
+
+def _agrees(module, rnn, sequence, n, t, d):
+    """The module's output and gradients against the torch module's (weights mapped by name)."""
     rng = np.random.default_rng(n * 100 + t * 10 + d)
     x = rng.normal(size=(n, t, d))
     params = {k: rng.normal(scale=0.6, size=s) for k, s in module.PARAM_SHAPES.items()}
@@ -53,12 +76,13 @@ def test_rnn_agrees_with_torch(sequence, n, t, d, h):
     dout = rng.normal(size=out.shape)
     dx, grads = module.backward(dout, caches, params, sequence=sequence)
 
-    rnn = torch.nn.RNN(d, h, batch_first=True).double()
+    rnn = rnn.double()
     with torch.no_grad():
         for name, torch_name in TORCH_NAMES.items():
             getattr(rnn, torch_name).copy_(torch.from_numpy(params[name]))
     xt = torch.from_numpy(x).requires_grad_()
     states, last = rnn(xt)
+    last = last[0] if isinstance(last, tuple) else last  # an LSTM's (h_n, c_n)
     expected = states if sequence else last[0]
     (expected * torch.from_numpy(dout)).sum().backward()
 
@@ -70,14 +94,15 @@ def test_rnn_agrees_with_torch(sequence, n, t, d, h):
                                    rtol=0, atol=TOLERANCE, err_msg=name)
 
 
-def test_generated_module_is_lint_clean(tmp_path):
-    ruff = pytest.importorskip("ruff")
-    del ruff
+@pytest.mark.parametrize("kind", ["rnn", "lstm"])
+def test_generated_module_is_lint_clean(tmp_path, kind):
+    pytest.importorskip("ruff")
     import subprocess
     import sys
 
-    path = tmp_path / "rnn_module.py"
-    path.write_text(recurrent_module(RNNCell(4), (5, 3)))
+    path = tmp_path / f"{kind}_module.py"
+    source = (recurrent_module(RNNCell(4), (5, 3)) if kind == "rnn" else lstm_module(4, (5, 3)))
+    path.write_text(source)
     result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(path)],
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout

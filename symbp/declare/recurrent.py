@@ -67,3 +67,88 @@ class RNNCell(Layer):
 
     def describe(self):
         return f"rnn(hidden={self.hidden})"
+
+
+def _sigmoid(z: sp.Expr) -> sp.Expr:
+    return 1 / (1 + sp.exp(-z))
+
+
+#: PyTorch's gate order in ``weight_ih_l0`` (4H, D), ``weight_hh_l0`` (4H, H) and the biases
+GATES = "ifgo"
+
+
+class _LSTMPart(Layer):
+    """A part of one LSTM step (see :class:`LSTMState`, :class:`LSTMOutput`); ``gates`` are the
+    gates it computes, each ``z[n, j] = sum_d x[n, d] W_i<g>[j, d] + b_i<g>[j]
+    + sum_i h[n, i] W_h<g>[j, i] + b_h<g>[j]``, the rows of PyTorch's stacked weights."""
+
+    gates: str = ""
+    arity = 3
+
+    def __init__(self, hidden: int, *, name: str | None = None) -> None:
+        super().__init__(name=name)
+        self.hidden = _integer(hidden, field="hidden")
+
+    def output_shape(self, in_shape):
+        return (self.hidden,)
+
+    def gate_forms(self):
+        n, d, j, i = (index(s) for s in "ndji")
+        x, h = Array("x", (N, D)), Array("h", (N, HIDDEN))
+        params, stages = [], []
+        for gate in self.gates:
+            W_i, W_h = Array(f"W_i{gate}", (HIDDEN, D)), Array(f"W_h{gate}", (HIDDEN, HIDDEN))
+            b_i, b_h = Array(f"b_i{gate}", (HIDDEN,)), Array(f"b_h{gate}", (HIDDEN,))
+            params += [W_i, W_h, b_i, b_h]
+            stages.append(Stage(Array(f"z{gate}", (N, HIDDEN)), (n, j),
+                                sp.Sum(x[n, d] * W_i[j, d], (d, 0, D - 1)) + b_i[j]
+                                + sp.Sum(h[n, i] * W_h[j, i], (i, 0, HIDDEN - 1)) + b_h[j]))
+        return x, h, params, stages
+
+    @property
+    def blocks(self) -> dict[str, tuple[str, int]]:
+        """Each of this part's parameters -> (PyTorch's stacked parameter, its gate block)."""
+        return {f"{kind}_{side}{gate}": (f"{kind}_{side}h" if side == "i" else f"{kind}_hh",
+                                         GATES.index(gate))
+                for gate in self.gates for kind in ("W", "b") for side in "ih"}
+
+    def math_key(self, in_shape):
+        return (self.kind,)
+
+
+class LSTMState(_LSTMPart):
+    """The cell state's step of ``nn.LSTM``: ``c_new = sigmoid(zf)*c + sigmoid(zi)*tanh(zg)``
+    (input ``x`` ``(N, D)``, previous ``h``, ``c`` ``(N, H)``)."""
+
+    kind = "lstm_state"
+    gates = "ifg"
+
+    def forward_form(self, in_shape=None):
+        n, j = index("n"), index("j")
+        x, h, params, stages = self.gate_forms()
+        c = Array("c", (N, HIDDEN))
+        zi, zf, zg = (s.array for s in stages)
+        stages.append(Stage(Array("c_new", (N, HIDDEN)), (n, j),
+                            _sigmoid(zf[n, j]) * c[n, j]
+                            + _sigmoid(zi[n, j]) * sp.tanh(zg[n, j])))
+        return Forward(inputs=(x, h, c), params=tuple(params), stages=tuple(stages),
+                       letters=CELL_LETTERS, through=tuple(s.name for s in stages[:-1]),
+                       keep=("x", "h", "c", "zi", "zf", "zg"))
+
+
+class LSTMOutput(_LSTMPart):
+    """The hidden state's step of ``nn.LSTM``: ``h_new = sigmoid(zo)*tanh(c_new)`` (input ``x``
+    ``(N, D)``, previous ``h``, this step's ``c_new`` ``(N, H)``)."""
+
+    kind = "lstm_output"
+    gates = "o"
+
+    def forward_form(self, in_shape=None):
+        n, j = index("n"), index("j")
+        x, h, params, stages = self.gate_forms()
+        c = Array("c_new", (N, HIDDEN))
+        (zo,) = (s.array for s in stages)
+        stages.append(Stage(Array("h_new", (N, HIDDEN)), (n, j),
+                            _sigmoid(zo[n, j]) * sp.tanh(c[n, j])))
+        return Forward(inputs=(x, h, c), params=tuple(params), stages=tuple(stages),
+                       letters=CELL_LETTERS, through=("zo",), keep=("x", "h", "c_new", "zo"))
