@@ -60,7 +60,7 @@ class RNNCell(Layer):
             Stage(Array("h_new", (N, HIDDEN)), (n, j), sp.tanh(a[n, j])),
         )
         return Forward(inputs=(x, h), params=(W_ih, W_hh, b_ih, b_hh), stages=stages,
-                       letters=CELL_LETTERS, through=("a",))
+                       letters=CELL_LETTERS, through=("a",), keep=("x", "h", "h_new"))
 
     def math_key(self, in_shape):
         return (self.kind,)
