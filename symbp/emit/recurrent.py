@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import textwrap
 
-from .. import __version__
 from ..declare.base import Layer
 from ..declare.recurrent import GATES, LSTMOutput, LSTMState
 from ..derivation.layer import derive_layer
 from ..naming import backward_function, forward_function
 from ..runtime import registry as runtime
+from ..version import __version__
 from .layout import MAX_LINE, wrap_line
 from .module import ModuleBuilder, environment
 
