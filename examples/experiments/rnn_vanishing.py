@@ -48,6 +48,44 @@ def state_gradient_norms(module, steps: int, seed: int = 0, forget_bias: float =
     return np.array([np.linalg.norm(g) for g in reversed(trace)])
 
 
+def kept_bytes(caches) -> int:
+    """The bytes BPTT keeps between the passes: the arrays in the per-step caches that own
+    their memory, each counted once (the input's per-step slices are views of ``x``)."""
+    seen: dict[int, int] = {}
+
+    def walk(item):
+        if isinstance(item, tuple | list):
+            for part in item:
+                walk(part)
+        elif isinstance(item, np.ndarray) and item.base is None:
+            seen[id(item)] = item.nbytes
+
+    walk(caches)
+    return sum(seen.values())
+
+
+def memory_table(steps: int) -> None:
+    """BPTT's memory, predicted and measured: per step the tanh cell's derived backward reads
+    ``h[t-1]`` and ``h[t]`` (kept once: ``h0 ... h_T``), the LSTM's ``h[t-1]``, ``c[t-1]``,
+    ``c[t]`` (``c0 ... c_T``) and the pre-activations ``zi, zf, zg, zo``: ``(T + 1) N H`` and
+    ``(6T + 1) N H`` float64 values, proportional to ``T x N x H``."""
+    rng = np.random.default_rng(1)
+    print(f"\nmemory BPTT keeps (float64, N = {N}, D = {D}, H = {H})")
+    print(f"{'T':>5}  {'rnn predicted':>14}  {'measured':>10}  {'lstm predicted':>14}  "
+          f"{'measured':>10}")
+    for t in (steps // 4, steps // 2, steps):
+        x = rng.normal(size=(N, t, D))
+        row = []
+        for module, per_step, initial in (
+            (load_module(recurrent_module(RNNCell(H), (t, D))), 1, 1),
+            (load_module(lstm_module(H, (t, D))), 6, 1),
+        ):
+            params = {k: rng.normal(size=s) for k, s in module.PARAM_SHAPES.items()}
+            _, caches = module.forward(x, params)
+            row += [(per_step * t + initial) * N * H * 8, kept_bytes(caches)]
+        print(f"{t:>5}  {row[0]:>14}  {row[1]:>10}  {row[2]:>14}  {row[3]:>10}")
+
+
 def main(argv=None) -> dict[str, np.ndarray]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=60)
@@ -67,6 +105,7 @@ def main(argv=None) -> dict[str, np.ndarray]:
         t = steps - 1 - back
         row = [values[t] / values[-1] for values in norms.values()]
         print(f"{back:>6}" + "".join(f"  {value:>20.3e}" for value in row))
+    memory_table(steps)
     if args.figure is not None:
         try:
             import matplotlib
