@@ -459,7 +459,8 @@ def test_pooling_options_pytorch_refuses_are_declaration_errors():
 
 
 def test_an_input_shape_that_is_neither_features_nor_an_image_is_a_declaration_error():
-    with pytest.raises(SymbpError, match=r"'input': must be features \[F\] or an image"):
+    said = r"'input': must be features \[F\], a sequence \[T, D\] or an image"
+    with pytest.raises(SymbpError, match=said):
         Net([symbp.relu()], input_shape=(1, 3, 4, 4), loss="mse")
 
 
