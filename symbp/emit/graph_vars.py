@@ -12,6 +12,7 @@ the names the module always had.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from ..derivation.plan import Plan, Sum, Vjp
@@ -112,3 +113,18 @@ def template_inputs(plan: Plan, names: Variables) -> dict:
                          ids=ids.get(name))
                     for name in plan.inputs
                 ])
+
+
+def chained_rows(plan: Plan):
+    """For a target whose engine chains the backward rules (torch, JAX): each forward step,
+    the variables it reads, and the start of its row (the values held before it, a reshape)."""
+    names = variables(plan)
+    for index, step in enumerate(plan.forward):
+        inputs = names.reads[step.name]
+        row: dict = dict(name=step.name, holds=names.holds.get(index, []), reshape=None,
+                         modes=False)
+        if step.reshape:
+            width, source = math.prod(step.placed.in_shape), inputs[0]
+            row["reshape"] = f"h = {source}.reshape(len({source}), {width})  # {step.name}"
+        yield step, inputs, row
+

@@ -14,7 +14,6 @@ is read off the plan and the layer's declaration.
 from __future__ import annotations
 
 import importlib.util
-import math
 
 from ..declare.net import Net
 from ..derivation.network import NetworkDerivation, derive_network
@@ -22,7 +21,7 @@ from ..derivation.plan import Plan, build_plan
 from ..errors import SpecError
 from ..naming import adjoint, backward_function, forward_function, predict_function
 from ..version import __version__
-from .graph_vars import variables
+from .graph_vars import chained_rows
 from .jax_printer import JaxPrintError, SymbpJaxPrinter, helper_sources
 from .layout import MAX_LINE
 from .module import ModuleBuilder
@@ -88,15 +87,8 @@ def _rule(builder: JaxBuilder, stem: str, derivation, stats=()) -> dict:
 
 def _forward_rows(builder: JaxBuilder, plan: Plan, rules: dict) -> list[dict]:
     rows = []
-    names = variables(plan)  # the variable holding each value (h, skip_<reader>)
-    for index, step in enumerate(plan.forward):
-        inputs = names.reads[step.name]
-        row: dict = dict(name=step.name, holds=names.holds.get(index, []), reshape=None,
-                         modes=False)
-        if step.reshape:
-            width = math.prod(step.placed.in_shape)
-            source = inputs[0]
-            row["reshape"] = f"h = {source}.reshape(len({source}), {width})  # {step.name}"
+    for step, inputs, row in chained_rows(plan):
+        if row["reshape"]:
             rows.append(row)
             continue
         stem = builder.stems[step.name] + step.stem_suffix

@@ -12,15 +12,13 @@ type: what differs between layers is read off the plan and the layer's declarati
 
 from __future__ import annotations
 
-import math
-
 from ..declare.net import Net
 from ..derivation.network import NetworkDerivation, derive_network
 from ..derivation.plan import Plan, Step, build_plan
 from ..errors import SpecError
 from ..naming import adjoint, backward_function, predict_function
 from ..version import __version__
-from .graph_vars import variables
+from .graph_vars import chained_rows
 from .layout import MAX_LINE
 from .module import ModuleBuilder
 from .network import inits, size_values
@@ -94,15 +92,8 @@ def _function_class(builder: TorchBuilder, stem: str, step: Step) -> dict:
 
 def _forward_rows(builder: TorchBuilder, plan: Plan, functions: dict) -> list[dict]:
     rows = []
-    names = variables(plan)  # the variable holding each value (h, skip_<reader>, an input)
-    for index, step in enumerate(plan.forward):
-        inputs = names.reads[step.name]
-        row: dict = dict(name=step.name, holds=names.holds.get(index, []), reshape=None,
-                         modes=False)
-        if step.reshape:
-            width = math.prod(step.placed.in_shape)
-            source = inputs[0]
-            row["reshape"] = f"h = {source}.reshape(len({source}), {width})  # {step.name}"
+    for step, inputs, row in chained_rows(plan):
+        if row["reshape"]:
             rows.append(row)
             continue
         stem = builder.stems[step.name] + step.stem_suffix
