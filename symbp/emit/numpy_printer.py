@@ -16,6 +16,8 @@ from sympy.codegen.cfunctions import expm1, log1p
 from sympy.printing.numpy import NumPyPrinter
 from sympy.printing.precedence import PRECEDENCE, precedence
 
+from ..derivation.array_ops import is_array_op
+
 #: Functions NumPy lacks: the name printed for each, a function of :mod:`symbp.runtime` (the
 #: printer records the names it prints in ``helpers_used``).
 HELPERS = {
@@ -514,7 +516,7 @@ _ELEMENTWISE = (sp.Add, sp.Mul, sp.Pow, sp.Function, sp.Rel, sp.Piecewise, sp.Ma
 def array_shape(expr: sp.Expr, shapes: dict[str, tuple]) -> tuple | None:
     """The shape of a whole-array expression (sympy sizes, 1 for inserted axes), or None when
     it cannot be told. ``shapes`` gives the array symbols' shapes; other symbols are scalars."""
-    from ..derivation.arrays import Dot, Einsum, MaxOver, NewAxis, Permute, SumOver, TensorDot
+    from ..derivation.array_ops import Dot, Einsum, MaxOver, NewAxis, Permute, SumOver, TensorDot
     from ..derivation.groups import GroupRepeat, GroupSum
 
     if isinstance(expr, sp.Symbol):
@@ -573,7 +575,7 @@ def array_shape(expr: sp.Expr, shapes: dict[str, tuple]) -> tuple | None:
         if isinstance(expr, GroupSum):
             return None if inner is None else (expr.args[1], expr.args[2])
         return None if inner is None or len(inner) != 2 else (inner[0], inner[1] * expr.args[1])
-    if type(expr).__module__.endswith("arrays") and type(expr).__name__ not in (
+    if is_array_op(expr) and type(expr).__name__ not in (
         "Sigmoid",
         "Softplus",
         "Step",
