@@ -30,8 +30,9 @@ from ..derivation.array_ops import (
     Windows,
     is_array_op,
 )
+from .array_shapes import array_shape, is_smaller
 from .layout import MAX_LINE
-from .numpy_printer import RowVector, array_shape, is_smaller
+from .numpy_printer import RowVector
 from .windows import WindowTensorDot
 
 

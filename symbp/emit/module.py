@@ -38,6 +38,7 @@ from ..naming import (
 from ..runtime import registry as runtime
 from ..version import __version__
 from . import template_folder
+from .array_shapes import array_shape
 from .graph_vars import template_inputs
 from .kept_values import _argmax_from_maxima, _kept_type
 from .layout import MAX_LINE, _sentence, formula, wrap_line, wrap_lines
@@ -52,13 +53,7 @@ from .memory_plan import (
     spread_factors,
 )
 from .network import backward_steps, forward_steps, inits
-from .numpy_printer import (
-    SymbpNumPyPrinter,
-    accurate_forms,
-    array_shape,
-    float_constants,
-    numpy_code,
-)
+from .numpy_printer import SymbpNumPyPrinter, accurate_forms, float_constants, numpy_code
 from .objective import regularizer_context
 from .value_names import _renamed, value_name
 from .windows import _name_windows
