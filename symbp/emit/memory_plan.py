@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import sympy as sp
 
-from ..derivation.arrays import (
+from ..derivation.array_ops import (
     Dot,
     Flipped,
     MaxOver,
@@ -28,9 +28,11 @@ from ..derivation.arrays import (
     SumOver,
     TensorDot,
     Windows,
+    is_array_op,
 )
+from .array_shapes import array_shape, is_smaller
 from .layout import MAX_LINE
-from .numpy_printer import RowVector, array_shape, is_smaller
+from .numpy_printer import RowVector
 from .windows import WindowTensorDot
 
 
@@ -259,7 +261,7 @@ def _rows_in(expr: sp.Expr, shape, shapes, computed: set[str]) -> sp.Expr:
     if isinstance(expr, sp.Add | sp.Max | sp.Min | sp.Pow | sp.Piecewise) or (
         isinstance(expr, sp.Function) and not isinstance(expr, RowVector)
     ):
-        if type(expr).__module__.endswith("arrays"):
+        if is_array_op(expr):
             return expr  # windows, products, scatters: not element-wise passes
         args = [operand(a) for a in expr.args]
         return expr.func(*args) if args != list(expr.args) else expr

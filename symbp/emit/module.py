@@ -38,6 +38,7 @@ from ..naming import (
 from ..runtime import registry as runtime
 from ..version import __version__
 from . import template_folder
+from .array_shapes import array_shape
 from .graph_vars import template_inputs
 from .kept_values import _argmax_from_maxima, _kept_type
 from .layout import MAX_LINE, _sentence, formula, wrap_line, wrap_lines
@@ -52,14 +53,9 @@ from .memory_plan import (
     spread_factors,
 )
 from .network import backward_steps, forward_steps, inits
-from .numpy_printer import (
-    SymbpNumPyPrinter,
-    accurate_forms,
-    array_shape,
-    float_constants,
-    numpy_code,
-)
+from .numpy_printer import SymbpNumPyPrinter, accurate_forms, float_constants
 from .objective import regularizer_context
+from .sizes import _array_shapes, _size_bindings, _with_sizes
 from .value_names import _renamed, value_name
 from .windows import _name_windows
 
@@ -209,43 +205,10 @@ class ModuleBuilder:
         else:
             statements = _reuse_memory(ordered, shapes, returned, writable, printer, into)
         self.helpers |= printer.helpers_used
-        sizes, self.unbound = self._size_bindings([v for _, v in ordered], form, available)
+        sizes, self.unbound = _size_bindings([v for _, v in ordered], form, available)
         return [_Statement(t, code) for t, code in sizes] + [
             _renamed(st, names) for st in statements
         ]
-
-    @staticmethod
-    def _size_bindings(exprs, form: Forward, available: list[str]) -> list[tuple[str, str]]:
-        """``N = x.shape[0]`` for each symbolic size the expressions use."""
-        bindings = []
-        free = set().union(*[e.free_symbols for e in exprs]) if exprs else set()
-        arrays = {a.name: a for a in form.arrays.values()}
-        arrays.update({adjoint(s.name): s.array for s in form.stages})
-        unbound = []
-        for symbol in sorted(free, key=lambda s: s.name):
-            if not (symbol.is_integer and symbol.is_positive) or symbol in form.constants:
-                continue
-            binding = None
-            for name in available:
-                array = arrays.get(name)
-                if array is None:
-                    continue
-                if symbol in array.dims:
-                    binding = f"{name}.shape[{array.dims.index(symbol)}]"
-                    break
-                # A padded length such as H_in + 2*padding: solve for H_in.
-                for axis, dim in enumerate(array.dims):
-                    rest = sp.sympify(dim) - symbol
-                    if symbol not in rest.free_symbols and rest.free_symbols <= set(form.constants):
-                        binding = numpy_code(sp.Symbol(f"{name}.shape[{axis}]") - rest)
-                        break
-                if binding:
-                    break
-            if binding:
-                bindings.append((symbol.name, binding))
-            else:
-                unbound.append(symbol.name)
-        return bindings, unbound
 
     def layer_functions(self, stem: str, layer: Layer, derivation: LayerDerivation, eval_form):
         if stem in self.forward_names:
@@ -443,14 +406,6 @@ def _without(mapping: dict, key) -> dict:
     return {k: v for k, v in mapping.items() if k != key}
 
 
-def _array_shapes(form: Forward) -> dict[str, tuple | None]:
-    """Shapes of the arrays a layer's formulas name: its arrays and their gradients."""
-    shapes: dict[str, tuple | None] = {}
-    for name, array in form.arrays.items():
-        shapes[name] = tuple(array.dims)
-        shapes[adjoint(name)] = tuple(array.dims)
-    return shapes
-
 def function_stems(net: Net) -> dict[str | None, str]:
     """The stem of each layer's generated functions, by layer name (``None``: the loss).
 
@@ -519,13 +474,6 @@ def _printed_functions(item: Placed, printed: dict) -> tuple[str, ...]:
             f.source.replace(stem, "{stem}") for f in builder.functions.values()
         )
     return printed[key]
-
-
-def _with_sizes(keywords: str, sizes: list[str]) -> str:
-    """Keyword-only arguments ``keywords`` plus sizes no argument's shape tells."""
-    if not sizes:
-        return keywords
-    return keywords + (", " if keywords else ", *, ") + ", ".join(sizes)
 
 
 def generate_module(net: Net, derivation: NetworkDerivation | None = None) -> str:
