@@ -153,3 +153,50 @@ def test_vanishing_experiment_runs(capsys):
     # the tanh RNN's gradient 29 steps back is orders of magnitude below the LSTM's whose
     # forget gate stays open (sigmoid(3) = 0.95)
     assert rnn[0] / rnn[-1] < 1e-6 < lstm_kept[0] / lstm_kept[-1]
+
+SEQUENCE_SPEC = """
+input = { shape = [6, 4] }
+loss = "softmax_cross_entropy"
+layers = [
+  { type = "rnn", name = "rnn", hidden = 8, sequence = true },
+  { type = "flatten", name = "flat" },
+  { type = "linear", name = "out", out = 3 },
+]
+"""
+
+
+@pytest.mark.parametrize("sequence", [False, True])
+def test_rnn_layer_in_a_network_agrees_with_torch(sequence):
+    """``type = "rnn"`` in a network (examples/rnn_classifier.toml, and with ``sequence``
+    flattened into the head): loss and every gradient, dx included, as nn.RNN + nn.Linear +
+    cross entropy in float64."""
+    from symbp.declare.spec import load_spec, parse_spec
+    from symbp.emit.module import generate_module
+
+    net = load_spec("examples/rnn_classifier.toml")
+    if sequence:
+        net = parse_spec(SEQUENCE_SPEC)
+    module = load_module(generate_module(net))
+    n, t, d, h = 5, 6, 4, 8
+    rng = np.random.default_rng(3)
+    params = module.init_params(seed=1)
+    x, y = rng.normal(size=(n, t, d)), rng.integers(0, 3, n)
+    loss, grads = module.loss_and_grads(params, x, y)
+    rnn = torch.nn.RNN(d, h, batch_first=True).double()
+    head = torch.nn.Linear(h * (t if sequence else 1), 3).double()
+    with torch.no_grad():
+        for name, torch_name in TORCH_NAMES.items():
+            getattr(rnn, torch_name).copy_(torch.from_numpy(params[f"rnn.{name}"]))
+        head.weight.copy_(torch.from_numpy(params["out.W"].T))
+        head.bias.copy_(torch.from_numpy(params["out.b"]))
+    xt = torch.from_numpy(x).requires_grad_(True)
+    states, last = rnn(xt)
+    features = states.reshape(n, -1) if sequence else last[0]
+    expected = torch.nn.functional.cross_entropy(head(features), torch.from_numpy(y))
+    expected.backward()
+    assert abs(float(loss) - expected.item()) < TOLERANCE
+    np.testing.assert_allclose(grads["x"], xt.grad.numpy(), rtol=0, atol=TOLERANCE)
+    for name, torch_name in TORCH_NAMES.items():
+        np.testing.assert_allclose(grads[f"rnn.{name}"], getattr(rnn, torch_name).grad.numpy(),
+                                   rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(grads["out.W"], head.weight.grad.numpy().T, rtol=0, atol=TOLERANCE)

@@ -16,6 +16,7 @@ from ..declare.forms import Forward
 from ..declare.layers import Layer
 from ..declare.net import Net, Placed
 from .layer import LayerDerivation, derive_layer
+from .unrolled import derive_unrolled
 
 _CACHE: dict[tuple, LayerDerivation] = {}
 
@@ -24,7 +25,10 @@ def derive_cached(layer: Layer, in_shape: tuple[int, ...]) -> LayerDerivation:
     """Derive a layer type once per math key (sizes are symbolic, so widths don't matter)."""
     key = layer.math_key(in_shape)
     if key not in _CACHE:
-        _CACHE[key] = derive_layer(layer.forward_form(in_shape))
+        cell = layer.unrolled_cell(in_shape)
+        form = layer.forward_form(in_shape)
+        _CACHE[key] = (derive_layer(form) if cell is None
+                       else derive_unrolled(form, cell, in_shape))
     return _CACHE[key]
 
 

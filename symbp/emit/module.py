@@ -60,6 +60,7 @@ from .numpy_printer import (
     numpy_code,
 )
 from .objective import regularizer_context
+from .unrolled import unrolled_functions
 from .value_names import _renamed, value_name
 from .windows import _name_windows
 
@@ -250,6 +251,8 @@ class ModuleBuilder:
     def layer_functions(self, stem: str, layer: Layer, derivation: LayerDerivation, eval_form):
         if stem in self.forward_names:
             return
+        if derivation.cell is not None:  # a layer unrolled over time (rnn)
+            return unrolled_functions(self, stem, layer, derivation)
         form = derivation.form
         names = set(form.arrays) | {derivation.upstream.name}
         lowering = Lowering(names, form)

@@ -1,0 +1,70 @@
+"""The layer functions of a layer unrolled over time (rnn, :mod:`symbp.derivation.unrolled`).
+
+The cell's forward and backward are printed by the builder like any layer's (their stem with
+``_cell``); ``templates/unrolled.py.j2`` holds the loop over the steps around them, so the
+network calls ``<stem>_forward(x, *params)`` and ``<stem>_backward(dy, *kept, *params_read)``
+as it calls any layer's.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..derivation.derivation import LayerDerivation
+from ..naming import adjoint, backward_function, forward_function
+
+if TYPE_CHECKING:
+    from ..declare.base import Layer
+    from .module import ModuleBuilder
+
+
+def unrolled_functions(builder: ModuleBuilder, stem: str, layer: Layer,
+                       derivation: LayerDerivation) -> None:
+    """Print the cell's functions and the layer's loops around them into ``builder``."""
+    from .module import _Function  # the builder's record of a printed function
+
+    cell = derivation.cell
+    cell_stem = f"{stem}_cell"
+    builder.layer_functions(cell_stem, derivation.cell_layer, cell, None)
+    form, cell_form = derivation.form, cell.form
+    step_input, state = (a.name for a in cell_form.inputs)
+    hidden = state_array = cell_form.inputs[1]
+    width = next(f"{p.name}.shape[{axis}]" for p in cell_form.params
+                 for axis, dim in enumerate(p.dims) if dim == hidden.dims[1])
+    kept = [a.name for a in derivation.cached]
+    read = [p.name for p in derivation.params_read]
+    params = [p.name for p in cell_form.params]
+    grads = [adjoint(p) for p in params]
+    sequence = len(form.output.array.dims) == 3
+    source = builder.env.get_template("unrolled.py.j2").render(
+        forward=forward_function(stem),
+        backward=backward_function(stem),
+        title=layer.describe(),
+        input=form.inputs[0].name,
+        params=", ".join(params),
+        state=state_array.name,
+        width=width,
+        sequence=sequence,
+        returned="the states (N, T, H)" if sequence else "the last state",
+        cell_forward=builder.forward_names[cell_stem],
+        cell_backward=backward_function(cell_stem),
+        upstream=derivation.upstream.name,
+        kept=", ".join(kept),
+        first_kept=kept[0],
+        kept_at_t=", ".join(f"{name}[t]" for name in kept),
+        read=", ".join(read),
+        grads=grads,
+        step_grads=", ".join(f"{g}_t" for g in grads),
+        grad_pairs=[(g, f"{g}_t") for g in grads],
+    ).rstrip("\n")
+    del step_input
+    forward, backward = source.split("\n\n\n")
+    builder.functions[forward_function(stem)] = _Function(forward_function(stem), forward)
+    builder.functions[backward_function(stem)] = _Function(backward_function(stem), backward)
+    builder.forward_names[stem] = forward_function(stem)
+    for name in (forward_function(stem), backward_function(stem)):
+        builder.overwrites[name] = False
+        builder.size_keywords[name] = []
+        builder.outs[name] = []
+    builder.owned_output[stem] = True
+    builder.owned_grad[stem] = True
