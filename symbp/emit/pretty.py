@@ -294,6 +294,10 @@ def _array_line(derivation: LayerDerivation, name: str, expr: sp.Expr, indices) 
 
 
 def layer_report(derivation: LayerDerivation, unicode: bool = True) -> list[Block]:
+    if derivation.cell is not None:  # unrolled over time: its cell's derivation, once
+        step = derivation.cell_layer.describe()
+        return [Text(f"  unrolled over t = 0..T-1 with shared weights; one step, {step}:"),
+                *layer_report(derivation.cell, unicode), Text(f"  {BPTT}")]
     form = derivation.form
     lines: list[Block] = [Text("  forward:")]
     for stage in form.stages:
@@ -339,6 +343,9 @@ def layer_report(derivation: LayerDerivation, unicode: bool = True) -> list[Bloc
         lines.append(_pretty(carried.array[carried.indices], carried.math, unicode))
     return lines
 
+
+BPTT = ("backpropagation through time: this backward is applied for t = T-1..0, the state's "
+        "gradient handed to step t-1, the weights' gradients summed over t")
 
 #: Expressions with more operations than this are shown as derived (simplify's time grows fast).
 SIMPLIFY_MAX_OPS = 80
