@@ -200,3 +200,32 @@ def test_rnn_layer_in_a_network_agrees_with_torch(sequence):
         np.testing.assert_allclose(grads[f"rnn.{name}"], getattr(rnn, torch_name).grad.numpy(),
                                    rtol=0, atol=TOLERANCE)
     np.testing.assert_allclose(grads["out.W"], head.weight.grad.numpy().T, rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("args", [["codegen", "--target", "torch"], ["codegen", "--target", "jax"],
+                                  ["latex"]])
+def test_rnn_layer_refused_where_not_printed(args, tmp_path, capsys):
+    """The torch and jax targets and the notes cannot print an unrolled layer yet: one line
+    naming the layer, exit 2, nothing written."""
+    from symbp.cli import main
+
+    target = tmp_path / "out.md"
+    assert main([args[0], "examples/rnn_classifier.toml", *args[1:], "-o", str(target)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "layer 'rnn'" in err and "unrolled over time" in err
+    assert not target.exists()
+
+
+def test_rnn_layer_check_and_derive(capsys):
+    """``symbp check`` passes on the network; ``symbp derive`` prints the cell's derivation
+    once (not T copies; dh and dW_hh among its gradients) and says it is applied for t = T-1..0, summed over t."""
+    from symbp.cli import main
+
+    assert main(["check", "examples/rnn_classifier.toml"]) == 0
+    assert "0 failed" in capsys.readouterr().out
+    assert main(["derive", "examples/rnn_classifier.toml"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("h_new[n, j] = tanh(a[n, j])") == 1  # the cell's forward, once
+    assert "dh[n, j] =" in out and "dW_hh[j, j'] =" in out
+    assert "applied for t = T-1..0" in " ".join(out.split())
+    assert "summed over t" in " ".join(out.split())

@@ -28,7 +28,7 @@ from ..derivation.arrays import (
     Lowering,
 )
 from ..derivation.layer import LayerDerivation
-from ..derivation.network import DerivedLayer, NetworkDerivation
+from ..derivation.network import DerivedLayer, NetworkDerivation, refuse_unrolled
 from ..derivation.plan import build_plan
 from ..derivation.verify import default_sizes, verify_layer
 from ..errors import DerivationError
@@ -141,6 +141,7 @@ def render_notes(
         raise ValueError(f"notation must be one of {NOTATIONS}, got {notation!r}")
     if numbering not in NUMBERINGS:
         raise ValueError(f"numbering must be one of {NUMBERINGS}, got {numbering!r}")
+    refuse_unrolled(derivation, "the notes")
     builder = _Builder(derivation, fmt=fmt, steps=steps, notation=notation, numbering=numbering)
     context = builder.context()
     context["fragment"] = fragment

@@ -454,6 +454,7 @@ def verification_lines(
     derivation: LayerDerivation, label: str = "", progress: Progress | None = None
 ) -> Iterator[tuple[Text, bool]]:
     """Each proof's verdict line as soon as it is proved, with whether it succeeded."""
+    derivation = derivation.cell or derivation  # unrolled over time: its cell's, proved
     progress = progress or Progress()
     for batch in proof_batches(derivation.form):
         sizes = default_sizes(derivation.form, batch=batch)
