@@ -218,7 +218,8 @@ def test_rnn_layer_refused_where_not_printed(args, tmp_path, capsys):
 
 def test_rnn_layer_check_and_derive(capsys):
     """``symbp check`` passes on the network; ``symbp derive`` prints the cell's derivation
-    once (not T copies; dh and dW_hh among its gradients) and says it is applied for t = T-1..0, summed over t."""
+    once (not T copies; dh and dW_hh among its gradients) and says it is applied for
+    t = T-1..0, the weights' gradients summed over t."""
     from symbp.cli import main
 
     assert main(["check", "examples/rnn_classifier.toml"]) == 0
