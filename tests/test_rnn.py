@@ -104,12 +104,23 @@ def _agrees(module, rnn, sequence, n, t, d):
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")
-@pytest.mark.parametrize("kind", ["rnn", "lstm"])
+@pytest.mark.parametrize("kind", ["rnn", "lstm", "network", "stacked"])
 def test_generated_module_is_lint_clean(tmp_path, kind):
     import subprocess
 
+    from symbp.declare.spec import load_spec, parse_spec
+    from symbp.emit.module import generate_module
+
     path = tmp_path / f"{kind}_module.py"
-    source = (recurrent_module(RNNCell(4), (5, 3)) if kind == "rnn" else lstm_module(4, (5, 3)))
+    sources = {
+        "rnn": lambda: recurrent_module(RNNCell(4), (5, 3)),
+        "lstm": lambda: lstm_module(4, (5, 3)),
+        "network": lambda: generate_module(load_spec("examples/rnn_classifier.toml")),
+        # a sequence into a second rnn: two stems, longer function names in the docstrings
+        "stacked": lambda: generate_module(parse_spec(SEQUENCE_SPEC.replace(
+            '{ type = "flatten", name = "flat" }', '{ type = "rnn", name = "r2", hidden = 5 }'))),
+    }
+    source = sources[kind]()
     path.write_text(source)
     result = subprocess.run(["ruff", "check", "--no-cache", str(path)],
                             capture_output=True, text=True, check=False)

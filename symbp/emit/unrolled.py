@@ -8,10 +8,12 @@ as it calls any layer's.
 
 from __future__ import annotations
 
+import textwrap
 from typing import TYPE_CHECKING
 
 from ..derivation.derivation import LayerDerivation
 from ..naming import adjoint, backward_function, forward_function
+from .layout import MAX_LINE
 
 if TYPE_CHECKING:
     from ..declare.base import Layer
@@ -36,18 +38,28 @@ def unrolled_functions(builder: ModuleBuilder, stem: str, layer: Layer,
     params = [p.name for p in cell_form.params]
     grads = [adjoint(p) for p in params]
     sequence = len(form.output.array.dims) == 3
+    cell_forward, cell_backward = builder.forward_names[cell_stem], backward_function(cell_stem)
+    returned = "the states (N, T, H)" if sequence else "the last state"
+    forward_doc = (f"Forward pass of {layer.kind}: {cell_forward} at t = 0..T-1 (the state 0 "
+                   f"before the first step), the weights shared by the steps; returns {returned} "
+                   "and what backward needs, each of the step's kept arrays stacked over t.")
+    backward_doc = (f"Backward pass of {layer.kind} (backpropagation through time): "
+                    f"{cell_backward}, the derived backward of one step, for t = T-1..0, the "
+                    "state's gradient handed to the step before and the weights' gradients "
+                    "summed over t. input_grad is accepted for the caller; the steps' input "
+                    "gradients are computed anyway (the state gradient needs the same work).")
     source = builder.env.get_template("unrolled.py.j2").render(
+        forward_doc=_docstring(forward_doc),
+        backward_doc=_docstring(backward_doc),
         forward=forward_function(stem),
         backward=backward_function(stem),
-        title=layer.describe(),
         input=form.inputs[0].name,
         params=", ".join(params),
         state=state_array.name,
         width=width,
         sequence=sequence,
-        returned="the states (N, T, H)" if sequence else "the last state",
-        cell_forward=builder.forward_names[cell_stem],
-        cell_backward=backward_function(cell_stem),
+        cell_forward=cell_forward,
+        cell_backward=cell_backward,
         upstream=derivation.upstream.name,
         kept=", ".join(kept),
         first_kept=kept[0],
@@ -68,3 +80,8 @@ def unrolled_functions(builder: ModuleBuilder, stem: str, layer: Layer,
         builder.outs[name] = []
     builder.owned_output[stem] = True
     builder.owned_grad[stem] = True
+
+
+def _docstring(text: str) -> str:
+    """``text`` as a function's docstring, indented, within the line length."""
+    return textwrap.indent(textwrap.fill(f'"""{text}"""', MAX_LINE - 4), "    ")
