@@ -352,9 +352,9 @@ def test_the_table_covers_every_registered_layer_type():
     # tests/test_conv_transpose.py; the layers reading several values (a graph's) in
     # tests/test_graph.py.
     # embedding reads integer ids (it must come first): tests/test_embedding.py; attention
-    # reads sequences: tests/test_attention.py
+    # reads sequences: tests/test_attention.py; rnn (sequences, unrolled): tests/test_rnn.py
     graph = {"add", "multiply", "concat", "split", "matmul"}
-    assert set(LAYER_ROWS) == layer_types - IMAGE_LAYERS - graph - {"embedding", "attention"}
+    assert set(LAYER_ROWS) == layer_types - IMAGE_LAYERS - graph - {"embedding", "attention", "rnn"}
     assert set(LOSSES) == {"mse", "softmax_cross_entropy", "bce_with_logits"}
 
 

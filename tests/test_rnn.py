@@ -104,12 +104,23 @@ def _agrees(module, rnn, sequence, n, t, d):
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")
-@pytest.mark.parametrize("kind", ["rnn", "lstm"])
+@pytest.mark.parametrize("kind", ["rnn", "lstm", "network", "stacked"])
 def test_generated_module_is_lint_clean(tmp_path, kind):
     import subprocess
 
+    from symbp.declare.spec import load_spec, parse_spec
+    from symbp.emit.module import generate_module
+
     path = tmp_path / f"{kind}_module.py"
-    source = (recurrent_module(RNNCell(4), (5, 3)) if kind == "rnn" else lstm_module(4, (5, 3)))
+    sources = {
+        "rnn": lambda: recurrent_module(RNNCell(4), (5, 3)),
+        "lstm": lambda: lstm_module(4, (5, 3)),
+        "network": lambda: generate_module(load_spec("examples/rnn_classifier.toml")),
+        # a sequence into a second rnn: two stems, longer function names in the docstrings
+        "stacked": lambda: generate_module(parse_spec(SEQUENCE_SPEC.replace(
+            '{ type = "flatten", name = "flat" }', '{ type = "rnn", name = "r2", hidden = 5 }'))),
+    }
+    source = sources[kind]()
     path.write_text(source)
     result = subprocess.run(["ruff", "check", "--no-cache", str(path)],
                             capture_output=True, text=True, check=False)
@@ -153,3 +164,82 @@ def test_vanishing_experiment_runs(capsys):
     # the tanh RNN's gradient 29 steps back is orders of magnitude below the LSTM's whose
     # forget gate stays open (sigmoid(3) = 0.95)
     assert rnn[0] / rnn[-1] < 1e-6 < lstm_kept[0] / lstm_kept[-1]
+
+SEQUENCE_SPEC = """
+input = { shape = [6, 4] }
+loss = "softmax_cross_entropy"
+layers = [
+  { type = "rnn", name = "rnn", hidden = 8, sequence = true },
+  { type = "flatten", name = "flat" },
+  { type = "linear", name = "out", out = 3 },
+]
+"""
+
+
+@pytest.mark.parametrize("sequence", [False, True])
+def test_rnn_layer_in_a_network_agrees_with_torch(sequence):
+    """``type = "rnn"`` in a network (examples/rnn_classifier.toml, and with ``sequence``
+    flattened into the head): loss and every gradient, dx included, as nn.RNN + nn.Linear +
+    cross entropy in float64."""
+    from symbp.declare.spec import load_spec, parse_spec
+    from symbp.emit.module import generate_module
+
+    net = load_spec("examples/rnn_classifier.toml")
+    if sequence:
+        net = parse_spec(SEQUENCE_SPEC)
+    module = load_module(generate_module(net))
+    n, t, d, h = 5, 6, 4, 8
+    rng = np.random.default_rng(3)
+    params = module.init_params(seed=1)
+    x, y = rng.normal(size=(n, t, d)), rng.integers(0, 3, n)
+    loss, grads = module.loss_and_grads(params, x, y)
+    rnn = torch.nn.RNN(d, h, batch_first=True).double()
+    head = torch.nn.Linear(h * (t if sequence else 1), 3).double()
+    with torch.no_grad():
+        for name, torch_name in TORCH_NAMES.items():
+            getattr(rnn, torch_name).copy_(torch.from_numpy(params[f"rnn.{name}"]))
+        head.weight.copy_(torch.from_numpy(params["out.W"].T))
+        head.bias.copy_(torch.from_numpy(params["out.b"]))
+    xt = torch.from_numpy(x).requires_grad_(True)
+    states, last = rnn(xt)
+    features = states.reshape(n, -1) if sequence else last[0]
+    expected = torch.nn.functional.cross_entropy(head(features), torch.from_numpy(y))
+    expected.backward()
+    assert abs(float(loss) - expected.item()) < TOLERANCE
+    np.testing.assert_allclose(grads["x"], xt.grad.numpy(), rtol=0, atol=TOLERANCE)
+    for name, torch_name in TORCH_NAMES.items():
+        np.testing.assert_allclose(grads[f"rnn.{name}"], getattr(rnn, torch_name).grad.numpy(),
+                                   rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(grads["out.W"], head.weight.grad.numpy().T, rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("args", [["codegen", "--target", "torch"], ["codegen", "--target", "jax"],
+                                  ["latex"]])
+def test_rnn_layer_refused_where_not_printed(args, tmp_path, capsys):
+    """The torch and jax targets and the notes cannot print an unrolled layer yet: one line
+    naming the layer, exit 2, nothing written."""
+    from symbp.cli import main
+
+    if "jax" in args:  # without JAX the target says what to install first
+        pytest.importorskip("jax")
+    target = tmp_path / "out.md"
+    assert main([args[0], "examples/rnn_classifier.toml", *args[1:], "-o", str(target)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "layer 'rnn'" in err and "unrolled over time" in err
+    assert not target.exists()
+
+
+def test_rnn_layer_check_and_derive(capsys):
+    """``symbp check`` passes on the network; ``symbp derive`` prints the cell's derivation
+    once (not T copies; dh and dW_hh among its gradients) and says it is applied for
+    t = T-1..0, the weights' gradients summed over t."""
+    from symbp.cli import main
+
+    assert main(["check", "examples/rnn_classifier.toml"]) == 0
+    assert "0 failed" in capsys.readouterr().out
+    assert main(["derive", "examples/rnn_classifier.toml"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("h_new[n, j] = tanh(a[n, j])") == 1  # the cell's forward, once
+    assert "dh[n, j] =" in out and "dW_hh[j, j'] =" in out
+    assert "applied for t = T-1..0" in " ".join(out.split())
+    assert "summed over t" in " ".join(out.split())

@@ -13,4 +13,5 @@ from . import (  # noqa: E402,F401 - registering every layer type
     embedding,
     graph,
     layers,
+    recurrent,
 )

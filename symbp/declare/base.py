@@ -258,6 +258,12 @@ class Layer:
         """The axes (batch axis 0 included) that each training statistic averages over."""
         return ()
 
+    def unrolled_cell(self, in_shape: tuple[int, ...]) -> Layer | None:
+        """The layer one step of which this layer runs over the time axis of its ``(T, D)``
+        input, with shared weights (rnn: its cell); ``None``: not recurrent. The derivation is
+        the cell's; the generated layer functions loop over t around the cell's."""
+        return None
+
     def adjoint_of(self, in_shape: tuple[int, ...]) -> AdjointClaim | None:
         """What this layer's forward is the adjoint of, for ``symbp derive --verify`` to prove
         (:mod:`symbp.derivation.adjoint`) and the notes to state; ``None``: nothing claimed."""

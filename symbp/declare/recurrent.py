@@ -12,7 +12,7 @@ from __future__ import annotations
 import sympy as sp
 
 from ..errors import SpecError
-from .base import LETTERS, Layer, _integer
+from .base import LETTERS, SEQ_DIMS, Layer, _integer, register
 from .forms import Array, Forward, N, Stage, index, size
 
 D, HIDDEN = size("D"), size("H")
@@ -67,6 +67,52 @@ class RNNCell(Layer):
 
     def describe(self):
         return f"rnn(hidden={self.hidden})"
+
+
+@register
+class RNN(Layer):
+    """``nn.RNN(D, hidden, batch_first=True)`` (tanh, one layer, ``h_0 = 0``) on sequences
+    ``(T, D)``: :class:`RNNCell` unrolled over the steps with shared weights (declared by
+    :meth:`unrolled_cell`). The output is the last state ``(H,)``, or every state ``(T, H)``
+    with ``sequence = true``."""
+
+    kind = "rnn"
+    init = RNNCell.init
+
+    def __init__(self, hidden: int, *, sequence: bool = False, name: str | None = None) -> None:
+        super().__init__(name=name)
+        self.hidden = _integer(hidden, field="hidden")
+        if not isinstance(sequence, bool):
+            raise SpecError(f"must be true or false, got {sequence!r}", field="sequence")
+        self.sequence = sequence
+
+    def unrolled_cell(self, in_shape):
+        return RNNCell(self.hidden)
+
+    def output_shape(self, in_shape):
+        return (in_shape[0], self.hidden) if self.sequence else (self.hidden,)
+
+    def param_shapes(self, in_shape):
+        return RNNCell(self.hidden).param_shapes(in_shape)
+
+    def forward_form(self, in_shape=None):
+        """The layer as the network sees it: ``x`` ``(N, T, D)`` in, the states out; its
+        stage names the cell it runs (the derivation is the cell's, applied over t)."""
+        cell = RNNCell(self.hidden).forward_form(in_shape)
+        x = Array("x", (N, *SEQ_DIMS))
+        dims = (N, SEQ_DIMS[0], HIDDEN) if self.sequence else (N, HIDDEN)
+        n, t, j = index("n"), index("t"), index("j")
+        out = Array("h_out", dims)
+        indices = (n, t, j) if self.sequence else (n, j)
+        step = sp.Function("rnn_cell")(*indices)
+        return Forward(inputs=(x,), params=cell.params, stages=(Stage(out, indices, step),),
+                       letters={**CELL_LETTERS, SEQ_DIMS[0]: "t"})
+
+    def math_key(self, in_shape):
+        return (self.kind, self.sequence)
+
+    def describe(self):
+        return f"rnn(hidden={self.hidden}{', sequence' if self.sequence else ''})"
 
 
 def _sigmoid(z: sp.Expr) -> sp.Expr:

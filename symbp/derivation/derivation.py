@@ -80,6 +80,9 @@ class LayerDerivation:
     #: them (reverse stage order); ``vjp`` and each other read them by name
     through: dict[str, Adjoint] = field(default_factory=dict)
 
+    #: a layer unrolled over time (:mod:`.unrolled`): the cell's derivation, else ``None``
+    cell = None
+
     @property
     def upstream(self) -> Array:
         return adjoint_array(self.form.output.array)

@@ -15,7 +15,9 @@ from ..declare.decay import WeightDecay
 from ..declare.forms import Forward
 from ..declare.layers import Layer
 from ..declare.net import Net, Placed
+from ..errors import SpecError
 from .layer import LayerDerivation, derive_layer
+from .unrolled import derive_unrolled
 
 _CACHE: dict[tuple, LayerDerivation] = {}
 
@@ -24,7 +26,10 @@ def derive_cached(layer: Layer, in_shape: tuple[int, ...]) -> LayerDerivation:
     """Derive a layer type once per math key (sizes are symbolic, so widths don't matter)."""
     key = layer.math_key(in_shape)
     if key not in _CACHE:
-        _CACHE[key] = derive_layer(layer.forward_form(in_shape))
+        cell = layer.unrolled_cell(in_shape)
+        form = layer.forward_form(in_shape)
+        _CACHE[key] = (derive_layer(form) if cell is None
+                       else derive_unrolled(form, cell, in_shape))
     return _CACHE[key]
 
 
@@ -87,3 +92,12 @@ def derive_network(net: Net) -> NetworkDerivation:
     decay = [DecayTerm(key, term, derive_cached(term, shapes[key]))
              for key, term in ((k, WeightDecay(net.weight_decay)) for k in net.decayed)]
     return NetworkDerivation(net, layers, loss, decay)
+
+
+def refuse_unrolled(derivation: NetworkDerivation, what: str) -> None:
+    """A :class:`SpecError` naming the first layer unrolled over time, which ``what`` (a target,
+    the notes) cannot print yet."""
+    for item in derivation.layers:
+        if item.derivation.cell is not None:
+            raise SpecError(f"{what} cannot print {item.layer.kind} (unrolled over time) yet; "
+                            "the numpy target, check, derive and flow can", layer=item.name)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 
 from ..declare.net import Net
-from ..derivation.network import NetworkDerivation, derive_network
+from ..derivation.network import NetworkDerivation, derive_network, refuse_unrolled
 from ..derivation.plan import Plan, build_plan
 from ..errors import SpecError
 from ..naming import adjoint, backward_function, forward_function, predict_function
@@ -188,6 +188,7 @@ def generate_jax_module(net: Net, derivation: NetworkDerivation | None = None) -
                         f"this network has {len(net.inputs)}: {', '.join(net.inputs)}",
                         field="inputs")
     derivation = derivation or derive_network(net)
+    refuse_unrolled(derivation, "the jax target")
     builder = JaxBuilder(derivation)
     plan = build_plan(net, derivation)
     rules: dict[str, dict] = {}

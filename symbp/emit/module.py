@@ -56,6 +56,7 @@ from .network import backward_steps, forward_steps, inits
 from .numpy_printer import SymbpNumPyPrinter, accurate_forms, float_constants
 from .objective import regularizer_context
 from .sizes import _array_shapes, _size_bindings, _with_sizes
+from .unrolled import unrolled_functions
 from .value_names import _renamed, value_name
 from .windows import _name_windows
 
@@ -213,6 +214,8 @@ class ModuleBuilder:
     def layer_functions(self, stem: str, layer: Layer, derivation: LayerDerivation, eval_form):
         if stem in self.forward_names:
             return
+        if derivation.cell is not None:  # a layer unrolled over time (rnn)
+            return unrolled_functions(self, stem, layer, derivation)
         form = derivation.form
         names = set(form.arrays) | {derivation.upstream.name}
         lowering = Lowering(names, form)

@@ -28,10 +28,10 @@ from ..derivation.arrays import (
     Lowering,
 )
 from ..derivation.layer import LayerDerivation
-from ..derivation.network import DerivedLayer, NetworkDerivation
+from ..derivation.network import DerivedLayer, NetworkDerivation, refuse_unrolled
 from ..derivation.plan import build_plan
 from ..derivation.verify import default_sizes, verify_layer
-from ..errors import DerivationError
+from ..errors import DerivationError, SpecError
 from . import template_folder
 from .latex_printer import (
     ROW_SEPARATOR,
@@ -141,6 +141,7 @@ def render_notes(
         raise ValueError(f"notation must be one of {NOTATIONS}, got {notation!r}")
     if numbering not in NUMBERINGS:
         raise ValueError(f"numbering must be one of {NUMBERINGS}, got {numbering!r}")
+    refuse_unrolled(derivation, "the notes")
     builder = _Builder(derivation, fmt=fmt, steps=steps, notation=notation, numbering=numbering)
     context = builder.context()
     context["fragment"] = fragment
@@ -157,7 +158,10 @@ def gallery(examples_dir: str | Path) -> str:
     examples = []
     for path in sorted(Path(examples_dir).glob("*.toml")):
         net = load_spec(path)
-        body = render_notes(derive_network(net), fmt="md", fragment=True)
+        try:
+            body = render_notes(derive_network(net), fmt="md", fragment=True)
+        except SpecError as err:  # a layer the notes cannot print yet (rnn): said, not left out
+            body = f"*No notes for this network yet: {err}.*\n"
         examples.append({"file": path.name, "name": net.name, "body": body})
     return _environment().get_template("gallery.md.j2").render(examples=examples)
 

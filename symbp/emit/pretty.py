@@ -293,6 +293,10 @@ def _array_line(derivation: LayerDerivation, name: str, expr: sp.Expr, indices) 
 
 
 def layer_report(derivation: LayerDerivation, unicode: bool = True) -> list[Block]:
+    if derivation.cell is not None:  # unrolled over time: its cell's derivation, once
+        step = derivation.cell_layer.describe()
+        return [Text(f"  unrolled over t = 0..T-1 with shared weights; one step, {step}:"),
+                *layer_report(derivation.cell, unicode), Text(f"  {BPTT}")]
     form = derivation.form
     lines: list[Block] = [Text("  forward:")]
     for stage in form.stages:
@@ -339,6 +343,9 @@ def layer_report(derivation: LayerDerivation, unicode: bool = True) -> list[Bloc
     return lines
 
 
+BPTT = ("backpropagation through time: this backward is applied for t = T-1..0, the state's "
+        "gradient handed to step t-1, the weights' gradients summed over t")
+
 class Progress:
     """Progress of a long proof, on stderr: nothing for a proof that ends within
     :attr:`after` seconds; then one line every :attr:`every` seconds (overwritten in place on
@@ -384,6 +391,7 @@ def verification_lines(
     derivation: LayerDerivation, label: str = "", progress: Progress | None = None
 ) -> Iterator[tuple[Text, bool]]:
     """Each proof's verdict line as soon as it is proved, with whether it succeeded."""
+    derivation = derivation.cell or derivation  # unrolled over time: its cell's, proved
     progress = progress or Progress()
     for batch in proof_batches(derivation.form):
         sizes = default_sizes(derivation.form, batch=batch)

@@ -13,7 +13,7 @@ type: what differs between layers is read off the plan and the layer's declarati
 from __future__ import annotations
 
 from ..declare.net import Net
-from ..derivation.network import NetworkDerivation, derive_network
+from ..derivation.network import NetworkDerivation, derive_network, refuse_unrolled
 from ..derivation.plan import Plan, Step, build_plan
 from ..errors import SpecError
 from ..naming import adjoint, backward_function, predict_function
@@ -179,6 +179,7 @@ def _modules(plan: Plan, net: Net) -> list[dict]:
 def generate_torch_module(net: Net, derivation: NetworkDerivation | None = None) -> str:
     """The source of the generated PyTorch module (deterministic: same net, same bytes)."""
     derivation = derivation or derive_network(net)
+    refuse_unrolled(derivation, "the torch target")
     builder = TorchBuilder(derivation)
     plan = build_plan(net, derivation)
     functions: dict[str, dict] = {}
