@@ -883,3 +883,19 @@ def test_numbering_params_compiles(spec, tmp_path):
     ok, log, pdf = compile_latex(tex, tmp_path)
     assert ok, log[-3000:]
     assert overfull_boxes(log, min_pt=1.0) == []
+
+
+def test_notes_show_each_layers_own_constants_after_another_net_shared_the_derivation():
+    """Derivations are cached by a layer's math across networks; the notes of a dropout with
+    p = 0.3 must say 0.3 even when a dropout with p = 0.2 was derived first (CI's gallery
+    test showed the earlier net's p)."""
+    import symbp
+    from symbp.declare.net import Net
+
+    def net(p):
+        return Net([symbp.dropout(p=p), symbp.linear(2)], input_features=3, loss="mse")
+
+    first = symbp.notes(net(0.2)).markdown
+    page = symbp.notes(net(0.3)).markdown
+    assert "p = \\frac{1}{5}" in first  # the first net's own p = 0.2, exact
+    assert "p = \\frac{1}{5}" not in page and "$p = 0.3$" in page

@@ -53,6 +53,16 @@ class DerivedLayer:
     def layer(self) -> Layer:
         return self.placed.layer
 
+    @property
+    def constants(self) -> dict:
+        """This layer's own constants: a derivation is shared by the layers of one math (and
+        cached across networks), and its form holds those of the layer derived first."""
+        shared = self.derivation.form.constants
+        if not shared:
+            return {}
+        own = self.layer.forward_form(self.placed.in_shape).constants
+        return {s: own.get(s, v) for s, v in shared.items()}
+
 
 @dataclass(frozen=True)
 class DecayTerm:

@@ -505,7 +505,7 @@ class _Builder(BackpropSections):
         multi = len(form.stages) > 1
         math: dict[str, Any] = {
             "forward": index.rows([(s.array[s.indices], s.expr) for s in form.stages]),
-            "constants": [index.equation(s, v) for s, v in form.constants.items()],
+            "constants": [index.equation(s, v) for s, v in derived.constants.items()],
             "eval": None,
             "multi_stage": multi,
             "staged": None,

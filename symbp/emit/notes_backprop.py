@@ -271,13 +271,13 @@ class BackpropSections:
         fprime = sp.Derivative(fx, X_SCALAR)
         rows = [(fx, formulas.f)] + [(fprime, d) for d in formulas.derivatives]
         in_x, compact = formulas.derivatives[0], formulas.derivatives[-1]
-        form = derived.derivation.form
+        constants = derived.constants  # this layer's (a shared derivation: the first's)
         ranges = {
-            sp.Symbol(name, real=True): sp.Interval(*(sp.sympify(v).xreplace(form.constants)
+            sp.Symbol(name, real=True): sp.Interval(*(sp.sympify(v).xreplace(constants)
                                                       for v in span))
             for name, span in derived.layer.aux_ranges().items()
         }
-        bound = _largest_derivative(formulas.f, in_x, compact, form.constants, ranges)
+        bound = _largest_derivative(formulas.f, in_x, compact, constants, ranges)
         entry = {
             "name": _text(derived.layer.title(derived.name), self.fmt),
             "rows": printer.rows(rows),
@@ -288,7 +288,7 @@ class BackpropSections:
                 printer.doprint(sp.Contains(sp.Symbol(name, real=True), sp.Interval(*span)))
                 for name, span in derived.layer.aux_ranges().items()
             ]
-            + [printer.equation(s, v) for s, v in form.constants.items()],
+            + [printer.equation(s, v) for s, v in constants.items()],
             "vanishing": None,
         }
         if bound is not None and bound.is_number and bound < 1 and count > 1:
