@@ -620,4 +620,8 @@ def test_derive_verify_proves_every_example(example, capsys, monkeypatch):
     assert cli.main(["derive", str(example), "--verify"]) == 0
     out = capsys.readouterr().out
     verdicts = [line for line in out.splitlines() if line.startswith("  verify ")]
-    assert verdicts and all("proven equal to direct differentiation" in v for v in verdicts)
+    # (conv_transpose2d's adjoint claims are identities proved by scalar expansion too)
+    assert verdicts and all("proven equal to direct differentiation" in v
+                            or (v.startswith("  verify adjoint: ")
+                                and v.endswith("proven (scalar expansion)"))
+                            for v in verdicts)
