@@ -544,9 +544,9 @@ class _Builder(BackpropSections):
             else None
         )
         math["steps"] = steps
-        math["stored"] = ", ".join(
+        math["stored"] = [
             whole.doprint(sp.Symbol(name, real=True)) for name in derivation.stored
-        )
+        ]
         compact = _proven(derivation, staged=False)
         staged = _proven(derivation, staged=True) if multi else compact
         math["proven"] = compact and staged
