@@ -230,29 +230,7 @@ def test_shared_weights_sum_their_gradients_and_are_listed_once():
 
 
 def test_two_named_inputs_match_pytorch_and_get_their_gradients():
-    net, module = build("""
-        name = "masked"
-        loss = "mse"
-
-        [inputs]
-        x = [4]
-        mask = { features = 4 }
-
-        [[layers]]
-        type = "linear"
-        name = "fc"
-        out = 4
-
-        [[layers]]
-        type = "multiply"
-        name = "masked"
-        inputs = ["fc", "mask"]
-
-        [[layers]]
-        type = "linear"
-        name = "out"
-        out = 3
-    """)
+    net, module = build(MASKED)
     assert module.INPUT_SHAPES == {"x": (4,), "mask": (4,)}
     params = module.init_params()
     x, mask = np.ones((2, 4)), np.zeros((2, 4))
