@@ -128,6 +128,11 @@ def torch_forward(net: symbp.Net, tensors: dict, h):
                 context = F.scaled_dot_product_attention(q, k, v, is_causal=layer.causal)
                 h = (context.transpose(1, 2).reshape(batch, length, width)
                      @ p("Wo").reshape(width, -1) + p("bo"))
+            elif kind == "rnn":  # nn.RNN's own kernel (tanh, one layer, batch first, h0 = 0)
+                weights = [p("W_ih"), p("W_hh"), p("b_ih"), p("b_hh")]
+                zero = h.new_zeros(1, h.shape[0], layer.hidden)
+                h = torch._VF.rnn_tanh(h, zero, weights, True, 1, 0.0, True, False, True)[0]
+                h = h if layer.sequence else h[:, -1]
             elif kind == "group_norm":
                 h = F.group_norm(h, layer.groups, p("gamma"), p("beta"), eps=layer.eps)
             elif kind in ("softmax", "log_softmax"):
