@@ -159,7 +159,15 @@ def torch_bytes(net: symbp.Net, params: dict, x: np.ndarray) -> int | None:
     except ImportError:
         return None
     tensors = {k: torch.tensor(v, requires_grad=True) for k, v in params.items()}
-    own = {t.untyped_storage().data_ptr() for t in tensors.values()}
+    return saved_bytes(lambda: torch_forward(net, tensors, torch.tensor(x)), tensors.values())
+
+
+def saved_bytes(function, params) -> int:
+    """Bytes of the tensors autograd saves while ``function()`` runs forward (each storage
+    once, the parameters' storages aside)."""
+    import torch
+
+    own = {p.untyped_storage().data_ptr() for p in params}
     saved: dict[int, int] = {}
 
     def pack(tensor):
@@ -170,7 +178,7 @@ def torch_bytes(net: symbp.Net, params: dict, x: np.ndarray) -> int | None:
 
     torch.manual_seed(0)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        out = torch_forward(net, tensors, torch.tensor(x))
+        out = function()
     del out
     return sum(saved.values())
 
