@@ -62,7 +62,7 @@ def whole_array_forms(derivation: NetworkDerivation) -> int:
         formulas = [(s.expr, s.indices) for s in layer.form.stages]
         formulas += [(a.expr, a.indices) for a in layer.vjp.values()]
         for expr, indices in formulas:
-            numpy_code(Lowering(names).lower(expr, indices))
+            numpy_code(Lowering(names, layer.form).lower(expr, indices))
             count += 1
     return count
 
