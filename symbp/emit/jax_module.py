@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib.util
 
 from ..declare.net import Net
-from ..derivation.network import NetworkDerivation, derive_network, refuse_unrolled
+from ..derivation.network import NetworkDerivation, derive_network
 from ..derivation.plan import Plan, build_plan
 from ..errors import SpecError
 from ..naming import adjoint, backward_function, forward_function, predict_function
@@ -45,6 +45,9 @@ class JaxBuilder(ModuleBuilder):
 
     printer_class = SymbpJaxPrinter
     reuses_memory = False
+    unrolled_template = "jax_unrolled.py.j2"
+    unrolled_loop = " in jax.lax.scan"
+    array_module = "jnp"
 
     def _printed(self, *args, **kwargs):
         # a long value in parentheses, which the line wrapping breaks between its terms (the
@@ -188,7 +191,6 @@ def generate_jax_module(net: Net, derivation: NetworkDerivation | None = None) -
                         f"this network has {len(net.inputs)}: {', '.join(net.inputs)}",
                         field="inputs")
     derivation = derivation or derive_network(net)
-    refuse_unrolled(derivation, "the jax target")
     builder = JaxBuilder(derivation)
     plan = build_plan(net, derivation)
     rules: dict[str, dict] = {}

@@ -54,8 +54,8 @@ def unrolled_context(builder: ModuleBuilder, stem: str, layer: Layer,
     cell_forward, cell_backward = builder.forward_names[cell_stem], backward_function(cell_stem)
     returned = "the states (N, T, H)" if sequence else "the last state"
     loop = builder.unrolled_loop
-    forward_doc = (f"Forward pass of {layer.kind}: {cell_forward} at t = 0..T-1 (the state 0 "
-                   f"before the first step){loop}, the weights shared by the steps; returns "
+    forward_doc = (f"Forward pass of {layer.kind}: {cell_forward} at t = 0..T-1{loop} (the "
+                   "state 0 before the first step), the weights shared by the steps; returns "
                    f"{returned} and what backward needs, each of the step's kept arrays stacked "
                    "over t.")
     backward_doc = (f"Backward pass of {layer.kind} (backpropagation through time): "
@@ -109,6 +109,8 @@ def unrolled_functions(builder: ModuleBuilder, stem: str, layer: Layer,
 
 def _shape(array: Array, arrays: list[tuple[str, tuple, int]]) -> str:
     """A parameter's shape as code, each size read off ``arrays``."""
+    if any(name == array.name and not offset for name, _, offset in arrays):
+        return f"{array.name}.shape"  # a parameter the backward reads
     sizes = [dim_source(dim, arrays) for dim in array.dims]
     return "(" + ", ".join(sizes) + ("," if len(sizes) == 1 else "") + ")"
 
