@@ -319,3 +319,73 @@ def test_rnn_scans_the_derived_cell_and_agrees_with_the_numpy_module():
         np.testing.assert_allclose(np.asarray(value), grads_np[key], rtol=0, atol=1e-10)
     check_grads(lambda p, x: jm.loss(p, state, x, y)[0], (params, jnp.asarray(x)), order=1,
                 modes=["rev"], eps=1e-6)
+
+
+NAMED_INPUTS = """
+name = "named_inputs"
+loss = "mse"
+
+[inputs]
+x = [4]
+mask = { features = 4 }
+tokens = { ids = 5 }
+
+[[layers]]
+type = "linear"
+name = "fc"
+out = 4
+
+[[layers]]
+type = "multiply"
+name = "masked"
+inputs = ["fc", "mask"]
+
+[[layers]]
+type = "embedding"
+name = "emb"
+dim = 4
+inputs = ["tokens"]
+
+[[layers]]
+type = "add"
+name = "join"
+inputs = ["masked", "emb"]
+
+[[layers]]
+type = "linear"
+name = "out"
+out = 3
+"""
+
+
+def test_several_named_inputs_are_arguments_of_apply_and_loss():
+    """apply(params, state, x, mask, tokens): loss and every gradient (each float input's
+    included) the NumPy module's to 1e-10 under jit, JAX's finite differences agree; a wrong
+    shape or batch, float ids: a ValueError naming the input."""
+    net = symbp.parse_spec(NAMED_INPUTS)
+    npm = _load("named_numpy", symbp.codegen(net))
+    jm = _load("named_jax", symbp.codegen(net, target="jax"))
+    assert jm.INPUT_SHAPES == {"x": (4,), "mask": (4,), "tokens": ()}
+    inputs = net.sample_input(np.random.default_rng(0), BATCH)
+    x, mask, tokens = inputs["x"], inputs["mask"], inputs["tokens"]
+    y = np.random.default_rng(1).normal(size=(BATCH, 3))
+    loss_np, grads_np = npm.loss_and_grads(npm.init_params(3), x, mask, tokens, y)
+    params, state = jm.init_numpy(3)
+
+    def objective(params, x, mask):
+        return jm.loss(params, state, x, mask, tokens, y)[0]
+
+    loss, (grads, dx, dmask) = jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2)))(
+        params, x, mask)
+    assert abs(float(loss) - loss_np) <= 1e-10
+    for key, value in [*grads.items(), ("x", dx), ("mask", dmask)]:
+        np.testing.assert_allclose(np.asarray(value), grads_np[key], rtol=0, atol=1e-10)
+    out, _ = jm.apply(params, state, x=x, mask=np.zeros_like(mask), tokens=tokens)
+    expected = np.asarray(params["emb.W"])[tokens] @ params["out.W"] + params["out.b"]
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-12)  # masked: the ids alone
+    check_grads(objective, (params, jnp.asarray(x), jnp.asarray(mask)), order=1, modes=["rev"],
+                eps=1e-6)
+    with pytest.raises(ValueError, match=r"mask has shape \(5, 4\); expected \(6, 4\)"):
+        jm.apply(params, state, x, mask[:5], tokens)
+    with pytest.raises(ValueError, match="tokens must hold integer ids"):
+        jm.apply(params, state, x, mask, tokens.astype(float))
