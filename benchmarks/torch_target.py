@@ -140,7 +140,7 @@ def memory_rows(args, folder: Path) -> int:
     for label, net, batch in nets + benchmark_nets():
         try:
             module = load_target(net, folder)
-        except symbp.SpecError as refused:  # a layer the target cannot print yet (rnn)
+        except symbp.SpecError as refused:  # a layer the target cannot print yet
             print(f"{label:<34}  ({refused.message})")
             continue
         model = getattr(module, camel(net.name))(seed=0, dtype=torch.float64)

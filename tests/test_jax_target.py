@@ -27,11 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.test_util import check_grads  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SUPPORTED = [
-    "mlp_bn", "bce", "residual_mlp", "deep_sigmoid", "custom_activation", "transformer_block",
-    "softmax_brier", "custom_layernorm", "embedding_bag", "mlp_weight_decay", "cnn_bn", "lenet",
-    "allconv",
-]
+SUPPORTED = sorted(path.stem for path in (ROOT / "examples").glob("*.toml"))
 BATCH = 6
 
 
@@ -129,10 +125,10 @@ def test_agrees_with_the_numpy_module(modules, example, monkeypatch):
         np.testing.assert_allclose(np.asarray(value), state_np[key], rtol=0, atol=1e-10)
 
 
-CONV = {"cnn_bn", "lenet", "allconv"}
+CONV = {"cnn_bn", "lenet", "allconv", "conv_autoencoder", "attention_block"}
 
 
-# the convolutional nets' finite differences take 8-12 s each: CI's slow run
+# the convolutional nets' (and attention's) finite differences take 8-18 s each: CI's slow run
 @pytest.mark.parametrize("example", [
     pytest.param(e, marks=pytest.mark.slow) if e in CONV else e for e in SUPPORTED
 ])
@@ -152,7 +148,7 @@ def test_check_grads(modules, example):
                     order=1, modes=["rev"], eps=1e-6)
 
 
-@pytest.mark.parametrize("example", ["mlp_bn", "transformer_block"])
+@pytest.mark.parametrize("example", ["mlp_bn", "transformer_block", "rnn_classifier"])
 def test_vmap_over_batches_and_parameter_sets(modules, example):
     """vmap over a leading axis of x (several batches) and over stacked parameter sets equals
     the calls one by one; jax.grad under vmap gives each set's gradients."""
@@ -290,3 +286,106 @@ def test_residuals_are_what_the_derivation_keeps(modules):
         assert [p.shape for p in params_read] == [params[k].shape for k in step.params_read]
         h = out[0] if isinstance(out, tuple) else out
     assert plan.step("bn1").kept == ["invstd", "xhat"]
+
+
+RNN_SEQUENCE = """
+name = "rnn_sequence"
+input = { shape = [6, 4] }
+loss = "mse"
+layers = [
+  { type = "rnn", name = "rnn", hidden = 8, sequence = true },
+  { type = "rnn", name = "top", hidden = 3 },
+]
+"""
+
+
+def test_rnn_scans_the_derived_cell_and_agrees_with_the_numpy_module():
+    """rnn's custom_vjp runs the printed cell in jax.lax.scan, forward and backward (BPTT):
+    under jit its loss and every gradient (dx included) are the NumPy module's to 1e-10, with
+    every state fed to a second rnn (sequence = true); JAX's finite differences agree."""
+    net = symbp.parse_spec(RNN_SEQUENCE)
+    source = symbp.codegen(net, target="jax")
+    assert source.count("jax.lax.scan(") == 4  # two layers' forward and backward, no loop
+    assert "for t in" not in source
+    npm, jm = _load("rnn_numpy", symbp.codegen(net)), _load("rnn_jax", source)
+    x, y = _data(net, npm, seed=4)
+    loss_np, grads_np = npm.loss_and_grads(npm.init_params(2), x, y)
+    params, state = jm.init_numpy(2)
+    step = jax.jit(jax.value_and_grad(lambda p, x: jm.loss(p, state, x, y)[0], argnums=(0, 1)))
+    loss, (grads, dx) = step(params, jnp.asarray(x))
+    assert abs(float(loss) - loss_np) <= 1e-10
+    np.testing.assert_allclose(np.asarray(dx), grads_np["x"], rtol=0, atol=1e-10)
+    for key, value in grads.items():
+        np.testing.assert_allclose(np.asarray(value), grads_np[key], rtol=0, atol=1e-10)
+    check_grads(lambda p, x: jm.loss(p, state, x, y)[0], (params, jnp.asarray(x)), order=1,
+                modes=["rev"], eps=1e-6)
+
+
+NAMED_INPUTS = """
+name = "named_inputs"
+loss = "mse"
+
+[inputs]
+x = [4]
+mask = { features = 4 }
+tokens = { ids = 5 }
+
+[[layers]]
+type = "linear"
+name = "fc"
+out = 4
+
+[[layers]]
+type = "multiply"
+name = "masked"
+inputs = ["fc", "mask"]
+
+[[layers]]
+type = "embedding"
+name = "emb"
+dim = 4
+inputs = ["tokens"]
+
+[[layers]]
+type = "add"
+name = "join"
+inputs = ["masked", "emb"]
+
+[[layers]]
+type = "linear"
+name = "out"
+out = 3
+"""
+
+
+def test_several_named_inputs_are_arguments_of_apply_and_loss():
+    """apply(params, state, x, mask, tokens): loss and every gradient (each float input's
+    included) the NumPy module's to 1e-10 under jit, JAX's finite differences agree; a wrong
+    shape or batch, float ids: a ValueError naming the input."""
+    net = symbp.parse_spec(NAMED_INPUTS)
+    npm = _load("named_numpy", symbp.codegen(net))
+    jm = _load("named_jax", symbp.codegen(net, target="jax"))
+    assert jm.INPUT_SHAPES == {"x": (4,), "mask": (4,), "tokens": ()}
+    inputs = net.sample_input(np.random.default_rng(0), BATCH)
+    x, mask, tokens = inputs["x"], inputs["mask"], inputs["tokens"]
+    y = np.random.default_rng(1).normal(size=(BATCH, 3))
+    loss_np, grads_np = npm.loss_and_grads(npm.init_params(3), x, mask, tokens, y)
+    params, state = jm.init_numpy(3)
+
+    def objective(params, x, mask):
+        return jm.loss(params, state, x, mask, tokens, y)[0]
+
+    loss, (grads, dx, dmask) = jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2)))(
+        params, x, mask)
+    assert abs(float(loss) - loss_np) <= 1e-10
+    for key, value in [*grads.items(), ("x", dx), ("mask", dmask)]:
+        np.testing.assert_allclose(np.asarray(value), grads_np[key], rtol=0, atol=1e-10)
+    out, _ = jm.apply(params, state, x=x, mask=np.zeros_like(mask), tokens=tokens)
+    expected = np.asarray(params["emb.W"])[tokens] @ params["out.W"] + params["out.b"]
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-12)  # masked: the ids alone
+    check_grads(objective, (params, jnp.asarray(x), jnp.asarray(mask)), order=1, modes=["rev"],
+                eps=1e-6)
+    with pytest.raises(ValueError, match=r"mask has shape \(5, 4\); expected \(6, 4\)"):
+        jm.apply(params, state, x, mask[:5], tokens)
+    with pytest.raises(ValueError, match="tokens must hold integer ids"):
+        jm.apply(params, state, x, mask, tokens.astype(float))

@@ -110,4 +110,5 @@ def refuse_unrolled(derivation: NetworkDerivation, what: str) -> None:
     for item in derivation.layers:
         if item.derivation.cell is not None:
             raise SpecError(f"{what} cannot print {item.layer.kind} (unrolled over time) yet; "
-                            "the numpy target, check, derive and flow can", layer=item.name)
+                            "the numpy, torch and jax targets, check, derive and flow can",
+                            layer=item.name)

@@ -16,12 +16,12 @@ from __future__ import annotations
 import importlib.util
 
 from ..declare.net import Net
-from ..derivation.network import NetworkDerivation, derive_network, refuse_unrolled
+from ..derivation.network import NetworkDerivation, derive_network
 from ..derivation.plan import Plan, build_plan
 from ..errors import SpecError
 from ..naming import adjoint, backward_function, forward_function, predict_function
 from ..version import __version__
-from .graph_vars import chained_rows
+from .graph_vars import chained_rows, template_inputs, variables
 from .jax_printer import JaxPrintError, SymbpJaxPrinter, helper_sources
 from .layout import MAX_LINE
 from .module import ModuleBuilder
@@ -45,6 +45,9 @@ class JaxBuilder(ModuleBuilder):
 
     printer_class = SymbpJaxPrinter
     reuses_memory = False
+    unrolled_template = "jax_unrolled.py.j2"
+    unrolled_loop = " in jax.lax.scan"
+    array_module = "jnp"
 
     def _printed(self, *args, **kwargs):
         # a long value in parentheses, which the line wrapping breaks between its terms (the
@@ -183,12 +186,7 @@ def generate_jax_module(net: Net, derivation: NetworkDerivation | None = None) -
     Without JAX installed, a :class:`SpecError` saying what to install."""
     if importlib.util.find_spec("jax") is None:
         raise SpecError("the jax target needs JAX: pip install 'symbp[jax]'")
-    if len(net.inputs) > 1:
-        raise SpecError("the jax target takes one network input yet (apply(params, state, x)); "
-                        f"this network has {len(net.inputs)}: {', '.join(net.inputs)}",
-                        field="inputs")
     derivation = derivation or derive_network(net)
-    refuse_unrolled(derivation, "the jax target")
     builder = JaxBuilder(derivation)
     plan = build_plan(net, derivation)
     rules: dict[str, dict] = {}
@@ -227,5 +225,6 @@ def generate_jax_module(net: Net, derivation: NetworkDerivation | None = None) -
         rules=list(rules.values()),
         steps=rows,
         uses_rng=any(row.get("draws") for row in rows),
+        **template_inputs(plan, variables(plan)),  # one x, or several named inputs
     )
 

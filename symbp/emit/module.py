@@ -102,6 +102,11 @@ class ModuleBuilder:
     #: the expressions' printer; another target's (torch) names its own, without ``out=``
     printer_class = SymbpNumPyPrinter
     reuses_memory = True
+    #: the loop over t of a layer unrolled over time (:mod:`.unrolled`), and how its
+    #: docstrings name the loop (JAX: " with jax.lax.scan")
+    unrolled_template = "unrolled.py.j2"
+    unrolled_loop = ""
+    array_module = "np"  # what the printed code calls for arrays (np.stack, torch.stack)
 
     def __init__(self, derivation: NetworkDerivation | None, stems: dict | None = None):
         """``derivation`` None: a builder of layer functions alone (see :func:`function_stems`)."""

@@ -13,7 +13,7 @@ type: what differs between layers is read off the plan and the layer's declarati
 from __future__ import annotations
 
 from ..declare.net import Net
-from ..derivation.network import NetworkDerivation, derive_network, refuse_unrolled
+from ..derivation.network import NetworkDerivation, derive_network
 from ..derivation.plan import Plan, Step, build_plan
 from ..errors import SpecError
 from ..naming import adjoint, backward_function, predict_function
@@ -40,6 +40,8 @@ class TorchBuilder(ModuleBuilder):
 
     printer_class = SymbpTorchPrinter
     reuses_memory = False
+    unrolled_template = "torch_unrolled.py.j2"
+    array_module = "torch"
 
     def _printed(self, *args, **kwargs):
         # A long value in parentheses: the line breaks at its top-level terms (NumPy's module
@@ -179,7 +181,6 @@ def _modules(plan: Plan, net: Net) -> list[dict]:
 def generate_torch_module(net: Net, derivation: NetworkDerivation | None = None) -> str:
     """The source of the generated PyTorch module (deterministic: same net, same bytes)."""
     derivation = derivation or derive_network(net)
-    refuse_unrolled(derivation, "the torch target")
     builder = TorchBuilder(derivation)
     plan = build_plan(net, derivation)
     functions: dict[str, dict] = {}
