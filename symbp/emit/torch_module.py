@@ -144,12 +144,13 @@ def without_carried(step: Step) -> Step:
 
 
 def _elements(step: Step):
-    """The number of elements of one of ``step``'s arrays per sample, at the net's sizes."""
+    """The number of elements of one of ``step``'s arrays at the net's sizes, a batch of one
+    (the batch size, not a per-sample size, is the one size left as a symbol)."""
     form = step.derivation.form
     values = {**size_values(step, form), **step.layer.constant_values()}
 
     def count(name: str) -> int:
-        dims = [sp.sympify(d) for d in form.arrays[name].dims[1:]]
+        dims = [sp.sympify(d) for d in form.arrays[name].dims]
         dims = [d.subs({s: values[s.name] for s in d.free_symbols if s.name in values})
                 for d in dims]
         return int(prod(d if d.is_number else 1 for d in dims))
