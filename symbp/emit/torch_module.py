@@ -3,11 +3,12 @@
 Each distinct layer math gets the layer functions the NumPy module has (the same derivation,
 lowered to the same whole-array expressions, printed by :class:`SymbpTorchPrinter`) and one
 ``torch.autograd.Function`` calling them: its ``forward`` saves for backward what the
-derivation keeps (the plan's ``kept``) and the parameters the backward reads, its ``backward``
-is the derived one. The network is an ``nn.Module`` whose forward runs the plan's forward
-steps; autograd chains the layers' backward passes (a value read twice gets the sum of its
-parts). Structure comes from ``templates/torch_module.py.j2``; nothing here tests a layer's
-type: what differs between layers is read off the plan and the layer's declaration.
+derivation keeps (the plan's ``kept``) and the parameters the backward reads, less what costs
+more memory than computing it again (:func:`without_carried`, :func:`_saving`), its
+``backward`` is the derived one. The network is an ``nn.Module`` whose forward runs the
+plan's forward steps; autograd chains the layers' backward passes (a value read twice gets
+the sum of its parts). Structure comes from ``templates/torch_module.py.j2``; nothing here
+tests a layer's type: what differs between layers is read off the plan and the layer's declaration.
 """
 
 from __future__ import annotations
