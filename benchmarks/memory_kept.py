@@ -51,8 +51,9 @@ def generated_bytes(module, params, x, seed: int = 0) -> int:
     return measured_bytes(cache)
 
 
-def torch_forward(net: symbp.Net, tensors: dict, h):
-    """``net``'s forward pass (training mode) in eager PyTorch; parameters from ``tensors``."""
+def torch_forward(net: symbp.Net, tensors: dict, h, custom=None):
+    """``net``'s forward pass (training mode) in eager PyTorch; parameters from ``tensors``;
+    ``custom(item, reads, p)``, where given, runs a custom layer (else :class:`Unsupported`)."""
     import sympy as sp
     import torch
     import torch.nn.functional as F
@@ -143,6 +144,8 @@ def torch_forward(net: symbp.Net, tensors: dict, h):
                 h = F.dropout(h, layer.p, training=True)
             elif kind == "activation":
                 h = sp.lambdify(X, layer.expression(), "torch")(h)
+            elif kind == "custom" and custom is not None:
+                h = custom(item, reads, p)
             else:
                 raise Unsupported(kind)
             values[item.name] = h

@@ -14,7 +14,15 @@ for ``torch.compile`` of the generated module.
 
 **Saved for backward** (float64, batch 16) for every example: the bytes of the tensors each
 side saves for backward, caught with ``torch.autograd.graph.saved_tensors_hooks`` (each
-storage once, parameters aside), the target's against eager autograd's.
+storage once, parameters aside), the target's against eager autograd's. A layer PyTorch has
+no function for (a ``custom`` layer) runs on the eager side as the torch operations its
+stages print to (the target's own ``<stem>_forward``), recorded by autograd.
+
+**Activations** (float64, a 256 x 256 input): the bytes the target's ``autograd.Function``
+saves for mish, SiLU, GELU and each user expression in ``examples/*.toml``, against autograd
+of the same expression written with torch operations (the layer's sympy expression through
+``sympy.lambdify``, and the form people write, ``x*torch.tanh(F.softplus(x))``) and against
+PyTorch's native op where there is one (``F.mish``, ``F.silu``, ``F.gelu``).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import sympy
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -38,9 +47,12 @@ import memory_kept  # noqa: E402
 import torch  # noqa: E402
 
 import symbp  # noqa: E402
+from symbp.declare.activations import X  # noqa: E402
+from symbp.declare.base import REGISTRY  # noqa: E402
+from symbp.derivation.plan import build_plan  # noqa: E402
+from symbp.emit.module import function_stems  # noqa: E402
 from symbp.emit.torch_module import camel  # noqa: E402
-
-MIB = 2**20
+from symbp.naming import forward_function  # noqa: E402
 
 
 def load_target(net, folder: Path):
@@ -131,9 +143,24 @@ def training_rows(args, folder: Path) -> None:
                           f"{e * 1e3:>10.2f}{ratio:>7.2f}x", flush=True)
 
 
+def stages_in_torch(net, module):
+    """For ``memory_kept.torch_forward``: a layer PyTorch has no function for (a custom one),
+    run as the torch operations its stages print to (the generated ``<stem>_forward``)."""
+    plan = build_plan(net)
+    stems = function_stems(net)
+
+    def run(item, reads, p):
+        step = plan.step(item.name)
+        forward = getattr(module, forward_function(stems[item.name]))
+        params = [p(a.name) for a in step.derivation.form.params]
+        return forward(*reads, *params, **step.constants())[0]
+
+    return run
+
+
 def memory_rows(args, folder: Path) -> int:
-    print(f"\nsaved for backward (float64, batch {args.batch}; MiB), target vs eager autograd")
-    print(f"{'net':<34}{'target':>10}{'eager':>10}{'ratio':>8}")
+    print(f"\nsaved for backward (float64, batch {args.batch}; bytes), target vs eager autograd")
+    print(f"{'net':<34}{'target':>12}{'eager':>12}{'ratio':>8}")
     worse = []
     nets = [(f"examples/{p.stem}", symbp.load_spec(p), args.batch)
             for p in sorted((ROOT / "examples").glob("*.toml"))]
@@ -151,18 +178,74 @@ def memory_rows(args, folder: Path) -> int:
         target = memory_kept.saved_bytes(lambda: model(x), list(model.parameters()))  # noqa: B023
         try:
             eager = memory_kept.saved_bytes(
-                lambda: memory_kept.torch_forward(net, tensors, x),  # noqa: B023
+                lambda: memory_kept.torch_forward(  # noqa: B023
+                    net, tensors, x, custom=stages_in_torch(net, module)),  # noqa: B023
                 list(tensors.values()))
         except memory_kept.Unsupported as kind:
-            print(f"{label:<34}{target / MIB:>10.3f}  (PyTorch has no {kind})")
+            print(f"{label:<34}{target:>12}  (PyTorch has no {kind})")
             continue
         if target > eager:
             worse.append(label)
-        print(f"{label:<34}{target / MIB:>10.3f}{eager / MIB:>10.3f}{target / eager:>7.2f}x",
-              flush=True)
+        print(f"{label:<34}{target:>12}{eager:>12}{target / eager:>7.2f}x", flush=True)
     if worse:
         print(f"the target saves more than autograd for: {', '.join(worse)}")
     return 0
+
+
+def activations() -> list[tuple[str, object, list]]:
+    """(label, layer, [(baseline label, torch function)]): mish, SiLU, GELU and each user
+    expression of examples/*.toml, with the torch forms autograd is compared on."""
+    import torch.nn.functional as F
+
+    rows = [
+        ("mish", symbp.declare.activations.Activation("x*tanh(log(1 + exp(x)))"),
+         [("x*tanh(softplus(x))", lambda x: x * torch.tanh(F.softplus(x))),
+          ("F.mish (native)", F.mish)]),
+        ("silu", REGISTRY["silu"](),
+         [("x*sigmoid(x)", lambda x: x * torch.sigmoid(x)), ("F.silu (native)", F.silu)]),
+        ("gelu", REGISTRY["gelu"](),
+         [("x*(1 + erf(x/sqrt(2)))/2", lambda x: x * (1 + torch.erf(x / 2**0.5)) / 2),
+          ("F.gelu (native)", F.gelu)]),
+    ]
+    seen = set()
+    for path in sorted((ROOT / "examples").glob("*.toml")):
+        for item in symbp.load_spec(path).walk():
+            layer = item.layer
+            if layer.kind == "activation" and layer.text not in seen:
+                seen.add(layer.text)
+                rows.append((f"{path.stem}: {layer.text}", layer, []))
+    return rows
+
+
+def activation_bytes(layer, folder: Path, shape=(256, 256)) -> dict[str, int]:
+    """Saved bytes of the target's activation and of each torch form on one input."""
+    net = symbp.Net([layer], input_features=shape[-1], name=f"{layer.kind}_alone")
+    module = load_target(net, folder)
+    model = getattr(module, camel(net.name))()
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x.requires_grad_(True)
+    # numbers such as sqrt(2) as floats: torch.sqrt takes tensors only
+    numbers = layer.expression().replace(lambda e: e.is_number and not e.is_Atom,
+                                         lambda e: sympy.Float(e.evalf()))
+    expression = sympy.lambdify(X, numbers, "torch")
+    return dict(target=memory_kept.saved_bytes(lambda: model(x), []),
+                autograd=memory_kept.saved_bytes(lambda: expression(x), []),
+                x=x.numel() * x.element_size())
+
+
+def activation_rows(folder: Path) -> None:
+    print("\nactivations: saved for backward (float64, a 256 x 256 input; bytes)")
+    print(f"{'activation / torch form under autograd':<46}{'target':>10}{'other':>10}"
+          f"{'ratio':>8}")
+    for label, layer, forms in activations():
+        found = activation_bytes(layer, folder)
+        x = torch.randn(256, 256, dtype=torch.float64, requires_grad=True)
+        others = [("its sympy expression in torch ops", found["autograd"])]
+        others += [(name, memory_kept.saved_bytes(lambda f=f, x=x: f(x), [])) for name, f in forms]
+        print(f"{label:<46}{found['target']:>10}")
+        for name, value in others:
+            print(f"{'  vs ' + name:<46}{found['target']:>10}{value:>10}"
+                  f"{found['target'] / value:>7.2f}x", flush=True)
 
 
 def main(argv=None) -> int:
@@ -178,7 +261,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="symbp-torch-") as folder:
         if not args.memory_only:
             training_rows(args, Path(folder))
-        return memory_rows(args, Path(folder))
+        memory_rows(args, Path(folder))
+        activation_rows(Path(folder))
+        return 0
 
 
 if __name__ == "__main__":

@@ -3,24 +3,32 @@
 Each distinct layer math gets the layer functions the NumPy module has (the same derivation,
 lowered to the same whole-array expressions, printed by :class:`SymbpTorchPrinter`) and one
 ``torch.autograd.Function`` calling them: its ``forward`` saves for backward what the
-derivation keeps (the plan's ``kept``) and the parameters the backward reads, its ``backward``
-is the derived one. The network is an ``nn.Module`` whose forward runs the plan's forward
-steps; autograd chains the layers' backward passes (a value read twice gets the sum of its
-parts). Structure comes from ``templates/torch_module.py.j2``; nothing here tests a layer's
-type: what differs between layers is read off the plan and the layer's declaration.
+derivation keeps (the plan's ``kept``) and the parameters the backward reads, less what costs
+more memory than computing it again (:func:`without_carried`, :func:`_saving`), its
+``backward`` is the derived one. The network is an ``nn.Module`` whose forward runs the
+plan's forward steps; autograd chains the layers' backward passes (a value read twice gets
+the sum of its parts). Structure comes from ``templates/torch_module.py.j2``; nothing here
+tests a layer's type: what differs between layers is read off the plan and the layer's declaration.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from math import prod
+
+import sympy as sp
+
 from ..declare.net import Net
+from ..derivation.arrays import Lowering
 from ..derivation.network import NetworkDerivation, derive_network
 from ..derivation.plan import Plan, Step, build_plan
+from ..derivation.stable import softmax_of_stages, stabilize
 from ..errors import SpecError
-from ..naming import adjoint, backward_function, predict_function
+from ..naming import adjoint, backward_function, forward_function, predict_function
 from ..version import __version__
 from .graph_vars import chained_rows
-from .layout import MAX_LINE
-from .module import ModuleBuilder
+from .layout import MAX_LINE, formula
+from .module import ModuleBuilder, _Function, _live
 from .network import inits, size_values
 from .objective import regularizer_context
 from .torch_helpers import HELPER_SOURCES, helper_closure
@@ -53,6 +61,62 @@ class TorchBuilder(ModuleBuilder):
                 st.code = f"({st.code})"
         return statements
 
+    @staticmethod
+    def _stage_values(derivation) -> list[tuple[str, sp.Expr]]:
+        """The forward's stages as whole-array values, in order (as the forward computes
+        them, reading the carried values it keeps)."""
+        form = derivation.form
+        lowering = Lowering(set(form.arrays) | {derivation.upstream.name}, form)
+        kept = {c.expr: c.array[c.indices] for c in derivation.carried}
+        return [
+            (s.name, lowering.lower(
+                softmax_of_stages(stabilize(s.expr).xreplace(kept), form.stages), s.indices))
+            for s in form.stages
+        ]
+
+    def stage_reads(self, derivation, name: str, available: set[str]) -> set[str] | None:
+        """The arrays computing the forward's stage ``name`` again reads, stopping at the
+        arrays ``available`` (None: ``name`` is not a stage of the forward)."""
+        values = [(t, v) for t, v in self._stage_values(derivation) if t not in available]
+        if name not in {t for t, _ in values}:
+            return None
+        live = _live(values, {name})
+        arrays = set(derivation.form.arrays) | {c.name for c in derivation.carried}
+        read = {s.name for _, v in live for s in v.free_symbols} & arrays
+        return read - {t for t, _ in live}
+
+    def recompute_function(self, stem: str, derivation, names: list[str],
+                           available: list[str]) -> tuple[str, list[str]]:
+        """``<stem>_recompute``: the forward's stages ``names`` computed again from the arrays
+        ``available`` (what the torch target saves in their place), printed like the forward;
+        its name and its keyword arguments."""
+        name = f"{stem}_recompute"
+        form = derivation.form
+        values = [(t, v) for t, v in self._stage_values(derivation) if t not in available]
+        outputs = _live(values, set(names))
+        read = {s.name for _, v in outputs for s in v.free_symbols}
+        args = [a for a in available if a in read]
+        statements = self._printed(outputs, form, args)
+        constants = [s.name for s in form.constants if s.name in read]
+        keywords = [*constants, *self.unbound]
+        signature = ", ".join(args) + (", *, " + ", ".join(keywords) if keywords else "")
+        # the stages' definitions from the kept arrays to those computed again (a softmax's
+        # lse among them, though its code computes the shifted exponentials instead)
+        needed, shown = set(names), []
+        for stage in reversed(form.stages):
+            if stage.name in needed and stage.name not in available:
+                shown.append(stage)
+                needed |= {e.base.name for e in stage.expr.atoms(sp.Indexed)}
+        self.functions[name] = _Function(name, self._render_function(
+            name,
+            signature,
+            f"{', '.join(names)} of {forward_function(stem)} again, for the backward pass.",
+            [formula(s.array[s.indices], s.expr) for s in reversed(shown)],
+            statements,
+            ", ".join(names),
+        ))
+        return name, args, keywords
+
 
 def camel(name: str) -> str:
     """``mlp_bn`` -> ``MlpBn``: the class name of a network's module."""
@@ -66,6 +130,82 @@ def _keywords(values: dict) -> str:
 def _attribute(key: str) -> str:
     """``fc1.W`` -> ``self.fc1.W`` (a submodule per layer: its state_dict key is ``fc1.W``)."""
     return f"self.{key}"
+
+
+def without_carried(step: Step) -> Step:
+    """``step`` with an element-wise layer's carried function values (GELU's
+    ``erf(x/sqrt(2))``, mish's ``tanh(softplus(x))``) computed again by the derived backward
+    from the input it keeps, not saved: what PyTorch's own activations and the
+    memory-efficient activation Functions people write save (the input alone). A kept step
+    (ReLU's bool ``y > 0``) stays."""
+    derivation = step.derivation
+    carried = derivation.carried
+    if not derivation.form.elementwise or not carried or any(c.dtype for c in carried):
+        return step
+    return dataclasses.replace(
+        step, derivation=dataclasses.replace(derivation, carried=(), code_reads=None))
+
+
+def _elements(step: Step):
+    """The number of elements of one of ``step``'s arrays at the net's sizes, a batch of one
+    (the batch size, not a per-sample size, is the one size left as a symbol)."""
+    form = step.derivation.form
+    values = {**size_values(step, form), **step.layer.constant_values()}
+
+    def count(name: str) -> int:
+        dims = [sp.sympify(d) for d in form.arrays[name].dims]
+        dims = [d.subs({s: values[s.name] for s in d.free_symbols if s.name in values})
+                for d in dims]
+        return int(prod(d if d.is_number else 1 for d in dims))
+
+    return count
+
+
+def _saving(builder: TorchBuilder, stem: str, step: Step) -> dict:
+    """What the ``autograd.Function`` saves for backward and what its backward computes
+    again, from the step's kept arrays (``step.kept``): a kept stage of the forward is computed
+    again in backward, not saved, where the arrays it is computed from are each smaller than
+    it and those not saved anyway are together smaller too (a padded convolution's ``xp``:
+    the input saved, padded again; attention's ``p`` (T x T a head) from the ``q`` and ``k``
+    it keeps anyway). The derived backward reads the same arrays either way."""
+    derivation = step.derivation
+    form = derivation.form
+    kept = list(step.kept)
+    params = [p.name for p in form.params]
+    params_read = [p.name for p in derivation.params_read]
+    inputs = [a.name for a in form.inputs]
+    stages = {s.name for s in form.stages} - {form.output.name}
+    count = _elements(step)
+    saved = list(kept)
+    recomputed: list[str] = []
+    for name in [k for k in kept if k in stages]:
+        others = [k for k in saved if k != name]
+        reads = builder.stage_reads(derivation, name, set(others) | set(params) | set(inputs))
+        if reads is None or reads - set(others) - set(params) - set(inputs):
+            continue
+        new = [a for a in inputs if a in reads and a not in others]
+        arrays = (reads - set(params)) | set(new)
+        if all(count(a) < count(name) for a in arrays) and sum(map(count, new)) < count(name):
+            recomputed.append(name)
+            saved = [*others, *new]
+    read_params = list(params_read)
+    function = None
+    if recomputed:
+        available = [*saved, *params]
+        function, args, keywords = builder.recompute_function(stem, derivation, recomputed,
+                                                              available)
+        forward_keywords = set(step.constants()) | set(
+            builder.size_keywords.get(builder.forward_names[stem], []))
+        if set(keywords) - forward_keywords:  # a size only the recomputation needs: save
+            builder.functions.pop(function)
+            return dict(saved=kept, params_saved=params_read, recompute=None)
+        read_params += [p for p in params if p in args and p not in read_params]
+        names = ["_" if k in recomputed else k for k in kept]
+        unpacked = f"({', '.join(names)}{',' if len(names) == 1 else ''})"
+        call = ", ".join([*args, *(f'{k}=ctx.keywords["{k}"]' for k in keywords)])
+        function = dict(name=function, names=recomputed, keywords=keywords, unpacked=unpacked,
+                        call=f"{', '.join(recomputed)} = {function}({call})")
+    return dict(saved=saved, params_saved=read_params, recompute=function)
 
 
 def _function_class(builder: TorchBuilder, stem: str, step: Step) -> dict:
@@ -89,6 +229,7 @@ def _function_class(builder: TorchBuilder, stem: str, step: Step) -> dict:
         input_grad=input_grad,
         stats=stats,
         output=form.output.name,
+        **_saving(builder, stem, step),
     )
 
 
@@ -98,6 +239,7 @@ def _forward_rows(builder: TorchBuilder, plan: Plan, functions: dict) -> list[di
         if row["reshape"]:
             rows.append(row)
             continue
+        step = without_carried(step)
         stem = builder.stems[step.name] + step.stem_suffix
         try:
             builder.layer_functions(stem, step.layer, step.derivation, step.eval_form)
