@@ -29,8 +29,7 @@ from symbp.declare.base import REGISTRY  # noqa: E402
 from symbp.emit.torch_module import camel, generate_torch_module  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-UNROLLED = {"rnn_classifier"}  # the torch target refuses rnn yet (tests/test_rnn.py)
-EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("*.toml") if p.stem not in UNROLLED)
+EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("*.toml"))
 
 
 def _load(path: Path, name: str):
