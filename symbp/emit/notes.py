@@ -419,7 +419,8 @@ class _Builder(BackpropSections):
             lowered = Lowering(names, derivation.form).lower(expr, indices)
         except DerivationError:
             return None
-        return _readable(lowered)
+        shapes = {name: a.dims for name, a in derivation.form.arrays.items()}
+        return _readable(lowered, {**shapes, **{f"d{k}": v for k, v in shapes.items()}})
 
     def _index_form(self, derived: DerivedLayer, expr):
         """An index-form expression of a layer in network names: ``x_{ncpq}`` of layer 2 is
@@ -537,6 +538,7 @@ class _Builder(BackpropSections):
         math["vjp"] = index.rows(index_rows)
         math["vjp_whole"] = whole.rows(whole_rows) if whole_rows else None
         math["index_only"] = len(whole_rows) < len(index_rows)
+        math["windows"] = bool(form.window_dims)
         convolution = _full_convolution(derivation)
         math["full_convolution"] = (
             index.rows([(derivation.vjp[form.inputs[0].name].lhs, convolution)])
