@@ -232,6 +232,7 @@ class BackpropSections:
                 "name": _text(row.layer, self.fmt),
                 "kind": _text(row.kind, self.fmt),
                 "same_as": first.get(key),
+                "over_time": getattr(row, "structure", None) == "recurrent",
                 "bound": index.doprint(row.bound) if row.bound is not None else None,
                 "reason": _code(row.reason, self.fmt),
             }
