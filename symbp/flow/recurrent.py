@@ -109,8 +109,14 @@ def stage_edges(cell_layer, cell: LayerDerivation, name: str):
         for stage in form.stages:
             read = {e.base.name for e in stage.expr.atoms(sp.Indexed)} & earlier
             for source in sorted(read):
-                derived = derive_layer(stage_form(form, stage, source))
-                edges[(stage.name, source)] = local_jacobian(cell_layer, derived, name)
+                sub = stage_form(form, stage, source)
+                if sub.elementwise and sub.aux:  # f'(several arrays): sup not sought
+                    edges[(stage.name, source)] = LocalJacobian(
+                        cell_layer.kind, "other", None, None, None,
+                        "no bound sought: an element-wise product with other arrays of the "
+                        f"step ({', '.join(a.name for a in sub.aux)})")
+                    continue
+                edges[(stage.name, source)] = local_jacobian(cell_layer, derive_layer(sub), name)
             earlier.add(stage.name)
         _EDGES[key] = edges
     return _EDGES[key]
