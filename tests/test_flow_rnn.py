@@ -157,3 +157,20 @@ def test_cli_flow_on_a_recurrent_net(capsys):
     assert all(float(r[2]) <= float(r[3]) for r in rows)
     assert "BPTT keeps N*T*(D + 2*H) elements" in out and "DIFFERS" not in out
     assert "no bound found" not in out
+
+
+def test_an_lstm_state_step_is_bounded_where_it_can_be_and_said_where_not():
+    """The LSTM's cell-state step: each gate's ``z <- h`` is a matrix (``||W_h<g>||_2``);
+    ``c_new`` multiplies several arrays of the step, whose sup the analysis does not seek
+    (it said so at once, where sympy's search ran for minutes): no bound over the step."""
+    from symbp.declare.recurrent import LSTMState
+
+    cell = LSTMState(3)
+    derived = derive_layer(cell.forward_form((5, 2)))
+    edges = stage_edges(cell, derived, "lstm")
+    for gate in "ifg":
+        assert edges[(f"z{gate}", "h")].bound == OperatorNorm(sp.Symbol(f"W_h{gate}"),
+                                                             sp.Symbol("lstm"))
+    assert edges[("c_new", "c")].bound is None
+    assert "no bound sought" in edges[("c_new", "c")].reason
+    assert _reach(derived.form, edges, "c").get("c_new") is None
