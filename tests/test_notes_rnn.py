@@ -255,3 +255,21 @@ def test_cli_writes_rnn_notes(tmp_path):
     target = tmp_path / "rnn.md"
     assert main(["latex", str(EXAMPLE), "-o", str(target)]) == 0
     assert r"t = T, \dots, 1" in target.read_text(encoding="utf-8")
+
+
+def test_flow_section_of_rnn_notes(tmp_path):
+    """``--flow``: the rnn's bound from its cell's stages, a sum of powers of ``||W_hh||_2``
+    (a subscripted weight's norm printed without a double subscript) that compiles."""
+    from symbp.flow import flow_bounds
+
+    derivation = derive_network(load_spec(EXAMPLE))
+    rows = flow_bounds(derivation)
+    md = render_notes(derivation, fmt="md", flow=rows)
+    assert (r"\sum_{k=0}^{5} \lVert \left(W_{\mathrm{hh}}\right)_{\mathrm{rnn}} \rVert_2^{k}"
+            in md)
+    assert "runs its cell over the $T$ time steps" in md
+    if have_node():
+        assert katex_errors(extract_markdown_math(md)) == []
+    if have_pdflatex():
+        ok, log, _ = compile_latex(render_notes(derivation, fmt="tex", flow=rows), tmp_path)
+        assert ok, log[-3000:]
