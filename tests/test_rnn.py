@@ -213,20 +213,6 @@ def test_rnn_layer_in_a_network_agrees_with_torch(sequence):
     np.testing.assert_allclose(grads["out.W"], head.weight.grad.numpy().T, rtol=0, atol=TOLERANCE)
 
 
-@pytest.mark.parametrize("args", [["latex"]])
-def test_rnn_layer_refused_where_not_printed(args, tmp_path, capsys):
-    """The notes cannot print an unrolled layer yet: one line naming the layer, exit 2, nothing
-    written (the torch and JAX targets print it: tests/test_torch_target.py,
-    tests/test_jax_target.py)."""
-    from symbp.cli import main
-
-    target = tmp_path / "out.md"
-    assert main([args[0], "examples/rnn_classifier.toml", *args[1:], "-o", str(target)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "layer 'rnn'" in err and "unrolled over time" in err
-    assert not target.exists()
-
-
 def test_rnn_layer_check_and_derive(capsys):
     """``symbp check`` passes on the network; ``symbp derive`` prints the cell's derivation
     once (not T copies; dh and dW_hh among its gradients) and says it is applied for

@@ -15,7 +15,6 @@ from ..declare.decay import WeightDecay
 from ..declare.forms import Forward
 from ..declare.layers import Layer
 from ..declare.net import Net, Placed
-from ..errors import SpecError
 from .layer import LayerDerivation, derive_layer
 from .unrolled import derive_unrolled
 
@@ -102,13 +101,3 @@ def derive_network(net: Net) -> NetworkDerivation:
     decay = [DecayTerm(key, term, derive_cached(term, shapes[key]))
              for key, term in ((k, WeightDecay(net.weight_decay)) for k in net.decayed)]
     return NetworkDerivation(net, layers, loss, decay)
-
-
-def refuse_unrolled(derivation: NetworkDerivation, what: str) -> None:
-    """A :class:`SpecError` naming the first layer unrolled over time, which ``what`` (a target,
-    the notes) cannot print yet."""
-    for item in derivation.layers:
-        if item.derivation.cell is not None:
-            raise SpecError(f"{what} cannot print {item.layer.kind} (unrolled over time) yet; "
-                            "the numpy, torch and jax targets, check, derive and flow can",
-                            layer=item.name)

@@ -41,6 +41,16 @@ class UnrolledDerivation(LayerDerivation):
     def params_read(self) -> tuple[Array, ...]:
         return self.cell.params_read
 
+    @property
+    def states(self) -> tuple[tuple[Array, Array], ...]:
+        """The cell's states, each as ``(state, next)``: an input ``s`` of the cell (after its
+        first, the step's input) that a stage ``s_new`` computes for the next step, as the
+        cell declares them (rnn: ``h`` and ``h_new``, the cell's output; an LSTM's ``c`` and
+        ``c_new`` alike). The output's state is the layer's output."""
+        arrays = self.cell.form.arrays
+        return tuple((state, arrays[f"{state.name}_new"]) for state in self.cell.form.inputs[1:]
+                     if f"{state.name}_new" in arrays)
+
 
 def derive_unrolled(form: Forward, cell: Layer, in_shape) -> UnrolledDerivation:
     """The derivation of a layer of form ``form`` running ``cell`` over the steps."""

@@ -26,10 +26,12 @@ SYMBOLS: dict[str, tuple[str | None, str, int]] = {
 OPERATOR_NAMES = {"lse"}
 
 
-def _letter(name: str) -> str:
+def _letter(name: str, grouped: bool = False) -> str:
     """A name's symbol: Greek names as Greek letters, one letter in italic, and a name of
     several letters (``xp``, the ``in`` of ``H_in``) upright, so that it does not read as a
-    product of letters."""
+    product of letters. ``grouped``: a name with a subscript of its own in parentheses, for an
+    element's indices to follow (``\\left(W_{\\mathrm{hh}}\\right)_{ji}``, not a double
+    subscript)."""
     if name in OPERATOR_NAMES:
         return rf"\operatorname{{{name}}}"
     base, *subscripts = name.split("_")
@@ -38,6 +40,7 @@ def _letter(name: str) -> str:
     tex = _word(base)
     if subscripts:
         tex = f"{tex}_{{{','.join(_word(sub) for sub in subscripts)}}}"
+        return rf"\left({tex}\right)" if grouped else tex
     return tex
 
 

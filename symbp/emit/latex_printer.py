@@ -166,7 +166,7 @@ class NotesLatexPrinter(NetworkNodePrinting, LatexPrinter):
         accent, letter, own_power = SYMBOLS.get(name, (None, name, 1))
         if name == "L":
             letter = self._settings["loss_symbol"]
-        tex = _letter(letter)
+        tex = _letter(letter, grouped=bool(sub))
         if bold:
             tex = _bold(tex)
         if accent:

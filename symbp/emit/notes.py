@@ -28,7 +28,7 @@ from ..derivation.arrays import (
     Lowering,
 )
 from ..derivation.layer import LayerDerivation
-from ..derivation.network import DerivedLayer, NetworkDerivation, refuse_unrolled
+from ..derivation.network import DerivedLayer, NetworkDerivation
 from ..derivation.plan import build_plan
 from ..derivation.verify import default_sizes, verify_layer
 from ..errors import DerivationError, SpecError
@@ -48,6 +48,7 @@ from .latex_printer import (
 from .notes_backprop import BackpropSections
 from .notes_math import _full_convolution, _readable, _text
 from .notes_objective import objective_section
+from .notes_recurrent import RecurrentSections
 
 FORMATS = ("tex", "md")
 NOTATIONS = ("d2l", "cs231n")
@@ -141,7 +142,6 @@ def render_notes(
         raise ValueError(f"notation must be one of {NOTATIONS}, got {notation!r}")
     if numbering not in NUMBERINGS:
         raise ValueError(f"numbering must be one of {NUMBERINGS}, got {numbering!r}")
-    refuse_unrolled(derivation, "the notes")
     builder = _Builder(derivation, fmt=fmt, steps=steps, notation=notation, numbering=numbering)
     context = builder.context()
     context["fragment"] = fragment
@@ -281,7 +281,7 @@ def _proven(derivation: LayerDerivation, *, staged: bool) -> bool:
     return True
 
 
-class _Builder(BackpropSections):
+class _Builder(BackpropSections, RecurrentSections):
     def __init__(
         self,
         derivation: NetworkDerivation,
@@ -356,6 +356,7 @@ class _Builder(BackpropSections):
             "numbering": self.numbering,
             "block_input": self._block_input_names(),
             "fan_out": self.fan_out(),
+            "recurrent": self.recurrent_context(),
         }
 
     def _block_input_names(self) -> dict[str, str] | None:
@@ -419,7 +420,8 @@ class _Builder(BackpropSections):
             lowered = Lowering(names, derivation.form).lower(expr, indices)
         except DerivationError:
             return None
-        return _readable(lowered)
+        shapes = {name: a.dims for name, a in derivation.form.arrays.items()}
+        return _readable(lowered, {**shapes, **{f"d{k}": v for k, v in shapes.items()}})
 
     def _index_form(self, derived: DerivedLayer, expr):
         """An index-form expression of a layer in network names: ``x_{ncpq}`` of layer 2 is
@@ -445,6 +447,9 @@ class _Builder(BackpropSections):
 
         for step in self.plan.forward:  # a block's body before the block's sum
             derived = by_name[step.name]
+            if derived.derivation.cell is not None:  # unrolled over time: its recurrence
+                rows.append(whole.rows(self.recurrent_forward(derived)))
+                continue
             names = self._network_names(derived)
             stages = derived.derivation.form.stages
             lowered = [self._lowered(derived.derivation, s.expr, s.indices) for s in stages]
@@ -482,12 +487,16 @@ class _Builder(BackpropSections):
                 "type": _text(item.layer.describe(), self.fmt),
                 "same_as": None,
             }
-            names = self._network_names(derived)
-            whole = self.whole_printer(derivation.form.arrays)
-            section["local"] = ", ".join(
-                whole.equation(sp.Symbol(a.name, real=True), names[sp.Symbol(a.name, real=True)])
-                for a in (*derivation.form.inputs, derivation.form.output.array)
-            )
+            if derivation.cell is not None:  # unrolled over time: its cell, at step t
+                section["local"] = self.recurrent_local(
+                    derived, self.whole_printer(derivation.cell.form.arrays))
+                derived = DerivedLayer(item, derivation.cell, None)
+            else:
+                names, form = self._network_names(derived), derivation.form
+                section["local"] = ", ".join(self.whole_printer(form.arrays).equation(
+                    sp.Symbol(a.name, real=True), names[sp.Symbol(a.name, real=True)])
+                    for a in (*form.inputs, form.output.array))
+            section["unrolled"] = derivation.cell is not None
             if id(derivation) in first_of:
                 section["same_as"] = first_of[id(derivation)]
                 sections.append(section)
@@ -537,6 +546,7 @@ class _Builder(BackpropSections):
         math["vjp"] = index.rows(index_rows)
         math["vjp_whole"] = whole.rows(whole_rows) if whole_rows else None
         math["index_only"] = len(whole_rows) < len(index_rows)
+        math["windows"] = bool(form.window_dims)
         convolution = _full_convolution(derivation)
         math["full_convolution"] = (
             index.rows([(derivation.vjp[form.inputs[0].name].lhs, convolution)])

@@ -154,6 +154,11 @@ class BackpropSections:
             step = entry.step
             derived = by_name[step.name]
             derivation = derived.derivation
+            if derivation.cell is not None:  # unrolled over time: backpropagation through time
+                for pair in self.recurrent_deltas(derived, self._input_target(step),
+                                                  bool(step.grad_inputs)):
+                    pairs.append(pair)
+                continue
             names = self._network_names(derived)
             form = derivation.form
             if len(step.inputs) > 1 and not step.placed.body:  # reading several values
@@ -185,17 +190,22 @@ class BackpropSections:
                 continue
             adjoint = derivation.vjp[form.inputs[0].name]
             lowered = self._lowered(derivation, adjoint.expr, adjoint.indices)
-            target = Delta(sp.Symbol(self.inputs[step.name]))
-            readers = self.plan.readers[step.inputs[0]]
-            if len(readers) > 1 and readers[-1] not in self.block_input:  # a graph's fan-out
-                target = self.delta_of(step.inputs[0], step.name)
-            elif len(readers) > 1 and readers[0] == step.name:  # the first layer of a body
-                target = Delta(sp.Symbol(self.block_input[readers[-1]]))
+            target = self._input_target(step)
             if lowered is None:
                 rows.append(self._index_row(index, derived, adjoint, target=target))
                 continue
             pairs.append((target, lowered.xreplace(names)))
         return {"rows": ROW_SEPARATOR.join(rows)}
+
+    def _input_target(self, step) -> Delta:
+        """The gradient a one-input step hands to its input: ``delta^(l-1)``, a fan-out's
+        part of it, or the body's part ``delta^(l.0)`` for the first layer of a block."""
+        readers = self.plan.readers[step.inputs[0]]
+        if len(readers) > 1 and readers[-1] not in self.block_input:  # a graph's fan-out
+            return self.delta_of(step.inputs[0], step.name)
+        if len(readers) > 1 and readers[0] == step.name:  # the first layer of a body
+            return Delta(sp.Symbol(self.block_input[readers[-1]]))
+        return Delta(sp.Symbol(self.inputs[step.name]))
 
     def _index_row(self, printer, derived: DerivedLayer, adjoint, *, target=None) -> str:
         """One backward row in index form and network names."""
@@ -222,6 +232,7 @@ class BackpropSections:
                 "name": _text(row.layer, self.fmt),
                 "kind": _text(row.kind, self.fmt),
                 "same_as": first.get(key),
+                "over_time": getattr(row, "structure", None) == "recurrent",
                 "bound": index.doprint(row.bound) if row.bound is not None else None,
                 "reason": _code(row.reason, self.fmt),
             }

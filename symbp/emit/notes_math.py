@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
+from ..derivation.array_ops import Dot, Permute
 from ..derivation.arrays import (
     Col2Im,
     Einsum,
@@ -19,10 +20,12 @@ from ..derivation.arrays import (
     MaxOver,
     Shifted,
     SumOver,
+    TensorDot,
     Windows,
 )
 from ..derivation.indexing import simplify_indexed
 from ..derivation.layer import LayerDerivation, bound_names
+from .array_shapes import array_shape
 
 X_SCALAR = sp.Symbol("x", real=True)
 Y_SCALAR = sp.Symbol("y", real=True)
@@ -65,14 +68,20 @@ def activation_formulas(derivation: LayerDerivation) -> ActivationFormulas:
     return ActivationFormulas(f=scalar(stage.expr), derivatives=derivatives)
 
 
-def _readable(lowered: sp.Expr) -> sp.Expr | None:
+def _readable(lowered: sp.Expr, shapes: dict[str, tuple] | None = None) -> sp.Expr | None:
     """A whole-array form that reads as matrix notation, or ``None``.
 
     ``einsum`` of two arrays with the same subscripts summed over some axes is the sum of their
-    element-wise product over those axes; sliding windows (convolution, pooling) have no
-    notation that reads better than the index form, so those layers keep the index form.
+    element-wise product over those axes; a tensor contraction that is a matrix product
+    (:func:`as_matrix_product`, the arrays' ``shapes`` by name) is that product; sliding
+    windows (convolution, pooling) and other contractions (over several axes) have no notation
+    that reads better than the index form, so those formulas keep the index form.
     """
     if lowered.has(Windows, Col2Im, Shifted, FirstArgmaxMask, MaxOver):
+        return None
+    lowered = lowered.replace(lambda e: isinstance(e, TensorDot),
+                              lambda e: as_matrix_product(e, shapes or {}) or e)
+    if lowered.has(TensorDot):
         return None
 
     def as_sum(einsum):
@@ -90,9 +99,43 @@ def _readable(lowered: sp.Expr) -> sp.Expr | None:
     # a sum over the batch and the image (batch norm on images: axes 0, 2, 3) has no matrix
     # notation; NumPy's spelling (sum over axes (0,2,3)) is not mathematics: index form
     for total in lowered.atoms(SumOver):
-        if tuple(int(a) for a in total.args[1]) not in ((0,), (1,), (0, 1)):
-            return None
+        axes = tuple(int(a) for a in total.args[1])
+        shape = array_shape(total.args[0], shapes or {})
+        if axes not in ((0,), (1,), (0, 1)) or (axes != (0,) and shape and len(shape) > 2):
+            return None  # 1^T A 1 is a matrix's sum, not a sum over two axes of a 3-axis array
     return lowered
+
+
+def as_matrix_product(product: TensorDot, shapes: dict[str, tuple]) -> Dot | None:
+    """``tensordot(a, b, axes_a, axes_b).transpose(order)`` as the matrix product ``L R``
+    that computes the same array, or ``None`` where there is none: one axis contracted, the
+    last of ``L`` and the first of ``R`` (or of its transpose, for a matrix), ``R`` a matrix or
+    a vector (applied to every row of ``L``: a linear layer on ``(N, T, D)`` is ``h W``, its
+    input gradient ``dz W^T``), the result's axes ``L``'s free axes then ``R``'s. ``shapes``:
+    the arrays' shapes by name (:func:`~.array_shapes.array_shape`)."""
+    a, b, axes_a, axes_b, order = product.args
+    shapes = [array_shape(operand, shapes) for operand in (a, b)]
+    if None in shapes or len(axes_a) != 1:
+        return None
+    rank_a, rank_b = (len(shape) for shape in shapes)
+    order, total = tuple(int(k) for k in order), rank_a + rank_b - 2
+    natural = tuple(range(total))  # a's free axes, then b's
+    swapped = tuple(range(rank_a - 1, total)) + tuple(range(rank_a - 1))
+    for (left, k_left, r_left), (right, k_right, r_right), wanted in (
+            ((a, int(axes_a[0]), rank_a), (b, int(axes_b[0]), rank_b), natural),
+            ((b, int(axes_b[0]), rank_b), (a, int(axes_a[0]), rank_a), swapped)):
+        if order != wanted or r_right > 2:
+            continue
+        if k_left != r_left - 1:  # contracted on its first axis: a matrix's transpose
+            if (k_left, r_left) != (0, 2):
+                continue
+            left = Permute(left)
+        if k_right != 0:  # contracted on its last axis: a matrix's transpose
+            if (k_right, r_right) != (1, 2):
+                continue
+            right = Permute(right)
+        return Dot(left, right)
+    return None
 
 
 def _full_convolution(derivation: LayerDerivation) -> sp.Expr | None:

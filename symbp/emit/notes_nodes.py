@@ -92,6 +92,35 @@ class Element(NotesNode):
     or a :class:`Delta`), for layers written in index form: ``h^{(2)}_{ncpq}``."""
 
 
+class StepIndex(sp.Symbol):
+    """The time step of the notes' recurrences, printed as its letter (``t``), never as an
+    array that has that name (mse's target ``t``)."""
+
+    def _latex(self, printer):
+        return self.name
+
+
+class AtStep(NotesNode):
+    """``AtStep(node, t)``: the value of a network-level array (an :class:`AtLayer`, a
+    :class:`Delta`) at time step ``t`` of a layer unrolled over time: ``\\mathbf{h}^{(1)}_{t}``."""
+
+    nargs = 2
+
+
+class ForSteps(NotesNode):
+    """``ForSteps(expr, t, first, last)``: ``expr`` for each step ``t`` from ``first`` to
+    ``last`` (``t = T, \\dots, 1``: backwards)."""
+
+    nargs = 4
+
+
+class StepsOf(NotesNode):
+    """``StepsOf(node, first, last)``: the sequence of ``node``'s values at the steps,
+    ``(\\mathbf{h}^{(1)}_{1}, \\dots, \\mathbf{h}^{(1)}_{T})``."""
+
+    nargs = 3
+
+
 #: Separator of the rows of an ``aligned`` block (what :meth:`NotesLatexPrinter.rows` joins with).
 
 
@@ -143,6 +172,19 @@ class NetworkNodePrinting:
 
     def _print_Norm(self, expr):
         return rf"\left\lVert {self._print(expr.args[0])} \right\rVert_2"
+
+    def _print_AtStep(self, expr):
+        node, step = expr.args
+        return f"{self._print(node)}_{{{self._print(step)}}}"
+
+    def _print_ForSteps(self, expr):
+        value, step, first, last = (self._print(a) for a in expr.args)
+        return rf"{value}, \qquad {step} = {first}, \dots, {last}"
+
+    def _print_StepsOf(self, expr):
+        node, first, last = expr.args
+        steps = (self._print(AtStep(node, first)), self._print(AtStep(node, last)))
+        return rf"\left({steps[0]}, \dots, {steps[1]}\right)"
 
     def _print_Element(self, expr):
         node, *indices = expr.args

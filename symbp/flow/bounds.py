@@ -38,6 +38,7 @@ from ..derivation.budget import MAX_POWER, too_costly
 from ..derivation.indexing import simplify_indexed
 from ..derivation.layer import LayerDerivation, adjoint_array, apply_rules, bound_names
 from ..derivation.reshape import is_reshape
+from ..emit.latex_names import _letter
 from .supremum import Supremum, supremum_abs
 
 #: where an unproved derivative is sampled, for display only
@@ -59,9 +60,11 @@ class OperatorNorm(sp.Function):
         param, layer = self.args
         return f"||{layer.name}.{param.name}||_2"
 
-    def _latex(self, printer, *args):
+    def _latex(self, printer, *args, exp=None):
         param, layer = self.args
-        return rf"\lVert {param.name}_{{{_latex_name(layer.name)}}} \rVert_2"
+        name = _letter(param.name, grouped=True)  # (W_{ih})_{rnn}: no double subscript
+        norm = rf"\lVert {name}_{{{_latex_name(layer.name)}}} \rVert_2"
+        return norm if exp is None else f"{norm}^{{{exp}}}"
 
 
 class LayerMax(sp.Function):
@@ -242,8 +245,10 @@ def _over_ranges(layer, arrays, general, specific, constants):
     (:meth:`~symbp.declare.layers.Layer.aux_ranges`: RReLU's ``r`` in ``[lower, upper]``), as
     ``(general, specific, text)``; None where a symbol has no range or the largest value is not
     settled (sympy's interval arithmetic, with a ``Max`` of a range read at its top)."""
+    if not arrays:
+        return None
     spans = layer.aux_ranges()
-    if not arrays or any(symbol.name not in spans for symbol in arrays):
+    if any(symbol.name not in spans for symbol in arrays):
         return None
     ranges = {symbol: sp.AccumBounds(*spans[symbol.name]) for symbol in arrays}
     general = _top(general.xreplace(ranges))

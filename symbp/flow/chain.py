@@ -22,6 +22,7 @@ from ..derivation.layer import LayerDerivation
 from ..derivation.network import NetworkDerivation
 from ..derivation.plan import Plan, Sum, build_plan
 from .bounds import LocalJacobian, local_jacobian
+from .recurrent import recurrent_bound
 
 _PLACEHOLDER = sp.Symbol("_layer")
 _CACHE: dict[tuple, LocalJacobian] = {}
@@ -69,6 +70,18 @@ def layer_jacobian(layer: Layer, derivation: LayerDerivation, name: str) -> Loca
     )
 
 
+def unrolled_jacobian(item) -> LocalJacobian:
+    """A layer unrolled over time: its Jacobian's bound from its cell's stages
+    (:func:`~symbp.flow.recurrent.recurrent_bound`)."""
+    found = recurrent_bound(item)
+    bound = found.layer_bound
+    reason = ("no bound found: " if bound is None else
+              f"d out/d x_t <= {sp.sstr(found.step_input)} * "
+              f"({sp.sstr(found.per_step)})**(T-t) over the T = {found.steps} steps, summed; ")
+    reason += "; ".join(found.reasons())
+    return LocalJacobian(item.layer.kind, "recurrent", None, bound, bound, reason)
+
+
 def flow_bounds(derivation: NetworkDerivation) -> list[FlowBound]:
     """The symbolic flow analysis of a network: one :class:`FlowBound` per layer.
 
@@ -82,6 +95,7 @@ def flow_bounds(derivation: NetworkDerivation) -> list[FlowBound]:
     """
     jacobians = {
         item.name: layer_jacobian(item.layer, item.derivation, item.name)
+        if item.derivation.cell is None else unrolled_jacobian(item)
         for item in derivation.layers
     }
     products: dict[str, sp.Expr | None] = {}

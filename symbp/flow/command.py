@@ -87,6 +87,7 @@ def run_flow(args: argparse.Namespace) -> int:
     from .chain import flow_bounds
     from .memory import memory_model
     from .numeric import measure
+    from .recurrent import bound_text, over_time, over_time_table, recurrent_bound
 
     batches = parse_batches(args.batch)
     if args.grad_batch < 2:
@@ -98,9 +99,14 @@ def run_flow(args: argparse.Namespace) -> int:
         _require_matplotlib()
     net = load_spec(args.spec)
     dtype = args.dtype or net.dtype
-    rows = flow_bounds(derive_network(net))
+    derivation = derive_network(net)
+    rows = flow_bounds(derivation)
     print(symbolic_table(rows))
     print()
+    for item in derivation.layers:
+        if item.derivation.cell is not None:  # unrolled over time: the bound over t
+            print("\n".join(bound_text(recurrent_bound(item))))
+            print()
     model = memory_model(net)
     module, failure = _generated_module(net)
     if module is None:
@@ -118,12 +124,19 @@ def run_flow(args: argparse.Namespace) -> int:
     )
     print(numeric_table(measured, seed=args.seed))
     print()
+    differs = False
+    for result in over_time(net, derivation, batch=args.grad_batch, seed=args.seed,
+                            module=module):
+        table = over_time_table(result, seed=args.seed, batch=args.grad_batch)
+        differs = differs or "DIFFERS" in table
+        print(table)
+        print()
     text = memory_table(net, model, batches, dtype, seed=args.seed, module=module)
     print(text)
     if args.plot:
         plot_flow(measured, args.plot, title=f"{net.name}: gradient norms at initialization")
         print(f"\nwrote {args.plot}")
-    return 1 if "DIFFERS" in text else 0
+    return 1 if differs or "DIFFERS" in text else 0
 
 
 def _check_plot_path(path: str) -> None:
@@ -185,7 +198,9 @@ def symbolic_table(rows) -> str:
         seen.add(key)
         lines.append(f"  {row.kind} ({row.structure}), e.g. {row.layer}")
         wrap = dict(width=100, initial_indent="      ", subsequent_indent="          ")
-        lines += textwrap.wrap("J: " + _entry_text(row.jacobian), **wrap)
+        entry = ("d out / d x over the steps, from the cell's stages" if
+                 row.structure == "recurrent" else _entry_text(row.jacobian))
+        lines += textwrap.wrap("J: " + entry, **wrap)
         if row.derivative is not None:
             lines += textwrap.wrap(f"f'(x) = {_text(row.derivative)}", **wrap)
         if row.bound_general is not None and row.structure != "sum":
