@@ -90,21 +90,25 @@ def _sync(device):
 
 def time_pair(first, second, device, repeats: int, block: int = 3):
     """Medians (s) of ``first`` and ``second`` over ``repeats`` alternating blocks of
-    ``block`` calls, and the median of the block-by-block ratios."""
+    ``block`` calls, the median of the block-by-block ratios, and the same ratio of the
+    process's CPU time (all threads: on a shared machine the steadier figure)."""
     for f in (first, second):
         f()
         f()
     times: tuple[list, list] = ([], [])
+    cpu: tuple[list, list] = ([], [])
     for _ in range(repeats):
         for k, f in enumerate((first, second)):
             _sync(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(block):
                 f()
             _sync(device)
             times[k].append((time.perf_counter() - start) / block)
+            cpu[k].append((time.process_time() - start_cpu) / block)
     ratio = statistics.median(a / b for a, b in zip(*times, strict=True))
-    return statistics.median(times[0]), statistics.median(times[1]), ratio
+    cpu_ratio = statistics.median(a / b for a, b in zip(*cpu, strict=True))
+    return statistics.median(times[0]), statistics.median(times[1]), ratio, cpu_ratio
 
 
 def benchmark_nets():
@@ -113,7 +117,8 @@ def benchmark_nets():
 
 def training_rows(args, folder: Path) -> None:
     print(f"training step, target / eager ({args.device}; torch {torch.__version__})")
-    print(f"{'net':<26}{'dtype':>8}{'threads':>8}{'target ms':>11}{'eager ms':>10}{'ratio':>8}")
+    print(f"{'net':<26}{'dtype':>8}{'threads':>8}{'target ms':>11}{'eager ms':>10}{'ratio':>8}"
+          f"{'cpu ratio':>11}")
     for label, net, batch in benchmark_nets():
         module = load_target(net, folder)
         for name in args.dtypes:
@@ -121,14 +126,14 @@ def training_rows(args, folder: Path) -> None:
             for threads in args.threads if args.device == "cpu" else [torch.get_num_threads()]:
                 torch.set_num_threads(threads)
                 target, eager = _steps(net, module, dtype, args.device, batch)
-                t, e, ratio = time_pair(target, eager, args.device, args.repeats)
+                t, e, ratio, cpu = time_pair(target, eager, args.device, args.repeats)
                 print(f"{label:<26}{name:>8}{threads:>8}{t * 1e3:>11.2f}{e * 1e3:>10.2f}"
-                      f"{ratio:>7.2f}x", flush=True)
+                      f"{ratio:>7.2f}x{cpu:>10.2f}x", flush=True)
                 if args.compile:
                     target, eager = _steps(net, module, dtype, args.device, batch, compiled=True)
-                    t, e, ratio = time_pair(target, eager, args.device, args.repeats)
+                    t, e, ratio, cpu = time_pair(target, eager, args.device, args.repeats)
                     print(f"{'  torch.compile':<26}{name:>8}{threads:>8}{t * 1e3:>11.2f}"
-                          f"{e * 1e3:>10.2f}{ratio:>7.2f}x", flush=True)
+                          f"{e * 1e3:>10.2f}{ratio:>7.2f}x{cpu:>10.2f}x", flush=True)
 
 
 def memory_rows(args, folder: Path) -> int:

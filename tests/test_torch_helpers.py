@@ -207,3 +207,30 @@ def test_argmax_col2im_equals_col2im_of_the_masked_columns(helpers):
     torch.testing.assert_close(
         helpers["_argmax_col2im"](argmax, dy[..., None, None], (2, 2), 2, 1), x.grad,
         rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape, dims", [
+    ((4, 3, 5, 6), (0, 2, 3)),  # batch norm's per-channel sums
+    ((4, 3, 5, 6), (0, 1, 2, 3)),  # everything
+    ((4, 3, 5, 6), (2, 3)),  # the last axes alone
+    ((4, 3, 5, 6), (1, 3)),  # the last axis and one between
+    ((7, 5), (0,)),  # a batch of rows: the first axis (no dot product)
+    ((7, 5), (1,)),
+    ((2, 3, 4), (-1, 0)),  # negative axes
+])
+def test_dot_sum_is_the_product_summed(helpers, shape, dims):
+    """_dot_sum (batch norm's sum(dy*xhat), sum(x_minus_mu**2)) computes (a*b).sum(dims)
+    whichever axes are summed: by matrix products over the last axes, by the product's sum
+    otherwise."""
+    generator = torch.Generator().manual_seed(len(shape) + len(dims))
+    a = torch.randn(shape, dtype=torch.float64, generator=generator)
+    b = torch.randn(shape, dtype=torch.float64, generator=generator)
+    expected = (a * b).sum(dim=dims)
+    torch.testing.assert_close(helpers["_dot_sum"](a, b, dims), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(helpers["_dot_sum"](a, a, dims), (a * a).sum(dim=dims),
+                               rtol=0, atol=1e-12)
+    # a permuted (non-contiguous) operand, as a convolution's output is
+    c = torch.randn(tuple(reversed(shape)), dtype=torch.float64, generator=generator)
+    c = c.permute(*reversed(range(len(shape))))
+    torch.testing.assert_close(helpers["_dot_sum"](c, b, dims), (c * b).sum(dim=dims),
+                               rtol=0, atol=1e-12)

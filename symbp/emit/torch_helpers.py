@@ -49,6 +49,21 @@ HELPER_SOURCES = {
     out[tuple(written)] = a[tuple(read)]
     return out
 ''',
+    "_dot_sum": '''def _dot_sum(a, b, dims):
+    """(a * b).sum(dim=dims) for a and b of one shape, without the product in memory where the
+    last axes are summed: each run of them is a dot product (torch.matmul of a row by a column),
+    and the other summed axes are summed after."""
+    dims = sorted(d % a.dim() for d in dims)
+    last = 0
+    while last < len(dims) and dims[len(dims) - 1 - last] == a.dim() - 1 - last:
+        last += 1
+    if last == 0:
+        return (a * b).sum(dim=tuple(dims))
+    lead = a.shape[:a.dim() - last]
+    dots = torch.matmul(a.reshape(*lead, 1, -1), b.reshape(*lead, -1, 1)).reshape(lead)
+    rest = tuple(dims[:len(dims) - last])
+    return dots.sum(dim=rest) if rest else dots
+''',
     "_window_conv": '''\
 def _window_conv(a, x, kernel, stride, dilation, axes_a, axes_windows):
     """torch.tensordot(a, _windows(x, ...)) by torch's convolution kernels where it is one of
