@@ -172,7 +172,7 @@ def memory_rows(args, folder: Path) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
@@ -180,6 +180,14 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--memory-only", action="store_true")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"torch_target.py: --device {args.device}: no CUDA device here (torch "
+              f"{torch.__version__}); run on a machine with a GPU, or leave --device cpu",
+              file=sys.stderr)
+        return 2
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        print(f"torch_target.py: --device {args.device}: cpu or cuda[:N]", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="symbp-torch-") as folder:
         if not args.memory_only:
             training_rows(args, Path(folder))

@@ -234,3 +234,23 @@ def test_dot_sum_is_the_product_summed(helpers, shape, dims):
     c = c.permute(*reversed(range(len(shape))))
     torch.testing.assert_close(helpers["_dot_sum"](c, b, dims), (c * b).sum(dim=dims),
                                rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels, dilation", [(16, 1), (17, 2), (32, 1)])
+def test_float64_forward_route_by_the_input_gradient_kernel(helpers, channels, dilation):
+    """With 16 or more input channels in float64 on the CPU, _window_conv computes conv2d by the
+    kernel of a convolution's input gradient (_conv2d_as_input_grad): the same contraction as
+    the general route and as F.conv2d, the weight's axes in either order."""
+    generator = torch.Generator().manual_seed(channels)
+    x = torch.randn(3, channels, 11, 10, dtype=torch.float64, generator=generator)
+    weight = torch.randn(5, channels, 3, 2, dtype=torch.float64, generator=generator)
+    args = ((3, 2), 1, dilation, (1, 2, 3), (1, 4, 5))
+    expected = _general_window(helpers, weight, x, *args)
+    torch.testing.assert_close(helpers["_window_conv"](weight, x, *args), expected,
+                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(helpers["_conv2d_as_input_grad"](x, weight, dilation),
+                               F.conv2d(x, weight, dilation=dilation), rtol=0, atol=1e-12)
+    permuted = weight.permute(1, 0, 2, 3)  # a[c, o, i, j]: the gather's flipped weight reads so
+    args = ((3, 2), 1, dilation, (0, 2, 3), (1, 4, 5))
+    torch.testing.assert_close(helpers["_window_conv"](permuted, x, *args),
+                               _general_window(helpers, permuted, x, *args), rtol=0, atol=1e-12)
