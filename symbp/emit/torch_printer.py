@@ -87,9 +87,9 @@ class SymbpTorchPrinter(SymbpNumPyPrinter):
 
     def _fused_sum(self, expr):
         # the sum of a product of two arrays of one shape: ``_dot_sum`` (torch.einsum's route
-        # copies both operands into a batched matrix product: 2.9-3.5x _dot_sum's time on
-        # batch norm's (64, 64, 32, 32) sums); the plain sum over the first axis stays a sum
-        # (torch has no BLAS detour to gain from)
+        # copies both operands into a batched matrix product: 2-5x _dot_sum's time on batch
+        # norm's (64, 64, 32, 32) sums); the plain sum over the first axis stays a sum (torch
+        # has no BLAS detour to gain from)
         if self.shapes is None:
             return None
         array, axes = expr.args
