@@ -256,3 +256,13 @@ def test_float64_forward_route_by_the_input_gradient_kernel(helpers, channels, d
     args = ((3, 2), 1, dilation, (0, 2, 3), (1, 4, 5))
     torch.testing.assert_close(helpers["_window_conv"](permuted, x, *args),
                                _general_window(helpers, permuted, x, *args), rtol=1e-13, atol=1e-12)
+
+
+def test_first_argmax_of_tied_windows_is_the_first_offset(helpers):
+    """Windows of a ReLU's output hold many tied maxima (zeros): the kept position is the
+    first offset holding the maximum, as torch.argmax returns it."""
+    for x, kernel, stride, dilation in _pool_cases():
+        tied = x.clamp(min=0).round()  # zeros and small integers: ties everywhere
+        windows = helpers["_windows"](tied, kernel, stride, dilation)
+        position = helpers["_first_argmax"](windows, helpers["_window_max"](windows))
+        assert torch.equal(position.long(), windows.flatten(-2).argmax(dim=-1))
