@@ -266,3 +266,29 @@ def test_first_argmax_of_tied_windows_is_the_first_offset(helpers):
         windows = helpers["_windows"](tied, kernel, stride, dilation)
         position = helpers["_first_argmax"](windows, helpers["_window_max"](windows))
         assert torch.equal(position.long(), windows.flatten(-2).argmax(dim=-1))
+
+
+@pytest.mark.parametrize("channels", [3, 16])
+def test_a_bias_is_added_along_the_free_axis_of_a(helpers, channels):
+    """_window_tensordot(..., bias): the product plus bias along a's free axis (the product's
+    first), fused into conv2d (or added after the input-gradient kernel, 16 channels in
+    float64) and added after the general route alike; F.conv2d with the bias agrees."""
+    generator = torch.Generator().manual_seed(channels)
+    x = torch.randn(3, channels, 9, 8, dtype=torch.float64, generator=generator)
+    weight = torch.randn(4, channels, 3, 2, dtype=torch.float64, generator=generator)
+    bias = torch.randn(4, dtype=torch.float64, generator=generator)
+    args = ((3, 2), 1, 1, (1, 2, 3), (1, 4, 5))
+    expected = _general_window(helpers, weight, x, *args) + bias[:, None, None, None]
+    got = helpers["_window_tensordot"](weight, x, *args, bias)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got.permute(1, 0, 2, 3), F.conv2d(x, weight, bias),
+                               rtol=0, atol=1e-12)
+    # a contraction that is no convolution: the general route, the bias added after it
+    a4 = torch.randn(3, channels, 3, 2, dtype=torch.float64, generator=generator)
+    other = ((3, 2), 1, 1, (0, 1, 2), (0, 1, 4))
+    assert helpers["_window_conv"](a4, x, *other, None) is None
+    free = torch.randn(2, dtype=torch.float64, generator=generator)
+    torch.testing.assert_close(
+        helpers["_window_tensordot"](a4, x, *other, free),
+        _general_window(helpers, a4, x, *other) + free.reshape(2, 1, 1, 1),
+        rtol=0, atol=1e-12)

@@ -65,11 +65,12 @@ HELPER_SOURCES = {
     return out
 ''',
     "_window_conv": '''\
-def _window_conv(a, x, kernel, stride, dilation, axes_a, axes_windows):
+def _window_conv(a, x, kernel, stride, dilation, axes_a, axes_windows, bias=None):
     """torch.tensordot(a, _windows(x, ...)) by torch's convolution kernels where it is one of
     a batch x[n, c, h, w] (windows axes n, c, p, q, i, j): a[o, c, i, j] summed with the
-    windows over c, i, j (out[o, n, p, q], conv2d's output) or a[n, o, p, q] summed with them
-    over n, p, q (out[o, c, i, j], conv2d's weight gradient); None for any other contraction."""
+    windows over c, i, j (out[o, n, p, q], conv2d's output; plus bias[o], given one) or
+    a[n, o, p, q] summed with them over n, p, q (out[o, c, i, j], conv2d's weight gradient);
+    None for any other contraction."""
     if a.dim() != 4 or x.dim() != 4 or len(axes_a) != 3 or len(axes_windows) != 3:
         return None
     axes_a = [k % 4 for k in axes_a]
@@ -84,10 +85,12 @@ def _window_conv(a, x, kernel, stride, dilation, axes_a, axes_windows):
         if stride == 1 and x.dtype == torch.float64 and x.device.type == "cpu" and (
                 x.shape[1] >= 16):
             out = _conv2d_as_input_grad(x, weight, dilation)
+            if bias is not None:
+                out += bias[:, None, None]
         else:
-            out = torch.nn.functional.conv2d(x, weight, stride=stride, dilation=dilation)
+            out = torch.nn.functional.conv2d(x, weight, bias, stride=stride, dilation=dilation)
         return out.permute(1, 0, 2, 3)
-    if set(pairs) == {0, 2, 3}:
+    if set(pairs) == {0, 2, 3} and bias is None:
         grad = a.permute(pairs[0], free[0], pairs[2], pairs[3])
         # conv2d's weight gradient (torch.nn.grad.conv2d_weight's kernel, given the weight's
         # shape by an empty tensor where that wrapper expands one)
@@ -113,14 +116,19 @@ def _conv2d_as_input_grad(x, weight, dilation):
         [dilation, dilation], False, [0, 0], 1, [True, False, False])[0]
 ''',
     "_window_tensordot": '''\
-def _window_tensordot(a, x, kernel, stride, dilation, axes_a, axes_windows):
+def _window_tensordot(a, x, kernel, stride, dilation, axes_a, axes_windows, bias=None):
     """torch.tensordot(a, windows) over the sliding windows of x (see _windows), by a
-    convolution kernel where the contraction is one (_window_conv)."""
-    out = _window_conv(a, x, kernel, stride, dilation, axes_a, axes_windows)
+    convolution kernel where the contraction is one (_window_conv); given bias, a vector
+    added along the product's first axis (a's one free axis: a convolution's bias, which
+    conv2d adds in its own pass)."""
+    out = _window_conv(a, x, kernel, stride, dilation, axes_a, axes_windows, bias)
     if out is not None:
         return out
     windows = _windows(x, kernel, stride, dilation)
-    return torch.tensordot(a, windows, dims=(list(axes_a), list(axes_windows)))
+    out = torch.tensordot(a, windows, dims=(list(axes_a), list(axes_windows)))
+    if bias is not None:
+        out += bias.reshape(-1, *[1] * (out.dim() - 1))
+    return out
 ''',
     "_col2im_conv": '''\
 def _col2im_conv(a, b, axes_a, axes_b, order, kernel, stride, dilation):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sympy as sp
 from sympy.printing.precedence import PRECEDENCE
 
-from ..derivation.array_ops import Permute
+from ..derivation.array_ops import NewAxis, Permute
 from .array_shapes import array_shape, is_smaller
 from .numpy_printer import SymbpNumPyPrinter
 from .torch_helpers import HELPER_SOURCES
@@ -248,9 +248,48 @@ class SymbpTorchPrinter(SymbpNumPyPrinter):
         if not isinstance(inner, WindowTensorDot | Col2ImTensorDot):
             return None
         rest = sp.Add(*[t for t in expr.args if t is not big])
+        fused = self._with_bias(big, rest)
+        if fused is not None:
+            return fused, [], None
         negative = rest.could_extract_minus_sign()
         method = "sub_" if negative else "add_"
         return self._print(big), [f".{method}({self._print(-rest if negative else rest)})"], None
+
+    def _with_bias(self, big, rest) -> str | None:
+        """``_window_tensordot(..., bias)`` for a product of windows plus a vector along the
+        product's first axis (a's free axis: a convolution's output channels, wherever the
+        permutation around the product puts them), which conv2d adds in its own pass; None for
+        any other sum."""
+        from .windows import WindowTensorDot
+
+        outer = [int(k) for k in big.args[1]] if isinstance(big, Permute) else None
+        product = big.args[0] if outer is not None else big
+        if not isinstance(product, WindowTensorDot):
+            return None
+        a, x, kernel, stride, dilation, axes_a, axes_windows, order = product.args
+        rank = len(order)
+        where = [int(k) for k in order].index(0)  # the product's first axis, after its order
+        where = outer.index(where) if outer is not None else where
+        own = array_shape(rest, self.shapes)
+        vector = rest.args[0] if isinstance(rest, NewAxis) else rest
+        a_shape = array_shape(a, self.shapes)
+        if (own is None or not isinstance(vector, sp.Symbol)
+                or len(array_shape(vector, self.shapes) or ()) != 1 or a_shape is None
+                or len(a_shape) - len(axes_a) != 1 or rank < len(own)):
+            return None
+        sized = [k for k, d in enumerate(own) if d != 1]
+        if len(sized) != 1 or rank - len(own) + sized[0] != where:
+            return None
+        kernel_text = f"({', '.join(self._print(k) for k in kernel)})"
+        self.helpers_used.add("_window_tensordot")
+        text = (
+            f"_window_tensordot({self._print(a)}, {self._print(x)}, {kernel_text}, "
+            f"{self._print(stride)}, {self._print(dilation)}, "
+            f"{self._print_tuple(tuple(axes_a))}, {self._print_tuple(tuple(axes_windows))}, "
+            f"{vector.name})"
+        )
+        text += self._transposed(order)
+        return text + (self._transposed(outer) if outer is not None else "")
 
     def _print_Permute(self, expr):
         if len(expr.args) == 1:
