@@ -74,5 +74,23 @@ def test_batch_norm_backward_makes_one_new_tensor():
     source = codegen(load_spec(Path(__file__).resolve().parents[1] / "examples" / "mlp_bn.toml"),
                      target="torch")
     backward = source.split("def batchnorm_backward")[1].split("\ndef ")[0]
-    assert "einsum" not in source
+    assert "torch.einsum(" not in source
     assert backward.count("torch.addcmul(") == 1 and "_dot_sum(dy, xhat" in backward
+
+
+def test_a_matrix_product_plus_a_row_is_one_addmm():
+    """``x @ W + b`` (linear's forward) is torch.addmm(b, x, W): the same value, b added by the
+    matrix product's own call."""
+    from symbp.derivation.array_ops import Dot
+
+    n, i, j = sp.symbols("n i j", integer=True, positive=True)
+    shapes = {"x": (n, i), "W": (i, j), "b": (j,)}
+    x2, w2, b2 = (sp.Symbol(name) for name in shapes)
+    start, updates, call = SymbpTorchPrinter(shapes=shapes).chained_pass(Dot(x2, w2) + b2)
+    assert start == "torch.addmm(b, x, W)" and not updates and call[0] == "torch.addmm"
+    generator = torch.Generator().manual_seed(1)
+    values = {"x": torch.randn(5, 4, dtype=torch.float64, generator=generator),
+              "W": torch.randn(4, 3, dtype=torch.float64, generator=generator),
+              "b": torch.randn(3, dtype=torch.float64, generator=generator)}
+    got = eval(start, {"torch": torch, **values})  # noqa: S307 - the printer's own output
+    torch.testing.assert_close(got, values["x"] @ values["W"] + values["b"], rtol=0, atol=1e-12)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import sympy as sp
 from sympy.printing.precedence import PRECEDENCE
 
-from ..derivation.array_ops import NewAxis, Permute
+from ..derivation.array_ops import Dot, NewAxis, Permute
 from .array_shapes import array_shape, is_smaller
 from .numpy_printer import SymbpNumPyPrinter
 from .torch_helpers import HELPER_SOURCES
@@ -167,6 +167,14 @@ class SymbpTorchPrinter(SymbpNumPyPrinter):
         if split is None or not split[1]:
             return None
         small, products = split
+        if donor is None and small is not None and products == [(1, products[0][1])] and (
+                isinstance(products[0][1], Dot) and not self._is_python_number(small)):
+            # x @ W + b: one BLAS call adds b (torch.addmm), where the plain form adds it in a
+            # second pass over the product
+            left, right = products[0][1].args
+            if len(array_shape(left, self.shapes) or ()) == 2 == len(
+                    array_shape(right, self.shapes) or ()):
+                return self._call("torch.addmm", small, left, right), [], self.last_call
         plain = all(k in (1, -1) for k, _ in products) and small is None
         if donor is not None:
             if (1, donor) not in products or len(products) + (small is not None) < 2:
