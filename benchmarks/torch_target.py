@@ -1,7 +1,8 @@
 """The PyTorch target against the same network in eager PyTorch (issue 26, part 4).
 
     python benchmarks/torch_target.py [--device cpu|cuda] [--repeats 7] [--threads 1 2]
-                                      [--dtypes float32 float64] [--compile] [--memory-only]
+                                      [--dtypes float32 float64] [--nets lenet wide mlp]
+                                      [--compile] [--memory-only]
 
 **Training step** (forward, cross-entropy, backward, SGD update) of the module
 ``symbp codegen --target torch`` writes, against the same net written with torch operations
@@ -9,8 +10,9 @@
 ``F.max_pool2d``, ``@`` ...; eager autograd), for the reference MLP of
 ``generated_vs_numpy.py`` and both nets of ``conv_vs_numpy.py``, at their batch sizes: the two
 are timed in alternating blocks (``reference_mlp.time_in_blocks``), with ``torch.set_num_threads``
-1 and 2 on the CPU. The ratio is target / eager (goal: at most 1.0x). ``--compile`` adds a row
-for ``torch.compile`` of the generated module.
+1 and 2 on the CPU. The ratio is target / eager (goal: at most 1.0x), of wall time and of the
+process's CPU time. ``--compile`` adds rows for ``torch.compile`` of the generated module against
+eager and against ``torch.compile`` of the eager net.
 
 **Saved for backward** (float64, batch 16) for every example: the bytes of the tensors each
 side saves for backward, caught with ``torch.autograd.graph.saved_tensors_hooks`` (each
@@ -76,6 +78,8 @@ def _steps(net, module, dtype, device, batch, compiled=False):
     y = torch.randint(0, net.output_shape[0], (batch,), generator=generator).to(device)
     lr = 1e-3
     run = torch.compile(model) if compiled else model
+    forward = (torch.compile(lambda h: memory_kept.torch_forward(net, tensors, h)) if compiled
+               else lambda h: memory_kept.torch_forward(net, tensors, h))
 
     def sgd(params):
         with torch.no_grad():
@@ -88,7 +92,7 @@ def _steps(net, module, dtype, device, batch, compiled=False):
         sgd(model.parameters())
 
     def eager():
-        out = memory_kept.torch_forward(net, tensors, x)
+        out = forward(x)
         torch.nn.functional.cross_entropy(out, y).backward()
         sgd(tensors.values())
 
@@ -102,45 +106,55 @@ def _sync(device):
 
 def time_pair(first, second, device, repeats: int, block: int = 3):
     """Medians (s) of ``first`` and ``second`` over ``repeats`` alternating blocks of
-    ``block`` calls, and the median of the block-by-block ratios."""
+    ``block`` calls, the median of the block-by-block ratios, and the same ratio of the
+    process's CPU time (all threads: on a shared machine the steadier figure)."""
     for f in (first, second):
         f()
         f()
     times: tuple[list, list] = ([], [])
+    cpu: tuple[list, list] = ([], [])
     for _ in range(repeats):
         for k, f in enumerate((first, second)):
             _sync(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(block):
                 f()
             _sync(device)
             times[k].append((time.perf_counter() - start) / block)
+            cpu[k].append((time.process_time() - start_cpu) / block)
     ratio = statistics.median(a / b for a, b in zip(*times, strict=True))
-    return statistics.median(times[0]), statistics.median(times[1]), ratio
+    cpu_ratio = statistics.median(a / b for a, b in zip(*cpu, strict=True))
+    return statistics.median(times[0]), statistics.median(times[1]), ratio, cpu_ratio
 
 
-def benchmark_nets():
-    return memory_kept.benchmark_nets()
+def benchmark_nets(names=None):
+    """The benchmarked nets, those whose label ends in one of ``names`` (all: None)."""
+    return [row for row in memory_kept.benchmark_nets()
+            if names is None or row[0].split()[-1] in names]
 
 
 def training_rows(args, folder: Path) -> None:
     print(f"training step, target / eager ({args.device}; torch {torch.__version__})")
-    print(f"{'net':<26}{'dtype':>8}{'threads':>8}{'target ms':>11}{'eager ms':>10}{'ratio':>8}")
-    for label, net, batch in benchmark_nets():
+    print(f"{'net':<26}{'dtype':>8}{'threads':>8}{'target ms':>11}{'eager ms':>10}{'ratio':>8}"
+          f"{'cpu ratio':>11}")
+    for label, net, batch in benchmark_nets(args.nets):
         module = load_target(net, folder)
         for name in args.dtypes:
             dtype = getattr(torch, name)
             for threads in args.threads if args.device == "cpu" else [torch.get_num_threads()]:
                 torch.set_num_threads(threads)
                 target, eager = _steps(net, module, dtype, args.device, batch)
-                t, e, ratio = time_pair(target, eager, args.device, args.repeats)
+                t, e, ratio, cpu = time_pair(target, eager, args.device, args.repeats)
                 print(f"{label:<26}{name:>8}{threads:>8}{t * 1e3:>11.2f}{e * 1e3:>10.2f}"
-                      f"{ratio:>7.2f}x", flush=True)
-                if args.compile:
-                    target, eager = _steps(net, module, dtype, args.device, batch, compiled=True)
-                    t, e, ratio = time_pair(target, eager, args.device, args.repeats)
-                    print(f"{'  torch.compile':<26}{name:>8}{threads:>8}{t * 1e3:>11.2f}"
-                          f"{e * 1e3:>10.2f}{ratio:>7.2f}x", flush=True)
+                      f"{ratio:>7.2f}x{cpu:>10.2f}x", flush=True)
+                if args.compile:  # the compiled target against eager, then compiled eager
+                    compiled, compiled_eager = _steps(net, module, dtype, args.device, batch,
+                                                      compiled=True)
+                    for other, title in ((eager, "compiled / eager"),
+                                         (compiled_eager, "compiled / compiled")):
+                        t, e, ratio, cpu = time_pair(compiled, other, args.device, args.repeats)
+                        print(f"{'  ' + title:<26}{name:>8}{threads:>8}{t * 1e3:>11.2f}"
+                              f"{e * 1e3:>10.2f}{ratio:>7.2f}x{cpu:>10.2f}x", flush=True)
 
 
 def stages_in_torch(net, module):
@@ -250,14 +264,25 @@ def activation_rows(folder: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     parser.add_argument("--batch", type=int, default=16, help="for the memory table")
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="also torch.compile the target (and the eager net): rows for both")
+    parser.add_argument("--nets", nargs="+", choices=["lenet", "wide", "mlp"],
+                        help="the training-step nets (default: all three)")
     parser.add_argument("--memory-only", action="store_true")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"torch_target.py: --device {args.device}: no CUDA device here (torch "
+              f"{torch.__version__}); run on a machine with a GPU, or leave --device cpu",
+              file=sys.stderr)
+        return 2
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        print(f"torch_target.py: --device {args.device}: cpu or cuda[:N]", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="symbp-torch-") as folder:
         if not args.memory_only:
             training_rows(args, Path(folder))

@@ -207,3 +207,88 @@ def test_argmax_col2im_equals_col2im_of_the_masked_columns(helpers):
     torch.testing.assert_close(
         helpers["_argmax_col2im"](argmax, dy[..., None, None], (2, 2), 2, 1), x.grad,
         rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape, dims", [
+    ((4, 3, 5, 6), (0, 2, 3)),  # batch norm's per-channel sums
+    ((4, 3, 5, 6), (0, 1, 2, 3)),  # everything
+    ((4, 3, 5, 6), (2, 3)),  # the last axes alone
+    ((4, 3, 5, 6), (1, 3)),  # the last axis and one between
+    ((7, 5), (0,)),  # a batch of rows: the first axis (no dot product)
+    ((7, 5), (1,)),
+    ((2, 3, 4), (-1, 0)),  # negative axes
+    ((5, 2, 256, 300), (0, 2, 3)),  # rows too big for one block: a block a row, added up
+])
+def test_dot_sum_is_the_product_summed(helpers, shape, dims):
+    """_dot_sum (batch norm's sum(dy*xhat), sum(x_minus_mu**2)) computes (a*b).sum(dims)
+    whichever axes are summed: block by block of rows where the first axis is summed, by the
+    product's sum otherwise."""
+    # (rtol: another order of the additions, ~1e-16 each, over up to 4e5 products)
+    generator = torch.Generator().manual_seed(len(shape) + len(dims))
+    a = torch.randn(shape, dtype=torch.float64, generator=generator)
+    b = torch.randn(shape, dtype=torch.float64, generator=generator)
+    expected = (a * b).sum(dim=dims)
+    torch.testing.assert_close(helpers["_dot_sum"](a, b, dims), expected, rtol=1e-13, atol=1e-12)
+    torch.testing.assert_close(helpers["_dot_sum"](a, a, dims), (a * a).sum(dim=dims),
+                               rtol=1e-13, atol=1e-12)
+    # a permuted (non-contiguous) operand, as a convolution's output is
+    c = torch.randn(tuple(reversed(shape)), dtype=torch.float64, generator=generator)
+    c = c.permute(*reversed(range(len(shape))))
+    torch.testing.assert_close(helpers["_dot_sum"](c, b, dims), (c * b).sum(dim=dims),
+                               rtol=1e-13, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels, dilation", [(16, 1), (17, 2), (32, 1)])
+def test_float64_forward_route_by_the_input_gradient_kernel(helpers, channels, dilation):
+    """With 16 or more input channels in float64 on the CPU, _window_conv computes conv2d by the
+    kernel of a convolution's input gradient (_conv2d_as_input_grad): the same contraction as
+    the general route and as F.conv2d, the weight's axes in either order."""
+    generator = torch.Generator().manual_seed(channels)
+    x = torch.randn(3, channels, 11, 10, dtype=torch.float64, generator=generator)
+    weight = torch.randn(5, channels, 3, 2, dtype=torch.float64, generator=generator)
+    args = ((3, 2), 1, dilation, (1, 2, 3), (1, 4, 5))
+    expected = _general_window(helpers, weight, x, *args)
+    torch.testing.assert_close(helpers["_window_conv"](weight, x, *args), expected,
+                               rtol=1e-13, atol=1e-12)
+    torch.testing.assert_close(helpers["_conv2d_as_input_grad"](x, weight, dilation),
+                               F.conv2d(x, weight, dilation=dilation), rtol=1e-13, atol=1e-12)
+    permuted = weight.permute(1, 0, 2, 3)  # a[c, o, i, j]: the gather's flipped weight reads so
+    args = ((3, 2), 1, dilation, (0, 2, 3), (1, 4, 5))
+    torch.testing.assert_close(helpers["_window_conv"](permuted, x, *args),
+                               _general_window(helpers, permuted, x, *args), rtol=1e-13, atol=1e-12)
+
+
+def test_first_argmax_of_tied_windows_is_the_first_offset(helpers):
+    """Windows of a ReLU's output hold many tied maxima (zeros): the kept position is the
+    first offset holding the maximum, as torch.argmax returns it."""
+    for x, kernel, stride, dilation in _pool_cases():
+        tied = x.clamp(min=0).round()  # zeros and small integers: ties everywhere
+        windows = helpers["_windows"](tied, kernel, stride, dilation)
+        position = helpers["_first_argmax"](windows, helpers["_window_max"](windows))
+        assert torch.equal(position.long(), windows.flatten(-2).argmax(dim=-1))
+
+
+@pytest.mark.parametrize("channels", [3, 16])
+def test_a_bias_is_added_along_the_free_axis_of_a(helpers, channels):
+    """_window_tensordot(..., bias): the product plus bias along a's free axis (the product's
+    first), fused into conv2d (or added after the input-gradient kernel, 16 channels in
+    float64) and added after the general route alike; F.conv2d with the bias agrees."""
+    generator = torch.Generator().manual_seed(channels)
+    x = torch.randn(3, channels, 9, 8, dtype=torch.float64, generator=generator)
+    weight = torch.randn(4, channels, 3, 2, dtype=torch.float64, generator=generator)
+    bias = torch.randn(4, dtype=torch.float64, generator=generator)
+    args = ((3, 2), 1, 1, (1, 2, 3), (1, 4, 5))
+    expected = _general_window(helpers, weight, x, *args) + bias[:, None, None, None]
+    got = helpers["_window_tensordot"](weight, x, *args, bias)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got.permute(1, 0, 2, 3), F.conv2d(x, weight, bias),
+                               rtol=0, atol=1e-12)
+    # a contraction that is no convolution: the general route, the bias added after it
+    a4 = torch.randn(3, channels, 3, 2, dtype=torch.float64, generator=generator)
+    other = ((3, 2), 1, 1, (0, 1, 2), (0, 1, 4))
+    assert helpers["_window_conv"](a4, x, *other, None) is None
+    free = torch.randn(2, dtype=torch.float64, generator=generator)
+    torch.testing.assert_close(
+        helpers["_window_tensordot"](a4, x, *other, free),
+        _general_window(helpers, a4, x, *other) + free.reshape(2, 1, 1, 1),
+        rtol=0, atol=1e-12)

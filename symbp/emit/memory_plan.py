@@ -119,7 +119,14 @@ def _reuse_memory(
                 donors.append(symbol)
         donors.sort(key=lambda s: s.name == writable)  # temporaries first: no flag needed
         statement = None
-        if target in into and isinstance(value, Dot):
+        chained = getattr(printer, "chained_pass", None)  # a target's own in-place passes
+        for donor in [*donors, None] if chained is not None else []:
+            chain = chained(value, donor)
+            if chain is not None:
+                start, updates, call = chain
+                statement = _Statement(target, start, [target + u for u in updates], call=call)
+                break
+        if statement is None and target in into and isinstance(value, Dot):
             matmul = printer._module_format("numpy.matmul")
             args = [*(printer.doprint(a) for a in value.args), f"out={target}_out"]
             code = f"{matmul}({', '.join(args)})"

@@ -47,14 +47,18 @@ class TorchBuilder(ModuleBuilder):
     """The NumPy builder's layer functions, printed for torch (no ``out=``: new tensors)."""
 
     printer_class = SymbpTorchPrinter
-    reuses_memory = False
     unrolled_template = "torch_unrolled.py.j2"
     array_module = "torch"
 
-    def _printed(self, *args, **kwargs):
+    def _printed(self, outputs, form, available, returned=None, writable=None, into=(),
+                 carried=()):
+        # Temporaries lend their memory to later passes as in NumPy's module (``out=``, in-place
+        # chains); never an argument (autograd may hand one tensor to several backward
+        # functions) nor a caller's array for a gradient.
         # A long value in parentheses: the line breaks at its top-level terms (NumPy's module
         # breaks inside its helpers' calls, which torch's code does not have).
-        statements = super()._printed(*args, **kwargs)
+        statements = super()._printed(outputs, form, available, returned, None, frozenset(),
+                                      carried)
         for st in statements:
             long = len(f"{st.target} = {st.code} if input_grad else None") + 8 > MAX_LINE
             if long and st.call is None and not st.code.startswith("("):
