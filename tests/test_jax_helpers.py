@@ -102,6 +102,14 @@ def test_weight_gradient_route_equals_the_general_route_and_autodiff(helpers):
         _, vjp = jax.vjp(functools.partial(_conv, x, stride=stride, dilation=dilation),
                          weight)
         _close(fast, vjp(dy)[0])
+        # the module's route: the convolution in float32, im2col in float64 (the faster on
+        # XLA's CPU), the same numbers
+        assert helpers["_window_conv"](dy, x, *args, weight_gradient=False) is None
+        _close(helpers["_window_tensordot"](dy, x, *args), fast)
+        single = helpers["_window_tensordot"](dy.astype(jnp.float32), x.astype(jnp.float32),
+                                              *args)
+        assert single.dtype == jnp.float32
+        _close(single, fast, atol=1e-4 * float(jnp.abs(fast).max()))
 
 
 def test_input_gradient_route_equals_the_general_route_and_autodiff(helpers):
