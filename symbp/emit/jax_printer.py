@@ -60,13 +60,13 @@ def _padded_conv(x, w, stride, dilation, dimension_numbers):
     return out[:, :, 1:, 1:]
 ''',
     "_window_conv": '''\
-def _window_conv(a, x, kernel, stride, dilation, axes_a, axes_windows, weight_gradient=True):
+def _window_conv(a, x, kernel, stride, dilation, axes_a, axes_windows):
     """jnp.tensordot(a, _windows(x, ...)) by jax.lax.conv_general_dilated where it is one of a
     batch x[n, c, h, w] (windows axes n, c, p, q, i, j): a[o, c, i, j] summed with the windows
     over c, i, j (out[o, n, p, q], a convolution's output) or a[n, o, p, q] summed with them
     over n, p, q (out[o, c, i, j], its weight gradient: x's channels as the batch, its batch
-    as the features; weight_gradient=False: not this one); None for any other contraction.
-    Decided from the shapes while tracing."""
+    as the features); None for any other contraction. Decided from the shapes while
+    tracing."""
     if a.ndim != 4 or x.ndim != 4 or len(axes_a) != 3 or len(axes_windows) != 3:
         return None
     axes_a = [k % 4 for k in axes_a]
@@ -83,7 +83,7 @@ def _window_conv(a, x, kernel, stride, dilation, axes_a, axes_windows, weight_gr
         # one more window before the first, read from a zero row and column, then dropped
         # (_padded_conv)
         return _padded_conv(x, weight, stride, dilation, ("NCHW", "OIHW", "CNHW"))
-    if set(pairs) == {0, 2, 3} and weight_gradient:
+    if set(pairs) == {0, 2, 3}:
         grad = a.transpose(pairs[0], free[0], pairs[2], pairs[3])
         if list(grad.shape[2:]) != count:
             return None
@@ -96,12 +96,13 @@ def _window_conv(a, x, kernel, stride, dilation, axes_a, axes_windows, weight_gr
     "_window_tensordot": (
         '''def _window_tensordot(a, x, kernel, stride, dilation, axes_a, axes_windows):
     """jnp.tensordot(a, windows, (axes_a, axes_windows)) over the sliding windows of x (see
-    _windows), by a convolution where the contraction is one (_window_conv); a weight gradient
-    in float64 by im2col, which XLA's CPU runs faster (0.7x the time on jax 0.10)."""
-    out = _window_conv(a, x, kernel, stride, dilation, axes_a, axes_windows,
-                       weight_gradient=x.dtype != jnp.float64)
-    if out is not None:
-        return out
+    _windows), by a convolution where the contraction is one (_window_conv), in float32: in
+    float64 XLA's CPU convolutions are no faster than im2col, and for some shapes several
+    times slower (jax 0.10)."""
+    if x.dtype != jnp.float64:
+        out = _window_conv(a, x, kernel, stride, dilation, axes_a, axes_windows)
+        if out is not None:
+            return out
     windows = _windows(x, kernel, stride, dilation)
     return jnp.tensordot(a, windows, axes=(list(axes_a), list(axes_windows)))
 '''
@@ -157,10 +158,11 @@ def _col2im_conv(a, b, axes_a, axes_b, order, kernel, stride, dilation):
     "_col2im_tensordot": (
         '''def _col2im_tensordot(a, b, axes_a, axes_b, order, kernel, stride, dilation):
     """_col2im(jnp.tensordot(a, b, (axes_a, axes_b)).transpose(order), kernel, ...), by a
-    convolution where it is one (_col2im_conv)."""
-    out = _col2im_conv(a, b, axes_a, axes_b, order, kernel, stride, dilation)
-    if out is not None:
-        return out
+    convolution where it is one (_col2im_conv), in float32 (see _window_tensordot)."""
+    if a.dtype != jnp.float64:
+        out = _col2im_conv(a, b, axes_a, axes_b, order, kernel, stride, dilation)
+        if out is not None:
+            return out
     cols = jnp.tensordot(a, b, axes=(list(axes_a), list(axes_b))).transpose(order)
     return _col2im(cols, kernel, stride, dilation)
 '''
