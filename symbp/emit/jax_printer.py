@@ -10,8 +10,9 @@ NumPy lacks are JAX's own (``jax.nn.sigmoid``, ``jax.nn.softplus``, ``jax.scipy.
 The generated module copies the few helpers printed code calls from :data:`HELPER_SOURCES`.
 A product over sliding windows that is a convolution's output or one of its gradients (read
 off the contraction's axes, as the torch target's helpers do) runs as
-``jax.lax.conv_general_dilated``, XLA's convolution; any other as ``jnp.tensordot`` over the
-windows (im2col). Both compute the derived formula, not a gradient typed here.
+``jax.lax.conv_general_dilated``, XLA's convolution, in float32; any other, and any in
+float64, as ``jnp.tensordot`` over the windows (im2col). Both compute the derived formula, not
+a gradient typed here.
 An array operation this printer does not print (one NumPy prints with a helper it lacks) raises
 :class:`JaxPrintError` naming it.
 """
