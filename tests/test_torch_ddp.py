@@ -1,9 +1,17 @@
 """Distributed training of the torch target (issue 26, part 3): DistributedDataParallel (gloo,
 two processes on 127.0.0.1) takes a few SGD steps, and the parameters equal those of one
-process on the combined batch. Nothing distributed is ours: DDP averages the gradients."""
+process on the combined batch. Nothing distributed is ours: DDP averages the gradients.
+
+The processes meet at a TCPStore the test process holds, bound to a free port (port 0: no
+window in which another program takes it), their gloo sockets on the loopback interface, every
+wait bounded by a timeout; a start that dies before any training step (the process group or
+its sockets: infrastructure) is retried once, a failure after a step or a numeric mismatch
+never."""
 
 import importlib.util
-import socket
+import os
+import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -18,6 +26,10 @@ from symbp.emit.torch_module import generate_torch_module  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, BATCH, LR = 3, 8, 0.1
+WORLD = 2
+TIMEOUT = timedelta(seconds=120)  # the rendezvous and each collective; torch starts slowly
+FAILED = (torch.multiprocessing.ProcessExitedException,
+          torch.multiprocessing.ProcessRaisedException)
 
 
 def _module(path):
@@ -34,7 +46,7 @@ def _data():
     return x, y
 
 
-def _train(model, x, y, rank=0, world=1):
+def _train(model, x, y, rank=0, world=1, stepped=lambda: None):
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     share = BATCH // world
     for step in range(STEPS):
@@ -42,25 +54,47 @@ def _train(model, x, y, rank=0, world=1):
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(x[step, rows]), y[step, rows]).backward()
         optimizer.step()
+        stepped()
 
 
-def _worker(rank, path, port, out):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=2)
+def _spawn(worker, args, folder: Path, attempts=2) -> int:
+    """Run ``worker(rank, port, progress, *args)`` in WORLD processes meeting at a TCPStore on
+    a free port of 127.0.0.1; the attempt that succeeded. A worker marks its progress by
+    creating a file in the folder ``progress``; a failed attempt with no mark (a process that
+    died or raised before any training step) is started again with a fresh store and port,
+    once; a failure after a step is raised."""
+    for attempt in range(attempts):
+        progress = folder / f"attempt{attempt}"
+        progress.mkdir()
+        store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                              timeout=TIMEOUT)
+        try:
+            torch.multiprocessing.spawn(worker, args=(store.port, str(progress), *args),
+                                        nprocs=WORLD)
+            return attempt
+        except FAILED:
+            if any(progress.iterdir()) or attempt + 1 == attempts:
+                raise
+        finally:
+            del store
+    raise AssertionError("unreachable")
+
+
+def _worker(rank, port, progress, path, out):
+    torch.set_num_threads(1)  # two processes on a small machine
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # not the host name's interface
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=TIMEOUT)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=TIMEOUT)
     try:
         model = _module(path).Ddp(seed=1, dtype=torch.float64)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        _train(ddp, *_data(), rank=rank, world=2)
+        _train(ddp, *_data(), rank=rank, world=WORLD,
+               stepped=lambda: Path(progress, f"rank{rank}").touch())
         if rank == 0:
             torch.save(model.state_dict(), out)
     finally:
         dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 SPEC = """
@@ -86,7 +120,7 @@ def test_ddp_two_processes_equal_one_on_the_combined_batch(tmp_path):
     path = tmp_path / "ddp_model.py"
     path.write_text(generate_torch_module(load_spec(spec)))
     out = tmp_path / "rank0.pt"
-    torch.multiprocessing.spawn(_worker, args=(str(path), _free_port(), str(out)), nprocs=2)
+    _spawn(_worker, (str(path), str(out)), tmp_path)
     single = _module(path).Ddp(seed=1, dtype=torch.float64)
     before = {k: v.clone() for k, v in single.state_dict().items()}
     _train(single, *_data())
@@ -94,3 +128,27 @@ def test_ddp_two_processes_equal_one_on_the_combined_batch(tmp_path):
     for key, value in single.state_dict().items():
         assert not torch.equal(value, before[key]) or key.endswith(".b")
         torch.testing.assert_close(distributed[key], value, rtol=0, atol=1e-12)
+
+
+def _dies_on_the_first_start(rank, port, progress, kind):
+    """A worker whose first start fails on rank 1, before any step (``kind`` "before": an
+    infrastructure failure) or after one ("after"); every other start completes its step."""
+    first = Path(progress).name == "attempt0"
+    if first and rank == 1 and kind == "before":
+        os.abort()  # as a gloo process's SIGABRT
+    Path(progress, f"rank{rank}").touch()
+    if first and rank == 1 and kind == "after":
+        os.abort()
+
+
+@pytest.mark.slow  # four short processes import torch
+def test_a_start_dying_before_any_step_is_retried_once(tmp_path):
+    assert _spawn(_dies_on_the_first_start, ("before",), tmp_path) == 1
+    assert sorted(p.name for p in (tmp_path / "attempt1").iterdir()) == ["rank0", "rank1"]
+
+
+@pytest.mark.slow
+def test_a_failure_after_a_step_is_not_retried(tmp_path):
+    with pytest.raises(torch.multiprocessing.ProcessExitedException, match="SIGABRT"):
+        _spawn(_dies_on_the_first_start, ("after",), tmp_path)
+    assert not (tmp_path / "attempt1").exists()

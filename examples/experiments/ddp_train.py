@@ -14,6 +14,7 @@ import importlib.util
 import os
 import sys
 import tempfile
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -24,10 +25,7 @@ import symbp
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def main():
-    spec = sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "examples" / "mlp_bn.toml")
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+def _train(spec, cuda):
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     with tempfile.TemporaryDirectory() as folder:
@@ -52,7 +50,17 @@ def main():
         optimizer.step()
         if rank == 0 and step % 5 == 0:
             print(f"step {step}: loss {loss.item():.4f} (rank 0's share)")
-    dist.destroy_process_group()
+
+
+def main():
+    spec = sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "examples" / "mlp_bn.toml")
+    cuda = torch.cuda.is_available()
+    # a bounded wait: a process that never arrives is an error, not a hang
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=2))
+    try:
+        _train(spec, cuda)
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ the plain operations they compute, and a scatter-add is ``.at[ids].add(rows)``. 
 NumPy lacks are JAX's own (``jax.nn.sigmoid``, ``jax.nn.softplus``, ``jax.scipy.special.erf``).
 
 The generated module copies the few helpers printed code calls from :data:`HELPER_SOURCES`.
+A product over sliding windows that is a convolution's output or one of its gradients (read
+off the contraction's axes, as the torch target's helpers do) runs as
+``jax.lax.conv_general_dilated``, XLA's convolution, in float32; any other, and any in
+float64, as ``jnp.tensordot`` over the windows (im2col). Both compute the derived formula, not
+a gradient typed here.
 An array operation this printer does not print (one NumPy prints with a helper it lacks) raises
 :class:`JaxPrintError` naming it.
 """
@@ -42,9 +47,63 @@ HELPER_SOURCES = {
         for i in range(kernel[0])
     ], axis=-2)
 ''',
+    "_padded_conv": '''\
+def _padded_conv(x, w, stride, dilation, dimension_numbers):
+    """jax.lax.conv_general_dilated(x, w, (stride, stride), "VALID", rhs_dilation=(dilation,
+    dilation), dimension_numbers=...) computed with one more window before the first, read
+    from a row and a column of zeros, then dropped: the same windows, and the padded form is
+    the one XLA's CPU convolution runs fast (on jax 0.10, about half the time of VALID in
+    float32; and zeros spread by the convolution's own padding are ten times slower in
+    float64 than spread by jax.lax.pad first)."""
+    out = jax.lax.conv_general_dilated(x, w, (stride, stride), [(stride, 0), (stride, 0)],
+                                       rhs_dilation=(dilation, dilation),
+                                       dimension_numbers=dimension_numbers)
+    return out[:, :, 1:, 1:]
+''',
+    "_window_conv": '''\
+def _window_conv(a, x, kernel, stride, dilation, axes_a, axes_windows):
+    """jnp.tensordot(a, _windows(x, ...)) by jax.lax.conv_general_dilated where it is one of a
+    batch x[n, c, h, w] (windows axes n, c, p, q, i, j): a[o, c, i, j] summed with the windows
+    over c, i, j (out[o, n, p, q], a convolution's output) or a[n, o, p, q] summed with them
+    over n, p, q (out[o, c, i, j], its weight gradient: x's channels as the batch, its batch
+    as the features); None for any other contraction. Decided from the shapes while
+    tracing."""
+    if a.ndim != 4 or x.ndim != 4 or len(axes_a) != 3 or len(axes_windows) != 3:
+        return None
+    axes_a = [k % 4 for k in axes_a]
+    pairs = dict(zip((k % 6 for k in axes_windows), axes_a, strict=True))
+    free = [k for k in range(4) if k not in axes_a]
+    if len(pairs) != 3 or len(free) != 1:
+        return None
+    count = [(s - (k - 1) * dilation - 1) // stride + 1
+             for s, k in zip(x.shape[2:], kernel, strict=True)]
+    if set(pairs) == {1, 4, 5}:
+        weight = a.transpose(free[0], pairs[1], pairs[4], pairs[5])
+        if weight.shape[2:] != tuple(kernel):
+            return None
+        # one more window before the first, read from a zero row and column, then dropped
+        # (_padded_conv)
+        return _padded_conv(x, weight, stride, dilation, ("NCHW", "OIHW", "CNHW"))
+    if set(pairs) == {0, 2, 3}:
+        grad = a.transpose(pairs[0], free[0], pairs[2], pairs[3])
+        if list(grad.shape[2:]) != count:
+            return None
+        read = [(n - 1) * stride + (k - 1) * dilation + 1
+                for n, k in zip(count, kernel, strict=True)]
+        return _padded_conv(x[:, :, :read[0], :read[1]], grad, dilation, stride,
+                            ("CNHW", "IOHW", "CNHW"))
+    return None
+''',
     "_window_tensordot": (
         '''def _window_tensordot(a, x, kernel, stride, dilation, axes_a, axes_windows):
-    """jnp.tensordot(a, windows, (axes_a, axes_windows)) over the sliding windows of x."""
+    """jnp.tensordot(a, windows, (axes_a, axes_windows)) over the sliding windows of x (see
+    _windows), by a convolution where the contraction is one (_window_conv), in float32: in
+    float64 XLA's CPU convolutions are no faster than im2col, and for some shapes several
+    times slower (jax 0.10)."""
+    if x.dtype != jnp.float64:
+        out = _window_conv(a, x, kernel, stride, dilation, axes_a, axes_windows)
+        if out is not None:
+            return out
     windows = _windows(x, kernel, stride, dilation)
     return jnp.tensordot(a, windows, axes=(list(axes_a), list(axes_windows)))
 '''
@@ -71,9 +130,40 @@ HELPER_SOURCES = {
             out = out + jax.lax.pad(cols[..., i, j], zero, padding)
     return out
 ''',
+    "_col2im_conv": '''\
+def _col2im_conv(a, b, axes_a, axes_b, order, kernel, stride, dilation):
+    """_col2im(jnp.tensordot(a, b).transpose(order), ...) by jax.lax.conv_general_dilated where
+    it is a convolution's input gradient: g[n, o, p, q] and w[o, c, i, j] (either operand, any
+    axis order) summed over o into cols[n, c, p, q, i, j], added back where each window read:
+    the full correlation of g, spread by the stride, with w flipped; None for any other
+    contraction. Decided from the shapes while tracing."""
+    if a.ndim != 4 or b.ndim != 4 or len(axes_a) != 1 or len(axes_b) != 1 or len(order) != 6:
+        return None
+    operands = (a, b)
+    contracted = (axes_a[0] % 4, axes_b[0] % 4)
+    sources = [(side, k) for side in (0, 1) for k in range(4) if k != contracted[side]]
+    roles = [sources[k] for k in order]
+    g_side, w_side = roles[0][0], roles[1][0]
+    if ({roles[k][0] for k in (0, 2, 3)} != {g_side}
+            or {roles[k][0] for k in (1, 4, 5)} != {w_side} or g_side == w_side):
+        return None
+    grad = operands[g_side].transpose(roles[0][1], contracted[g_side], roles[2][1], roles[3][1])
+    weight = operands[w_side].transpose(contracted[w_side], roles[1][1], roles[4][1],
+                                        roles[5][1])
+    if weight.shape[2:] != tuple(kernel):
+        return None
+    spread = jax.lax.pad(grad, jnp.zeros((), grad.dtype), [(0, 0, 0), (0, 0, 0)] + [
+        ((k - 1) * dilation, (k - 1) * dilation, stride - 1) for k in kernel])
+    return _padded_conv(spread, jnp.flip(weight, (2, 3)), 1, dilation, ("NCHW", "IOHW", "NCHW"))
+''',
     "_col2im_tensordot": (
         '''def _col2im_tensordot(a, b, axes_a, axes_b, order, kernel, stride, dilation):
-    """_col2im(jnp.tensordot(a, b, (axes_a, axes_b)).transpose(order), kernel, ...)."""
+    """_col2im(jnp.tensordot(a, b, (axes_a, axes_b)).transpose(order), kernel, ...), by a
+    convolution where it is one (_col2im_conv), in float32 (see _window_tensordot)."""
+    if a.dtype != jnp.float64:
+        out = _col2im_conv(a, b, axes_a, axes_b, order, kernel, stride, dilation)
+        if out is not None:
+            return out
     cols = jnp.tensordot(a, b, axes=(list(axes_a), list(axes_b))).transpose(order)
     return _col2im(cols, kernel, stride, dilation)
 '''
@@ -113,8 +203,8 @@ HELPER_SOURCES = {
 
 #: The helpers each helper calls.
 HELPER_NEEDS = {
-    "_window_tensordot": ("_windows",),
-    "_col2im_tensordot": ("_col2im",),
+    "_window_tensordot": ("_windows", "_window_conv", "_padded_conv"),
+    "_col2im_tensordot": ("_col2im", "_col2im_conv", "_padded_conv"),
     "_first_argmax_mask": ("_first_argmax",),
     "_argmax_col2im": ("_col2im",),
     "_first_max_col2im": ("_col2im", "_first_argmax_mask", "_first_argmax"),
