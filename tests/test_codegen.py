@@ -1627,3 +1627,24 @@ def test_long_lines_are_split_inside_their_longest_bracket():
     ]
     for width, text in ((60, "    y = _window_tensordot(W, x, (K_h, K_w), 1, 1)"), (40, line)):
         assert all(len(part) <= width for part in wrap_line(text, width))
+
+
+def test_a_reshape_of_an_argument_never_lends_its_memory():
+    """``r = A.reshape(...)`` is NumPy's view of the caller's ``A``: a later element-wise result
+    must not be computed into ``r`` (``np.multiply(r, 2, out=r)`` would overwrite ``A``)."""
+    import sympy as sp
+
+    from symbp.derivation.array_ops import Reshape
+    from symbp.emit.memory_plan import _reuse_memory
+    from symbp.emit.numpy_printer import SymbpNumPyPrinter
+
+    m, f = sp.symbols("M F", integer=True, positive=True)
+    a, r = sp.Symbol("A", real=True), sp.Symbol("r", real=True)
+    shapes = {"A": (m, f), "r": (m * f,), "y": (m * f,)}
+    ordered = [("r", Reshape(a, m * f)), ("y", 2 * r + 1)]
+    statements = _reuse_memory(ordered, shapes, {"y"}, None, SymbpNumPyPrinter(shapes=shapes))
+    arrays = {"A": np.random.default_rng(3).standard_normal((3, 4))}
+    scope = {"np": np, "M": 3, "F": 4, "A": arrays["A"].copy()}
+    exec("\n".join(line for st in statements for line in st.lines()), scope)  # noqa: S102
+    np.testing.assert_allclose(scope["y"], 2 * arrays["A"].reshape(12) + 1, rtol=1e-15)
+    assert np.array_equal(scope["A"], arrays["A"])

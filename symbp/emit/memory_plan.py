@@ -23,6 +23,7 @@ from ..derivation.array_ops import (
     MaxOver,
     NewAxis,
     Permute,
+    Reshape,
     Shifted,
     Step,
     SumOver,
@@ -68,8 +69,9 @@ class _Statement:
 
 #: Node types whose NumPy result is a new array of numbers (not a view, not booleans).
 _FRESH = (sp.Add, sp.Mul, sp.Pow, sp.Function, sp.Max, sp.Min, sp.Piecewise)
-#: Node types NumPy computes as a view of their argument (axes moved, inserted, cut or flipped).
-_VIEWS = (Permute, NewAxis, Shifted, Flipped)
+#: Node types NumPy computes as a view of their argument (axes moved, inserted, cut or flipped;
+#: a reshape of a contiguous array): never a donor unless their argument is a new array.
+_VIEWS = (Permute, NewAxis, Shifted, Flipped, Reshape)
 
 
 def _is_fresh(value: sp.Expr) -> bool:
