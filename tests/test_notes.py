@@ -31,8 +31,8 @@ from symbp.derivation.network import derive_network
 from symbp.emit.latex_printer import AtLayer, Delta, Jacobian, latex
 from symbp.emit.notes import Notes, make_notes, render_notes
 
-#: the notes refuse a layer unrolled over time (rnn) yet: tests/test_rnn.py checks that
-NO_NOTES = {"rnn_classifier"}
+#: the notes refuse a layer unrolled over time (rnn, lstm) yet: tests/test_rnn.py checks that
+NO_NOTES = {"rnn_classifier", "lstm_classifier"}
 EXAMPLES = sorted(p for p in (Path(__file__).resolve().parent.parent / "examples").glob("*.toml")
                   if p.stem not in NO_NOTES)
 #: The examples rendered by pdflatex and KaTeX in the default run: images (conv, batch norm,

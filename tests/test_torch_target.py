@@ -22,8 +22,9 @@ from symbp.emit.module import generate_module  # noqa: E402
 from symbp.emit.torch_module import camel, generate_torch_module  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-#: the torch target refuses a layer unrolled over time (rnn) yet: tests/test_rnn.py checks that
-UNROLLED = {"rnn_classifier"}
+#: the torch target refuses a layer unrolled over time (rnn, lstm) yet: tests/test_rnn.py
+#: checks that
+UNROLLED = {"rnn_classifier", "lstm_classifier"}
 SUPPORTED = sorted(path.stem for path in (ROOT / "examples").glob("*.toml")
                    if path.stem not in UNROLLED)
 #: examples with random draws in training (dropout, rrelu): NumPy's and torch's generators differ

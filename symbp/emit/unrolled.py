@@ -1,9 +1,12 @@
-"""The layer functions of a layer unrolled over time (rnn, :mod:`symbp.derivation.unrolled`).
+"""The layer functions of a layer unrolled over time (rnn, lstm: :mod:`symbp.derivation.unrolled`).
 
-The cell's forward and backward are printed by the builder like any layer's (their stem with
-``_cell``); ``templates/unrolled.py.j2`` holds the loop over the steps around them, so the
-network calls ``<stem>_forward(x, *params)`` and ``<stem>_backward(dy, *kept, *params_read)``
-as it calls any layer's.
+Each of the cell's parts is printed by the builder like any layer (its stem ``<stem>_cell``, or
+``<stem>_cell_<state>`` where the cell has several parts); ``templates/unrolled.py.j2`` holds the
+loops over the steps around them, so the network calls ``<stem>_forward(x, *params)`` and
+``<stem>_backward(dy, *kept, *params_read)`` as it calls any layer's. What is printed here is
+structure only: which value each part reads at step t, the sum of the gradients of a value two
+parts read, the states' gradients handed to the step before, the weights' gradients summed over
+t and the gate blocks of a stacked parameter; every formula is in the parts' derived functions.
 """
 
 from __future__ import annotations
@@ -11,65 +14,81 @@ from __future__ import annotations
 import textwrap
 from typing import TYPE_CHECKING
 
-from ..derivation.derivation import LayerDerivation
 from ..naming import adjoint, backward_function, forward_function
 from .layout import MAX_LINE
 
 if TYPE_CHECKING:
     from ..declare.base import Layer
+    from ..derivation.unrolled import UnrolledDerivation
     from .module import ModuleBuilder
 
 
 def unrolled_functions(builder: ModuleBuilder, stem: str, layer: Layer,
-                       derivation: LayerDerivation) -> None:
-    """Print the cell's functions and the layer's loops around them into ``builder``."""
+                       derivation: UnrolledDerivation) -> None:
+    """Print the cell's parts' functions and the layer's loops around them into ``builder``."""
     from .module import _Function  # the builder's record of a printed function
 
-    cell = derivation.cell
-    cell_stem = f"{stem}_cell"
-    builder.layer_functions(cell_stem, derivation.cell_layer, cell, None)
-    form, cell_form = derivation.form, cell.form
-    step_input, state = (a.name for a in cell_form.inputs)
-    hidden = state_array = cell_form.inputs[1]
-    width = next(f"{p.name}.shape[{axis}]" for p in cell_form.params
-                 for axis, dim in enumerate(p.dims) if dim == hidden.dims[1])
-    kept = [a.name for a in derivation.cached]
-    read = [p.name for p in derivation.params_read]
-    params = [p.name for p in cell_form.params]
-    grads = [adjoint(p) for p in params]
+    cell, parts, labels = derivation.cell, derivation.parts, derivation.part_states
+    stems = [f"{stem}_cell" if len(parts) == 1 else f"{stem}_cell_{label}" for label in labels]
+    for part_stem, part_layer, part in zip(stems, cell.parts, parts, strict=True):
+        builder.layer_functions(part_stem, part_layer, part, None)
+    form = derivation.form
+    x = form.inputs[0].name
+    states = [(state, _width(derivation, state)) for state in cell.states]
+    kept = derivation.kept_names
+    own = [name for name in kept if derivation.kept_role(name)[0] == "own"]
+    forward_steps = []
+    for part_stem, part, label in zip(stems, parts, labels, strict=True):
+        args = [_value_at_t(derivation, a.name, x) for a in part.form.inputs]
+        args += [p.name for p in part.form.params]
+        cache = [a.name if a.name in own else "_" for a in part.cached]
+        forward_steps.append(f"{label}_new, {_tuple(cache)} = "
+                             f"{builder.forward_names[part_stem]}({', '.join(args)})")
+    values = {"input": f"{x}.swapaxes(0, 1)", "state": "{}_all[:-1]", "new": "{}_all[1:]",
+              "own": "{}_steps"}
+    kept_values = [values[role].format(name) for role, name in map(derivation.kept_role, kept)]
     sequence = len(form.output.array.dims) == 3
-    cell_forward, cell_backward = builder.forward_names[cell_stem], backward_function(cell_stem)
-    returned = "the states (N, T, H)" if sequence else "the last state"
-    forward_doc = (f"Forward pass of {layer.kind}: {cell_forward} at t = 0..T-1 (the state 0 "
-                   f"before the first step), the weights shared by the steps; returns {returned} "
-                   "and what backward needs, each of the step's kept arrays stacked over t.")
-    backward_doc = (f"Backward pass of {layer.kind} (backpropagation through time): "
-                    f"{cell_backward}, the derived backward of one step, for t = T-1..0, the "
-                    "state's gradient handed to the step before and the weights' gradients "
-                    "summed over t. input_grad is accepted for the caller; the steps' input "
-                    "gradients are computed anyway (the state gradient needs the same work).")
+    # every state (N, T, H): a copy in C order (a flatten after it is a view); the last: a view
+    output = f"{states[0][0]}_all" + ("[1:].swapaxes(0, 1).copy()" if sequence else "[-1]")
+    part_params = [p.name for part in parts for p in part.form.params]
+    grads = [adjoint(name) for name in dict.fromkeys(part_params)]
+    read = [p.name for p in derivation.params_read]
     source = builder.env.get_template("unrolled.py.j2").render(
-        forward_doc=_docstring(forward_doc),
-        backward_doc=_docstring(backward_doc),
+        forward_doc=_docstring(
+            f"Forward pass of {layer.kind}: {_calls(builder, stems)} at t = 0..T-1 (the states "
+            f"{', '.join(cell.states)} 0 before the first step), the weights shared by the "
+            f"steps; returns {'the states (N, T, H)' if sequence else 'the last state'} and "
+            "what backward needs, each array the steps' backward reads over t (T, N, ...)."),
+        backward_doc=_docstring(
+            f"Backward pass of {layer.kind} (backpropagation through time): "
+            f"{_calls(builder, stems, backward=True)}, the derived backward of one step, for "
+            "t = T-1..0, each state's gradient handed to the step before, the gradients of a "
+            "value two parts read summed, the weights' gradients summed over t. input_grad is "
+            "accepted for the caller; the steps' input gradients are computed anyway (the "
+            "state gradient needs the same work)."),
         forward=forward_function(stem),
         backward=backward_function(stem),
-        input=form.inputs[0].name,
-        params=", ".join(params),
-        state=state_array.name,
-        width=width,
+        input=x,
+        params=", ".join(p.name for p in form.params),
+        blocks=_blocks(derivation, [p.name for p in form.params], part_params),
+        states=states,
+        own=own,
+        own_tuple=_tuple(own),
+        own_steps=_tuple([f"{name}_steps" for name in own], brackets=False),
+        forward_steps=forward_steps,
+        output=output,
+        kept_values=kept_values,
         sequence=sequence,
-        cell_forward=cell_forward,
-        cell_backward=cell_backward,
         upstream=derivation.upstream.name,
-        kept=", ".join(kept),
-        first_kept=kept[0],
-        kept_at_t=", ".join(f"{name}[t]" for name in kept),
+        kept=[a.name for a in derivation.cached],
         read=", ".join(read),
+        read_blocks=_blocks(derivation, read, part_params),
         grads=grads,
-        step_grads=", ".join(f"{g}_t" for g in grads),
-        grad_pairs=[(g, f"{g}_t") for g in grads],
+        backward_steps=_backward_steps(builder, derivation, stems),
+        assembled=[line for p in form.params
+                   for line in _assembled(derivation, p.name, part_params)],
+        returned=[adjoint(p.name) for p in form.params],
     ).rstrip("\n")
-    del step_input
     forward, backward = source.split("\n\n\n")
     builder.functions[forward_function(stem)] = _Function(forward_function(stem), forward)
     builder.functions[backward_function(stem)] = _Function(backward_function(stem), backward)
@@ -78,8 +97,89 @@ def unrolled_functions(builder: ModuleBuilder, stem: str, layer: Layer,
         builder.overwrites[name] = False
         builder.size_keywords[name] = []
         builder.outs[name] = []
-    builder.owned_output[stem] = True
+    builder.owned_output[stem] = sequence  # else a view of the states that backward reads
     builder.owned_grad[stem] = True
+
+
+def _backward_steps(builder: ModuleBuilder, derivation: UnrolledDerivation,
+                    stems: list[str]) -> list[str]:
+    """The loop body of BPTT at step t: the parts' backward in reverse order, each gradient
+    of a value read by several parts (the step's input, a state before or after the step)
+    the sum of theirs, assigned at the first and added at the others."""
+    x = derivation.step_input
+    assigned = {adjoint(f"{state}_new") for state in derivation.cell.states}
+    lines = []
+    for part_stem, part, label in reversed(list(zip(stems, derivation.parts,
+                                                    derivation.part_states, strict=True))):
+        targets, sums = [], []
+        for a in part.form.differentiable:
+            if a in part.form.params:
+                targets.append(f"{adjoint(a.name)}_t")
+                continue
+            total = "dx_t" if a.name == x else adjoint(a.name)
+            if total in assigned:
+                targets.append(f"{adjoint(a.name)}_{label}")
+                sums.append(f"{total} = {total} + {adjoint(a.name)}_{label}")
+            else:
+                targets.append(total)
+                assigned.add(total)
+        kept = [f"{a.name}_steps[t]" for a in part.cached]
+        read = [p.name for p in part.params_read]
+        call = f"{backward_function(part_stem)}({', '.join([part.upstream.name, *kept, *read])})"
+        lines += [f"{', '.join(targets)} = {call}", *sums]
+    for state in derivation.cell.states:  # a state no part reads hands back nothing
+        if adjoint(state) not in assigned:
+            lines.append(f"{adjoint(state)} = np.zeros_like({adjoint(state)})")
+    return lines
+
+
+def _value_at_t(derivation: UnrolledDerivation, name: str, x: str) -> str:
+    """What a part's input ``name`` is at step t."""
+    role, value = derivation.kept_role(name)
+    return {"input": f"{x}[:, t]", "state": f"{value}_all[t]", "new": f"{value}_new"}[role]
+
+
+def _width(derivation: UnrolledDerivation, state: str) -> str:
+    """The state's width read off a parameter's shape (``W_hh.shape[1]``)."""
+    dims = next(a.dims for part in derivation.parts for a in part.form.inputs
+                if a.name == state)
+    return next(f"{p.name}.shape[{axis}]" for p in derivation.form.params
+                for axis, dim in enumerate(p.dims) if dim == dims[-1])
+
+
+def _blocks(derivation: UnrolledDerivation, layer_params: list[str],
+            part_params: list[str]) -> list[str]:
+    """``W_ii, W_if, W_ig, W_io = np.split(W_ih, 4)``: the parts' parameters that are blocks of
+    rows of ``layer_params`` (views)."""
+    lines = []
+    for name in layer_params:
+        blocks = sorted({derivation.cell.blocks[p][1:] + (p,) for p in part_params
+                         if derivation.cell.blocks.get(p, (None,))[0] == name})
+        if blocks:
+            count = blocks[0][1]
+            if [index for index, _, _ in blocks] != list(range(count)):
+                raise ValueError(f"the cell's parts have not every block of {name}")
+            lines.append(f"{', '.join(p for _, _, p in blocks)} = np.split({name}, {count})")
+    return lines
+
+
+def _assembled(derivation: UnrolledDerivation, name: str, part_params: list[str]) -> list[str]:
+    """The gradient of the layer's parameter ``name`` where it is its blocks' stacked."""
+    blocks = sorted((derivation.cell.blocks[p][1], p) for p in dict.fromkeys(part_params)
+                    if derivation.cell.blocks.get(p, (None,))[0] == name)
+    if not blocks:
+        return []
+    return [f"{adjoint(name)} = np.concatenate({_tuple([adjoint(p) for _, p in blocks])})"]
+
+
+def _calls(builder: ModuleBuilder, stems: list[str], backward: bool = False) -> str:
+    names = [backward_function(s) if backward else builder.forward_names[s] for s in stems]
+    return " then ".join(reversed(names) if backward else names)
+
+
+def _tuple(names: list[str], brackets: bool = True) -> str:
+    text = ", ".join(names) + ("," if len(names) == 1 else "")
+    return f"({text})" if brackets else text
 
 
 def _docstring(text: str) -> str:
