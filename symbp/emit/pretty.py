@@ -416,14 +416,15 @@ class Progress:
 
 
 def verification_lines(
-    derivation: LayerDerivation, label: str = "", progress: Progress | None = None
+    derivation: LayerDerivation, label: str = "", progress: Progress | None = None,
+    part: str = "",
 ) -> Iterator[tuple[Text, bool]]:
-    """Each proof's verdict line as soon as it is proved, with whether it succeeded."""
+    """Each proof's verdict line as soon as it is proved, with whether it succeeded
+    (``part``: which part of a cell, named in each line)."""
     if derivation.cell is not None:  # unrolled over time: each part of its cell, proved
-        for part in derivation.parts:
-            part_label = f"{part.form.output.name} part" if len(derivation.parts) > 1 else ""
-            yield from verification_lines(part, " ".join(filter(None, (label, part_label))),
-                                          progress)
+        for derived in derivation.parts:
+            name = f"{derived.form.output.name} part" if len(derivation.parts) > 1 else ""
+            yield from verification_lines(derived, label, progress, part=name)
         return
     progress = progress or Progress()
     for batch in proof_batches(derivation.form):
@@ -435,7 +436,8 @@ def verification_lines(
 
             def tick(name, done, total, what=what, sizes_text=sizes_text):
                 progress.tick(
-                    f"{label + ' ' if label else ''}{name} ({what}, {sizes_text}): "
+                    f"{label + ' ' if label else ''}{part + ' ' if part else ''}{name} "
+                    f"({what}, {sizes_text}): "
                     f"element {done + 1} of {total}"
                 )
 
@@ -444,7 +446,8 @@ def verification_lines(
             for verdict in verdicts:
                 status = "proven equal to direct differentiation" if verdict.proven else "FAILED"
                 detail = f" {verdict.detail}" if verdict.detail else ""
-                line = f"  verify {verdict.name} ({what}, {sizes_text}): {status}{detail}"
+                line = (f"  verify {part + ' ' if part else ''}{verdict.name} ({what}, "
+                        f"{sizes_text}): {status}{detail}")
                 yield Text(line), verdict.proven
 
 
