@@ -117,8 +117,8 @@ def test_generated_module_is_lint_clean(tmp_path, kind):
         "lstm": lambda: lstm_module(4, (5, 3)),
         "network": lambda: generate_module(load_spec("examples/rnn_classifier.toml")),
         "lstm_network": lambda: generate_module(load_spec("examples/lstm_classifier.toml")),
-        # a sequence into a second rnn: two stems, longer function names in the docstrings
-        "stacked": lambda: generate_module(parse_spec(SEQUENCE_SPEC.replace(
+        # an lstm's sequence into an rnn: two stems, longer function names in the docstrings
+        "stacked": lambda: generate_module(parse_spec(SEQUENCE_SPEC.replace("KIND", "lstm").replace(
             '{ type = "flatten", name = "flat" }', '{ type = "rnn", name = "r2", hidden = 5 }'))),
     }
     source = sources[kind]()
