@@ -84,6 +84,8 @@ def unrolled_functions(builder: ModuleBuilder, stem: str, layer: Layer,
         read=", ".join(read),
         read_blocks=_blocks(derivation, read, part_params),
         grads=grads,
+        reused=[f"{adjoint(p)}_t" for part_stem in stems
+                for p in builder.outs.get(backward_function(part_stem), [])],
         backward_steps=_backward_steps(builder, derivation, stems),
         assembled=[line for p in form.params
                    for line in _assembled(derivation, p.name, part_params)],
@@ -125,7 +127,11 @@ def _backward_steps(builder: ModuleBuilder, derivation: UnrolledDerivation,
                 assigned.add(total)
         kept = [f"{a.name}_steps[t]" for a in part.cached]
         read = [p.name for p in part.params_read]
-        call = f"{backward_function(part_stem)}({', '.join([part.upstream.name, *kept, *read])})"
+        # the weights' gradients of step t + 1, added up already: written over at step t
+        reused = [f"{adjoint(p)}_out={adjoint(p)}_t"
+                  for p in builder.outs.get(backward_function(part_stem), [])]
+        args = ", ".join([part.upstream.name, *kept, *read, *reused])
+        call = f"{backward_function(part_stem)}({args})"
         lines += [f"{', '.join(targets)} = {call}", *sums]
     for state in derivation.cell.states:  # a state no part reads hands back nothing
         if adjoint(state) not in assigned:
