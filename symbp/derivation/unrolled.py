@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
+from .. import naming
 from ..declare.base import SEQ_DIMS, Cell
 from ..declare.forms import Array, Forward
 from .derivation import LayerDerivation
@@ -123,7 +124,7 @@ def _over_time(derivation: UnrolledDerivation, part: LayerDerivation, expr: sp.E
         gradient = name.startswith("d") and name not in part.form.arrays
         role, value = derivation.kept_role(name[1:] if gradient else name)
         shift = -1 if role == "state" else 0
-        return ("d" if gradient else "") + value, step + shift
+        return (naming.adjoint(value) if gradient else value), step + shift
 
     def timed(e: sp.Indexed) -> sp.Expr:
         name = e.base.name
@@ -153,7 +154,7 @@ def recurrence(derivation: UnrolledDerivation) -> list[tuple[sp.Expr, sp.Expr]]:
             adjoint = part.vjp[read]
             rename = dict(zip(adjoint.indices, first.indices, strict=True))
             rhs += _over_time(derivation, part, adjoint.expr.xreplace(rename), when)
-        lhs = sp.IndexedBase(f"d{name}", real=True)[(step, *first.indices)]
+        lhs = sp.IndexedBase(naming.adjoint(name), real=True)[(step, *first.indices)]
         lines.append((lhs, rhs))
 
     for state in states:
