@@ -105,7 +105,7 @@ def test_measured_norms_obey_the_bound_at_random_weights(example, scale, seed):
     item = derivation.layer("rnn")
     read = [params[f"rnn.{p.name}"] for p in item.derivation.params_read]
     measured = state_gradients(module, f"{function_stems(net)['rnn']}_cell",
-                               item.derivation.cell, cache["rnn"], read, g)
+                               item.derivation.step, cache["rnn"], read, g)
     expected = _torch_state_gradients(x, {k[4:]: v for k, v in params.items()
                                           if k.startswith("rnn.")}, g)
     for ours, theirs in zip(measured, expected, strict=True):
@@ -124,9 +124,10 @@ def test_over_time_is_the_numpy_norm_power_and_bptt_memory(example):
     np.testing.assert_allclose(result.proved, [norm**k * result.measured[0] for k in range(6)],
                                rtol=1e-12)
     assert all(m <= b * (1 + 1e-12) for m, b in zip(result.measured, result.proved, strict=True))
-    # x[t], h[t-1], h[t] per step: T*N*(D + 2H) float64, N = 32, T = 6, D = 4, H = 8
-    assert sp.simplify(result.formula - N * STEPS * (D + 2 * HIDDEN)) == 0
-    assert result.predicted == result.measured_bytes == 32 * 6 * (4 + 2 * 8) * 8
+    # x[t] per step and the T + 1 states h[0..T] once (h[t-1] and h[t] are views of them):
+    # N*(T*D + (T + 1)*H) float64, N = 32, T = 6, D = 4, H = 8
+    assert sp.simplify(result.formula - N * (STEPS * D + (STEPS + 1) * HIDDEN)) == 0
+    assert result.predicted == result.measured_bytes == 32 * (6 * 4 + 7 * 8) * 8
 
 
 def test_layer_bound_covers_the_measured_jacobian(example):
@@ -155,7 +156,7 @@ def test_cli_flow_on_a_recurrent_net(capsys):
     rows = [line.split() for line in table.splitlines()[3:9]]
     assert [int(r[0]) for r in rows] == [6, 5, 4, 3, 2, 1]
     assert all(float(r[2]) <= float(r[3]) for r in rows)
-    assert "BPTT keeps N*T*(D + 2*H) elements" in out and "DIFFERS" not in out
+    assert "BPTT keeps N*(D*T + H*T + H) elements" in out and "DIFFERS" not in out
     assert "no bound found" not in out
 
 

@@ -48,7 +48,7 @@ from .latex_printer import (
 from .notes_backprop import BackpropSections
 from .notes_math import _full_convolution, _readable, _text
 from .notes_objective import objective_section
-from .notes_recurrent import RecurrentSections
+from .notes_recurrent import RecurrentSections, refuse_several_parts
 
 FORMATS = ("tex", "md")
 NOTATIONS = ("d2l", "cs231n")
@@ -291,7 +291,7 @@ class _Builder(BackpropSections, RecurrentSections):
         notation: str,
         numbering: str = "all",
     ):
-        self.derivation = derivation
+        self.derivation = refuse_several_parts(derivation)
         self.net = derivation.net
         self.fmt = fmt
         self.steps = steps
@@ -489,8 +489,8 @@ class _Builder(BackpropSections, RecurrentSections):
             }
             if derivation.cell is not None:  # unrolled over time: its cell, at step t
                 section["local"] = self.recurrent_local(
-                    derived, self.whole_printer(derivation.cell.form.arrays))
-                derived = DerivedLayer(item, derivation.cell, None)
+                    derived, self.whole_printer(derivation.step.form.arrays))
+                derived = DerivedLayer(item, derivation.step, None)
             else:
                 names, form = self._network_names(derived), derivation.form
                 section["local"] = ", ".join(self.whole_printer(form.arrays).equation(

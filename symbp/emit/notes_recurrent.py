@@ -36,6 +36,17 @@ def _real(name: str) -> sp.Symbol:
     return sp.Symbol(name, real=True)  # the names of the engine's whole-array forms
 
 
+def refuse_several_parts(derivation):
+    """``derivation``, or a :class:`SpecError` naming the first layer whose step is several
+    derived parts (lstm), which the notes cannot print yet (one part, rnn, they can)."""
+    for item in derivation.layers:
+        if item.derivation.cell is not None and item.derivation.step is None:
+            raise SpecError(f"the notes cannot print {item.layer.kind} (unrolled over time, "
+                            "its step of several parts) yet; the numpy, torch and jax targets, "
+                            "check, derive and flow can", layer=item.name)
+    return derivation
+
+
 class RecurrentSections:
     """Methods of the notes builder (:mod:`symbp.emit.notes`) for layers unrolled over time."""
 
@@ -44,7 +55,7 @@ class RecurrentSections:
         the layer's input, whose step ``t`` the cell's ``dx`` is (``delta^(l-1)``)."""
         unrolled, label = derived.derivation, sp.Symbol(self.labels[derived.name])
         before = sp.Symbol(self.inputs[derived.name])
-        form = unrolled.cell.form
+        form = unrolled.step.form
         mapping: dict[str, sp.Expr] = {}
         for name in form.arrays:  # the step's intermediates (a_t)
             mapping[name] = AtStep(AtLayer(sp.Symbol(name), label), STEP)
@@ -62,7 +73,7 @@ class RecurrentSections:
 
     def _step_form(self, derived: DerivedLayer, adjoint_or_stage) -> sp.Expr:
         """A formula of the cell in whole-array form (a clear error where it has none)."""
-        cell = derived.derivation.cell
+        cell = derived.derivation.step
         lowered = self._lowered(cell, adjoint_or_stage.expr, adjoint_or_stage.indices)
         if lowered is None:
             raise SpecError(f"the notes cannot print {derived.layer.kind}'s step "
@@ -89,7 +100,7 @@ class RecurrentSections:
         unrolled, names = derived.derivation, self.step_names(derived)
         rows = [(names[_real(state.name)].xreplace({STEP: 1}), sp.Integer(0))
                 for state, _ in unrolled.states]
-        for stage in unrolled.cell.form.stages:
+        for stage in unrolled.step.form.stages:
             rhs = self._step_form(derived, stage).xreplace(names)
             rows.append((names[_real(stage.name)], ForSteps(rhs, STEP, 1, STEPS)))
         output = AtLayer(H, sp.Symbol(self.labels[derived.name]))
@@ -102,7 +113,7 @@ class RecurrentSections:
     def recurrent_local(self, derived: DerivedLayer, printer) -> str:
         """``x = h^(0)_t, h = h^(1)_{t-1}, h_new = h^(1)_t``: the cell's names at step t."""
         unrolled, names = derived.derivation, self.step_names(derived)
-        shown = [unrolled.cell.form.inputs[0]]
+        shown = [unrolled.step.form.inputs[0]]
         for state, new in unrolled.states:
             shown += [state, new]
         return ", ".join(printer.equation(_real(a.name), names[_real(a.name)]) for a in shown)
@@ -114,7 +125,7 @@ class RecurrentSections:
         ``t = T..1`` (a state's gradient handed to ``t - 1``, down to ``t = 2``: ``h_0`` is no
         value of the network), the parameters' gradients summed over ``t``."""
         unrolled = derived.derivation
-        cell, label = unrolled.cell, sp.Symbol(self.labels[derived.name])
+        cell, label = unrolled.step, sp.Symbol(self.labels[derived.name])
         names = self.step_names(derived, target)
         sequence = self._is_sequence(derived)
         output = cell.form.output.name

@@ -52,6 +52,7 @@ class RecurrentBound:
     transition: list[list[sp.Expr | None]]
     step_input: sp.Expr | None
     edges: list[tuple[str, str, LocalJacobian]] = field(default_factory=list)
+    several_parts: bool = False
 
     @property
     def per_step(self) -> sp.Expr | None:
@@ -143,8 +144,13 @@ def _reach(form: Forward, edges, start: str) -> dict[str, sp.Expr | None]:
 def recurrent_bound(item: DerivedLayer) -> RecurrentBound:
     """The proved flow through time of a layer unrolled over time (see the module doc)."""
     unrolled = item.derivation
-    cell, form = unrolled.cell, unrolled.cell.form
-    edges = stage_edges(unrolled.cell_layer, cell, item.name)
+    if unrolled.step is None:  # several parts (lstm): no bound sought
+        states = tuple(s.name for s, _ in unrolled.states)
+        return RecurrentBound(item.name, item.layer.kind, item.placed.in_shape[0], states,
+                              states[0], [[None] * len(states) for _ in states], None,
+                              several_parts=True)
+    cell, form = unrolled.step, unrolled.step.form
+    edges = stage_edges(unrolled.cell.parts[0], cell, item.name)
     states = [(state.name, new.name) for state, new in unrolled.states]
     transition = []
     for _, new in states:
@@ -173,6 +179,13 @@ def state_gradients(module, cell_stem: str, cell: LayerDerivation, kept, params_
         current = backward(current, *(array[t] for array in kept), *params_read)[position]
         gradients.append(current)
     return gradients
+
+
+def _owner(array: np.ndarray) -> np.ndarray:
+    """The array whose memory ``array`` views (itself if it owns its memory)."""
+    while array.base is not None and isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
 
 
 def norms(gradients) -> list[float]:
@@ -209,7 +222,8 @@ def over_time(net, derivation, *, batch: int, seed: int, module) -> list[OverTim
         setup,
     )
 
-    unrolled = [item for item in derivation.layers if item.derivation.cell is not None]
+    unrolled = [item for item in derivation.layers  # one part a step (rnn): measured
+                if item.derivation.cell is not None and item.derivation.step is not None]
     if not unrolled:
         return []
     module, params, x, y = setup(net, batch=batch, seed=seed, module=module)
@@ -228,15 +242,18 @@ def over_time(net, derivation, *, batch: int, seed: int, module) -> list[OverTim
         owner = net.find(item.name).param_owner or item.name
         read = [params[f"{owner}.{p.name}"] for p in item.derivation.params_read]
         stem = function_stems(net)[item.name] + step.stem_suffix
-        measured = norms(state_gradients(module, f"{stem}_cell", item.derivation.cell,
+        measured = norms(state_gradients(module, f"{stem}_cell", item.derivation.step,
                                          cache[item.name], read, last))
         per_step = evaluate_bound(found.per_step, net, params, cache)
         proved = [per_step ** lag * measured[0] for lag in range(len(measured))]
         memory = kept[item.name]
+        held = item.derivation.kept_storage  # a view (h[t-1], h[t]): counted as its array
+        formula = sp.Add(*[sp.Mul(*held.get(e.name, e).dims) for e in memory.entries
+                           if e.shared_with is None])
         elements = sum(int(e.elements.subs(N_SIZE, batch)) for e in memory.entries
                        if e.shared_with is None)
-        arrays = {id(a): a for a in cache[item.name]}
-        results.append(OverTime(found, measured, proved, per_step, sp.factor(memory.formula),
+        arrays = {id(a): a for a in map(_owner, cache[item.name])}
+        results.append(OverTime(found, measured, proved, per_step, sp.factor(formula),
                                 elements * 8, sum(a.nbytes for a in arrays.values())))
     return results
 
@@ -247,6 +264,10 @@ def bound_text(found: RecurrentBound) -> list[str]:
     lines = [f"Backpropagation through time in {found.layer} ({found.kind}, T = {found.steps} "
              "steps): the bound on ||d h_T / d h_t||_2, from the cell's derived stages"]
     lines += [f"  {reason}" for reason in found.reasons()]
+    if found.several_parts:
+        lines.append(f"  no bound sought: {found.kind}'s step is several parts (its state "
+                     "products, as for a product layer)")
+        return lines
     state = found.output
     if found.per_step is None:
         lines.append("  no bound found on one step's ||d h_new / d h||_2"
