@@ -31,10 +31,7 @@ from symbp.derivation.network import derive_network
 from symbp.emit.latex_printer import AtLayer, Delta, Jacobian, latex
 from symbp.emit.notes import Notes, make_notes, render_notes
 
-#: the notes refuse a layer whose step is several parts (lstm) yet: tests/test_rnn.py checks that
-NO_NOTES = {"lstm_classifier"}
-EXAMPLES = sorted(p for p in (Path(__file__).resolve().parent.parent / "examples").glob("*.toml")
-                  if p.stem not in NO_NOTES)
+EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.toml"))
 #: The examples rendered by pdflatex and KaTeX in the default run: images (conv, batch norm,
 #: pooling, a strided convolution) and a residual block; the others run with ``-m slow``.
 RENDERED = ("cnn_bn", "residual_mlp")

@@ -219,19 +219,6 @@ def test_rnn_layer_in_a_network_agrees_with_torch(kind, sequence):
     np.testing.assert_allclose(grads["out.W"], head.weight.grad.numpy().T, rtol=0, atol=TOLERANCE)
 
 
-@pytest.mark.parametrize("args", [["latex"]])
-def test_lstm_refused_where_not_printed(args, tmp_path, capsys):
-    """The notes cannot print a layer whose step is several parts (lstm) yet: one line naming
-    the layer, exit 2, nothing written."""
-    from symbp.cli import main
-
-    target = tmp_path / "out.md"
-    assert main([args[0], "examples/lstm_classifier.toml", "-o", str(target)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "layer 'lstm'" in err and "unrolled over time" in err
-    assert not target.exists()
-
-
 def test_rnn_layer_check_and_derive(capsys):
     """``symbp check`` passes on the network; ``symbp derive`` prints the cell's derivation
     once (not T copies; dh and dW_hh among its gradients) and says it is applied for
