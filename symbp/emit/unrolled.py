@@ -110,7 +110,7 @@ def unrolled_context(builder: ModuleBuilder, stem: str, layer: Layer,
         kept_scan=_tuple([_value_at_t(derivation, name, x, scan=True) for name in kept]),
         kept_t_tuple=_tuple([f"{name}_t" for name in kept]),
         grads_t_tuple=_tuple([f"{g}_t" for g in grads]),
-        grads_tuple=_tuple(grads, brackets=False),
+        grads_tuple=_tuple(grads),
         grad_shapes=_grad_shapes(derivation),
         last_carry=_tuple([f"{derivation.upstream.name}.astype(dtype)"]
                           + [f"jnp.zeros_like({derivation.upstream.name}, dtype)"]
