@@ -134,6 +134,11 @@ def torch_forward(net: symbp.Net, tensors: dict, h, custom=None):
                 zero = h.new_zeros(1, h.shape[0], layer.hidden)
                 h = torch._VF.rnn_tanh(h, zero, weights, True, 1, 0.0, True, False, True)[0]
                 h = h if layer.sequence else h[:, -1]
+            elif kind == "lstm":  # nn.LSTM's own kernel (one layer, batch first, h0 = c0 = 0)
+                weights = [p("W_ih"), p("W_hh"), p("b_ih"), p("b_hh")]
+                zero = h.new_zeros(1, h.shape[0], layer.hidden)
+                h = torch._VF.lstm(h, (zero, zero), weights, True, 1, 0.0, True, False, True)[0]
+                h = h if layer.sequence else h[:, -1]
             elif kind == "group_norm":
                 h = F.group_norm(h, layer.groups, p("gamma"), p("beta"), eps=layer.eps)
             elif kind in ("softmax", "log_softmax"):

@@ -352,9 +352,11 @@ def test_the_table_covers_every_registered_layer_type():
     # tests/test_conv_transpose.py; the layers reading several values (a graph's) in
     # tests/test_graph.py.
     # embedding reads integer ids (it must come first): tests/test_embedding.py; attention
-    # reads sequences: tests/test_attention.py; rnn (sequences, unrolled): tests/test_rnn.py
+    # reads sequences: tests/test_attention.py; rnn, lstm (sequences, unrolled):
+    # tests/test_rnn.py
     graph = {"add", "multiply", "concat", "split", "matmul"}
-    assert set(LAYER_ROWS) == layer_types - IMAGE_LAYERS - graph - {"embedding", "attention", "rnn"}
+    sequences = {"embedding", "attention", "rnn", "lstm"}
+    assert set(LAYER_ROWS) == layer_types - IMAGE_LAYERS - graph - sequences
     assert set(LOSSES) == {"mse", "softmax_cross_entropy", "bce_with_logits"}
 
 

@@ -103,9 +103,9 @@ def test_measured_norms_obey_the_bound_at_random_weights(example, scale, seed):
     _, cache = module.forward(params, x, train=True, rng=rng)
     g = rng.standard_normal((7, 8))
     item = derivation.layer("rnn")
-    read = [params[f"rnn.{p.name}"] for p in item.derivation.params_read]
-    measured = state_gradients(module, f"{function_stems(net)['rnn']}_cell",
-                               item.derivation.cell, cache["rnn"], read, g)
+    values = {p.name: params[f"rnn.{p.name}"] for p in item.derivation.form.params}
+    measured = state_gradients(module, function_stems(net)["rnn"], item.derivation,
+                               cache["rnn"], values, g)
     expected = _torch_state_gradients(x, {k[4:]: v for k, v in params.items()
                                           if k.startswith("rnn.")}, g)
     for ours, theirs in zip(measured, expected, strict=True):
@@ -124,9 +124,10 @@ def test_over_time_is_the_numpy_norm_power_and_bptt_memory(example):
     np.testing.assert_allclose(result.proved, [norm**k * result.measured[0] for k in range(6)],
                                rtol=1e-12)
     assert all(m <= b * (1 + 1e-12) for m, b in zip(result.measured, result.proved, strict=True))
-    # x[t], h[t-1], h[t] per step: T*N*(D + 2H) float64, N = 32, T = 6, D = 4, H = 8
-    assert sp.simplify(result.formula - N * STEPS * (D + 2 * HIDDEN)) == 0
-    assert result.predicted == result.measured_bytes == 32 * 6 * (4 + 2 * 8) * 8
+    # x[t] per step and the T + 1 states h[0..T] once (h[t-1] and h[t] are views of them):
+    # N*(T*D + (T + 1)*H) float64, N = 32, T = 6, D = 4, H = 8
+    assert sp.simplify(result.formula - N * (STEPS * D + (STEPS + 1) * HIDDEN)) == 0
+    assert result.predicted == result.measured_bytes == 32 * (6 * 4 + 7 * 8) * 8
 
 
 def test_layer_bound_covers_the_measured_jacobian(example):
@@ -155,7 +156,7 @@ def test_cli_flow_on_a_recurrent_net(capsys):
     rows = [line.split() for line in table.splitlines()[3:9]]
     assert [int(r[0]) for r in rows] == [6, 5, 4, 3, 2, 1]
     assert all(float(r[2]) <= float(r[3]) for r in rows)
-    assert "BPTT keeps N*T*(D + 2*H) elements" in out and "DIFFERS" not in out
+    assert "BPTT keeps N*(D*T + H*T + H) elements" in out and "DIFFERS" not in out
     assert "no bound found" not in out
 
 
@@ -174,3 +175,46 @@ def test_an_lstm_state_step_is_bounded_where_it_can_be_and_said_where_not():
     assert edges[("c_new", "c")].bound is None
     assert "no bound sought" in edges[("c_new", "c")].reason
     assert _reach(derived.form, edges, "c").get("c_new") is None
+
+
+def test_lstm_flow_measures_the_norms_over_t_and_its_memory(capsys):
+    """lstm: no proved bound (said in one line), the norms over t measured by the parts'
+    generated backward, each ``dL/dh_t`` (``c``'s gradient 0 at T) equal to autograd's through
+    ``nn.LSTMCell`` at random weights; BPTT keeps the input's steps, each state once as
+    ``(T + 1, N, H)`` and the four gates' pre-activations per step:
+    ``N*(T*D + 2*(T + 1)*H + 4*T*H)`` float64 values, predicted and measured."""
+    from symbp.cli import main
+
+    path = EXAMPLE.parent / "lstm_classifier.toml"
+    net = load_spec(path)
+    derivation, module = derive_network(net), load_module(generate_module(net))
+    rng = np.random.default_rng(2)
+    params = {k: 0.7 * rng.standard_normal(v.shape) for k, v in module.init_params(0).items()}
+    x, g = rng.standard_normal((5, 6, 4)), rng.standard_normal((5, 8))
+    _, cache = module.forward(params, x, train=True, rng=rng)
+    values = {k[5:]: v for k, v in params.items() if k.startswith("lstm.")}
+    measured = state_gradients(module, function_stems(net)["lstm"],
+                               derivation.layer("lstm").derivation, cache["lstm"], values, g)
+    cell = torch.nn.LSTMCell(4, 8, dtype=torch.float64)
+    with torch.no_grad():
+        for name, torch_name in (("W_ih", "weight_ih"), ("W_hh", "weight_hh"),
+                                 ("b_ih", "bias_ih"), ("b_hh", "bias_hh")):
+            getattr(cell, torch_name).copy_(torch.from_numpy(values[name]))
+    h = c = torch.zeros(5, 8, dtype=torch.float64)
+    states = []
+    for t in range(6):
+        h, c = cell(torch.from_numpy(x[:, t]), (h, c))
+        h.retain_grad()
+        states.append(h)
+    (h * torch.from_numpy(g)).sum().backward()
+    for ours, theirs in zip(measured, [s.grad.numpy() for s in reversed(states)], strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)
+    (result,) = over_time(net, derivation, batch=32, seed=0, module=module)
+    assert result.per_step is None and result.proved == [None] * 6
+    assert sp.simplify(result.formula - N * (STEPS * D + 2 * (STEPS + 1) * HIDDEN
+                                             + 4 * STEPS * HIDDEN)) == 0
+    assert result.predicted == result.measured_bytes == 32 * (6 * 4 + 2 * 7 * 8 + 4 * 6 * 8) * 8
+    assert main(["flow", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "no bound sought: lstm's step multiplies arrays of the step" in out
+    assert "lstm over time" in out and "DIFFERS" not in out

@@ -299,11 +299,13 @@ layers = [
 """
 
 
-def test_rnn_scans_the_derived_cell_and_agrees_with_the_numpy_module():
-    """rnn's custom_vjp runs the printed cell in jax.lax.scan, forward and backward (BPTT):
-    under jit its loss and every gradient (dx included) are the NumPy module's to 1e-10, with
-    every state fed to a second rnn (sequence = true); JAX's finite differences agree."""
-    net = symbp.parse_spec(RNN_SEQUENCE)
+@pytest.mark.parametrize("kind", ["rnn", "lstm"])
+def test_rnn_scans_the_derived_cell_and_agrees_with_the_numpy_module(kind):
+    """rnn's and lstm's custom_vjp runs the printed cell's parts in jax.lax.scan, forward and
+    backward (BPTT): under jit its loss and every gradient (dx included) are the NumPy
+    module's to 1e-10, with every state fed to a second layer (sequence = true); JAX's finite
+    differences agree."""
+    net = symbp.parse_spec(RNN_SEQUENCE.replace('type = "rnn"', f'type = "{kind}"'))
     source = symbp.codegen(net, target="jax")
     assert source.count("jax.lax.scan(") == 4  # two layers' forward and backward, no loop
     assert "for t in" not in source

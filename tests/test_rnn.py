@@ -104,7 +104,7 @@ def _agrees(module, rnn, sequence, n, t, d):
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")
-@pytest.mark.parametrize("kind", ["rnn", "lstm", "network", "stacked"])
+@pytest.mark.parametrize("kind", ["rnn", "lstm", "network", "lstm_network", "stacked"])
 def test_generated_module_is_lint_clean(tmp_path, kind):
     import subprocess
 
@@ -116,8 +116,9 @@ def test_generated_module_is_lint_clean(tmp_path, kind):
         "rnn": lambda: recurrent_module(RNNCell(4), (5, 3)),
         "lstm": lambda: lstm_module(4, (5, 3)),
         "network": lambda: generate_module(load_spec("examples/rnn_classifier.toml")),
-        # a sequence into a second rnn: two stems, longer function names in the docstrings
-        "stacked": lambda: generate_module(parse_spec(SEQUENCE_SPEC.replace(
+        "lstm_network": lambda: generate_module(load_spec("examples/lstm_classifier.toml")),
+        # an lstm's sequence into an rnn: two stems, longer function names in the docstrings
+        "stacked": lambda: generate_module(parse_spec(SEQUENCE_SPEC.replace("KIND", "lstm").replace(
             '{ type = "flatten", name = "flat" }', '{ type = "rnn", name = "r2", hidden = 5 }'))),
     }
     source = sources[kind]()
@@ -169,47 +170,52 @@ SEQUENCE_SPEC = """
 input = { shape = [6, 4] }
 loss = "softmax_cross_entropy"
 layers = [
-  { type = "rnn", name = "rnn", hidden = 8, sequence = true },
+  { type = "KIND", name = "KIND", hidden = 8, sequence = true },
   { type = "flatten", name = "flat" },
   { type = "linear", name = "out", out = 3 },
 ]
 """
 
 
+@pytest.mark.parametrize("kind", ["rnn", "lstm"])
 @pytest.mark.parametrize("sequence", [False, True])
-def test_rnn_layer_in_a_network_agrees_with_torch(sequence):
-    """``type = "rnn"`` in a network (examples/rnn_classifier.toml, and with ``sequence``
-    flattened into the head): loss and every gradient, dx included, as nn.RNN + nn.Linear +
-    cross entropy in float64."""
+def test_rnn_layer_in_a_network_agrees_with_torch(kind, sequence):
+    """``type = "rnn"`` / ``"lstm"`` in a network (examples/rnn_classifier.toml,
+    examples/lstm_classifier.toml, and with ``sequence`` flattened into the head): loss and every
+    gradient, dx included, as nn.RNN / nn.LSTM + nn.Linear + cross entropy in float64."""
     from symbp.declare.spec import load_spec, parse_spec
     from symbp.emit.module import generate_module
 
-    net = load_spec("examples/rnn_classifier.toml")
+    net = load_spec(f"examples/{kind}_classifier.toml")
     if sequence:
-        net = parse_spec(SEQUENCE_SPEC)
+        net = parse_spec(SEQUENCE_SPEC.replace("KIND", kind))
     module = load_module(generate_module(net))
     n, t, d, h = 5, 6, 4, 8
     rng = np.random.default_rng(3)
     params = module.init_params(seed=1)
+    for name in TORCH_NAMES:  # init_params leaves the biases 0: PyTorch's uniform init
+        params[f"{kind}.{name}"] = rng.uniform(-0.5, 0.5, params[f"{kind}.{name}"].shape)
     x, y = rng.normal(size=(n, t, d)), rng.integers(0, 3, n)
     loss, grads = module.loss_and_grads(params, x, y)
-    rnn = torch.nn.RNN(d, h, batch_first=True).double()
+    rnn = (torch.nn.RNN if kind == "rnn" else torch.nn.LSTM)(d, h, batch_first=True).double()
     head = torch.nn.Linear(h * (t if sequence else 1), 3).double()
     with torch.no_grad():
         for name, torch_name in TORCH_NAMES.items():
-            getattr(rnn, torch_name).copy_(torch.from_numpy(params[f"rnn.{name}"]))
+            getattr(rnn, torch_name).copy_(torch.from_numpy(params[f"{kind}.{name}"]))
         head.weight.copy_(torch.from_numpy(params["out.W"].T))
         head.bias.copy_(torch.from_numpy(params["out.b"]))
     xt = torch.from_numpy(x).requires_grad_(True)
     states, last = rnn(xt)
+    last = last[0] if kind == "lstm" else last  # (h_n, c_n)
     features = states.reshape(n, -1) if sequence else last[0]
     expected = torch.nn.functional.cross_entropy(head(features), torch.from_numpy(y))
     expected.backward()
     assert abs(float(loss) - expected.item()) < TOLERANCE
     np.testing.assert_allclose(grads["x"], xt.grad.numpy(), rtol=0, atol=TOLERANCE)
     for name, torch_name in TORCH_NAMES.items():
-        np.testing.assert_allclose(grads[f"rnn.{name}"], getattr(rnn, torch_name).grad.numpy(),
-                                   rtol=0, atol=TOLERANCE)
+        np.testing.assert_allclose(grads[f"{kind}.{name}"],
+                                   getattr(rnn, torch_name).grad.numpy(), rtol=0,
+                                   atol=TOLERANCE, err_msg=name)
     np.testing.assert_allclose(grads["out.W"], head.weight.grad.numpy().T, rtol=0, atol=TOLERANCE)
 
 

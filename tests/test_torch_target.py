@@ -270,54 +270,65 @@ RNN_NAMES = {"W_ih": "weight_ih_l0", "W_hh": "weight_hh_l0", "b_ih": "bias_ih_l0
              "b_hh": "bias_hh_l0"}
 
 
+@pytest.mark.parametrize("kind", ["rnn", "lstm"])
 @pytest.mark.parametrize("sequence", [False, True])
-def test_rnn_is_nn_rnn_and_its_backward_is_the_derived_bptt(sequence, tmp_path):
-    """rnn (examples/rnn_classifier.toml, and every state flattened into the head): the
-    generated autograd.Function's forward and BPTT backward agree with nn.RNN + nn.Linear
-    (float64, loss and every gradient, dx included, to 1e-10), with the NumPy module, and
-    with finite differences of itself (gradcheck); it saves the derivation's kept arrays
-    stacked over t and the weights its backward reads."""
+def test_rnn_is_nn_rnn_and_its_backward_is_the_derived_bptt(kind, sequence, tmp_path):
+    """rnn and lstm (examples/rnn_classifier.toml, examples/lstm_classifier.toml, and every
+    state flattened into the head): the generated autograd.Function's forward and BPTT
+    backward agree with nn.RNN / nn.LSTM + nn.Linear (float64, random biases, loss and every
+    gradient, dx included, to 1e-10), with the NumPy module, and with finite differences of
+    itself (gradcheck); rnn saves the derivation's kept arrays over t and the weights its
+    backward reads."""
     from symbp.declare.spec import parse_spec
 
     if sequence:
-        net = parse_spec(RNN_SEQUENCE)
+        net = parse_spec(RNN_SEQUENCE.replace('"rnn"', f'"{kind}"'))
     else:
-        net = load_spec(ROOT / "examples" / "rnn_classifier.toml")
+        net = load_spec(ROOT / "examples" / f"{kind}_classifier.toml")
     module = _load(generate_torch_module(net), f"{net.name}_torch", tmp_path)
     numpy_module = _load(generate_module(net), f"{net.name}_numpy", tmp_path)
     n, t, d, h = 5, 6, 4, 8
     rng = np.random.default_rng(3)
     x, y = rng.normal(size=(n, t, d)), rng.integers(0, 3, n)
     model = _model(net, module, seed=1)
+    layer = getattr(model, kind)
+    with torch.no_grad():  # init leaves the biases 0: PyTorch's uniform init instead
+        for name in ("b_ih", "b_hh"):
+            getattr(layer, name).copy_(torch.as_tensor(rng.uniform(-0.5, 0.5, layer.b_ih.shape)))
     xt = torch.tensor(x, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s.shape) or s,
                                                   lambda s: s):
         out = model(xt)
-    assert saved[:5] == [(t, n, d), (t, n, h), (t, n, h), (h, d), (h, h)]
+    if kind == "rnn":
+        assert saved[:5] == [(t, n, d), (t, n, h), (t, n, h), (h, d), (h, h)]
     loss = F.cross_entropy(out, torch.as_tensor(y))
     loss.backward()
-    rnn = torch.nn.RNN(d, h, batch_first=True).double()
+    rnn = (torch.nn.RNN if kind == "rnn" else torch.nn.LSTM)(d, h, batch_first=True).double()
     head = torch.nn.Linear(h * (t if sequence else 1), 3).double()
     with torch.no_grad():
         for name, torch_name in RNN_NAMES.items():
-            getattr(rnn, torch_name).copy_(getattr(model.rnn, name))
+            getattr(rnn, torch_name).copy_(getattr(layer, name))
         head.weight.copy_(model.out.W.T)
         head.bias.copy_(model.out.b)
     x_ref = torch.tensor(x, requires_grad=True)
     states, last = rnn(x_ref)
+    last = last[0] if kind == "lstm" else last  # (h_n, c_n)
     features = states.reshape(n, -1) if sequence else last[0]
     expected = F.cross_entropy(head(features), torch.as_tensor(y))
     expected.backward()
     assert abs(loss.item() - expected.item()) <= 1e-10
     torch.testing.assert_close(xt.grad, x_ref.grad, rtol=0, atol=1e-10)
     for name, torch_name in RNN_NAMES.items():
-        torch.testing.assert_close(getattr(model.rnn, name).grad,
+        torch.testing.assert_close(getattr(layer, name).grad,
                                    getattr(rnn, torch_name).grad, rtol=0, atol=1e-10)
     torch.testing.assert_close(model.out.W.grad, head.weight.grad.T, rtol=0, atol=1e-10)
-    np_loss, grads = numpy_module.loss_and_grads(numpy_module.init_params(1), x, y)
+    params = {k: v.detach().numpy() for k, v in model.named_parameters()}
+    np_loss, grads = numpy_module.loss_and_grads(params, x, y)
     assert abs(np_loss - loss.item()) <= 1e-10
     np.testing.assert_allclose(xt.grad.numpy(), grads["x"], rtol=0, atol=1e-10)
+    for k, v in model.named_parameters():
+        np.testing.assert_allclose(v.grad.numpy(), grads[k], rtol=0, atol=1e-10, err_msg=k)
     names = [k for k, _ in model.named_parameters()]
     run = lambda x, *params: torch.func.functional_call(  # noqa: E731
         model, dict(zip(names, params, strict=True)), (x,))

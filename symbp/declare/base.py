@@ -258,10 +258,11 @@ class Layer:
         """The axes (batch axis 0 included) that each training statistic averages over."""
         return ()
 
-    def unrolled_cell(self, in_shape: tuple[int, ...]) -> Layer | None:
-        """The layer one step of which this layer runs over the time axis of its ``(T, D)``
-        input, with shared weights (rnn: its cell); ``None``: not recurrent. The derivation is
-        the cell's; the generated layer functions loop over t around the cell's."""
+    def unrolled_cell(self, in_shape: tuple[int, ...]) -> Cell | None:
+        """The :class:`Cell` (one time step) that this layer runs over the time axis of its
+        ``(T, D)`` input, with shared weights (rnn, lstm); ``None``: not recurrent. The
+        derivation is the cell's parts'; the generated layer functions loop over t around
+        theirs."""
         return None
 
     def adjoint_of(self, in_shape: tuple[int, ...]) -> AdjointClaim | None:
@@ -276,3 +277,35 @@ class Layer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+@dataclass(frozen=True, eq=False)
+class Cell:
+    """One time step of a layer unrolled over time (:meth:`Layer.unrolled_cell`).
+
+    ``states`` are the values a step hands to the next, each 0 before the first step; the first
+    is the layer's output (rnn: ``("h",)``; lstm: ``("h", "c")``). ``parts`` compute a step, in
+    order, each a layer with one output, the new value of one state (its last stage is named
+    ``<state>_new``) and as inputs the step's input (its first input, ``x``), the states before
+    the step (``h``, ``c``) and the new states of the parts before it (``c_new``); a part's
+    backward is derived like any layer's. ``blocks`` maps a part's parameter that is a block of
+    rows of one of the layer's parameters to ``(layer parameter, block, number of blocks)``
+    (the LSTM's gates of PyTorch's stacked weights); any other part parameter is the layer's
+    parameter of that name.
+    """
+
+    parts: tuple[Layer, ...]
+    states: tuple[str, ...]
+    blocks: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+
+    def part_state(self, part: Layer) -> str:
+        """The state whose new value ``part`` computes."""
+        name = part.forward_form().output.name
+        state = name.removesuffix("_new")
+        if state == name or state not in self.states:
+            raise ValueError(f"{part.kind}'s output {name} is not a state's new value")
+        return state
+
+    def describe(self) -> str:
+        return ", then ".join(p.describe() for p in self.parts)
+

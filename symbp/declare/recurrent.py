@@ -12,7 +12,7 @@ from __future__ import annotations
 import sympy as sp
 
 from ..errors import SpecError
-from .base import LETTERS, SEQ_DIMS, Layer, _integer, register
+from .base import LETTERS, SEQ_DIMS, Cell, Layer, _integer, register
 from .forms import Array, Forward, N, Stage, index, size
 
 D, HIDDEN = size("D"), size("H")
@@ -42,9 +42,6 @@ class RNNCell(Layer):
         return (self.hidden,)
 
     def param_shapes(self, in_shape):
-        if len(in_shape) != 2:
-            raise SpecError(f"rnn expects sequences (T, D), got per-sample shape "
-                            f"{list(in_shape)}")
         h, d = self.hidden, in_shape[-1]
         return {"W_ih": (h, d), "W_hh": (h, h), "b_ih": (h,), "b_hh": (h,)}
 
@@ -69,15 +66,13 @@ class RNNCell(Layer):
         return f"rnn(hidden={self.hidden})"
 
 
-@register
-class RNN(Layer):
-    """``nn.RNN(D, hidden, batch_first=True)`` (tanh, one layer, ``h_0 = 0``) on sequences
-    ``(T, D)``: :class:`RNNCell` unrolled over the steps with shared weights (declared by
-    :meth:`unrolled_cell`). The output is the last state ``(H,)``, or every state ``(T, H)``
-    with ``sequence = true``."""
+class _Unrolled(Layer):
+    """A layer running a :class:`~symbp.declare.base.Cell` over the steps of its sequences
+    ``(T, D)`` with shared weights (declared by :meth:`unrolled_cell`), ``hidden = H``; its
+    output is the last state ``(H,)``, or every state ``(T, H)`` with ``sequence = true``."""
 
-    kind = "rnn"
-    init = RNNCell.init
+    #: the blocks of rows (gates) stacked in each of PyTorch's parameters
+    stacked: int = 1
 
     def __init__(self, hidden: int, *, sequence: bool = False, name: str | None = None) -> None:
         super().__init__(name=name)
@@ -86,33 +81,50 @@ class RNN(Layer):
             raise SpecError(f"must be true or false, got {sequence!r}", field="sequence")
         self.sequence = sequence
 
-    def unrolled_cell(self, in_shape):
-        return RNNCell(self.hidden)
-
     def output_shape(self, in_shape):
         return (in_shape[0], self.hidden) if self.sequence else (self.hidden,)
 
+    def _shapes(self, h, d):
+        """PyTorch's parameters, each weight's rows :attr:`stacked` blocks of ``h``."""
+        rows = self.stacked * h
+        return {"W_ih": (rows, d), "W_hh": (rows, h), "b_ih": (rows,), "b_hh": (rows,)}
+
     def param_shapes(self, in_shape):
-        return RNNCell(self.hidden).param_shapes(in_shape)
+        if len(in_shape) != 2:
+            raise SpecError(f"{self.kind} expects sequences (T, D), got per-sample shape "
+                            f"{list(in_shape)}")
+        return self._shapes(self.hidden, in_shape[-1])
 
     def forward_form(self, in_shape=None):
-        """The layer as the network sees it: ``x`` ``(N, T, D)`` in, the states out; its
-        stage names the cell it runs (the derivation is the cell's, applied over t)."""
-        cell = RNNCell(self.hidden).forward_form(in_shape)
+        """The layer as the network sees it: ``x`` ``(N, T, D)`` in, the states out, the layer's
+        parameters; its stage names the cell it runs (the derivation is the cell's, over t)."""
         x = Array("x", (N, *SEQ_DIMS))
         dims = (N, SEQ_DIMS[0], HIDDEN) if self.sequence else (N, HIDDEN)
         n, t, j = index("n"), index("t"), index("j")
         out = Array("h_out", dims)
         indices = (n, t, j) if self.sequence else (n, j)
-        step = sp.Function("rnn_cell")(*indices)
-        return Forward(inputs=(x,), params=cell.params, stages=(Stage(out, indices, step),),
+        step = sp.Function(f"{self.kind}_cell")(*indices)
+        params = tuple(Array(name, dims) for name, dims in self._shapes(HIDDEN, D).items())
+        return Forward(inputs=(x,), params=params, stages=(Stage(out, indices, step),),
                        letters={**CELL_LETTERS, SEQ_DIMS[0]: "t"})
 
     def math_key(self, in_shape):
         return (self.kind, self.sequence)
 
     def describe(self):
-        return f"rnn(hidden={self.hidden}{', sequence' if self.sequence else ''})"
+        return f"{self.kind}(hidden={self.hidden}{', sequence' if self.sequence else ''})"
+
+
+@register
+class RNN(_Unrolled):
+    """``nn.RNN(D, hidden, batch_first=True)`` (tanh, one layer, ``h_0 = 0``): :class:`RNNCell`
+    unrolled over the steps."""
+
+    kind = "rnn"
+    init = RNNCell.init
+
+    def unrolled_cell(self, in_shape):
+        return Cell((RNNCell(self.hidden),), ("h",))
 
 
 def _sigmoid(z: sp.Expr) -> sp.Expr:
@@ -198,3 +210,22 @@ class LSTMOutput(_LSTMPart):
                             _sigmoid(zo[n, j]) * sp.tanh(c[n, j])))
         return Forward(inputs=(x, h, c), params=tuple(params), stages=tuple(stages),
                        letters=CELL_LETTERS, through=("zo",), keep=("x", "h", "c_new", "zo"))
+
+
+@register
+class LSTM(_Unrolled):
+    """``nn.LSTM(D, hidden, batch_first=True)`` (one layer, ``h_0 = c_0 = 0``): a step is
+    :class:`LSTMState` (``c_new``) then :class:`LSTMOutput` (``h_new``), two states carried;
+    the parameters are PyTorch's ``weight_ih_l0`` ``(4H, D)``, ``weight_hh_l0`` ``(4H, H)``,
+    ``bias_ih_l0``, ``bias_hh_l0`` ``(4H,)``, their blocks of rows the gates i, f, g, o."""
+
+    kind = "lstm"
+    init = RNNCell.init
+    stacked = len(GATES)
+
+    def unrolled_cell(self, in_shape):
+        parts = (LSTMState(self.hidden), LSTMOutput(self.hidden))
+        blocks = {name: (stacked, block, len(GATES))
+                  for part in parts for name, (stacked, block) in part.blocks.items()}
+        return Cell(parts, ("h", "c"), blocks)
+

@@ -107,6 +107,14 @@ class LayerDerivation:
         reads = self.stored if self.code_reads is None else self.code_reads
         return tuple(p for p in self.form.params if p.name in reads)
 
+    @property
+    def kept_storage(self) -> dict[str, Array]:
+        """Kept arrays (and the output) that the generated code holds as views of another
+        array, by name: that array (a layer unrolled over time keeps each state before and
+        after the steps as views of one ``(T + 1, N, H)`` array, and its steps' inputs as its
+        input). None by default."""
+        return {}
+
 
 def adjoint_array(array: Array) -> Array:
     return Array(naming.adjoint(array.name), array.dims)

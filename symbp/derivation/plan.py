@@ -330,7 +330,10 @@ def kept_arrays(plan: Plan, names=None) -> list[Kept]:
             and len(stage.indices) == form.inputs[0].rank  # (a pooling reduces the rank)
             and stage.expr == form.inputs[0][stage.indices]
         )
+        storage = {name: a.name for name, a in step.derivation.kept_storage.items()}
         token[stage.name] = token[first] if aliases_input else next(counter)
+        if stage.name in storage:  # a view of an array the step keeps (an rnn's last state)
+            token[stage.name] = token.setdefault(storage[stage.name], token[stage.name])
         tokens[step.output] = token[stage.name]
         padded = {s.name for s in form.stages if _unpadding(form, s.name) is not None}
         chosen = [a.name for a in step.derivation.cached] if names is None else names(step)
@@ -340,8 +343,9 @@ def kept_arrays(plan: Plan, names=None) -> list[Kept]:
             if name in padded:
                 kept.append(Kept(step.name, name, token[first], padded=True))
             else:
-                kept.append(Kept(step.name, name, token.setdefault(name, next(counter)),
-                                 value=values.get(name)))
+                held = storage.get(name, name)
+                kept.append(Kept(step.name, name, token.setdefault(held, next(counter)),
+                                 value=values.get(held)))
     return kept
 
 

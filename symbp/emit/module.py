@@ -149,14 +149,18 @@ class ModuleBuilder:
             for line in st.lines(st.target in optional)
             for wrapped in wrap_line(line, MAX_LINE - 4)  # the template indents the body
         ]
+        returned = f"return {returns}"
+        if len(returned) > MAX_LINE - 4:  # many gradients (an LSTM part's fifteen)
+            returned = f"return ({returns})"
         return template.render(
             name=name,
             header="\n".join(wrap_line(f"def {name}({signature}):")),
             summary=summary,
             formulas=formulas,
-            notes=notes,
+            notes=[part for note in notes  # a long note (six _out keywords) wrapped
+                   for part in textwrap.wrap(note, MAX_LINE - 4, subsequent_indent="    ")],
             lines=lines,
-            returns=returns,
+            returns=wrap_line(returned, MAX_LINE - 4),
         ).rstrip("\n")
 
     def _printed(
@@ -219,7 +223,7 @@ class ModuleBuilder:
     def layer_functions(self, stem: str, layer: Layer, derivation: LayerDerivation, eval_form):
         if stem in self.forward_names:
             return
-        if derivation.cell is not None:  # a layer unrolled over time (rnn)
+        if derivation.cell is not None:  # a layer unrolled over time (rnn, lstm)
             return unrolled_functions(self, stem, layer, derivation)
         form = derivation.form
         names = set(form.arrays) | {derivation.upstream.name}

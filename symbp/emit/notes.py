@@ -48,7 +48,7 @@ from .latex_printer import (
 from .notes_backprop import BackpropSections
 from .notes_math import _full_convolution, _readable, _text
 from .notes_objective import objective_section
-from .notes_recurrent import RecurrentSections
+from .notes_recurrent import RecurrentSections, merged_math
 
 FORMATS = ("tex", "md")
 NOTATIONS = ("d2l", "cs231n")
@@ -488,9 +488,8 @@ class _Builder(BackpropSections, RecurrentSections):
                 "same_as": None,
             }
             if derivation.cell is not None:  # unrolled over time: its cell, at step t
-                section["local"] = self.recurrent_local(
-                    derived, self.whole_printer(derivation.cell.form.arrays))
-                derived = DerivedLayer(item, derivation.cell, None)
+                section["local"] = self.recurrent_local(derived)
+                parts = [DerivedLayer(item, part, None) for part in derivation.parts]
             else:
                 names, form = self._network_names(derived), derivation.form
                 section["local"] = ", ".join(self.whole_printer(form.arrays).equation(
@@ -502,7 +501,8 @@ class _Builder(BackpropSections, RecurrentSections):
                 sections.append(section)
                 continue
             first_of[id(derivation)] = label
-            section.update(self._layer_math(derived))
+            section.update(self._layer_math(derived) if derivation.cell is None else
+                           merged_math([self._layer_math(part) for part in parts]))
             sections.append(section)
         return sections
 

@@ -34,6 +34,7 @@ from ..derivation.layer import LayerDerivation, derive_layer
 from ..derivation.network import DerivedLayer, derive_network
 from ..derivation.plan import Sum, build_plan
 from ..derivation.readings import computed_form, gather_form, reading
+from ..derivation.unrolled import UnrolledDerivation, recurrence
 from ..derivation.verify import default_sizes, proof_batches, verify_layer
 from .numpy_printer import numpy_code
 from .simplest import simplest_form
@@ -294,9 +295,7 @@ def _array_line(derivation: LayerDerivation, name: str, expr: sp.Expr, indices) 
 
 def layer_report(derivation: LayerDerivation, unicode: bool = True) -> list[Block]:
     if derivation.cell is not None:  # unrolled over time: its cell's derivation, once
-        step = derivation.cell_layer.describe()
-        return [Text(f"  unrolled over t = 0..T-1 with shared weights; one step, {step}:"),
-                *layer_report(derivation.cell, unicode), Text(f"  {BPTT}")]
+        return unrolled_report(derivation, unicode)
     form = derivation.form
     lines: list[Block] = [Text("  forward:")]
     for stage in form.stages:
@@ -343,8 +342,37 @@ def layer_report(derivation: LayerDerivation, unicode: bool = True) -> list[Bloc
     return lines
 
 
-BPTT = ("backpropagation through time: this backward is applied for t = T-1..0, the state's "
+BPTT = ("backpropagation through time: this backward is applied for t = T-1..0, each state's "
         "gradient handed to step t-1, the weights' gradients summed over t")
+
+
+def unrolled_report(derivation: UnrolledDerivation, unicode: bool = True) -> list[Block]:
+    """A layer unrolled over time: each part of its cell derived once, then BPTT as the
+    recurrence over t that it is."""
+    cell, parts = derivation.cell, derivation.parts
+    lines: list[Block] = [Text(f"  unrolled over t = 0..T-1 with shared weights; one step, "
+                               f"{cell.describe()}:")]
+    for layer, part in zip(cell.parts, parts, strict=True):
+        if len(parts) > 1:
+            lines.append(Text(f"  -- {layer.describe()}, computing "
+                              f"{part.form.output.name}:"))
+        lines += layer_report(part, unicode)
+    stacked: dict[str, list[str]] = {}
+    for param in derivation.form.params:
+        blocks = sorted((block, name) for name, (of, block, _) in cell.blocks.items()
+                        if of == param.name)
+        if blocks:
+            stacked[param.name] = [name for _, name in blocks]
+    for param, names in stacked.items():
+        lines.append(Text(f"  {', '.join(names)}: the blocks of rows of {param}, in order"))
+    read = [f"{state} = {state}[t-1], {state}_new = {state}[t]" for state in cell.states]
+    output = cell.states[0]
+    lines.append(Text(f"  {BPTT}; read at step t ({derivation.step_input} = "
+                      f"{derivation.step_input}[t], {', '.join(read)}; d{output}[t] is the "
+                      f"whole gradient of {output}[t]: dout at the last step, or with "
+                      f"sequence = true dout[t] plus what step t+1 hands back):"))
+    lines += [_pretty(lhs, rhs, unicode) for lhs, rhs in recurrence(derivation)]
+    return lines
 
 class Progress:
     """Progress of a long proof, on stderr: nothing for a proof that ends within
@@ -388,10 +416,16 @@ class Progress:
 
 
 def verification_lines(
-    derivation: LayerDerivation, label: str = "", progress: Progress | None = None
+    derivation: LayerDerivation, label: str = "", progress: Progress | None = None,
+    part: str = "",
 ) -> Iterator[tuple[Text, bool]]:
-    """Each proof's verdict line as soon as it is proved, with whether it succeeded."""
-    derivation = derivation.cell or derivation  # unrolled over time: its cell's, proved
+    """Each proof's verdict line as soon as it is proved, with whether it succeeded
+    (``part``: which part of a cell, named in each line)."""
+    if derivation.cell is not None:  # unrolled over time: each part of its cell, proved
+        for derived in derivation.parts:
+            name = f"{derived.form.output.name} part" if len(derivation.parts) > 1 else ""
+            yield from verification_lines(derived, label, progress, part=name)
+        return
     progress = progress or Progress()
     for batch in proof_batches(derivation.form):
         sizes = default_sizes(derivation.form, batch=batch)
@@ -402,7 +436,8 @@ def verification_lines(
 
             def tick(name, done, total, what=what, sizes_text=sizes_text):
                 progress.tick(
-                    f"{label + ' ' if label else ''}{name} ({what}, {sizes_text}): "
+                    f"{label + ' ' if label else ''}{part + ' ' if part else ''}{name} "
+                    f"({what}, {sizes_text}): "
                     f"element {done + 1} of {total}"
                 )
 
@@ -411,7 +446,8 @@ def verification_lines(
             for verdict in verdicts:
                 status = "proven equal to direct differentiation" if verdict.proven else "FAILED"
                 detail = f" {verdict.detail}" if verdict.detail else ""
-                line = f"  verify {verdict.name} ({what}, {sizes_text}): {status}{detail}"
+                line = (f"  verify {part + ' ' if part else ''}{verdict.name} ({what}, "
+                        f"{sizes_text}): {status}{detail}")
                 yield Text(line), verdict.proven
 
 

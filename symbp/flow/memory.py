@@ -77,8 +77,9 @@ def memory_model(net: Net) -> list[LayerMemory]:
         step = plan.step(kept.step)
         form = step.derivation.form
         array = next(a for a in step.derivation.cached if a.name == kept.array)
+        held = step.derivation.kept_storage.get(array.name, array)  # a view: its whole array
         sizes = _sizes(step.placed, form)
-        elements = sp.expand(sp.Mul(*array.dims).xreplace(sizes))
+        elements = sp.expand(sp.Mul(*held.dims).xreplace(sizes))
         label = f"{step.name}.{array.name}"
         source = kept
         if kept.view is not None:  # counted as the array it views

@@ -52,6 +52,7 @@ class RecurrentBound:
     transition: list[list[sp.Expr | None]]
     step_input: sp.Expr | None
     edges: list[tuple[str, str, LocalJacobian]] = field(default_factory=list)
+    several_parts: bool = False
 
     @property
     def per_step(self) -> sp.Expr | None:
@@ -143,8 +144,13 @@ def _reach(form: Forward, edges, start: str) -> dict[str, sp.Expr | None]:
 def recurrent_bound(item: DerivedLayer) -> RecurrentBound:
     """The proved flow through time of a layer unrolled over time (see the module doc)."""
     unrolled = item.derivation
-    cell, form = unrolled.cell, unrolled.cell.form
-    edges = stage_edges(unrolled.cell_layer, cell, item.name)
+    if unrolled.step is None:  # several parts (lstm): no bound sought
+        states = tuple(s.name for s, _ in unrolled.states)
+        return RecurrentBound(item.name, item.layer.kind, item.placed.in_shape[0], states,
+                              states[0], [[None] * len(states) for _ in states], None,
+                              several_parts=True)
+    cell, form = unrolled.step, unrolled.step.form
+    edges = stage_edges(unrolled.cell.parts[0], cell, item.name)
     states = [(state.name, new.name) for state, new in unrolled.states]
     transition = []
     for _, new in states:
@@ -160,19 +166,47 @@ def recurrent_bound(item: DerivedLayer) -> RecurrentBound:
 
 
 # -- measured --------------------------------------------------------------------------------
-def state_gradients(module, cell_stem: str, cell: LayerDerivation, kept, params_read, last):
+def state_gradients(module, stem: str, unrolled, kept, params: dict, last):
     """``dL/dh_t`` for t = T..1 (the first is ``last``, ``dL/dh_T``) that reaches each state
-    from the last alone: the generated cell backward ``<cell_stem>_backward`` (the one the
-    layer's backward loops over) run over the steps with the forward's kept arrays."""
+    from the last alone (the other states' gradients 0 at T): the generated backward of each
+    of the cell's parts (``<stem>_cell_backward``, the ones the layer's backward loops over)
+    run over the steps in reverse part order with the forward's kept arrays ``kept``, each
+    state's gradient the sum of what the parts reading it hand back. ``params``: the layer's
+    parameters by name (a part's gate block is its rows of one)."""
     from ..naming import backward_function
 
-    backward = getattr(module, backward_function(cell_stem))
-    position = [a.name for a in cell.form.differentiable].index(cell.form.inputs[1].name)
-    gradients, current = [last], last
+    parts, states = unrolled.parts, unrolled.cell.states
+    stems = [f"{stem}_cell" if len(parts) == 1 else f"{stem}_cell_{s}"
+             for s in unrolled.part_states]
+    at = dict(zip(unrolled.kept_names, kept, strict=True))
+
+    def param(name):
+        of, block, count = unrolled.cell.blocks.get(name, (name, 0, 1))
+        return np.split(params[of], count)[block]
+
+    current = {s: np.zeros_like(last) for s in states} | {states[0]: last}
+    gradients = [last]
     for t in reversed(range(1, len(kept[0]))):
-        current = backward(current, *(array[t] for array in kept), *params_read)[position]
-        gradients.append(current)
+        new = {f"{s}_new": g for s, g in current.items()}
+        before = {s: np.zeros_like(last) for s in states}
+        for part_stem, part in reversed(list(zip(stems, parts, strict=True))):
+            backward = getattr(module, backward_function(part_stem))
+            results = backward(new[part.form.output.name], *(at[a.name][t] for a in part.cached),
+                               *(param(p.name) for p in part.params_read))
+            for array, gradient in zip(part.form.differentiable, results, strict=True):
+                for into in (before, new):
+                    if array.name in into:
+                        into[array.name] = into[array.name] + gradient
+        current = before
+        gradients.append(current[states[0]])
     return gradients
+
+
+def _owner(array: np.ndarray) -> np.ndarray:
+    """The array whose memory ``array`` views (itself if it owns its memory)."""
+    while array.base is not None and isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
 
 
 def norms(gradients) -> list[float]:
@@ -189,7 +223,7 @@ class OverTime:
     bound: RecurrentBound
     measured: list[float]
     proved: list[float]
-    per_step: float
+    per_step: float | None
     formula: sp.Expr
     predicted: int
     measured_bytes: int
@@ -226,17 +260,22 @@ def over_time(net, derivation, *, batch: int, seed: int, module) -> list[OverTim
         last = trace.grad_out[item.name]
         last = last[:, -1] if last.ndim == 3 else last  # every state out: h_T's own part
         owner = net.find(item.name).param_owner or item.name
-        read = [params[f"{owner}.{p.name}"] for p in item.derivation.params_read]
+        values = {p.name: params[f"{owner}.{p.name}"] for p in item.derivation.form.params}
         stem = function_stems(net)[item.name] + step.stem_suffix
-        measured = norms(state_gradients(module, f"{stem}_cell", item.derivation.cell,
-                                         cache[item.name], read, last))
-        per_step = evaluate_bound(found.per_step, net, params, cache)
-        proved = [per_step ** lag * measured[0] for lag in range(len(measured))]
+        measured = norms(state_gradients(module, stem, item.derivation, cache[item.name],
+                                         values, last))
+        per_step, proved = None, [None] * len(measured)  # several parts (lstm): no bound
+        if found.per_step is not None:
+            per_step = evaluate_bound(found.per_step, net, params, cache)
+            proved = [per_step ** lag * measured[0] for lag in range(len(measured))]
         memory = kept[item.name]
+        held = item.derivation.kept_storage  # a view (h[t-1], h[t]): counted as its array
+        formula = sp.Add(*[sp.Mul(*held.get(e.name, e).dims) for e in memory.entries
+                           if e.shared_with is None])
         elements = sum(int(e.elements.subs(N_SIZE, batch)) for e in memory.entries
                        if e.shared_with is None)
-        arrays = {id(a): a for a in cache[item.name]}
-        results.append(OverTime(found, measured, proved, per_step, sp.factor(memory.formula),
+        arrays = {id(a): a for a in map(_owner, cache[item.name])}
+        results.append(OverTime(found, measured, proved, per_step, sp.factor(formula),
                                 elements * 8, sum(a.nbytes for a in arrays.values())))
     return results
 
@@ -247,6 +286,11 @@ def bound_text(found: RecurrentBound) -> list[str]:
     lines = [f"Backpropagation through time in {found.layer} ({found.kind}, T = {found.steps} "
              "steps): the bound on ||d h_T / d h_t||_2, from the cell's derived stages"]
     lines += [f"  {reason}" for reason in found.reasons()]
+    if found.several_parts:
+        lines.append(f"  no bound sought: {found.kind}'s step multiplies arrays of the step "
+                     "(element-wise products of its gates and states, as for a product layer); "
+                     "the norms over t are measured below")
+        return lines
     state = found.output
     if found.per_step is None:
         lines.append("  no bound found on one step's ||d h_new / d h||_2"
@@ -265,14 +309,16 @@ def over_time_table(result: OverTime, *, seed: int, batch: int) -> str:
     """The measured norms over t next to the proved bound, and what BPTT keeps."""
     found = result.bound
     state = found.output
+    bound = ("no proved bound" if result.per_step is None else
+             f"proved bound {sp.sstr(found.per_step ** LAG)} * ||dL/d{state}_T|| with "
+             f"{sp.sstr(found.per_step)} = {result.per_step:.4g}")
     lines = [f"{found.layer} over time (seed {seed}, batch {batch}, float64): ||dL/d{state}_t|| "
-             f"reaching {state}_t from {state}_T, by the generated cell backward; proved bound "
-             f"{sp.sstr(found.per_step ** LAG)} * ||dL/d{state}_T|| with "
-             f"{sp.sstr(found.per_step)} = {result.per_step:.4g}"]
+             f"reaching {state}_t from {state}_T, by the generated cell backward; {bound}"]
     header = f"{'t':>6} {'T-t':>5} {'measured':>12} {'proved bound':>13}"
     lines += [header, "-" * len(header)]
     for lag, (value, bound) in enumerate(zip(result.measured, result.proved, strict=True)):
-        lines.append(f"{found.steps - lag:>6} {lag:>5} {value:>12.4g} {bound:>13.4g}")
+        bound = "-" if bound is None else f"{bound:.4g}"
+        lines.append(f"{found.steps - lag:>6} {lag:>5} {value:>12.4g} {bound:>13}")
     lines.append(f"BPTT keeps {sp.sstr(result.formula)} elements for {found.layer} (each step's "
                  f"arrays, proportional to T): at N = {batch}, T = {found.steps}, "
                  f"{result.predicted} B predicted, {result.measured_bytes} B measured "
