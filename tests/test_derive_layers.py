@@ -145,7 +145,8 @@ def _verify_params():
 DENSE_KINDS = {kind for kind, cls in layers.REGISTRY.items()
                if cls.__module__ != conv.__name__
                and kind not in ("global_avgpool", "group_norm", "conv_transpose2d", "embedding",
-                                "attention", "rnn")}  # rnn: derived as its cell, tests/test_rnn.py
+                                "attention", "rnn", "lstm")}
+# (rnn, lstm: derived as their cells' parts, tests/test_rnn.py, tests/test_lstm_layer.py)
 
 
 def test_table_covers_every_registered_dense_layer_type():
