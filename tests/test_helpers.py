@@ -101,10 +101,11 @@ def test_row_vector_hands_back_other_vectors_untouched(dtype, size):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_tensordot_equals_numpys(dtype):
+@pytest.mark.parametrize("outer", [None, "a", "b"])
+def test_tensordot_equals_numpys(dtype, outer):
     rng = np.random.default_rng(0)
     for a, b, axes_a, axes_b in _operands(rng, dtype):
-        got = _tensordot(a, b, axes_a, axes_b)
+        got = _tensordot(a, b, axes_a, axes_b, outer=outer)
         expected = np.tensordot(a.astype(np.float64), b.astype(np.float64), (axes_a, axes_b))
         assert got.shape == expected.shape and got.dtype == dtype
         tolerance = 1e-12 if dtype == np.float64 else 1e-5
@@ -113,8 +114,27 @@ def test_tensordot_equals_numpys(dtype):
 
 def test_tensordot_of_an_empty_batch_is_empty():
     a, b = np.zeros((0, 3, 4)), np.ones((3, 4, 5))
-    assert _tensordot(a, b, (1, 2), (0, 1)).shape == (0, 5)
-    assert _tensordot(b, a, (0, 1), (1, 2)).shape == (5, 0)
+    for outer in (None, "a", "b"):
+        assert _tensordot(a, b, (1, 2), (0, 1), outer=outer).shape == (0, 5)
+        assert _tensordot(b, a, (0, 1), (1, 2), outer=outer).shape == (5, 0)
+
+
+def test_tensordot_puts_the_larger_free_part_outermost_in_memory():
+    """A weight times a batch (the generated linear layer's W (D, F) and x (N, T, D)): the
+    batch's free axes, the larger part, come outermost, so the caller's move of them to the
+    front is C-ordered; outer= picks either order, a's on a tie (np.tensordot's)."""
+    rng = np.random.default_rng(0)
+    w, x = rng.standard_normal((8, 16)), rng.standard_normal((4, 6, 8))
+    expected = np.tensordot(w, x, ((0,), (2,)))
+    for outer, moved in [(None, (1, 2, 0)), ("b", (1, 2, 0)), ("a", (0, 1, 2))]:
+        got = _tensordot(w, x, (0,), (2,), outer=outer)
+        assert np.allclose(got, expected, rtol=1e-12, atol=1e-12)
+        assert got.transpose(moved).flags.c_contiguous, outer
+    # a weight's gradient from two batches (free parts 16 and 8): a's outermost, as np's
+    dz, h = rng.standard_normal((4, 6, 16)), rng.standard_normal((4, 6, 8))
+    assert _tensordot(dz, h, (0, 1), (0, 1)).flags.c_contiguous
+    square = rng.standard_normal((4, 6, 8))
+    assert _tensordot(h, square, (0, 1), (0, 1)).flags.c_contiguous  # a tie
 
 
 def test_contiguous_run_measures_the_innermost_stretch():
@@ -494,7 +514,8 @@ def _spy(monkeypatch, module, name):
     """The list of the arguments of each call the runtime makes to module.name, for one test."""
     calls = []
     original = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *args: calls.append(args) or original(*args))
+    monkeypatch.setattr(module, name,
+                        lambda *args, **kw: calls.append(args) or original(*args, **kw))
     return calls
 
 

@@ -15,17 +15,28 @@ from .threads import _in_parts
 from .windows import _col2im, _col2im_extent, _row_col2im, _window_rows, _windows
 
 
-def _tensordot(a, b, axes_a, axes_b):
+def _tensordot(a, b, axes_a, axes_b, outer=None):
     """np.tensordot(a, b, (axes_a, axes_b)) as one matrix product (BLAS).
 
     Each operand becomes a matrix by the one copy that reads its memory in the longest runs
     (BLAS takes either operand transposed); the contracted axes follow the larger operand.
+    The result's memory has the free axes of operand ``outer`` ("a" or "b") outermost; by
+    default those of the operand with more free elements (a's on a tie, np.tensordot's
+    order). In the generated W-times-x products, b's are the batch and positions, which the
+    caller then moves to the front: with them inner, the transformer benchmark's float32 step
+    took 1.4x as long, in the element-wise passes and einsums reading the results (symbp's
+    docs/speed.md). The convolution routes below keep "a" (their callers' channel-major
+    layout: an all-convolutional net's step took 1.13x as long with "b").
     """
     pairs = sorted(zip(axes_a, axes_b, strict=True), key=lambda pair: pair[a.size < b.size])
     axes_a, axes_b = [pair[0] for pair in pairs], [pair[1] for pair in pairs]
     free_a = [axis for axis in range(a.ndim) if axis not in axes_a]
     free_b = [axis for axis in range(b.ndim) if axis not in axes_b]
-    product = _as_matrix(a, free_a, axes_a) @ _as_matrix(b, axes_b, free_b)
+    rows, columns = _as_matrix(a, free_a, axes_a), _as_matrix(b, axes_b, free_b)
+    if outer == "b" or (outer is None and columns.shape[1] > rows.shape[0]):
+        product = (columns.T @ rows.T).T  # b's free axes outermost in memory
+    else:
+        product = rows @ columns
     # one tuple: every axis contracted leaves the shape (), which reshape() alone refuses
     return product.reshape((*[a.shape[k] for k in free_a], *[b.shape[k] for k in free_b]))
 
@@ -71,7 +82,7 @@ def _labelled_product(a, labels_a, b, labels_b, summed):
     axes_a = [labels_a.index(label) for label in summed]
     axes_b = [labels_b.index(label) for label in summed]
     labels = [label for label in (*labels_a, *labels_b) if label not in summed]
-    return _tensordot(a, b, axes_a, axes_b), labels
+    return _tensordot(a, b, axes_a, axes_b, outer="a"), labels
 
 
 def _shift(kernel_columns, columns, width, stride, dilation, dtype):
@@ -151,22 +162,22 @@ def _chunked_tensordot(a, windows, axes_a, axes_windows):
     written into their slices of the result where it is free."""
     count = min(len(windows), math.prod(windows.shape) * windows.itemsize // _CHUNK_BYTES)
     if count < 2:
-        return _tensordot(a, windows, axes_a, axes_windows)
+        return _tensordot(a, windows, axes_a, axes_windows, outer="a")
     size = len(windows)
     first, *rest = [slice(size * k // count, size * (k + 1) // count) for k in range(count)]
     if 0 in axes_windows:  # the batch is summed
         batch = (slice(None),) * axes_a[list(axes_windows).index(0)]
-        out = _tensordot(a[(*batch, first)], windows[first], axes_a, axes_windows)
+        out = _tensordot(a[(*batch, first)], windows[first], axes_a, axes_windows, outer="a")
         for chunk in rest:
-            out += _tensordot(a[(*batch, chunk)], windows[chunk], axes_a, axes_windows)
+            out += _tensordot(a[(*batch, chunk)], windows[chunk], axes_a, axes_windows, outer="a")
         return out
     lead = (slice(None),) * (a.ndim - len(axes_a))  # the result's axes before the batch
-    part = _tensordot(a, windows[first], axes_a, axes_windows)
+    part = _tensordot(a, windows[first], axes_a, axes_windows, outer="a")
     out = np.empty((*part.shape[: len(lead)], len(windows), *part.shape[len(lead) + 1 :]),
                    dtype=part.dtype)
     out[(*lead, first)] = part
     for chunk in rest:
-        out[(*lead, chunk)] = _tensordot(a, windows[chunk], axes_a, axes_windows)
+        out[(*lead, chunk)] = _tensordot(a, windows[chunk], axes_a, axes_windows, outer="a")
     return out
 
 
@@ -192,7 +203,8 @@ def _col2im_tensordot(a, b, axes_a, axes_b, order, kernel, stride, dilation):
     if banded_a == ("q" in labels_a) or not _cheaper_banded_scatter(
         sizes, a.size, b.size, banded_a, summed, kernel, width
     ):
-        return _col2im(_tensordot(a, b, axes_a, axes_b).transpose(order), kernel, stride, dilation)
+        product = _tensordot(a, b, axes_a, axes_b, outer="a")
+        return _col2im(product.transpose(order), kernel, stride, dilation)
     (banded, banded_labels), (other, other_labels) = sorted(
         [(a, labels_a), (b, labels_b)], key=lambda operand: "j" not in operand[1]
     )

@@ -21,11 +21,13 @@ def _sigmoid(u):
     (at most 1: nothing overflows, and both tails keep their relative accuracy).
 
     Its exponential is a SIMD loop in NumPy; exp(-logaddexp(0, -u)), the one-line form,
-    took 2-3x as long (symbp's docs/speed.md).
+    took 2-3x as long (symbp's docs/speed.md). The numerator is max(e, u >= 0), exactly 1 or
+    e as 0 <= e <= 1 (nan stays nan): np.where's data-dependent selection took 3-4x as long
+    in float32 at an LSTM gate's (64, 256).
     """
     u = np.asarray(u)
     e = _exp_minus_abs(u)
-    s = np.where(u.reshape(-1) >= 0, 1, e)
+    s = np.maximum(e, u.reshape(-1) >= 0)
     e += 1
     return np.divide(s, e, out=s).reshape(u.shape)
 
