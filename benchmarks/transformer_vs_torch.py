@@ -10,7 +10,7 @@ as matrix products, ``F.scaled_dot_product_attention``, ``F.gelu`` (erf form) an
 ``F.mse_loss``; ``loss.backward()`` then ``p -= lr * p.grad`` under ``no_grad``.
 
 Before timing, both sides' loss and gradients must agree in float64 to 1e-8 (relative to each
-array's largest value). The sides are timed in alternating blocks of ``PER_BLOCK`` steps
+array's largest value). The sides are timed in alternating blocks of two steps
 (CPU time, one thread: the BLAS and OpenMP variables are set before NumPy and PyTorch load,
 and ``torch.set_num_threads(1)``); the printed times are medians over the blocks, the ratio
 the median of the block-by-block ratios. The goal (issue 25): generated <= 1.5x PyTorch.
@@ -26,9 +26,7 @@ for _name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_name] = "1"  # before NumPy (and PyTorch) load
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -39,9 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import symbp  # noqa: E402
 from symbp.checking.gradcheck import load_module  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import step_timing  # noqa: E402
+
 T, D, HEADS, BATCH = 128, 256, 4, 16
 GOAL = 1.5
-PER_BLOCK = 2  # steps of one side in a row (after one untimed step)
 LR = 1e-3
 
 
@@ -144,31 +144,6 @@ def check(batch: int = 4) -> float:
     return worst
 
 
-def time_blocks(sides, repeats: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {name: [] for name in sides}
-    for step in sides.values():
-        step()  # untimed: first-call costs
-    for _ in range(max(1, repeats // PER_BLOCK)):
-        for name, step in sides.items():
-            start = time.process_time()
-            for _ in range(PER_BLOCK):
-                step()
-            times[name].append((time.process_time() - start) / PER_BLOCK)
-    return times
-
-
-def profile(dtype, batch: int) -> None:
-    """cProfile of the generated step: the functions by their own time."""
-    import cProfile
-    import pstats
-
-    generated = steps(dtype, batch)["generated"]
-    generated()
-    profiler = cProfile.Profile()
-    profiler.runcall(lambda: [generated() for _ in range(3)])
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=12, help="timed steps per side")
@@ -178,22 +153,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.profile:
         for dtype in (np.float32, np.float64):
-            profile(dtype, args.batch)
+            step_timing.profile(steps(dtype, args.batch)["generated"], calls=3)
         return 0
     print(f"agreement with PyTorch, float64: {check():.2e} (relative, loss and gradients)")
-    print(f"transformer block training step, T={T}, D={D}, {HEADS} heads, batch {args.batch}, "
-          "1 thread, CPU ms per step (medians over blocks)")
-    print(f"{'dtype':<8} {'generated':>10} {'pytorch':>10} {'ratio':>6}")
-    worst = 0.0
-    for dtype in (np.float32, np.float64):
-        times = time_blocks(steps(dtype, args.batch), args.repeats)
-        ratio = statistics.median(
-            g / t for g, t in zip(times["generated"], times["pytorch"], strict=True))
-        worst = max(worst, ratio)
-        print(f"{np.dtype(dtype).name:<8} {1e3 * statistics.median(times['generated']):>10.1f} "
-              f"{1e3 * statistics.median(times['pytorch']):>10.1f} {ratio:>6.2f}")
-    print(f"goal: generated <= {GOAL}x PyTorch: {'met' if worst <= GOAL else 'NOT met'} "
-          f"(worst ratio {worst:.2f})")
+    step_timing.compare(f"transformer block training step, T={T}, D={D}, {HEADS} heads",
+                        steps, args.repeats, args.batch, GOAL)
     return 0
 
 
