@@ -94,3 +94,48 @@ def test_a_matrix_product_plus_a_row_is_one_addmm():
               "b": torch.randn(3, dtype=torch.float64, generator=generator)}
     got = eval(start, {"torch": torch, **values})  # noqa: S307 - the printer's own output
     torch.testing.assert_close(got, values["x"] @ values["W"] + values["b"], rtol=0, atol=1e-12)
+
+
+def test_a_step_factor_multiplies_as_bytes_not_bools():
+    """``dy*step(y)`` (ReLU's derived backward) and ``dy*y_positive`` (its kept mask) print the
+    0/1 factor as its bytes, ``.view(torch.uint8)``: torch converts bool to the float type element
+    by element, uint8 in its vectorised loop. The value is the product's, exactly (0 and 1 are
+    exact in every float type), in dy's dtype; never multiplied by a Python number (a size N:
+    uint8 times it stays uint8 and wraps), and outside a product the mask stays bool."""
+    from symbp.derivation.arrays import Step
+
+    y, mask = sp.Symbol("y"), sp.Symbol("y_positive")
+    shapes = {"dy": (N, C, H, W), "y": (N, C, H, W), "y_positive": (N, C, H, W)}
+    generator = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.float64):
+        values = {"dy": torch.randn(3, 2, 4, 4, dtype=dtype, generator=generator),
+                  "y": torch.randn(3, 2, 4, 4, dtype=dtype, generator=generator).clamp(min=0),
+                  "N": 300}
+        values["y_positive"] = values["y"] > 0
+        expected = values["dy"] * torch.heaviside(values["y"], torch.zeros((), dtype=dtype))
+        # N = 300: uint8 times it would wrap (300 mod 256); bool times it is int64
+        for expr, bytes_ in ((dy * Step(y), True), (dy * mask, True),
+                             (N * dy * Step(y), None), (N * dy * mask, None)):
+            printer = SymbpTorchPrinter(shapes=shapes)
+            printer.bool_arrays = frozenset({"y_positive"})
+            text = printer.doprint(expr)
+            assert bytes_ is None or (".view(torch.uint8)" in text) == bytes_, text
+            got = eval(text, {"torch": torch, **values})  # noqa: S307 - the printer's output
+            factor = 300 if expr.has(N) else 1
+            assert got.dtype == dtype
+            torch.testing.assert_close(got, factor * expected, rtol=0, atol=0)
+    printer = SymbpTorchPrinter(shapes=shapes)
+    printer.bool_arrays = frozenset({"y_positive"})
+    assert ".view(" not in printer.doprint(1 - mask)  # no product: bool (torch refuses -)
+    # a number times the mask alone: bool promotes to int64 (300), where uint8 would wrap (44)
+    text = printer.doprint(N * mask)
+    got = eval(text, {"torch": torch, **values})  # noqa: S307 - the printer's output
+    assert torch.equal(got, 300 * values["y_positive"].long()), text
+
+
+def test_relu_backward_multiplies_by_bytes():
+    source = codegen(load_spec(Path(__file__).resolve().parents[1] / "examples" / "lenet.toml"),
+                     target="torch")
+    assert "dx = dy*y_positive.view(torch.uint8)" in source  # the kept mask (convolutions')
+    assert "dx = dy*(y > 0).view(torch.uint8)" in source  # the kept output (linear layers')
+    assert "y_positive = (y > 0)\n" in source  # kept as bool, one byte an element

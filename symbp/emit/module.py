@@ -210,6 +210,7 @@ class ModuleBuilder:
             shapes.setdefault(target, array_shape(value, shapes))
         ordered = _place_rows(ordered, shapes)
         printer = self.printer_class(shapes=shapes)
+        printer.bool_arrays = frozenset(c.name for c in carried if c.dtype == "bool")
         if returned is None or not self.reuses_memory:
             statements = [_Statement(t, printer.doprint(v), fresh=_is_fresh(v)) for t, v in ordered]
         else:
