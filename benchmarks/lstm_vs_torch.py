@@ -100,25 +100,7 @@ def steps(dtype, batch: int):
     torch.set_num_threads(1)
     module, params, x, y = inputs(dtype, batch)
     tparams, loss_of = torch_net(params)
-    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-
-    def generated():
-        loss, grads = module.loss_and_grads(params, x, y, wrt_input=False)
-        for name, value in params.items():
-            value -= LR * grads[name]
-        return loss, grads
-
-    def pytorch():
-        for p in tparams.values():
-            p.grad = None
-        loss = loss_of(tx, ty)
-        loss.backward()
-        with torch.no_grad():
-            for p in tparams.values():
-                p -= LR * p.grad
-        return loss, {k: p.grad for k, p in tparams.items()}
-
-    return {"generated": generated, "pytorch": pytorch}
+    return step_timing.sgd_steps(module, params, x, y, tparams, loss_of, LR)
 
 
 def check(batch: int = 4, length: int = 8, width: int = 16, hidden: int = 12) -> float:

@@ -16,6 +16,32 @@ import numpy as np
 PER_BLOCK = 2  # steps of one side in a row (after one untimed step)
 
 
+def sgd_steps(module, params, x, y, tparams, loss_of, lr: float) -> dict:
+    """``{"generated": step, "pytorch": step}``: one SGD step each (loss, every gradient, the
+    update in place), returning ``(loss, grads)``; PyTorch's on ``tparams`` and ``loss_of``."""
+    import torch
+
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+
+    def generated():
+        loss, grads = module.loss_and_grads(params, x, y, wrt_input=False)
+        for name, value in params.items():
+            value -= lr * grads[name]
+        return loss, grads
+
+    def pytorch():
+        for p in tparams.values():
+            p.grad = None
+        loss = loss_of(tx, ty)
+        loss.backward()
+        with torch.no_grad():
+            for p in tparams.values():
+                p -= lr * p.grad
+        return loss, {k: p.grad for k, p in tparams.items()}
+
+    return {"generated": generated, "pytorch": pytorch}
+
+
 def time_blocks(sides, repeats: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in sides}
     for step in sides.values():
