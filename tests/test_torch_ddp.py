@@ -11,6 +11,7 @@ never."""
 import importlib.util
 import os
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -134,8 +135,12 @@ def _dies_on_the_first_start(rank, port, progress, kind):
     """A worker whose first start fails on rank 1, before any step (``kind`` "before": an
     infrastructure failure) or after one ("after"); every other start completes its step."""
     first = Path(progress).name == "attempt0"
-    if first and rank == 1 and kind == "before":
-        os.abort()  # as a gloo process's SIGABRT
+    if first and kind == "before":
+        if rank == 1:
+            os.abort()  # as a gloo process's SIGABRT
+        # rank 0 cannot finish a step without rank 1 (DDP's all-reduce): it waits, unmarked,
+        # until spawn stops it on rank 1's death (marking here raced that, failing the test)
+        time.sleep(TIMEOUT.total_seconds())
     Path(progress, f"rank{rank}").touch()
     if first and rank == 1 and kind == "after":
         os.abort()
